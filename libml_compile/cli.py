@@ -1,0 +1,431 @@
+"""``libml-compile``: the compiler's command line.
+
+    libml-compile info MODEL.onnx
+    libml-compile finetune MODEL.onnx --data DATA.npz --epochs N --lr X [--optimizer sgd|adam]
+                           [--trainable NAME ...] [--batch-size B] --out OUT.onnx
+    libml-compile demo [--out OUT.onnx] [--epochs N]
+
+``finetune`` data files (``.npz``) hold ``x_train``/``y_train`` and optionally ``x_val``/``y_val`` (or
+``x_test``/``y_test``); a file with only ``X``/``x`` and ``y`` is split (``--val-fraction``).  Integer labels
+train with softmax cross-entropy on the model's output (the pre-softmax tensor when the model ends in
+``Softmax``) and report accuracy; float targets train with mean squared error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["main", "model_info", "format_info", "finetune_arrays", "load_npz_data", "loss_tensor_name"]
+
+# which libml ops each ONNX op lowers to (for "ops lacking gradient rules"); None: folded at import
+ONNX_TO_LIBML = {
+    "Add": ["add"], "Sub": ["sub"], "Mul": ["mul"], "Div": ["div"], "MatMul": ["matmul"],
+    "Relu": ["relu"], "Sigmoid": ["sigmoid"], "Softmax": ["softmax", "reshape"],
+    "Gemm": ["transpose", "matmul", "mul", "add"], "Identity": ["identity"],
+    "Reshape": ["reshape"], "Flatten": ["reshape"], "Squeeze": ["reshape"], "Unsqueeze": ["reshape"],
+    "Transpose": ["transpose"], "Cast": ["cast"], "Gather": ["transpose", "matmul", "reshape"],
+    "Concat": ["transpose", "matmul", "add"], "Constant": None, "Shape": None,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# info
+# ----------------------------------------------------------------------------------------------------
+
+def _vi_shape(vi):
+    dims = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append("?")
+    return tuple(dims)
+
+
+def _vi_dtype(vi):
+    import onnx
+    which = vi.type.WhichOneof("value")
+    if which != "tensor_type":
+        return which or "?"
+    try:
+        return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
+    except Exception:
+        return "?"
+
+
+def _grad_less_libml_ops() -> Optional[set]:
+    try:
+        from libml_compile.ops import REGISTRY
+    except Exception:
+        return None
+    return {name for name, d in REGISTRY.items() if getattr(d, "grad", None) is None}
+
+
+def model_info(model) -> Dict[str, Any]:
+    """Facts about an ONNX model (path or ModelProto) as a dict; works for models libml cannot import."""
+    import onnx
+    from onnx import numpy_helper
+
+    from .onnx_import import SUPPORTED_OPS, _default_opset, load_model
+
+    m, source = load_model(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in m.graph.node)
+    params, consts = [], []
+    for t in m.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        (params if np.issubdtype(arr.dtype, np.floating) else consts).append(
+            (t.name, tuple(arr.shape), arr.dtype.name, int(arr.nbytes)))
+    unsupported = sorted(op for op in ops if op not in SUPPORTED_OPS)
+    no_grad_libml = _grad_less_libml_ops()
+    lacking = []
+    for op in sorted(ops):
+        if op in unsupported:
+            continue
+        lowered = ONNX_TO_LIBML.get(op)
+        if op == "Cast":
+            ints = [n for n in m.graph.node if n.op_type == "Cast"
+                    and any(a.name == "to" and a.i not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+                            for a in n.attribute)]
+            if ints:
+                lacking.append("Cast (to an integer type: not differentiable)")
+                continue
+        if lowered and no_grad_libml is not None and any(o in no_grad_libml for o in lowered):
+            lacking.append(op)
+    return {
+        "source": source,
+        "ir_version": m.ir_version,
+        "opset": _default_opset(m),
+        "producer": " ".join(x for x in (m.producer_name, m.producer_version) if x),
+        "graph_name": m.graph.name,
+        "inputs": [(vi.name, _vi_dtype(vi), _vi_shape(vi)) for vi in m.graph.input if vi.name not in inits],
+        "outputs": [(vi.name, _vi_dtype(vi), _vi_shape(vi)) for vi in m.graph.output],
+        "ops": dict(sorted(ops.items())),
+        "n_nodes": len(m.graph.node),
+        "params": params,
+        "param_count": int(sum(int(np.prod(p[1], dtype=np.int64)) for p in params)),
+        "param_bytes": int(sum(p[3] for p in params)),
+        "constants": consts,
+        "unsupported_ops": unsupported,
+        "ops_without_gradient": lacking,
+        "gradient_rules_known": no_grad_libml is not None,
+        "metadata": {p.key: p.value for p in m.metadata_props},
+    }
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def format_info(info: Dict[str, Any]) -> str:
+    lines = []
+    lines.append(f"model:    {info['source'] or '<ModelProto>'}")
+    lines.append(f"graph:    {info['graph_name']!r}, IR version {info['ir_version']}, opset {info['opset']}"
+                 + (f", producer {info['producer']}" if info["producer"] else ""))
+    lines.append("inputs:")
+    for n, dt, s in info["inputs"]:
+        lines.append(f"  {n}: {dt} {_fmt_shape(s)}")
+    lines.append("outputs:")
+    for n, dt, s in info["outputs"]:
+        lines.append(f"  {n}: {dt} {_fmt_shape(s)}")
+    lines.append(f"ops ({info['n_nodes']} nodes): " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
+    lines.append(f"params:   {len(info['params'])} tensors, {info['param_count']:,} values, "
+                 f"{info['param_bytes']:,} bytes (float initializers, trainable)")
+    for n, s, dt, b in info["params"]:
+        lines.append(f"  {n}: {dt} {_fmt_shape(s)}")
+    if info["constants"]:
+        lines.append(f"constants: {len(info['constants'])} integer initializers "
+                     f"({sum(c[3] for c in info['constants']):,} bytes)")
+    if info["unsupported_ops"]:
+        lines.append("unsupported ops: " + ", ".join(info["unsupported_ops"]) + "  (import_onnx will refuse this model)")
+    else:
+        lines.append("unsupported ops: none")
+    if not info["gradient_rules_known"]:
+        lines.append("ops lacking gradient rules: unknown (libml_compile.ops not available)")
+    elif info["ops_without_gradient"]:
+        lines.append("ops lacking gradient rules: " + ", ".join(info["ops_without_gradient"]))
+    else:
+        lines.append("ops lacking gradient rules: none")
+    for k, v in info["metadata"].items():
+        lines.append(f"metadata: {k} = {v}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning
+# ----------------------------------------------------------------------------------------------------
+
+def load_npz_data(path: str, val_fraction: float = 0.1, seed: int = 0):
+    """Return ``(x_train, y_train, x_val, y_val)`` from an ``.npz`` file (see module doc)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    try:
+        d = np.load(path, allow_pickle=False)
+        keys = set(d.files)
+    except Exception as e:
+        raise ValueError(f"cannot read data file {path!r} as .npz: {e}") from e
+    with d:
+        def get(*names):
+            for n in names:
+                if n in keys:
+                    return d[n]
+            return None
+        xtr, ytr = get("x_train", "X_train", "xtr", "Xtr"), get("y_train", "ytr")
+        xva, yva = get("x_val", "X_val", "x_test", "X_test", "xte", "Xte"), get("y_val", "y_test", "yte")
+        if xtr is None:
+            x, y = get("x", "X", "inputs"), get("y", "labels", "targets")
+            if x is None or y is None:
+                raise ValueError(f"data file {path!r} has arrays {sorted(keys)}; expected x_train/y_train "
+                                 f"[x_val/y_val] or X/y")
+            n = len(x)
+            perm = np.random.default_rng(seed).permutation(n)
+            nv = int(round(val_fraction * n))
+            xtr, ytr, xva, yva = x[perm[nv:]], y[perm[nv:]], x[perm[:nv]], y[perm[:nv]]
+        if ytr is None:
+            raise ValueError(f"data file {path!r}: x_train without y_train")
+        if len(xtr) != len(ytr):
+            raise ValueError(f"data file {path!r}: {len(xtr)} training inputs but {len(ytr)} labels")
+        if xva is not None and (yva is None or len(xva) != len(yva)):
+            raise ValueError(f"data file {path!r}: validation inputs and labels do not match")
+        return xtr, ytr, xva, yva
+
+
+def loss_tensor_name(model, output: Optional[str] = None):
+    """The ONNX tensor a loss should attach to: the output, or the input of a final Softmax.
+
+    Returns ``(tensor_name, output_name, ended_in_softmax)``.
+    """
+    outs = [vi.name for vi in model.graph.output]
+    out = output or outs[0]
+    if out not in outs:
+        raise ValueError(f"model has no output {out!r} (outputs: {outs})")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(out)
+    # follow Identity nodes back
+    while node is not None and node.op_type == "Identity":
+        node = producer.get(node.input[0])
+    if node is not None and node.op_type == "Softmax":
+        return node.input[0], out, True
+    return out, out, False
+
+
+def _pick_input(g, name: Optional[str]):
+    names = list(g.meta["onnx_input_shapes"])
+    if name:
+        if name not in names:
+            raise ValueError(f"model has no input {name!r} (inputs: {names})")
+        return name
+    if len(names) != 1:
+        raise ValueError(f"model has {len(names)} inputs {names}; choose one with --input")
+    return names[0]
+
+
+def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=10, lr=0.01,
+                    optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=32, trainable=None,
+                    input_name=None, output_name=None, seed=0, num_threads=None, progress=True,
+                    log=print, eval_batch=256):
+    """Fine-tune an ONNX model (path or ModelProto) on arrays with ``prog.step``.
+
+    Returns ``(prog, history)``; ``history`` is a list of per-epoch dicts (loss, train/val metric).
+    ``prog.graph.meta["onnx_model"]`` is the original model, so ``lc.export_onnx(prog, path)`` writes the
+    fine-tuned model.
+    """
+    import libml_compile as lc
+
+    from .onnx_import import import_onnx, load_model
+
+    m, _source = load_model(model)
+    x_train = np.asarray(x_train)
+    y_train = np.asarray(y_train)
+    n = len(x_train)
+    if n == 0:
+        raise ValueError("no training data")
+    B = min(int(batch_size), n)
+    classify = np.issubdtype(y_train.dtype, np.integer)
+    tname, oname, softmax_end = loss_tensor_name(m, output_name)
+
+    # probe the input name with a throwaway import (symbolic dims bound to the batch size)
+    def build(batch):
+        probe_names = [vi.name for vi in m.graph.input if vi.name not in {t.name for t in m.graph.initializer}]
+        inp = input_name or (probe_names[0] if len(probe_names) == 1 else None)
+        if inp is None:
+            raise ValueError(f"model has {len(probe_names)} inputs {probe_names}; choose one with --input")
+        g = import_onnx(m, shapes={inp: (batch,) + tuple(x_train.shape[1:])})
+        return g, _pick_input(g, inp)
+
+    g, inp = build(B)
+    in_dtype = g.inputs[inp].dtype
+    logits = g.tensor(tname)
+    if softmax_end and log:
+        log(f"model output {oname!r} is a Softmax; taking the loss from the pre-softmax tensor {tname!r}")
+    if classify:
+        if len(logits.shape) != 2 or logits.shape[0] != B:
+            raise ValueError(f"tensor {tname!r} has shape {logits.shape}; classification needs (batch, classes)")
+        ncls = logits.shape[1]
+        lo, hi = int(y_train.min()), int(y_train.max())
+        if lo < 0 or hi >= ncls:
+            raise ValueError(f"labels range over [{lo}, {hi}] but the model has {ncls} classes")
+        label_name = "labels" if "labels" not in g.inputs else "__libml_labels"
+        labels = g.input(label_name, (B,), dtype="int64")
+        loss = lc.softmax_cross_entropy(logits, labels)
+    else:
+        label_name = "targets" if "targets" not in g.inputs else "__libml_targets"
+        tshape = (B,) + tuple(y_train.shape[1:])
+        if tuple(logits.shape) != tshape:
+            raise ValueError(f"targets of shape {tshape} do not match tensor {tname!r} of shape {logits.shape}")
+        labels = g.input(label_name, tshape, dtype=logits.dtype)
+        loss = lc.mse(logits, labels)
+    if optimizer == "sgd":
+        opt = lc.SGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = lc.Adam(lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r} (sgd or adam)")
+    if trainable:
+        unknown = [t for t in trainable if t not in g.params]
+        if unknown:
+            raise ValueError(f"--trainable names {unknown} are not params of the model "
+                             f"(params: {sorted(g.params)})")
+    prog = lc.compile(g, loss=loss, optimizer=opt, trainable=list(trainable) if trainable else None,
+                      num_threads=num_threads)
+
+    EB = max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
+    ge = import_onnx(m, shapes={inp: (EB,) + tuple(x_train.shape[1:])})
+    if tname not in ge.outputs:  # the loss tensor is internal (pre-softmax): expose it for evaluation
+        ge.output(tname, ge.tensor(tname))
+    peval = lc.compile(ge, num_threads=num_threads)
+
+    def predict(x):
+        peval.set_params(prog.params)
+        outs = []
+        for i in range(0, len(x), EB):
+            chunk = np.ascontiguousarray(x[i:i + EB], dtype=in_dtype)
+            k = len(chunk)
+            if k < EB:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], EB - k, axis=0)])
+            outs.append(peval.run({inp: chunk})[tname][:k])
+        return np.concatenate(outs) if outs else np.zeros((0,))
+
+    def metric(x, y):
+        if x is None or len(x) == 0:
+            return None
+        p = predict(x)
+        if classify:
+            return float(np.mean(np.argmax(p, axis=1) == y))
+        return float(np.mean((p - y) ** 2))
+
+    mname = "acc" if classify else "mse"
+    rng = np.random.default_rng(seed)
+    steps = n // B
+    history = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    x_train_c = np.ascontiguousarray(x_train, dtype=in_dtype)
+    y_train_c = np.ascontiguousarray(y_train, dtype=np.int64 if classify else labels.dtype)
+    for epoch in range(1, epochs + 1):
+        perm = rng.permutation(n)
+        total = 0.0
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True) if tqdm is not None else None
+        t0 = time.perf_counter()
+        for s in range(steps):
+            idx = perm[s * B:(s + 1) * B]
+            lv = prog.step({inp: x_train_c[idx], label_name: y_train_c[idx]})
+            total += float(lv)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / (s + 1):.4f}", refresh=False)
+        if bar is not None:
+            bar.close()
+        rec = {"epoch": epoch, "loss": total / max(steps, 1), f"train_{mname}": metric(x_train, y_train),
+               f"val_{mname}": metric(x_val, y_val), "seconds": time.perf_counter() - t0}
+        history.append(rec)
+        if log:
+            val = rec[f"val_{mname}"]
+            log(f"epoch {epoch}/{epochs}: loss {rec['loss']:.4f}  train {mname} {rec[f'train_{mname}']:.4f}"
+                + (f"  val {mname} {val:.4f}" if val is not None else ""))
+    prog._libml_predict = predict  # handy for callers (demo): forward pass with the current params
+    return prog, history
+
+
+# ----------------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(prog="libml-compile",
+                                description="libml: a static-graph training compiler for the CPU")
+    sub = p.add_subparsers(dest="cmd", metavar="{demo,info,finetune}")
+    sub.required = True
+
+    d = sub.add_parser("demo", help="fine-tune the bundled ONNX digits classifier, export and check it")
+    d.add_argument("--out", help="where to write the fine-tuned model (default: a temporary directory)")
+    d.add_argument("--epochs", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.add_argument("--threads", type=int, default=None)
+
+    i = sub.add_parser("info", help="describe an ONNX model: ops, params, inputs/outputs, gradient support")
+    i.add_argument("model")
+
+    f = sub.add_parser("finetune", help="fine-tune an ONNX model on an .npz data set and export it")
+    f.add_argument("model")
+    f.add_argument("--data", required=True, help=".npz with x_train/y_train[/x_val/y_val] or X/y")
+    f.add_argument("--epochs", type=int, default=10)
+    f.add_argument("--lr", type=float, default=0.01)
+    f.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    f.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--trainable", nargs="+", metavar="NAME", help="params to train (default: all)")
+    f.add_argument("--input", dest="input_name", help="model input fed with the data (default: the only one)")
+    f.add_argument("--output", dest="output_name", help="model output the loss attaches to (default: first)")
+    f.add_argument("--val-fraction", type=float, default=0.1)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--out", required=True, help="output .onnx path")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "info":
+            print(format_info(model_info(args.model)))
+            return 0
+        if args.cmd == "finetune":
+            from .onnx_export import export_onnx
+            xtr, ytr, xva, yva = load_npz_data(args.data, args.val_fraction, args.seed)
+            print(f"data: {len(xtr)} training / {0 if xva is None else len(xva)} validation samples from "
+                  f"{args.data}")
+            prog, hist = finetune_arrays(
+                args.model, xtr, ytr, xva, yva, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                trainable=args.trainable, input_name=args.input_name, output_name=args.output_name,
+                seed=args.seed, num_threads=args.threads, progress=not args.no_progress)
+            export_onnx(prog, args.out)
+            print(f"exported the fine-tuned model to {args.out}")
+            return 0
+        if args.cmd == "demo":
+            from .demo import run_demo
+            res = run_demo(out=args.out, epochs=args.epochs, progress=not args.no_progress,
+                           num_threads=args.threads)
+            return 0 if res["ok"] else 1
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"libml-compile {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Export a fine-tuned program back to ONNX.
+
+Export is "swap the initializers": the original ``ModelProto`` that :func:`import_onnx` kept in
+``graph.meta["onnx_model"]`` is copied, each initializer whose name is a param of the program gets the
+program's current value (same name, dtype and shape), and everything else — opset, IR version, metadata,
+input/output names, the forward graph itself — is kept as it was.  The result passes ``onnx.checker`` and
+is written atomically (temporary file in the target directory, fsync, ``os.replace``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+__all__ = ["export_onnx", "updated_model"]
+
+_EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB
+
+
+def _source_model(prog_or_graph):
+    graph = getattr(prog_or_graph, "graph", prog_or_graph)
+    meta = getattr(graph, "meta", None) or {}
+    m = meta.get("onnx_model")
+    if m is None:
+        raise ValueError("export_onnx: the program was not compiled from an imported ONNX model "
+                         "(graph.meta['onnx_model'] is missing); use lc.import_onnx to build the graph")
+    return m
+
+
+def updated_model(prog, params: Optional[Mapping[str, np.ndarray]] = None):
+    """Return a copy of the original ModelProto with initializers replaced by ``prog.params``."""
+    import onnx
+    from onnx import numpy_helper
+
+    src = _source_model(prog)
+    if params is None:
+        params = prog.params
+    m = onnx.ModelProto()
+    m.CopyFrom(src)
+    by_name = {t.name: i for i, t in enumerate(m.graph.initializer)}
+    missing = sorted(n for n in params if n not in by_name)
+    if missing:
+        raise ValueError(f"export_onnx: params {missing} are not initializers of the original ONNX model; "
+                         f"export only swaps initializer values and cannot add new tensors")
+    for name, value in params.items():
+        i = by_name[name]
+        old = m.graph.initializer[i]
+        old_dtype = numpy_helper.to_array(old).dtype if old.data_type else np.asarray(value).dtype
+        old_shape = tuple(old.dims)
+        arr = np.asarray(value)
+        if arr.shape != old_shape:
+            raise ValueError(f"export_onnx: param {name!r} has shape {arr.shape}, but the ONNX initializer "
+                             f"has shape {old_shape}")
+        new = numpy_helper.from_array(np.ascontiguousarray(arr.astype(old_dtype, copy=False)), name=name)
+        if old.doc_string:
+            new.doc_string = old.doc_string
+        m.graph.initializer[i].CopyFrom(new)
+    return m
+
+
+def export_onnx(prog, path: "str | os.PathLike", check: bool = True) -> str:
+    """Write the original forward ONNX graph of ``prog`` with its current params to ``path`` (atomically).
+
+    Returns the path written.  Raises ``ValueError`` if ``prog`` was not built from an imported ONNX model
+    or has params that are not initializers of that model.
+    """
+    import onnx
+
+    m = updated_model(prog)
+    if check:
+        try:
+            onnx.checker.check_model(m)
+        except Exception as e:
+            raise ValueError(f"export_onnx: the exported model fails onnx.checker: {e}") from e
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    try:
+        if m.ByteSize() > _EXTERNAL_THRESHOLD:
+            os.close(fd)
+            fd = -1
+            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=base + ".data")
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            data = m.SerializeToString()
+            with os.fdopen(fd, "wb") as f:
+                fd = -1
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        try:  # make the rename durable
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+    finally:
+        if fd not in (-1, None):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,778 @@
+"""Import an ONNX model into a libml :class:`Graph` for fine-tuning.
+
+``import_onnx(model, shapes=None)`` loads a path or an ``onnx.ModelProto``, checks every operator against
+:data:`SUPPORTED_OPS` *before doing any other work*, runs ``onnx.checker`` and shape inference, binds
+symbolic dimensions from ``shapes`` and rebuilds the model with the libml frontend API:
+
+* float initializers become trainable params under their ONNX names (also when they are listed as graph
+  inputs, the pre-IR-4 convention); integer initializers become constants;
+* ``Constant`` nodes, ``Shape`` (shapes are static), and every node whose inputs are all constants are
+  folded with NumPy at import (so ``Shape -> Gather -> Concat -> Reshape`` chains vanish);
+* ``Gemm`` becomes transposes + matmul + scaling + add, ``Flatten``/``Squeeze``/``Unsqueeze``/``Reshape``
+  become ``lc.reshape``, ``Softmax`` follows the semantics of the model's opset;
+* every node output keeps its ONNX name, so ``g.tensor(onnx_name)`` finds it, and graph outputs keep their
+  ONNX names in ``g.outputs``.
+
+The original ``ModelProto`` is kept in ``g.meta["onnx_model"]`` so that :func:`export_onnx` can write the
+same model back with updated initializers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["import_onnx", "load_model", "UnsupportedOperatorError", "ONNXImportError",
+           "SUPPORTED_OPS", "FOLD_ONLY_OPS", "SUPPORTED_DTYPES", "MIN_OPSET"]
+
+#: ONNX operators (default domain) the importer translates.
+SUPPORTED_OPS: Tuple[str, ...] = (
+    "Add", "Sub", "Mul", "Div", "MatMul", "Relu", "Sigmoid", "Softmax", "Gemm",
+    "Identity", "Constant", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Cast",
+    "Shape", "Gather", "Concat",
+)
+#: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
+#: ``Gather`` needs constant indices; ``Concat`` of non-constant float tensors is lowered to matmuls with
+#: 0/1 selection matrices when the frontend has no native concat.
+FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
+
+#: numpy dtype names libml tensors can have.
+SUPPORTED_DTYPES: Tuple[str, ...] = (
+    "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+)
+MIN_OPSET = 7
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+class ONNXImportError(ValueError):
+    """The ONNX model cannot be read or translated (the message names the file, node or input)."""
+
+
+class UnsupportedOperatorError(ONNXImportError):
+    """An ONNX operator libml cannot import.
+
+    Attributes: ``op_type``, ``node_name``, ``domain``, ``opset``, ``supported`` (tuple of op types).
+    """
+
+    def __init__(self, op_type: str, node_name: str, opset: int, domain: str = "",
+                 supported: Sequence[str] = SUPPORTED_OPS, source: Optional[str] = None):
+        self.op_type = op_type
+        self.node_name = node_name
+        self.domain = domain
+        self.opset = opset
+        self.supported = tuple(supported)
+        qual = f"{domain}::{op_type}" if domain not in _DEFAULT_DOMAINS else op_type
+        where = f" in {source}" if source else ""
+        super().__init__(
+            f"unsupported ONNX operator {qual!r} (node {node_name!r}, opset {opset}){where}; "
+            f"libml supports: {', '.join(self.supported)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------
+
+def _onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:  # pragma: no cover - onnx is a hard dependency
+        raise ImportError("libml's ONNX support needs the 'onnx' package: pip install onnx") from e
+    return onnx
+
+
+def load_model(model: Any):
+    """Return ``(ModelProto, source_description)`` for a path, bytes or ModelProto.
+
+    Raises :class:`ONNXImportError` naming the file when it is missing, unreadable, truncated or not ONNX.
+    """
+    onnx = _onnx()
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    if isinstance(model, (bytes, bytearray)):
+        try:
+            m = onnx.load_model_from_string(bytes(model))
+        except Exception as e:
+            raise ONNXImportError(f"cannot parse ONNX model from bytes: {e}") from e
+        _check_looks_like_onnx(m, "<bytes>")
+        return m, None
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"import_onnx: model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise ONNXImportError(f"ONNX file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ONNXImportError(f"ONNX file {path!r} is a directory")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ONNXImportError(f"cannot read ONNX file {path!r}: {e}") from e
+    if not data:
+        raise ONNXImportError(f"ONNX file {path!r} is empty")
+    try:
+        m = onnx.load_model_from_string(data)
+    except Exception as e:
+        raise ONNXImportError(
+            f"ONNX file {path!r} is not a valid ONNX model (truncated or not ONNX): {e}") from e
+    _check_looks_like_onnx(m, path)
+    # external data (tensors stored beside the model file)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+        if any(uses_external_data(t) for t in m.graph.initializer):
+            load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
+    except Exception as e:
+        raise ONNXImportError(f"cannot load the external data of ONNX file {path!r}: {e}") from e
+    return m, path
+
+
+def _check_looks_like_onnx(m, source: str) -> None:
+    # Protobuf happily parses many byte strings into a (mostly empty) message; a real model has an IR
+    # version, an opset and a graph with at least one output.
+    if m.ir_version <= 0 or not m.HasField("graph") or len(m.graph.output) == 0:
+        raise ONNXImportError(
+            f"ONNX file {source!r} is not a valid ONNX model (truncated or not ONNX): "
+            f"missing {'ir_version' if m.ir_version <= 0 else 'graph outputs'}")
+
+
+def _default_opset(m) -> int:
+    versions = [op.version for op in m.opset_import if op.domain in _DEFAULT_DOMAINS]
+    if not versions:
+        return 1 if m.ir_version < 3 else 0
+    return max(versions)
+
+
+def _dtype_of_elem(elem_type: int) -> Optional[str]:
+    onnx = _onnx()
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
+    except Exception:
+        return None
+
+
+def _elem_name(elem_type: int) -> str:
+    onnx = _onnx()
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except Exception:
+        return str(elem_type)
+
+
+def check_supported(m, source: Optional[str] = None) -> int:
+    """Check opset, operators and dtypes of a model before any other work. Returns the default opset."""
+    onnx = _onnx()
+    src = f" in {source}" if source else ""
+    opset = _default_opset(m)
+    newest = onnx.defs.onnx_opset_version()
+    for node in m.graph.node:
+        if node.domain not in _DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS:
+            dom_versions = [op.version for op in m.opset_import if op.domain == node.domain]
+            raise UnsupportedOperatorError(node.op_type, node.name, dom_versions[0] if dom_versions else opset,
+                                           domain=node.domain, source=source)
+    if opset < MIN_OPSET:
+        raise ONNXImportError(f"ONNX opset {opset}{src} is too old: libml imports opsets {MIN_OPSET} to {newest}")
+    if opset > newest:
+        raise ONNXImportError(f"ONNX opset {opset}{src} is newer than the installed onnx package knows "
+                              f"({newest}); upgrade onnx")
+    # dtypes: graph inputs / outputs / initializers / Cast targets
+    def chk(vi_name, elem, what):
+        dt = _dtype_of_elem(elem)
+        if dt not in SUPPORTED_DTYPES:
+            raise ONNXImportError(f"{what} {vi_name!r}{src} has element type {_elem_name(elem)}, which libml "
+                                  f"does not support (supported: {', '.join(SUPPORTED_DTYPES)})")
+    for vi in list(m.graph.input) + list(m.graph.output):
+        which = vi.type.WhichOneof("value")
+        if which != "tensor_type":
+            raise ONNXImportError(f"graph {'input' if vi in m.graph.input else 'output'} {vi.name!r}{src} has "
+                                  f"type {which}; libml only supports tensors")
+        chk(vi.name, vi.type.tensor_type.elem_type, "graph input/output")
+    for t in m.graph.initializer:
+        chk(t.name, t.data_type, "initializer")
+    for node in m.graph.node:
+        if node.op_type == "Cast":
+            for a in node.attribute:
+                if a.name == "to":
+                    chk(node.name or node.output[0], a.i, "Cast node target type of")
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    chk(node.name or node.output[0], a.t.data_type, "Constant node")
+                elif a.name in ("sparse_value", "value_string", "value_strings"):
+                    raise ONNXImportError(f"Constant node {node.name or node.output[0]!r}{src} uses "
+                                          f"attribute {a.name!r}, which libml does not support")
+    return opset
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------------
+
+def _dims(vi) -> list:
+    """ONNX value-info dims as ints (known) or str (symbolic) or None (unknown)."""
+    out = []
+    for d in vi.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _bind_shapes(m, data_inputs, shapes: Optional[Mapping[str, Any]], source: Optional[str]):
+    """Return {input name: concrete shape tuple}. ``shapes`` maps input names to full shapes, or symbolic
+    dimension names (dim_param) to ints."""
+    shapes = dict(shapes or {})
+    src = f" of {source}" if source else ""
+    names = {vi.name for vi in data_inputs}
+    dim_params: Dict[str, int] = {}
+    for k, v in shapes.items():
+        if k not in names:
+            if isinstance(v, (int, np.integer)):
+                dim_params[k] = int(v)
+                continue
+            raise ONNXImportError(f"shapes= names {k!r}, which is not an input{src} "
+                                  f"(inputs: {sorted(names)})")
+    # symbolic dim values implied by the full shapes given for named inputs
+    for vi in data_inputs:
+        if vi.name in shapes and not isinstance(shapes[vi.name], (int, np.integer)):
+            given = tuple(int(s) for s in shapes[vi.name])
+            dims = _dims(vi)
+            if vi.type.tensor_type.HasField("shape") and len(dims) != len(given):
+                raise ONNXImportError(f"input {vi.name!r}{src} has rank {len(dims)} (shape {_fmt(dims)}), but "
+                                      f"shapes= gives {given}")
+            for d, s in zip(dims, given):
+                if isinstance(d, str):
+                    if d in dim_params and dim_params[d] != s:
+                        raise ONNXImportError(
+                            f"input {vi.name!r}{src}: symbolic dimension {d!r} is bound to {dim_params[d]} "
+                            f"elsewhere but shapes= gives {s} (shape {given})")
+                    dim_params.setdefault(d, s)
+    result = {}
+    for vi in data_inputs:
+        dims = _dims(vi)
+        if vi.name in shapes and not isinstance(shapes[vi.name], (int, np.integer)):
+            given = tuple(int(s) for s in shapes[vi.name])
+            if vi.type.tensor_type.HasField("shape"):
+                for i, (d, s) in enumerate(zip(dims, given)):
+                    if isinstance(d, int) and d != s:
+                        raise ONNXImportError(
+                            f"input {vi.name!r}{src} has shape {_fmt(dims)} in the model, which conflicts with "
+                            f"shapes={{{vi.name!r}: {given}}} (dimension {i}: model {d}, given {s})")
+            if any(s < 0 for s in given):
+                raise ONNXImportError(f"shapes= gives a negative dimension for input {vi.name!r}: {given}")
+            result[vi.name] = given
+            continue
+        if not vi.type.tensor_type.HasField("shape"):
+            raise ONNXImportError(f"input {vi.name!r}{src} has no shape in the model; pass "
+                                  f"shapes={{{vi.name!r}: (...)}}")
+        conc = []
+        for d in dims:
+            if isinstance(d, int):
+                conc.append(d)
+            elif isinstance(d, str) and d in dim_params:
+                conc.append(dim_params[d])
+            else:
+                raise ONNXImportError(
+                    f"input {vi.name!r}{src} has symbolic shape {_fmt(dims)}; bind it with "
+                    f"shapes={{{vi.name!r}: (...)}}" + (f" or shapes={{{d!r}: N}}" if isinstance(d, str) else ""))
+        result[vi.name] = tuple(conc)
+    return result
+
+
+def _fmt(dims) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+# ----------------------------------------------------------------------------------------------------
+# numpy helpers for folding
+# ----------------------------------------------------------------------------------------------------
+
+def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Integer division truncating toward zero (C / ONNX semantics)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.floor_divide(a, b)
+        if np.issubdtype(a.dtype, np.signedinteger):
+            r = a - q * b
+            q = q + ((r != 0) & ((a < 0) != (b < 0))).astype(q.dtype)
+    return q.astype(np.result_type(a, b))
+
+
+def _np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def _attrs(node) -> Dict[str, Any]:
+    onnx = _onnx()
+    out = {}
+    for a in node.attribute:
+        out[a.name] = onnx.helper.get_attribute_value(a)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the importer
+# ----------------------------------------------------------------------------------------------------
+
+class _Importer:
+    def __init__(self, lc, m, opset: int, source: Optional[str], graph_name: str):
+        self.lc = lc
+        self.m = m
+        self.opset = opset
+        self.source = source
+        self.g = lc.Graph(graph_name)
+        self.env: Dict[str, Any] = {}        # ONNX name -> lc Tensor or np.ndarray (constant)
+        self.const_tensors: Dict[str, Any] = {}
+        self._uid = 0
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def where(self, node) -> str:
+        return f"node {node.name!r} ({node.op_type})" if node.name else f"{node.op_type} node producing {node.output[0]!r}"
+
+    def err(self, node, msg) -> ONNXImportError:
+        src = f" in {self.source}" if self.source else ""
+        return ONNXImportError(f"{self.where(node)}{src}: {msg}")
+
+    def fresh(self, base: str) -> str:
+        self._uid += 1
+        return f"{base}/_{self._uid}"
+
+    def is_const(self, v) -> bool:
+        return isinstance(v, np.ndarray)
+
+    def T(self, v, name_hint: Optional[str] = None):
+        """Materialize a numpy constant as a graph const (cached per ONNX name)."""
+        if not self.is_const(v):
+            return v
+        if name_hint is not None and name_hint in self.const_tensors:
+            return self.const_tensors[name_hint]
+        name = name_hint if (name_hint is not None and name_hint not in self.used_names) else None
+        t = self.g.const(np.ascontiguousarray(v), name=name)
+        if name_hint is not None:
+            self.const_tensors[name_hint] = t
+        return t
+
+    def shape(self, v) -> Tuple[int, ...]:
+        return tuple(v.shape)
+
+    def dtype(self, v) -> str:
+        return np.dtype(v.dtype).name if self.is_const(v) else v.dtype
+
+    def static_ints(self, node, v, what: str) -> np.ndarray:
+        if not self.is_const(v):
+            raise self.err(node, f"{what} is data-dependent (computed from a graph input at run time); "
+                                 f"libml graphs are static — make it a constant/initializer")
+        return np.asarray(v).astype(np.int64).reshape(-1)
+
+    def get(self, node, i: int):
+        if i >= len(node.input) or node.input[i] == "":
+            return None
+        name = node.input[i]
+        if name not in self.env:
+            raise self.err(node, f"input {name!r} is not defined")
+        return self.env[name]
+
+    # -- build ---------------------------------------------------------------------------------------
+    def build(self, input_shapes: Dict[str, Tuple[int, ...]], data_inputs, used: set):
+        onnx = _onnx()
+        from onnx import numpy_helper
+        g, lc = self.g, self.lc
+        self.used_names = {vi.name for vi in self.m.graph.input} | {t.name for t in self.m.graph.initializer}
+        for vi in data_inputs:
+            dt = _dtype_of_elem(vi.type.tensor_type.elem_type)
+            self.env[vi.name] = g.input(vi.name, input_shapes[vi.name], dtype=dt)
+        self.param_names = []
+        for init in self.m.graph.initializer:
+            if init.name in self.env:
+                continue  # a data input shadowing nothing; impossible after filtering
+            arr = numpy_helper.to_array(init)
+            if np.issubdtype(arr.dtype, np.floating):
+                if init.name in used:
+                    self.env[init.name] = g.param(init.name, np.array(arr, copy=True))
+                    self.param_names.append(init.name)
+            else:
+                self.env[init.name] = np.array(arr, copy=True)
+        for node in self.m.graph.node:
+            outs = self.convert(node)
+            if len(outs) < len([o for o in node.output if o]):
+                raise self.err(node, "internal error: missing outputs")
+            for name, v in zip(node.output, outs):
+                if isinstance(v, (np.generic, float, int)):
+                    v = np.asarray(v)
+                if name:
+                    self.env[name] = v
+        for vi in self.m.graph.output:
+            if vi.name not in self.env:
+                raise ONNXImportError(f"graph output {vi.name!r} is not produced by any node")
+            v = self.env[vi.name]
+            if self.is_const(v):
+                v = self.T(v, vi.name)
+            g.output(vi.name, v)
+        return g
+
+    def binary(self, node, fn_np, fn_lc):
+        a, b = self.get(node, 0), self.get(node, 1)
+        out = node.output[0]
+        if self.is_const(a) and self.is_const(b):
+            return [np.asarray(fn_np(a, b))]
+        return [fn_lc(self.T(a, node.input[0]), self.T(b, node.input[1]), name=out)]
+
+    def convert(self, node):
+        op = node.op_type
+        lc = self.lc
+        at = _attrs(node)
+        out = node.output[0] if node.output else None
+        opset = self.opset
+
+        if op == "Add":
+            return self.binary(node, lambda a, b: (a + b).astype(np.result_type(a, b)), lc.add)
+        if op == "Sub":
+            return self.binary(node, lambda a, b: (a - b).astype(np.result_type(a, b)), lc.sub)
+        if op == "Mul":
+            return self.binary(node, lambda a, b: (a * b).astype(np.result_type(a, b)), lc.mul)
+        if op == "Div":
+            def npdiv(a, b):
+                if np.issubdtype(a.dtype, np.integer):
+                    return _int_div(a, b)
+                return (a / b).astype(np.result_type(a, b))
+            return self.binary(node, npdiv, lc.div)
+        if op == "MatMul":
+            return self.binary(node, lambda a, b: np.matmul(a, b), lc.matmul)
+        if op in ("Relu", "Sigmoid", "Identity"):
+            x = self.get(node, 0)
+            if self.is_const(x):
+                if op == "Relu":
+                    return [np.maximum(x, np.zeros((), x.dtype))]
+                if op == "Sigmoid":
+                    return [(1.0 / (1.0 + np.exp(-x))).astype(x.dtype)]
+                return [x]
+            fn = {"Relu": lc.relu, "Sigmoid": lc.sigmoid, "Identity": lc.identity}[op]
+            return [fn(x, name=out)]
+        if op == "Softmax":
+            return [self.softmax(node, at)]
+        if op == "Gemm":
+            return [self.gemm(node, at)]
+        if op == "Constant":
+            return [self.constant(node, at)]
+        if op == "Cast":
+            x = self.get(node, 0)
+            to = _dtype_of_elem(at["to"])
+            if self.is_const(x):
+                return [np.asarray(x).astype(to)]
+            if x.dtype == to:
+                return [lc.identity(x, name=out)]
+            return [lc.cast(x, to, name=out)]
+        if op == "Shape":
+            x = self.get(node, 0)
+            shp = np.array(self.shape(x), dtype=np.int64)
+            r = len(shp)
+            start = at.get("start", 0)
+            end = at.get("end", r)
+            start = max(0, min(r, start + r if start < 0 else start))
+            end = max(0, min(r, end + r if end < 0 else end))
+            return [shp[start:end]]
+        if op == "Transpose":
+            x = self.get(node, 0)
+            r = len(self.shape(x))
+            perm = tuple(int(p) for p in at.get("perm", list(range(r))[::-1]))
+            if sorted(perm) != list(range(r)):
+                raise self.err(node, f"perm {perm} is not a permutation of the {r} axes of shape {self.shape(x)}")
+            if self.is_const(x):
+                return [np.ascontiguousarray(np.transpose(x, perm))]
+            return [lc.transpose(x, perm, name=out)]
+        if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            x = self.get(node, 0)
+            shp = self.shape(x)
+            new = self.reshape_target(node, at, shp)
+            if self.is_const(x):
+                return [np.reshape(x, new)]
+            return [lc.reshape(x, tuple(new), name=out)]
+        if op == "Gather":
+            return [self.gather(node, at)]
+        if op == "Concat":
+            return [self.concat(node, at)]
+        raise UnsupportedOperatorError(op, node.name, opset, domain=node.domain, source=self.source)
+
+    # -- op translations -----------------------------------------------------------------------------
+    def constant(self, node, at):
+        from onnx import numpy_helper
+        if "value" in at:
+            return numpy_helper.to_array(at["value"]).copy()
+        if "value_float" in at:
+            return np.array(at["value_float"], dtype=np.float32)
+        if "value_floats" in at:
+            return np.array(at["value_floats"], dtype=np.float32)
+        if "value_int" in at:
+            return np.array(at["value_int"], dtype=np.int64)
+        if "value_ints" in at:
+            return np.array(at["value_ints"], dtype=np.int64)
+        raise self.err(node, f"unsupported Constant attributes {sorted(at)}")
+
+    def softmax(self, node, at):
+        lc = self.lc
+        x = self.get(node, 0)
+        shp = self.shape(x)
+        r = len(shp)
+        out = node.output[0]
+        if self.opset < 13:
+            axis = at.get("axis", 1)
+            axis = axis + r if axis < 0 else axis
+            if not 0 <= axis <= r:
+                raise self.err(node, f"axis {at.get('axis', 1)} out of range for shape {shp}")
+            n = int(np.prod(shp[:axis], dtype=np.int64))
+            d = int(np.prod(shp[axis:], dtype=np.int64))
+            if self.is_const(x):
+                return _np_softmax(x.reshape(n, d), 1).reshape(shp)
+            if r == 2 and axis == 1:
+                return lc.softmax(x, axis=-1, name=out)
+            x2 = lc.reshape(x, (n, d), name=self.fresh(out))
+            s = lc.softmax(x2, axis=-1, name=self.fresh(out))
+            return lc.reshape(s, shp, name=out)
+        axis = at.get("axis", -1)
+        if not -r <= axis < r:
+            raise self.err(node, f"axis {axis} out of range for shape {shp}")
+        if self.is_const(x):
+            return _np_softmax(x, axis)
+        return lc.softmax(x, axis=axis, name=out)
+
+    def gemm(self, node, at):
+        lc = self.lc
+        a, b, c = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        alpha = float(at.get("alpha", 1.0))
+        beta = float(at.get("beta", 1.0))
+        ta, tb = int(at.get("transA", 0)), int(at.get("transB", 0))
+        out = node.output[0]
+        if all(v is None or self.is_const(v) for v in (a, b, c)):
+            A = a.T if ta else a
+            B = b.T if tb else b
+            y = alpha * (A @ B)
+            if c is not None:
+                y = y + beta * c
+            return y.astype(a.dtype)
+        dt = self.dtype(a)
+        for v, nm in ((a, "A"), (b, "B")):
+            if len(self.shape(v)) != 2:
+                raise self.err(node, f"Gemm input {nm} must be 2-D, got shape {self.shape(v)}")
+        A = self.T(a, node.input[0])
+        B = self.T(b, node.input[1])
+        if ta:
+            A = self.transpose_const_or(A, a, node.input[0])
+        if tb:
+            B = self.transpose_const_or(B, b, node.input[1])
+        last_is_mm = c is None or beta == 0.0
+        y = lc.matmul(A, B, name=out if (last_is_mm and alpha == 1.0) else self.fresh(out))
+        if alpha != 1.0:
+            y = lc.mul(y, self.g.const(np.array(alpha, dtype=dt)),
+                       name=out if last_is_mm else self.fresh(out))
+        if c is not None and beta != 0.0:
+            if self.is_const(c):
+                cc = self.T((beta * c).astype(c.dtype) if beta != 1.0 else c,
+                            node.input[2] if beta == 1.0 else None)
+            else:
+                cc = c if beta == 1.0 else lc.mul(c, self.g.const(np.array(beta, dtype=dt)), name=self.fresh(out))
+            y = lc.add(y, cc, name=out)
+        return y
+
+    def transpose_const_or(self, t, orig, onnx_name):
+        if self.is_const(orig):
+            return self.g.const(np.ascontiguousarray(orig.T))
+        return self.lc.transpose(t, (1, 0), name=self.fresh(onnx_name + "^T"))
+
+    def reshape_target(self, node, at, shp) -> Tuple[int, ...]:
+        op = node.op_type
+        r = len(shp)
+        size = int(np.prod(shp, dtype=np.int64))
+        if op == "Reshape":
+            tgt = self.static_ints(node, self.get(node, 1), "the target shape (input 1)")
+            allowzero = int(at.get("allowzero", 0))
+            new = []
+            for i, s in enumerate(tgt):
+                s = int(s)
+                if s == 0 and not allowzero:
+                    if i >= r:
+                        raise self.err(node, f"shape {list(tgt)} copies dimension {i} of input shape {shp}, "
+                                             f"which has only {r} dimensions")
+                    s = shp[i]
+                new.append(s)
+            if new.count(-1) > 1:
+                raise self.err(node, f"shape {list(tgt)} has more than one -1")
+            if -1 in new:
+                known = int(np.prod([s for s in new if s != -1], dtype=np.int64))
+                if known == 0 or size % known:
+                    raise self.err(node, f"cannot reshape {shp} to {list(tgt)}")
+                new[new.index(-1)] = size // known
+            if int(np.prod(new, dtype=np.int64)) != size or any(s < 0 for s in new):
+                raise self.err(node, f"cannot reshape {shp} (size {size}) to {list(tgt)}")
+            return tuple(new)
+        if op == "Flatten":
+            axis = int(at.get("axis", 1))
+            if axis < 0:
+                axis += r
+            if not 0 <= axis <= r:
+                raise self.err(node, f"axis {at.get('axis')} out of range for shape {shp}")
+            return (int(np.prod(shp[:axis], dtype=np.int64)), int(np.prod(shp[axis:], dtype=np.int64)))
+        # Squeeze / Unsqueeze: axes is an attribute before opset 13, an input from 13 on
+        if self.opset >= 13:
+            ax_in = self.get(node, 1)
+            axes = None if ax_in is None else [int(a) for a in self.static_ints(node, ax_in, "axes (input 1)")]
+        else:
+            axes = at.get("axes")
+            axes = None if axes is None else [int(a) for a in axes]
+        if op == "Squeeze":
+            if axes is None:
+                return tuple(s for s in shp if s != 1)
+            axes = sorted({a + r if a < 0 else a for a in axes})
+            for a in axes:
+                if not 0 <= a < r or shp[a] != 1:
+                    raise self.err(node, f"cannot squeeze axis {a} of shape {shp}")
+            return tuple(s for i, s in enumerate(shp) if i not in axes)
+        if axes is None:
+            raise self.err(node, "Unsqueeze needs axes")
+        ro = r + len(axes)
+        axes_n = sorted(a + ro if a < 0 else a for a in axes)
+        if len(set(axes_n)) != len(axes_n) or any(not 0 <= a < ro for a in axes_n):
+            raise self.err(node, f"invalid axes {axes} for input shape {shp}")
+        it = iter(shp)
+        return tuple(1 if i in axes_n else next(it) for i in range(ro))
+
+    def gather(self, node, at):
+        lc = self.lc
+        data, idx = self.get(node, 0), self.get(node, 1)
+        out = node.output[0]
+        shp = self.shape(data)
+        r = len(shp)
+        axis = int(at.get("axis", 0))
+        if axis < 0:
+            axis += r
+        if not 0 <= axis < r:
+            raise self.err(node, f"axis {at.get('axis', 0)} out of range for shape {shp}")
+        if not self.is_const(idx):
+            raise self.err(node, "indices (input 1) are data-dependent; libml folds Gather only when its "
+                                 "indices are constants")
+        idx = np.asarray(idx).astype(np.int64)
+        n = shp[axis]
+        if np.any(idx < -n) or np.any(idx >= n):
+            raise self.err(node, f"indices {idx.tolist()} out of range for axis {axis} of size {n}")
+        idx = np.where(idx < 0, idx + n, idx)
+        if self.is_const(data):
+            return np.take(data, idx, axis=axis)
+        if hasattr(lc, "gather"):
+            return lc.gather(data, self.g.const(idx), axis=axis, name=out)
+        if not data.dtype.startswith("float"):
+            raise self.err(node, f"Gather of a non-constant {data.dtype} tensor is not supported")
+        # selection-matrix lowering: move `axis` last, multiply by one-hot S (n, m), restore the layout
+        pre, post = shp[:axis], shp[axis + 1:]
+        perm = [i for i in range(r) if i != axis] + [axis]
+        xt = data if axis == r - 1 else lc.transpose(data, tuple(perm), name=self.fresh(out))
+        m = int(idx.size)
+        S = np.zeros((n, m), dtype=data.dtype)
+        S[idx.reshape(-1), np.arange(m)] = 1
+        y = lc.matmul(xt, self.g.const(S), name=self.fresh(out))
+        final = tuple(pre) + tuple(idx.shape) + tuple(post)
+        y = lc.reshape(y, tuple(pre) + tuple(post) + tuple(idx.shape), name=self.fresh(out))
+        k, q, p = len(pre), len(post), idx.ndim
+        perm2 = list(range(k)) + list(range(k + q, k + q + p)) + list(range(k, k + q))
+        if perm2 != list(range(len(perm2))):
+            y = lc.transpose(y, tuple(perm2), name=self.fresh(out))
+        assert tuple(y.shape) == final
+        return lc.identity(y, name=out)
+
+    def concat(self, node, at):
+        lc = self.lc
+        vals = [self.get(node, i) for i in range(len(node.input)) if node.input[i]]
+        if "axis" not in at:
+            raise self.err(node, "Concat needs an axis")
+        shp0 = self.shape(vals[0])
+        r = len(shp0)
+        axis = int(at["axis"])
+        if axis < 0:
+            axis += r
+        if not 0 <= axis < max(r, 1):
+            raise self.err(node, f"axis {at['axis']} out of range for shape {shp0}")
+        for v in vals:
+            s = self.shape(v)
+            if len(s) != r or any(a != b for i, (a, b) in enumerate(zip(s, shp0)) if i != axis):
+                raise self.err(node, f"cannot concatenate shapes {[self.shape(v) for v in vals]} on axis {axis}")
+        out = node.output[0]
+        if all(self.is_const(v) for v in vals):
+            return np.concatenate(vals, axis=axis)
+        if hasattr(lc, "concat"):
+            return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
+        dt = self.dtype(vals[0])
+        if not dt.startswith("float"):
+            raise self.err(node, f"Concat of non-constant {dt} tensors is not supported")
+        # selection-matrix lowering: move `axis` last, y = sum_i x_i @ S_i with 0/1 matrices S_i
+        total = sum(self.shape(v)[axis] for v in vals)
+        perm = [i for i in range(r) if i != axis] + [axis]
+        inv = list(np.argsort(perm))
+        acc, off = None, 0
+        for i, v in enumerate(vals):
+            ni = self.shape(v)[axis]
+            S = np.zeros((ni, total), dtype=dt)
+            S[np.arange(ni), off + np.arange(ni)] = 1
+            off += ni
+            if ni == 0:
+                continue
+            t = self.T(v)
+            if axis != r - 1:
+                t = lc.transpose(t, tuple(perm), name=self.fresh(out))
+            part = lc.matmul(t, self.g.const(S), name=self.fresh(out))
+            acc = part if acc is None else lc.add(acc, part, name=self.fresh(out))
+        if axis != r - 1:
+            acc = lc.transpose(acc, tuple(int(p) for p in inv), name=self.fresh(out))
+        return lc.identity(acc, name=out)
+
+
+def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None):
+    """Import an ONNX model (path, bytes or ``onnx.ModelProto``) into a new :class:`libml_compile.Graph`.
+
+    ``shapes`` binds symbolic dimensions: ``{"input": (32, 64)}`` (full shape of an input) or
+    ``{"batch": 32}`` (a ``dim_param`` name).  A conflict with a static dimension raises an error naming the
+    input.  Raises :class:`UnsupportedOperatorError` for an operator libml does not support (before any
+    other work) and :class:`ONNXImportError` for unreadable files, data-dependent shapes and bad shapes.
+    """
+    onnx = _onnx()
+    import libml_compile as lc
+
+    m, source = load_model(model)
+    opset = check_supported(m, source)
+    src = f" {source!r}" if source else ""
+    try:
+        onnx.checker.check_model(m)
+    except Exception as e:
+        raise ONNXImportError(f"ONNX model{src} fails onnx.checker: {e}") from e
+    init_names = {t.name for t in m.graph.initializer}
+    data_inputs = [vi for vi in m.graph.input if vi.name not in init_names]
+    input_shapes = _bind_shapes(m, data_inputs, shapes, source)
+
+    # shape inference on a copy with the bound input shapes (validates the model; libml recomputes shapes)
+    work = onnx.ModelProto()
+    work.CopyFrom(m)
+    for vi in work.graph.input:
+        if vi.name in input_shapes:
+            tt = vi.type.tensor_type
+            tt.ClearField("shape")
+            for s in input_shapes[vi.name]:
+                tt.shape.dim.add().dim_value = int(s)
+    try:
+        work = onnx.shape_inference.infer_shapes(work, check_type=True, strict_mode=True)
+    except Exception as e:
+        raise ONNXImportError(f"ONNX shape inference failed for model{src} with input shapes "
+                              f"{input_shapes}: {e}") from e
+
+    used = set()
+    for node in work.graph.node:
+        used.update(i for i in node.input if i)
+    used.update(vi.name for vi in work.graph.output)
+    name = work.graph.name or (os.path.splitext(os.path.basename(source))[0] if source else "onnx_model")
+    imp = _Importer(lc, work, opset, source, name)
+    g = imp.build(input_shapes, [vi for vi in work.graph.input if vi.name not in init_names], used)
+    g.meta["onnx_model"] = m
+    g.meta["onnx_opset"] = opset
+    g.meta["onnx_source"] = source
+    g.meta["onnx_input_shapes"] = dict(input_shapes)
+    g.meta["onnx_params"] = list(imp.param_names)
+    return g
