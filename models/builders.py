@@ -8,7 +8,7 @@ systems (the benchmark competitors, tests) can start from identical parameters.
 """
 import numpy as np
 
-__all__ = ["mlp_init", "mlp", "w4_init", "w4", "W4_SHAPE", "mlp_weight_elements"]
+__all__ = ["mlp_init", "mlp", "mlp_forward", "w4_init", "w4", "W4_SHAPE", "mlp_weight_elements"]
 
 W4_SHAPE = (4096, 1024)
 
@@ -104,3 +104,21 @@ def w4(seed=0, output_y=False):
         g.output("y", y)
     g.output("loss", L)
     return g, L
+
+
+def mlp_forward(layers, batch, seed=0, dtype="float32"):
+    """Forward-only MLP graph (W5): input ``x`` (batch, layers[0]), output ``logits``; same params as
+    :func:`mlp`.  Returns the Graph."""
+    import libml_compile as lc
+
+    layers = [int(n) for n in layers]
+    inits = mlp_init(layers, seed=seed, dtype=dtype)
+    g = lc.Graph(f"mlp_fwd_{'_'.join(map(str, layers))}_b{batch}")
+    h = g.input("x", (batch, layers[0]), dtype=dtype)
+    n = len(inits)
+    for i, (w0, b0) in enumerate(inits):
+        h = lc.matmul(h, g.param(f"w{i}", w0)) + g.param(f"b{i}", b0)
+        if i < n - 1:
+            h = lc.relu(h)
+    g.output("logits", lc.identity(h, name="logits"))
+    return g

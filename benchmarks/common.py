@@ -1,0 +1,118 @@
+"""Workload definitions shared by the benchmark runner and workers (see shared/bench/workloads.md)."""
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+LR = 0.01
+DATA_SEED = 1234
+PARAM_SEED = 0
+GEMM_N = 4096
+
+# id -> spec.  kind: "mlp" (training step), "w4" (elementwise training step), "fwd" (W2 forward), "gemm"
+WORKLOADS = {
+    "W1": dict(kind="mlp", layers=[64, 128, 128, 10], batch=32, loss="xent"),
+    "W2": dict(kind="mlp", layers=[784, 512, 512, 10], batch=128, loss="xent"),
+    "W3": dict(kind="mlp", layers=[1024, 4096, 4096, 1024], batch=256, loss="mse"),
+    "W4": dict(kind="w4", shape=(4096, 1024)),
+    "W5-b1": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1),
+    "W5-b1024": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1024),
+    "GEMM": dict(kind="gemm", n=GEMM_N),
+}
+ORDER = list(WORKLOADS)
+ALIASES = {"W5": ["W5-b1", "W5-b1024"]}
+
+# which systems run which workload kinds
+SYSTEMS = ["libml", "torch", "numpy", "torch_compile", "jax", "ort"]
+SUPPORTS = {
+    "libml": {"mlp", "w4", "fwd", "gemm"},
+    "torch": {"mlp", "w4", "fwd", "gemm"},
+    "numpy": {"mlp", "w4", "fwd", "gemm"},
+    "torch_compile": {"mlp", "w4", "fwd"},
+    "jax": {"mlp", "w4", "fwd", "gemm"},
+    "ort": {"fwd"},
+}
+
+
+def expand_workloads(text):
+    out = []
+    for w in text.split(","):
+        w = w.strip()
+        if not w:
+            continue
+        key = w.upper()
+        if key in ALIASES:
+            out.extend(ALIASES[key])
+        else:
+            match = [k for k in WORKLOADS if k.upper() == key]
+            if not match:
+                raise SystemExit(f"unknown workload {w!r}; known: {', '.join(ORDER)}, W5")
+            out.append(match[0])
+    return [w for w in ORDER if w in out]
+
+
+def weight_elements(layers):
+    return sum(a * b for a, b in zip(layers[:-1], layers[1:]))
+
+
+def flops(wid):
+    s = WORKLOADS[wid]
+    if s["kind"] == "mlp":
+        return 6.0 * weight_elements(s["layers"]) * s["batch"]
+    if s["kind"] == "fwd":
+        return 2.0 * weight_elements(s["layers"]) * s["batch"]
+    if s["kind"] == "gemm":
+        return 2.0 * s["n"] ** 3
+    return None  # W4 is memory-bound; no FLOP figure
+
+
+def builders():
+    """The models/builders.py module, importable from the installed libml_models or the source tree."""
+    try:
+        from libml_models import builders as b  # installed package
+        return b
+    except ImportError:
+        pass
+    # not installed: load models/builders.py by path (never put the repo root on sys.path, which would
+    # make the unbuilt source tree's libml_compile importable)
+    import importlib.util
+    name = "_libml_bench_builders"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "models", "builders.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules[name] = mod
+    return sys.modules[name]
+
+
+def mlp_params(layers):
+    return builders().mlp_init(layers, seed=PARAM_SEED)
+
+
+def w4_params():
+    return builders().w4_init(seed=PARAM_SEED)
+
+
+def data(wid):
+    """Fixed-seed random feeds for a workload, as NumPy arrays: dict name -> array."""
+    s = WORKLOADS[wid]
+    rng = np.random.default_rng(DATA_SEED)
+    if s["kind"] in ("mlp", "fwd"):
+        B, L = s["batch"], s["layers"]
+        feeds = {"x": rng.standard_normal((B, L[0]), dtype=np.float32)}
+        if s["kind"] == "mlp":
+            if s["loss"] == "xent":
+                feeds["y"] = rng.integers(0, L[-1], size=(B,)).astype(np.int64)
+            else:
+                feeds["y"] = rng.standard_normal((B, L[-1]), dtype=np.float32)
+        return feeds
+    if s["kind"] == "w4":
+        return {"x": rng.standard_normal(s["shape"], dtype=np.float32)}
+    if s["kind"] == "gemm":
+        n = s["n"]
+        return {"A": rng.standard_normal((n, n), dtype=np.float32),
+                "B": rng.standard_normal((n, n), dtype=np.float32)}
+    raise KeyError(wid)

@@ -1,0 +1,144 @@
+"""Self-check of the hand-written NumPy steps against torch autograd (``run.py --selfcheck``).
+
+Small problems in float64, a few SGD steps: the losses and the updated parameters must agree to ~1e-10.
+If libml is installed, its ``prog.step`` is compared with the NumPy step too (float32, W1 sizes).
+"""
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import np_impl  # noqa: E402
+
+
+def _torch_mlp(torch, inits, x, y, loss, lr, steps):
+    ws = [torch.tensor(w, requires_grad=True) for w, _ in inits]
+    bs = [torch.tensor(b, requires_grad=True) for _, b in inits]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    losses = []
+    for _ in range(steps):
+        h = xt
+        for i in range(len(ws)):
+            h = h @ ws[i] + bs[i]
+            if i < len(ws) - 1:
+                h = torch.relu(h)
+        L = torch.nn.functional.cross_entropy(h, yt) if loss == "xent" else torch.mean((h - yt) ** 2)
+        for p in ws + bs:
+            p.grad = None
+        L.backward()
+        with torch.no_grad():
+            for p in ws + bs:
+                p -= lr * p.grad
+        losses.append(L.item())
+    out = {}
+    for i in range(len(ws)):
+        out[f"w{i}"] = ws[i].detach().numpy()
+        out[f"b{i}"] = bs[i].detach().numpy()
+    return losses, out
+
+
+def _torch_w4(torch, a, b, c, x, lr, steps):
+    a, b, c = (torch.tensor(v, requires_grad=True) for v in (a, b, c))
+    xt = torch.from_numpy(x)
+    losses = []
+    for _ in range(steps):
+        L = (torch.sigmoid(xt * a + b) / (1 + torch.relu(xt - c))).mean()
+        for p in (a, b, c):
+            p.grad = None
+        L.backward()
+        with torch.no_grad():
+            for p in (a, b, c):
+                p -= lr * p.grad
+        losses.append(L.item())
+    return losses, {"a": a.detach().numpy(), "b": b.detach().numpy(), "c": c.detach().numpy()}
+
+
+def _compare(name, l1, p1, l2, p2, tol):
+    err = max(abs(u - v) for u, v in zip(l1, l2))
+    perr = max(float(np.max(np.abs(p1[k] - p2[k]))) for k in p1)
+    ok = err <= tol and perr <= tol
+    print(f"  {name:<40} loss err {err:.2e}  param err {perr:.2e}  {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def run(steps=3, lr=0.5):
+    # a large lr so the updates move the parameters visibly between steps
+    ok = True
+    try:
+        import torch
+    except ImportError:
+        print("selfcheck: torch not installed; cannot check the NumPy steps against autograd")
+        return False
+    torch.set_num_threads(2)
+    b = common.builders()
+    rng = np.random.default_rng(7)
+    print("NumPy hand-written steps vs torch autograd (float64):")
+    for loss, layers, B in (("xent", [13, 17, 11, 5], 9), ("mse", [7, 19, 6], 4), ("xent", [5, 3], 6)):
+        inits = b.mlp_init(layers, seed=3, dtype="float64")
+        x = rng.standard_normal((B, layers[0]))
+        y = (rng.integers(0, layers[-1], size=B).astype(np.int64) if loss == "xent"
+             else rng.standard_normal((B, layers[-1])))
+        step, params = np_impl.make_mlp_step(inits, x, y, loss=loss, lr=lr)
+        l1 = [step() for _ in range(steps)]
+        l2, p2 = _torch_mlp(torch, inits, x, y, loss, lr, steps)
+        ok &= _compare(f"mlp {layers} batch {B} {loss}", l1, params, l2, p2, 1e-10)
+    x = rng.standard_normal((37, 23)) * 2
+    a, bb, c = (rng.standard_normal(23) for _ in range(3))
+    step, params = np_impl.make_w4_step(a, bb, c, x, lr=lr * 200)
+    l1 = [step() for _ in range(steps)]
+    l2, p2 = _torch_w4(torch, a, bb, c, x, lr * 200, steps)
+    ok &= _compare("w4 (37, 23)", l1, params, l2, p2, 1e-10)
+    inits = b.mlp_init([784, 512, 512, 10], seed=0, dtype="float64")
+    x = rng.standard_normal((3, 784))
+    out = np_impl.make_forward(inits, x)()
+    h = torch.from_numpy(x)
+    for i, (w, bias) in enumerate(inits):
+        h = h @ torch.from_numpy(w) + torch.from_numpy(bias)
+        if i < len(inits) - 1:
+            h = torch.relu(h)
+    err = float(np.max(np.abs(out - h.numpy())))
+    print(f"  {'W2 forward (3, 784)':<40} out err {err:.2e}  {'ok' if err < 1e-10 else 'FAIL'}")
+    ok &= err < 1e-10
+
+    # libml, if installed: same W1-sized step in float32
+    try:
+        import libml_compile as lc
+    except ImportError:
+        print("libml not installed: skipped the libml vs NumPy check")
+        return ok
+    print("libml prog.step vs NumPy step (float32, W1 sizes, 3 steps, lr 0.01):")
+    for wid in ("W1",):
+        spec = common.WORKLOADS[wid]
+        feeds = common.data(wid)
+        try:
+            g, L = b.mlp(spec["layers"], spec["batch"], loss=spec["loss"], seed=common.PARAM_SEED)
+            prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=2)
+            l1 = [prog.step(feeds) for _ in range(steps)]
+            p1 = prog.params
+        except Exception as e:  # the lead's code may not be ready
+            print(f"  libml failed: {type(e).__name__}: {e}")
+            ok = False
+            continue
+        step, p2 = np_impl.make_mlp_step(common.mlp_params(spec["layers"]), feeds["x"], feeds["y"],
+                                         loss=spec["loss"], lr=common.LR)
+        l2 = [step() for _ in range(steps)]
+        ok &= _compare(f"{wid} libml vs numpy", l1, p1, l2, p2, 1e-4)
+    spec = common.WORKLOADS["W5-b1"]
+    feeds = common.data("W5-b1")
+    try:
+        prog = lc.compile(b.mlp_forward(spec["layers"], spec["batch"], seed=common.PARAM_SEED), num_threads=2)
+        out = prog.run(feeds)["logits"]
+        ref = np_impl.make_forward(common.mlp_params(spec["layers"]), feeds["x"])()
+        err = float(np.max(np.abs(out - ref)))
+        print(f"  {'W5-b1 libml vs numpy forward':<40} out err {err:.2e}  {'ok' if err < 1e-4 else 'FAIL'}")
+        ok &= err < 1e-4
+    except Exception as e:
+        print(f"  libml forward failed: {type(e).__name__}: {e}")
+        ok = False
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(0 if run() else 1)

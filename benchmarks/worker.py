@@ -1,0 +1,369 @@
+"""One benchmark measurement in its own process: ``python benchmarks/worker.py --system S --workload W``.
+
+Prints one JSON object on the last stdout line: median ms per step, all step times, peak RSS, the
+BLAS/OpenMP libraries loaded (threadpoolctl), the first-step loss (for cross-checking systems), setup
+and compile times.  A system that is not installed prints ``{"skipped": reason}``; a failure prints
+``{"error": ...}``.  Threads: 2 (set by the runner's environment and again here).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+
+THREADS = 2
+
+
+class Skip(Exception):
+    pass
+
+
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------- systems
+# Each setup_<system>(wid, spec, feeds) returns (fn, info): fn() runs one step / forward and returns
+# something whose float() is the loss (training) or an array (forward), fully computed (synchronised).
+
+def setup_numpy(wid, spec, feeds):
+    import np_impl
+
+    k = spec["kind"]
+    if k == "mlp":
+        step, _ = np_impl.make_mlp_step(common.mlp_params(spec["layers"]), feeds["x"], feeds["y"],
+                                        loss=spec["loss"], lr=common.LR)
+        return step, {}
+    if k == "w4":
+        a, b, c = common.w4_params()
+        step, _ = np_impl.make_w4_step(a, b, c, feeds["x"], lr=common.LR)
+        return step, {}
+    if k == "fwd":
+        return np_impl.make_forward(common.mlp_params(spec["layers"]), feeds["x"]), {}
+    if k == "gemm":
+        A, B = feeds["A"], feeds["B"]
+        C = np.empty_like(A)
+        return (lambda: np.matmul(A, B, out=C)), {}
+    raise Skip(k)
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise Skip(f"torch not installed ({e})")
+    torch.set_num_threads(THREADS)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    return torch
+
+
+def _torch_model(torch, layers):
+    nn = torch.nn
+    mods = []
+    inits = common.mlp_params(layers)
+    for i, (w, b) in enumerate(inits):
+        lin = nn.Linear(w.shape[0], w.shape[1])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(w.T.copy()))
+            lin.bias.copy_(torch.from_numpy(b))
+        mods.append(lin)
+        if i < len(inits) - 1:
+            mods.append(nn.ReLU())
+    return nn.Sequential(*mods)
+
+
+def setup_torch(wid, spec, feeds, compiled=False):
+    torch = _torch()
+    F = torch.nn.functional
+    cfg = torch.__config__.show()
+    blas = [ln.split("BLAS_INFO=")[1].split(",")[0] for ln in cfg.splitlines() if "BLAS_INFO=" in ln]
+    info = {"version": torch.__version__,
+            "kernels": f"BLAS_INFO={blas[0] if blas else '?'}, mkldnn={torch.backends.mkldnn.is_available()}"
+                       " (statically linked, not visible to threadpoolctl)"}
+    k = spec["kind"]
+    t = {n: torch.from_numpy(v) for n, v in feeds.items()}
+    if k == "gemm":
+        if compiled:
+            raise Skip("not run")
+        A, B = t["A"], t["B"]
+        C = torch.empty_like(A)
+        return (lambda: torch.matmul(A, B, out=C)), info
+    if k == "fwd":
+        model = _torch_model(torch, spec["layers"]).eval()
+        if compiled:
+            model = torch.compile(model)
+        x = t["x"]
+
+        def fwd():
+            with torch.inference_mode():
+                return model(x)
+        return fwd, info
+    if k == "mlp":
+        model = _torch_model(torch, spec["layers"])
+        params = list(model.parameters())
+        x, y = t["x"], t["y"]
+        lossf = F.cross_entropy if spec["loss"] == "xent" else F.mse_loss
+
+        def loss_fn(x, y):
+            return lossf(model(x), y)
+    elif k == "w4":
+        a, b, c = (torch.nn.Parameter(torch.from_numpy(v.copy())) for v in common.w4_params())
+        params = [a, b, c]
+        x = t["x"]
+        y = None
+
+        def loss_fn(x, y):
+            return (torch.sigmoid(x * a + b) / (1 + torch.relu(x - c))).mean()
+    else:
+        raise Skip(k)
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+    opt = torch.optim.SGD(params, lr=common.LR)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        L = loss_fn(x, y)
+        L.backward()
+        opt.step()
+        return L.item()
+    return step, info
+
+
+def setup_torch_compile(wid, spec, feeds):
+    return setup_torch(wid, spec, feeds, compiled=True)
+
+
+def setup_jax(wid, spec, feeds):
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError as e:
+        raise Skip(f"jax not installed ({e})")
+    info = {"version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "kernels": "XLA:CPU own/Eigen kernels (not visible to threadpoolctl)"}
+    k = spec["kind"]
+    j = {n: jnp.asarray(v) for n, v in feeds.items()}
+    lr = common.LR
+    if k == "gemm":
+        f = jax.jit(jnp.matmul)
+        A, B = j["A"], j["B"]
+        return (lambda: f(A, B).block_until_ready()), info
+    if k in ("mlp", "fwd"):
+        params = [(jnp.asarray(w), jnp.asarray(b)) for w, b in common.mlp_params(spec["layers"])]
+
+        def forward(params, x):
+            h = x
+            for i, (w, b) in enumerate(params):
+                h = h @ w + b
+                if i < len(params) - 1:
+                    h = jax.nn.relu(h)
+            return h
+
+        if k == "fwd":
+            f = jax.jit(forward)
+            x = j["x"]
+            return (lambda: f(params, x).block_until_ready()), info
+
+        if spec["loss"] == "xent":
+            def loss_fn(params, x, y):
+                z = forward(params, x)
+                lse = jax.nn.logsumexp(z, axis=1)
+                return jnp.mean(lse - jnp.take_along_axis(z, y[:, None], axis=1)[:, 0])
+        else:
+            def loss_fn(params, x, y):
+                return jnp.mean((forward(params, x) - y) ** 2)
+        x, y = j["x"], j["y"]
+    elif k == "w4":
+        params = tuple(jnp.asarray(v) for v in common.w4_params())
+
+        def loss_fn(params, x, y):
+            a, b, c = params
+            return jnp.mean(jax.nn.sigmoid(x * a + b) / (1 + jax.nn.relu(x - c)))
+        x, y = j["x"], None
+    else:
+        raise Skip(k)
+
+    @jax.jit
+    def _step(params, x, y):
+        L, g = jax.value_and_grad(loss_fn)(params, x, y)
+        return jax.tree_util.tree_map(lambda p, d: p - lr * d, params, g), L
+    step_j = jax.jit(_step, donate_argnums=(0,))
+    state = {"p": params}
+
+    def step():
+        p, L = step_j(state["p"], x, y)
+        state["p"] = p
+        return float(L)  # synchronises
+    return step, info
+
+
+def setup_ort(wid, spec, feeds):
+    if spec["kind"] != "fwd":
+        raise Skip("ONNX Runtime runs W5 only")
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as e:
+        raise Skip(f"onnxruntime/onnx not installed ({e})")
+    layers, B = spec["layers"], spec["batch"]
+    inits = common.mlp_params(layers)
+    nodes, initializers = [], []
+    h = "x"
+    for i, (w, b) in enumerate(inits):
+        initializers += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("MatMul", [h, f"w{i}"], [f"mm{i}"]))
+        out = "logits" if i == len(inits) - 1 else f"z{i}"
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], [out]))
+        if i < len(inits) - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"h{i}"]))
+            h = f"h{i}"
+    graph = helper.make_graph(
+        nodes, "w2_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, layers[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, layers[-1]])],
+        initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = feeds["x"]
+    return (lambda: sess.run(["logits"], {"x": x})[0]), {"version": ort.__version__,
+                                                           "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+
+
+def setup_libml(wid, spec, feeds):
+    try:
+        import libml_compile as lc
+    except ImportError as e:
+        raise Skip(f"libml not installed ({e})")
+    b = common.builders()
+    k = spec["kind"]
+    info = {}
+    if k == "mlp":
+        g, L = b.mlp(spec["layers"], spec["batch"], loss=spec["loss"], seed=common.PARAM_SEED)
+        t0 = time.perf_counter()
+        prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=THREADS)
+        info["compile_s"] = time.perf_counter() - t0
+        return (lambda: prog.step(feeds)), info
+    if k == "w4":
+        g, L = b.w4(seed=common.PARAM_SEED)
+        t0 = time.perf_counter()
+        prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=THREADS)
+        info["compile_s"] = time.perf_counter() - t0
+        return (lambda: prog.step(feeds)), info
+    if k == "fwd":
+        g = b.mlp_forward(spec["layers"], spec["batch"], seed=common.PARAM_SEED)
+        t0 = time.perf_counter()
+        prog = lc.compile(g, num_threads=THREADS)
+        info["compile_s"] = time.perf_counter() - t0
+        return (lambda: prog.run(feeds)["logits"]), info
+    if k == "gemm":
+        n = spec["n"]
+        g = lc.Graph("gemm")
+        A = g.input("A", (n, n))
+        B = g.input("B", (n, n))
+        g.output("C", lc.matmul(A, B, name="C"))
+        t0 = time.perf_counter()
+        prog = lc.compile(g, num_threads=THREADS)
+        info["compile_s"] = time.perf_counter() - t0
+        return (lambda: prog.run(feeds)["C"]), info
+    raise Skip(k)
+
+
+SETUPS = {"numpy": setup_numpy, "torch": setup_torch, "torch_compile": setup_torch_compile,
+          "jax": setup_jax, "ort": setup_ort, "libml": setup_libml}
+
+
+def blas_info():
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return [{"note": "threadpoolctl not installed"}]
+    out = []
+    for d in threadpool_info():
+        out.append({"user_api": d.get("user_api"), "internal_api": d.get("internal_api"),
+                    "architecture": d.get("architecture"), "num_threads": d.get("num_threads"),
+                    "version": d.get("version"), "lib": os.path.basename(d.get("filepath", ""))})
+    return out
+
+
+def first_value(r):
+    if isinstance(r, float):
+        return r
+    a = np.asarray(r)
+    return float(a.ravel()[:16].astype(np.float64).sum()) if a.size else None
+
+
+def measure(system, wid, min_time, warmup_time, min_steps):
+    spec = common.WORKLOADS[wid]
+    if spec["kind"] not in common.SUPPORTS[system]:
+        raise Skip(f"{system} does not run {spec['kind']} workloads")
+    feeds = common.data(wid)
+    rss_data = rss_mb()
+    t0 = time.perf_counter()
+    fn, info = SETUPS[system](wid, spec, feeds)
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    first = first_value(fn())  # first call: includes jit / lazy compilation
+    first_s = time.perf_counter() - t0
+    # warm-up
+    t_end = time.perf_counter() + warmup_time
+    nw = 0
+    while nw < 2 or time.perf_counter() < t_end:
+        fn()
+        nw += 1
+    times = []
+    t_start = time.perf_counter()
+    while len(times) < min_steps or time.perf_counter() - t_start < min_time:
+        t1 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t1)
+    res = dict(system=system, workload=wid, median_ms=1e3 * statistics.median(times),
+               min_ms=1e3 * min(times), steps=len(times), warmup_steps=nw + 1,
+               times_ms=[round(1e3 * t, 4) for t in times[:2000]],
+               setup_s=setup_s, first_call_s=first_s, first_value=first,
+               rss_after_data_mb=rss_data, peak_rss_mb=rss_mb(), blas=blas_info())
+    res.update(info)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--system", required=True, choices=sorted(SETUPS))
+    ap.add_argument("--workload", required=True, choices=common.ORDER)
+    ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps (default 2)")
+    ap.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up (default 0.5)")
+    ap.add_argument("--min-steps", type=int, default=3)
+    a = ap.parse_args(argv)
+    try:
+        res = measure(a.system, a.workload, a.min_time, a.warmup, a.min_steps)
+    except Skip as e:
+        res = {"system": a.system, "workload": a.workload, "skipped": str(e)}
+    except Exception as e:  # report, never crash the runner
+        res = {"system": a.system, "workload": a.workload, "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()[-4000:]}
+    sys.stdout.flush()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
