@@ -1,0 +1,28 @@
+"""libml_compile: declare a static graph, derive its backward graph, compile it for the libml runtime.
+
+Data path: ``ir`` (Graph, Tensor) → ``ops`` (registry: shape rules, gradient rules, kernel bindings)
+→ ``autodiff`` → ``optim`` → ``passes`` (simplify, fuse, schedule) → ``memory`` (arena planning)
+→ ``lower`` (flat plan) → ``libml_runtime`` (execution).
+"""
+from .ir import Graph, Tensor
+from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean, neg, exp, log, identity,
+                  reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse)
+from .optim import SGD, Adam
+from .program import Program, compile
+
+__version__ = "0.1.0"
+
+__all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "softmax", "sum",
+           "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
+           "softmax_cross_entropy", "mse", "SGD", "Adam", "Program", "compile"]
+
+
+def __getattr__(name):
+    # ONNX support is optional at import time (keeps `import libml_compile` light)
+    if name in ("import_onnx", "UnsupportedOperatorError"):
+        from . import onnx_import
+        return getattr(onnx_import, name)
+    if name == "export_onnx":
+        from .onnx_export import export_onnx
+        return export_onnx
+    raise AttributeError(f"module 'libml_compile' has no attribute {name!r}")

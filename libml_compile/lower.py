@@ -1,0 +1,506 @@
+"""Lowering: scheduled instructions -> a flat plan (int64 code, float64 constants, arena layout).
+
+``StateLayout`` places params, optimizer state and constant data in the persistent state buffer
+(slot 1), shared by all entries of a program.  ``lower_entry`` runs the passes for one entry (run / grad /
+step), plans the arena and emits the code the runtime executes; the field layout of every opcode is the
+one ``libml_runtime/_exec.pyx`` decodes and ``libml_runtime/plan.py`` validates.
+"""
+from __future__ import annotations
+
+import numpy as np
+from libml_runtime import format as F
+from libml_runtime.plan import Entry
+
+from . import passes
+from .ir import FLOAT_DTYPES, Tensor
+from .memory import Buffer, MemoryReport, align, place, lower_bound
+
+_INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"]}
+
+
+def contiguous_strides(shape):
+    s, acc = [], 1
+    for d in reversed(shape):
+        s.append(acc)
+        acc *= d
+    return list(reversed(s))
+
+
+def broadcast_strides(shape, target):
+    """Element strides to read a contiguous tensor of ``shape`` over the iteration space ``target``."""
+    cs = contiguous_strides(shape)
+    lead = len(target) - len(shape)
+    out = []
+    for k, d in enumerate(target):
+        j = k - lead
+        out.append(0 if j < 0 or shape[j] == 1 and d != 1 else cs[j])
+    return out
+
+
+class StateLayout:
+    """Byte layout of the persistent state buffer: params, optimizer state, constant data."""
+
+    def __init__(self):
+        self.chunks = []           # (offset, ndarray) initial contents
+        self.size = 0
+        self.params = []           # (name, offset, dtype, shape, trainable)
+        self.opt_state = []        # (name, offset, dtype, shape)
+        self.where: dict = {}      # tensor / key -> offset
+
+    def alloc(self, key, value):
+        if key in self.where:
+            return self.where[key]
+        off = align(self.size)
+        value = np.ascontiguousarray(value)
+        self.chunks.append((off, value))
+        self.size = off + value.nbytes
+        self.where[key] = off
+        return off
+
+    def add_param(self, t: Tensor, trainable):
+        off = self.alloc(("param", t.name), t.value)
+        self.params.append((t.name, off, t.dtype, t.shape, bool(trainable)))
+        return off
+
+    def add_opt_state(self, name, dtype, shape):
+        off = self.alloc(("opt", name), np.zeros(shape, dtype))
+        self.opt_state.append((name, off, dtype, tuple(shape)))
+        return off
+
+    def buffer(self):
+        buf = np.zeros(max(align(self.size), 64), np.uint8)
+        for off, v in self.chunks:
+            buf[off:off + v.nbytes] = np.frombuffer(v.tobytes(), np.uint8)
+        return buf
+
+
+class _Emitter:
+    def __init__(self):
+        self.code: list[int] = []
+        self.consts: list[float] = []
+        self._cidx: dict = {}
+        self.nodes: list = []
+        self.instr_nodes: list = []
+        self.instr_outputs: list = []   # per instruction: [(slot, off, dtype, n)] float results (check_finite)
+
+    def const(self, v):
+        v = float(v)
+        key = np.float64(v).tobytes()
+        if key not in self._cidx:
+            self._cidx[key] = len(self.consts)
+            self.consts.append(v)
+        return self._cidx[key]
+
+    def node(self, op, name):
+        self.nodes.append((op, name))
+        return len(self.nodes) - 1
+
+    def emit(self, opcode, node_id, fields, outputs=()):
+        fields = [int(x) for x in fields]
+        self.code += [opcode, F.HEADER + len(fields), node_id] + fields
+        self.instr_nodes.append(node_id)
+        self.instr_outputs.append(list(outputs))
+
+
+class _Instr:
+    """A scheduled unit with what it reads and writes (for liveness)."""
+
+    def __init__(self, kind, x):
+        self.kind, self.x = kind, x
+        self.reads: list[Tensor] = []
+        self.writes: list[Tensor] = []
+        self.inplace: dict = {}
+
+
+def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
+                check_finite=False, label_inputs=None):
+    """Compile the sub-graph reaching ``roots`` into an Entry.
+
+    outputs: [(user name, tensor)] copied out after each call.  Returns (Entry, MemoryReport, summary rows).
+    """
+    nodes, rep = passes.simplify(roots)
+
+    def r(t):
+        while t in rep:
+            t = rep[t]
+        return t
+
+    outputs = [(n, r(t)) for n, t in outputs]
+    roots = [r(t) for t in roots]
+    passes.absorb_transposes(nodes)
+    nodes = passes.topo_from_roots(roots)
+    group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
+    units = passes.schedule(nodes, group_of)
+
+    # ---- storage classes -------------------------------------------------------------------------
+    used_inputs = [t for t in nodes if t.op == "input"]
+    order = {name: k for k, (name, _, _) in enumerate(graph_inputs)}
+    used_inputs.sort(key=lambda t: order[t.name])
+    input_slot = {t: F.SLOT_INPUT0 + k for k, t in enumerate(used_inputs)}
+    consumers: dict[Tensor, set] = {}
+    for t in nodes:
+        for i in t.inputs:
+            consumers.setdefault(i, set()).add(t)
+    root_set = set(roots) | {t for _, t in outputs}
+
+    def base(t):
+        while t.op == "reshape":
+            t = t.inputs[0]
+        return t
+
+    instrs = []
+    for kind_u, x in units:
+        ins = _Instr(kind_u, x)
+        if kind_u == "ew":
+            members = set(x.members)
+            for m in x.members:
+                for i in m.inputs:
+                    if i not in members and not _immediate(i) and i not in ins.reads:
+                        ins.reads.append(i)
+            for m in x.members:
+                if m.op == "sum" or m in root_set or any(c not in members for c in consumers.get(m, ())):
+                    ins.writes.append(m)
+        else:
+            ins.reads = [i for i in x.inputs]
+            ins.writes = [x] if x.op not in ("sgd_update", "adam_update") else []
+        instrs.append(ins)
+
+    # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
+    buffers: dict[Tensor, Buffer] = {}
+    n_instr = len(instrs)
+    geo = {}
+    for k, ins in enumerate(instrs):
+        if ins.kind == "ew":
+            geo[k] = _ew_geometry(ins)
+        for i in ins.reads:
+            b = buffers.get(base(i))
+            if b is not None:
+                b.end = max(b.end, k)
+        for w in ins.writes:
+            # in-place: an elementwise output may take the buffer of an input that dies here
+            if ins.kind == "ew" and w.op != "sum":
+                cand = _inplace_candidate(ins, w, k, buffers, base, root_set, geo[k])
+                if cand is not None:
+                    buffers[w] = cand
+                    cand.tensors.append(w.name)
+                    ins.inplace[w] = cand
+                    continue
+            buffers[w] = Buffer(w.name, int(w.size * np.dtype(w.dtype).itemsize), k, k, tensors=[w.name])
+        if ins.kind == "ew" and geo[k]["mode"] == 2:
+            buffers[("scratch", k)] = Buffer(f"scratch{k}", geo[k]["scratch_bytes"], k, k)
+    for t in root_set:
+        b = buffers.get(base(t))
+        if b is not None:
+            b.end = n_instr
+    uniq = list({id(b): b for b in buffers.values()}.values())
+    arena = place(uniq)
+    report = MemoryReport(kind, arena, lower_bound(uniq), sum(align(b.nbytes) for b in uniq),
+                          [(b.name, b.offset, b.nbytes, b.start, b.end, list(b.tensors)) for b in uniq])
+
+    # ---- emission --------------------------------------------------------------------------------
+    em = _Emitter()
+
+    def loc(t):
+        """(slot, byte offset) of a tensor's storage."""
+        t = base(t)
+        if t.op == "input":
+            return input_slot[t], 0
+        if t.op == "param":
+            return F.SLOT_STATE, state.where[("param", t.name)]
+        if t.op == "const":
+            return F.SLOT_STATE, state.alloc(("const", id(t.value), t.value.dtype.str, t.shape), t.value)
+        b = buffers.get(t)
+        if b is None:
+            raise AssertionError(f"no storage for {t!r} (compiler bug)")
+        return 0, b.offset
+
+    summary = []
+    for k, ins in enumerate(instrs):
+        if ins.kind == "ew":
+            scratch = buffers.get(("scratch", k))
+            desc = _emit_ew(em, ins, geo[k], loc, scratch.offset if scratch is not None else 0)
+        else:
+            desc = _emit_op(em, ins.x, loc, state, optimizer)
+        summary.append(desc)
+        if check_finite and ins.writes:
+            nid = em.instr_nodes[-1]
+            for w in ins.writes:
+                if w.dtype in FLOAT_DTYPES:
+                    slot, off = loc(w)
+                    em.emit(F.OP_CHECK_FINITE, nid, [F.DTYPE_CODE[w.dtype], w.size, slot, off])
+
+    out_specs = []
+    for name, t in outputs:
+        slot, off = loc(t)
+        out_specs.append((name, slot, off, t.dtype, tuple(t.shape)))
+    entry = Entry(np.asarray(em.code, np.int64), np.asarray(em.consts, np.float64), int(arena),
+                  [(t.name, t.dtype, tuple(t.shape)) for t in used_inputs], out_specs, em.nodes, em.instr_nodes)
+    return entry, report, summary
+
+
+def _single_group(t):
+    g = passes.Group(id(t), t.inputs[0].shape if t.op == "sum" else t.shape)
+    g.members.append(t)
+    return g
+
+
+def _immediate(t):
+    """Scalar constants become VM immediates instead of memory reads."""
+    return t.op == "const" and t.value.size == 1 and t.dtype in FLOAT_DTYPES
+
+
+def _inplace_candidate(ins, w, k, buffers, base, root_set, geo):
+    for i in ins.reads:
+        bi = base(i)
+        b = buffers.get(bi)
+        if b is None or bi is not i or i in root_set or b.end != k:
+            continue
+        if i.shape != w.shape or i.dtype != w.dtype or b in ins.inplace.values():
+            continue
+        # the input must be read with exactly the output's strides and by nobody else in this group
+        if any(base(j) is bi and j is not i for j in ins.reads):
+            continue
+        if b.nbytes != int(w.size * np.dtype(w.dtype).itemsize):
+            continue
+        return b
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused elementwise groups
+
+
+def _ew_geometry(ins):
+    """Iteration space, per-operand strides (collapsed), execution mode and scratch size of a group."""
+    g = ins.x
+    S = list(g.shape)
+    ops = []  # strides per operand: inputs then outputs
+    for i in ins.reads:
+        ops.append(broadcast_strides(i.shape, S))
+    out_kinds = []
+    for w in ins.writes:
+        if w.op == "sum":
+            axes = set(w.attrs["axes"])
+            kshape = [1 if d in axes else n for d, n in enumerate(S)]
+            cs = contiguous_strides(kshape)
+            ops.append([0 if d in axes else cs[d] for d in range(len(S))])
+            out_kinds.append(True)
+        else:
+            ops.append(contiguous_strides(S))
+            out_kinds.append(False)
+    # drop size-1 dims, then merge adjacent dims that are contiguous for every operand
+    keep = [d for d in range(len(S)) if S[d] != 1]
+    dims = [S[d] for d in keep]
+    strides = [[s[d] for d in keep] for s in ops]
+    k = len(dims) - 2
+    while k >= 0:
+        if all(s[k] == s[k + 1] * dims[k + 1] for s in strides):
+            dims[k] *= dims[k + 1]
+            del dims[k + 1]
+            for s in strides:
+                s[k] = s[k + 1]
+                del s[k + 1]
+        k -= 1
+    if not dims:
+        dims = [1]
+        strides = [[0] for _ in strides]
+    if len(dims) > F.LM_MAXD:
+        raise NotImplementedError(f"elementwise group over {len(dims)} non-collapsible dims "
+                                  f"(max {F.LM_MAXD}): {g.shape}")
+    nd = len(dims)
+    red = [strides[len(ins.reads) + j] for j, isr in enumerate(out_kinds) if isr]
+    if not red:
+        mode = 0
+    elif all([d for d in range(nd) if s[d] == 0] == [nd - 1] for s in red):
+        mode = 1
+    else:
+        mode = 2
+    rows = int(np.prod(dims[:-1], dtype=np.int64))
+    items = rows * -(-dims[-1] // F.LM_BLK)
+    nchunks = max(1, min(F.LM_MAXCHUNK, items))
+    red_total = sum(int(np.prod([dims[d] for d in range(nd) if s[d] != 0], dtype=np.int64)) for s in red)
+    isz = np.dtype(g.members[0].dtype).itemsize
+    return {"dims": dims, "strides": strides, "mode": mode, "nchunks": nchunks,
+            "scratch_bytes": nchunks * red_total * isz}
+
+
+def _emit_ew(em, ins, geo, loc, scratch_off):
+    g = ins.x
+    dtype = g.members[0].dtype if g.members[0].op != "sum" else g.members[0].inputs[0].dtype
+    n_in = len(ins.reads)
+    reg = {t: k for k, t in enumerate(ins.reads)}
+    members = set(g.members)
+    # last use of each value inside the program, to recycle registers
+    last_use = {}
+    for idx, m in enumerate(g.members):
+        for i in m.inputs:
+            last_use[i] = idx
+    keep = set(ins.writes)
+    free, n_regs = [], n_in
+    prog = []
+    for idx, m in enumerate(g.members):
+        if m.op == "sum":
+            continue
+        vm = F.VM_OPS[_vm_name(m)]
+        a_t, b_t = (m.inputs + (None,))[:2]
+        if b_t is not None and _immediate(a_t) and not _immediate(b_t):
+            if m.op in ("add", "mul"):
+                a_t, b_t = b_t, a_t
+            elif m.op == "sub":
+                vm, a_t, b_t = F.VM_OPS["RSUB"], b_t, a_t
+            elif m.op == "div":
+                vm, a_t, b_t = F.VM_OPS["RDIV"], b_t, a_t
+        if free:
+            dst = free.pop()
+        else:
+            dst, n_regs = n_regs, n_regs + 1
+        a = reg[a_t]
+        if b_t is None:
+            b = 0
+        elif _immediate(b_t):
+            b = -(em.const(b_t.value.reshape(-1)[0]) + 1)
+        else:
+            b = reg[b_t]
+        prog += [vm, dst, a, b]
+        reg[m] = dst
+        for t in set(m.inputs):
+            if t in members and t not in keep and last_use.get(t) == idx and reg.get(t, -1) >= n_in:
+                free.append(reg[t])
+    if n_regs > F.LM_MAXREG:
+        raise NotImplementedError(f"fused group needs {n_regs} registers (max {F.LM_MAXREG})")
+    dims, strides = geo["dims"], geo["strides"]
+    fields = [F.DTYPE_CODE[dtype], len(dims)] + dims
+    fields += [n_in, len(ins.writes), max(n_regs, 1), len(prog) // 4, geo["mode"], geo["nchunks"]]
+    fields += [0, scratch_off]
+    for k, t in enumerate(ins.reads):
+        fields += list(loc(t)) + strides[k]
+    outs = []
+    for j, w in enumerate(ins.writes):
+        slot, off = loc(w)
+        src = reg[w.inputs[0]] if w.op == "sum" else reg[w]
+        scale = em.const(w.attrs["scale"]) if w.op == "sum" and w.attrs["scale"] != 1.0 else -1
+        fields += [slot, off] + strides[n_in + j] + [src, 1 if w.op == "sum" else 0, scale]
+        outs.append(w)
+    fields += prog
+    names = "+".join(m.op for m in g.members)
+    nid = em.node(f"fused({names})" if len(g.members) > 1 else g.members[0].op, g.members[-1].name)
+    em.emit(F.OP_EW, nid, fields)
+    nbytes = sum(t.size * np.dtype(t.dtype).itemsize for t in ins.reads if not _immediate(t)) + \
+        sum(w.size * np.dtype(w.dtype).itemsize for w in ins.writes)
+    flops = sum(m.size if m.op != "sum" else m.inputs[0].size for m in g.members)
+    return {"op": "fused_elementwise" if len(g.members) > 1 else g.members[0].op,
+            "members": [f"{m.op}:{m.name}" for m in g.members], "shape": tuple(g.shape),
+            "flops": int(flops), "bytes": int(nbytes), "mode": geo["mode"]}
+
+
+def _vm_name(m):
+    from .ops import REGISTRY
+    return REGISTRY[m.op].vm
+
+
+# ---------------------------------------------------------------------------------------------------
+# everything that is not a fused elementwise group
+
+
+def _emit_op(em, t, loc, state, optimizer):
+    op = t.op
+    nid = em.node(op, t.name)
+    nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
+    if op == "matmul":
+        return _emit_gemm(em, nid, t, loc)
+    if op == "softmax":
+        ax = t.attrs["axis"]
+        outer = int(np.prod(t.shape[:ax], dtype=np.int64))
+        inner = int(np.prod(t.shape[ax + 1:], dtype=np.int64))
+        em.emit(F.OP_SOFTMAX, nid, [F.DTYPE_CODE[t.dtype], outer, t.shape[ax], inner, *loc(t.inputs[0]), *loc(t)])
+        return {"op": op, "node": t.name, "flops": 4 * t.size, "bytes": nbytes(t, t)}
+    if op == "softmax_xent":
+        z, y = t.inputs
+        em.emit(F.OP_XENT, nid, [F.DTYPE_CODE[t.dtype], z.shape[0], z.shape[1], *loc(z), *loc(y),
+                                 F.DTYPE_CODE[y.dtype], *loc(t)])
+        return {"op": op, "node": t.name, "flops": 4 * z.size, "bytes": nbytes(z, y)}
+    if op == "xent_grad":
+        z, y, g = t.inputs
+        em.emit(F.OP_XENT_GRAD, nid, [F.DTYPE_CODE[t.dtype], z.shape[0], z.shape[1], *loc(z), *loc(y),
+                                      F.DTYPE_CODE[y.dtype], *loc(g), *loc(t)])
+        return {"op": op, "node": t.name, "flops": 5 * z.size, "bytes": nbytes(z, y, t)}
+    if op == "cast":
+        x = t.inputs[0]
+        em.emit(F.OP_CAST, nid, [F.DTYPE_CODE[x.dtype], F.DTYPE_CODE[t.dtype], t.size, *loc(x), *loc(t)])
+        return {"op": op, "node": t.name, "flops": 0, "bytes": nbytes(x, t)}
+    if op in _INT_OPS:
+        a, b = t.inputs
+        dims = list(t.shape) or [1]
+        sa = broadcast_strides(a.shape, t.shape) or [0]
+        sb = broadcast_strides(b.shape, t.shape) or [0]
+        em.emit(F.OP_INT_EW, nid, [F.DTYPE_CODE[t.dtype], _INT_OPS[op], len(dims), *dims,
+                                   *loc(a), *sa, *loc(b), *sb, *loc(t)])
+        return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
+    if op in ("transpose", "broadcast_to", "identity"):
+        x = t.inputs[0]
+        dims = list(t.shape) or [1]
+        if op == "transpose":
+            cs = contiguous_strides(x.shape)
+            s = [cs[p] for p in t.attrs["perm"]] or [0]
+        else:
+            s = broadcast_strides(x.shape, t.shape) or [0]
+        em.emit(F.OP_STRIDED_COPY, nid, [np.dtype(t.dtype).itemsize, len(dims), *dims, *loc(x), *s, *loc(t)])
+        return {"op": op, "node": t.name, "flops": 0, "bytes": nbytes(x, t)}
+    if op == "sgd_update":
+        n = len(t.inputs) // 2
+        ps, gs = t.inputs[:n], t.inputs[n:]
+        fields = [F.DTYPE_CODE[t.dtype], n, em.const(t.attrs["lr"]), em.const(t.attrs["momentum"]),
+                  em.const(t.attrs["weight_decay"])]
+        for p, g in zip(ps, gs):
+            if t.attrs["momentum"]:
+                v = (F.SLOT_STATE, state.where.get(("opt", f"{p.name}/momentum")))
+                if v[1] is None:
+                    v = (F.SLOT_STATE, state.add_opt_state(f"{p.name}/momentum", p.dtype, p.shape))
+            else:
+                v = (-1, 0)
+            fields += [*loc(p), *loc(g), *v, p.size]
+        em.emit(F.OP_SGD, nid, fields)
+        return {"op": op, "node": t.name, "flops": 4 * sum(p.size for p in ps), "bytes": 3 * nbytes(*ps)}
+    if op == "adam_update":
+        n = len(t.inputs) // 2
+        ps, gs = t.inputs[:n], t.inputs[n:]
+        step = state.where.get(("opt", "adam/step"))
+        if step is None:
+            step = state.add_opt_state("adam/step", "float64", ())
+        fields = [F.DTYPE_CODE[t.dtype], n] + [em.const(t.attrs[k]) for k in
+                                               ("lr", "beta1", "beta2", "eps", "weight_decay")]
+        fields += [F.SLOT_STATE, step]
+        for p, g in zip(ps, gs):
+            offs = []
+            for s in ("exp_avg", "exp_avg_sq"):
+                o = state.where.get(("opt", f"{p.name}/{s}"))
+                offs.append(o if o is not None else state.add_opt_state(f"{p.name}/{s}", p.dtype, p.shape))
+            fields += [*loc(p), *loc(g), F.SLOT_STATE, offs[0], F.SLOT_STATE, offs[1], p.size]
+        em.emit(F.OP_ADAM, nid, fields)
+        return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
+    raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
+
+
+def _emit_gemm(em, nid, t, loc):
+    a, b = t.inputs
+    ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
+    M, N = t.shape[-2], t.shape[-1]
+    K = a.shape[-2] if ta else a.shape[-1]
+    batch = list(t.shape[:-2])
+    sA = broadcast_strides(a.shape[:-2], batch)
+    sB = broadcast_strides(b.shape[:-2], batch)
+    sC = contiguous_strides(batch)
+    matA, matB = a.shape[-2] * a.shape[-1], b.shape[-2] * b.shape[-1]
+    sA = [s * matA for s in sA]
+    sB = [s * matB for s in sB]
+    sC = [s * M * N for s in sC]
+    # (..., M, K) @ (K, N) with a contiguous, untransposed A: one GEMM with M' = batch * M
+    if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
+        M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
+    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(t),
+              em.const(1.0), em.const(0.0), -1, 0, 0, len(batch), *batch, *sA, *sB, *sC]
+    em.emit(F.OP_GEMM, nid, fields)
+    nb = int(np.prod(batch)) if batch else 1
+    return {"op": "gemm", "node": t.name, "flops": 2 * nb * M * N * K,
+            "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t))),
+            "trans": (ta, tb)}

@@ -1,0 +1,444 @@
+"""The operator registry: one entry per operator, holding its shape rule, NumPy reference, runtime kernel
+binding and gradient rule (written as graph ops, in the seed specification's terms).
+
+Adding an operator means adding one ``OpDef`` here (and, for a new kind of kernel, one lowering in
+``lower.py`` and one runtime kernel).  Elementwise ops name a register-VM opcode (``vm``) and are fused by
+``passes.fuse``; their gradients are ordinary graph ops, so the backward graph is fused too.
+
+Gradient rules receive ``(node, g)`` — ``node`` is the forward tensor (its ``inputs`` are the operands and
+the node itself is the op's own result, which sigmoid and softmax reuse) and ``g`` the upstream gradient of
+``node``'s shape — and return one gradient per input (``None`` = not differentiable / zero).  Gradients of
+broadcast operands are returned in the *output's* shape; ``autodiff`` reduces them to the operand's shape
+once, centrally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, broadcast_shapes, canonical_dtype
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kind: str                      # lowering kind: ew, reduce, gemm, softmax, xent, xent_grad, cast, view, leaf, opt
+    shape: Callable                # (inputs, attrs) -> (shape, dtype); raises ValueError/TypeError naming the op
+    ref: Optional[Callable]        # NumPy reference (attrs, *arrays) -> array; constant folding and tests
+    grad: Optional[Callable]       # (node, g) -> tuple of per-input gradients; None: no gradient rule
+    vm: Optional[str] = None       # register-VM opcode name for elementwise ops
+    int_ok: bool = False           # forward kernel exists for integer dtypes too
+    doc: str = ""
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+
+def register(op: OpDef):
+    REGISTRY[op.name] = op
+    return op
+
+
+# ---------------------------------------------------------------------------------------------------
+# graph construction helpers
+
+
+def _graph_of(*xs) -> Graph:
+    for x in xs:
+        if isinstance(x, Tensor):
+            return x.graph
+    raise TypeError("at least one operand must be a symbolic Tensor")
+
+
+def _lift(x, like: Tensor, op: str) -> Tensor:
+    """Turn a Python scalar / ndarray operand into a const of ``like``'s dtype (NumPy-style weak typing)."""
+    if isinstance(x, Tensor):
+        if x.graph is not like.graph:
+            raise ValueError(f"{op}: operands belong to different graphs ({x.graph.name!r}, {like.graph.name!r})")
+        return x
+    arr = np.asarray(x)
+    if arr.dtype.kind in "fiub":
+        return like.graph.const(arr.astype(like.dtype) if arr.dtype.kind != "b" else arr.astype(like.dtype))
+    raise TypeError(f"{op}: cannot use {type(x).__name__} as an operand")
+
+
+def make(op: str, inputs, attrs=None, name=None) -> Tensor:
+    """Declare a node of registered ``op``; runs its shape rule now (declaration-time errors)."""
+    d = REGISTRY[op]
+    attrs = attrs or {}
+    shape, dtype = d.shape(inputs, attrs)
+    g = inputs[0].graph
+    if name is not None:
+        g._check_new_name(name)
+    return g._add(Tensor(g, op, inputs, attrs, shape, dtype, name))
+
+
+def _same_dtype(op, a, b):
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: operand dtypes differ ({a.dtype} and {b.dtype}); cast one explicitly")
+    return a.dtype
+
+
+def _float_only(op, x):
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: needs a floating tensor, got {x.name!r} of dtype {x.dtype}")
+    return x.dtype
+
+
+# ---------------------------------------------------------------------------------------------------
+# shape rules
+
+def _s_binary(op):
+    def rule(inp, attrs):
+        a, b = inp
+        dt = _same_dtype(op, a, b)
+        return broadcast_shapes(op, a.shape, b.shape), dt
+    return rule
+
+
+def _s_unary_float(op):
+    def rule(inp, attrs):
+        return inp[0].shape, _float_only(op, inp[0])
+    return rule
+
+
+def _mm_shapes(a, b, attrs):
+    """(M, K) and (K, N) views of the operands, honouring the transA/transB flags set by the
+    transpose-absorbing pass (the frontend never sets them)."""
+    sa = a.shape[:-2] + a.shape[-2:][::-1] if attrs.get("ta") else a.shape
+    sb = b.shape[:-2] + b.shape[-2:][::-1] if attrs.get("tb") else b.shape
+    return sa, sb
+
+
+def _s_matmul(inp, attrs):
+    a, b = inp
+    dt = _same_dtype("matmul", a, b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: internal node needs >= 2-D operands, got {a.shape} and {b.shape}")
+    sa, sb = _mm_shapes(a, b, attrs)
+    if sa[-1] != sb[-2]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are incompatible "
+                         f"(inner dimensions {sa[-1]} != {sb[-2]})")
+    batch = broadcast_shapes("matmul", sa[:-2], sb[:-2])
+    return batch + (sa[-2], sb[-1]), dt
+
+
+def _r_matmul(attrs, a, b):
+    if attrs.get("ta"):
+        a = np.swapaxes(a, -1, -2)
+    if attrs.get("tb"):
+        b = np.swapaxes(b, -1, -2)
+    return a @ b
+
+
+def _norm_axes(op, axes, ndim):
+    if axes is None:
+        return tuple(range(ndim))
+    if isinstance(axes, (int, np.integer)):
+        axes = (int(axes),)
+    out = []
+    for ax in axes:
+        if not -ndim <= ax < max(ndim, 1):
+            raise ValueError(f"{op}: axis {ax} is out of range for a {ndim}-D tensor")
+        out.append(int(ax) % max(ndim, 1))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{op}: repeated axis in {axes}")
+    return tuple(sorted(out))
+
+
+def _s_reduce(inp, attrs):
+    (x,) = inp
+    _float_only("sum", x)
+    axes = attrs["axes"]
+    if attrs["keepdims"]:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    return shape, x.dtype
+
+
+def _s_reshape(inp, attrs):
+    (x,) = inp
+    shape = attrs["shape"]
+    if int(np.prod(shape, dtype=np.int64)) != x.size:
+        raise ValueError(f"reshape: cannot reshape {x.shape} ({x.size} elements) to {shape}")
+    return shape, x.dtype
+
+
+def _s_transpose(inp, attrs):
+    (x,) = inp
+    perm = attrs["perm"]
+    if sorted(perm) != list(range(x.ndim)):
+        raise ValueError(f"transpose: perm {perm} is not a permutation of the axes of shape {x.shape}")
+    return tuple(x.shape[p] for p in perm), x.dtype
+
+
+def _s_broadcast_to(inp, attrs):
+    (x,) = inp
+    shape = attrs["shape"]
+    if broadcast_shapes("broadcast_to", x.shape, shape) != shape:
+        raise ValueError(f"broadcast_to: shape {x.shape} does not broadcast to {shape}")
+    return shape, x.dtype
+
+
+def _s_softmax(inp, attrs):
+    (x,) = inp
+    _float_only("softmax", x)
+    if x.ndim == 0:
+        raise ValueError("softmax: needs at least a 1-D tensor, got shape ()")
+    return x.shape, x.dtype
+
+
+def _s_xent(inp, attrs):
+    logits, labels = inp
+    _float_only("softmax_cross_entropy", logits)
+    if logits.ndim != 2:
+        raise ValueError(f"softmax_cross_entropy: logits must be (batch, classes), got shape {logits.shape}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"softmax_cross_entropy: labels must be integers, got {labels.name!r} of dtype {labels.dtype}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"softmax_cross_entropy: labels shape {labels.shape} does not match logits "
+                         f"shape {logits.shape} (expected ({logits.shape[0]},))")
+    return (), logits.dtype
+
+
+def _s_xent_grad(inp, attrs):
+    logits, labels, g = inp
+    return logits.shape, logits.dtype
+
+
+def _s_cast(inp, attrs):
+    return inp[0].shape, attrs["dtype"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# NumPy references (compile-time constant folding and test oracles; never a runtime path)
+
+def _r_softmax(attrs, x):
+    ax = attrs["axis"]
+    e = np.exp(x - x.max(axis=ax, keepdims=True))
+    return e / e.sum(axis=ax, keepdims=True)
+
+
+def _r_xent(attrs, z, y):
+    z = z - z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    return np.asarray((lse - z[np.arange(len(y)), y]).mean(), dtype=z.dtype)
+
+
+def _r_xent_grad(attrs, z, y, g):
+    p = _r_softmax({"axis": 1}, z)
+    p[np.arange(len(y)), y] -= 1
+    return (p * (g / len(y))).astype(z.dtype)
+
+
+def _r_div(attrs, a, b):
+    if a.dtype.kind in "iu":
+        q = np.abs(a) // np.abs(b)  # truncation toward zero, like C and ONNX
+        return (np.sign(a) * np.sign(b) * q).astype(a.dtype)
+    return a / b
+
+
+def _r_sigmoid(attrs, x):
+    return (1 / (1 + np.exp(-x))).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gradient rules (the seed's formulas)
+
+def _swap_last2(t):
+    perm = list(range(t.ndim))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return transpose(t, perm)
+
+
+def _g_softmax(n, g):
+    # dL/dz = s * (g - sum(g * s, axis, keepdims))  with s the forward output
+    s = n
+    return (mul(s, sub(g, sum(mul(g, s), axis=n.attrs["axis"], keepdims=True))),)
+
+
+def _g_reduce(n, g):
+    (x,) = n.inputs
+    kshape = tuple(1 if i in n.attrs["axes"] else d for i, d in enumerate(x.shape))
+    gk = reshape(g, kshape)
+    if n.attrs["scale"] != 1.0:
+        gk = mul(gk, n.attrs["scale"])
+    return (broadcast_to(gk, x.shape),)
+
+
+def _g_transpose(n, g):
+    inv = tuple(int(i) for i in np.argsort(n.attrs["perm"]))
+    return (transpose(g, inv),)
+
+
+for _d in [
+    OpDef("input", "leaf", None, None, None, doc="fed tensor"),
+    OpDef("param", "leaf", None, None, None, doc="trainable/frozen parameter"),
+    OpDef("const", "leaf", None, None, None, doc="constant"),
+    OpDef("add", "ew", _s_binary("add"), lambda at, a, b: a + b,
+          lambda n, g: (g, g), vm="ADD", int_ok=True),
+    OpDef("sub", "ew", _s_binary("sub"), lambda at, a, b: a - b,
+          lambda n, g: (g, neg(g)), vm="SUB", int_ok=True),
+    OpDef("mul", "ew", _s_binary("mul"), lambda at, a, b: a * b,
+          lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True),
+    OpDef("div", "ew", _s_binary("div"), _r_div,
+          # d(u/v)/du = 1/v ; d(u/v)/dv = -u/v^2
+          lambda n, g: (div(g, n.inputs[1]),
+                        neg(mul(g, div(n.inputs[0], mul(n.inputs[1], n.inputs[1]))))),
+          vm="DIV", int_ok=True),
+    OpDef("neg", "ew", _s_unary_float("neg"), lambda at, x: -x, lambda n, g: (neg(g),), vm="NEG"),
+    OpDef("identity", "ew", lambda inp, at: (inp[0].shape, inp[0].dtype), lambda at, x: x.copy(),
+          lambda n, g: (g,), vm="COPY"),
+    # relu'(x) = 1 where x > 0, 0 otherwise (0 at x = 0)
+    OpDef("relu", "ew", _s_unary_float("relu"), lambda at, x: np.where(x > 0, x, np.zeros_like(x)),
+          lambda n, g: (mul(g, step(n.inputs[0])),), vm="RELU"),
+    # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
+    OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,
+          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID"),
+    OpDef("exp", "ew", _s_unary_float("exp"), lambda at, x: np.exp(x), lambda n, g: (mul(g, n),), vm="EXP"),
+    OpDef("log", "ew", _s_unary_float("log"), lambda at, x: np.log(x),
+          lambda n, g: (div(g, n.inputs[0]),), vm="LOG"),
+    OpDef("step", "ew", _s_unary_float("step"), lambda at, x: (x > 0).astype(x.dtype),
+          lambda n, g: (None,), vm="STEP", doc="Heaviside step, 0 at 0: relu's derivative"),
+    OpDef("broadcast_to", "ew", _s_broadcast_to, lambda at, x: np.broadcast_to(x, at["shape"]).copy(),
+          lambda n, g: (g,), vm="COPY"),
+    OpDef("sum", "reduce", _s_reduce,
+          lambda at, x: np.asarray(x.sum(axis=at["axes"], keepdims=at["keepdims"]) * at["scale"], x.dtype),
+          _g_reduce, doc="sum over axes, times attrs['scale'] (mean is scale = 1/n)"),
+    OpDef("matmul", "gemm", _s_matmul, _r_matmul,
+          # dA = G B^T ; dB = A^T G  (batch broadcasting reduced centrally by autodiff)
+          lambda n, g: (matmul(g, _swap_last2(n.inputs[1])), matmul(_swap_last2(n.inputs[0]), g))),
+    OpDef("transpose", "transpose", _s_transpose, lambda at, x: np.ascontiguousarray(x.transpose(at["perm"])),
+          _g_transpose, int_ok=True),
+    OpDef("reshape", "view", _s_reshape, lambda at, x: x.reshape(at["shape"]),
+          lambda n, g: (reshape(g, n.inputs[0].shape),), int_ok=True),
+    OpDef("cast", "cast", _s_cast, lambda at, x: x.astype(at["dtype"]),
+          lambda n, g: (cast(g, n.inputs[0].dtype) if n.inputs[0].dtype in FLOAT_DTYPES else None,),
+          int_ok=True),
+    OpDef("softmax", "softmax", _s_softmax, _r_softmax, _g_softmax),
+    OpDef("softmax_xent", "xent", _s_xent, _r_xent,
+          lambda n, g: (make("xent_grad", (n.inputs[0], n.inputs[1], g)), None),
+          doc="mean over the batch of -log softmax(logits)[label] (log-sum-exp, stable)"),
+    OpDef("xent_grad", "xent_grad", _s_xent_grad, _r_xent_grad, None,
+          doc="g * (softmax(logits) - onehot(labels)) / batch"),
+]:
+    register(_d)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the user-facing functions
+
+def _binary(op, a, b, name):
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError(f"{op}: at least one operand must be a symbolic Tensor")
+    like = a if isinstance(a, Tensor) else b
+    a, b = _lift(a, like, op), _lift(b, like, op)
+    if a.dtype not in FLOAT_DTYPES and not REGISTRY[op].int_ok:
+        raise TypeError(f"{op}: integer operands are not supported")
+    return make(op, (a, b), name=name)
+
+
+def add(a, b, name=None): return _binary("add", a, b, name)
+def sub(a, b, name=None): return _binary("sub", a, b, name)
+def mul(a, b, name=None): return _binary("mul", a, b, name)
+def div(a, b, name=None): return _binary("div", a, b, name)
+
+
+def _unary(op, x, name):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: expected a symbolic Tensor, got {type(x).__name__}")
+    return make(op, (x,), name=name)
+
+
+def neg(x, name=None): return _unary("neg", x, name)
+def relu(x, name=None): return _unary("relu", x, name)
+def sigmoid(x, name=None): return _unary("sigmoid", x, name)
+def exp(x, name=None): return _unary("exp", x, name)
+def log(x, name=None): return _unary("log", x, name)
+def step(x, name=None): return _unary("step", x, name)
+def identity(x, name=None): return _unary("identity", x, name)
+
+
+def softmax(x, axis=-1, name=None):
+    """Softmax along one ``axis`` (ONNX opset >= 13 semantics)."""
+    (ax,) = _norm_axes("softmax", axis, x.ndim)
+    return make("softmax", (x,), {"axis": ax}, name)
+
+
+def sum(x, axis=None, keepdims=False, name=None):  # noqa: A001 - mirrors numpy's name, as the API asks
+    """Sum over ``axis`` (None: all axes, giving a scalar)."""
+    axes = _norm_axes("sum", axis, x.ndim)
+    return make("sum", (x,), {"axes": axes, "keepdims": bool(keepdims), "scale": 1.0}, name)
+
+
+def mean(x, axis=None, keepdims=False, name=None):
+    axes = _norm_axes("mean", axis, x.ndim)
+    n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64)) if axes else 1
+    return make("sum", (x,), {"axes": axes, "keepdims": bool(keepdims), "scale": 1.0 / max(n, 1)}, name)
+
+
+def reshape(x, shape, name=None):
+    shape = tuple(int(d) for d in shape)
+    if shape == x.shape and name is None:
+        return x
+    return make("reshape", (x,), {"shape": shape}, name)
+
+
+def transpose(x, perm=None, name=None):
+    perm = tuple(reversed(range(x.ndim))) if perm is None else tuple(int(p) % max(x.ndim, 1) for p in perm)
+    return make("transpose", (x,), {"perm": perm}, name)
+
+
+def broadcast_to(x, shape, name=None):
+    shape = tuple(shape)
+    if x.shape == shape and name is None:
+        return x
+    return make("broadcast_to", (x,), {"shape": shape}, name)
+
+
+def cast(x, dtype, name=None):
+    dtype = canonical_dtype(dtype)
+    if dtype == x.dtype and name is None:
+        return x
+    return make("cast", (x,), {"dtype": dtype}, name)
+
+
+def matmul(a, b, name=None):
+    """Matrix product with NumPy/ONNX semantics: 1-D operands are promoted (and the added axis
+    removed from the result), N-D operands are stacks of matrices with broadcast batch dims."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _lift(a, like, "matmul"), _lift(b, like, "matmul")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: scalar operands are not allowed (shapes {a.shape} and {b.shape})")
+    a2 = reshape(a, (1,) + a.shape) if a.ndim == 1 else a
+    b2 = reshape(b, b.shape + (1,)) if b.ndim == 1 else b
+    if a2.shape[-1] != b2.shape[-2]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are incompatible "
+                         f"(inner dimensions {a.shape[-1]} != {b2.shape[-2]})")
+    if a.dtype in INT_DTYPES:
+        raise TypeError(f"matmul: integer operands are not supported ({a.dtype})")
+    if a.ndim >= 2 and b.ndim >= 2:
+        return make("matmul", (a2, b2), name=name)
+    out = make("matmul", (a2, b2))
+    shape = list(out.shape)
+    if b.ndim == 1:
+        shape.pop(-1)
+    if a.ndim == 1:
+        shape.pop(-2 if b.ndim != 1 else -1)
+    return make("reshape", (out,), {"shape": tuple(shape)}, name)
+
+
+def softmax_cross_entropy(logits, labels, name=None):
+    """Mean over the batch of ``-log softmax(logits)[i, labels[i]]``; logits (B, C), labels int (B,)."""
+    return make("softmax_xent", (logits, labels), name=name)
+
+
+def mse(pred, target, name=None):
+    """Mean squared error ``mean((pred - target)**2)`` over all elements (scalar)."""
+    if pred.shape != getattr(target, "shape", pred.shape):
+        raise ValueError(f"mse: pred shape {pred.shape} and target shape {target.shape} differ")
+    d = sub(pred, target)
+    return mean(mul(d, d), name=name)

@@ -1,0 +1,287 @@
+"""Graph passes over the joint training graph (forward + backward + update alike).
+
+Order (``lower.compile_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
+absorb transposes into GEMM flags → fuse → schedule.  Passes work on a private clone of the user's
+graph: they rewrite ``Tensor.inputs`` in place and return node lists; the user's graph is never touched.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .ir import FLOAT_DTYPES, Tensor
+from .ops import REGISTRY
+
+LEAVES = ("input", "param", "const")
+FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much larger than its inputs
+
+
+def topo_from_roots(roots):
+    """Nodes reachable from ``roots``, in a topological order (DFS post-order, iterative)."""
+    seen, order = set(), []
+    stack = [(r, False) for r in reversed(roots)]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if t in seen:
+            continue
+        seen.add(t)
+        stack.append((t, True))
+        for i in reversed(t.inputs):
+            if i not in seen:
+                stack.append((i, False))
+    return order
+
+
+def _attr_key(attrs):
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
+
+
+def _is_scalar_const(t, value=None):
+    if t.op != "const" or t.value.size != 1:
+        return False
+    return value is None or float(t.value.reshape(-1)[0]) == value
+
+
+def simplify(roots):
+    """Constant folding, algebraic identities, CSE and DCE. Returns the live nodes in topological order.
+
+    Rewrites are expressed as a replacement map applied to every consumer's inputs, so ``roots`` keep
+    their identity unless they are replaced (then the caller reads ``rep``)."""
+    nodes = topo_from_roots(roots)
+    rep: dict[Tensor, Tensor] = {}
+    cse: dict = {}
+
+    def r(t):
+        while t in rep:
+            t = rep[t]
+        return t
+
+    for t in nodes:
+        t.inputs = tuple(r(i) for i in t.inputs)
+        if t.op in LEAVES:
+            if t.op == "const" and t.value.size <= 64:
+                key = ("const", t.dtype, t.shape, t.value.tobytes())
+                if key in cse:
+                    rep[t] = cse[key]
+                else:
+                    cse[key] = t
+            continue
+        d = REGISTRY[t.op]
+        # constant folding with the op's NumPy reference (compile time only)
+        if d.ref is not None and d.kind != "opt" and t.inputs and all(i.op == "const" for i in t.inputs):
+            if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in t.inputs), 1):
+                val = np.ascontiguousarray(np.asarray(d.ref(t.attrs, *[i.value for i in t.inputs]), dtype=t.dtype))
+                val.flags.writeable = False
+                t.op, t.inputs, t.attrs, t.value = "const", (), {}, val.reshape(t.shape)
+                continue
+        s = _algebraic(t)
+        if s is not None and s.shape == t.shape and s.dtype == t.dtype:
+            rep[t] = s
+            continue
+        key = (t.op, tuple(id(i) for i in t.inputs), _attr_key(t.attrs))
+        if d.kind != "opt" and key in cse:
+            rep[t] = cse[key]
+        else:
+            cse[key] = t
+    live_roots = [r(x) for x in roots]
+    return topo_from_roots(live_roots), rep
+
+
+def _algebraic(t):
+    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)) -> simpler node or None."""
+    a = t.inputs[0] if t.inputs else None
+    b = t.inputs[1] if len(t.inputs) > 1 else None
+    if t.op == "identity":
+        return a
+    if t.op == "mul":
+        if _is_scalar_const(b, 1.0):
+            return a
+        if _is_scalar_const(a, 1.0):
+            return b
+    if t.op in ("add", "sub") and _is_scalar_const(b, 0.0):
+        return a
+    if t.op == "add" and _is_scalar_const(a, 0.0):
+        return b
+    if t.op == "div" and _is_scalar_const(b, 1.0):
+        return a
+    if t.op == "neg" and a.op == "neg":
+        return a.inputs[0]
+    if t.op == "reshape":
+        if a.shape == t.shape:
+            return a
+        if a.op == "reshape":
+            t.inputs = (a.inputs[0],)  # collapse the chain in place
+            return a.inputs[0] if a.inputs[0].shape == t.shape else None
+    if t.op == "broadcast_to" and a.shape == t.shape:
+        return a
+    return None
+
+
+def absorb_transposes(nodes):
+    """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free."""
+    for t in nodes:
+        if t.op != "matmul":
+            continue
+        attrs = dict(t.attrs)
+        ins = list(t.inputs)
+        for k, flag in ((0, "ta"), (1, "tb")):
+            x = ins[k]
+            if x.op == "transpose" and x.ndim >= 2:
+                perm = x.attrs["perm"]
+                if tuple(perm) == tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2):
+                    ins[k] = x.inputs[0]
+                    attrs[flag] = not attrs.get(flag, False)
+        t.inputs, t.attrs = tuple(ins), attrs
+
+
+# ---------------------------------------------------------------------------------------------------
+# fusion
+
+MAX_GROUP_NODES = 40
+MAX_GROUP_INPUTS = 24
+
+
+class Group:
+    """A fused elementwise(+reduction) kernel over iteration shape ``shape``."""
+
+    __slots__ = ("id", "shape", "members", "parent")
+
+    def __init__(self, gid, shape):
+        self.id, self.shape, self.members, self.parent = gid, shape, [], None
+
+    def find(self):
+        g = self
+        while g.parent is not None:
+            g = g.parent
+        return g
+
+
+def is_fusible(t):
+    d = REGISTRY.get(t.op)
+    return d is not None and d.kind in ("ew", "reduce") and t.dtype in FLOAT_DTYPES
+
+
+def fuse(nodes):
+    """Greedy fusion of elementwise chains and their reductions.
+
+    A node joins the group of an input when the group iterates over the node's own shape (for a
+    reduction: its input's shape), the input is an elementwise member (a group's reduction results are
+    only ready after the whole group ran) and no other input of the node depends on the group through
+    anything outside it (which would make a cycle).  Returns {node: Group} for fused nodes.
+    """
+    group_of: dict[Tensor, Group] = {}
+    unit: dict[Tensor, object] = {}          # node -> its Group or itself (unfused ops, views)
+    direct: dict[object, set] = {}           # unit -> units it reads directly
+    groups: list[Group] = []
+
+    def reaches(start, target):
+        stack, seen = [start], set()
+        while stack:
+            u = stack.pop()
+            if u is target:
+                return True
+            if u in seen:
+                continue
+            seen.add(u)
+            stack.extend(direct.get(u, ()))
+        return False
+
+    for t in nodes:
+        if t.op in LEAVES:
+            continue
+        if is_fusible(t):
+            it_shape = t.inputs[0].shape if t.op == "sum" else t.shape
+            target = None
+            for i in t.inputs:
+                g = group_of.get(i)
+                if g is None or i.op == "sum" or g.shape != it_shape or len(g.members) >= MAX_GROUP_NODES:
+                    continue
+                ok = True
+                for j in t.inputs:
+                    if j not in unit or (group_of.get(j) is g and j.op != "sum"):
+                        continue  # a leaf, or an elementwise member of g (read from its register)
+                    if reaches(unit[j], g):
+                        ok = False
+                        break
+                if ok and _group_inputs_after(g, t, group_of) <= MAX_GROUP_INPUTS:
+                    target = g
+                    break
+            if target is None:
+                target = Group(len(groups), it_shape)
+                groups.append(target)
+                direct[target] = set()
+            target.members.append(t)
+            group_of[t] = target
+            unit[t] = target
+            direct[target] |= {unit[j] for j in t.inputs if j in unit and unit[j] is not target}
+        else:
+            unit[t] = t
+            direct[t] = {unit[j] for j in t.inputs if j in unit}
+    return group_of
+
+
+def _group_inputs_after(g, t, group_of):
+    members = set(g.members) | {t}
+    ext = {i for m in members for i in m.inputs
+           if i not in members and not _is_scalar_const(i)}
+    return len(ext)
+
+
+def schedule(nodes, group_of):
+    """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
+
+    Views (reshape) and leaves make no instruction.  Kahn's algorithm over the instruction DAG, ties
+    broken by source order, so the schedule follows the program as written where it can."""
+    pos = {t: k for k, t in enumerate(nodes)}
+    units, unit_of = [], {}
+    for t in nodes:
+        if t.op in LEAVES:
+            continue
+        if t in group_of:
+            g = group_of[t]
+            if g not in unit_of:
+                unit_of[g] = len(units)
+                units.append(("ew", g))
+            unit_of[t] = unit_of[g]
+        elif t.op == "reshape":
+            continue
+        else:
+            unit_of[t] = len(units)
+            units.append(("op", t))
+
+    def producer_units(t, acc):
+        # reshape is a view: depend on whatever produced its storage
+        while t.op == "reshape":
+            t = t.inputs[0]
+        if t in unit_of:
+            acc.add(unit_of[t])
+
+    preds = [set() for _ in units]
+    for k, (kind, x) in enumerate(units):
+        members = x.members if kind == "ew" else [x]
+        for m in members:
+            for i in m.inputs:
+                producer_units(i, preds[k])
+        preds[k].discard(k)
+    succs = [[] for _ in units]
+    for k, ps in enumerate(preds):
+        for p in ps:
+            succs[p].append(k)
+    import heapq
+    key = [min(pos[m] for m in (x.members if kind == "ew" else [x])) for kind, x in units]
+    indeg = [len(p) for p in preds]
+    ready = [(key[k], k) for k in range(len(units)) if indeg[k] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        order.append(units[k])
+        for s in succs[k]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                heapq.heappush(ready, (key[s], s))
+    if len(order) != len(units):
+        raise AssertionError("fusion produced a cyclic schedule (compiler bug)")
+    return order

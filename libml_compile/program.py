@@ -1,0 +1,135 @@
+"""``lc.compile``: graph -> training program.
+
+The data path: clone the user's graph → autodiff appends the backward graph → the optimizer appends one
+update node → for each entry (``run``: forward outputs; ``grad``: loss and gradients; ``step``: loss and
+update) the passes simplify, fuse and schedule it, the planner lays out the arena, and lowering emits a
+flat plan.  The resulting ``Program`` is a ``libml_runtime.Executable`` (run/grad/step/params) plus the
+compiler's views of what it did (``summary``, ``memory_report``).
+"""
+from __future__ import annotations
+
+import time
+
+from libml_runtime.executable import Executable
+from libml_runtime.plan import Plan, validate
+
+from . import autodiff
+from .ir import FLOAT_DTYPES, Graph, Tensor, clone_graph
+from .lower import StateLayout, lower_entry
+from .optim import SGD, Adam
+
+PLAN_ENTRIES = ("run", "grad", "step")
+
+
+class Program(Executable):
+    """A compiled program: ``run``/``grad``/``step``/``params`` from the runtime, plus inspection."""
+
+    def __init__(self, plan, graph, reports, summaries, num_threads=None, check_finite=False, compile_seconds=0.0):
+        super().__init__(plan, num_threads=num_threads, check_finite=check_finite)
+        self.graph = graph
+        self._reports = reports
+        self._summaries = summaries
+        self.compile_seconds = compile_seconds
+
+    def memory_report(self, entry=None):
+        """MemoryReport of ``entry`` (default: ``step`` if present, else ``grad``, else ``run``)."""
+        entry = entry or next(k for k in ("step", "grad", "run") if k in self._reports)
+        return self._reports[entry]
+
+    def summary(self, entry=None):
+        """The plan's instructions (fused groups with their ops), FLOPs and bytes each, the arena size."""
+        entry = entry or next(k for k in ("step", "grad", "run") if k in self._summaries)
+        rows = self._summaries[entry]
+        rep = self._reports[entry]
+        lines = [f"program {self.plan.name!r} entry {entry!r}: {len(rows)} instructions, "
+                 f"arena {rep.arena_bytes / 1e6:.3f} MB (lower bound {rep.lower_bound_bytes / 1e6:.3f} MB, "
+                 f"naive {rep.naive_bytes / 1e6:.3f} MB), state {self.plan.state.nbytes / 1e6:.3f} MB",
+                 f"{'#':>3}  {'instruction':<22} {'MFLOP':>10} {'MB':>9}  contents"]
+        tf = tb = 0
+        for k, r in enumerate(rows):
+            what = ", ".join(r["members"]) if "members" in r else r.get("node", "")
+            if "shape" in r:
+                what = f"{r['shape']} mode {r['mode']}: {what}"
+            lines.append(f"{k:>3}  {r['op']:<22} {r['flops'] / 1e6:>10.3f} {r['bytes'] / 1e6:>9.3f}  {what}")
+            tf += r["flops"]
+            tb += r["bytes"]
+        lines.append(f"     {'total':<22} {tf / 1e6:>10.3f} {tb / 1e6:>9.3f}")
+        return "\n".join(lines)
+
+    def instruction_count(self, entry="step"):
+        return len(self._summaries[entry])
+
+
+def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None, num_threads=None,
+            check_finite=False, fuse=True) -> Program:
+    """Compile ``g`` into a Program.
+
+    loss: a floating scalar tensor of ``g`` (None: forward-only program). optimizer: ``SGD``/``Adam``
+    (needs a loss). trainable: param names to train (None: all); no gradient work is done for the rest.
+    num_threads: OpenMP and BLAS threads (default: OMP_NUM_THREADS or the machine's cores).
+    check_finite: also build checked entries that stop at the first op producing NaN/Inf.
+    fuse: False disables fusion (one instruction per op; for testing and debugging).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(g, Graph):
+        raise TypeError(f"compile: expected an lc.Graph, got {type(g).__name__}")
+    if loss is not None:
+        if not isinstance(loss, Tensor) or loss.graph is not g:
+            raise ValueError(f"compile: loss must be a tensor of graph {g.name!r}, got {loss!r}")
+        if loss.shape != () or loss.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"compile: loss {loss.name!r} must be a floating scalar, got shape {loss.shape} "
+                             f"dtype {loss.dtype}")
+    if optimizer is not None and loss is None:
+        raise ValueError("compile: an optimizer needs a loss")
+    if optimizer is not None and not isinstance(optimizer, (SGD, Adam)):
+        raise TypeError(f"compile: optimizer must be lc.SGD or lc.Adam, got {type(optimizer).__name__}")
+    if trainable is None:
+        train_names = list(g.params)
+    else:
+        if isinstance(trainable, str):
+            trainable = [trainable]
+        train_names = list(trainable)
+        for n in train_names:
+            if n not in g.params:
+                raise ValueError(f"compile: trainable param {n!r} is not a param of graph {g.name!r}; "
+                                 f"params are {sorted(g.params)}")
+    if not g.outputs and loss is None:
+        raise ValueError(f"compile: graph {g.name!r} has no outputs and no loss: nothing to compute")
+
+    tg, m = clone_graph(g)
+    state = StateLayout()
+    for name, p in tg.params.items():
+        state.add_param(p, name in train_names)
+    graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
+    label_inputs = {t.inputs[1].name: t.inputs[0].shape[1] for t in tg.nodes
+                    if t.op == "softmax_xent" and t.inputs[1].op == "input"}
+
+    entries, reports, summaries = {}, {}, {}
+
+    def add(kind, roots, outputs):
+        e, rep, summ = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=fuse)
+        if check_finite:
+            e.checked, _, _ = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
+                                          check_finite=True)
+        entries[kind], reports[kind], summaries[kind] = e, rep, summ
+
+    run_outputs = list(tg.outputs.items()) or [("loss", m[loss])]
+    add("run", [t for _, t in run_outputs], run_outputs)
+    if loss is not None:
+        lt = m[loss]
+        params = [tg.params[n] for n in train_names]
+        grads = autodiff.grad_graph(lt, params)
+        gouts = [(p.name, grads[p]) for p in params]
+        add("grad", [lt] + [gt for _, gt in gouts], gouts)
+        if optimizer is not None and params:
+            upd = optimizer.update_node(params, [grads[p] for p in params])
+            add("step", [lt, upd], [("loss", lt)])
+        elif optimizer is not None:
+            add("step", [lt], [("loss", lt)])
+
+    plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
+                graph_inputs=graph_inputs, label_inputs=label_inputs, entries=entries,
+                meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None})
+    validate(plan)
+    return Program(plan, g, reports, summaries, num_threads=num_threads, check_finite=check_finite,
+                   compile_seconds=time.perf_counter() - t0)

@@ -1,0 +1,1 @@
+"""libml_runtime: executes compiled libml plans. Imports neither ``onnx`` nor ``libml_compile``."""

@@ -1,0 +1,504 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The plan interpreter: one call runs a whole flat instruction list with the GIL released.
+
+A plan is an int64 code array of instructions, a float64 constant pool and a list of buffers
+(slot 0: the arena of intermediates, slot 1: the persistent state — params and optimizer state —,
+slots 2..: the fed inputs).  Every operand is (slot, byte offset).  Instruction header:
+``[opcode, length, node_id]`` followed by ``length - 3`` opcode-specific fields (see ``format.py``).
+
+Nothing here checks bounds: ``plan.validate`` has proved every operand extent against the buffer sizes
+before ``run_plan`` is ever called (for compiled and loaded plans alike).  Threading: elementwise work,
+reductions, softmax and the optimizer use OpenMP (prange); GEMM uses BLAS's own pool, sized by the caller
+(threadpoolctl), and is never called from inside an OpenMP region.
+"""
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free, calloc
+from libc.string cimport memcpy, memset
+from libc.math cimport sqrt, pow
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from scipy.linalg.cython_blas cimport sgemm, dgemm
+
+cnp.import_array()
+
+cdef extern from "kernels.h" nogil:
+    enum: LM_BLK
+    enum: LM_MAXIO
+    enum: LM_MAXD
+    ctypedef struct lm_ew:
+        int64_t dtype, ndim, n_in, n_out, n_regs, n_prog, mode, nchunks, scratch_slot, scratch_off
+        int64_t rows, inner, nblk, items, red_total
+        int64_t dims[8]
+    int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
+    void lm_ew_block_f32(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
+                         float *regs, float *partial, float *acc)
+    void lm_ew_block_f64(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
+                         double *regs, double *partial, double *acc)
+    void lm_ew_row_store_f32(const lm_ew *e, char **bases, const double *consts, int64_t row, const float *acc)
+    void lm_ew_row_store_f64(const lm_ew *e, char **bases, const double *consts, int64_t row, const double *acc)
+    void lm_ew_combine_f32(const lm_ew *e, char **bases, const double *consts, const float *partial)
+    void lm_ew_combine_f64(const lm_ew *e, char **bases, const double *consts, const double *partial)
+    void lm_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
+    void lm_softmax_outer_f64(int64_t K, int64_t inner, const double *x, double *y, double *tmp)
+    float lm_xent_f32(int64_t B, int64_t C, const float *z, int64_t ldt, const char *lab)
+    double lm_xent_f64(int64_t B, int64_t C, const double *z, int64_t ldt, const char *lab)
+    void lm_xent_grad_row_f32(int64_t C, const float *r, int64_t y, float gscale, float *o)
+    void lm_xent_grad_row_f64(int64_t C, const double *r, int64_t y, double gscale, double *o)
+    void lm_epilogue_row_f32(int64_t N, float *c, const float *bias, int64_t act)
+    void lm_epilogue_row_f64(int64_t N, double *c, const double *bias, int64_t act)
+    void lm_sgd_f32(int64_t n, float *p, const float *g, float *v, float lr, float mom, float wd)
+    void lm_sgd_f64(int64_t n, double *p, const double *g, double *v, double lr, double mom, double wd)
+    void lm_adam_f32(int64_t n, float *p, const float *g, float *m, float *v, float lr, float b1, float b2,
+                     float eps, float wd, float step_size, float inv_sqrt_bc2)
+    void lm_adam_f64(int64_t n, double *p, const double *g, double *m, double *v, double lr, double b1,
+                     double b2, double eps, double wd, double step_size, double inv_sqrt_bc2)
+    int lm_nonfinite_f32(int64_t n, const float *x)
+    int lm_nonfinite_f64(int64_t n, const double *x)
+    int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
+                          const char *b, int64_t sb, char *o)
+    int lm_cast(int64_t sdt, int64_t ddt, int64_t n, const char *src, char *dst)
+    void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t s, char *dst)
+    int64_t lm_load_as_i64(int64_t dt, const char *p, int64_t i)
+    int64_t lm_bad_label(int64_t dt, const char *lab, int64_t B, int64_t C)
+
+# opcodes: keep in sync with format.py
+DEF OP_EW = 1
+DEF OP_GEMM = 2
+DEF OP_SOFTMAX = 3
+DEF OP_XENT = 4
+DEF OP_XENT_GRAD = 5
+DEF OP_CAST = 6
+DEF OP_INT_EW = 7
+DEF OP_COPY = 8
+DEF OP_STRIDED_COPY = 9
+DEF OP_SGD = 10
+DEF OP_ADAM = 11
+DEF OP_CHECK_FINITE = 12
+
+# error codes returned by run_plan (format.py turns them into exceptions)
+DEF ERR_MALFORMED = -1
+DEF ERR_OPCODE = -2
+DEF ERR_INT_DIV_ZERO = -3
+DEF ERR_NOMEM = -4
+DEF ERR_LABEL = -10
+DEF ERR_NONFINITE = -20
+
+# below this many elements an instruction runs on the calling thread: an OpenMP region costs more
+DEF PAR_MIN = 32768
+
+
+cdef inline int _threads(int64_t work, int nthreads) noexcept nogil:
+    return nthreads if work >= PAR_MIN else 1
+
+
+cdef inline char* _ptr(char **bases, const int64_t *f) noexcept nogil:
+    return bases[f[0]] + f[1]
+
+
+cdef inline int64_t _unravel(int64_t ndim, const int64_t *dims, int64_t row, const int64_t *s) noexcept nogil:
+    """element offset of the first element of `row` (row-major over dims[0..ndim-2])"""
+    cdef int64_t off = 0, d, q
+    d = ndim - 2
+    while d >= 0:
+        q = row // dims[d]
+        off += (row - q * dims[d]) * s[d]
+        row = q
+        d -= 1
+    return off
+
+
+# ------------------------------------------------------------------------------------------------
+# fused elementwise / reduction
+
+cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
+             int nthreads) noexcept nogil:
+    cdef lm_ew e
+    cdef int64_t it, row, b, c, lo, hi, nt
+    cdef floating *regs
+    cdef floating *partial
+    cdef floating acc[LM_MAXIO]
+    cdef int k
+    if lm_ew_decode(f, nf, &e) != 0:
+        return ERR_MALFORMED
+    if e.items == 0:
+        return 0
+    nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
+    if e.mode == 0:
+        if nt == 1:
+            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+            if regs == NULL:
+                return ERR_NOMEM
+            for it in range(e.items):
+                row = it // e.nblk
+                _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
+            free(regs)
+        else:
+            with parallel(num_threads=nt):
+                regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+                for it in prange(e.items, schedule="static"):
+                    row = it // e.nblk
+                    _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
+                free(regs)
+    elif e.mode == 1:
+        # reductions along the innermost dim only: a row is one task, its blocks summed in order
+        with parallel(num_threads=nt):
+            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+            for row in prange(e.rows, schedule="static"):
+                for k in range(e.n_out):
+                    acc[k] = 0
+                for b in range(e.nblk):
+                    _ew_block(&e, bases, consts, row, b, regs, <floating*>NULL, acc)
+                _ew_row_store(&e, bases, consts, row, acc)
+            free(regs)
+    else:
+        # general reductions: a fixed number of chunks (independent of the thread count) accumulate
+        # private partial sums, combined afterwards in chunk order -> bit-identical for any nthreads
+        partial = <floating*>(bases[e.scratch_slot] + e.scratch_off)
+        with parallel(num_threads=nt if e.nchunks > 1 else 1):
+            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+            for c in prange(e.nchunks, schedule="static"):
+                memset(partial + c * e.red_total, 0, e.red_total * sizeof(floating))
+                lo = (e.items * c) // e.nchunks
+                hi = (e.items * (c + 1)) // e.nchunks
+                for it in range(lo, hi):
+                    row = it // e.nblk
+                    _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, partial + c * e.red_total,
+                              <floating*>NULL)
+            free(regs)
+        if floating is float:
+            lm_ew_combine_f32(&e, bases, consts, partial)
+        else:
+            lm_ew_combine_f64(&e, bases, consts, partial)
+    return 0
+
+
+cdef inline void _ew_block(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
+                           floating *regs, floating *partial, floating *acc) noexcept nogil:
+    if floating is float:
+        lm_ew_block_f32(e, bases, consts, row, b, regs, partial, acc)
+    else:
+        lm_ew_block_f64(e, bases, consts, row, b, regs, partial, acc)
+
+
+cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *consts, int64_t row,
+                               floating *acc) noexcept nogil:
+    if floating is float:
+        lm_ew_row_store_f32(e, bases, consts, row, acc)
+    else:
+        lm_ew_row_store_f64(e, bases, consts, row, acc)
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMM through BLAS (row-major wrapper: C^T = B^T A^T in BLAS's column-major terms)
+# fields: dtype M N K transA transB A(2) B(2) C(2) alpha_c beta_c bias(2) act bdim bdims sA sB sC
+
+cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
+               int nthreads) noexcept nogil:
+    cdef int M = <int>f[1], N = <int>f[2], K = <int>f[3]
+    cdef int ta = <int>f[4], tb = <int>f[5]
+    cdef floating alpha = <floating>consts[f[12]]
+    cdef floating beta = <floating>consts[f[13]]
+    cdef int64_t bdim = f[17], nbatch = 1, bi, d, q, rem, offA, offB, offC, i, nt
+    cdef const int64_t *bd = f + 18
+    cdef const int64_t *sA = f + 18 + bdim
+    cdef const int64_t *sB = f + 18 + 2 * bdim
+    cdef const int64_t *sC = f + 18 + 3 * bdim
+    cdef floating *A = <floating*>_ptr(bases, f + 6)
+    cdef floating *B = <floating*>_ptr(bases, f + 8)
+    cdef floating *C = <floating*>_ptr(bases, f + 10)
+    cdef floating *bias = <floating*>_ptr(bases, f + 14) if f[14] >= 0 else NULL
+    cdef int64_t act = f[16]
+    cdef char transa = b'T' if ta else b'N'
+    cdef char transb = b'T' if tb else b'N'
+    cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
+    if lda < 1: lda = 1
+    if ldb < 1: ldb = 1
+    if ldc < 1: ldc = 1
+    for d in range(bdim):
+        nbatch *= bd[d]
+    if M == 0 or N == 0:
+        return 0
+    for bi in range(nbatch):
+        offA = 0; offB = 0; offC = 0
+        rem = bi
+        d = bdim - 1
+        while d >= 0:
+            q = rem // bd[d]
+            offA += (rem - q * bd[d]) * sA[d]
+            offB += (rem - q * bd[d]) * sB[d]
+            offC += (rem - q * bd[d]) * sC[d]
+            rem = q
+            d -= 1
+        if K == 0:
+            if beta == 0:
+                memset(C + offC, 0, <size_t>M * N * sizeof(floating))
+            continue
+        if floating is float:
+            sgemm(&transb, &transa, &N, &M, &K, &alpha, B + offB, &ldb, A + offA, &lda, &beta, C + offC, &ldc)
+        else:
+            dgemm(&transb, &transa, &N, &M, &K, &alpha, B + offB, &ldb, A + offA, &lda, &beta, C + offC, &ldc)
+    if bias != NULL or act != 0:
+        nt = _threads(nbatch * M * N, nthreads)
+        _epilogue(C, bias, nbatch * M, N, act, nt)
+    return 0
+
+
+cdef void _epilogue(floating *C, floating *bias, int64_t rows, int64_t N, int64_t act, int nt) noexcept nogil:
+    cdef int64_t i
+    for i in prange(rows, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_epilogue_row_f32(N, C + i * N, bias, act)
+        else:
+            lm_epilogue_row_f64(N, C + i * N, bias, act)
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax, cross-entropy
+
+cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+    # fields: dtype outer K inner in(2) out(2)
+    cdef int64_t outer = f[1], K = f[2], inner = f[3], o
+    cdef floating *x = <floating*>_ptr(bases, f + 4)
+    cdef floating *y = <floating*>_ptr(bases, f + 6)
+    cdef floating *tmp
+    cdef int nt = _threads(outer * K * inner, nthreads)
+    if outer * K * inner == 0:
+        return 0
+    with parallel(num_threads=nt):
+        tmp = <floating*>malloc((2 * inner + 1) * sizeof(floating))
+        for o in prange(outer, schedule="static"):
+            if floating is float:
+                lm_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+            else:
+                lm_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+        free(tmp)
+    return 0
+
+
+cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
+    # fields: dtype B C z(2) labels(2) label_dtype out(2)
+    cdef int64_t B = f[1], C = f[2], bad
+    cdef floating *z = <floating*>_ptr(bases, f + 3)
+    cdef char *lab = _ptr(bases, f + 5)
+    cdef floating *out = <floating*>_ptr(bases, f + 8)
+    bad = lm_bad_label(f[7], lab, B, C)
+    if bad >= 0:
+        detail[0] = bad
+        return ERR_LABEL
+    if floating is float:
+        out[0] = lm_xent_f32(B, C, z, f[7], lab)
+    else:
+        out[0] = lm_xent_f64(B, C, z, f[7], lab)
+    return 0
+
+
+cdef int _xent_grad(floating dummy, const int64_t *f, char **bases, int nthreads, int64_t *detail) noexcept nogil:
+    # fields: dtype B C z(2) labels(2) label_dtype g(2) out(2)
+    cdef int64_t B = f[1], C = f[2], b, bad
+    cdef floating *z = <floating*>_ptr(bases, f + 3)
+    cdef char *lab = _ptr(bases, f + 5)
+    cdef int64_t ldt = f[7]
+    cdef floating *g = <floating*>_ptr(bases, f + 8)
+    cdef floating *out = <floating*>_ptr(bases, f + 10)
+    cdef floating gs
+    bad = lm_bad_label(ldt, lab, B, C)
+    if bad >= 0:
+        detail[0] = bad
+        return ERR_LABEL
+    gs = g[0] / B
+    for b in prange(B, num_threads=_threads(B * C, nthreads), schedule="static"):
+        if floating is float:
+            lm_xent_grad_row_f32(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C)
+        else:
+            lm_xent_grad_row_f64(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizers: one instruction updates every param
+
+cdef int _sgd(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
+    # fields: dtype nparams lr_c mom_c wd_c, then per param: p(2) g(2) v(2; slot -1 = no momentum) n
+    cdef int64_t npar = f[1], i, c, nch, lo, hi, n
+    cdef floating lr = <floating>consts[f[2]], mom = <floating>consts[f[3]], wd = <floating>consts[f[4]]
+    cdef const int64_t *q
+    cdef floating *v
+    for i in range(npar):
+        q = f + 5 + 7 * i
+        n = q[6]
+        v = <floating*>_ptr(bases, q + 4) if q[4] >= 0 else NULL
+        nch = (n + 16383) // 16384
+        for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
+            lo = c * 16384
+            hi = lo + 16384 if lo + 16384 < n else n
+            if floating is float:
+                lm_sgd_f32(hi - lo, <float*>_ptr(bases, q) + lo, <float*>_ptr(bases, q + 2) + lo,
+                           (<float*>v + lo) if v != NULL else NULL, lr, mom, wd)
+            else:
+                lm_sgd_f64(hi - lo, <double*>_ptr(bases, q) + lo, <double*>_ptr(bases, q + 2) + lo,
+                           (<double*>v + lo) if v != NULL else NULL, lr, mom, wd)
+    return 0
+
+
+cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
+    # fields: dtype nparams lr_c b1_c b2_c eps_c wd_c t(2: float64 step counter), per param p(2) g(2) m(2) v(2) n
+    cdef int64_t npar = f[1], i, c, nch, lo, hi, n
+    cdef double lr = consts[f[2]], b1 = consts[f[3]], b2 = consts[f[4]], eps = consts[f[5]], wd = consts[f[6]]
+    cdef double *t = <double*>_ptr(bases, f + 7)
+    cdef double bc1, bc2
+    cdef floating step_size, isb
+    cdef const int64_t *q
+    t[0] += 1
+    bc1 = 1 - pow(b1, t[0])
+    bc2 = 1 - pow(b2, t[0])
+    step_size = <floating>(lr / bc1)
+    isb = <floating>(1 / sqrt(bc2))
+    for i in range(npar):
+        q = f + 9 + 9 * i
+        n = q[8]
+        nch = (n + 16383) // 16384
+        for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
+            lo = c * 16384
+            hi = lo + 16384 if lo + 16384 < n else n
+            if floating is float:
+                lm_adam_f32(hi - lo, <float*>_ptr(bases, q) + lo, <float*>_ptr(bases, q + 2) + lo,
+                            <float*>_ptr(bases, q + 4) + lo, <float*>_ptr(bases, q + 6) + lo,
+                            <float>lr, <float>b1, <float>b2, <float>eps, <float>wd, step_size, isb)
+            else:
+                lm_adam_f64(hi - lo, <double*>_ptr(bases, q) + lo, <double*>_ptr(bases, q + 2) + lo,
+                            <double*>_ptr(bases, q + 4) + lo, <double*>_ptr(bases, q + 6) + lo,
+                            lr, b1, b2, eps, wd, step_size, isb)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# dtype-generic data movement
+
+cdef int _int_ew(const int64_t *f, char **bases) noexcept nogil:
+    # fields: dt op ndim dims[ndim] a(2) sa[ndim] b(2) sb[ndim] out(2)
+    cdef int64_t dt = f[0], op = f[1], nd = f[2], rows = 1, r, d, rc
+    cdef const int64_t *dims = f + 3
+    cdef const int64_t *fa = f + 3 + nd
+    cdef const int64_t *sa = fa + 2
+    cdef const int64_t *fb = sa + nd
+    cdef const int64_t *sb = fb + 2
+    cdef const int64_t *fo = sb + nd
+    cdef int64_t isz = (1 if dt in (2, 6) else 2 if dt in (3, 7) else 4 if dt in (4, 8) else 8)
+    cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
+    for d in range(nd - 1):
+        rows *= dims[d]
+    for r in range(rows if nd > 0 else 1):
+        rc = lm_int_binary_row(dt, op, inner,
+                               _ptr(bases, fa) + isz * _unravel(nd, dims, r, sa), sa[nd - 1] if nd > 0 else 0,
+                               _ptr(bases, fb) + isz * _unravel(nd, dims, r, sb), sb[nd - 1] if nd > 0 else 0,
+                               _ptr(bases, fo) + isz * r * inner)
+        if rc != 0:
+            return ERR_INT_DIV_ZERO if rc == -3 else ERR_MALFORMED
+    return 0
+
+
+cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
+    # fields: itemsize ndim dims[ndim] src(2) strides[ndim] dst(2)
+    cdef int64_t isz = f[0], nd = f[1], rows = 1, r, d
+    cdef const int64_t *dims = f + 2
+    cdef const int64_t *fs = f + 2 + nd
+    cdef const int64_t *s = fs + 2
+    cdef const int64_t *fd = s + nd
+    cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
+    for d in range(nd - 1):
+        rows *= dims[d]
+    for r in range(rows if nd > 0 else 1):
+        lm_copy_row(isz, inner, _ptr(bases, fs) + isz * _unravel(nd, dims, r, s), s[nd - 1] if nd > 0 else 1,
+                    _ptr(bases, fd) + isz * r * inner)
+    return 0
+
+
+cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
+    # fields: dtype n buf(2)
+    if f[0] == 0:
+        return ERR_NONFINITE if lm_nonfinite_f32(f[1], <float*>_ptr(bases, f + 2)) else 0
+    return ERR_NONFINITE if lm_nonfinite_f64(f[1], <double*>_ptr(bases, f + 2)) else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the interpreter loop
+
+cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **bases, int nthreads,
+              int64_t *bad_instr, int64_t *detail) noexcept nogil:
+    cdef int64_t pc = 0, idx = 0, op, ln
+    cdef const int64_t *f
+    cdef int rc = 0
+    cdef float f32 = 0
+    cdef double f64 = 0
+    while pc < ncode:
+        op = code[pc]
+        ln = code[pc + 1]
+        f = code + pc + 3
+        if op == OP_EW:
+            rc = _ew(f32, f, ln - 3, bases, consts, nthreads) if f[0] == 0 else _ew(f64, f, ln - 3, bases, consts, nthreads)
+        elif op == OP_GEMM:
+            rc = _gemm(f32, f, ln - 3, bases, consts, nthreads) if f[0] == 0 else _gemm(f64, f, ln - 3, bases, consts, nthreads)
+        elif op == OP_SOFTMAX:
+            rc = _softmax(f32, f, bases, nthreads) if f[0] == 0 else _softmax(f64, f, bases, nthreads)
+        elif op == OP_XENT:
+            rc = _xent(f32, f, bases, detail) if f[0] == 0 else _xent(f64, f, bases, detail)
+        elif op == OP_XENT_GRAD:
+            rc = _xent_grad(f32, f, bases, nthreads, detail) if f[0] == 0 else _xent_grad(f64, f, bases, nthreads, detail)
+        elif op == OP_CAST:
+            rc = lm_cast(f[0], f[1], f[2], _ptr(bases, f + 3), _ptr(bases, f + 5))
+        elif op == OP_INT_EW:
+            rc = _int_ew(f, bases)
+        elif op == OP_COPY:
+            memcpy(_ptr(bases, f + 3), _ptr(bases, f + 1), <size_t>f[0])
+        elif op == OP_STRIDED_COPY:
+            rc = _strided_copy(f, bases)
+        elif op == OP_SGD:
+            rc = _sgd(f32, f, bases, consts, nthreads) if f[0] == 0 else _sgd(f64, f, bases, consts, nthreads)
+        elif op == OP_ADAM:
+            rc = _adam(f32, f, bases, consts, nthreads) if f[0] == 0 else _adam(f64, f, bases, consts, nthreads)
+        elif op == OP_CHECK_FINITE:
+            rc = _check_finite(f, bases)
+        else:
+            rc = ERR_OPCODE
+        if rc != 0:
+            bad_instr[0] = idx
+            if rc == ERR_NONFINITE:
+                detail[0] = code[pc + 2]
+            return rc
+        pc += ln
+        idx += 1
+    return 0
+
+
+def run_plan(const int64_t[::1] code not None, const double[::1] consts not None, list buffers not None,
+             int nthreads=1):
+    """Execute a validated plan once. ``buffers``: C-contiguous ndarrays, one per slot.
+
+    Returns ``(rc, instruction_index, detail)``; rc 0 is success, negative values are the error codes
+    that ``format.raise_for`` turns into exceptions.  The GIL is released for the whole run.
+    """
+    cdef Py_ssize_t nb = len(buffers), i
+    cdef char **bases = <char**>malloc((nb + 1) * sizeof(char*))
+    cdef cnp.ndarray a
+    cdef int64_t bad = -1, detail = -1
+    cdef int rc
+    cdef double zero = 0
+    cdef const double *cp = &consts[0] if consts.shape[0] > 0 else &zero
+    cdef int64_t ncode = code.shape[0]
+    cdef const int64_t *cc = &code[0] if ncode > 0 else NULL
+    if bases == NULL:
+        raise MemoryError()
+    try:
+        for i in range(nb):
+            a = buffers[i]
+            if not cnp.PyArray_IS_C_CONTIGUOUS(a):
+                raise ValueError(f"buffer {i} is not C-contiguous")
+            bases[i] = <char*>cnp.PyArray_DATA(a)
+        if nthreads < 1:
+            nthreads = 1
+        with nogil:
+            rc = _run(cc, ncode, cp, bases, nthreads, &bad, &detail) if ncode > 0 else 0
+    finally:
+        free(bases)
+    return rc, bad, detail

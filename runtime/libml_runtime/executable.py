@@ -1,0 +1,177 @@
+"""A plan bound to memory: the object users call (``run``/``grad``/``step``/``params``).
+
+``Executable`` owns one arena (intermediates, sized by the planner) and one state buffer (params,
+optimizer state, constant data).  Each call validates the feeds in Python (names, shapes, dtypes, label
+ranges — cheap, O(#inputs)), then makes exactly one ``_exec.run_plan`` call with the GIL released.
+Results are copied out, so arrays returned to the user are never overwritten by a later call.  A lock
+serialises concurrent calls on one object (separate objects run in parallel).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import _exec
+from .format import (ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, SLOT_INPUT0)
+from .plan import Plan
+from .threads import blas_threads, resolve_threads
+
+
+class RuntimeFailure(RuntimeError):
+    """The runtime stopped a plan (e.g. integer division by zero)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised under ``check_finite=True``: names the first op that produced a NaN or Inf."""
+
+
+class Executable:
+    def __init__(self, plan: Plan, num_threads=None, check_finite=False):
+        self.plan = plan
+        self.num_threads = resolve_threads(num_threads)
+        self.check_finite = bool(check_finite)
+        self._state = plan.state.copy()
+        arena = max((e.arena_bytes for e in plan.entries.values()), default=0)
+        self._arena = np.zeros(max(arena, 8), np.uint8)
+        self._lock = threading.Lock()
+        self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
+        self._param_index = {p[0]: p for p in plan.params}
+
+    # ---- public API ------------------------------------------------------------------------------
+    @property
+    def params(self):
+        """name -> copy of the current value."""
+        return {name: self._view(1, off, dt, shape).copy() for name, off, dt, shape, _ in self.plan.params}
+
+    def set_params(self, values):
+        """Overwrite params by name; each value must match the param's shape (cast to its dtype)."""
+        staged = []
+        for name, v in values.items():
+            if name not in self._param_index:
+                raise ValueError(f"unknown param {name!r}; params are {sorted(self._param_index)}")
+            _, off, dt, shape, _ = self._param_index[name]
+            v = np.asarray(v)
+            if v.shape != tuple(shape):
+                raise ValueError(f"param {name!r}: expected shape {tuple(shape)}, got {v.shape}")
+            staged.append((off, dt, shape, v))
+        with self._lock:
+            for off, dt, shape, v in staged:
+                self._view(1, off, dt, shape)[...] = v
+
+    def run(self, feeds):
+        """Forward only: {output name: array} for every graph output."""
+        return self._call("run", feeds)
+
+    def grad(self, feeds):
+        """{param name: d loss / d param} for the trainable params; no update."""
+        return self._call("grad", feeds)
+
+    def step(self, feeds):
+        """Forward + backward + optimizer update in one runtime call; returns the loss as a float."""
+        out = self._call("step", feeds)
+        return float(out["loss"])
+
+    def state_dict(self):
+        """Copies of every persistent array: params and optimizer state (checkpoint content)."""
+        d = self.params
+        for name, off, dt, shape in self.plan.opt_state:
+            d[name] = self._view(1, off, dt, shape).copy()
+        return d
+
+    def load_state_dict(self, d):
+        entries = {p[0]: p[1:4] for p in self.plan.params}
+        entries.update({s[0]: s[1:4] for s in self.plan.opt_state})
+        missing = set(entries) - set(d)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}")
+        for name, (off, dt, shape) in entries.items():
+            v = np.asarray(d[name])
+            if v.shape != tuple(shape) or v.dtype != np.dtype(dt):
+                raise ValueError(f"state {name!r}: expected {dt}{tuple(shape)}, got {v.dtype}{v.shape}")
+        with self._lock:
+            for name, (off, dt, shape) in entries.items():
+                self._view(1, off, dt, shape)[...] = d[name]
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _view(self, slot, off, dt, shape):
+        buf = self._arena if slot == 0 else self._state
+        n = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(buf, dtype=dt, count=n, offset=off).reshape(shape)
+
+    def _entry(self, kind):
+        e = self.plan.entries.get(kind)
+        if e is None:
+            raise RuntimeError(f"this program has no {kind!r} entry "
+                               f"({'compile with a loss' if kind != 'step' else 'compile with a loss and an optimizer'})")
+        if self.check_finite and e.checked is not None:
+            return e.checked
+        return e
+
+    def _bind(self, entry, feeds):
+        if not isinstance(feeds, dict):
+            raise TypeError(f"feeds must be a dict name -> array, got {type(feeds).__name__}")
+        for name in feeds:
+            if name not in self._inputs:
+                raise ValueError(f"unknown feed {name!r}; the inputs are {sorted(self._inputs)}")
+        arrays = []
+        for name, dt, shape in entry.inputs:
+            if name not in feeds:
+                raise ValueError(f"missing feed {name!r}: expected an array of shape {tuple(shape)} "
+                                 f"and dtype {dt}")
+            arrays.append(self._check_feed(name, dt, tuple(shape), feeds[name]))
+        for name, arr in feeds.items():  # inputs this entry does not read are still checked
+            if all(name != n for n, _, _ in entry.inputs):
+                self._check_feed(name, *self._inputs[name], arr)
+        return arrays
+
+    def _check_feed(self, name, dt, shape, v):
+        a = v if isinstance(v, np.ndarray) else np.asarray(v)
+        if a.dtype != np.dtype(dt):
+            raise TypeError(f"feed {name!r}: expected dtype {dt}, got {a.dtype}")
+        if a.shape != shape:
+            raise ValueError(f"feed {name!r}: expected shape {shape}, got {a.shape}")
+        ncls = self.plan.label_inputs.get(name)
+        if ncls is not None and a.size:
+            lo, hi = a.min(), a.max()
+            if lo < 0 or hi >= ncls:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {bad}")
+        return np.ascontiguousarray(a)
+
+    def _call(self, kind, feeds):
+        entry = self._entry(kind)
+        arrays = self._bind(entry, feeds)
+        with self._lock:
+            if self.check_finite:
+                snapshot = self._state.copy()
+            with blas_threads(self.num_threads):
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
+                                                 self.num_threads)
+            if rc != 0:
+                if self.check_finite:
+                    self._state[...] = snapshot
+                raise self._error(entry, rc, bad, detail, feeds)
+            out = {}
+            for name, slot, off, dt, shape in entry.outputs:
+                if slot >= SLOT_INPUT0:
+                    src = arrays[slot - SLOT_INPUT0]
+                    out[name] = np.frombuffer(src, np.uint8, offset=off).view(dt)[: int(np.prod(shape))].reshape(shape).copy()
+                else:
+                    out[name] = self._view(slot, off, dt, shape).copy()
+            return out
+
+    def _error(self, entry, rc, bad, detail, feeds):
+        op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")
+        if rc == ERR_LABEL:
+            name = next(iter(self.plan.label_inputs), "labels")
+            return ValueError(f"feed {name!r}: label at row {detail} is out of range (op {op}, node {node!r})")
+        if rc == ERR_NONFINITE:
+            op, node = entry.nodes[detail] if 0 <= detail < len(entry.nodes) else (op, node)
+            return NonFiniteError(f"non-finite value (NaN or Inf) first produced by op {op!r} (node {node!r}); "
+                                  f"params were left as they were before the step")
+        if rc == ERR_INT_DIV_ZERO:
+            return ZeroDivisionError(f"integer division by zero in op {op!r} (node {node!r})")
+        if rc == ERR_NOMEM:
+            return MemoryError(f"out of memory in op {op!r} (node {node!r})")
+        return RuntimeFailure(f"runtime error {rc} in instruction {bad} (op {op!r}, node {node!r})")

@@ -1,0 +1,34 @@
+"""Constants shared by the compiler's lowering and the runtime: opcodes, dtype codes, VM opcodes, errors.
+
+The int64 code layout of every opcode is documented next to its kernel in ``_exec.pyx`` and decoded
+field by field by ``plan.validate``.
+"""
+import numpy as np
+
+# instruction opcodes
+OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, \
+    OP_SGD, OP_ADAM, OP_CHECK_FINITE = range(1, 13)
+OP_NAMES = {OP_EW: "fused_elementwise", OP_GEMM: "gemm", OP_SOFTMAX: "softmax", OP_XENT: "softmax_xent",
+            OP_XENT_GRAD: "xent_grad", OP_CAST: "cast", OP_INT_EW: "int_elementwise", OP_COPY: "copy",
+            OP_STRIDED_COPY: "strided_copy", OP_SGD: "sgd_update", OP_ADAM: "adam_update",
+            OP_CHECK_FINITE: "check_finite"}
+HEADER = 3  # opcode, length, node id
+
+# register-VM opcodes (kernels.h enum)
+VM_OPS = {"COPY": 0, "ADD": 1, "SUB": 2, "MUL": 3, "DIV": 4, "RSUB": 5, "RDIV": 6, "NEG": 7, "RELU": 8,
+          "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12}
+VM_BINARY = {1, 2, 3, 4, 5, 6}
+LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 512, 8, 32, 64, 16
+
+# dtype codes (kernels.h enum)
+DTYPES = ["float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
+ITEMSIZE = [np.dtype(d).itemsize for d in DTYPES]
+
+# slots
+SLOT_ARENA, SLOT_STATE, SLOT_INPUT0 = 0, 1, 2
+
+# run_plan error codes
+ERR_MALFORMED, ERR_OPCODE, ERR_INT_DIV_ZERO, ERR_NOMEM, ERR_LABEL, ERR_NONFINITE = -1, -2, -3, -4, -10, -20
+
+ALIGN = 64

@@ -1,0 +1,246 @@
+/* Type-generic kernels, included twice by kernels.h: LM_T = float (suffix _f32) and double (_f64).
+ * Every loop over a block is `omp simd` with restrict pointers; none allocates; none takes the GIL. */
+
+/* Run one block of a fused elementwise instruction: row `row`, block `b` of the inner dimension.
+ * regs: this thread's register file (n_regs * LM_BLK elements).
+ * partial: mode 2, this chunk's partial sums (red_total elements), else NULL.
+ * acc: mode 1, per-output running sums of the current row, else NULL. */
+static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
+                                LM_T *regs, LM_T *partial, LM_T *acc)
+{
+    LM_T *R[LM_MAXREG];
+    const int64_t nd = e->ndim;
+    const int64_t j0 = b * LM_BLK;
+    const int64_t n = (e->inner - j0 < LM_BLK) ? e->inner - j0 : LM_BLK;
+    int64_t i, j;
+
+    for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
+    for (i = 0; i < e->n_in; i++) {
+        const int64_t *d = e->in + i * (2 + nd);
+        const int64_t *s = d + 2;
+        const int64_t si = s[nd - 1];
+        const LM_T *src = (const LM_T *)(bases[d[0]] + d[1]) + lm_row_offset(e, row, s) + j0 * si;
+        if (si == 1) {
+            R[i] = (LM_T *)src;  /* read in place: input registers are never written */
+        } else if (si == 0) {
+            LM_T v = src[0], *restrict r = R[i];
+            #pragma omp simd
+            for (j = 0; j < n; j++) r[j] = v;
+        } else {
+            LM_T *restrict r = R[i];
+            for (j = 0; j < n; j++) r[j] = src[j * si];
+        }
+    }
+
+    for (i = 0; i < e->n_prog; i++) {
+        const int64_t *p = e->prog + 4 * i;
+        LM_T *restrict D = R[p[1]];
+        const LM_T *restrict A = R[p[2]];
+        const int64_t bi = p[3];
+        const LM_T c = bi < 0 ? (LM_T)consts[-bi - 1] : 0;
+        const LM_T *restrict B = bi >= 0 ? R[bi] : A;
+#define LM_BINARY(EXPR)                                                         \
+        if (bi < 0) {                                                           \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = c; D[j] = (EXPR); } \
+        } else {                                                                \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; D[j] = (EXPR); } \
+        }
+#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; D[j] = (EXPR); }
+        switch (p[0]) {
+        case VM_COPY: LM_UNARY(x); break;
+        case VM_ADD: LM_BINARY(x + y); break;
+        case VM_SUB: LM_BINARY(x - y); break;
+        case VM_MUL: LM_BINARY(x * y); break;
+        case VM_DIV: LM_BINARY(x / y); break;
+        case VM_RSUB: LM_BINARY(y - x); break;
+        case VM_RDIV: LM_BINARY(y / x); break;
+        case VM_NEG: LM_UNARY(-x); break;
+        case VM_RELU: LM_UNARY(x < 0 ? (LM_T)0 : x); break;  /* relu(NaN) = NaN */
+        /* 1/(1+exp(-x)): exp overflows to +inf for very negative x, giving exactly 0, never NaN */
+        case VM_SIGMOID: LM_UNARY((LM_T)1 / ((LM_T)1 + LM_EXP(-x))); break;
+        case VM_EXP: LM_UNARY(LM_EXP(x)); break;
+        case VM_LOG: LM_UNARY(LM_LOG(x)); break;
+        case VM_STEP: LM_UNARY(x > 0 ? (LM_T)1 : (LM_T)0); break;
+        }
+#undef LM_BINARY
+#undef LM_UNARY
+    }
+
+    for (i = 0; i < e->n_out; i++) {
+        const int64_t *d = e->out + i * (5 + nd);
+        const int64_t *s = d + 2;
+        const LM_T *restrict r = R[d[2 + nd]];
+        const int64_t is_red = d[3 + nd];
+        if (!is_red) {
+            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_row_offset(e, row, s) + j0;
+            if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
+        } else if (s[nd - 1] == 0) {
+            LM_T sum = 0;
+            #pragma omp simd reduction(+:sum)
+            for (j = 0; j < n; j++) sum += r[j];
+            if (acc) acc[i] += sum;
+            else partial[e->red_off[i] + lm_row_offset(e, row, s)] += sum;
+        } else {
+            LM_T *restrict P = partial + e->red_off[i] + lm_row_offset(e, row, s) + j0;
+            #pragma omp simd
+            for (j = 0; j < n; j++) P[j] += r[j];
+        }
+    }
+}
+
+/* mode 1: store a finished row's sums */
+static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *consts, int64_t row, const LM_T *acc)
+{
+    int64_t i;
+    for (i = 0; i < e->n_out; i++) {
+        const int64_t *d = e->out + i * (5 + e->ndim);
+        if (!d[3 + e->ndim]) continue;
+        LM_T scale = d[4 + e->ndim] >= 0 ? (LM_T)consts[d[4 + e->ndim]] : (LM_T)1;
+        ((LM_T *)(bases[d[0]] + d[1]))[lm_row_offset(e, row, d + 2)] = acc[i] * scale;
+    }
+}
+
+/* mode 2: combine the chunks' partial sums in fixed chunk order (deterministic for any thread count) */
+static void LM_SFX(lm_ew_combine)(const lm_ew *e, char **bases, const double *consts, const LM_T *partial)
+{
+    int64_t i, k, c;
+    for (i = 0; i < e->n_out; i++) {
+        const int64_t *d = e->out + i * (5 + e->ndim);
+        if (!d[3 + e->ndim]) continue;
+        LM_T scale = d[4 + e->ndim] >= 0 ? (LM_T)consts[d[4 + e->ndim]] : (LM_T)1;
+        LM_T *restrict out = (LM_T *)(bases[d[0]] + d[1]);
+        const int64_t m = e->red_numel[i];
+        for (k = 0; k < m; k++) out[k] = partial[e->red_off[i] + k];
+        for (c = 1; c < e->nchunks; c++) {
+            const LM_T *restrict P = partial + c * e->red_total + e->red_off[i];
+            #pragma omp simd
+            for (k = 0; k < m; k++) out[k] += P[k];
+        }
+        if (scale != (LM_T)1) {
+            #pragma omp simd
+            for (k = 0; k < m; k++) out[k] *= scale;
+        }
+    }
+}
+
+/* softmax over the middle axis of a contiguous (outer, K, inner) tensor, for one `o` */
+static void LM_SFX(lm_softmax_outer)(int64_t K, int64_t inner, const LM_T *x, LM_T *y, LM_T *tmp)
+{
+    int64_t k, i;
+    if (inner == 1) {
+        LM_T m = x[0], s = 0;
+        for (k = 1; k < K; k++) m = x[k] > m ? x[k] : m;
+        #pragma omp simd reduction(+:s)
+        for (k = 0; k < K; k++) { LM_T v = LM_EXP(x[k] - m); y[k] = v; s += v; }
+        LM_T inv = (LM_T)1 / s;
+        #pragma omp simd
+        for (k = 0; k < K; k++) y[k] *= inv;
+        return;
+    }
+    LM_T *restrict m = tmp, *restrict s = tmp + inner;
+    for (i = 0; i < inner; i++) { m[i] = x[i]; s[i] = 0; }
+    for (k = 1; k < K; k++) {
+        const LM_T *restrict xr = x + k * inner;
+        #pragma omp simd
+        for (i = 0; i < inner; i++) m[i] = xr[i] > m[i] ? xr[i] : m[i];
+    }
+    for (k = 0; k < K; k++) {
+        const LM_T *restrict xr = x + k * inner;
+        LM_T *restrict yr = y + k * inner;
+        #pragma omp simd
+        for (i = 0; i < inner; i++) { LM_T v = LM_EXP(xr[i] - m[i]); yr[i] = v; s[i] += v; }
+    }
+    for (k = 0; k < K; k++) {
+        LM_T *restrict yr = y + k * inner;
+        #pragma omp simd
+        for (i = 0; i < inner; i++) yr[i] /= s[i];
+    }
+}
+
+/* mean over rows of logsumexp(z_b) - z_b[y_b]; labels already range-checked. Summed in double. */
+static LM_T LM_SFX(lm_xent)(int64_t B, int64_t C, const LM_T *z, int64_t ldt, const char *lab)
+{
+    double total = 0;
+    int64_t b, k;
+    for (b = 0; b < B; b++) {
+        const LM_T *restrict r = z + b * C;
+        LM_T m = r[0], s = 0;
+        for (k = 1; k < C; k++) m = r[k] > m ? r[k] : m;
+        #pragma omp simd reduction(+:s)
+        for (k = 0; k < C; k++) s += LM_EXP(r[k] - m);
+        total += (double)(m + LM_LOG(s)) - (double)r[lm_load_as_i64(ldt, lab, b)];
+    }
+    return (LM_T)(total / (double)B);
+}
+
+/* d/dz of g * mean xent = g/B * (softmax(z_b) - onehot(y_b)), one row */
+static void LM_SFX(lm_xent_grad_row)(int64_t C, const LM_T *r, int64_t y, LM_T gscale, LM_T *o)
+{
+    int64_t k;
+    LM_T m = r[0], s = 0;
+    for (k = 1; k < C; k++) m = r[k] > m ? r[k] : m;
+    #pragma omp simd reduction(+:s)
+    for (k = 0; k < C; k++) { LM_T v = LM_EXP(r[k] - m); o[k] = v; s += v; }
+    LM_T f = gscale / s;
+    #pragma omp simd
+    for (k = 0; k < C; k++) o[k] *= f;
+    o[y] -= gscale;
+}
+
+/* GEMM epilogue on rows of C (N columns): c = act(c + bias) */
+static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *restrict bias, int64_t act)
+{
+    int64_t j;
+    if (bias && act == 1) {
+        #pragma omp simd
+        for (j = 0; j < N; j++) { LM_T v = c[j] + bias[j]; c[j] = v < 0 ? (LM_T)0 : v; }
+    } else if (bias) {
+        #pragma omp simd
+        for (j = 0; j < N; j++) c[j] += bias[j];
+    } else if (act == 1) {
+        #pragma omp simd
+        for (j = 0; j < N; j++) c[j] = c[j] < 0 ? (LM_T)0 : c[j];
+    }
+}
+
+/* SGD (PyTorch semantics, dampening 0): d = g + wd*p; v = mom*v + d; p -= lr*v   (v NULL: p -= lr*d) */
+static void LM_SFX(lm_sgd)(int64_t n, LM_T *restrict p, const LM_T *restrict g, LM_T *restrict v,
+                           LM_T lr, LM_T mom, LM_T wd)
+{
+    int64_t j;
+    if (v) {
+        #pragma omp simd
+        for (j = 0; j < n; j++) { LM_T d = g[j] + wd * p[j]; LM_T vv = mom * v[j] + d; v[j] = vv; p[j] -= lr * vv; }
+    } else {
+        #pragma omp simd
+        for (j = 0; j < n; j++) { LM_T d = g[j] + wd * p[j]; p[j] -= lr * d; }
+    }
+}
+
+/* AdamW (PyTorch semantics): p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+ * p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps) */
+static void LM_SFX(lm_adam)(int64_t n, LM_T *restrict p, const LM_T *restrict g, LM_T *restrict m,
+                            LM_T *restrict v, LM_T lr, LM_T b1, LM_T b2, LM_T eps, LM_T wd,
+                            LM_T step_size, LM_T inv_sqrt_bc2)
+{
+    int64_t j;
+    const LM_T decay = (LM_T)1 - lr * wd;
+    #pragma omp simd
+    for (j = 0; j < n; j++) {
+        LM_T gj = g[j];
+        LM_T mj = b1 * m[j] + ((LM_T)1 - b1) * gj;
+        LM_T vj = b2 * v[j] + ((LM_T)1 - b2) * gj * gj;
+        m[j] = mj; v[j] = vj;
+        p[j] = p[j] * decay - step_size * mj / (LM_SQRT(vj) * inv_sqrt_bc2 + eps);
+    }
+}
+
+/* 1 if any element is NaN or Inf (numerical guard) */
+static int LM_SFX(lm_nonfinite)(int64_t n, const LM_T *restrict x)
+{
+    int64_t j;
+    int bad = 0;
+    #pragma omp simd reduction(|:bad)
+    for (j = 0; j < n; j++) bad |= !(x[j] - x[j] == 0);
+    return bad;
+}
