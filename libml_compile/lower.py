@@ -168,6 +168,12 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
     buffers: dict[Tensor, Buffer] = {}
     n_instr = len(instrs)
+    last_read: dict[Tensor, int] = {}
+    for k, ins in enumerate(instrs):
+        for i in ins.reads:
+            last_read[base(i)] = k
+    for t in root_set:
+        last_read[base(t)] = n_instr
     geo = {}
     for k, ins in enumerate(instrs):
         if ins.kind == "ew":
@@ -179,7 +185,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         for w in ins.writes:
             # in-place: an elementwise output may take the buffer of an input that dies here
             if ins.kind == "ew" and w.op != "sum":
-                cand = _inplace_candidate(ins, w, k, buffers, base, root_set, geo[k])
+                cand = _inplace_candidate(ins, w, k, buffers, base, last_read)
                 if cand is not None:
                     buffers[w] = cand
                     cand.tensors.append(w.name)
@@ -249,11 +255,12 @@ def _immediate(t):
     return t.op == "const" and t.value.size == 1 and t.dtype in FLOAT_DTYPES
 
 
-def _inplace_candidate(ins, w, k, buffers, base, root_set, geo):
+def _inplace_candidate(ins, w, k, buffers, base, last_read):
+    """A buffer of an input read last by this instruction, with the output's shape and dtype."""
     for i in ins.reads:
         bi = base(i)
         b = buffers.get(bi)
-        if b is None or bi is not i or i in root_set or b.end != k:
+        if b is None or bi is not i or last_read.get(bi) != k or b.end > k:
             continue
         if i.shape != w.shape or i.dtype != w.dtype or b in ins.inplace.values():
             continue
