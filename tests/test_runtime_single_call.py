@@ -255,3 +255,58 @@ def test_both_dtypes_step_against_reference(dtype):
     for k, v in mlp_param_dict(w64).items():
         assert prog.params[k].dtype == np.dtype(dtype)
         assert_close(prog.params[k], v - 0.1 * mlp_param_dict(ref)[k], rtol, atol, k)
+
+
+def test_outputs_aliasing_params_and_inputs_are_fresh_copies():
+    """Outputs that are a param or an input must not be views of runtime buffers the next call rewrites."""
+    rng = np.random.default_rng(40)
+    W = rng.standard_normal((3, 2))
+    g = lc.Graph("alias")
+    x = g.input("x", (4, 3), dtype="float64")
+    w = g.param("w", W)
+    loss = lc.mean((x @ w) * (x @ w))
+    g.output("w_out", w)
+    g.output("x_out", x)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1))
+    x1 = rng.standard_normal((4, 3))
+    r = prog.run({"x": x1})
+    np.testing.assert_array_equal(r["w_out"], W)
+    np.testing.assert_array_equal(r["x_out"], x1)
+    snap_w, snap_x = r["w_out"].copy(), r["x_out"].copy()
+    prog.step({"x": rng.standard_normal((4, 3))})
+    prog.run({"x": rng.standard_normal((4, 3))})
+    np.testing.assert_array_equal(r["w_out"], snap_w)
+    np.testing.assert_array_equal(r["x_out"], snap_x)
+    assert not np.array_equal(prog.params["w"], W)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_intermediate_outputs_survive_buffer_reuse(training):
+    """Every intermediate of an elementwise chain is also an output: in-place / shared buffers in the
+    memory plan must not clobber a tensor that is still to be returned."""
+    rng = np.random.default_rng(41)
+    X, W = rng.standard_normal((5, 4)), rng.standard_normal((4, 4)) * 0.5
+    g = lc.Graph("chain")
+    x = g.input("x", (5, 4), dtype="float64")
+    w = g.param("w", W)
+    h1 = x @ w
+    h2 = lc.relu(h1)
+    h3 = lc.sigmoid(h2) * h2
+    h4 = h3 + h1
+    h5 = lc.softmax(h4 - h3, axis=0) / (h2 + 1.0)
+    loss = lc.sum(h5 * h5)
+    for i, t in enumerate([h1, h2, h3, h4, h5], 1):
+        g.output(f"h{i}", t)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1)) if training else lc.compile(g)
+    r = prog.run({"x": X})
+    n1 = X @ W
+    n2 = np.maximum(n1, 0)
+    n3 = 1 / (1 + np.exp(-n2)) * n2
+    n4 = n3 + n1
+    e = np.exp(n4 - n3 - (n4 - n3).max(axis=0))
+    n5 = e / e.sum(axis=0) / (n2 + 1.0)
+    for i, ref in enumerate([n1, n2, n3, n4, n5], 1):
+        assert_close(r[f"h{i}"], ref, 1e-12, 1e-14, f"h{i}")
+    assert_close(r["loss"], np.sum(n5 * n5), 1e-12, 1e-14, "loss")
