@@ -390,3 +390,102 @@ def test_integer_forward_ops():
     np.testing.assert_array_equal(res["mul"], a * b)
     np.testing.assert_array_equal(res["div"], np.trunc(a / b).astype(np.int64))
     assert res["div"].dtype == np.int64
+
+
+# ----------------------------------------------------------------------------------------------------
+# larger, odd sizes (parallel / SIMD paths, tails) against closed-form NumPy VJPs, on 2 threads
+# ----------------------------------------------------------------------------------------------------
+def _unbroadcast(g, shape):
+    while g.ndim > len(shape):
+        g = g.sum(axis=0)
+    for i, s in enumerate(shape):
+        if s == 1 and g.shape[i] != 1:
+            g = g.sum(axis=i, keepdims=True)
+    return g.reshape(shape)
+
+
+LARGE_BINARY = [((257, 131), (257, 131)), ((257, 131), (131,)), ((257, 131), (1, 131)),
+                ((257, 131), (257, 1)), ((257, 131), ()), ((257, 1), (1, 131))]
+VJPS = {
+    "add": lambda A, B, R: (R, R),
+    "sub": lambda A, B, R: (R, -R),
+    "mul": lambda A, B, R: (R * B, R * A),
+    "div": lambda A, B, R: (R / B, -R * A / B ** 2),
+}
+
+
+@pytest.mark.parametrize("shapes", LARGE_BINARY, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("opname", list(BINARY))
+def test_large_binary_closed_form(opname, shapes):
+    rng = np.random.default_rng(50)
+    A = _values(shapes[0], rng)
+    B = _values(shapes[1], rng, "away_from_zero" if opname == "div" else "any")
+    fn, np_fn = BINARY[opname]
+    ref = np_fn(A, B)
+    R = rng.standard_normal(ref.shape)
+    g = lc.Graph("big")
+    a, b = g.param("a", A), g.param("b", B)
+    out = fn(a, b)
+    loss = lc.sum(out * g.const(R))
+    g.output("out", out)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, num_threads=2)
+    assert_close(prog.run({})["out"], ref, 1e-12, 1e-12, "forward")
+    grads = prog.grad({})
+    dA, dB = VJPS[opname](A, B, R)
+    assert_close(grads["a"], _unbroadcast(dA, A.shape), 1e-10, 1e-10, "d/da")
+    assert_close(grads["b"], _unbroadcast(dB, B.shape), 1e-10, 1e-10, "d/db")
+
+
+@pytest.mark.parametrize("shapes", [((67, 129), (129, 33)), ((3, 67, 129), (129, 33)),
+                                    ((67, 129), (3, 129, 33)), ((3, 67, 129), (3, 129, 33))],
+                         ids=lambda s: f"{s[0]}@{s[1]}")
+def test_large_matmul_closed_form(shapes):
+    rng = np.random.default_rng(51)
+    A, B = rng.standard_normal(shapes[0]), rng.standard_normal(shapes[1])
+    ref = A @ B
+    R = rng.standard_normal(ref.shape)
+    g = lc.Graph("bigmm")
+    a, b = g.param("a", A), g.param("b", B)
+    out = a @ b
+    loss = lc.sum(out * g.const(R))
+    g.output("out", out)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, num_threads=2)
+    assert_close(prog.run({})["out"], ref, 1e-12, 1e-11, "forward")
+    grads = prog.grad({})
+    assert_close(grads["a"], _unbroadcast(R @ np.swapaxes(B, -1, -2), A.shape), 1e-10, 1e-10, "dA = G Bᵀ")
+    assert_close(grads["b"], _unbroadcast(np.swapaxes(A, -1, -2) @ R, B.shape), 1e-10, 1e-10, "dB = Aᵀ G")
+
+
+LARGE_UNARY = {
+    "relu": (lc.relu, lambda x: np.maximum(x, 0), lambda x, y, R: R * (x > 0)),
+    "sigmoid": (lc.sigmoid, np_sigmoid, lambda x, y, R: R * y * (1 - y)),
+    "softmax_ax0": (lambda t: lc.softmax(t, axis=0), lambda x: np_softmax(x, axis=0),
+                    lambda x, y, R: y * (R - np.sum(R * y, axis=0, keepdims=True))),
+    "softmax_ax-1": (lambda t: lc.softmax(t, axis=-1), lambda x: np_softmax(x, axis=-1),
+                     lambda x, y, R: y * (R - np.sum(R * y, axis=-1, keepdims=True))),
+    "sum_ax0": (lambda t: lc.sum(t, axis=0), lambda x: x.sum(axis=0),
+                lambda x, y, R: np.broadcast_to(R, x.shape)),
+    "mean_ax1_kd": (lambda t: lc.mean(t, axis=1, keepdims=True), lambda x: x.mean(axis=1, keepdims=True),
+                    lambda x, y, R: np.broadcast_to(R, x.shape) / x.shape[1]),
+    "sum_all": (lambda t: lc.sum(t), np.sum, lambda x, y, R: np.broadcast_to(R, x.shape)),
+}
+
+
+@pytest.mark.parametrize("opname", list(LARGE_UNARY))
+def test_large_unary_closed_form(opname):
+    rng = np.random.default_rng(52)
+    X = rng.standard_normal((257, 131)) * 3
+    fn, np_fn, vjp = LARGE_UNARY[opname]
+    ref = np.asarray(np_fn(X))
+    R = rng.standard_normal(ref.shape)
+    g = lc.Graph("bigu")
+    x = g.param("x", X)
+    out = fn(x)
+    loss = lc.sum(out * g.const(R))
+    g.output("out", out)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, num_threads=2)
+    assert_close(prog.run({})["out"], ref, 1e-12, 1e-12, "forward")
+    assert_close(prog.grad({})["x"], vjp(X, ref, R), 1e-10, 1e-12, "grad")
