@@ -11,6 +11,10 @@ of ``Gather``) are specialised: their values are folded into the model as consta
 compiled (and cached) per distinct value.
 
 ``onnx.backend.test.BackendTest(LibmlBackend, __name__)`` can drive it.
+
+Conformance: ``python -m libml_compile.backend`` runs every official ONNX node test case (shipped with
+the ``onnx`` package) whose operators libml supports and prints how many pass; see
+:func:`discover_conformance_cases` for the (explicit, reasoned) exclusions.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep, Device, DeviceType, namedtupledict
 
-__all__ = ["LibmlBackend", "LibmlBackendRep", "prepare", "run_model", "run_node", "supports_device"]
+__all__ = ["LibmlBackend", "LibmlBackendRep", "prepare", "run_model", "run_node", "supports_device",
+           "discover_conformance_cases", "run_conformance_case", "EXCLUDED_CASES"]
 
 # (op_type, input index) pairs whose value must be known at compile time
 _STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather", 1)}
@@ -70,9 +75,10 @@ class LibmlBackendRep(BackendRep):
             if static:
                 model = onnx.ModelProto()
                 model.CopyFrom(self.model)
-                keep = [vi for vi in model.graph.input if vi.name not in static]
-                del model.graph.input[:]
-                model.graph.input.extend(keep)
+                if model.ir_version >= 4:  # before IR 4 every initializer must also be a graph input
+                    keep = [vi for vi in model.graph.input if vi.name not in static]
+                    del model.graph.input[:]
+                    model.graph.input.extend(keep)
                 for n, a in static.items():
                     model.graph.initializer.append(numpy_helper.from_array(a, name=n))
             shapes = {n: tuple(a.shape) for n, a in feeds.items() if n not in static}
@@ -162,3 +168,143 @@ run_model = LibmlBackend.run_model
 run_node = LibmlBackend.run_node
 supports_device = LibmlBackend.supports_device
 is_compatible = LibmlBackend.is_compatible
+
+
+# ----------------------------------------------------------------------------------------------------
+# conformance with the official ONNX backend node test cases
+# ----------------------------------------------------------------------------------------------------
+
+#: Explicit per-case exclusions among the cases whose operators are all supported (keep minimal).
+EXCLUDED_CASES = {
+    "test_identity_sequence": "input is a sequence of tensors; libml graphs hold tensors only",
+    "test_identity_opt": "input is an optional type; libml graphs hold tensors only",
+}
+UNSUPPORTED_ELEM_TYPE_REASON = (
+    "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints); "
+    "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
+
+
+def load_node_cases():
+    """All official node test cases as ``(name, model, data_sets, rtol, atol)``: from the generators in
+    ``onnx.backend.test.case.node`` or, for older wheels, the files under onnx/backend/test/data/node."""
+    import glob
+    import os
+    import warnings
+
+    out = []
+    try:
+        from onnx.backend.test.case.node import collect_testcases
+    except ImportError:  # pragma: no cover
+        collect_testcases = None
+    if collect_testcases is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cases = collect_testcases()
+        out = [(c.name, c.model, c.data_sets, c.rtol, c.atol) for c in cases
+               if c.model is not None and c.data_sets is not None]
+        if out:
+            return out
+    root = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")  # pragma: no cover
+    for d in sorted(glob.glob(os.path.join(root, "test_*"))):  # pragma: no cover
+        model = onnx.load(os.path.join(d, "model.onnx"))
+        sets = []
+        for ds in sorted(glob.glob(os.path.join(d, "test_data_set_*"))):
+            def read(prefix):
+                files = sorted(glob.glob(os.path.join(ds, f"{prefix}_*.pb")),
+                               key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
+                arrs = []
+                for f in files:
+                    t = onnx.TensorProto()
+                    with open(f, "rb") as fh:
+                        t.ParseFromString(fh.read())
+                    arrs.append(t)
+                return arrs
+            sets.append((read("input"), read("output")))
+        out.append((os.path.basename(d), model, sets, 1e-3, 1e-7))
+    return out
+
+
+def _elem_types(model):
+    types = []
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types.append(vi.type.tensor_type.elem_type)
+    types += [t.data_type for t in model.graph.initializer]
+    for n in model.graph.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to":
+                types.append(a.i)
+            if a.name == "value" and a.HasField("t"):
+                types.append(a.t.data_type)
+    return types
+
+
+def discover_conformance_cases(cases=None):
+    """Split the official node cases whose ops are all supported into ``(runnable, excluded)``;
+    ``excluded`` maps case name -> reason."""
+    from libml_compile.onnx_import import SUPPORTED_DTYPES, SUPPORTED_OPS
+
+    def elem_ok(et):
+        try:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)).name in SUPPORTED_DTYPES
+        except Exception:
+            return False
+
+    runnable, excluded = [], {}
+    for case in (load_node_cases() if cases is None else cases):
+        name, model = case[0], case[1]
+        if not {n.op_type for n in model.graph.node} <= set(SUPPORTED_OPS):
+            continue
+        if name in EXCLUDED_CASES:
+            excluded[name] = EXCLUDED_CASES[name]
+        elif not all(elem_ok(et) for et in _elem_types(model)):
+            excluded[name] = UNSUPPORTED_ELEM_TYPE_REASON
+        else:
+            runnable.append(case)
+    return runnable, excluded
+
+
+def run_conformance_case(case) -> None:
+    """Run one case through prepare/run; AssertionError on mismatch (dtype, shape, values)."""
+    name, model, sets, rtol, atol = case
+    rep = LibmlBackend.prepare(model)
+    for inputs, expected in sets:
+        got = rep.run([_as_array(i) for i in inputs])
+        assert len(got) == len(expected), f"{name}: {len(got)} outputs, expected {len(expected)}"
+        for i, (r, e) in enumerate(zip(got, expected)):
+            e = _as_array(e)
+            r = np.asarray(r)
+            assert r.dtype == e.dtype, f"{name} output {i}: dtype {r.dtype}, expected {e.dtype}"
+            assert r.shape == e.shape, f"{name} output {i}: shape {r.shape}, expected {e.shape}"
+            np.testing.assert_allclose(r, e, rtol=rtol, atol=atol, err_msg=f"{name} output {i}")
+
+
+def main(argv=None) -> int:
+    """``python -m libml_compile.backend [-v]``: run the conformance cases, print the counts."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    runnable, excluded = discover_conformance_cases()
+    failed = {}
+    for case in runnable:
+        try:
+            run_conformance_case(case)
+        except Exception as e:  # noqa: BLE001
+            failed[case[0]] = f"{type(e).__name__}: {e}"
+        else:
+            if "-v" in argv:
+                print(f"PASS {case[0]}")
+    passed = len(runnable) - len(failed)
+    print(f"ONNX conformance (onnx {onnx.__version__}): {passed}/{len(runnable)} node test cases with "
+          f"supported operators pass; {len(excluded)} excluded")
+    reasons: Dict[str, list] = {}
+    for k, r in excluded.items():
+        reasons.setdefault(r, []).append(k)
+    for r, names in reasons.items():
+        print(f"  {len(names):4d} excluded: {r}" + (f" ({', '.join(names)})" if len(names) <= 4 else ""))
+    for k, v in failed.items():
+        print(f"FAIL {k}: {v}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

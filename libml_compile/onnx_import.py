@@ -41,7 +41,7 @@ FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
 SUPPORTED_DTYPES: Tuple[str, ...] = (
     "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
 )
-MIN_OPSET = 7
+MIN_OPSET = 6
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -413,9 +413,24 @@ class _Importer:
             g.output(vi.name, v)
         return g
 
-    def binary(self, node, fn_np, fn_lc):
+    def binary(self, node, fn_np, fn_lc, legacy_broadcast=True):
         a, b = self.get(node, 0), self.get(node, 1)
         out = node.output[0]
+        if self.opset < 7 and legacy_broadcast:  # legacy broadcasting: `broadcast=1` and B aligned to A at `axis` (default: suffix)
+            at = _attrs(node)
+            sa, sb = self.shape(a), self.shape(b)
+            if not at.get("broadcast", 0):
+                if sa != sb:
+                    raise self.err(node, f"shapes {sa} and {sb} differ and broadcast=0 (opset {self.opset})")
+            elif "axis" in at and len(sb) > 0:
+                axis = int(at["axis"]) + (len(sa) if int(at["axis"]) < 0 else 0)
+                pad = len(sa) - axis - len(sb)
+                if pad < 0 or tuple(sa[axis:axis + len(sb)]) != tuple(sb) and not all(
+                        d == 1 or d == e for d, e in zip(sb, sa[axis:axis + len(sb)])):
+                    raise self.err(node, f"cannot broadcast {sb} onto {sa} at axis {at['axis']}")
+                if pad:
+                    nb = tuple(sb) + (1,) * pad
+                    b = np.reshape(b, nb) if self.is_const(b) else self.lc.reshape(b, nb, name=self.fresh(out))
         if self.is_const(a) and self.is_const(b):
             return [np.asarray(fn_np(a, b))]
         return [fn_lc(self.T(a, node.input[0]), self.T(b, node.input[1]), name=out)]
@@ -440,7 +455,7 @@ class _Importer:
                 return (a / b).astype(np.result_type(a, b))
             return self.binary(node, npdiv, lc.div)
         if op == "MatMul":
-            return self.binary(node, lambda a, b: np.matmul(a, b), lc.matmul)
+            return self.binary(node, lambda a, b: np.matmul(a, b), lc.matmul, legacy_broadcast=False)
         if op in ("Relu", "Sigmoid", "Identity"):
             x = self.get(node, 0)
             if self.is_const(x):
