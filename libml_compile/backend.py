@@ -18,6 +18,7 @@ the ``onnx`` package) whose operators libml supports and prints how many pass; s
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -184,7 +185,17 @@ UNSUPPORTED_ELEM_TYPE_REASON = (
     "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
 
 
+@functools.lru_cache(maxsize=1)
+def _load_node_cases_cached():
+    return tuple(_load_node_cases())
+
+
 def load_node_cases():
+    """All official node test cases as ``(name, model, data_sets, rtol, atol)`` (cached)."""
+    return list(_load_node_cases_cached())
+
+
+def _load_node_cases():
     """All official node test cases as ``(name, model, data_sets, rtol, atol)``: from the generators in
     ``onnx.backend.test.case.node`` or, for older wheels, the files under onnx/backend/test/data/node."""
     import glob

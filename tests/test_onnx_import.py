@@ -399,3 +399,20 @@ def test_unsupported_dtype_names_the_input():
     m.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
     with pytest.raises(ONNXImportError, match="'x'.*FLOAT16"):
         import_onnx(m)
+
+
+def test_external_data_is_loaded(tmp_path):
+    m = build_gemm_classifier()
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    path = str(tmp_path / "ext.onnx")
+    onnx.save_model(build_gemm_classifier(), path, save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
+                    size_threshold=0)
+    assert os.path.exists(tmp_path / "ext.data")
+    g = import_onnx(path, shapes={"input": (3, 20)})
+    np.testing.assert_array_equal(g.params["fc1.weight"].value, w)
+    x = np.ones((3, 20), np.float32)
+    np.testing.assert_allclose(lc.compile(g).run({"input": x})["logits"], ort_run(m, {"input": x})["logits"],
+                               rtol=1e-5, atol=1e-6)
+    out = str(tmp_path / "ext_out.onnx")
+    export_onnx(lc.compile(g), out)                   # exported self-contained
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(out).graph.initializer[0]), w)
