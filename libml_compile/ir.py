@@ -118,7 +118,7 @@ class Graph:
         if dt not in FLOAT_DTYPES:
             raise TypeError(f"param {name!r}: dtype {dt} is not trainable; use float32 or float64 "
                             f"(or g.const for integer data)")
-        arr = np.ascontiguousarray(arr)
+        arr = np.array(arr, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
         t = Tensor(self, "param", (), {}, arr.shape, dt, name, value=arr)
         self.params[name] = t
         return self._add(t)
@@ -132,7 +132,7 @@ class Graph:
             arr = arr.astype(np.uint8)
         if name is not None:
             self._check_new_name(name)
-        arr = np.ascontiguousarray(arr)
+        arr = np.array(arr, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
         arr.flags.writeable = False
         t = Tensor(self, "const", (), {}, arr.shape, canonical_dtype(arr.dtype), name, value=arr)
         return self._add(t)

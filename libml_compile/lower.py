@@ -51,7 +51,7 @@ class StateLayout:
         if key in self.where:
             return self.where[key]
         off = align(self.size)
-        value = np.ascontiguousarray(value)
+        value = np.array(value, order="C", copy=None)
         self.chunks.append((off, value))
         self.size = off + value.nbytes
         self.where[key] = off
@@ -110,6 +110,7 @@ class _Instr:
         self.reads: list[Tensor] = []
         self.writes: list[Tensor] = []
         self.inplace: dict = {}
+        self.imm: set = set()
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
@@ -153,9 +154,10 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         ins = _Instr(kind_u, x)
         if kind_u == "ew":
             members = set(x.members)
+            ins.imm = _immediates(x.members)
             for m in x.members:
                 for i in m.inputs:
-                    if i not in members and not _immediate(i) and i not in ins.reads:
+                    if i not in members and i not in ins.imm and i not in ins.reads:
                         ins.reads.append(i)
             for m in x.members:
                 if m.op == "sum" or m in root_set or any(c not in members for c in consumers.get(m, ())):
@@ -250,9 +252,20 @@ def _single_group(t):
     return g
 
 
-def _immediate(t):
-    """Scalar constants become VM immediates instead of memory reads."""
+def _scalar_const(t):
     return t.op == "const" and t.value.size == 1 and t.dtype in FLOAT_DTYPES
+
+
+def _immediates(members):
+    """Scalar constants that every member of the group uses as one operand of a binary op: those become
+    VM immediates (no memory read); any other use (e.g. broadcast_to(c)) reads them from memory."""
+    uses = {}
+    for m in members:
+        for k, i in enumerate(m.inputs):
+            if _scalar_const(i):
+                ok = len(m.inputs) == 2 and not _scalar_const(m.inputs[1 - k])
+                uses[i] = uses.get(i, True) and ok
+    return {c for c, ok in uses.items() if ok}
 
 
 def _inplace_candidate(ins, w, k, buffers, base, last_read):
@@ -350,7 +363,7 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
             continue
         vm = F.VM_OPS[_vm_name(m)]
         a_t, b_t = (m.inputs + (None,))[:2]
-        if b_t is not None and _immediate(a_t) and not _immediate(b_t):
+        if b_t is not None and a_t in ins.imm:
             if m.op in ("add", "mul"):
                 a_t, b_t = b_t, a_t
             elif m.op == "sub":
@@ -364,7 +377,7 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
         a = reg[a_t]
         if b_t is None:
             b = 0
-        elif _immediate(b_t):
+        elif b_t in ins.imm:
             b = -(em.const(b_t.value.reshape(-1)[0]) + 1)
         else:
             b = reg[b_t]
@@ -392,7 +405,7 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
     names = "+".join(m.op for m in g.members)
     nid = em.node(f"fused({names})" if len(g.members) > 1 else g.members[0].op, g.members[-1].name)
     em.emit(F.OP_EW, nid, fields)
-    nbytes = sum(t.size * np.dtype(t.dtype).itemsize for t in ins.reads if not _immediate(t)) + \
+    nbytes = sum(t.size * np.dtype(t.dtype).itemsize for t in ins.reads) + \
         sum(w.size * np.dtype(w.dtype).itemsize for w in ins.writes)
     flops = sum(m.size if m.op != "sum" else m.inputs[0].size for m in g.members)
     return {"op": "fused_elementwise" if len(g.members) > 1 else g.members[0].op,

@@ -121,7 +121,11 @@ def _s_matmul(inp, attrs):
     if sa[-1] != sb[-2]:
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are incompatible "
                          f"(inner dimensions {sa[-1]} != {sb[-2]})")
-    batch = broadcast_shapes("matmul", sa[:-2], sb[:-2])
+    try:
+        batch = broadcast_shapes("matmul", sa[:-2], sb[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are incompatible (batch dimensions "
+                         f"{sa[:-2]} and {sb[:-2]} do not broadcast)") from None
     return batch + (sa[-2], sb[-1]), dt
 
 
@@ -311,7 +315,7 @@ for _d in [
     OpDef("matmul", "gemm", _s_matmul, _r_matmul,
           # dA = G B^T ; dB = A^T G  (batch broadcasting reduced centrally by autodiff)
           lambda n, g: (matmul(g, _swap_last2(n.inputs[1])), matmul(_swap_last2(n.inputs[0]), g))),
-    OpDef("transpose", "transpose", _s_transpose, lambda at, x: np.ascontiguousarray(x.transpose(at["perm"])),
+    OpDef("transpose", "transpose", _s_transpose, lambda at, x: x.transpose(at["perm"]).copy(order="C"),
           _g_transpose, int_ok=True),
     OpDef("reshape", "view", _s_reshape, lambda at, x: x.reshape(at["shape"]),
           lambda n, g: (reshape(g, n.inputs[0].shape),), int_ok=True),

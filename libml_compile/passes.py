@@ -72,7 +72,7 @@ def simplify(roots):
         # constant folding with the op's NumPy reference (compile time only)
         if d.ref is not None and d.kind != "opt" and t.inputs and all(i.op == "const" for i in t.inputs):
             if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in t.inputs), 1):
-                val = np.ascontiguousarray(np.asarray(d.ref(t.attrs, *[i.value for i in t.inputs]), dtype=t.dtype))
+                val = np.array(d.ref(t.attrs, *[i.value for i in t.inputs]), dtype=t.dtype, order="C")
                 val.flags.writeable = False
                 t.op, t.inputs, t.attrs, t.value = "const", (), {}, val.reshape(t.shape)
                 continue

@@ -113,19 +113,21 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
                                           check_finite=True)
         entries[kind], reports[kind], summaries[kind] = e, rep, summ
 
+    # the whole joint graph is built before any entry is lowered: the passes rewrite nodes in place
+    # (e.g. transposes absorbed into GEMM flags), which gradient rules must never see
     run_outputs = list(tg.outputs.items()) or [("loss", m[loss])]
-    add("run", [t for _, t in run_outputs], run_outputs)
+    todo = [("run", [t for _, t in run_outputs], run_outputs)]
     if loss is not None:
         lt = m[loss]
         params = [tg.params[n] for n in train_names]
         grads = autodiff.grad_graph(lt, params)
         gouts = [(p.name, grads[p]) for p in params]
-        add("grad", [lt] + [gt for _, gt in gouts], gouts)
-        if optimizer is not None and params:
-            upd = optimizer.update_node(params, [grads[p] for p in params])
-            add("step", [lt, upd], [("loss", lt)])
-        elif optimizer is not None:
-            add("step", [lt], [("loss", lt)])
+        todo.append(("grad", [lt] + [gt for _, gt in gouts], gouts))
+        if optimizer is not None:
+            upd = [optimizer.update_node(params, [grads[p] for p in params])] if params else []
+            todo.append(("step", [lt] + upd, [("loss", lt)]))
+    for kind, roots, outputs in todo:
+        add(kind, roots, outputs)
 
     plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
                 graph_inputs=graph_inputs, label_inputs=label_inputs, entries=entries,

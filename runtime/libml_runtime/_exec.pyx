@@ -117,7 +117,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     cdef int64_t it, row, b, c, lo, hi, nt
     cdef floating *regs
     cdef floating *partial
-    cdef floating acc[LM_MAXIO]
+    cdef floating *acc
     cdef int k
     if lm_ew_decode(f, nf, &e) != 0:
         return ERR_MALFORMED
@@ -143,7 +143,9 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     elif e.mode == 1:
         # reductions along the innermost dim only: a row is one task, its blocks summed in order
         with parallel(num_threads=nt):
-            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+            # registers and the row accumulators are per thread (a shared C array would race)
+            regs = <floating*>malloc((e.n_regs * LM_BLK + LM_MAXIO) * sizeof(floating))
+            acc = regs + e.n_regs * LM_BLK
             for row in prange(e.rows, schedule="static"):
                 for k in range(e.n_out):
                     acc[k] = 0

@@ -137,7 +137,7 @@ class Executable:
             if lo < 0 or hi >= ncls:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {bad}")
-        return np.ascontiguousarray(a)
+        return a if a.flags.c_contiguous else np.array(a, order="C")
 
     def _call(self, kind, feeds):
         entry = self._entry(kind)
