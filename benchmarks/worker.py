@@ -196,7 +196,6 @@ def setup_jax(wid, spec, feeds):
     else:
         raise Skip(k)
 
-    @jax.jit
     def _step(params, x, y):
         L, g = jax.value_and_grad(loss_fn)(params, x, y)
         return jax.tree_util.tree_map(lambda p, d: p - lr * d, params, g), L
@@ -257,7 +256,8 @@ def setup_libml(wid, spec, feeds):
         raise Skip(f"libml not installed ({e})")
     b = common.builders()
     k = spec["kind"]
-    info = {}
+    info = {"kernels": "GEMM through scipy.linalg.cython_blas (the scipy.libs OpenBLAS above), "
+                       "own C kernels with OpenMP"}
     if k == "mlp":
         g, L = b.mlp(spec["layers"], spec["batch"], loss=spec["loss"], seed=common.PARAM_SEED)
         t0 = time.perf_counter()
@@ -302,7 +302,9 @@ def blas_info():
     for d in threadpool_info():
         out.append({"user_api": d.get("user_api"), "internal_api": d.get("internal_api"),
                     "architecture": d.get("architecture"), "num_threads": d.get("num_threads"),
-                    "version": d.get("version"), "lib": os.path.basename(d.get("filepath", ""))})
+                    "version": d.get("version"),
+                    # parent folder tells whose copy it is (numpy.libs, scipy.libs, torch/lib, ...)
+                    "lib": "/".join(d.get("filepath", "").split("/")[-2:])})
     return out
 
 
