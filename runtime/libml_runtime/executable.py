@@ -93,6 +93,24 @@ class Executable:
             for name, (off, dt, shape) in entries.items():
                 self._view(1, off, dt, shape)[...] = d[name]
 
+    def save(self, path):
+        """Write this program (plan, current params and optimizer state) to one self-contained plan file
+        that ``libml_runtime.load`` reads back (see FORMAT.md).  The write is atomic."""
+        from . import planfile
+        with self._lock:
+            state = self._state.copy()
+        return planfile.save(self.plan, path, state=state)
+
+    def save_checkpoint(self, path, loader=None, extra=None):
+        """Atomically write params, optimizer state and (optionally) a data loader's position."""
+        from . import checkpoint
+        return checkpoint.save_checkpoint(self, path, loader=loader, extra=extra)
+
+    def load_checkpoint(self, path, loader=None):
+        """Restore a checkpoint written by ``save_checkpoint``; returns its ``extra`` dict."""
+        from . import checkpoint
+        return checkpoint.load_checkpoint(self, path, loader=loader)
+
     # ---- internals -------------------------------------------------------------------------------
     def _view(self, slot, off, dt, shape):
         buf = self._arena if slot == 0 else self._state
@@ -145,7 +163,7 @@ class Executable:
         with self._lock:
             if self.check_finite:
                 snapshot = self._state.copy()
-            with blas_threads(self.num_threads):
+            with blas_threads(1):  # the runtime splits GEMMs over its own OpenMP threads
                 rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
                                                  self.num_threads)
             if rc != 0:

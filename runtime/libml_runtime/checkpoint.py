@@ -1,0 +1,119 @@
+"""Training checkpoints: params, optimizer state (momentum, Adam moments and step count) and the data
+loader's position, in one checksummed file written atomically.
+
+The container is the plan-file container (``planfile.pack``) with magic ``b"LIBMLCKP"``; the header holds
+the plan's name and a fingerprint of its state layout, one record per array ``[name, dtype, shape,
+section]`` (raw little-endian bytes in a uint8 section), the loader state and a free JSON ``extra``.
+
+Atomicity: the bytes go to a temporary file in the checkpoint's folder, which is flushed and fsync'ed and
+then renamed over the old checkpoint with ``os.replace``; the folder is fsync'ed afterwards.  A process
+killed at any point leaves either the previous checkpoint or the new one, never a mixture.  A stray
+``.<name>.tmp-*`` file may remain after a kill; it is ignored (and overwritten by the next save from the
+same process id).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+
+import numpy as np
+
+from . import format as F
+from .plan import PlanError
+from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, atomic_write, pack, unpack
+
+MAGIC = b"LIBMLCKP"
+
+
+class CheckpointError(PlanError):
+    """A checkpoint file is corrupt, or does not belong to this program."""
+
+
+def layout_fingerprint(plan):
+    """SHA-256 over the names, dtypes and shapes of the params and optimizer state."""
+    rec = [[p[0], p[2], [int(d) for d in p[3]]] for p in plan.params] + \
+          [[s[0], s[2], [int(d) for d in s[3]]] for s in plan.opt_state]
+    return hashlib.sha256(json.dumps(rec, separators=(",", ":")).encode()).hexdigest()
+
+
+def save_checkpoint(exe, path, loader=None, extra=None):
+    """Write ``exe``'s params and optimizer state (and ``loader.state_dict()``) to ``path`` atomically.
+
+    The arrays are copied under the program's lock, so a concurrent ``step`` from another thread is never
+    half-saved.  extra: a JSON-serialisable dict stored alongside (e.g. the epoch or a metric).
+    """
+    plan = exe.plan
+    with exe._lock:
+        arrays = [(name, dt, tuple(shape), exe._view(1, off, dt, shape).copy())
+                  for name, off, dt, shape in [p[:4] for p in plan.params] + list(plan.opt_state)]
+        loader_state = loader.state_dict() if loader is not None else None
+    header = {
+        "format": "libml-checkpoint",
+        "version": 1,
+        "plan": plan.name,
+        "layout": layout_fingerprint(plan),
+        "arrays": [[name, dt, list(shape), i] for i, (name, dt, shape, _) in enumerate(arrays)],
+        "loader": loader_state,
+        "extra": extra,
+    }
+    sections = [("uint8", np.frombuffer(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes(),
+                                        np.uint8)) for _, _, _, a in arrays]
+    try:
+        data = pack(MAGIC, header, sections)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint extra/loader state must be JSON-serialisable: {e}") from None
+    atomic_write(path, data, tmp_suffix=f"{os.getpid()}-{threading.get_ident()}")
+    return path
+
+
+def read_checkpoint(path):
+    """Parse and verify a checkpoint file -> (header dict, {name: ndarray}).  Raises CheckpointError."""
+    with open(os.fspath(path), "rb") as f:
+        data = f.read()
+    try:
+        h, area = unpack(data, MAGIC, "libml checkpoint")
+        _keys(h, "header", {"format", "version", "plan", "layout", "arrays", "loader", "extra", "sections"})
+        _need(h["format"] == "libml-checkpoint" and h["version"] == 1, "format", "is not libml-checkpoint 1")
+        _str(h["plan"], "plan", allow_empty=True)
+        _str(h["layout"], "layout")
+        secs = Sections(h["sections"], area)
+        arrays = {}
+        for i, rec in enumerate(_list(h["arrays"], "arrays")):
+            w = f"arrays[{i}]"
+            _need(isinstance(rec, list) and len(rec) == 4, w, "must be [name, dtype, shape, section]")
+            name, dt, shape = _str(rec[0], f"{w}.name"), rec[1], _shape(rec[2], f"{w}.shape")
+            _need(isinstance(dt, str) and dt in F.DTYPES, f"{w}.dtype", f"unknown dtype {dt!r}"[:200])
+            raw = secs.take(_int(rec[3], f"{w}.section"), f"{w}.section", "uint8")
+            want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+            _need(raw.size == want, f"{w}.section", f"holds {raw.size} bytes, {dt}{list(shape)} needs {want}")
+            _need(name not in arrays, f"{w}.name", f"duplicate array {name!r}")
+            arrays[name] = raw.view(np.dtype(dt).newbyteorder("<")).astype(dt).reshape(shape)
+        secs.check_all_used()
+        _need(h["loader"] is None or isinstance(h["loader"], dict), "loader", "must be an object or null")
+    except CheckpointError:
+        raise
+    except PlanError as e:
+        raise CheckpointError(str(e).replace("invalid plan field", "invalid checkpoint field")) from None
+    return h, arrays
+
+
+def load_checkpoint(exe, path, loader=None):
+    """Restore params and optimizer state into ``exe`` (and the position into ``loader``).
+
+    Raises CheckpointError if the file is corrupt or was written by a program with a different state
+    layout; nothing is modified in that case.  Returns the checkpoint's ``extra``.
+    """
+    h, arrays = read_checkpoint(path)
+    if h["layout"] != layout_fingerprint(exe.plan):
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} was written by program {h['plan']!r} with a "
+                              f"different params/optimizer-state layout than program {exe.plan.name!r}")
+    if loader is not None:
+        if h["loader"] is None:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} has no data loader position")
+        loader.check_state(h["loader"])
+    exe.load_state_dict(arrays)
+    if loader is not None:
+        loader.load_state_dict(h["loader"])
+    return h["extra"]
