@@ -194,14 +194,66 @@ cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *const
 # ------------------------------------------------------------------------------------------------
 # GEMM through BLAS (row-major wrapper: C^T = B^T A^T in BLAS's column-major terms)
 # fields: dtype M N K transA transB A(2) B(2) C(2) alpha_c beta_c bias(2) act bdim bdims sA sB sC
+#
+# One thread pool only: BLAS runs single-threaded (the caller pins it with threadpoolctl) and the
+# runtime splits each GEMM into per-thread panels inside its own OpenMP region -- two pools spinning
+# on the same cores cost 10-40x on a 2-core machine (measured: W2 step 6 ms -> 256 ms).  The bias /
+# activation epilogue runs on each panel right after BLAS wrote it, while it is still in cache.
+
+DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread
+
+cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, floating alpha,
+                       floating *A, int lda, floating *B, int ldb, floating beta, floating *C, int ldc) noexcept nogil:
+    # row-major C(m,n) = op(A)(m,k) op(B)(k,n)  ==  column-major C^T = op(B)^T op(A)^T
+    if floating is float:
+        sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
+    else:
+        dgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
+
+
+cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int M, int N, int K, bint ta, bint tb,
+                        floating alpha, floating *A, int lda, floating *B, int ldb, floating beta,
+                        floating *C, int ldc, floating *bias, int64_t act) noexcept nogil:
+    """Panel ``part`` of ``nparts`` of one GEMM (rows of C if split_m, else columns), then its epilogue."""
+    cdef int total = M if split_m else N
+    cdef int step = ((total + nparts - 1) // nparts + 15) // 16 * 16
+    cdef int lo = part * step, hi = lo + step, i
+    cdef char cta = b'T' if ta else b'N'
+    cdef char ctb = b'T' if tb else b'N'
+    if hi > total:
+        hi = total
+    if lo >= hi:
+        return
+    if split_m:
+        # rows lo..hi of op(A): row-major (M,K) -> +lo*lda ; transposed storage (K,M) -> +lo
+        _blas(dummy, cta, ctb, hi - lo, N, K, alpha, A + (lo if ta else <int64_t>lo * lda), lda, B, ldb,
+              beta, C + <int64_t>lo * ldc, ldc)
+        if bias != NULL or act != 0:
+            for i in range(lo, hi):
+                _epi_row(dummy, N, C + <int64_t>i * ldc, bias, act)
+    else:
+        # columns lo..hi of op(B): row-major (K,N) -> +lo ; transposed storage (N,K) -> +lo*ldb
+        _blas(dummy, cta, ctb, M, hi - lo, K, alpha, A, lda, B + (<int64_t>lo * ldb if tb else lo), ldb,
+              beta, C + lo, ldc)
+        if bias != NULL or act != 0:
+            for i in range(M):
+                _epi_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL, act)
+
+
+cdef inline void _epi_row(floating dummy, int64_t n, floating *c, floating *bias, int64_t act) noexcept nogil:
+    if floating is float:
+        lm_epilogue_row_f32(n, c, bias, act)
+    else:
+        lm_epilogue_row_f64(n, c, bias, act)
+
 
 cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
                int nthreads) noexcept nogil:
     cdef int M = <int>f[1], N = <int>f[2], K = <int>f[3]
-    cdef int ta = <int>f[4], tb = <int>f[5]
+    cdef bint ta = f[4] != 0, tb = f[5] != 0
     cdef floating alpha = <floating>consts[f[12]]
     cdef floating beta = <floating>consts[f[13]]
-    cdef int64_t bdim = f[17], nbatch = 1, bi, d, q, rem, offA, offB, offC, i, nt
+    cdef int64_t bdim = f[17], nbatch = 1, bi, d, q, rem, i
     cdef const int64_t *bd = f + 18
     cdef const int64_t *sA = f + 18 + bdim
     cdef const int64_t *sB = f + 18 + 2 * bdim
@@ -211,48 +263,52 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     cdef floating *C = <floating*>_ptr(bases, f + 10)
     cdef floating *bias = <floating*>_ptr(bases, f + 14) if f[14] >= 0 else NULL
     cdef int64_t act = f[16]
-    cdef char transa = b'T' if ta else b'N'
-    cdef char transb = b'T' if tb else b'N'
     cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
+    cdef int nt, part, nparts
+    cdef bint split_m
+    cdef int64_t offA, offB, offC
     if lda < 1: lda = 1
     if ldb < 1: ldb = 1
     if ldc < 1: ldc = 1
     for d in range(bdim):
         nbatch *= bd[d]
-    if M == 0 or N == 0:
+    if M == 0 or N == 0 or nbatch == 0:
         return 0
+    if K == 0:  # BLAS would leave C untouched for beta = 0 on some implementations
+        if beta == 0:
+            for bi in range(nbatch):
+                memset(C + _boff(bi, bdim, bd, sC), 0, <size_t>M * N * sizeof(floating))
+        return 0
+    nt = nthreads if 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS else 1
+    if nbatch > 1 and nbatch >= nt:
+        for bi in prange(nbatch, num_threads=nt, schedule="static"):
+            _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,
+                   B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act)
+        return 0
+    split_m = M >= N
     for bi in range(nbatch):
-        offA = 0; offB = 0; offC = 0
-        rem = bi
-        d = bdim - 1
-        while d >= 0:
-            q = rem // bd[d]
-            offA += (rem - q * bd[d]) * sA[d]
-            offB += (rem - q * bd[d]) * sB[d]
-            offC += (rem - q * bd[d]) * sC[d]
-            rem = q
-            d -= 1
-        if K == 0:
-            if beta == 0:
-                memset(C + offC, 0, <size_t>M * N * sizeof(floating))
-            continue
-        if floating is float:
-            sgemm(&transb, &transa, &N, &M, &K, &alpha, B + offB, &ldb, A + offA, &lda, &beta, C + offC, &ldc)
+        offA = _boff(bi, bdim, bd, sA)
+        offB = _boff(bi, bdim, bd, sB)
+        offC = _boff(bi, bdim, bd, sC)
+        if nt == 1:
+            _panel(dummy, 0, 1, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
+                   C + offC, ldc, bias, act)
         else:
-            dgemm(&transb, &transa, &N, &M, &K, &alpha, B + offB, &ldb, A + offA, &lda, &beta, C + offC, &ldc)
-    if bias != NULL or act != 0:
-        nt = _threads(nbatch * M * N, nthreads)
-        _epilogue(C, bias, nbatch * M, N, act, nt)
+            for part in prange(nt, num_threads=nt, schedule="static"):
+                _panel(dummy, part, nt, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
+                       C + offC, ldc, bias, act)
     return 0
 
 
-cdef void _epilogue(floating *C, floating *bias, int64_t rows, int64_t N, int64_t act, int nt) noexcept nogil:
-    cdef int64_t i
-    for i in prange(rows, num_threads=nt, schedule="static"):
-        if floating is float:
-            lm_epilogue_row_f32(N, C + i * N, bias, act)
-        else:
-            lm_epilogue_row_f64(N, C + i * N, bias, act)
+cdef inline int64_t _boff(int64_t bi, int64_t bdim, const int64_t *bd, const int64_t *s) noexcept nogil:
+    """element offset of batch index ``bi`` (row-major over bd) for batch strides ``s``"""
+    cdef int64_t off = 0, d = bdim - 1, q
+    while d >= 0:
+        q = bi // bd[d]
+        off += (bi - q * bd[d]) * s[d]
+        bi = q
+        d -= 1
+    return off
 
 
 # ------------------------------------------------------------------------------------------------
