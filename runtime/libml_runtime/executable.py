@@ -32,7 +32,9 @@ class Executable:
         self.num_threads = resolve_threads(num_threads)
         self.check_finite = bool(check_finite)
         self._state = plan.state.copy()
-        arena = max((e.arena_bytes for e in plan.entries.values()), default=0)
+        # the checked entries (unfused, check_finite=True) usually need a larger arena than the fused ones
+        arena = max((x.arena_bytes for e in plan.entries.values() for x in (e, e.checked) if x is not None),
+                    default=0)
         self._arena = np.zeros(max(arena, 8), np.uint8)
         self._lock = threading.Lock()
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
