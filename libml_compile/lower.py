@@ -129,6 +129,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     outputs = [(n, r(t)) for n, t in outputs]
     roots = [r(t) for t in roots]
     passes.absorb_transposes(nodes)
+    if fuse:
+        passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
     units = passes.schedule(nodes, group_of)
@@ -426,7 +428,7 @@ def _emit_op(em, t, loc, state, optimizer):
     op = t.op
     nid = em.node(op, t.name)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
-    if op == "matmul":
+    if op in ("matmul", "linear"):
         return _emit_gemm(em, nid, t, loc)
     if op == "softmax":
         ax = t.attrs["axis"]
@@ -502,7 +504,7 @@ def _emit_op(em, t, loc, state, optimizer):
 
 
 def _emit_gemm(em, nid, t, loc):
-    a, b = t.inputs
+    a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
     M, N = t.shape[-2], t.shape[-1]
     K = a.shape[-2] if ta else a.shape[-1]
@@ -517,10 +519,12 @@ def _emit_gemm(em, nid, t, loc):
     # (..., M, K) @ (K, N) with a contiguous, untransposed A: one GEMM with M' = batch * M
     if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
         M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
+    bias = (*loc(t.inputs[2]), 1 if t.attrs.get("act") == "relu" else 0) if t.op == "linear" else (-1, 0, 0)
     fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(t),
-              em.const(1.0), em.const(0.0), -1, 0, 0, len(batch), *batch, *sA, *sB, *sC]
+              em.const(1.0), em.const(0.0), *bias, len(batch), *batch, *sA, *sB, *sC]
     em.emit(F.OP_GEMM, nid, fields)
     nb = int(np.prod(batch)) if batch else 1
-    return {"op": "gemm", "node": t.name, "flops": 2 * nb * M * N * K,
+    return {"op": "gemm" + ("+bias" if t.op == "linear" else "") + ("+relu" if t.attrs.get("act") == "relu" else ""),
+            "node": t.name, "flops": 2 * nb * M * N * K,
             "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t))),
             "trans": (ta, tb)}

@@ -137,6 +137,15 @@ def _r_matmul(attrs, a, b):
     return a @ b
 
 
+def _s_linear(inp, attrs):
+    return _s_matmul(inp[:2], attrs)
+
+
+def _r_linear(attrs, a, b, bias):
+    y = _r_matmul(attrs, a, b) + bias
+    return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
+
+
 def _norm_axes(op, axes, ndim):
     if axes is None:
         return tuple(range(ndim))
@@ -296,9 +305,10 @@ for _d in [
     OpDef("neg", "ew", _s_unary_float("neg"), lambda at, x: -x, lambda n, g: (neg(g),), vm="NEG"),
     OpDef("identity", "ew", lambda inp, at: (inp[0].shape, inp[0].dtype), lambda at, x: x.copy(),
           lambda n, g: (g,), vm="COPY"),
-    # relu'(x) = 1 where x > 0, 0 otherwise (0 at x = 0)
+    # relu'(x) = 1 where x > 0, 0 otherwise (0 at x = 0).  Taken from the output: relu(x) > 0 iff x > 0
+    # (NaN included), so the pre-activation need not stay alive and can be fused into a GEMM epilogue.
     OpDef("relu", "ew", _s_unary_float("relu"), lambda at, x: np.where(x > 0, x, np.zeros_like(x)),
-          lambda n, g: (mul(g, step(n.inputs[0])),), vm="RELU"),
+          lambda n, g: (mul(g, step(n)),), vm="RELU"),
     # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
     OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,
           lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID"),
@@ -322,6 +332,8 @@ for _d in [
     OpDef("cast", "cast", _s_cast, lambda at, x: x.astype(at["dtype"]),
           lambda n, g: (cast(g, n.inputs[0].dtype) if n.inputs[0].dtype in FLOAT_DTYPES else None,),
           int_ok=True),
+    OpDef("linear", "gemm", _s_linear, _r_linear, None,
+          doc="act(matmul(a, b) + bias): a GEMM with its epilogue, made by passes.fuse_epilogues"),
     OpDef("softmax", "softmax", _s_softmax, _r_softmax, _g_softmax),
     OpDef("softmax_xent", "xent", _s_xent, _r_xent,
           lambda n, g: (make("xent_grad", (n.inputs[0], n.inputs[1], g)), None),

@@ -119,6 +119,35 @@ def _algebraic(t):
     return None
 
 
+def fuse_epilogues(nodes, roots):
+    """matmul -> + bias(N,) [-> relu]  ==>  one ``linear`` node: BLAS writes a panel, the epilogue adds the
+    bias and applies relu while the panel is in cache.  The consumer node is rewritten in place (its
+    consumers keep reading it); the matmul stays only if something else still reads it."""
+    consumers = {}
+    for t in nodes:
+        for i in t.inputs:
+            consumers.setdefault(i, []).append(t)
+    keep = set(roots)
+    for m in nodes:
+        if m.op != "matmul" or m in keep or len(consumers.get(m, ())) != 1:
+            continue
+        add = consumers[m][0]
+        if add.op != "add" or add.shape != m.shape:
+            continue
+        bias = add.inputs[1] if add.inputs[0] is m else add.inputs[0]
+        if bias is m or bias.size != m.shape[-1] or bias.shape[-1:] != m.shape[-1:]:
+            continue
+        out, act = add, "none"
+        cons = consumers.get(add, ())
+        if len(cons) == 1 and cons[0].op == "relu" and add not in keep:
+            out, act = cons[0], "relu"
+        if bias.ndim != 1:
+            from .ops import reshape
+            bias = reshape(bias, (bias.size,))
+        out.op, out.inputs = "linear", (m.inputs[0], m.inputs[1], bias)
+        out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
+
+
 def absorb_transposes(nodes):
     """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free."""
     for t in nodes:
