@@ -218,12 +218,13 @@ class _Decoder:
         nchunks = self.take("nchunks", 1, F.LM_MAXCHUNK)
         self.take("scratch.slot", 0, 0)
         scratch_off = self.take("scratch.offset", 0, 2 ** 50)
-        for i in range(n_in):
-            self.strided(f"input[{i}]", isz, dims)
+        in_strides = [self.strided(f"input[{i}]", isz, dims) for i in range(n_in)]
         red_total = 0
         outs = []
+        out_strides = []
         for i in range(n_out):
             s = self.strided(f"output[{i}]", isz, dims, writable=True)
+            out_strides.append(s)
             reg = self.take(f"output[{i}].reg", 0, n_regs - 1)
             red = self.take(f"output[{i}].is_reduce", 0, 1)
             sc = self.take(f"output[{i}].scale", -1, self.nconsts - 1)
@@ -235,6 +236,20 @@ class _Decoder:
                     self.fail(f"output[{i}] reduces over more than the innermost dim in mode 1")
                 red_total += int(np.prod([dims[k] for k in range(nd) if s[k] != 0], dtype=object))
             outs.append(red)
+        for i, (red, s) in enumerate(zip(outs, out_strides)):
+            # the kernels index a plain output (and a reduce output's partial sums, mode 2) as a dense
+            # row-major array over the dims it keeps: anything else would write outside the scratch
+            kept = [k for k in range(nd) if not red or s[k] != 0]
+            for k in kept:
+                want = int(np.prod([dims[j] for j in kept if j > k], dtype=object))
+                if dims[k] > 1 and s[k] != want:
+                    self.fail(f"output[{i}].stride[{k}] = {s[k]} is not the dense stride {want}")
+        for k in range(nd):
+            # a dim no operand moves along would only repeat work (a fuzzed size there is a hang)
+            if dims[k] > 1 and not any(st[k] for st in in_strides + out_strides):
+                self.fail(f"dims[{k}] = {dims[k]} is broadcast in every operand")
+        if scratch_off % isz:
+            self.fail(f"scratch offset {scratch_off} is not aligned to {isz}")
         if mode == 0 and any(outs):
             self.fail("mode 0 instruction has reduce outputs")
         if mode != 0 and not any(outs):
@@ -266,8 +281,13 @@ class _Decoder:
         sa = [self.take(f"A.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
         sb = [self.take(f"B.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
         sc = [self.take(f"C.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
-        if bslot >= 0 and boff + N * isz > self.sizes[bslot]:
-            self.fail("bias is outside its buffer")
+        if bslot >= 0 and (boff + N * isz > self.sizes[bslot] or boff % isz):
+            self.fail("bias is outside its buffer or misaligned")
+        for i in range(bdim):
+            # C is dense (the bias/activation epilogue walks it as nbatch*M rows of N)
+            want = M * N * int(np.prod(bd[i + 1:], dtype=object))
+            if bd[i] > 1 and sc[i] != want:
+                self.fail(f"C.batch_stride[{i}] = {sc[i]} is not the dense stride {want}")
         if M and N and all(bd):
             def last(strides, n):
                 return sum((d - 1) * s for d, s in zip(bd, strides)) + n
