@@ -108,8 +108,8 @@ def run(steps=3, lr=0.5):
     except ImportError:
         print("libml not installed: skipped the libml vs NumPy check")
         return ok
-    print("libml prog.step vs NumPy step (float32, W1 sizes, 3 steps, lr 0.01):")
-    for wid in ("W1",):
+    print("libml prog.step vs NumPy step (float32, W1/W2/W4 workloads, 3 steps, lr 0.01):")
+    for wid in ("W1", "W2"):
         spec = common.WORKLOADS[wid]
         feeds = common.data(wid)
         try:
@@ -125,6 +125,18 @@ def run(steps=3, lr=0.5):
                                          loss=spec["loss"], lr=common.LR)
         l2 = [step() for _ in range(steps)]
         ok &= _compare(f"{wid} libml vs numpy", l1, p1, l2, p2, 1e-4)
+    try:
+        feeds = common.data("W4")
+        g, L = b.w4(seed=common.PARAM_SEED)
+        prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=2)
+        l1 = [prog.step(feeds) for _ in range(steps)]
+        a, bb, c = common.w4_params()
+        step, p2 = np_impl.make_w4_step(a, bb, c, feeds["x"], lr=common.LR)
+        l2 = [step() for _ in range(steps)]
+        ok &= _compare("W4 libml vs numpy", l1, prog.params, l2, p2, 1e-5)
+    except Exception as e:
+        print(f"  libml W4 failed: {type(e).__name__}: {e}")
+        ok = False
     spec = common.WORKLOADS["W5-b1"]
     feeds = common.data("W5-b1")
     try:
