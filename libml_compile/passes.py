@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import FLOAT_DTYPES, Tensor
+from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
 from .ops import REGISTRY
 
 LEAVES = ("input", "param", "const")
@@ -69,6 +69,8 @@ def simplify(roots):
                     cse[key] = t
             continue
         d = REGISTRY[t.op]
+        if t.op in ("add", "sub", "mul", "div"):
+            _drop_redundant_broadcasts(t)
         # constant folding with the op's NumPy reference (compile time only)
         if d.ref is not None and d.kind != "opt" and t.inputs and all(i.op == "const" for i in t.inputs):
             if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in t.inputs), 1):
@@ -87,6 +89,19 @@ def simplify(roots):
             cse[key] = t
     live_roots = [r(x) for x in roots]
     return topo_from_roots(live_roots), rep
+
+
+def _drop_redundant_broadcasts(t):
+    """add(broadcast_to(x, S), y) -> add(x, y) when broadcasting x with y already gives S: the fused
+    kernel broadcasts with zero strides for free (and a broadcast scalar becomes an immediate)."""
+    ins = list(t.inputs)
+    for k in (0, 1):
+        x, other = ins[k], ins[1 - k]
+        if x.op == "broadcast_to":
+            inner = x.inputs[0]
+            if broadcast_shapes(t.op, inner.shape, other.shape) == t.shape:
+                ins[k] = inner
+    t.inputs = tuple(ins)
 
 
 def _algebraic(t):
@@ -217,26 +232,60 @@ def fuse(nodes):
             stack.extend(direct.get(u, ()))
         return False
 
+    pos = {t: k for k, t in enumerate(nodes)}
+
+    def can_join(g, t):
+        if len(g.members) >= MAX_GROUP_NODES or _group_inputs_after(g, t, group_of) > MAX_GROUP_INPUTS:
+            return False
+        for j in t.inputs:
+            if j not in unit or (group_of.get(j) is g and j.op != "sum"):
+                continue  # a leaf, or an elementwise member of g (read from its register)
+            if reaches(unit[j], g):
+                return False
+        return True
+
+    def merge(g, h):
+        """Fold group h into g (they are independent: neither reaches the other)."""
+        g.members = sorted(g.members + h.members, key=pos.__getitem__)
+        for m in h.members:
+            group_of[m] = g
+            unit[m] = g
+        direct[g] |= direct.pop(h)
+        direct[g] -= {g, h}
+        for u, d in direct.items():
+            if h in d:
+                d.discard(h)
+                d.add(g)
+        h.members = []
+
     for t in nodes:
         if t.op in LEAVES:
             continue
         if is_fusible(t):
             it_shape = t.inputs[0].shape if t.op == "sum" else t.shape
-            target = None
+            cands = []
             for i in t.inputs:
                 g = group_of.get(i)
-                if g is None or i.op == "sum" or g.shape != it_shape or len(g.members) >= MAX_GROUP_NODES:
-                    continue
-                ok = True
-                for j in t.inputs:
-                    if j not in unit or (group_of.get(j) is g and j.op != "sum"):
-                        continue  # a leaf, or an elementwise member of g (read from its register)
-                    if reaches(unit[j], g):
-                        ok = False
-                        break
-                if ok and _group_inputs_after(g, t, group_of) <= MAX_GROUP_INPUTS:
+                if g is not None and i.op != "sum" and g.shape == it_shape and g not in cands:
+                    cands.append(g)
+            target = None
+            for g in cands:
+                if can_join(g, t):
                     target = g
                     break
+            if target is not None:
+                # independent chains that meet at t (e.g. sigmoid(x*a+b) / (1 + relu(x-c))) become one
+                # kernel: each reads x once instead of materialising its result for the other
+                for h in cands:
+                    if h is target or not h.members:
+                        continue
+                    if (len(target.members) + len(h.members) < MAX_GROUP_NODES
+                            and not reaches(h, target) and not reaches(target, h)):
+                        merge(target, h)
+                        if not can_join(target, t):  # limits: undo is not needed, just stop merging
+                            break
+                if not can_join(target, t):
+                    target = None
             if target is None:
                 target = Group(len(groups), it_shape)
                 groups.append(target)

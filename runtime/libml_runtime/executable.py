@@ -15,7 +15,7 @@ import numpy as np
 from . import _exec
 from .format import (ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, SLOT_INPUT0)
 from .plan import Plan
-from .threads import blas_threads, resolve_threads
+from .threads import pin_blas_single, resolve_threads
 
 
 class RuntimeFailure(RuntimeError):
@@ -39,6 +39,7 @@ class Executable:
         self._lock = threading.Lock()
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
         self._param_index = {p[0]: p for p in plan.params}
+        self._out_views = {}
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -151,12 +152,7 @@ class Executable:
             raise TypeError(f"feed {name!r}: expected dtype {dt}, got {a.dtype}")
         if a.shape != shape:
             raise ValueError(f"feed {name!r}: expected shape {shape}, got {a.shape}")
-        ncls = self.plan.label_inputs.get(name)
-        if ncls is not None and a.size:
-            lo, hi = a.min(), a.max()
-            if lo < 0 or hi >= ncls:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {bad}")
+        # label ranges are checked by the cross-entropy kernels themselves, before anything is updated
         return a if a.flags.c_contiguous else np.array(a, order="C")
 
     def _call(self, kind, feeds):
@@ -165,27 +161,39 @@ class Executable:
         with self._lock:
             if self.check_finite:
                 snapshot = self._state.copy()
-            with blas_threads(1):  # the runtime splits GEMMs over its own OpenMP threads
-                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
-                                                 self.num_threads)
+            pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
+            rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
+                                             self.num_threads)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
                 raise self._error(entry, rc, bad, detail, feeds)
-            out = {}
-            for name, slot, off, dt, shape in entry.outputs:
-                if slot >= SLOT_INPUT0:
-                    src = arrays[slot - SLOT_INPUT0]
-                    out[name] = np.frombuffer(src, np.uint8, offset=off).view(dt)[: int(np.prod(shape))].reshape(shape).copy()
-                else:
-                    out[name] = self._view(slot, off, dt, shape).copy()
+            views = self._out_views.get(id(entry))
+            if views is None:
+                views = self._out_views[id(entry)] = [
+                    (name, None if slot >= SLOT_INPUT0 else self._view(slot, off, dt, shape))
+                    for name, slot, off, dt, shape in entry.outputs]
+            out = {name: v.copy() for name, v in views if v is not None}
+            for (name, slot, off, dt, shape), (_, v) in zip(entry.outputs, views):
+                if v is None:  # an output that is a fed input: copy it from the feed
+                    n = int(np.prod(shape, dtype=np.int64))
+                    out[name] = np.frombuffer(arrays[slot - SLOT_INPUT0], dt, count=n, offset=off).reshape(shape).copy()
             return out
 
     def _error(self, entry, rc, bad, detail, feeds):
         op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")
         if rc == ERR_LABEL:
-            name = next(iter(self.plan.label_inputs), "labels")
-            return ValueError(f"feed {name!r}: label at row {detail} is out of range (op {op}, node {node!r})")
+            # the labels operand of the failing cross-entropy instruction names the feed
+            pc = 0
+            for _ in range(bad):
+                pc += int(entry.code[pc + 1])
+            slot = int(entry.code[pc + 3 + 5])
+            if slot >= SLOT_INPUT0:
+                name = entry.inputs[slot - SLOT_INPUT0][0]
+                C = int(entry.code[pc + 3 + 2])
+                value = np.asarray(feeds[name]).reshape(-1)[detail]
+                return ValueError(f"feed {name!r}: labels must be in [0, {C}), got {value} at row {detail}")
+            return ValueError(f"label at row {detail} is out of range (op {op}, node {node!r})")
         if rc == ERR_NONFINITE:
             op, node = entry.nodes[detail] if 0 <= detail < len(entry.nodes) else (op, node)
             return NonFiniteError(f"non-finite value (NaN or Inf) first produced by op {op!r} (node {node!r}); "

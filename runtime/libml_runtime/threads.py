@@ -28,7 +28,12 @@ def _blas():
         import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS whose pool we size)
         from threadpoolctl import ThreadpoolController
         ctl = ThreadpoolController()
-        _controller = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+        libs = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+        # the BLAS that cython_blas calls is scipy's own (wheels: scipy.libs/); numpy's is separate
+        import scipy
+        root = os.path.dirname(os.path.dirname(scipy.__file__))
+        own = [lib for lib in libs if os.path.realpath(lib.filepath).startswith(os.path.join(root, "scipy"))]
+        _controller = own or libs
     return _controller
 
 
@@ -52,3 +57,13 @@ def blas_info():
     from threadpoolctl import threadpool_info
     import scipy.linalg.cython_blas  # noqa: F401
     return [i for i in threadpool_info() if i.get("user_api") == "blas"]
+
+
+def pin_blas_single():
+    """Pin the BLAS behind scipy's cython_blas to one thread (checked per call, set only when needed).
+
+    It is not restored after each call: switching OpenBLAS's pool size back and forth costs ~40 us per
+    call, more than a whole W1 step.  numpy's own BLAS (a separate library) is not touched."""
+    for lib in _blas():
+        if lib.get_num_threads() != 1:
+            lib.set_num_threads(1)
