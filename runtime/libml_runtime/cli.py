@@ -1,0 +1,284 @@
+"""``libml-run PLAN --input DATA.npy|.npz [--batch-size N] [--output NAME] --out PRED.npy``
+
+Batch inference over inputs larger than memory, with the runtime alone (no compiler, no ONNX).
+
+* The plan's batch dimension is static: the batch size is the leading dim of the plan's input shape.
+  ``--batch-size`` is optional and, when given, must equal it.
+* Input: a ``.npy`` file (the plan's ``run`` entry must then read exactly one input) or a ``.npz`` file
+  with one array per input name.  ``.npy`` files and uncompressed ``.npz`` members are memory-mapped and
+  read one window at a time (pages already processed are released with ``madvise(MADV_DONTNEED)``), so
+  peak memory does not depend on the input size.  Compressed ``.npz`` members are read into memory.
+* Every input must have the plan's dtype (``--cast`` allows same-kind casts such as float64->float32)
+  and the plan's per-row shape; the number of rows N is free.
+* Output: the ``run`` output named by ``--output`` (default: the only output whose leading dim is the
+  batch size), written incrementally into a ``.npy`` of shape ``(N, ...)`` through
+  ``np.lib.format.open_memmap``; it is written under a temporary name and renamed when complete.
+* The final partial batch is padded by repeating its last row; the padded rows' outputs are dropped.
+* A progress bar (tqdm, on stderr) shows rows processed; ``--quiet`` hides it.
+* Bad input (missing/unreadable file, wrong shape or dtype, missing array, bad plan) exits with status 2
+  and a one-line ``libml-run: error: ...`` message; a runtime failure exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import sys
+import zipfile
+
+import numpy as np
+
+WINDOW_BYTES = 16 << 20   # input bytes per window between page releases
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="libml-run", description="Run a libml plan file over a data file.")
+    p.add_argument("plan", help="plan file written by Program.save")
+    p.add_argument("--input", required=True, help="DATA.npy (single-input plans) or DATA.npz (one array per input)")
+    p.add_argument("--out", required=True, help="output .npy file")
+    p.add_argument("--batch-size", type=int, default=None, help="must equal the plan's static batch size")
+    p.add_argument("--output", default=None, help="which run output to write (default: the per-row output)")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--cast", action="store_true", help="allow same-kind dtype casts of the input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    try:
+        n = run(args)
+    except UsageError as e:
+        print(f"libml-run: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a runtime failure: one line, non-zero
+        from .plan import PlanError
+        code = 2 if isinstance(e, PlanError) else 1
+        print(f"libml-run: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return code
+    if not args.quiet:
+        print(f"libml-run: wrote {n} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def run(args):
+    from . import planfile
+    from .plan import PlanError
+
+    try:
+        exe = planfile.load(args.plan, num_threads=args.num_threads)
+    except FileNotFoundError:
+        raise UsageError(f"plan file {args.plan!r} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read plan file {args.plan!r}: {e.strerror or e}") from None
+    except PlanError as e:
+        raise UsageError(f"{args.plan}: {e}") from None
+    entry = exe.plan.entries.get("run")
+    if entry is None:
+        raise UsageError(f"plan {args.plan!r} has no run entry")
+    sig = [(name, dt, tuple(shape)) for name, dt, shape in entry.inputs]
+    if not sig:
+        raise UsageError("the plan's run entry reads no inputs: nothing to stream")
+    B = sig[0][2][0] if sig[0][2] else None
+    for name, dt, shape in sig:
+        if not shape or shape[0] != B:
+            raise UsageError(f"plan input {name!r} has shape {shape}: every input needs the same leading batch dim")
+    if args.batch_size is not None and args.batch_size != B:
+        raise UsageError(f"--batch-size {args.batch_size} does not match the plan's static batch size {B} "
+                         f"(recompile the plan for another batch size)")
+    outs = [(name, dt, tuple(shape)) for name, _, _, dt, shape in entry.outputs]
+    if args.output is not None:
+        chosen = [o for o in outs if o[0] == args.output]
+        if not chosen:
+            raise UsageError(f"the plan has no output {args.output!r}; outputs are {[o[0] for o in outs]}")
+    else:
+        chosen = [o for o in outs if o[2] and o[2][0] == B]
+        if len(chosen) != 1:
+            raise UsageError(f"pass --output NAME: per-row outputs are {[o[0] for o in chosen]} "
+                             f"(all outputs: {[o[0] for o in outs]})")
+    oname, odt, oshape = chosen[0]
+    if not oshape or oshape[0] != B:
+        raise UsageError(f"output {oname!r} has shape {oshape}, not one row per input row (batch {B})")
+
+    arrays, closers = open_inputs(args.input, sig)
+    try:
+        N = None
+        for (name, dt, shape), (a, _) in zip(sig, arrays):
+            if a.ndim != len(shape) or a.shape[1:] != shape[1:]:
+                raise UsageError(f"input {name!r} has shape {a.shape}, the plan expects (N,) + {shape[1:]}")
+            if a.dtype != np.dtype(dt) and not (args.cast and np.can_cast(a.dtype, dt, "same_kind")):
+                raise UsageError(f"input {name!r} has dtype {a.dtype}, the plan expects {dt}"
+                                 + ("" if args.cast else " (--cast allows same-kind casts)"))
+            if N is not None and a.shape[0] != N:
+                raise UsageError(f"input {name!r} has {a.shape[0]} rows, the others have {N}")
+            N = a.shape[0]
+        return stream(exe, sig, arrays, N, B, oname, odt, oshape, args)
+    finally:
+        for c in closers:
+            c()
+
+
+def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
+    from tqdm import tqdm
+
+    out_path = os.fspath(args.out)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.tmp-{os.getpid()}")
+    try:
+        om = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(odt), shape=(N,) + oshape[1:])
+    except OSError as e:
+        raise UsageError(f"cannot write {out_path!r}: {e.strerror or e}") from None
+    out_offset = om.offset
+    del om
+    row_in = max(sum(int(np.prod(s[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize for (_, _, s), (a, _) in zip(sig, arrays)), 1)
+    window = max(1, WINDOW_BYTES // (row_in * B)) * B
+    ok = False
+    f = open(tmp, "r+b")
+    try:
+        mm = mmap.mmap(f.fileno(), 0) if N else None
+        out = (np.ndarray((N,) + oshape[1:], dtype=odt, buffer=mm, offset=out_offset) if N
+               else np.zeros((0,) + oshape[1:], odt))
+        bar = tqdm(total=N, unit="rows", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+        pad = [np.empty(shape, dt) for _, dt, shape in sig]
+        for w0 in range(0, N, window):
+            w1 = min(w0 + window, N)
+            for b0 in range(w0, w1, B):
+                b1 = min(b0 + B, N)
+                feeds = {}
+                for k, ((name, dt, shape), (a, _)) in enumerate(zip(sig, arrays)):
+                    x = a[b0:b1]
+                    if b1 - b0 < B:  # final partial batch: pad by repeating the last row
+                        pad[k][: b1 - b0] = x
+                        pad[k][b1 - b0:] = x[-1]
+                        x = pad[k]
+                    elif x.dtype != np.dtype(dt) or not x.flags.c_contiguous:
+                        x = np.ascontiguousarray(x, dtype=dt)
+                    feeds[name] = x
+                res = exe.run(feeds)[oname]
+                out[b0:b1] = res[: b1 - b0]
+            bar.update(w1 - w0)
+            # release what this window touched: read pages of the inputs, written pages of the output
+            for _, release in arrays:
+                release(w0, w1)
+            if mm is not None:
+                _release(mm, out_offset + w0 * out.strides[0] if out.ndim else 0,
+                         (w1 - w0) * (out.strides[0] if out.ndim else out.itemsize), flush=True)
+        bar.close()
+        del out
+        if mm is not None:
+            mm.flush()
+            mm.close()
+        f.flush()
+        os.fsync(f.fileno())
+        ok = True
+    finally:
+        f.close()
+        if not ok:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    os.replace(tmp, out_path)
+    return N
+
+
+def _release(mm, start, length, flush=False):
+    """Drop [start, start+length) of a mapping from this process's resident set."""
+    pg = mmap.PAGESIZE
+    lo = start // pg * pg
+    hi = min(-(-(start + length) // pg) * pg, len(mm))
+    if hi <= lo:
+        return
+    if flush:
+        mm.flush(lo, hi - lo)
+    if hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def open_inputs(path, sig):
+    """[(array, release(row0, row1))] in ``sig`` order, and close callbacks."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UsageError(f"input file {path!r} does not exist")
+    closers = []
+    try:
+        if path.endswith(".npz"):
+            try:
+                zf = zipfile.ZipFile(path)
+            except (OSError, zipfile.BadZipFile) as e:
+                raise UsageError(f"cannot read {path!r} as .npz: {e}") from None
+            closers.append(zf.close)
+            names = {n[:-4] if n.endswith(".npy") else n: n for n in zf.namelist()}
+            out = []
+            for name, _, _ in sig:
+                if name not in names:
+                    raise UsageError(f"{path!r} has no array {name!r} (it has {sorted(names)}); the plan reads "
+                                     f"{[s[0] for s in sig]}")
+                out.append(_npz_member(path, zf, names[name], closers))
+            return out, closers
+        if len(sig) != 1:
+            raise UsageError(f"the plan reads {len(sig)} inputs {[s[0] for s in sig]}: pass a .npz with one "
+                             f"array per input")
+        return [_map_npy(path, 0, closers, what=path)], closers
+    except BaseException:
+        for c in closers:
+            c()
+        raise
+
+
+def _map_npy(path, offset, closers, what):
+    """Memory-map the .npy stored at byte ``offset`` of ``path``."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {what!r}: {e.strerror or e}") from None
+    closers.append(f.close)
+    try:
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise UsageError(f"{what!r} is not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise UsageError(f"{what!r} holds Python objects; only numeric arrays are accepted")
+    if fortran and len(shape) > 1:
+        raise UsageError(f"{what!r} is stored in Fortran order; save it C-contiguous")
+    start = f.tell()
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.fstat(f.fileno()).st_size
+    if start + nbytes > size:
+        raise UsageError(f"{what!r} is truncated: {shape} {dtype} needs {nbytes} bytes, the file has {size - start}")
+    if nbytes == 0:
+        return np.zeros(shape, dtype), lambda a, b: None
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    closers.append(mm.close)
+    a = np.ndarray(shape, dtype=dtype, buffer=mm, offset=start)
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) else nbytes
+
+    def release(r0, r1):
+        _release(mm, start + r0 * row, (r1 - r0) * row)
+    return a, release
+
+
+def _npz_member(path, zf, member, closers):
+    info = zf.getinfo(member)
+    if info.compress_type == zipfile.ZIP_STORED:
+        # locate the member's data: local file header (30 bytes + name + extra) at header_offset
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            h = f.read(30)
+        if len(h) == 30 and h[:4] == b"PK\x03\x04":
+            n, m = int.from_bytes(h[26:28], "little"), int.from_bytes(h[28:30], "little")
+            return _map_npy(path, info.header_offset + 30 + n + m, closers, what=f"{path}:{member}")
+    try:  # compressed: read into memory
+        with zf.open(member) as f:
+            a = np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise UsageError(f"cannot read {path}:{member}: {e}") from None
+    return a, lambda r0, r1: None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
