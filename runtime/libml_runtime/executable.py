@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from . import _exec
-from .format import (ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, SLOT_INPUT0)
+from .format import (DTYPE_CODE, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, SLOT_INPUT0)
 from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
 
@@ -152,8 +152,14 @@ class Executable:
             raise TypeError(f"feed {name!r}: expected dtype {dt}, got {a.dtype}")
         if a.shape != shape:
             raise ValueError(f"feed {name!r}: expected shape {shape}, got {a.shape}")
-        # label ranges are checked by the cross-entropy kernels themselves, before anything is updated
-        return a if a.flags.c_contiguous else np.array(a, order="C")
+        a = a if a.flags.c_contiguous else np.array(a, order="C")
+        ncls = self.plan.label_inputs.get(name)
+        if ncls is not None:
+            bad = _exec.first_bad_label(a, DTYPE_CODE[a.dtype.name], ncls)
+            if bad >= 0:
+                raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {a.reshape(-1)[bad]} "
+                                 f"at index {bad}")
+        return a
 
     def _call(self, kind, feeds):
         entry = self._entry(kind)
