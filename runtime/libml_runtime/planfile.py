@@ -228,7 +228,7 @@ class Sections:
             where = f"sections[{i}]"
             _need(isinstance(s, dict), where, "must be an object")
             _keys(s, where, {"dtype", "offset", "count"})
-            _need(s["dtype"] in SECTION_DTYPES, f"{where}.dtype", f"unknown section dtype {s['dtype']!r}"[:200])
+            _need(isinstance(s["dtype"], str) and s["dtype"] in SECTION_DTYPES, f"{where}.dtype", f"unknown section dtype {s['dtype']!r}"[:200])
             dt = SECTION_DTYPES[s["dtype"]]
             off = _int(s["offset"], f"{where}.offset", 0, len(area))
             cnt = _int(s["count"], f"{where}.count", 0, len(area))

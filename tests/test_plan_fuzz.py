@@ -1,0 +1,195 @@
+"""Issue 5: the loader trusts nothing.  A fuzz run mutates, truncates and extends valid plan files (and
+re-signs some so the corruption reaches the parser and the validator); every case must raise PlanError or
+load and run cleanly.  The fuzz body runs in a subprocess (tests/plan_fuzz_worker.py) so a segfault or
+abort fails this test with the reproducer left on disk instead of killing pytest.
+
+LIBML_FUZZ_EXAMPLES overrides the number of cases (default 2500, well under a minute).
+Targeted cases below pin the validator holes the fuzzing and review found.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import libml_compile as lc
+import libml_runtime as lr
+from libml_runtime import format as F
+from libml_runtime import planfile as PF
+from libml_runtime.executable import Executable
+from conftest import build_mlp, make_mlp_params
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mixed_graph():
+    """Covers gemm (batched, epilogue), softmax, transpose (strided copy), mode 1 and 2 reductions,
+    int elementwise, cast, mse and SGD."""
+    rng = np.random.default_rng(0)
+    g = lc.Graph("mix")
+    x = g.input("x", (4, 6, 5))
+    t = g.input("t", (4, 5))
+    k = g.input("k", (4, 3), dtype="int32")
+    w = g.param("w", rng.standard_normal((5, 7)).astype(np.float32))
+    v = g.param("v", rng.standard_normal((4, 5, 6)).astype(np.float32))
+    h = lc.softmax(x @ w, axis=1)
+    tr = lc.transpose(h, (0, 2, 1))
+    r = lc.mean(lc.matmul(x, v), axis=(0, 2))
+    r2 = lc.sum(tr, axis=-1)
+    ki = k + k
+    pred = lc.mean(x, axis=1) + lc.sigmoid(t)
+    loss = lc.mse(pred, t) + lc.mean(r) + lc.mean(r2) + lc.mean(lc.cast(ki, "float32"))
+    g.output("r", r)
+    g.output("ki", ki)
+    g.output("tr", tr)
+    return g, loss
+
+
+@pytest.fixture(scope="module")
+def base_plans(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fuzz")
+    paths = []
+    g, loss = build_mlp(make_mlp_params([8, 16, 3], dtype=np.float32), 16, dtype="float32")
+    lc.compile(g, loss, lc.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3)).save(d / "sgd.plan")
+    g, loss = build_mlp(make_mlp_params([5, 7, 4], dtype=np.float64, seed=1), 6, dtype="float64",
+                        label_dtype="int32")
+    lc.compile(g, loss, lc.Adam(lr=1e-2, weight_decay=1e-2), check_finite=True).save(d / "adam.plan")
+    g, loss = mixed_graph()
+    lc.compile(g, loss, lc.SGD(lr=0.01), check_finite=True).save(d / "mix.plan")
+    for name in ("sgd.plan", "adam.plan", "mix.plan"):
+        paths.append(str(d / name))
+    return d, paths
+
+
+def test_fuzz_plan_files(base_plans):
+    d, paths = base_plans
+    n = int(os.environ.get("LIBML_FUZZ_EXAMPLES", "2500"))
+    seed = int(os.environ.get("LIBML_FUZZ_SEED", "20240605"))
+    cmd = [sys.executable, os.path.join(HERE, "plan_fuzz_worker.py"), str(d), str(n), str(seed)] + paths
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        last = open(d / "last_case.plan.txt").read() if (d / "last_case.plan.txt").exists() else "?"
+        pytest.fail(f"fuzz worker hung; last case ({last}) is in {d / 'last_case.plan'}")
+    if p.returncode != 0:
+        last = open(d / "last_case.plan.txt").read() if (d / "last_case.plan.txt").exists() else "?"
+        pytest.fail(f"fuzz worker failed with status {p.returncode} (negative = signal); last case: {last}, "
+                    f"bytes in {d / 'last_case.plan'}\n{p.stderr[-6000:]}")
+    stats = __import__("json").loads(p.stdout.strip().splitlines()[-1])
+    assert stats["cases"] >= n * 0.9
+    assert stats["plan_error"] > 0 and stats["loaded"] > 0, stats
+
+
+# ---- targeted cases ---------------------------------------------------------------------------------
+
+def instructions(code):
+    pc = 0
+    while pc < len(code):
+        yield pc, int(code[pc]), int(code[pc + 1])
+        pc += int(code[pc + 1])
+
+
+def mutated(plan, kind, fn):
+    """A copy of ``plan`` whose ``kind`` entry code went through ``fn(code)`` (in place)."""
+    p = PF.loads(PF.dumps(plan))
+    fn(p.entries[kind].code)
+    return p
+
+
+@pytest.fixture(scope="module")
+def mix_plan():
+    g, loss = mixed_graph()
+    return lc.compile(g, loss, lc.SGD(lr=0.01), check_finite=True).plan
+
+
+def ew_fields(code, pc):
+    f = pc + F.HEADER
+    nd = int(code[f + 1])
+    dims = f + 2
+    n_in, n_out, n_regs, n_prog, mode = (int(code[dims + nd + i]) for i in range(5))
+    ins = dims + nd + 8
+    outs = ins + n_in * (2 + nd)
+    return dict(nd=nd, dims=dims, n_in=n_in, n_out=n_out, mode=mode, ins=ins, outs=outs)
+
+
+def test_mode2_reduce_output_must_be_dense(mix_plan):
+    hits = 0
+    for kind, e in mix_plan.entries.items():
+        for pc, op, _ in instructions(e.code):
+            if op != F.OP_EW:
+                continue
+            f = ew_fields(e.code, pc)
+            if f["mode"] != 2:
+                continue
+            for i in range(f["n_out"]):
+                o = f["outs"] + i * (5 + f["nd"])
+                strides = o + 2
+                for k in range(f["nd"]):
+                    if e.code[strides + k] != 0 and e.code[f["dims"] + k] > 1:
+                        def bump(code, at=strides + k):
+                            code[at] += 1
+                        with pytest.raises(lr.PlanError, match="stride"):
+                            lr.validate(mutated(mix_plan, kind, bump))
+                        hits += 1
+    assert hits, "the mixed graph no longer has a mode-2 reduction"
+
+
+def test_gemm_c_batch_stride_must_be_dense(mix_plan):
+    hits = 0
+    for kind, e in mix_plan.entries.items():
+        for pc, op, _ in instructions(e.code):
+            f = pc + F.HEADER
+            if op != F.OP_GEMM or e.code[f + 17] == 0:
+                continue
+            bdim = int(e.code[f + 17])
+            sc = f + 18 + 3 * bdim
+
+            def zero(code, at=sc):
+                code[at] = 0
+            with pytest.raises(lr.PlanError, match="C.batch_stride"):
+                lr.validate(mutated(mix_plan, kind, zero))
+            hits += 1
+    assert hits, "the mixed graph no longer has a batched GEMM"
+
+
+def test_dim_broadcast_everywhere_is_rejected(mix_plan):
+    """A huge dim that no operand moves along would loop for hours without touching memory."""
+    e = mix_plan.entries["run"]
+    for pc, op, _ in instructions(e.code):
+        if op == F.OP_EW:
+            f = ew_fields(e.code, pc)
+            break
+
+    def blow_up(code):
+        code[f["dims"]] = 2 ** 39
+        for i in range(f["n_in"] + f["n_out"]):
+            base = f["ins"] + i * (2 + f["nd"]) if i < f["n_in"] else f["outs"] + (i - f["n_in"]) * (5 + f["nd"])
+            code[base + 2] = 0
+    with pytest.raises(lr.PlanError):
+        lr.validate(mutated(mix_plan, "run", blow_up))
+
+
+def test_checked_entries_get_their_own_arena(mix_plan):
+    """Regression: the checked (unfused) entries need a larger arena than the fused ones; the Executable
+    used to allocate only the fused size and the checked grad/step wrote past its end."""
+    bigger = [k for k, e in mix_plan.entries.items() if e.checked.arena_bytes > e.arena_bytes]
+    assert bigger, "expected a checked entry with a larger arena"
+    exe = Executable(mix_plan, num_threads=2, check_finite=True)
+    assert exe._arena.nbytes >= max(e.checked.arena_bytes for e in mix_plan.entries.values())
+
+
+@pytest.mark.parametrize("fld,value", [("arena_bytes", 2 ** 41), ("arena_bytes", -1)])
+def test_entry_fields_rejected(mix_plan, fld, value):
+    p = PF.loads(PF.dumps(mix_plan))
+    setattr(p.entries["run"], fld, value)
+    with pytest.raises(lr.PlanError, match=fld):
+        lr.validate(p)
+
+
+def test_load_refuses_huge_arena(tmp_path, mix_plan):
+    p = PF.loads(PF.dumps(mix_plan))
+    p.entries["run"].arena_bytes = 2 ** 39
+    PF.save(p, tmp_path / "big.plan")
+    with pytest.raises(lr.PlanError, match="arena_bytes"):
+        lr.load(tmp_path / "big.plan")
