@@ -22,7 +22,7 @@ import numpy as np
 
 from . import format as F
 from .plan import PlanError
-from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, atomic_write, pack, unpack
+from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, atomic_write, pack_to, unpack
 
 MAGIC = b"LIBMLCKP"
 
@@ -58,13 +58,14 @@ def save_checkpoint(exe, path, loader=None, extra=None):
         "loader": loader_state,
         "extra": extra,
     }
-    sections = [("uint8", np.frombuffer(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes(),
-                                        np.uint8)) for _, _, _, a in arrays]
+    sections = [("uint8", np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8))
+                for _, _, _, a in arrays]
     try:
-        data = pack(MAGIC, header, sections)
+        json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra/loader state must be JSON-serialisable: {e}") from None
-    atomic_write(path, data, tmp_suffix=f"{os.getpid()}-{threading.get_ident()}")
+    atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections),
+                 tmp_suffix=f"{os.getpid()}-{threading.get_ident()}")
     return path
 
 

@@ -20,6 +20,7 @@ consistent and in bounds by ``plan.validate`` before the program can run.  Every
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import struct
@@ -96,27 +97,42 @@ def dumps(plan: Plan, state=None) -> bytes:
 def pack(magic, header: dict, sections) -> bytes:
     """The container shared by plan and checkpoint files: prefix, JSON header (plus a section table),
     64-byte aligned raw sections, SHA-256.  sections: [(dtype name, ndarray)]."""
+    buf = io.BytesIO()
+    pack_to(buf, magic, header, sections)
+    return buf.getvalue()
+
+
+def pack_to(f, magic, header: dict, sections):
+    """Stream the container into the binary file ``f`` (hashing as it goes; no copy of the whole file)."""
     table, pos = [], 0
     for dt, arr in sections:
         table.append({"dtype": dt, "offset": pos, "count": int(arr.size)})
-        pos = _align(pos + arr.nbytes)
+        pos = _align(pos + arr.size * SECTION_DTYPES[dt].itemsize)
     header = dict(header, sections=table)
     hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    out = bytearray(PREFIX.pack(magic, FORMAT_VERSION, 0, len(hbytes)))
-    out += hbytes
-    out += b"\0" * (_align(len(out)) - len(out))
-    data_start = len(out)
+    sha = hashlib.sha256()
+    n = 0
+
+    def put(b):
+        nonlocal n
+        sha.update(b)
+        f.write(b)
+        n += len(b)
+    put(PREFIX.pack(magic, FORMAT_VERSION, 0, len(hbytes)))
+    put(hbytes)
+    put(b"\0" * (_align(n) - n))
+    data_start = n
     for (dt, arr), rec in zip(sections, table):
-        out += b"\0" * (data_start + rec["offset"] - len(out))
-        out += np.ascontiguousarray(arr, dtype=SECTION_DTYPES[dt]).tobytes()
-    out += b"\0" * (_align(len(out)) - len(out))
-    out += hashlib.sha256(out).digest()
-    return bytes(out)
+        put(b"\0" * (data_start + rec["offset"] - n))
+        put(memoryview(np.ascontiguousarray(arr, dtype=SECTION_DTYPES[dt])).cast("B"))
+    put(b"\0" * (_align(n) - n))
+    f.write(sha.digest())
 
 
-def atomic_write(path, data: bytes, tmp_suffix=None):
+def atomic_write(path, data, tmp_suffix=None):
     """Write ``data`` to ``path`` so that a crash at any point leaves either the old or the new file.
 
+    data: bytes, or a function ``write(f)`` that writes them to the open file.
     The bytes go to a temporary file in the same folder, which is flushed and fsync'ed, renamed over
     ``path`` with ``os.replace`` (atomic on POSIX), and the folder is fsync'ed so the rename is durable.
     """
@@ -125,7 +141,10 @@ def atomic_write(path, data: bytes, tmp_suffix=None):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{tmp_suffix or os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
