@@ -13,6 +13,7 @@ from libml_runtime.plan import Entry
 
 from . import passes
 from .ir import FLOAT_DTYPES, Tensor
+from .ops import REGISTRY
 from .memory import Buffer, MemoryReport, align, place, lower_bound
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"]}
@@ -120,6 +121,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     outputs: [(user name, tensor)] copied out after each call.  Returns (Entry, MemoryReport, summary rows).
     """
     nodes, rep = passes.simplify(roots)
+    # naive: every intermediate of the simplified joint graph in a buffer of its own (no fusion, no reuse)
+    naive = sum(align(t.size * np.dtype(t.dtype).itemsize) for t in nodes
+                if t.op not in passes.LEAVES and t.op != "reshape" and REGISTRY[t.op].kind != "opt")
 
     def r(t):
         while t in rep:
@@ -131,6 +135,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     passes.absorb_transposes(nodes)
     if fuse:
         passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
+        roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
     units = passes.schedule(nodes, group_of)
@@ -166,7 +171,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                     ins.writes.append(m)
         else:
             ins.reads = [i for i in x.inputs]
-            ins.writes = [x] if x.op not in ("sgd_update", "adam_update") else []
+            ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm") else []
         instrs.append(ins)
 
     # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
@@ -204,8 +209,10 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             b.end = n_instr
     uniq = list({id(b): b for b in buffers.values()}.values())
     arena = place(uniq)
-    report = MemoryReport(kind, arena, lower_bound(uniq), sum(align(b.nbytes) for b in uniq),
-                          [(b.name, b.offset, b.nbytes, b.start, b.end, list(b.tensors)) for b in uniq])
+    naive += sum(align(b.nbytes) for key, b in buffers.items() if isinstance(key, tuple))  # reduction scratch
+    report = MemoryReport(kind, arena, lower_bound(uniq), naive,
+                          [(b.name, b.offset, b.nbytes, b.start, b.end, list(b.tensors)) for b in uniq],
+                          sum(align(b.nbytes) for b in uniq))
 
     # ---- emission --------------------------------------------------------------------------------
     em = _Emitter()
@@ -428,7 +435,7 @@ def _emit_op(em, t, loc, state, optimizer):
     op = t.op
     nid = em.node(op, t.name)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
-    if op in ("matmul", "linear"):
+    if op in ("matmul", "linear", "sgd_gemm"):
         return _emit_gemm(em, nid, t, loc)
     if op == "softmax":
         ax = t.attrs["axis"]
@@ -506,9 +513,9 @@ def _emit_op(em, t, loc, state, optimizer):
 def _emit_gemm(em, nid, t, loc):
     a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
-    M, N = t.shape[-2], t.shape[-1]
+    M, N = (t.inputs[2].shape if t.op == "sgd_gemm" else t.shape)[-2:]
     K = a.shape[-2] if ta else a.shape[-1]
-    batch = list(t.shape[:-2])
+    batch = list(t.shape[:-2]) if t.op != "sgd_gemm" else []
     sA = broadcast_strides(a.shape[:-2], batch)
     sB = broadcast_strides(b.shape[:-2], batch)
     sC = contiguous_strides(batch)
@@ -520,11 +527,16 @@ def _emit_gemm(em, nid, t, loc):
     if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
         M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
     bias = (*loc(t.inputs[2]), 1 if t.attrs.get("act") == "relu" else 0) if t.op == "linear" else (-1, 0, 0)
-    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(t),
-              em.const(1.0), em.const(0.0), *bias, len(batch), *batch, *sA, *sB, *sC]
+    if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
+        out, alpha, beta = t.inputs[2], -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
+    else:
+        out, alpha, beta = t, 1.0, 0.0
+    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(out),
+              em.const(alpha), em.const(beta), *bias, len(batch), *batch, *sA, *sB, *sC]
     em.emit(F.OP_GEMM, nid, fields)
     nb = int(np.prod(batch)) if batch else 1
-    return {"op": "gemm" + ("+bias" if t.op == "linear" else "") + ("+relu" if t.attrs.get("act") == "relu" else ""),
+    return {"op": "gemm" + ("+bias" if t.op == "linear" else "") + ("+relu" if t.attrs.get("act") == "relu" else "")
+            + ("+sgd" if t.op == "sgd_gemm" else ""),
             "node": t.name, "flops": 2 * nb * M * N * K,
             "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t))),
             "trans": (ta, tb)}

@@ -67,15 +67,18 @@ def check_no_overlap(buffers):
 class MemoryReport:
     """What the planner did for one entry (``prog.memory_report()``).
 
-    arena_bytes: the arena size; lower_bound_bytes: peak live bytes (no placement does better);
-    naive_bytes: the sum of all intermediates (one buffer each); intervals: [(buffer, offset, nbytes,
-    first instruction, last instruction, tensors)].
+    arena_bytes: the arena size; lower_bound_bytes: peak live bytes of the planned buffers (no placement
+    does better); naive_bytes: the sum of all intermediates of the unfused graph, one buffer each (what an
+    executor without fusion or reuse allocates); intervals: [(buffer, offset, nbytes, first instruction,
+    last instruction, tensors sharing it)]; buffers_bytes: the sum of the planned buffers (after fusion
+    and in-place reuse, before sharing by liveness).
     """
     entry: str
     arena_bytes: int
     lower_bound_bytes: int
     naive_bytes: int
     intervals: list
+    buffers_bytes: int = 0
 
     def __str__(self):
         return (f"memory[{self.entry}]: arena {self.arena_bytes / 1e6:.3f} MB, liveness lower bound "

@@ -19,6 +19,10 @@ def _s_update(inp, attrs):
 
 register(OpDef("sgd_update", "opt", _s_update, None, None,
                doc="v = momentum*v + (g + wd*p); p -= lr*v  (for every param)"))
+register(OpDef("sgd_gemm", "opt", _s_update, None, None,
+               doc="p = (1 - lr*wd) p - lr * op(a) @ op(b): plain SGD folded into the weight-gradient GEMM "
+                   "(BLAS alpha = -lr, beta = 1 - lr*wd), so no gradient buffer exists; made by "
+                   "passes.fold_sgd_into_gemm. attrs['after']: the other readers of p, scheduled first"))
 register(OpDef("adam_update", "opt", _s_update, None, None,
                doc="AdamW: p *= 1 - lr*wd; m,v moments; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)"))
 

@@ -163,6 +163,39 @@ def fuse_epilogues(nodes, roots):
         out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
 
 
+def fold_sgd_into_gemm(nodes, roots):
+    """Plain SGD (no momentum): for every param whose gradient is a single 2-D GEMM read by nothing but
+    the update, replace "materialise the gradient, then update" by one GEMM that accumulates straight
+    into the param.  Returns the new roots.  Every other reader of the param is recorded in
+    ``attrs['after']`` so the schedule runs it before the param is overwritten."""
+    upd = next((t for t in roots if t.op == "sgd_update" and not t.attrs["momentum"]), None)
+    if upd is None:
+        return roots
+    consumers = {}
+    for t in nodes:
+        for i in t.inputs:
+            consumers.setdefault(i, []).append(t)
+    n = len(upd.inputs) // 2
+    keep_p, keep_g, folded = [], [], []
+    for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
+        if (g.op == "matmul" and g.ndim == 2 and g.shape == p.shape and g not in roots
+                and consumers.get(g) == [upd] and p.op == "param"):
+            after = tuple(c for c in consumers.get(p, ()) if c is not upd)
+            from .ops import make
+            node = make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
+                        {"ta": g.attrs.get("ta", False), "tb": g.attrs.get("tb", False), "lr": upd.attrs["lr"],
+                         "weight_decay": upd.attrs["weight_decay"], "after": after})
+            folded.append(node)
+        else:
+            keep_p.append(p)
+            keep_g.append(g)
+    if not folded:
+        return roots
+    upd.inputs = tuple(keep_p) + tuple(keep_g)
+    rest = [r for r in roots if r is not upd] + ([upd] if keep_p else [])
+    return rest + folded
+
+
 def absorb_transposes(nodes):
     """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free."""
     for t in nodes:
@@ -340,7 +373,7 @@ def schedule(nodes, group_of):
     for k, (kind, x) in enumerate(units):
         members = x.members if kind == "ew" else [x]
         for m in members:
-            for i in m.inputs:
+            for i in m.inputs + tuple(m.attrs.get("after", ())):
                 producer_units(i, preds[k])
         preds[k].discard(k)
     succs = [[] for _ in units]

@@ -200,7 +200,8 @@ cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *const
 # on the same cores cost 10-40x on a 2-core machine (measured: W2 step 6 ms -> 256 ms).  The bias /
 # activation epilogue runs on each panel right after BLAS wrote it, while it is still in cache.
 
-DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread
+DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread, in one piece
+DEF GEMM_PANELS = 4            # panels of a large GEMM (a multiple of the usual 1-2-4 thread counts)
 
 cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, floating alpha,
                        floating *A, int lda, floating *B, int ldb, floating beta, floating *C, int ldc) noexcept nogil:
@@ -265,7 +266,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     cdef int64_t act = f[16]
     cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
     cdef int nt, part, nparts
-    cdef bint split_m
+    cdef bint split_m, big
     cdef int64_t offA, offB, offC
     if lda < 1: lda = 1
     if ldb < 1: ldb = 1
@@ -279,8 +280,13 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
             for bi in range(nbatch):
                 memset(C + _boff(bi, bdim, bd, sC), 0, <size_t>M * N * sizeof(floating))
         return 0
-    nt = nthreads if 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS else 1
-    if nbatch > 1 and nbatch >= nt:
+    # Panels depend on the problem size only, never on the thread count: BLAS may pick different
+    # micro-kernels for different panel shapes, so a thread-dependent split would make results differ
+    # between 1 and 2 threads.  With a fixed split, 1 thread runs the same panels one after another.
+    big = 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS
+    nt = nthreads if big else 1
+    nparts = GEMM_PANELS if big else 1
+    if nbatch > 1 and big:
         for bi in prange(nbatch, num_threads=nt, schedule="static"):
             _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,
                    B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act)
@@ -290,12 +296,12 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
         offA = _boff(bi, bdim, bd, sA)
         offB = _boff(bi, bdim, bd, sB)
         offC = _boff(bi, bdim, bd, sC)
-        if nt == 1:
+        if nparts == 1:
             _panel(dummy, 0, 1, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
                    C + offC, ldc, bias, act)
         else:
-            for part in prange(nt, num_threads=nt, schedule="static"):
-                _panel(dummy, part, nt, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
+            for part in prange(nparts, num_threads=nt, schedule="static"):
+                _panel(dummy, part, nparts, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
                        C + offC, ldc, bias, act)
     return 0
 
