@@ -173,3 +173,32 @@ def test_big_gemm_and_reductions_bit_identical_for_1_and_2_threads():
         res.append(prog.params)
     for k in res[0]:
         assert np.array_equal(res[0][k], res[1][k]), k
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_row_vector_gemms_take_the_gemv_path_correctly(nthreads):
+    # (1, K) @ (K, N) runs as GEMV (split into panels once large); its gradients need the transposed
+    # variants (G B^T with M = 1, A^T G); sizes are above the split threshold
+    K, N = 384, 512
+    g = lc.Graph("gemv")
+    x = g.param("x", RNG.standard_normal((1, K)))
+    w = g.param("w", RNG.standard_normal((K, N)) * 0.05)
+    R = RNG.standard_normal((1, N))
+    y = x @ w
+    loss = lc.sum(y * g.const(R))
+    g.output("y", y)
+    prog = lc.compile(g, loss=loss, num_threads=nthreads)
+    X, W = prog.params["x"], prog.params["w"]
+    np.testing.assert_allclose(prog.run({})["y"], X @ W, rtol=1e-12, atol=1e-12)
+    gr = prog.grad({})
+    np.testing.assert_allclose(gr["x"], R @ W.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gr["w"], X.T @ R, rtol=1e-12, atol=1e-12)
+    # and with the weight stored transposed (y = x @ v.T): the GEMV runs on transposed storage
+    g2 = lc.Graph("gemv_t")
+    x2 = g2.param("x", X)
+    v = g2.param("v", W.T.copy())
+    y2 = lc.matmul(x2, lc.transpose(v))
+    g2.output("y", y2)
+    p2 = lc.compile(g2, loss=lc.sum(y2 * g2.const(R)), num_threads=nthreads)
+    np.testing.assert_allclose(p2.run({})["y"], X @ W, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(p2.grad({})["v"], (X.T @ R).T, rtol=1e-12, atol=1e-12)

@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, pow
 from cython cimport floating
 from cython.parallel cimport prange, parallel
-from scipy.linalg.cython_blas cimport sgemm, dgemm
+from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
 cnp.import_array()
 
@@ -201,11 +201,27 @@ cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *const
 # activation epilogue runs on each panel right after BLAS wrote it, while it is still in cache.
 
 DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread, in one piece
+DEF GEMV_PAR_ELEMS = 131072   # a GEMV is memory-bound: split it once the matrix is this large
 DEF GEMM_PANELS = 4            # panels of a large GEMM (a multiple of the usual 1-2-4 thread counts)
 
 cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, floating alpha,
                        floating *A, int lda, floating *B, int ldb, floating beta, floating *C, int ldc) noexcept nogil:
     # row-major C(m,n) = op(A)(m,k) op(B)(k,n)  ==  column-major C^T = op(B)^T op(A)^T
+    cdef int one = 1
+    cdef char gt
+    cdef int gm, gn
+    if m == 1:
+        # a row vector times a matrix is a GEMV (memory-bound; BLAS's GEMM path is several times slower).
+        # C^T (n) = op(B)^T (n x k) a (k): B row-major (k,n) is column-major (n,k) with ld n -> 'N';
+        # transposed storage (n,k) is column-major (k,n) with ld k -> 'T'.  a is contiguous either way.
+        gt = b'T' if tb == b'T' else b'N'
+        gm = k if tb == b'T' else n
+        gn = n if tb == b'T' else k
+        if floating is float:
+            sgemv(&gt, &gm, &gn, &alpha, B, &ldb, A, &one, &beta, C, &one)
+        else:
+            dgemv(&gt, &gm, &gn, &alpha, B, &ldb, A, &one, &beta, C, &one)
+        return
     if floating is float:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
     else:
@@ -283,7 +299,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     # Panels depend on the problem size only, never on the thread count: BLAS may pick different
     # micro-kernels for different panel shapes, so a thread-dependent split would make results differ
     # between 1 and 2 threads.  With a fixed split, 1 thread runs the same panels one after another.
-    big = 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS
+    big = 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS or (M == 1 and <double>N * K >= GEMV_PAR_ELEMS)
     nt = nthreads if big else 1
     nparts = GEMM_PANELS if big else 1
     if nbatch > 1 and big:
