@@ -69,9 +69,14 @@ class StateLayout:
         return off
 
     def buffer(self):
-        buf = np.zeros(max(align(self.size), 64), np.uint8)
-        for off, v in self.chunks:
-            buf[off:off + v.nbytes] = np.frombuffer(v.tobytes(), np.uint8)
+        """The initial state bytes: one copy of every chunk, zeroed alignment gaps (deterministic files)."""
+        buf = np.empty(max(align(self.size), 64), np.uint8)
+        end = 0
+        for off, v in sorted(self.chunks, key=lambda c: c[0]):
+            buf[end:off] = 0
+            buf[off:off + v.nbytes] = v.reshape(-1).view(np.uint8)
+            end = off + v.nbytes
+        buf[end:] = 0
         return buf
 
 

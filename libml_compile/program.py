@@ -25,7 +25,7 @@ class Program(Executable):
     """A compiled program: ``run``/``grad``/``step``/``params`` from the runtime, plus inspection."""
 
     def __init__(self, plan, graph, reports, summaries, num_threads=None, check_finite=False, compile_seconds=0.0):
-        super().__init__(plan, num_threads=num_threads, check_finite=check_finite)
+        super().__init__(plan, num_threads=num_threads, check_finite=check_finite, _adopt_state=True)
         self.graph = graph
         self._reports = reports
         self._summaries = summaries

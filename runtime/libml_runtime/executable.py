@@ -27,11 +27,13 @@ class NonFiniteError(FloatingPointError):
 
 
 class Executable:
-    def __init__(self, plan: Plan, num_threads=None, check_finite=False):
+    def __init__(self, plan: Plan, num_threads=None, check_finite=False, _adopt_state=False):
         self.plan = plan
         self.num_threads = resolve_threads(num_threads)
         self.check_finite = bool(check_finite)
-        self._state = plan.state.copy()
+        # the compiler hands over a freshly built state buffer (_adopt_state): copying 100 MB of W3
+        # params twice was most of its compile time.  plan.state then tracks the live state.
+        self._state = plan.state if _adopt_state else plan.state.copy()
         # the checked entries (unfused, check_finite=True) usually need a larger arena than the fused ones
         arena = max((x.arena_bytes for e in plan.entries.values() for x in (e, e.checked) if x is not None),
                     default=0)
