@@ -244,9 +244,15 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         else:
             desc = _emit_op(em, ins.x, loc, state, optimizer)
         summary.append(desc)
-        if check_finite and ins.writes:
+        if check_finite:
+            # results of ops, and the params an update wrote (an update can overflow too)
             nid = em.instr_nodes[-1]
-            for w in ins.writes:
+            written = list(ins.writes)
+            if ins.kind == "op" and ins.x.op in ("sgd_update", "adam_update"):
+                written = list(ins.x.inputs[:len(ins.x.inputs) // 2])
+            elif ins.kind == "op" and ins.x.op == "sgd_gemm":
+                written = [ins.x.inputs[2]]
+            for w in written:
                 if w.dtype in FLOAT_DTYPES:
                     slot, off = loc(w)
                     em.emit(F.OP_CHECK_FINITE, nid, [F.DTYPE_CODE[w.dtype], w.size, slot, off])
