@@ -135,6 +135,23 @@ static inline int64_t lm_load_as_i64(int64_t dt, const char *p, int64_t i)
     return 0;
 }
 
+static inline void lm_unravel_row(const lm_ew *e, int64_t row, int64_t *idx)
+{
+    int64_t d;
+    for (d = e->ndim - 2; d >= 0; d--) {
+        int64_t q = row / e->dims[d];
+        idx[d] = row - q * e->dims[d];
+        row = q;
+    }
+}
+
+static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
+{
+    int64_t off = 0, d;
+    for (d = 0; d < n; d++) off += idx[d] * s[d];
+    return off;
+}
+
 #define LM_T float
 #define LM_SFX(name) name##_f32
 #define LM_EXP expf

@@ -12,14 +12,17 @@ static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *cons
     const int64_t nd = e->ndim;
     const int64_t j0 = b * LM_BLK;
     const int64_t n = (e->inner - j0 < LM_BLK) ? e->inner - j0 : LM_BLK;
-    int64_t i, j;
+    int64_t i, j, idx[LM_MAXD];
+    /* the row's multi-index, once per block: operand offsets are then dot products (integer division
+       per operand per block was a measurable share of small-row kernels) */
+    lm_unravel_row(e, row, idx);
 
     for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
     for (i = 0; i < e->n_in; i++) {
         const int64_t *d = e->in + i * (2 + nd);
         const int64_t *s = d + 2;
         const int64_t si = s[nd - 1];
-        const LM_T *src = (const LM_T *)(bases[d[0]] + d[1]) + lm_row_offset(e, row, s) + j0 * si;
+        const LM_T *src = (const LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0 * si;
         if (si == 1) {
             R[i] = (LM_T *)src;  /* read in place: input registers are never written */
         } else if (si == 0) {
@@ -72,16 +75,16 @@ static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *cons
         const LM_T *restrict r = R[d[2 + nd]];
         const int64_t is_red = d[3 + nd];
         if (!is_red) {
-            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_row_offset(e, row, s) + j0;
+            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0;
             if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
         } else if (s[nd - 1] == 0) {
             LM_T sum = 0;
             #pragma omp simd reduction(+:sum)
             for (j = 0; j < n; j++) sum += r[j];
             if (acc) acc[i] += sum;
-            else partial[e->red_off[i] + lm_row_offset(e, row, s)] += sum;
+            else partial[e->red_off[i] + lm_dot(nd - 1, idx, s)] += sum;
         } else {
-            LM_T *restrict P = partial + e->red_off[i] + lm_row_offset(e, row, s) + j0;
+            LM_T *restrict P = partial + e->red_off[i] + lm_dot(nd - 1, idx, s) + j0;
             #pragma omp simd
             for (j = 0; j < n; j++) P[j] += r[j];
         }
