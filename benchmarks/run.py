@@ -272,6 +272,7 @@ def main(argv=None):
            "results": results, "total_s": time.perf_counter() - t_all, "table": table,
            "raw": {f"{w}/{s}": [{k: v for k, v in r.items() if k != "times_ms"} for r in rs]
                    for (w, s), rs in runs.items()}}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"\nwrote {args.out}  (total {doc['total_s']:.0f} s)")

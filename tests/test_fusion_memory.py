@@ -202,3 +202,27 @@ def test_row_vector_gemms_take_the_gemv_path_correctly(nthreads):
     p2 = lc.compile(g2, loss=lc.sum(y2 * g2.const(R)), num_threads=nthreads)
     np.testing.assert_allclose(p2.run({})["y"], X @ W, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(p2.grad({})["v"], (X.T @ R).T, rtol=1e-12, atol=1e-12)
+
+
+def test_memory_report_plot_writes_a_timeline(tmp_path):
+    pytest.importorskip("matplotlib")
+    g, loss = _graph(*CASES["linear_relu"][:2])
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1))
+    path = prog.memory_report().plot(tmp_path / "mem.png")
+    assert (tmp_path / "mem.png").stat().st_size > 1000 and str(path).endswith("mem.png")
+
+
+def test_memory_report_plot_without_matplotlib_names_the_extra(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib")
+        return real_import(name, *a, **k)
+
+    g, loss = _graph(*CASES["linear_relu"][:2])
+    prog = lc.compile(g, loss=loss)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=r"libml\[plot\]"):
+        prog.memory_report().plot("unused.png")

@@ -18,7 +18,7 @@ HEADER = 3  # opcode, length, node id
 VM_OPS = {"COPY": 0, "ADD": 1, "SUB": 2, "MUL": 3, "DIV": 4, "RSUB": 5, "RDIV": 6, "NEG": 7, "RELU": 8,
           "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12}
 VM_BINARY = {1, 2, 3, 4, 5, 6}
-LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 256, 8, 32, 64, 16
+LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 128, 8, 32, 64, 16
 
 # dtype codes (kernels.h enum)
 DTYPES = ["float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]

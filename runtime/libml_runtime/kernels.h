@@ -27,7 +27,7 @@ extern float logf(float);
 extern double log(double);
 #endif
 
-#define LM_BLK 256          /* elements per VM block: registers stay in L1/L2 */
+#define LM_BLK 128          /* elements per VM block: registers stay in L1/L2 */
 #define LM_MAXD 8           /* max dims of an elementwise iteration space (after collapsing) */
 #define LM_MAXIO 32         /* max inputs / outputs of one fused group */
 #define LM_MAXREG 64        /* max registers of one fused group */
