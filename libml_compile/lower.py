@@ -139,6 +139,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     roots = [r(t) for t in roots]
     passes.absorb_transposes(nodes)
     if fuse:
+        passes.fuse_xent(nodes)
         passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
         roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
@@ -177,6 +178,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         else:
             ins.reads = [i for i in x.inputs]
             ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm") else []
+            if "loss" in x.attrs and x.op == "xent_grad":
+                ins.writes.append(x.attrs["loss"])
         instrs.append(ins)
 
     # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
@@ -461,9 +464,11 @@ def _emit_op(em, t, loc, state, optimizer):
         return {"op": op, "node": t.name, "flops": 4 * z.size, "bytes": nbytes(z, y)}
     if op == "xent_grad":
         z, y, g = t.inputs
+        lo = loc(t.attrs["loss"]) if "loss" in t.attrs else (-1, 0)
         em.emit(F.OP_XENT_GRAD, nid, [F.DTYPE_CODE[t.dtype], z.shape[0], z.shape[1], *loc(z), *loc(y),
-                                      F.DTYPE_CODE[y.dtype], *loc(g), *loc(t)])
-        return {"op": op, "node": t.name, "flops": 5 * z.size, "bytes": nbytes(z, y, t)}
+                                      F.DTYPE_CODE[y.dtype], *loc(g), *loc(t), *lo])
+        return {"op": op + ("+loss" if "loss" in t.attrs else ""), "node": t.name, "flops": 5 * z.size,
+                "bytes": nbytes(z, y, t)}
     if op == "cast":
         x = t.inputs[0]
         em.emit(F.OP_CAST, nid, [F.DTYPE_CODE[x.dtype], F.DTYPE_CODE[t.dtype], t.size, *loc(x), *loc(t)])

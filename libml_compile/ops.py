@@ -340,6 +340,9 @@ for _d in [
           doc="mean over the batch of -log softmax(logits)[label] (log-sum-exp, stable)"),
     OpDef("xent_grad", "xent_grad", _s_xent_grad, _r_xent_grad, None,
           doc="g * (softmax(logits) - onehot(labels)) / batch"),
+    OpDef("xent_loss", "side_output", lambda inp, at: ((), inp[0].dtype), None, None,
+          doc="the loss computed by the xent_grad kernel it reads (passes.fuse_xent): forward and "
+              "backward of softmax cross-entropy in one pass over the logits"),
 ]:
     register(_d)
 

@@ -196,6 +196,18 @@ def fold_sgd_into_gemm(nodes, roots):
     return rest + folded
 
 
+def fuse_xent(nodes):
+    """softmax_xent(z, y) and xent_grad(z, y, g) with a constant g: one kernel computes both (the loss
+    as a side output of the gradient kernel), one pass over the logits instead of two."""
+    grads = {(t.inputs[0], t.inputs[1]): t for t in nodes
+             if t.op == "xent_grad" and t.inputs[2].op == "const" and "loss" not in t.attrs}
+    for t in nodes:
+        if t.op == "softmax_xent" and (t.inputs[0], t.inputs[1]) in grads:
+            g = grads[(t.inputs[0], t.inputs[1])]
+            g.attrs = dict(g.attrs, loss=t)
+            t.op, t.inputs, t.attrs = "xent_loss", (g,), {}
+
+
 def absorb_transposes(nodes):
     """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free."""
     for t in nodes:
@@ -356,15 +368,15 @@ def schedule(nodes, group_of):
                 unit_of[g] = len(units)
                 units.append(("ew", g))
             unit_of[t] = unit_of[g]
-        elif t.op == "reshape":
-            continue
+        elif t.op in ("reshape", "xent_loss"):
+            continue  # a view, or a side output of its input's instruction
         else:
             unit_of[t] = len(units)
             units.append(("op", t))
 
     def producer_units(t, acc):
-        # reshape is a view: depend on whatever produced its storage
-        while t.op == "reshape":
+        # reshape is a view, xent_loss a side output: depend on the instruction that wrote them
+        while t.op in ("reshape", "xent_loss"):
             t = t.inputs[0]
         if t in unit_of:
             acc.add(unit_of[t])

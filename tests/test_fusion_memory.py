@@ -226,3 +226,14 @@ def test_memory_report_plot_without_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match=r"libml\[plot\]"):
         prog.memory_report().plot("unused.png")
+
+
+def test_softmax_xent_forward_and_backward_run_as_one_kernel():
+    from libml_models.builders import mlp
+    g, loss = mlp([20, 16, 7], 12, dtype="float64")
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1))
+    assert "xent_grad+loss" in prog.summary("step") and "softmax_xent" not in prog.summary("step")
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((12, 20)), "y": rng.integers(0, 7, 12)}
+    ref = prog.run(feeds)["loss"]             # the forward-only kernel
+    assert prog.step(feeds) == pytest.approx(float(ref), rel=1e-14)

@@ -43,8 +43,8 @@ cdef extern from "kernels.h" nogil:
     void lm_softmax_outer_f64(int64_t K, int64_t inner, const double *x, double *y, double *tmp)
     float lm_xent_f32(int64_t B, int64_t C, const float *z, int64_t ldt, const char *lab)
     double lm_xent_f64(int64_t B, int64_t C, const double *z, int64_t ldt, const char *lab)
-    void lm_xent_grad_row_f32(int64_t C, const float *r, int64_t y, float gscale, float *o)
-    void lm_xent_grad_row_f64(int64_t C, const double *r, int64_t y, double gscale, double *o)
+    double lm_xent_grad_row_f32(int64_t C, const float *r, int64_t y, float gscale, float *o)
+    double lm_xent_grad_row_f64(int64_t C, const double *r, int64_t y, double gscale, double *o)
     void lm_epilogue_row_f32(int64_t N, float *c, const float *bias, int64_t act)
     void lm_epilogue_row_f64(int64_t N, double *c, const double *bias, int64_t act)
     void lm_sgd_f32(int64_t n, float *p, const float *g, float *v, float lr, float mom, float wd)
@@ -374,25 +374,44 @@ cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) 
 
 
 cdef int _xent_grad(floating dummy, const int64_t *f, char **bases, int nthreads, int64_t *detail) noexcept nogil:
-    # fields: dtype B C z(2) labels(2) label_dtype g(2) out(2)
+    # fields: dtype B C z(2) labels(2) label_dtype g(2) out(2) loss(2; slot -1 = none)
+    # With a loss operand this is forward and backward of softmax cross-entropy in one pass: each row's
+    # log-sum-exp gives both its loss and its gradient; row losses are summed in row order (double).
     cdef int64_t B = f[1], C = f[2], b, bad
     cdef floating *z = <floating*>_ptr(bases, f + 3)
     cdef char *lab = _ptr(bases, f + 5)
     cdef int64_t ldt = f[7]
     cdef floating *g = <floating*>_ptr(bases, f + 8)
     cdef floating *out = <floating*>_ptr(bases, f + 10)
+    cdef floating *loss = <floating*>_ptr(bases, f + 12) if f[12] >= 0 else NULL
+    cdef double *rows = NULL
+    cdef double total = 0
     cdef floating gs
     bad = lm_bad_label(ldt, lab, B, C)
     if bad >= 0:
         detail[0] = bad
         return ERR_LABEL
+    if loss != NULL:
+        rows = <double*>malloc(B * sizeof(double))
+        if rows == NULL:
+            return ERR_NOMEM
     gs = g[0] / B
     for b in prange(B, num_threads=_threads(B * C, nthreads), schedule="static"):
         if floating is float:
-            lm_xent_grad_row_f32(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C)
+            _row_loss(rows, b, lm_xent_grad_row_f32(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C))
         else:
-            lm_xent_grad_row_f64(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C)
+            _row_loss(rows, b, lm_xent_grad_row_f64(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C))
+    if loss != NULL:
+        for b in range(B):
+            total += rows[b]
+        loss[0] = <floating>(total / B)
+        free(rows)
     return 0
+
+
+cdef inline void _row_loss(double *rows, int64_t b, double v) noexcept nogil:
+    if rows != NULL:
+        rows[b] = v
 
 
 # ------------------------------------------------------------------------------------------------

@@ -176,8 +176,9 @@ static LM_T LM_SFX(lm_xent)(int64_t B, int64_t C, const LM_T *z, int64_t ldt, co
     return (LM_T)(total / (double)B);
 }
 
-/* d/dz of g * mean xent = g/B * (softmax(z_b) - onehot(y_b)), one row */
-static void LM_SFX(lm_xent_grad_row)(int64_t C, const LM_T *r, int64_t y, LM_T gscale, LM_T *o)
+/* d/dz of g * mean xent = g/B * (softmax(z_b) - onehot(y_b)), one row; returns the row's loss
+ * logsumexp(z_b) - z_b[y] (the same formula lm_xent sums) */
+static double LM_SFX(lm_xent_grad_row)(int64_t C, const LM_T *r, int64_t y, LM_T gscale, LM_T *o)
 {
     int64_t k;
     LM_T m = r[0], s = 0;
@@ -188,6 +189,7 @@ static void LM_SFX(lm_xent_grad_row)(int64_t C, const LM_T *r, int64_t y, LM_T g
     #pragma omp simd
     for (k = 0; k < C; k++) o[k] *= f;
     o[y] -= gscale;
+    return (double)(m + LM_LOG(s)) - (double)r[y];
 }
 
 /* GEMM epilogue on rows of C (N columns): c = act(c + bias) */

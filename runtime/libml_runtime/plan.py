@@ -322,6 +322,10 @@ class _Decoder:
         self._labels(B)
         self.operand("g", isz, align=isz)
         self.operand("out", B * C * isz, writable=True, align=isz)
+        slot = self.take("loss.slot", -1, len(self.sizes) - 1)
+        off = self.take("loss.offset", 0, 2 ** 50)
+        if slot >= 0 and (slot >= F.SLOT_INPUT0 or off + isz > self.sizes[slot] or off % isz):
+            self.fail("loss is outside its buffer or not writable")
 
     def op_cast(self):
         s, d = self.take("src_dtype", 0, len(F.DTYPES) - 1), self.take("dst_dtype", 0, len(F.DTYPES) - 1)
