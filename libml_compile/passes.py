@@ -105,7 +105,8 @@ def _drop_redundant_broadcasts(t):
 
 
 def _algebraic(t):
-    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)) -> simpler node or None."""
+    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)), mul(neg(a), b),
+    sum(neg(x)) -> simpler node or None."""
     a = t.inputs[0] if t.inputs else None
     b = t.inputs[1] if len(t.inputs) > 1 else None
     if t.op == "identity":
@@ -123,6 +124,14 @@ def _algebraic(t):
         return a
     if t.op == "neg" and a.op == "neg":
         return a.inputs[0]
+    # sign pushing: gradient rules emit neg() (sub, div); moving it outward lets neg(neg(.)) cancel and
+    # a reduction absorb it in its scale, saving passes in fused kernels (W4's backward: two)
+    if t.op == "mul" and t.dtype in FLOAT_DTYPES and (a.op == "neg") != (b.op == "neg"):
+        from .ops import mul, neg
+        return neg(mul(a.inputs[0], b) if a.op == "neg" else mul(a, b.inputs[0]))
+    if t.op == "sum" and a.op == "neg":
+        from .ops import make
+        return make("sum", (a.inputs[0],), dict(t.attrs, scale=-t.attrs["scale"]))
     if t.op == "reshape":
         if a.shape == t.shape:
             return a
