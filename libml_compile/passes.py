@@ -242,18 +242,12 @@ MAX_GROUP_INPUTS = 24
 
 
 class Group:
-    """A fused elementwise(+reduction) kernel over iteration shape ``shape``."""
+    """A fused elementwise(+reduction) kernel over iteration shape ``shape``; ``members`` in source order."""
 
-    __slots__ = ("id", "shape", "members", "parent")
+    __slots__ = ("id", "shape", "members")
 
     def __init__(self, gid, shape):
-        self.id, self.shape, self.members, self.parent = gid, shape, [], None
-
-    def find(self):
-        g = self
-        while g.parent is not None:
-            g = g.parent
-        return g
+        self.id, self.shape, self.members = gid, shape, []
 
 
 def is_fusible(t):

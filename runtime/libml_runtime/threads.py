@@ -5,7 +5,6 @@ One pool only: during a plan call BLAS is pinned to one thread (threadpoolctl, o
 inside its OpenMP regions (as scikit-learn does).  Two pools busy-waiting on the same cores were
 measured at 10-40x slowdowns on 2 cores.  Every OpenMP region gets ``num_threads`` explicitly.
 """
-import contextlib
 import os
 
 _controller = None
@@ -35,28 +34,6 @@ def _blas():
         own = [lib for lib in libs if os.path.realpath(lib.filepath).startswith(os.path.join(root, "scipy"))]
         _controller = own or libs
     return _controller
-
-
-@contextlib.contextmanager
-def blas_threads(n):
-    """Give BLAS ``n`` threads for the block (the runtime asks for 1); restore afterwards."""
-    libs = _blas()
-    old = [lib.get_num_threads() for lib in libs]
-    changed = [(lib, o) for lib, o in zip(libs, old) if o != n]
-    for lib, _ in changed:
-        lib.set_num_threads(n)
-    try:
-        yield
-    finally:
-        for lib, o in changed:
-            lib.set_num_threads(o)
-
-
-def blas_info():
-    """threadpoolctl's description of the BLAS libraries in use (kernel/architecture, threads)."""
-    from threadpoolctl import threadpool_info
-    import scipy.linalg.cython_blas  # noqa: F401
-    return [i for i in threadpool_info() if i.get("user_api") == "blas"]
 
 
 def pin_blas_single():
