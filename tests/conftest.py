@@ -7,6 +7,7 @@ folder on ``sys.path`` so that works under plain ``pytest`` from the repository 
 The oracles here are independent of libml: NumPy forward/backward references written out by hand,
 central finite differences in float64, and NumPy versions of PyTorch's SGD / AdamW update formulas.
 """
+import re
 import os
 import sys
 
@@ -221,3 +222,12 @@ def teacher_task(n=64, n_in=8, n_classes=3, dtype=np.float32, seed=0):
     teacher = rng.standard_normal((n_in, n_classes))
     y = np.argmax(x.astype(np.float64) @ teacher, axis=1).astype(np.int64)
     return x, y
+
+
+def mentions_shape(msg, shape):
+    """True if an error message spells ``shape`` in any usual form: (2, 3), [2, 3], 2x3, 2×3."""
+    shape = tuple(shape)
+    forms = {str(shape).replace(" ", ""), str(list(shape)).replace(" ", "")}
+    if len(shape) > 1:
+        forms |= {"x".join(map(str, shape)), "×".join(map(str, shape))}
+    return any(f in re.sub(r"\s", "", msg) for f in forms)

@@ -1,11 +1,11 @@
 """Bad feeds are rejected before the runtime runs, with a message naming the input, the expected and the
 given value; a rejected step changes nothing (params bit-identical, optimizer state untouched)."""
-import re
 
 import numpy as np
 import pytest
 
 import libml_compile as lc
+from conftest import mentions_shape as _mentions_shape
 
 B, D, H, C = 8, 4, 6, 3
 METHODS = ["step", "grad", "run"]
@@ -37,17 +37,6 @@ def _good_feeds(seed=1):
             "labels": rng.integers(0, C, size=B).astype(np.int64)}
 
 
-def _shape_forms(shape):
-    shape = tuple(shape)
-    forms = {str(shape).replace(" ", ""), str(list(shape)).replace(" ", "")}
-    if len(shape) > 1:
-        forms |= {"x".join(map(str, shape)), "×".join(map(str, shape))}
-    return forms
-
-
-def _mentions_shape(msg, shape):
-    compact = re.sub(r"\s", "", msg)
-    return any(f in compact for f in _shape_forms(shape))
 
 
 def _call_rejected(prog, method, feeds):

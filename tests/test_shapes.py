@@ -1,24 +1,13 @@
 """Static shapes and dtypes: inference follows NumPy broadcasting and ONNX MatMul; a mismatch raises
 ValueError at declaration naming the op and both shapes."""
-import re
 
 import numpy as np
 import pytest
 
 import libml_compile as lc
+from conftest import mentions_shape as _mentions_shape
 
 
-def _shape_forms(shape):
-    shape = tuple(shape)
-    forms = {str(shape).replace(" ", ""), str(list(shape)).replace(" ", "")}
-    if len(shape) > 1:
-        forms |= {"x".join(map(str, shape)), "×".join(map(str, shape))}
-    return forms
-
-
-def _mentions_shape(msg, shape):
-    compact = re.sub(r"\s", "", msg)
-    return any(f in compact for f in _shape_forms(shape))
 
 
 def _two(sa, sb, dtype="float32"):
