@@ -378,7 +378,9 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
     for idx, m in enumerate(g.members):
         for i in m.inputs:
             last_use[i] = idx
-    keep = set(ins.writes)
+    # outputs -- including the values reductions read -- are stored after the whole program has run
+    # on a block, so their registers must never be recycled
+    keep = set(ins.writes) | {m.inputs[0] for m in g.members if m.op == "sum"}
     free, n_regs = [], n_in
     prog = []
     for idx, m in enumerate(g.members):

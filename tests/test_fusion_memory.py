@@ -237,3 +237,24 @@ def test_softmax_xent_forward_and_backward_run_as_one_kernel():
     feeds = {"x": rng.standard_normal((12, 20)), "y": rng.integers(0, 7, 12)}
     ref = prog.run(feeds)["loss"]             # the forward-only kernel
     assert prog.step(feeds) == pytest.approx(float(ref), rel=1e-14)
+
+
+def test_values_reduced_early_and_used_later_keep_their_registers():
+    # s = sum(u) is declared before u's other consumers, so a naive register allocator would recycle
+    # u's register after its last elementwise use while the reduction still needs it at the block end
+    g = lc.Graph("regs")
+    p = g.param("p", RNG.standard_normal((33, 700)))
+    u = lc.sigmoid(p)
+    s = lc.sum(u, axis=0)
+    v = lc.exp(u * 2.0)
+    w = v * 3.0 + 1.0
+    t = lc.sum(w, axis=0)
+    g.output("s", s)
+    g.output("t", t)
+    prog = lc.compile(g)
+    assert prog.instruction_count("run") == 1, prog.summary("run")
+    P = prog.params["p"]
+    U = 1 / (1 + np.exp(-P))
+    out = prog.run({})
+    np.testing.assert_allclose(out["s"], U.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(out["t"], (np.exp(2 * U) * 3 + 1).sum(0), rtol=1e-12)
