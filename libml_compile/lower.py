@@ -300,8 +300,11 @@ def _inplace_candidate(ins, w, k, buffers, base, last_read):
             continue
         if i.shape != w.shape or i.dtype != w.dtype or b in ins.inplace.values():
             continue
-        # the input must be read with exactly the output's strides and by nobody else in this group
+        # the input must be read with exactly the output's strides and by nobody else in this group,
+        # and no reduction may read it from memory at the block end (after the outputs were stored)
         if any(base(j) is bi and j is not i for j in ins.reads):
+            continue
+        if any(m.op == "sum" and m.inputs[0] is i for m in ins.x.members):
             continue
         if b.nbytes != int(w.size * np.dtype(w.dtype).itemsize):
             continue

@@ -258,3 +258,21 @@ def test_values_reduced_early_and_used_later_keep_their_registers():
     out = prog.run({})
     np.testing.assert_allclose(out["s"], U.sum(0), rtol=1e-12)
     np.testing.assert_allclose(out["t"], (np.exp(2 * U) * 3 + 1).sum(0), rtol=1e-12)
+
+
+def test_inplace_output_never_overwrites_an_input_a_reduction_still_reads():
+    # x (a GEMM result) dies in the fused group that computes relu(x) and sum(x): relu(x) may not take
+    # x's buffer, because the reduction reads x straight from memory when the block's outputs are stored
+    g = lc.Graph("inplace_red")
+    a = g.param("a", RNG.standard_normal((40, 30)))
+    w = g.param("w", RNG.standard_normal((30, 600)))
+    x = a @ w
+    y = lc.relu(x)
+    s = lc.sum(x, axis=0)
+    g.output("y", y)
+    g.output("s", s)
+    prog = lc.compile(g)
+    X = prog.params["a"] @ prog.params["w"]
+    out = prog.run({})
+    np.testing.assert_allclose(out["y"], np.maximum(X, 0), rtol=1e-12)
+    np.testing.assert_allclose(out["s"], X.sum(0), rtol=1e-12)
