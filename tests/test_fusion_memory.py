@@ -276,3 +276,14 @@ def test_inplace_output_never_overwrites_an_input_a_reduction_still_reads():
     out = prog.run({})
     np.testing.assert_allclose(out["y"], np.maximum(X, 0), rtol=1e-12)
     np.testing.assert_allclose(out["s"], X.sum(0), rtol=1e-12)
+
+
+def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
+    g = lc.Graph("empty")
+    x = g.input("x", (0, 5))
+    w = g.param("w", np.ones(5, np.float32))
+    s = lc.sum(lc.relu(x * w), axis=0)
+    g.output("s", s)
+    prog = lc.compile(g)
+    prog._arena[...] = 0xFF  # stale bytes, as after other entries ran
+    np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))

@@ -30,6 +30,8 @@ cdef extern from "kernels.h" nogil:
         int64_t dtype, ndim, n_in, n_out, n_regs, n_prog, mode, nchunks, scratch_slot, scratch_off
         int64_t rows, inner, nblk, items, red_total
         int64_t dims[8]
+        const int64_t *out
+        int64_t red_numel[32]
     int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
     void lm_ew_block_f32(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
                          float *regs, float *partial, float *acc)
@@ -122,6 +124,13 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     if lm_ew_decode(f, nf, &e) != 0:
         return ERR_MALFORMED
     if e.items == 0:
+        # an empty iteration space: reductions are sums over nothing, i.e. zeros (the arena is reused,
+        # so leaving them unwritten would return stale values)
+        if e.mode != 0:
+            for k in range(e.n_out):
+                if e.out[k * (5 + e.ndim) + 3 + e.ndim]:
+                    memset(bases[e.out[k * (5 + e.ndim)]] + e.out[k * (5 + e.ndim) + 1], 0,
+                           e.red_numel[k] * sizeof(floating))
         return 0
     nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
     if e.mode == 0:

@@ -223,8 +223,10 @@ class _Decoder:
         outs = []
         out_strides = []
         for i in range(n_out):
+            at = self.pos
             s = self.strided(f"output[{i}]", isz, dims, writable=True)
             out_strides.append(s)
+            slot, off = int(self.code[at]), int(self.code[at + 1])
             reg = self.take(f"output[{i}].reg", 0, n_regs - 1)
             red = self.take(f"output[{i}].is_reduce", 0, 1)
             sc = self.take(f"output[{i}].scale", -1, self.nconsts - 1)
@@ -234,7 +236,11 @@ class _Decoder:
                 zero_dims = [k for k in range(nd) if s[k] == 0]
                 if mode == 1 and zero_dims != [nd - 1]:
                     self.fail(f"output[{i}] reduces over more than the innermost dim in mode 1")
-                red_total += int(np.prod([dims[k] for k in range(nd) if s[k] != 0], dtype=object))
+                numel = int(np.prod([dims[k] for k in range(nd) if s[k] != 0], dtype=object))
+                red_total += numel
+                # an empty iteration space still writes the reduction's zeros: numel elements
+                if off + numel * isz > self.sizes[slot]:
+                    self.fail(f"output[{i}] ({numel} reduced elements) is outside buffer {slot}")
             outs.append(red)
         for i, (red, s) in enumerate(zip(outs, out_strides)):
             # the kernels index a plain output (and a reduce output's partial sums, mode 2) as a dense
