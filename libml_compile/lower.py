@@ -141,6 +141,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     if fuse:
         passes.fuse_xent(nodes)
         passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
+        passes.fuse_relu_backward(passes.topo_from_roots(roots), roots)
         roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
@@ -178,8 +179,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         else:
             ins.reads = [i for i in x.inputs]
             ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm") else []
-            if "loss" in x.attrs and x.op == "xent_grad":
-                ins.writes.append(x.attrs["loss"])
+            ins.writes += [x.attrs[k] for k in passes.SIDE_OUTPUTS.values() if k in x.attrs]
         instrs.append(ins)
 
     # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
@@ -547,16 +547,22 @@ def _emit_gemm(em, nid, t, loc):
     # (..., M, K) @ (K, N) with a contiguous, untransposed A: one GEMM with M' = batch * M
     if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
         M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
-    bias = (*loc(t.inputs[2]), 1 if t.attrs.get("act") == "relu" else 0) if t.op == "linear" else (-1, 0, 0)
+    act = t.attrs.get("act")
+    bias = (*loc(t.inputs[2]), 1 if act == "relu" else 0) if t.op == "linear" and act != "relu_grad" \
+        else (-1, 0, 2 if act == "relu_grad" else 0)
+    mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
+    colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
         out, alpha, beta = t.inputs[2], -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
     else:
         out, alpha, beta = t, 1.0, 0.0
     fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(out),
-              em.const(alpha), em.const(beta), *bias, len(batch), *batch, *sA, *sB, *sC]
+              em.const(alpha), em.const(beta), *bias, len(batch), *batch, *sA, *sB, *sC, *mask, *colsum]
     em.emit(F.OP_GEMM, nid, fields)
     nb = int(np.prod(batch)) if batch else 1
-    return {"op": "gemm" + ("+bias" if t.op == "linear" else "") + ("+relu" if t.attrs.get("act") == "relu" else "")
+    return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
+            + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")
+            + ("+colsum" if "colsum" in t.attrs else "")
             + ("+sgd" if t.op == "sgd_gemm" else ""),
             "node": t.name, "flops": 2 * nb * M * N * K,
             "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t))),

@@ -141,8 +141,11 @@ def _s_linear(inp, attrs):
     return _s_matmul(inp[:2], attrs)
 
 
-def _r_linear(attrs, a, b, bias):
-    y = _r_matmul(attrs, a, b) + bias
+def _r_linear(attrs, a, b, third):
+    y = _r_matmul(attrs, a, b)
+    if attrs.get("act") == "relu_grad":  # third is the relu output: y * step(relu_out)
+        return y * (third > 0).astype(y.dtype)
+    y = y + third
     return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
 
 
@@ -333,7 +336,10 @@ for _d in [
           lambda n, g: (cast(g, n.inputs[0].dtype) if n.inputs[0].dtype in FLOAT_DTYPES else None,),
           int_ok=True),
     OpDef("linear", "gemm", _s_linear, _r_linear, None,
-          doc="act(matmul(a, b) + bias): a GEMM with its epilogue, made by passes.fuse_epilogues"),
+          doc="act(matmul(a, b) + bias), or with act='relu_grad' matmul(a, b) * step(relu_out): a GEMM "
+              "with its epilogue, made by passes.fuse_epilogues / passes.fuse_relu_backward"),
+    OpDef("gemm_colsum", "side_output", lambda inp, at: ((1, inp[0].shape[-1]), inp[0].dtype), None, None,
+          doc="column sums of a relu-backward GEMM's result (the bias gradient), written by its epilogue"),
     OpDef("softmax", "softmax", _s_softmax, _r_softmax, _g_softmax),
     OpDef("softmax_xent", "xent", _s_xent, _r_xent,
           lambda n, g: (make("xent_grad", (n.inputs[0], n.inputs[1], g)), None),

@@ -205,6 +205,40 @@ def fold_sgd_into_gemm(nodes, roots):
     return rest + folded
 
 
+SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op -> attr on its writer
+
+
+def fuse_relu_backward(nodes, roots):
+    """dZ = matmul(...) * step(relu_out), and db = sum(dZ, axis=0): the mask and the bias-gradient
+    reduction become the epilogue of the GEMM that produces the upstream gradient, applied to each
+    panel while it is in cache (the panel owns whole columns, so its column sums need no partials)."""
+    consumers = {}
+    for t in nodes:
+        for i in t.inputs:
+            consumers.setdefault(i, []).append(t)
+    keep = set(roots)
+    for d in nodes:
+        if d.op != "mul" or d.ndim != 2 or d in keep:
+            continue
+        m, st = d.inputs
+        if st.op == "matmul":
+            m, st = st, m
+        if (m.op != "matmul" or st.op != "step" or m.ndim != 2 or m.shape != d.shape or m in keep
+                or st.inputs[0].shape != d.shape or consumers.get(m) != [d]):
+            continue
+        mask = st.inputs[0]
+        attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": "relu_grad"}
+        sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
+                and c.attrs["keepdims"] and c.attrs["scale"] == 1.0]
+        d.op, d.inputs, d.attrs = "linear", (m.inputs[0], m.inputs[1], mask), attrs
+        if sums:
+            s = sums[0]
+            d.attrs["colsum"] = s
+            s.op, s.inputs, s.attrs = "gemm_colsum", (d,), {}
+            for other in sums[1:]:  # CSE may have missed duplicates: read the same side output
+                other.op, other.inputs, other.attrs = "identity", (s,), {}
+
+
 def fuse_xent(nodes):
     """softmax_xent(z, y) and xent_grad(z, y, g) with a constant g: one kernel computes both (the loss
     as a side output of the gradient kernel), one pass over the logits instead of two."""
@@ -371,7 +405,7 @@ def schedule(nodes, group_of):
                 unit_of[g] = len(units)
                 units.append(("ew", g))
             unit_of[t] = unit_of[g]
-        elif t.op in ("reshape", "xent_loss"):
+        elif t.op == "reshape" or t.op in SIDE_OUTPUTS:
             continue  # a view, or a side output of its input's instruction
         else:
             unit_of[t] = len(units)
@@ -379,7 +413,7 @@ def schedule(nodes, group_of):
 
     def producer_units(t, acc):
         # reshape is a view, xent_loss a side output: depend on the instruction that wrote them
-        while t.op in ("reshape", "xent_loss"):
+        while t.op == "reshape" or t.op in SIDE_OUTPUTS:
             t = t.inputs[0]
         if t in unit_of:
             acc.add(unit_of[t])

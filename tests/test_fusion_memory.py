@@ -39,6 +39,10 @@ CASES = {
     "matmul_3d_bcast": (lambda a, b: a @ b, [(2, 3, 4), (4, 5)], False),
     "matmul_1d": (lambda a, b: a @ b, [(4,), (4, 5)], False),
     "linear_relu": (lambda x, w, b: lc.relu(x @ w + b), [(9, 6), (6, 5), (5,)], False),
+    "mlp_relu_backward_epilogue": (lambda x, w1, b1, w2: lc.relu(x @ w1 + b1) @ w2,
+                                   [(9, 6), (6, 5), (5,), (5, 3)], False),
+    "mlp_relu_backward_epilogue_panels": (lambda x, w1, b1, w2: lc.relu(x @ w1 + b1) @ w2,
+                                          [(256, 300), (300, 400), (400,), (400, 50)], False),
     "sigmoid": (lambda a: lc.sigmoid(a), [(7, 5)], False),
     "softmax_ax0": (lambda a: lc.softmax(a, axis=0), [(7, 5)], False),
     "softmax_3d_ax1": (lambda a: lc.softmax(a, axis=1), [(2, 3, 4)], False),
@@ -287,3 +291,15 @@ def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
     prog = lc.compile(g)
     prog._arena[...] = 0xFF  # stale bytes, as after other entries ran
     np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))
+
+
+def test_relu_backward_and_bias_gradient_run_in_the_gradient_gemm_epilogue():
+    build, shapes, _ = CASES["mlp_relu_backward_epilogue_panels"]
+    g, loss = _graph(build, shapes)
+    for nt in (1, 2):
+        prog = lc.compile(g, loss=loss, num_threads=nt)
+        assert "gemm+relu'+colsum" in prog.summary("grad"), prog.summary("grad")
+    p1 = lc.compile(g, loss=loss, num_threads=1).grad({})
+    p2 = lc.compile(g, loss=loss, num_threads=2).grad({})
+    for k in p1:
+        assert np.array_equal(p1[k], p2[k]), k

@@ -49,6 +49,8 @@ cdef extern from "kernels.h" nogil:
     double lm_xent_grad_row_f64(int64_t C, const double *r, int64_t y, double gscale, double *o)
     void lm_epilogue_row_f32(int64_t N, float *c, const float *bias, int64_t act)
     void lm_epilogue_row_f64(int64_t N, double *c, const double *bias, int64_t act)
+    void lm_mask_row_f32(int64_t N, float *c, const float *m, float *cs)
+    void lm_mask_row_f64(int64_t N, double *c, const double *m, double *cs)
     void lm_sgd_f32(int64_t n, float *p, const float *g, float *v, float lr, float mom, float wd)
     void lm_sgd_f64(int64_t n, double *p, const double *g, double *v, double lr, double mom, double wd)
     void lm_adam_f32(int64_t n, float *p, const float *g, float *m, float *v, float lr, float b1, float b2,
@@ -203,6 +205,7 @@ cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *const
 # ------------------------------------------------------------------------------------------------
 # GEMM through BLAS (row-major wrapper: C^T = B^T A^T in BLAS's column-major terms)
 # fields: dtype M N K transA transB A(2) B(2) C(2) alpha_c beta_c bias(2) act bdim bdims sA sB sC
+#         mask(2) colsum(2)   (act 0 none, 1 relu, 2 relu-backward: C *= mask > 0; slot -1 = absent)
 #
 # One thread pool only: BLAS runs single-threaded (the caller pins it with threadpoolctl) and the
 # runtime splits each GEMM into per-thread panels inside its own OpenMP region -- two pools spinning
@@ -239,8 +242,13 @@ cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, fl
 
 cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int M, int N, int K, bint ta, bint tb,
                         floating alpha, floating *A, int lda, floating *B, int ldb, floating beta,
-                        floating *C, int ldc, floating *bias, int64_t act) noexcept nogil:
-    """Panel ``part`` of ``nparts`` of one GEMM (rows of C if split_m, else columns), then its epilogue."""
+                        floating *C, int ldc, floating *bias, int64_t act,
+                        floating *mask=NULL, floating *colsum=NULL) noexcept nogil:
+    """Panel ``part`` of ``nparts`` of one GEMM (rows of C if split_m, else columns), then its epilogue.
+
+    Backward epilogue (act 2): C *= (mask > 0) -- relu's gradient from its output -- and, with colsum,
+    the column sums of the result (the bias gradient), in row order.  Column sums need whole columns,
+    so the caller splits such GEMMs by columns only: each panel owns its columns, no partials."""
     cdef int total = M if split_m else N
     cdef int step = ((total + nparts - 1) // nparts + 15) // 16 * 16
     cdef int lo = part * step, hi = lo + step, i
@@ -254,16 +262,32 @@ cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int 
         # rows lo..hi of op(A): row-major (M,K) -> +lo*lda ; transposed storage (K,M) -> +lo
         _blas(dummy, cta, ctb, hi - lo, N, K, alpha, A + (lo if ta else <int64_t>lo * lda), lda, B, ldb,
               beta, C + <int64_t>lo * ldc, ldc)
-        if bias != NULL or act != 0:
+        if act == 2:  # (never with colsum: those are split by columns)
+            for i in range(lo, hi):
+                _mask_row(dummy, N, C + <int64_t>i * ldc, mask + <int64_t>i * ldc, <floating*>NULL)
+        elif bias != NULL or act != 0:
             for i in range(lo, hi):
                 _epi_row(dummy, N, C + <int64_t>i * ldc, bias, act)
     else:
         # columns lo..hi of op(B): row-major (K,N) -> +lo ; transposed storage (N,K) -> +lo*ldb
         _blas(dummy, cta, ctb, M, hi - lo, K, alpha, A, lda, B + (<int64_t>lo * ldb if tb else lo), ldb,
               beta, C + lo, ldc)
-        if bias != NULL or act != 0:
+        if act == 2:
+            if colsum != NULL:
+                memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
+            for i in range(M):
+                _mask_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, mask + <int64_t>i * ldc + lo,
+                          colsum + lo if colsum != NULL else NULL)
+        elif bias != NULL or act != 0:
             for i in range(M):
                 _epi_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL, act)
+
+
+cdef inline void _mask_row(floating dummy, int64_t n, floating *c, floating *m, floating *cs) noexcept nogil:
+    if floating is float:
+        lm_mask_row_f32(n, c, m, cs)
+    else:
+        lm_mask_row_f64(n, c, m, cs)
 
 
 cdef inline void _epi_row(floating dummy, int64_t n, floating *c, floating *bias, int64_t act) noexcept nogil:
@@ -289,6 +313,9 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     cdef floating *C = <floating*>_ptr(bases, f + 10)
     cdef floating *bias = <floating*>_ptr(bases, f + 14) if f[14] >= 0 else NULL
     cdef int64_t act = f[16]
+    cdef const int64_t *fm = f + 18 + 4 * bdim
+    cdef floating *mask = <floating*>_ptr(bases, fm) if fm[0] >= 0 else NULL
+    cdef floating *colsum = <floating*>_ptr(bases, fm + 2) if fm[2] >= 0 else NULL
     cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
     cdef int nt, part, nparts
     cdef bint split_m, big
@@ -304,6 +331,8 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
         if beta == 0:
             for bi in range(nbatch):
                 memset(C + _boff(bi, bdim, bd, sC), 0, <size_t>M * N * sizeof(floating))
+        if colsum != NULL:
+            memset(colsum, 0, <size_t>N * sizeof(floating))
         return 0
     # Panels depend on the problem size only, never on the thread count: BLAS may pick different
     # micro-kernels for different panel shapes, so a thread-dependent split would make results differ
@@ -316,18 +345,18 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
             _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,
                    B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act)
         return 0
-    split_m = M >= N
+    split_m = M >= N and colsum == NULL
     for bi in range(nbatch):
         offA = _boff(bi, bdim, bd, sA)
         offB = _boff(bi, bdim, bd, sB)
         offC = _boff(bi, bdim, bd, sC)
         if nparts == 1:
             _panel(dummy, 0, 1, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
-                   C + offC, ldc, bias, act)
+                   C + offC, ldc, bias, act, mask, colsum)
         else:
             for part in prange(nparts, num_threads=nt, schedule="static"):
                 _panel(dummy, part, nparts, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
-                       C + offC, ldc, bias, act)
+                       C + offC, ldc, bias, act, mask, colsum)
     return 0
 
 

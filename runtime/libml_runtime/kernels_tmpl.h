@@ -208,6 +208,20 @@ static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *res
     }
 }
 
+/* relu-backward GEMM epilogue on one row: c = c * (m > 0 ? 1 : 0) -- exactly mul(g, step(relu_out)) --
+ * and, if cs, the column sums cs += c (the bias gradient, accumulated in row order) */
+static void LM_SFX(lm_mask_row)(int64_t N, LM_T *restrict c, const LM_T *restrict m, LM_T *restrict cs)
+{
+    int64_t j;
+    if (cs) {
+        #pragma omp simd
+        for (j = 0; j < N; j++) { LM_T v = c[j] * (m[j] > 0 ? (LM_T)1 : (LM_T)0); c[j] = v; cs[j] += v; }
+    } else {
+        #pragma omp simd
+        for (j = 0; j < N; j++) c[j] = c[j] * (m[j] > 0 ? (LM_T)1 : (LM_T)0);
+    }
+}
+
 /* SGD (PyTorch semantics, dampening 0): d = g + wd*p; v = mom*v + d; p -= lr*v   (v NULL: p -= lr*d) */
 static void LM_SFX(lm_sgd)(int64_t n, LM_T *restrict p, const LM_T *restrict g, LM_T *restrict v,
                            LM_T lr, LM_T mom, LM_T wd)

@@ -281,12 +281,24 @@ class _Decoder:
         self.const("beta")
         bslot = self.take("bias.slot", -1, len(self.sizes) - 1)
         boff = self.take("bias.offset", 0, 2 ** 50)
-        self.take("act", 0, 1)
+        act = self.take("act", 0, 2)
         bdim = self.take("batch_ndim", 0, F.LM_MAXD)
         bd = self.dims("batch_dims", bdim)
         sa = [self.take(f"A.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
         sb = [self.take(f"B.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
         sc = [self.take(f"C.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
+        mslot = self.take("mask.slot", -1, len(self.sizes) - 1)
+        moff = self.take("mask.offset", 0, 2 ** 50)
+        cslot = self.take("colsum.slot", -1, len(self.sizes) - 1)
+        coff = self.take("colsum.offset", 0, 2 ** 50)
+        if (act == 2) != (mslot >= 0) or (act == 2 and (bdim or bslot >= 0)):
+            self.fail("the relu-backward epilogue (act 2) needs a mask, no bias and no batch dims")
+        if cslot >= 0 and act != 2:
+            self.fail("column sums exist only with the relu-backward epilogue")
+        if mslot >= 0 and (moff + M * N * isz > self.sizes[mslot] or moff % isz):
+            self.fail("mask is outside its buffer or misaligned")
+        if cslot >= 0 and (cslot >= F.SLOT_INPUT0 or coff + N * isz > self.sizes[cslot] or coff % isz):
+            self.fail("colsum is outside its buffer, misaligned or not writable")
         if bslot >= 0 and (boff + N * isz > self.sizes[bslot] or boff % isz):
             self.fail("bias is outside its buffer or misaligned")
         for i in range(bdim):
