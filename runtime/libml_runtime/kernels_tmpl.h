@@ -210,15 +210,17 @@ static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *res
 
 /* relu-backward GEMM epilogue on one row: c = c * (m > 0 ? 1 : 0) -- exactly mul(g, step(relu_out)) --
  * and, if cs, the column sums cs += c (the bias gradient, accumulated in row order) */
+__attribute__((noinline))  /* inlined into the Cython GEMM driver it lost `restrict` and ran scalar */
 static void LM_SFX(lm_mask_row)(int64_t N, LM_T *restrict c, const LM_T *restrict m, LM_T *restrict cs)
 {
     int64_t j;
+    /* (the step is a separate select of constants: GCC vectorises that, not `c * (m > 0 ? 1 : 0)`) */
     if (cs) {
         #pragma omp simd
-        for (j = 0; j < N; j++) { LM_T v = c[j] * (m[j] > 0 ? (LM_T)1 : (LM_T)0); c[j] = v; cs[j] += v; }
+        for (j = 0; j < N; j++) { LM_T st = m[j] > 0 ? (LM_T)1 : (LM_T)0; LM_T v = c[j] * st; c[j] = v; cs[j] += v; }
     } else {
         #pragma omp simd
-        for (j = 0; j < N; j++) c[j] = c[j] * (m[j] > 0 ? (LM_T)1 : (LM_T)0);
+        for (j = 0; j < N; j++) { LM_T st = m[j] > 0 ? (LM_T)1 : (LM_T)0; c[j] = c[j] * st; }
     }
 }
 
