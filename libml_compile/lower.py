@@ -152,10 +152,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     order = {name: k for k, (name, _, _) in enumerate(graph_inputs)}
     used_inputs.sort(key=lambda t: order[t.name])
     input_slot = {t: F.SLOT_INPUT0 + k for k, t in enumerate(used_inputs)}
-    consumers: dict[Tensor, set] = {}
-    for t in nodes:
-        for i in t.inputs:
-            consumers.setdefault(i, set()).add(t)
+    consumers = passes.consumer_map(nodes)
     root_set = set(roots) | {t for _, t in outputs}
 
     def base(t):

@@ -34,6 +34,15 @@ def topo_from_roots(roots):
     return order
 
 
+def consumer_map(nodes):
+    """{tensor: [nodes of ``nodes`` reading it, in order, once per input slot]}."""
+    consumers = {}
+    for t in nodes:
+        for i in t.inputs:
+            consumers.setdefault(i, []).append(t)
+    return consumers
+
+
 def _attr_key(attrs):
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
 
@@ -147,10 +156,7 @@ def fuse_epilogues(nodes, roots):
     """matmul -> + bias(N,) [-> relu]  ==>  one ``linear`` node: BLAS writes a panel, the epilogue adds the
     bias and applies relu while the panel is in cache.  The consumer node is rewritten in place (its
     consumers keep reading it); the matmul stays only if something else still reads it."""
-    consumers = {}
-    for t in nodes:
-        for i in t.inputs:
-            consumers.setdefault(i, []).append(t)
+    consumers = consumer_map(nodes)
     keep = set(roots)
     for m in nodes:
         if m.op != "matmul" or m in keep or len(consumers.get(m, ())) != 1:
@@ -180,10 +186,7 @@ def fold_sgd_into_gemm(nodes, roots):
     upd = next((t for t in roots if t.op == "sgd_update" and not t.attrs["momentum"]), None)
     if upd is None:
         return roots
-    consumers = {}
-    for t in nodes:
-        for i in t.inputs:
-            consumers.setdefault(i, []).append(t)
+    consumers = consumer_map(nodes)
     n = len(upd.inputs) // 2
     keep_p, keep_g, folded = [], [], []
     for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
@@ -212,10 +215,7 @@ def fuse_relu_backward(nodes, roots):
     """dZ = matmul(...) * step(relu_out), and db = sum(dZ, axis=0): the mask and the bias-gradient
     reduction become the epilogue of the GEMM that produces the upstream gradient, applied to each
     panel while it is in cache (the panel owns whole columns, so its column sums need no partials)."""
-    consumers = {}
-    for t in nodes:
-        for i in t.inputs:
-            consumers.setdefault(i, []).append(t)
+    consumers = consumer_map(nodes)
     keep = set(roots)
     for d in nodes:
         if d.op != "mul" or d.ndim != 2 or d in keep:
