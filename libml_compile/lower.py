@@ -87,7 +87,6 @@ class _Emitter:
         self._cidx: dict = {}
         self.nodes: list = []
         self.instr_nodes: list = []
-        self.instr_outputs: list = []   # per instruction: [(slot, off, dtype, n)] float results (check_finite)
 
     def const(self, v):
         v = float(v)
@@ -101,11 +100,10 @@ class _Emitter:
         self.nodes.append((op, name))
         return len(self.nodes) - 1
 
-    def emit(self, opcode, node_id, fields, outputs=()):
+    def emit(self, opcode, node_id, fields):
         fields = [int(x) for x in fields]
         self.code += [opcode, F.HEADER + len(fields), node_id] + fields
         self.instr_nodes.append(node_id)
-        self.instr_outputs.append(list(outputs))
 
 
 class _Instr:
@@ -120,7 +118,7 @@ class _Instr:
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
-                check_finite=False, label_inputs=None):
+                check_finite=False):
     """Compile the sub-graph reaching ``roots`` into an Entry.
 
     outputs: [(user name, tensor)] copied out after each call.  Returns (Entry, MemoryReport, summary rows).
@@ -386,7 +384,7 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
     for idx, m in enumerate(g.members):
         if m.op == "sum":
             continue
-        vm = F.VM_OPS[_vm_name(m)]
+        vm = F.VM_OPS[REGISTRY[m.op].vm]
         a_t, b_t = (m.inputs + (None,))[:2]
         if b_t is not None and a_t in ins.imm:
             if m.op in ("add", "mul"):
@@ -436,11 +434,6 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
     return {"op": "fused_elementwise" if len(g.members) > 1 else g.members[0].op,
             "members": [f"{m.op}:{m.name}" for m in g.members], "shape": tuple(g.shape),
             "flops": int(flops), "bytes": int(nbytes), "mode": geo["mode"]}
-
-
-def _vm_name(m):
-    from .ops import REGISTRY
-    return REGISTRY[m.op].vm
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 

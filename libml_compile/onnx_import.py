@@ -377,9 +377,9 @@ class _Importer:
 
     # -- build ---------------------------------------------------------------------------------------
     def build(self, input_shapes: Dict[str, Tuple[int, ...]], data_inputs, used: set):
-        onnx = _onnx()
+        _onnx()  # a clear error if onnx is not installed
         from onnx import numpy_helper
-        g, lc = self.g, self.lc
+        g = self.g
         self.used_names = {vi.name for vi in self.m.graph.input} | {t.name for t in self.m.graph.initializer}
         for vi in data_inputs:
             dt = _dtype_of_elem(vi.type.tensor_type.elem_type)
