@@ -301,9 +301,9 @@ for _d in [
     OpDef("mul", "ew", _s_binary("mul"), lambda at, a, b: a * b,
           lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True),
     OpDef("div", "ew", _s_binary("div"), _r_div,
-          # d(u/v)/du = 1/v ; d(u/v)/dv = -u/v^2
-          lambda n, g: (div(g, n.inputs[1]),
-                        neg(mul(g, div(n.inputs[0], mul(n.inputs[1], n.inputs[1]))))),
+          # d(u/v)/du = 1/v ; d(u/v)/dv = -u/v^2, computed as -(u/v)/v from the forward output (as
+          # PyTorch does): no v*v, which can overflow where u/v does not, and one op less
+          lambda n, g: (div(g, n.inputs[1]), neg(mul(g, div(n, n.inputs[1])))),
           vm="DIV", int_ok=True),
     OpDef("neg", "ew", _s_unary_float("neg"), lambda at, x: -x, lambda n, g: (neg(g),), vm="NEG"),
     OpDef("identity", "ew", lambda inp, at: (inp[0].shape, inp[0].dtype), lambda at, x: x.copy(),

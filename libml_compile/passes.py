@@ -61,6 +61,11 @@ def simplify(roots):
     nodes = topo_from_roots(roots)
     rep: dict[Tensor, Tensor] = {}
     cse: dict = {}
+    # readers of each node, roots included (as None): scale pushing moves a factor off a node only when
+    # every reader takes it over, otherwise the scaled node stays alive and the rewrite adds an op
+    readers = consumer_map(nodes)
+    for t in roots:
+        readers.setdefault(t, []).append(None)
 
     def r(t):
         while t in rep:
@@ -87,9 +92,10 @@ def simplify(roots):
                 val.flags.writeable = False
                 t.op, t.inputs, t.attrs, t.value = "const", (), {}, val.reshape(t.shape)
                 continue
-        s = _algebraic(t)
+        s = _algebraic(t, readers)
         if s is not None and s.shape == t.shape and s.dtype == t.dtype:
             rep[t] = s
+            readers[s] = readers.get(t, [])
             continue
         key = (t.op, tuple(id(i) for i in t.inputs), _attr_key(t.attrs))
         if d.kind != "opt" and key in cse:
@@ -113,9 +119,33 @@ def _drop_redundant_broadcasts(t):
     t.inputs = tuple(ins)
 
 
-def _algebraic(t):
-    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)), mul(neg(a), b),
-    sum(neg(x)) -> simpler node or None."""
+def _takes_scale(c, t):
+    """Whether reader ``c`` of ``t`` absorbs a constant factor of ``t`` under the scale-pushing rules."""
+    if c is None:
+        return False
+    if c.op == "sum":
+        return True
+    if c.op == "mul":
+        return not any(_is_scalar_const(i) for i in c.inputs)
+    return c.op == "div" and c.inputs[0] is t and c.inputs[1] is not t
+
+
+def _scaled(t, readers):
+    """(x, k) if ``t`` is x * k for a float scalar constant k, x of t's shape, and every reader of ``t``
+    can take the factor over."""
+    rd = readers.get(t)
+    if t.op != "mul" or t.dtype not in FLOAT_DTYPES or not rd or not all(_takes_scale(c, t) for c in rd):
+        return None
+    for x, k in (t.inputs, t.inputs[::-1]):
+        if _is_scalar_const(k) and not _is_scalar_const(x) and x.shape == t.shape:
+            return x, k
+    return None
+
+
+def _algebraic(t, readers):
+    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)), sign and scale pushing
+    -> simpler node or None."""
+    from .ops import div, make, mul, neg
     a = t.inputs[0] if t.inputs else None
     b = t.inputs[1] if len(t.inputs) > 1 else None
     if t.op == "identity":
@@ -136,11 +166,29 @@ def _algebraic(t):
     # sign pushing: gradient rules emit neg() (sub, div); moving it outward lets neg(neg(.)) cancel and
     # a reduction absorb it in its scale, saving passes in fused kernels (W4's backward: two)
     if t.op == "mul" and t.dtype in FLOAT_DTYPES and (a.op == "neg") != (b.op == "neg"):
-        from .ops import mul, neg
         return neg(mul(a.inputs[0], b) if a.op == "neg" else mul(a, b.inputs[0]))
     if t.op == "sum" and a.op == "neg":
-        from .ops import make
         return make("sum", (a.inputs[0],), dict(t.attrs, scale=-t.attrs["scale"]))
+    # scale pushing, the same for a constant factor k (a mean's 1/N enters the backward pass as one):
+    # (x*k)*y -> (x*y)*k, (x*k)/y -> (x/y)*k, (k/d)*y -> (y/d)*k, sum(x*k) -> sum(x) scaled by k.  The
+    # factor travels to the reduction that ends the chain and costs nothing there.
+    if t.dtype in FLOAT_DTYPES and t.op in ("mul", "div", "sum"):
+        if t.op == "sum":
+            xk = _scaled(a, readers)
+            if xk is not None:
+                return make("sum", (xk[0],), dict(t.attrs, scale=t.attrs["scale"] * float(xk[1].value.reshape(-1)[0])))
+            return None
+        for k_side in ((0, 1) if t.op == "mul" else (0,)):
+            p, y = t.inputs[k_side], t.inputs[1 - k_side]
+            if _is_scalar_const(y):
+                continue
+            xk = _scaled(p, readers)
+            if xk is not None:
+                x, k = xk
+                return mul(mul(x, y) if t.op == "mul" else div(x, y), k)
+            if (t.op == "mul" and p.op == "div" and readers.get(p) == [t] and _is_scalar_const(p.inputs[0])
+                    and p.inputs[1].shape == p.shape):
+                return mul(div(y, p.inputs[1]), p.inputs[0])
     if t.op == "reshape":
         if a.shape == t.shape:
             return a

@@ -49,7 +49,7 @@ class Program(Executable):
         for k, r in enumerate(rows):
             what = ", ".join(r["members"]) if "members" in r else r.get("node", "")
             if "shape" in r:
-                what = f"{r['shape']} mode {r['mode']}: {what}"
+                what = f"{r['shape']} mode {r['mode']}, {len(r['program'])} VM steps: {what}"
             lines.append(f"{k:>3}  {r['op']:<22} {r['flops'] / 1e6:>10.3f} {r['bytes'] / 1e6:>9.3f}  {what}")
             tf += r["flops"]
             tb += r["bytes"]
@@ -58,6 +58,11 @@ class Program(Executable):
 
     def instruction_count(self, entry="step"):
         return len(self._summaries[entry])
+
+    def instructions(self, entry="step"):
+        """One dict per instruction of ``entry``: ``op``, ``flops``, ``bytes``; fused kernels also carry
+        ``members`` (the graph ops) and ``program`` (the VM steps, e.g. ``"add_5=FMA(x,a,b)"``)."""
+        return [dict(r) for r in self._summaries[entry]]
 
 
 def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None, num_threads=None,

@@ -11,6 +11,7 @@ import pytest
 
 import libml_compile as lc
 from libml_compile.memory import align, check_no_overlap
+from libml_compile.ops import step
 
 RNG = np.random.default_rng(1234)
 
@@ -133,6 +134,114 @@ def test_w4_training_step_is_a_handful_of_instructions():
     # the elementwise part reads x once: one fused kernel over (4096, 1024)
     s = prog.summary()
     assert s.count("(4096, 1024)") == 1, s
+    # forward + backward of 7 graph ops and 4 reductions: 11 VM passes over each block (17 before
+    # superinstructions and scale pushing); each pass costs about as much as a multiply in L1
+    (kernel,) = [r for r in prog.instructions("step") if r["op"] == "fused_elementwise"]
+    assert len(kernel["program"]) <= 11, kernel["program"]
+    assert {"FMA", "MULSUB", "MASK"} <= {p.split("=")[1].split("(")[0] for p in kernel["program"]}
+
+
+def _vm_ops(prog, entry="run"):
+    return [p.split("=")[1].split("(")[0] for r in prog.instructions(entry) for p in r.get("program", [])]
+
+
+# each superinstruction against NumPy, with NaN/Inf/0 operands where the superinstruction must keep the
+# two ops' semantics (MASK multiplies by the step: a NaN gradient stays NaN under a 0 mask)
+SUPEROPS = {
+    "FMA": lambda x, y, z: x * y + z,
+    "FMS": lambda x, y, z: x * y - z,
+    "FNMA": lambda x, y, z: z - x * y,
+    "MULSUB": lambda x, y, z: x * (y - z),
+    "MASK": lambda x, y, z: x * step(y) + z,  # step is internal: relu's gradient rule emits it
+}
+NP_SUPEROPS = {
+    "FMA": lambda x, y, z: x * y + z,
+    "FMS": lambda x, y, z: x * y - z,
+    "FNMA": lambda x, y, z: z - x * y,
+    "MULSUB": lambda x, y, z: x * (y - z),
+    "MASK": lambda x, y, z: x * (y > 0).astype(x.dtype) + z,
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(SUPEROPS))
+def test_superinstruction_matches_numpy_including_nan_inf(name, dtype):
+    g = lc.Graph("s")
+    x, y, z = (g.input(n, (3, 300), dtype=np.dtype(dtype).name) for n in "xyz")
+    g.output("o", SUPEROPS[name](x, y, z))
+    prog = lc.compile(g)
+    assert name in _vm_ops(prog), prog.instructions("run")
+    rng = np.random.default_rng(1)
+    feeds = {n: rng.standard_normal((3, 300)).astype(dtype) for n in "xyz"}
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30], dtype)
+    for k, n in enumerate("xyz"):
+        feeds[n][k, :6] = special
+        feeds[n][(k + 1) % 3, 6:12] = special[::-1]
+    f64 = [feeds[n].astype(np.float64) for n in "xyz"]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = NP_SUPEROPS[name](*f64).astype(dtype)
+    got = prog.run(feeds)["o"]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    fin = np.isfinite(want)
+    np.testing.assert_array_equal(got[~fin], want[~fin])
+    # a multiply-add may round once instead of twice: the error bound is relative to the terms' sizes,
+    # not to the (possibly cancelled) result
+    ax, ay, az = (np.abs(v) for v in f64)
+    if name == "MASK":
+        ay = (f64[1] > 0).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        terms = ax * (ay + az) if name == "MULSUB" else ax * ay + az
+    err = np.abs(got[fin].astype(np.float64) - want[fin].astype(np.float64))
+    assert np.all(err <= 4 * np.finfo(dtype).eps * terms[fin]), err.max()
+
+
+def test_superinstructions_with_immediates_and_shared_producers():
+    # a producer read twice stays a plain step (folding it would compute it twice); constants may sit in
+    # either operand slot of a superinstruction
+    g = lc.Graph("s")
+    x, y = g.input("x", (4, 130)), g.input("y", (4, 130))
+    m = x * y
+    g.output("a", m + 2.0)           # FMA(x, y, 2): m is read twice (also below)
+    g.output("b", lc.exp(m))
+    g.output("c", x * (1.0 - y))     # MULSUB(x, 1, y)
+    g.output("d", 3.0 - x * 2.0)     # FNMA(x, 2, 3)
+    prog = lc.compile(g)
+    ops = _vm_ops(prog)
+    assert "MULSUB" in ops and "FNMA" in ops and ops.count("MUL") >= 1, prog.instructions("run")
+    rng = np.random.default_rng(0)
+    fx, fy = rng.standard_normal((4, 130)), rng.standard_normal((4, 130))
+    out = prog.run({"x": fx.astype(np.float32), "y": fy.astype(np.float32)})
+    for k, want in dict(a=fx * fy + 2, b=np.exp(fx * fy), c=fx * (1 - fy), d=3 - 2 * fx).items():
+        np.testing.assert_allclose(out[k], want, rtol=2e-6, atol=1e-6)
+
+
+def test_scale_pushing_moves_a_mean_factor_into_the_reductions():
+    # d/dx of mean(x*w/d)-style chains carry 1/N; pushed to the reductions it costs no VM step
+    g = lc.Graph("s")
+    x = g.input("x", (64, 32), dtype="float64")
+    w = g.param("w", np.linspace(0.5, 1.5, 32))
+    d = g.param("d", np.linspace(1.0, 2.0, 32))
+    L = lc.mean(lc.div(lc.sigmoid(x * w), d))
+    g.output("loss", L)
+    prog = lc.compile(g, loss=L)
+    ops = _vm_ops(prog, "grad")
+    consts = [p for r in prog.instructions("grad") for p in r.get("program", []) if str(1 / (64 * 32)) in p]
+    assert not consts, (consts, ops)
+    # and the gradients are still right (central differences in float64)
+    rng = np.random.default_rng(0)
+    fx = rng.standard_normal((64, 32))
+    grads = prog.grad({"x": fx})
+    for name in ("w", "d"):
+        p0 = prog.params[name].copy()
+        num = np.zeros_like(p0)
+        for j in range(p0.size):
+            for sgn in (1, -1):
+                p = p0.copy()
+                p[j] += sgn * 1e-6
+                prog.set_params({name: p})
+                num[j] += sgn * prog.run({"x": fx})["loss"]
+            prog.set_params({name: p0})
+        np.testing.assert_allclose(grads[name], num / 2e-6, rtol=1e-6, atol=1e-10)
 
 
 def test_summary_lists_fused_groups_flops_and_arena():

@@ -110,7 +110,33 @@ def ew_fields(code, pc):
     n_in, n_out, n_regs, n_prog, mode = (int(code[dims + nd + i]) for i in range(5))
     ins = dims + nd + 8
     outs = ins + n_in * (2 + nd)
-    return dict(nd=nd, dims=dims, n_in=n_in, n_out=n_out, mode=mode, ins=ins, outs=outs)
+    prog = outs + n_out * (5 + nd)
+    return dict(nd=nd, dims=dims, n_in=n_in, n_out=n_out, n_regs=n_regs, n_prog=n_prog, mode=mode, ins=ins,
+                outs=outs, prog=prog)
+
+
+def test_vm_operands_are_bounded_by_arity(mix_plan):
+    """Every VM step's operands: registers in range; immediates only in the slots the op's arity uses."""
+    hits = set()
+    for kind, e in mix_plan.entries.items():
+        for pc, op, _ in instructions(e.code):
+            if op != F.OP_EW:
+                continue
+            f = ew_fields(e.code, pc)
+            for i in range(f["n_prog"]):
+                at = f["prog"] + i * F.VM_WIDTH
+                arity = F.VM_ARITY[int(e.code[at])]
+                bad = [(1, f["n_regs"], "dst"), (2, f["n_regs"], "a"), (2, -1, "a"),
+                       (3 + min(arity, 2) - 1, f["n_regs"], "bc"[min(arity, 2) - 1])]
+                if arity < 3:
+                    bad.append((4, -1, "c"))   # no immediate in an unused slot
+                for slot, value, name in bad:
+                    def put(code, at=at + slot, value=value):
+                        code[at] = value
+                    with pytest.raises(lr.PlanError, match=rf"prog\[{i}\]\.{name}"):
+                        lr.validate(mutated(mix_plan, kind, put))
+                hits.add(arity)
+    assert hits == {1, 2, 3}, f"the mixed graph's kernels cover arities {hits}"
 
 
 def test_mode2_reduce_output_must_be_dense(mix_plan):

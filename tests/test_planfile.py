@@ -109,7 +109,7 @@ def test_container_fields(tmp_path):
     prog.save(path)
     data = open(path, "rb").read()
     magic, version, flags, hlen = PF.PREFIX.unpack_from(data, 0)
-    assert magic == b"LIBMLPLN" and version == lr.FORMAT_VERSION == 1 and flags == 0
+    assert magic == b"LIBMLPLN" and version == lr.FORMAT_VERSION == 2 and flags == 0
     header = json.loads(data[PF.PREFIX.size:PF.PREFIX.size + hlen])
     assert header["format"] == "libml-plan" and set(header["entries"]) == {"run", "grad", "step"}
     assert not [f for f in os.listdir(tmp_path) if f != "p.plan"], "temporary file left behind"
@@ -120,7 +120,11 @@ def test_container_fields(tmp_path):
         with pytest.raises(lr.PlanError, match=field):
             lr.load(tmp_path / "bad.plan")
     expect(b"NOTAPLAN" + data[8:], "magic")
-    expect(data[:8] + (2).to_bytes(4, "little") + data[12:], "version")
+    expect(data[:8] + (3).to_bytes(4, "little") + data[12:], "version")
+    # a plan written by an older libml (2-operand fused-kernel steps) is refused with a way out, never
+    # decoded under the new layout
+    with pytest.raises(lr.PlanError, match="older libml: compile and save the program again"):
+        PF.loads(data[:8] + (1).to_bytes(4, "little") + data[12:])
     expect(data[:100] + bytes([data[100] ^ 1]) + data[101:], "checksum")
     expect(data[:-1], "checksum")
     expect(data + b"\0", "checksum")

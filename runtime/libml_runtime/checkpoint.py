@@ -25,6 +25,7 @@ from .plan import PlanError
 from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, atomic_write, pack_to, unpack
 
 MAGIC = b"LIBMLCKP"
+CHECKPOINT_VERSION = 1  # the checkpoint layout; independent of the plan format version
 
 
 class CheckpointError(PlanError):
@@ -51,7 +52,7 @@ def save_checkpoint(exe, path, loader=None, extra=None):
         loader_state = loader.state_dict() if loader is not None else None
     header = {
         "format": "libml-checkpoint",
-        "version": 1,
+        "version": CHECKPOINT_VERSION,
         "plan": plan.name,
         "layout": layout_fingerprint(plan),
         "arrays": [[name, dt, list(shape), i] for i, (name, dt, shape, _) in enumerate(arrays)],
@@ -64,7 +65,7 @@ def save_checkpoint(exe, path, loader=None, extra=None):
         json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra/loader state must be JSON-serialisable: {e}") from None
-    atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections),
+    atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections, CHECKPOINT_VERSION),
                  tmp_suffix=f"{os.getpid()}-{threading.get_ident()}")
     return path
 
@@ -74,9 +75,10 @@ def read_checkpoint(path):
     with open(os.fspath(path), "rb") as f:
         data = f.read()
     try:
-        h, area = unpack(data, MAGIC, "libml checkpoint")
+        h, area = unpack(data, MAGIC, "libml checkpoint", CHECKPOINT_VERSION)
         _keys(h, "header", {"format", "version", "plan", "layout", "arrays", "loader", "extra", "sections"})
-        _need(h["format"] == "libml-checkpoint" and h["version"] == 1, "format", "is not libml-checkpoint 1")
+        _need(h["format"] == "libml-checkpoint" and h["version"] == CHECKPOINT_VERSION, "format",
+              f"is not libml-checkpoint {CHECKPOINT_VERSION}")
         _str(h["plan"], "plan", allow_empty=True)
         _str(h["layout"], "layout")
         secs = Sections(h["sections"], area)

@@ -14,10 +14,18 @@ OP_NAMES = {OP_EW: "fused_elementwise", OP_GEMM: "gemm", OP_SOFTMAX: "softmax", 
             OP_CHECK_FINITE: "check_finite"}
 HEADER = 3  # opcode, length, node id
 
-# register-VM opcodes (kernels.h enum)
+# register-VM opcodes (kernels.h enum).  A program step is VM_WIDTH int64s: op dst a b c.  `a` is a
+# register; `b` and `c` are registers or, when negative, the constant consts[-v-1].  The last five are
+# superinstructions the lowering forms from a producer with a single use, so the intermediate never
+# makes a round trip through the register file (each such trip costs about as much as a multiply):
+#   FMA a*b+c   FMS a*b-c   FNMA c-a*b   MULSUB a*(b-c)   MASK a*step(b)
 VM_OPS = {"COPY": 0, "ADD": 1, "SUB": 2, "MUL": 3, "DIV": 4, "RSUB": 5, "RDIV": 6, "NEG": 7, "RELU": 8,
-          "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12}
-VM_BINARY = {1, 2, 3, 4, 5, 6}
+          "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12,
+          "FMA": 13, "FMS": 14, "FNMA": 15, "MULSUB": 16, "MASK": 17}
+VM_ARITY = {VM_OPS[k]: n for n, names in ((1, "COPY NEG RELU SIGMOID EXP LOG STEP"),
+                                           (2, "ADD SUB MUL DIV RSUB RDIV MASK"),
+                                           (3, "FMA FMS FNMA MULSUB")) for k in names.split()}
+VM_WIDTH = 5
 LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 128, 8, 32, 64, 16
 
 # dtype codes (kernels.h enum)

@@ -35,13 +35,14 @@ extern double log(double);
 
 /* VM opcodes (keep in sync with libml_compile/lower.py VM_OPS) */
 enum { VM_COPY = 0, VM_ADD, VM_SUB, VM_MUL, VM_DIV, VM_RSUB, VM_RDIV, VM_NEG, VM_RELU, VM_SIGMOID,
-       VM_EXP, VM_LOG, VM_STEP, VM_NOPS };
+       VM_EXP, VM_LOG, VM_STEP, VM_FMA, VM_FMS, VM_FNMA, VM_MULSUB, VM_MASK, VM_NOPS };
+#define LM_VMW 5  /* int64s per program step: op dst a b c */
 
 /* A decoded EW (fused elementwise / reduction) instruction.  Field layout in the int64 code array:
  *   dtype ndim dims[ndim] n_in n_out n_regs n_prog mode nchunks scratch_slot scratch_off
  *   inputs  x n_in : slot off strides[ndim]
  *   outputs x n_out: slot off strides[ndim] reg is_reduce scale_const
- *   program x n_prog: op dst a b        (b < 0: the constant consts[-b-1])
+ *   program x n_prog: op dst a b c      (b, c < 0: the constant consts[-v-1]; see format.py)
  * mode 0: no reductions; 1: reductions along the innermost dim only (rows independent);
  * 2: general reductions into per-chunk partial sums in scratch, combined in fixed chunk order. */
 typedef struct {
@@ -65,7 +66,7 @@ static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
     if (e->n_in < 0 || e->n_in > LM_MAXIO || e->n_out < 1 || e->n_out > LM_MAXIO) return -1;
     if (e->n_regs < e->n_in || e->n_regs > LM_MAXREG || e->n_prog < 0 || e->mode < 0 || e->mode > 2) return -1;
     if (e->nchunks < 1 || e->nchunks > LM_MAXCHUNK) return -1;
-    if (p + e->n_in * (2 + e->ndim) + e->n_out * (5 + e->ndim) + e->n_prog * 4 > n) return -1;
+    if (p + e->n_in * (2 + e->ndim) + e->n_out * (5 + e->ndim) + e->n_prog * LM_VMW > n) return -1;
     e->in = c + p; p += e->n_in * (2 + e->ndim);
     e->out = c + p; p += e->n_out * (5 + e->ndim);
     e->prog = c + p;

@@ -1,6 +1,96 @@
 /* Type-generic kernels, included twice by kernels.h: LM_T = float (suffix _f32) and double (_f64).
  * Every loop over a block is `omp simd` with restrict pointers; none allocates; none takes the GIL. */
 
+/* The op program and the stores of one block, for `n` elements.  Always inlined into lm_ew_block, once
+ * with n == LM_BLK (a compile-time trip count: every loop is fully unrolled, with no remainder or
+ * peeling code -- that bookkeeping cost more than the arithmetic of a short op) and once for the
+ * partial last block of a row. */
+static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
+    const lm_ew *e, char **bases, const double *consts, const int64_t *idx, int64_t j0, const int64_t n,
+    LM_T **R, LM_T *partial, LM_T *acc)
+{
+    const int64_t nd = e->ndim;
+    int64_t i, j;
+    for (i = 0; i < e->n_prog; i++) {
+        const int64_t *p = e->prog + LM_VMW * i;
+        LM_T *restrict D = R[p[1]];
+        const LM_T *restrict A = R[p[2]];
+        const int64_t bi = p[3], ci = p[4];
+        /* an immediate operand is a constant broadcast over the block: the loops below read it as a
+           scalar, so constants never occupy a register */
+        const LM_T bc = bi < 0 ? (LM_T)consts[-bi - 1] : 0, cc = ci < 0 ? (LM_T)consts[-ci - 1] : 0;
+        const LM_T *restrict B = bi >= 0 ? R[bi] : A;
+        const LM_T *restrict C = ci >= 0 ? R[ci] : A;
+#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; D[j] = (EXPR); }
+#define LM_BINARY(EXPR)                                                                          \
+        if (bi < 0) {                                                                            \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc; D[j] = (EXPR); } \
+        } else {                                                                                 \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; D[j] = (EXPR); } \
+        }
+#define LM_TERNARY(EXPR)                                                                                 \
+        if (bi < 0 && ci < 0) {                                                                          \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = cc; D[j] = (EXPR); }     \
+        } else if (bi < 0) {                                                                             \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = C[j]; D[j] = (EXPR); }   \
+        } else if (ci < 0) {                                                                             \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = cc; D[j] = (EXPR); }   \
+        } else {                                                                                         \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; D[j] = (EXPR); } \
+        }
+        switch (p[0]) {
+        case VM_COPY: LM_UNARY(x); break;
+        case VM_ADD: LM_BINARY(x + y); break;
+        case VM_SUB: LM_BINARY(x - y); break;
+        case VM_MUL: LM_BINARY(x * y); break;
+        case VM_DIV: LM_BINARY(x / y); break;
+        case VM_RSUB: LM_BINARY(y - x); break;
+        case VM_RDIV: LM_BINARY(y / x); break;
+        case VM_NEG: LM_UNARY(-x); break;
+        case VM_RELU: LM_UNARY(x < 0 ? (LM_T)0 : x); break;  /* relu(NaN) = NaN */
+        /* 1/(1+exp(-x)): exp overflows to +inf for very negative x, giving exactly 0, never NaN */
+        case VM_SIGMOID: LM_UNARY((LM_T)1 / ((LM_T)1 + LM_EXP(-x))); break;
+        case VM_EXP: LM_UNARY(LM_EXP(x)); break;
+        case VM_LOG: LM_UNARY(LM_LOG(x)); break;
+        case VM_STEP: LM_UNARY(x > 0 ? (LM_T)1 : (LM_T)0); break;
+        /* superinstructions: the same arithmetic as the two ops they replace (a multiply-add may be
+           contracted to one rounding), including NaN propagation -- MASK multiplies by the step, so a
+           NaN gradient stays NaN where the mask is 0, exactly as mul(g, step(r)) does */
+        case VM_FMA: LM_TERNARY(x * y + z); break;
+        case VM_FMS: LM_TERNARY(x * y - z); break;
+        case VM_FNMA: LM_TERNARY(z - x * y); break;
+        case VM_MULSUB: LM_TERNARY(x * (y - z)); break;
+        case VM_MASK:  /* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = B[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = A[j] * st; }
+            break;
+        }
+#undef LM_BINARY
+#undef LM_UNARY
+#undef LM_TERNARY
+    }
+
+    for (i = 0; i < e->n_out; i++) {
+        const int64_t *d = e->out + i * (5 + nd);
+        const int64_t *s = d + 2;
+        const LM_T *restrict r = R[d[2 + nd]];
+        const int64_t is_red = d[3 + nd];
+        if (!is_red) {
+            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0;
+            if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
+        } else if (s[nd - 1] == 0) {
+            LM_T sum = 0;
+            #pragma omp simd reduction(+:sum)
+            for (j = 0; j < n; j++) sum += r[j];
+            if (acc) acc[i] += sum;
+            else partial[e->red_off[i] + lm_dot(nd - 1, idx, s)] += sum;
+        } else {
+            LM_T *restrict P = partial + e->red_off[i] + lm_dot(nd - 1, idx, s) + j0;
+            #pragma omp simd
+            for (j = 0; j < n; j++) P[j] += r[j];
+        }
+    }
+}
+
 /* Run one block of a fused elementwise instruction: row `row`, block `b` of the inner dimension.
  * regs: this thread's register file (n_regs * LM_BLK elements).
  * partial: mode 2, this chunk's partial sums (red_total elements), else NULL.
@@ -35,60 +125,10 @@ static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *cons
         }
     }
 
-    for (i = 0; i < e->n_prog; i++) {
-        const int64_t *p = e->prog + 4 * i;
-        LM_T *restrict D = R[p[1]];
-        const LM_T *restrict A = R[p[2]];
-        const int64_t bi = p[3];
-        const LM_T c = bi < 0 ? (LM_T)consts[-bi - 1] : 0;
-        const LM_T *restrict B = bi >= 0 ? R[bi] : A;
-#define LM_BINARY(EXPR)                                                         \
-        if (bi < 0) {                                                           \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = c; D[j] = (EXPR); } \
-        } else {                                                                \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; D[j] = (EXPR); } \
-        }
-#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; D[j] = (EXPR); }
-        switch (p[0]) {
-        case VM_COPY: LM_UNARY(x); break;
-        case VM_ADD: LM_BINARY(x + y); break;
-        case VM_SUB: LM_BINARY(x - y); break;
-        case VM_MUL: LM_BINARY(x * y); break;
-        case VM_DIV: LM_BINARY(x / y); break;
-        case VM_RSUB: LM_BINARY(y - x); break;
-        case VM_RDIV: LM_BINARY(y / x); break;
-        case VM_NEG: LM_UNARY(-x); break;
-        case VM_RELU: LM_UNARY(x < 0 ? (LM_T)0 : x); break;  /* relu(NaN) = NaN */
-        /* 1/(1+exp(-x)): exp overflows to +inf for very negative x, giving exactly 0, never NaN */
-        case VM_SIGMOID: LM_UNARY((LM_T)1 / ((LM_T)1 + LM_EXP(-x))); break;
-        case VM_EXP: LM_UNARY(LM_EXP(x)); break;
-        case VM_LOG: LM_UNARY(LM_LOG(x)); break;
-        case VM_STEP: LM_UNARY(x > 0 ? (LM_T)1 : (LM_T)0); break;
-        }
-#undef LM_BINARY
-#undef LM_UNARY
-    }
-
-    for (i = 0; i < e->n_out; i++) {
-        const int64_t *d = e->out + i * (5 + nd);
-        const int64_t *s = d + 2;
-        const LM_T *restrict r = R[d[2 + nd]];
-        const int64_t is_red = d[3 + nd];
-        if (!is_red) {
-            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0;
-            if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
-        } else if (s[nd - 1] == 0) {
-            LM_T sum = 0;
-            #pragma omp simd reduction(+:sum)
-            for (j = 0; j < n; j++) sum += r[j];
-            if (acc) acc[i] += sum;
-            else partial[e->red_off[i] + lm_dot(nd - 1, idx, s)] += sum;
-        } else {
-            LM_T *restrict P = partial + e->red_off[i] + lm_dot(nd - 1, idx, s) + j0;
-            #pragma omp simd
-            for (j = 0; j < n; j++) P[j] += r[j];
-        }
-    }
+    if (n == LM_BLK)
+        LM_SFX(lm_ew_run)(e, bases, consts, idx, j0, LM_BLK, R, partial, acc);
+    else
+        LM_SFX(lm_ew_run)(e, bases, consts, idx, j0, n, R, partial, acc);
 }
 
 /* mode 1: store a finished row's sums */

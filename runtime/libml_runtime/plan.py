@@ -264,7 +264,9 @@ class _Decoder:
             vop = self.take(f"prog[{i}].op", 0, len(F.VM_OPS) - 1)
             self.take(f"prog[{i}].dst", n_in, n_regs - 1)
             self.take(f"prog[{i}].a", 0, n_regs - 1)
-            self.take(f"prog[{i}].b", -self.nconsts if vop in F.VM_BINARY else 0, n_regs - 1)
+            arity = F.VM_ARITY[vop]
+            self.take(f"prog[{i}].b", -self.nconsts if arity >= 2 else 0, n_regs - 1)
+            self.take(f"prog[{i}].c", -self.nconsts if arity >= 3 else 0, n_regs - 1)
         if mode == 2:
             need = scratch_off + nchunks * red_total * isz
             if need > self.sizes[0]:

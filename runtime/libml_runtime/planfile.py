@@ -31,7 +31,7 @@ from . import format as F
 from .plan import Entry, Plan, PlanError, validate
 
 MAGIC = b"LIBMLPLN"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused-kernel program steps have three operands (op dst a b c)
 PREFIX = struct.Struct("<8sIIQ")          # magic, version, flags, header length
 DIGEST_BYTES = 32                         # SHA-256
 SECTION_ALIGN = 64
@@ -94,15 +94,15 @@ def dumps(plan: Plan, state=None) -> bytes:
     return pack(MAGIC, header, sections)
 
 
-def pack(magic, header: dict, sections) -> bytes:
+def pack(magic, header: dict, sections, version=FORMAT_VERSION) -> bytes:
     """The container shared by plan and checkpoint files: prefix, JSON header (plus a section table),
     64-byte aligned raw sections, SHA-256.  sections: [(dtype name, ndarray)]."""
     buf = io.BytesIO()
-    pack_to(buf, magic, header, sections)
+    pack_to(buf, magic, header, sections, version)
     return buf.getvalue()
 
 
-def pack_to(f, magic, header: dict, sections):
+def pack_to(f, magic, header: dict, sections, version=FORMAT_VERSION):
     """Stream the container into the binary file ``f`` (hashing as it goes; no copy of the whole file)."""
     table, pos = [], 0
     for dt, arr in sections:
@@ -118,7 +118,7 @@ def pack_to(f, magic, header: dict, sections):
         sha.update(b)
         f.write(b)
         n += len(b)
-    put(PREFIX.pack(magic, FORMAT_VERSION, 0, len(hbytes)))
+    put(PREFIX.pack(magic, version, 0, len(hbytes)))
     put(hbytes)
     put(b"\0" * (_align(n) - n))
     data_start = n
@@ -208,15 +208,18 @@ def loads(data: bytes) -> Plan:
     return _from_header(header, area)
 
 
-def unpack(data, magic, what):
-    """Verify a container (magic, version, flags, checksum, header length) -> (header object, data area)."""
+def unpack(data, magic, what, version=FORMAT_VERSION):
+    """Verify a container (magic, version, flags, checksum, header length) -> (header object, data area).
+    ``version`` is the one version of this kind of file the runtime reads."""
     data = memoryview(bytes(data))
     n = len(data)
     _need(n >= PREFIX.size + DIGEST_BYTES, "file", f"is {n} bytes, too short for a {what} file")
-    got, version, flags, hlen = PREFIX.unpack_from(data, 0)
+    got, got_version, flags, hlen = PREFIX.unpack_from(data, 0)
     _need(got == magic, "magic", f"expected {magic!r}, got {bytes(got)!r} (not a {what} file)")
-    _need(version == FORMAT_VERSION, "version",
-          f"format version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
+    _need(got_version == version, "version",
+          f"format version {got_version} is not supported (this runtime reads version {version})"
+          + ("; the file was written by an older libml: compile and save the program again"
+             if got_version < version else ""))
     _need(flags == 0, "flags", f"unknown flags {flags:#x}")
     digest = hashlib.sha256(data[:n - DIGEST_BYTES]).digest()
     _need(digest == bytes(data[n - DIGEST_BYTES:]), "checksum",
