@@ -317,6 +317,47 @@ def test_row_vector_gemms_take_the_gemv_path_correctly(nthreads):
     np.testing.assert_allclose(p2.grad({})["v"], (X.T @ R).T, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("K,N", [(1, 1), (5, 7), (300, 8), (37, 9), (200, 63), (64, 64), (513, 65), (700, 130),
+                                 (384, 1000)])
+def test_row_vector_kernel_tiles_and_tails_with_bias_relu(K, N, dtype):
+    # the M = 1 kernel: 8-vector tiles, single-vector tiles and scalar tails, in one panel or in four
+    # (N * K >= 131072), with the bias+relu epilogue, against float64 NumPy
+    rng = np.random.default_rng(K * 1000 + N)
+    g = lc.Graph("gv")
+    x = g.input("x", (1, K), dtype=dtype)
+    w = g.param("w", (rng.standard_normal((K, N)) / np.sqrt(K)).astype(dtype))
+    b = g.param("b", rng.standard_normal(N).astype(dtype))
+    g.output("y", lc.relu(x @ w + b))
+    prog = lc.compile(g, num_threads=2)
+    assert any(r["op"].startswith("gemm") for r in prog.instructions("run")), prog.summary("run")
+    X = rng.standard_normal((1, K)).astype(dtype)
+    want = np.maximum(X.astype(np.float64) @ prog.params["w"].astype(np.float64) + prog.params["b"], 0)
+    tol = 2e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(prog.run({"x": X})["y"], want, rtol=tol, atol=tol)
+
+
+def test_row_vector_kernel_in_the_folded_sgd_update():
+    # one input feature: the weight gradient x^T g is a (1, B) x (B, N) GEMM that plain SGD folds into
+    # the update -- the M = 1 kernel then runs with alpha = -lr and beta = 1 - lr * wd
+    rng = np.random.default_rng(3)
+    B, N, lr, wd = 16, 40, 0.1, 0.01
+    g = lc.Graph("fold")
+    x = g.input("x", (B, 1), dtype="float64")
+    t = g.input("t", (B, N), dtype="float64")
+    w = g.param("w", rng.standard_normal((1, N)))
+    loss = lc.mse(x @ w, t)
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=lr, weight_decay=wd))
+    assert any(r["op"] == "gemm+sgd" for r in prog.instructions("step")), prog.summary()
+    X, T = rng.standard_normal((B, 1)), rng.standard_normal((B, N))
+    W = prog.params["w"].copy()
+    for _ in range(3):
+        prog.step({"x": X, "t": T})
+        G = X.T @ (2 * (X @ W - T) / (B * N))
+        W = W - lr * (G + wd * W)
+    np.testing.assert_allclose(prog.params["w"], W, rtol=1e-12, atol=1e-14)
+
+
 def test_memory_report_plot_writes_a_timeline(tmp_path):
     pytest.importorskip("matplotlib")
     g, loss = _graph(*CASES["linear_relu"][:2])

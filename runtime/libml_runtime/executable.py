@@ -13,9 +13,23 @@ import threading
 import numpy as np
 
 from . import _exec
-from .format import (DTYPE_CODE, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, SLOT_INPUT0)
+from .format import (DTYPE_CODE, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, HEADER, OP_GEMM,
+                     SLOT_INPUT0)
 from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
+
+
+def _calls_blas(code):
+    """Whether a plan's code reaches BLAS: any GEMM but a row vector times a non-transposed matrix
+    (``_exec._blas`` runs those with its own kernel).  Only decides whether to pin BLAS's threads."""
+    pc = 0
+    while pc < len(code):
+        op, ln = int(code[pc]), int(code[pc + 1])
+        f = pc + HEADER  # fields: dtype M N K transA transB ...
+        if op == OP_GEMM and not (int(code[f + 1]) == 1 and int(code[f + 5]) == 0):
+            return True
+        pc += ln
+    return False
 
 
 class RuntimeFailure(RuntimeError):
@@ -41,7 +55,10 @@ class Executable:
         self._lock = threading.Lock()
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
         self._param_index = {p[0]: p for p in plan.params}
-        self._out_views = {}
+        self._bound = {}
+        # per graph input: (dtype, shape, has a label range check) for _bind's fast path
+        self._fast = {name: (np.dtype(dt), shape, name in plan.label_inputs)
+                      for name, (dt, shape) in self._inputs.items()}
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -132,6 +149,16 @@ class Executable:
         return e
 
     def _bind(self, entry, feeds):
+        if type(feeds) is dict and feeds.keys() == self._inputs.keys():
+            # fast path (every call of a training loop): exactly the graph's inputs, as C-contiguous
+            # ndarrays of the right dtype and shape; anything else takes the checking path below
+            for name, (dt, shape, label) in self._fast.items():
+                a = feeds[name]
+                if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or label \
+                        or not a.flags.c_contiguous:
+                    break
+            else:
+                return [feeds[name] for name, _, _ in entry.inputs]
         if not isinstance(feeds, dict):
             raise TypeError(f"feeds must be a dict name -> array, got {type(feeds).__name__}")
         for name in feeds:
@@ -166,27 +193,33 @@ class Executable:
     def _call(self, kind, feeds):
         entry = self._entry(kind)
         arrays = self._bind(entry, feeds)
+        bound = self._bound.get(id(entry))
+        if bound is None:
+            bound = self._bound[id(entry)] = self._bind_outputs(entry)
+        views, fed_outputs, uses_blas = bound
         with self._lock:
             if self.check_finite:
                 snapshot = self._state.copy()
-            pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
+            if uses_blas:
+                pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
             rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
                                              self.num_threads)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
                 raise self._error(entry, rc, bad, detail, feeds)
-            views = self._out_views.get(id(entry))
-            if views is None:
-                views = self._out_views[id(entry)] = [
-                    (name, None if slot >= SLOT_INPUT0 else self._view(slot, off, dt, shape))
-                    for name, slot, off, dt, shape in entry.outputs]
-            out = {name: v.copy() for name, v in views if v is not None}
-            for (name, slot, off, dt, shape), (_, v) in zip(entry.outputs, views):
-                if v is None:  # an output that is a fed input: copy it from the feed
-                    n = int(np.prod(shape, dtype=np.int64))
-                    out[name] = np.frombuffer(arrays[slot - SLOT_INPUT0], dt, count=n, offset=off).reshape(shape).copy()
+            out = {name: v.copy() for name, v in views}
+            for name, slot, off, dt, shape in fed_outputs:  # an output that is a fed input: copy the feed
+                n = int(np.prod(shape, dtype=np.int64))
+                out[name] = np.frombuffer(arrays[slot - SLOT_INPUT0], dt, count=n, offset=off).reshape(shape).copy()
             return out
+
+    def _bind_outputs(self, entry):
+        """(views of the arena/state outputs, outputs that are fed inputs, whether BLAS is called)."""
+        views = [(name, self._view(slot, off, dt, shape))
+                 for name, slot, off, dt, shape in entry.outputs if slot < SLOT_INPUT0]
+        fed = [o for o in entry.outputs if o[1] >= SLOT_INPUT0]
+        return views, fed, _calls_blas(entry.code)
 
     def _error(self, entry, rc, bad, detail, feeds):
         op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")

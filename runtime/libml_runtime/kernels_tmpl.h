@@ -232,6 +232,53 @@ static double LM_SFX(lm_xent_grad_row)(int64_t C, const LM_T *r, int64_t y, LM_T
     return (double)(m + LM_LOG(s)) - (double)r[y];
 }
 
+/* Row vector times row-major matrix, y(N) = alpha * x(K) . W(K, N; row stride ldw) + beta * y.
+ * The M = 1 GEMM (W5 at batch 1) is memory-bound: it reads each weight once.  Tiles of 8 SIMD vectors of
+ * columns keep their sums in registers while W streams through row by row (GCC keeps an `omp simd`
+ * accumulator array in memory here, a store per FMA, so the tiles use vector types explicitly).  Every
+ * column is an in-order sum over k; the caller's column panels are fixed by the problem size, so
+ * results do not depend on the thread count.  beta == 0 never reads y (BLAS semantics). */
+typedef LM_T LM_SFX(lm_vec) __attribute__((vector_size(32), aligned(sizeof(LM_T))));
+#define LM_VL ((int64_t)(32 / sizeof(LM_T)))
+static void LM_SFX(lm_gemv_rows)(int64_t K, int64_t N, const LM_T *restrict x, const LM_T *restrict W,
+                                 int64_t ldw, LM_T *restrict y, LM_T alpha, LM_T beta)
+{
+    typedef LM_SFX(lm_vec) V;
+    int64_t t = 0, k, j;
+    LM_T acc[8 * 8];
+    for (; t + 8 * LM_VL <= N; t += 8 * LM_VL) {
+        V a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        const LM_T *w = W + t;
+        for (k = 0; k < K; k++, w += ldw) {
+            const LM_T xk = x[k];
+            a0 += xk * *(const V *)(w + 0 * LM_VL); a1 += xk * *(const V *)(w + 1 * LM_VL);
+            a2 += xk * *(const V *)(w + 2 * LM_VL); a3 += xk * *(const V *)(w + 3 * LM_VL);
+            a4 += xk * *(const V *)(w + 4 * LM_VL); a5 += xk * *(const V *)(w + 5 * LM_VL);
+            a6 += xk * *(const V *)(w + 6 * LM_VL); a7 += xk * *(const V *)(w + 7 * LM_VL);
+        }
+        *(V *)(acc + 0 * LM_VL) = a0; *(V *)(acc + 1 * LM_VL) = a1; *(V *)(acc + 2 * LM_VL) = a2;
+        *(V *)(acc + 3 * LM_VL) = a3; *(V *)(acc + 4 * LM_VL) = a4; *(V *)(acc + 5 * LM_VL) = a5;
+        *(V *)(acc + 6 * LM_VL) = a6; *(V *)(acc + 7 * LM_VL) = a7;
+        if (beta == 0)
+            for (j = 0; j < 8 * LM_VL; j++) y[t + j] = alpha * acc[j];
+        else
+            for (j = 0; j < 8 * LM_VL; j++) y[t + j] = alpha * acc[j] + beta * y[t + j];
+    }
+    for (; t + LM_VL <= N; t += LM_VL) {
+        V a0 = {0};
+        const LM_T *w = W + t;
+        for (k = 0; k < K; k++, w += ldw) a0 += x[k] * *(const V *)w;
+        *(V *)acc = a0;
+        for (j = 0; j < LM_VL; j++) y[t + j] = alpha * acc[j] + (beta == 0 ? (LM_T)0 : beta * y[t + j]);
+    }
+    for (; t < N; t++) {
+        LM_T a = 0;
+        for (k = 0; k < K; k++) a += x[k] * W[k * ldw + t];
+        y[t] = alpha * a + (beta == 0 ? (LM_T)0 : beta * y[t]);
+    }
+}
+#undef LM_VL
+
 /* GEMM epilogue on rows of C (N columns): c = act(c + bias) */
 static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *restrict bias, int64_t act)
 {
