@@ -402,7 +402,9 @@ def sum(x, axis=None, keepdims=False, name=None):  # noqa: A001 - mirrors numpy'
 def mean(x, axis=None, keepdims=False, name=None):
     axes = _norm_axes("mean", axis, x.ndim)
     n = int(np.prod([x.shape[a] for a in axes], dtype=np.int64)) if axes else 1
-    return make("sum", (x,), {"axes": axes, "keepdims": bool(keepdims), "scale": 1.0 / max(n, 1)}, name)
+    # the mean over no elements is NaN, as in NumPy (the sum is 0, the scale 1/0 is taken as NaN)
+    return make("sum", (x,), {"axes": axes, "keepdims": bool(keepdims), "scale": 1.0 / n if n else float("nan")},
+                name)
 
 
 def reshape(x, shape, name=None):

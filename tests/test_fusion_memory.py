@@ -443,6 +443,21 @@ def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
     np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))
 
 
+def test_mean_over_no_elements_is_nan_like_numpy():
+    g = lc.Graph("empty_mean")
+    x = g.input("x", (0, 5))
+    g.output("m0", lc.mean(x, axis=0))      # (5,): each a mean over nothing
+    g.output("m", lc.mean(x))               # scalar
+    g.output("s", lc.sum(x, axis=0))        # sums over nothing stay 0
+    prog = lc.compile(g)
+    prog._arena[...] = 0  # a NaN must come from the mean, not from stale bytes
+    out = prog.run({"x": np.zeros((0, 5), np.float32)})
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        want = np.zeros((0, 5), np.float32).mean(axis=0)
+    assert np.isnan(want).all() and np.isnan(out["m0"]).all() and np.isnan(out["m"])
+    np.testing.assert_array_equal(out["s"], np.zeros(5, np.float32))
+
+
 def test_relu_backward_and_bias_gradient_run_in_the_gradient_gemm_epilogue():
     build, shapes, _ = CASES["mlp_relu_backward_epilogue_panels"]
     g, loss = _graph(build, shapes)

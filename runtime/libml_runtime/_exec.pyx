@@ -123,6 +123,9 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
              int nthreads) noexcept nogil:
     cdef lm_ew e
     cdef int64_t it, row, b, c, lo, hi, nt
+    cdef const int64_t *o
+    cdef floating zero
+    cdef floating *dst
     cdef floating *regs
     cdef floating *partial
     cdef floating *acc
@@ -130,13 +133,17 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     if lm_ew_decode(f, nf, &e) != 0:
         return ERR_MALFORMED
     if e.items == 0:
-        # an empty iteration space: reductions are sums over nothing, i.e. zeros (the arena is reused,
-        # so leaving them unwritten would return stale values)
+        # an empty iteration space: reductions are sums over nothing, i.e. zeros, times their scale (the
+        # arena is reused, so leaving them unwritten would return stale values).  A mean over nothing
+        # has scale NaN (as NumPy's mean of an empty array is NaN), so 0 * scale gives it.
         if e.mode != 0:
             for k in range(e.n_out):
-                if e.out[k * (5 + e.ndim) + 3 + e.ndim]:
-                    memset(bases[e.out[k * (5 + e.ndim)]] + e.out[k * (5 + e.ndim) + 1], 0,
-                           e.red_numel[k] * sizeof(floating))
+                o = e.out + k * (5 + e.ndim)
+                if o[3 + e.ndim]:
+                    zero = <floating>(0.0 * consts[o[4 + e.ndim]]) if o[4 + e.ndim] >= 0 else 0
+                    dst = <floating*>(bases[o[0]] + o[1])
+                    for it in range(e.red_numel[k]):
+                        dst[it] = zero
         return 0
     nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
     if e.mode == 0:
