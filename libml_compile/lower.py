@@ -370,8 +370,9 @@ def _vm_steps(g, ins, keep):
 
     Each member (but sums, which are stores) is one step, except that a producer used exactly once, and
     neither stored nor reduced, is folded into its consumer as a superinstruction (format.VM_OPS):
-    mul+add/sub -> FMA/FMS/FNMA, mul(g, sub(v, w)) -> MULSUB, mul(g, step(r)) -> MASK.  Every VM step
-    costs one pass over the block in L1, so W4's backward saves a quarter of its passes this way.
+    mul+add/sub -> FMA/FMS/FNMA, mul(g, sub(v, w)) -> MULSUB, relu(a +- b) -> ADDRELU/SUBRELU,
+    mul(g, step(r)) -> MASK, and with g = a*b or a/b -> MULMASK/DIVMASK.  Every VM step costs one pass
+    over the block in L1 (about as much as the arithmetic of a multiply): W4 drops from 17 to 9 passes.
     Operand 0 must be a register; immediates (ins.imm) may sit in operands 1 and 2 only.
     """
     members = set(g.members)
@@ -387,10 +388,37 @@ def _vm_steps(g, ins, keep):
                 and t not in fused)
 
     for m in g.members:
+        if m.op == "relu":
+            p = m.inputs[0]
+            for op in ("add", "sub"):
+                if free_producer(p, op):
+                    u, v = p.inputs
+                    if u in imm and op == "add":
+                        u, v = v, u
+                    if u not in imm:
+                        absorbed.add(p)
+                        fused[m] = (F.VM_OPS[op.upper() + "RELU"], (u, v))
+            continue
         if len(m.inputs) != 2 or m.op not in ("add", "sub", "mul"):
             continue
         l, r = m.inputs
         pick = None
+        if m.op == "mul":
+            # g * step(r), and (a*b or a/b) * step(r) in one step
+            for q, p in ((l, r), (r, l)):
+                if not free_producer(p, "step") or q in imm:
+                    continue
+                for op in ("mul", "div"):
+                    if free_producer(q, op) and q is not p and q.inputs[0] not in imm:
+                        absorbed.update((p, q))
+                        fused[m] = (F.VM_OPS[op.upper() + "MASK"], q.inputs + (p.inputs[0],))
+                        break
+                else:
+                    absorbed.add(p)
+                    fused[m] = (F.VM_OPS["MASK"], (q, p.inputs[0]))
+                break
+            if m in fused:
+                continue
         if m.op == "add":
             for p, z in ((l, r), (r, l)):
                 if free_producer(p, "mul"):
@@ -405,9 +433,6 @@ def _vm_steps(g, ins, keep):
             for u, p in ((l, r), (r, l)):
                 if u in imm:
                     continue
-                if free_producer(p, "step"):
-                    pick = (p, "MASK", (u, p.inputs[0]), None)
-                    break
                 if free_producer(p, "sub"):
                     pick = (p, "MULSUB", (u,) + p.inputs, None)
                     break

@@ -53,12 +53,36 @@ def _is_scalar_const(t, value=None):
     return value is None or float(t.value.reshape(-1)[0]) == value
 
 
-def simplify(roots):
-    """Constant folding, algebraic identities, CSE and DCE. Returns the live nodes in topological order.
+def simplify(roots, max_rounds=4):
+    """Constant folding, algebraic identities, CSE and DCE. Returns ``(live nodes in topological order,
+    replacement map)``.
 
     Rewrites are expressed as a replacement map applied to every consumer's inputs, so ``roots`` keep
-    their identity unless they are replaced (then the caller reads ``rep``)."""
+    their identity unless they are replaced (then the caller reads ``rep``).  A rewrite can build new
+    nodes (sign and scale pushing) that the same round does not visit, so rounds repeat until one
+    rewrites nothing (W4 needs two)."""
+    rep: dict[Tensor, Tensor] = {}
+    nodes = None
+    for _ in range(max_rounds):
+        nodes, step_rep, changed = _simplify_round(roots)
+        for t, s in step_rep.items():
+            rep[t] = s
+        roots = [_resolve(step_rep, t) for t in roots]
+        if not changed:
+            break
+    # compose chains across rounds: every key maps to its final replacement
+    return nodes, {t: _resolve(rep, s) for t, s in rep.items()}
+
+
+def _resolve(rep, t):
+    while t in rep:
+        t = rep[t]
+    return t
+
+
+def _simplify_round(roots):
     nodes = topo_from_roots(roots)
+    changed = False
     rep: dict[Tensor, Tensor] = {}
     cse: dict = {}
     # readers of each node, roots included (as None): scale pushing moves a factor off a node only when
@@ -66,6 +90,7 @@ def simplify(roots):
     readers = consumer_map(nodes)
     for t in roots:
         readers.setdefault(t, []).append(None)
+    visited = set(nodes)
 
     def r(t):
         while t in rep:
@@ -96,6 +121,7 @@ def simplify(roots):
         if s is not None and s.shape == t.shape and s.dtype == t.dtype:
             rep[t] = s
             readers[s] = readers.get(t, [])
+            changed = changed or (s.op not in LEAVES and s not in visited)  # a new node: not visited yet
             continue
         key = (t.op, tuple(id(i) for i in t.inputs), _attr_key(t.attrs))
         if d.kind != "opt" and key in cse:
@@ -103,7 +129,7 @@ def simplify(roots):
         else:
             cse[key] = t
     live_roots = [r(x) for x in roots]
-    return topo_from_roots(live_roots), rep
+    return topo_from_roots(live_roots), rep, changed
 
 
 def _drop_redundant_broadcasts(t):

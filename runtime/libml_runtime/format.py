@@ -19,12 +19,14 @@ HEADER = 3  # opcode, length, node id
 # superinstructions the lowering forms from a producer with a single use, so the intermediate never
 # makes a round trip through the register file (each such trip costs about as much as a multiply):
 #   FMA a*b+c   FMS a*b-c   FNMA c-a*b   MULSUB a*(b-c)   MASK a*step(b)
+#   ADDRELU relu(a+b)   SUBRELU relu(a-b)   MULMASK a*b*step(c)   DIVMASK (a/b)*step(c)
 VM_OPS = {"COPY": 0, "ADD": 1, "SUB": 2, "MUL": 3, "DIV": 4, "RSUB": 5, "RDIV": 6, "NEG": 7, "RELU": 8,
           "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12,
-          "FMA": 13, "FMS": 14, "FNMA": 15, "MULSUB": 16, "MASK": 17}
+          "FMA": 13, "FMS": 14, "FNMA": 15, "MULSUB": 16, "MASK": 17,
+          "ADDRELU": 18, "SUBRELU": 19, "MULMASK": 20, "DIVMASK": 21}
 VM_ARITY = {VM_OPS[k]: n for n, names in ((1, "COPY NEG RELU SIGMOID EXP LOG STEP"),
-                                           (2, "ADD SUB MUL DIV RSUB RDIV MASK"),
-                                           (3, "FMA FMS FNMA MULSUB")) for k in names.split()}
+                                           (2, "ADD SUB MUL DIV RSUB RDIV MASK ADDRELU SUBRELU"),
+                                           (3, "FMA FMS FNMA MULSUB MULMASK DIVMASK")) for k in names.split()}
 VM_WIDTH = 5
 LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 128, 8, 32, 64, 16
 

@@ -35,7 +35,8 @@ extern double log(double);
 
 /* VM opcodes (keep in sync with libml_compile/lower.py VM_OPS) */
 enum { VM_COPY = 0, VM_ADD, VM_SUB, VM_MUL, VM_DIV, VM_RSUB, VM_RDIV, VM_NEG, VM_RELU, VM_SIGMOID,
-       VM_EXP, VM_LOG, VM_STEP, VM_FMA, VM_FMS, VM_FNMA, VM_MULSUB, VM_MASK, VM_NOPS };
+       VM_EXP, VM_LOG, VM_STEP, VM_FMA, VM_FMS, VM_FNMA, VM_MULSUB, VM_MASK, VM_ADDRELU, VM_SUBRELU,
+       VM_MULMASK, VM_DIVMASK, VM_NOPS };
 #define LM_VMW 5  /* int64s per program step: op dst a b c */
 
 /* A decoded EW (fused elementwise / reduction) instruction.  Field layout in the int64 code array:

@@ -60,9 +60,25 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
         case VM_FMS: LM_TERNARY(x * y - z); break;
         case VM_FNMA: LM_TERNARY(z - x * y); break;
         case VM_MULSUB: LM_TERNARY(x * (y - z)); break;
-        case VM_MASK:  /* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
+        /* (the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0)) */
+        case VM_MASK:
             _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = B[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = A[j] * st; }
             break;
+        case VM_ADDRELU: LM_BINARY(x + y < 0 ? (LM_T)0 : x + y); break;
+        case VM_SUBRELU: LM_BINARY(x - y < 0 ? (LM_T)0 : x - y); break;
+        /* the mask operand (c) is always a register: step of a constant is folded at compile time */
+        case VM_MULMASK: {
+            const LM_T *restrict Cm = C;
+            if (bi < 0) { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] * bc) * st; } }
+            else { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] * B[j]) * st; } }
+            break;
+        }
+        case VM_DIVMASK: {
+            const LM_T *restrict Cm = C;
+            if (bi < 0) { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] / bc) * st; } }
+            else { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] / B[j]) * st; } }
+            break;
+        }
         }
 #undef LM_BINARY
 #undef LM_UNARY

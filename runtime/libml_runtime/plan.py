@@ -266,7 +266,9 @@ class _Decoder:
             self.take(f"prog[{i}].a", 0, n_regs - 1)
             arity = F.VM_ARITY[vop]
             self.take(f"prog[{i}].b", -self.nconsts if arity >= 2 else 0, n_regs - 1)
-            self.take(f"prog[{i}].c", -self.nconsts if arity >= 3 else 0, n_regs - 1)
+            # a mask operand is always a register (the kernels read it as one)
+            c_imm = arity >= 3 and vop not in (F.VM_OPS["MULMASK"], F.VM_OPS["DIVMASK"])
+            self.take(f"prog[{i}].c", -self.nconsts if c_imm else 0, n_regs - 1)
         if mode == 2:
             need = scratch_off + nchunks * red_total * isz
             if need > self.sizes[0]:
