@@ -225,7 +225,9 @@ cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *const
 
 DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread, in one piece
 DEF GEMV_PAR_ELEMS = 131072   # a GEMV is memory-bound: split it once the matrix is this large
-DEF GEMM_PANELS = 4            # panels of a large GEMM (a multiple of the usual 1-2-4 thread counts)
+DEF GEMM_PANELS = 4            # panels of a very large GEMM (a multiple of the usual 1-2-4 thread counts)
+DEF GEMM_PANELS_MID = 2        # ... of a GEMM under GEMM_BIG_FLOPS: each panel re-packs the shared operand,
+DEF GEMM_BIG_FLOPS = 1.5e9     # so fewer panels win there (W2, W5 at batch 1024: ~7%) and lose on W3 (~5%)
 
 cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, floating alpha,
                        floating *A, int lda, floating *B, int ldb, floating beta, floating *C, int ldc) noexcept nogil:
@@ -357,7 +359,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     # between 1 and 2 threads.  With a fixed split, 1 thread runs the same panels one after another.
     big = 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS or (M == 1 and <double>N * K >= GEMV_PAR_ELEMS)
     nt = nthreads if big else 1
-    nparts = GEMM_PANELS if big else 1
+    nparts = (GEMM_PANELS if 2.0 * M * N * K * nbatch >= GEMM_BIG_FLOPS else GEMM_PANELS_MID) if big else 1
     if nbatch > 1 and big:
         for bi in prange(nbatch, num_threads=nt, schedule="static"):
             _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,
