@@ -453,11 +453,30 @@ def fuse(nodes):
         else:
             unit[t] = t
             direct[t] = {unit[j] for j in t.inputs if j in unit}
+
+    # sibling fusion: groups over the same iteration shape that read the same full-size tensor from
+    # memory (relu(x) and sum(x), or a gradient read by two consumers) become one kernel reading it once
+    readers: dict[Tensor, list] = {}
+    for g in groups:
+        members = set(g.members)
+        for i in {i for m in g.members for i in m.inputs if i not in members}:
+            if i.size == int(np.prod(g.shape, dtype=np.int64)) and i.size > 1:
+                readers.setdefault(i, []).append(g)
+    for i, gs in readers.items():
+        gs = [g for g in dict.fromkeys(group_of[g.members[0]] for g in gs if g.members)]
+        base = gs[0] if gs else None
+        for h in gs[1:]:
+            if (h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES
+                    or reaches(h, base) or reaches(base, h)):
+                continue
+            if _group_inputs_after(base, None, group_of, extra=h.members) > MAX_GROUP_INPUTS:
+                continue
+            merge(base, h)
     return group_of
 
 
-def _group_inputs_after(g, t, group_of):
-    members = set(g.members) | {t}
+def _group_inputs_after(g, t, group_of, extra=()):
+    members = set(g.members) | ({t} if t is not None else set()) | set(extra)
     ext = {i for m in members for i in m.inputs
            if i not in members and not _is_scalar_const(i)}
     return len(ext)

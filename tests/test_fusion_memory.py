@@ -453,6 +453,45 @@ def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
     np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))
 
 
+def test_sibling_kernels_reading_one_tensor_are_merged():
+    # relu(h), sum(h) and 2*exp(h) read the materialised GEMM output h: one kernel reads it once
+    rng = np.random.default_rng(0)
+    g = lc.Graph("sib")
+    x = g.input("x", (64, 300))
+    w = g.param("w", (rng.standard_normal((300, 300)) * 0.05).astype(np.float32))
+    h = x @ w
+    g.output("r", lc.relu(h))
+    g.output("s", lc.sum(h, axis=0))
+    g.output("e", lc.exp(h) * 2.0)
+    prog = lc.compile(g)
+    kernels = [r for r in prog.instructions("run") if r["op"] != "gemm"]
+    assert len(kernels) == 1 and len(kernels[0]["members"]) == 4, prog.summary("run")
+    X = rng.standard_normal((64, 300)).astype(np.float32)
+    out = prog.run({"x": X})
+    H = X.astype(np.float64) @ prog.params["w"]
+    np.testing.assert_allclose(out["r"], np.maximum(H, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["s"], H.sum(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["e"], 2 * np.exp(H), rtol=1e-5, atol=1e-5)
+
+
+def test_siblings_that_depend_on_each_other_stay_apart():
+    # r = relu(x) feeds a GEMM whose result a sibling reads: merging them would be a cycle
+    rng = np.random.default_rng(1)
+    g = lc.Graph("sib_dep")
+    x = g.input("x", (32, 32))
+    w = g.param("w", (rng.standard_normal((32, 32)) * 0.1).astype(np.float32))
+    r = lc.relu(x)
+    m = r @ w
+    g.output("o", x * m)
+    g.output("r", r)
+    prog = lc.compile(g)
+    X = rng.standard_normal((32, 32)).astype(np.float32)
+    out = prog.run({"x": X})
+    R = np.maximum(X, 0)
+    np.testing.assert_allclose(out["o"], X * (R @ prog.params["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["r"], R)
+
+
 def test_mean_over_no_elements_is_nan_like_numpy():
     g = lc.Graph("empty_mean")
     x = g.input("x", (0, 5))
