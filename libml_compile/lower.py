@@ -398,6 +398,7 @@ def _vm_steps(g, ins, keep):
                     if u not in imm:
                         absorbed.add(p)
                         fused[m] = (F.VM_OPS[op.upper() + "RELU"], (u, v))
+                    break
             continue
         if len(m.inputs) != 2 or m.op not in ("add", "sub", "mul"):
             continue

@@ -93,9 +93,7 @@ def _simplify_round(roots):
     visited = set(nodes)
 
     def r(t):
-        while t in rep:
-            t = rep[t]
-        return t
+        return _resolve(rep, t)
 
     for t in nodes:
         t.inputs = tuple(r(i) for i in t.inputs)

@@ -2,9 +2,9 @@
  * Every loop over a block is `omp simd` with restrict pointers; none allocates; none takes the GIL. */
 
 /* The op program and the stores of one block, for `n` elements.  Always inlined into lm_ew_block, once
- * with n == LM_BLK (a compile-time trip count: every loop is fully unrolled, with no remainder or
- * peeling code -- that bookkeeping cost more than the arithmetic of a short op) and once for the
- * partial last block of a row. */
+ * with n == LM_BLK (a compile-time trip count: loops are unrolled with no remainder or peeling code) and
+ * once for the partial last block of a row.  Measured on W4's step, one thread, alternating processes:
+ * 7.4 ms with the specialisation, 8.4 ms without. */
 static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
     const lm_ew *e, char **bases, const double *consts, const int64_t *idx, int64_t j0, const int64_t n,
     LM_T **R, LM_T *partial, LM_T *acc)
