@@ -355,7 +355,10 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed steps (default 2)")
     ap.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up (default 0.5)")
     ap.add_argument("--min-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help=f"threads per system (default {THREADS}, the workloads' setting; ab.py varies it)")
     a = ap.parse_args(argv)
+    globals()["THREADS"] = a.threads
     try:
         res = measure(a.system, a.workload, a.min_time, a.warmup, a.min_steps)
     except Skip as e:
