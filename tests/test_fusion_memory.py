@@ -517,3 +517,63 @@ def test_relu_backward_and_bias_gradient_run_in_the_gradient_gemm_epilogue():
     p2 = lc.compile(g, loss=loss, num_threads=2).grad({})
     for k in p1:
         assert np.array_equal(p1[k], p2[k]), k
+
+
+def _random_elementwise_graph(seed):
+    """A random DAG of elementwise ops over (R, C) params, (C,) params and scalar constants, with several
+    outputs and a loss mixing sums and means: a differential test of fusion, superinstruction selection
+    and register allocation (every value stays finite: divisors are 1 + relu(.) or 0.5 + sigmoid(.))."""
+    rng = np.random.default_rng(seed)
+    R, C = int(rng.integers(1, 5)), int(rng.choice([1, 7, 130, 300]))
+    g = lc.Graph(f"rand{seed}")
+    vals = [g.param(f"p{k}", rng.standard_normal((R, C))) for k in range(2)]
+    vals.append(g.param("v", rng.standard_normal(C)))
+    for _ in range(int(rng.integers(4, 14))):
+        a, b = (vals[int(rng.integers(len(vals)))] for _ in range(2))
+        c = float(rng.choice([0.5, 1.0, 2.0, -3.0]))
+        kind = int(rng.integers(11))
+        if kind == 0:
+            t = a + b
+        elif kind == 1:
+            t = a - b
+        elif kind == 2:
+            t = a * b
+        elif kind == 3:
+            t = lc.div(a, 1.0 + lc.relu(b))
+        elif kind == 4:
+            t = lc.relu(a + b) if rng.integers(2) else lc.relu(a - c)
+        elif kind == 5:
+            t = lc.sigmoid(a) * (c - b)
+        elif kind == 6:
+            t = a * c + b if rng.integers(2) else c - a * b
+        elif kind == 7:
+            t = lc.div(a * b, 0.5 + lc.sigmoid(a))
+        elif kind == 8:
+            t = lc.exp(lc.sigmoid(a)) - b * c
+        elif kind == 9:
+            t = lc.div(c, 1.0 + lc.relu(a)) * b
+        else:
+            t = lc.relu(a) * lc.relu(b)
+        vals.append(t)
+    outs = vals[3:]
+    picks = rng.choice(len(outs), size=min(3, len(outs)), replace=False)
+    loss = None
+    for k, i in enumerate(picks):
+        g.output(f"o{k}", outs[i])
+        term = lc.mean(outs[i]) if k % 2 else lc.sum(outs[i] * 0.1)
+        loss = term if loss is None else loss + term
+    g.output("loss", loss)
+    return g, loss
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_elementwise_graphs_fused_equal_unfused(seed):
+    g, loss = _random_elementwise_graph(seed)
+    fused = lc.compile(g, loss=loss, fuse=True)
+    plain = lc.compile(g, loss=loss, fuse=False)
+    a, b = fused.grad({}), plain.grad({})
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-11, atol=1e-12, err_msg=k)
+    ra, rb = fused.run({}), plain.run({})
+    for k in rb:
+        np.testing.assert_allclose(ra[k], rb[k], rtol=1e-11, atol=1e-12, err_msg=k)
