@@ -169,7 +169,7 @@ def _scaled(t, readers):
 def _algebraic(t, readers):
     """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)), sign and scale pushing
     -> simpler node or None."""
-    from .ops import div, make, mul, neg
+    from .ops import add, div, make, mul, neg, sub
     a = t.inputs[0] if t.inputs else None
     b = t.inputs[1] if len(t.inputs) > 1 else None
     if t.op == "identity":
@@ -187,6 +187,13 @@ def _algebraic(t, readers):
         return a
     if t.op == "neg" and a.op == "neg":
         return a.inputs[0]
+    # a + (-b) -> a - b, (-a) + b -> b - a, a - (-b) -> a + b: gradient accumulation adds negated
+    # contributions (the gradient of sub's second operand); the neg then often dies
+    if t.op in ("add", "sub") and t.dtype in FLOAT_DTYPES:
+        if b.op == "neg" and b.inputs[0].shape == b.shape:
+            return (sub if t.op == "add" else add)(a, b.inputs[0])
+        if t.op == "add" and a.op == "neg" and a.inputs[0].shape == a.shape:
+            return sub(b, a.inputs[0])
     # sign pushing: gradient rules emit neg() (sub, div); moving it outward lets neg(neg(.)) cancel and
     # a reduction absorb it in its scale, saving passes in fused kernels (W4's backward: two)
     if t.op == "mul" and t.dtype in FLOAT_DTYPES and (a.op == "neg") != (b.op == "neg"):

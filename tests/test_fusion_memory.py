@@ -577,3 +577,19 @@ def test_random_elementwise_graphs_fused_equal_unfused(seed):
     ra, rb = fused.run({}), plain.run({})
     for k in rb:
         np.testing.assert_allclose(ra[k], rb[k], rtol=1e-11, atol=1e-12, err_msg=k)
+
+
+def test_negated_gradient_contributions_become_subtractions():
+    # d/dp of sum(w * (sigmoid(p) - p)): the second path contributes -g, accumulated as an add of a neg;
+    # simplification turns it into one subtraction, so no NEG pass is left in the kernel
+    rng = np.random.default_rng(0)
+    g = lc.Graph("negacc")
+    p = g.param("p", rng.standard_normal((4, 9)))
+    w = g.input("w", (4, 9), dtype="float64")
+    loss = lc.sum(w * (lc.sigmoid(p) - p))
+    prog = lc.compile(g, loss=loss)
+    steps = [s for r in prog.instructions("grad") for s in r.get("program", [])]
+    assert steps and not any("=NEG(" in s for s in steps), steps
+    P, W = prog.params["p"], rng.standard_normal((4, 9))
+    s = 1 / (1 + np.exp(-P))
+    np.testing.assert_allclose(prog.grad({"w": W})["p"], W * s * (1 - s) - W, rtol=1e-12, atol=1e-14)
