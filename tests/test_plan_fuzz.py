@@ -139,20 +139,21 @@ def test_vm_operands_are_bounded_by_arity(mix_plan):
     assert hits == {1, 2, 3}, f"the mixed graph's kernels cover arities {hits}"
 
 
-def test_vm_mask_operand_must_be_a_register():
+@pytest.mark.parametrize("vm,slot", [("DIVMASK", 4), ("MASK", 3)])
+def test_vm_mask_operand_must_be_a_register(vm, slot):
     from libml_compile.ops import step
     g = lc.Graph("m")
     x, y, z = (g.input(n, (2, 8)) for n in "xyz")
-    g.output("o", (x / y) * step(z))
+    g.output("o", (x / y) * step(z) if vm == "DIVMASK" else x * step(z))
     plan = lc.compile(g).plan
     e = plan.entries["run"]
     (pc,) = [pc for pc, op, _ in instructions(e.code) if op == F.OP_EW]
     f = ew_fields(e.code, pc)
-    assert int(e.code[f["prog"]]) == F.VM_OPS["DIVMASK"]
+    assert int(e.code[f["prog"]]) == F.VM_OPS[vm]
 
     def imm(code):
-        code[f["prog"] + 4] = -1
-    with pytest.raises(lr.PlanError, match=r"prog\[0\]\.c"):
+        code[f["prog"] + slot] = -1
+    with pytest.raises(lr.PlanError, match=rf"prog\[0\]\.{'bc'[slot - 3]}"):
         lr.validate(mutated(plan, "run", imm))
 
 

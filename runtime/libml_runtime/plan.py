@@ -265,8 +265,9 @@ class _Decoder:
             self.take(f"prog[{i}].dst", n_in, n_regs - 1)
             self.take(f"prog[{i}].a", 0, n_regs - 1)
             arity = F.VM_ARITY[vop]
-            self.take(f"prog[{i}].b", -self.nconsts if arity >= 2 else 0, n_regs - 1)
-            # a mask operand is always a register (the kernels read it as one)
+            # a mask operand (b of MASK, c of MULMASK/DIVMASK) is always a register (the kernels read it as one)
+            b_imm = arity >= 2 and vop != F.VM_OPS["MASK"]
+            self.take(f"prog[{i}].b", -self.nconsts if b_imm else 0, n_regs - 1)
             c_imm = arity >= 3 and vop not in (F.VM_OPS["MULMASK"], F.VM_OPS["DIVMASK"])
             self.take(f"prog[{i}].c", -self.nconsts if c_imm else 0, n_regs - 1)
         if mode == 2:
