@@ -173,7 +173,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                     ins.writes.append(m)
         else:
             ins.reads = [i for i in x.inputs]
-            ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm") else []
+            ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm", "momentum_gemm") else []
             ins.writes += [x.attrs[k] for k in passes.SIDE_OUTPUTS.values() if k in x.attrs]
         instrs.append(ins)
 
@@ -540,6 +540,8 @@ def _emit_op(em, t, loc, state, optimizer):
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
     if op in ("matmul", "linear", "sgd_gemm"):
         return _emit_gemm(em, nid, t, loc)
+    if op == "momentum_gemm":  # C is the param's momentum buffer: v = momentum * v + A B
+        return _emit_gemm(em, nid, t, loc, out_loc=_momentum_loc(state, t.inputs[2]))
     if op == "softmax":
         ax = t.attrs["axis"]
         outer = int(np.prod(t.shape[:ax], dtype=np.int64))
@@ -586,13 +588,9 @@ def _emit_op(em, t, loc, state, optimizer):
         fields = [F.DTYPE_CODE[t.dtype], n, em.const(t.attrs["lr"]), em.const(t.attrs["momentum"]),
                   em.const(t.attrs["weight_decay"])]
         for p, g in zip(ps, gs):
-            if t.attrs["momentum"]:
-                v = (F.SLOT_STATE, state.where.get(("opt", f"{p.name}/momentum")))
-                if v[1] is None:
-                    v = (F.SLOT_STATE, state.add_opt_state(f"{p.name}/momentum", p.dtype, p.shape))
-            else:
-                v = (-1, 0)
-            fields += [*loc(p), *loc(g), *v, p.size]
+            v = _momentum_loc(state, p) if t.attrs["momentum"] else (-1, 0)
+            # g slot -1: a momentum_gemm already added this param's gradient into v
+            fields += [*loc(p), *(loc(g) if g.op != "momentum_gemm" else (-1, 0)), *v, p.size]
         em.emit(F.OP_SGD, nid, fields)
         return {"op": op, "node": t.name, "flops": 4 * sum(p.size for p in ps), "bytes": 3 * nbytes(*ps)}
     if op == "adam_update":
@@ -615,12 +613,19 @@ def _emit_op(em, t, loc, state, optimizer):
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
 
 
-def _emit_gemm(em, nid, t, loc):
+def _momentum_loc(state, p):
+    """(slot, offset) of param p's momentum buffer in the state, created on first use."""
+    off = state.where.get(("opt", f"{p.name}/momentum"))
+    return F.SLOT_STATE, off if off is not None else state.add_opt_state(f"{p.name}/momentum", p.dtype, p.shape)
+
+
+def _emit_gemm(em, nid, t, loc, out_loc=None):
     a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
-    M, N = (t.inputs[2].shape if t.op == "sgd_gemm" else t.shape)[-2:]
+    into_state = t.op in ("sgd_gemm", "momentum_gemm")  # C is a state buffer of the param inputs[2]
+    M, N = (t.inputs[2].shape if into_state else t.shape)[-2:]
     K = a.shape[-2] if ta else a.shape[-1]
-    batch = list(t.shape[:-2]) if t.op != "sgd_gemm" else []
+    batch = list(t.shape[:-2]) if not into_state else []
     sA = broadcast_strides(a.shape[:-2], batch)
     sB = broadcast_strides(b.shape[:-2], batch)
     sC = contiguous_strides(batch)
@@ -637,17 +642,19 @@ def _emit_gemm(em, nid, t, loc):
     mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
     colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
-        out, alpha, beta = t.inputs[2], -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
+        out, alpha, beta = loc(t.inputs[2]), -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
+    elif t.op == "momentum_gemm":
+        out, alpha, beta = out_loc, 1.0, t.attrs["momentum"]
     else:
-        out, alpha, beta = t, 1.0, 0.0
-    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *loc(out),
+        out, alpha, beta = loc(t), 1.0, 0.0
+    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *out,
               em.const(alpha), em.const(beta), *bias, len(batch), *batch, *sA, *sB, *sC, *mask, *colsum]
     em.emit(F.OP_GEMM, nid, fields)
     nb = int(np.prod(batch)) if batch else 1
     return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
             + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")
             + ("+colsum" if "colsum" in t.attrs else "")
-            + ("+sgd" if t.op == "sgd_gemm" else ""),
+            + ("+sgd" if t.op == "sgd_gemm" else "") + ("+momentum" if t.op == "momentum_gemm" else ""),
             "node": t.name, "flops": 2 * nb * M * N * K,
-            "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t))),
+            "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t.inputs[2] if into_state else t))),
             "trans": (ta, tb)}

@@ -258,28 +258,39 @@ def fuse_epilogues(nodes, roots):
 
 
 def fold_sgd_into_gemm(nodes, roots):
-    """Plain SGD (no momentum): for every param whose gradient is a single 2-D GEMM read by nothing but
-    the update, replace "materialise the gradient, then update" by one GEMM that accumulates straight
-    into the param.  Returns the new roots.  Every other reader of the param is recorded in
-    ``attrs['after']`` so the schedule runs it before the param is overwritten."""
-    upd = next((t for t in roots if t.op == "sgd_update" and not t.attrs["momentum"]), None)
+    """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
+    materialised.  Returns the new roots.
+
+    Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``); every other reader of the
+    param is recorded in ``attrs['after']`` so the schedule runs it before the param is overwritten.
+    SGD with momentum: the GEMM accumulates into the momentum buffer, v = momentum*v + G
+    (``momentum_gemm``, which becomes that param's gradient input of the update); the single fused
+    update then adds the weight decay and steps p, so the update stays one pass over all params."""
+    upd = next((t for t in roots if t.op == "sgd_update"), None)
     if upd is None:
         return roots
+    from .ops import make
+    momentum = upd.attrs["momentum"]
     consumers = consumer_map(nodes)
     n = len(upd.inputs) // 2
     keep_p, keep_g, folded = [], [], []
     for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
-        if (g.op == "matmul" and g.ndim == 2 and g.shape == p.shape and g not in roots
+        if not (g.op == "matmul" and g.ndim == 2 and g.shape == p.shape and g not in roots
                 and consumers.get(g) == [upd] and p.op == "param"):
-            after = tuple(c for c in consumers.get(p, ()) if c is not upd)
-            from .ops import make
-            node = make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
-                        {"ta": g.attrs.get("ta", False), "tb": g.attrs.get("tb", False), "lr": upd.attrs["lr"],
-                         "weight_decay": upd.attrs["weight_decay"], "after": after})
-            folded.append(node)
-        else:
             keep_p.append(p)
             keep_g.append(g)
+            continue
+        gemm = {"ta": g.attrs.get("ta", False), "tb": g.attrs.get("tb", False)}
+        if momentum:
+            keep_p.append(p)
+            keep_g.append(make("momentum_gemm", (g.inputs[0], g.inputs[1], p), dict(gemm, momentum=momentum)))
+        else:
+            after = tuple(c for c in consumers.get(p, ()) if c is not upd)
+            folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
+                               dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
+    if momentum:
+        upd.inputs = tuple(keep_p) + tuple(keep_g)
+        return roots
     if not folded:
         return roots
     upd.inputs = tuple(keep_p) + tuple(keep_g)

@@ -237,3 +237,21 @@ def test_load_refuses_huge_arena(tmp_path, mix_plan):
     PF.save(p, tmp_path / "big.plan")
     with pytest.raises(lr.PlanError, match="arena_bytes"):
         lr.load(tmp_path / "big.plan")
+
+
+def test_sgd_without_gradient_needs_a_momentum_buffer():
+    """g slot -1 means "a momentum GEMM already put the gradient into v": without v it must be refused."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    g = lc.Graph("sgdv")
+    w = g.param("w", np.ones(3))
+    loss = lc.sum(g.const(x) * w)
+    plan = lc.compile(g, loss, lc.SGD(lr=0.1)).plan
+    e = plan.entries["step"]
+    (pc,) = [pc for pc, op, _ in instructions(e.code) if op == F.OP_SGD]
+    q = pc + F.HEADER + 5                       # first param: p(2) g(2) v(2) n
+    assert e.code[q + 4] == -1                  # plain SGD: no momentum buffer
+
+    def drop_g(code):
+        code[q + 2] = -1
+    with pytest.raises(lr.PlanError, match=r"g\[0\]"):
+        lr.validate(mutated(plan, "step", drop_g))

@@ -151,3 +151,30 @@ def test_set_params_then_train_from_there():
     expected = {k: v - 0.05 * mlp_param_dict(ref)[k] for k, v in mlp_param_dict(new).items()}
     for k, v in expected.items():
         assert_close(prog.params[k], v, 1e-10, 1e-13, k)
+
+
+@pytest.mark.parametrize("case", ["sgd_momentum", "sgd_momentum_wd"])
+def test_momentum_accumulates_in_the_gradient_gemm_and_matches_pytorch(case):
+    """SGD with momentum: each weight gradient GEMM accumulates into its momentum buffer (BLAS beta =
+    momentum), so no gradient buffer exists -- the arena is the plain-SGD one -- and the fused update
+    adds the decay and steps.  The params still follow torch.optim.SGD's formulas for several steps."""
+    make_lc, make_np = OPT_REF_CASES[case]
+    sizes, batch = [6, 10, 4], 8
+    weights = make_mlp_params(sizes, np.float64, seed=5)
+    g, loss = build_mlp(weights, batch, dtype="float64")
+    prog = lc.compile(g, loss=loss, optimizer=make_lc())
+    ops = [r["op"] for r in prog.instructions("step")]
+    assert ops.count("gemm+momentum") == 2, ops
+    plain = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.05))
+    assert prog.memory_report("step").arena_bytes <= plain.memory_report("step").arena_bytes
+    ref_opt, ref = make_np(), {k: v.copy() for k, v in mlp_param_dict(weights).items()}
+    rng = np.random.default_rng(6)
+    for step in range(4):
+        x = rng.standard_normal((batch, sizes[0]))
+        y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
+        _, _, grads = np_mlp_ref(mlp_weights_from_dict(ref, 2), x, y)
+        prog.step({"x": x, "y": y})
+        ref_opt.update(ref, mlp_param_dict(grads))
+        got = prog.params
+        for k in ref:
+            assert_close(got[k], ref[k], 1e-10, 1e-13, f"{case} step {step} param {k}")

@@ -477,23 +477,26 @@ cdef inline void _row_loss(double *rows, int64_t b, double v) noexcept nogil:
 
 cdef int _sgd(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
     # fields: dtype nparams lr_c mom_c wd_c, then per param: p(2) g(2) v(2; slot -1 = no momentum) n
+    # (g slot -1, only with v: a momentum GEMM already accumulated the gradient into v)
     cdef int64_t npar = f[1], i, c, nch, lo, hi, n
     cdef floating lr = <floating>consts[f[2]], mom = <floating>consts[f[3]], wd = <floating>consts[f[4]]
     cdef const int64_t *q
     cdef floating *v
+    cdef floating *g
     for i in range(npar):
         q = f + 5 + 7 * i
         n = q[6]
         v = <floating*>_ptr(bases, q + 4) if q[4] >= 0 else NULL
+        g = <floating*>_ptr(bases, q + 2) if q[2] >= 0 else NULL
         nch = (n + 16383) // 16384
         for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
             lo = c * 16384
             hi = lo + 16384 if lo + 16384 < n else n
             if floating is float:
-                lm_sgd_f32(hi - lo, <float*>_ptr(bases, q) + lo, <float*>_ptr(bases, q + 2) + lo,
+                lm_sgd_f32(hi - lo, <float*>_ptr(bases, q) + lo, (<float*>g + lo) if g != NULL else NULL,
                            (<float*>v + lo) if v != NULL else NULL, lr, mom, wd)
             else:
-                lm_sgd_f64(hi - lo, <double*>_ptr(bases, q) + lo, <double*>_ptr(bases, q + 2) + lo,
+                lm_sgd_f64(hi - lo, <double*>_ptr(bases, q) + lo, (<double*>g + lo) if g != NULL else NULL,
                            (<double*>v + lo) if v != NULL else NULL, lr, mom, wd)
     return 0
 

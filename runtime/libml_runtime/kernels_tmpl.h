@@ -327,12 +327,17 @@ static void LM_SFX(lm_mask_row)(int64_t N, LM_T *restrict c, const LM_T *restric
     }
 }
 
-/* SGD (PyTorch semantics, dampening 0): d = g + wd*p; v = mom*v + d; p -= lr*v   (v NULL: p -= lr*d) */
+/* SGD (PyTorch semantics, dampening 0): d = g + wd*p; v = mom*v + d; p -= lr*v   (v NULL: p -= lr*d;
+ * g NULL: v already holds mom*v + g) */
 static void LM_SFX(lm_sgd)(int64_t n, LM_T *restrict p, const LM_T *restrict g, LM_T *restrict v,
                            LM_T lr, LM_T mom, LM_T wd)
 {
     int64_t j;
-    if (v) {
+    if (v && !g) {
+        /* the weight-gradient GEMM already made v = mom*v + g (a momentum_gemm): add the decay, step */
+        #pragma omp simd
+        for (j = 0; j < n; j++) { LM_T vv = v[j] + wd * p[j]; v[j] = vv; p[j] -= lr * vv; }
+    } else if (v) {
         #pragma omp simd
         for (j = 0; j < n; j++) { LM_T d = g[j] + wd * p[j]; LM_T vv = mom * v[j] + d; v[j] = vv; p[j] -= lr * vv; }
     } else {

@@ -388,8 +388,10 @@ class _Decoder:
             self.const(nm)
         for i in range(npar):
             p = (self.take(f"p[{i}].slot", 0, len(self.sizes) - 1), self.take(f"p[{i}].offset", 0, 2 ** 50))
-            g = (self.take(f"g[{i}].slot", 0, len(self.sizes) - 1), self.take(f"g[{i}].offset", 0, 2 ** 50))
+            g = (self.take(f"g[{i}].slot", -1, len(self.sizes) - 1), self.take(f"g[{i}].offset", 0, 2 ** 50))
             v = (self.take(f"v[{i}].slot", -1, len(self.sizes) - 1), self.take(f"v[{i}].offset", 0, 2 ** 50))
+            if g[0] < 0 and v[0] < 0:
+                self.fail(f"g[{i}] is absent (slot -1) without a momentum buffer to hold the gradient")
             n = self.take(f"n[{i}]", 0, 2 ** 40)
             for nm, (slot, off), w in (("p", p, True), ("g", g, False), ("v", v, True)):
                 if slot < 0:
