@@ -288,12 +288,9 @@ def fold_sgd_into_gemm(nodes, roots):
             after = tuple(c for c in consumers.get(p, ()) if c is not upd)
             folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
                                dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
-    if momentum:
-        upd.inputs = tuple(keep_p) + tuple(keep_g)
-        return roots
+    upd.inputs = tuple(keep_p) + tuple(keep_g)
     if not folded:
         return roots
-    upd.inputs = tuple(keep_p) + tuple(keep_g)
     rest = [r for r in roots if r is not upd] + ([upd] if keep_p else [])
     return rest + folded
 
@@ -479,9 +476,9 @@ def fuse(nodes):
             if i.size == int(np.prod(g.shape, dtype=np.int64)) and i.size > 1:
                 readers.setdefault(i, []).append(g)
     for i, gs in readers.items():
-        gs = [g for g in dict.fromkeys(group_of[g.members[0]] for g in gs if g.members)]
-        base = gs[0] if gs else None
+        gs = list(dict.fromkeys(group_of[g.members[0]] for g in gs if g.members))  # current groups, once
         for h in gs[1:]:
+            base = gs[0]
             if (h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES
                     or reaches(h, base) or reaches(base, h)):
                 continue
