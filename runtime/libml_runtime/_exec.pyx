@@ -382,13 +382,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
 
 cdef inline int64_t _boff(int64_t bi, int64_t bdim, const int64_t *bd, const int64_t *s) noexcept nogil:
     """element offset of batch index ``bi`` (row-major over bd) for batch strides ``s``"""
-    cdef int64_t off = 0, d = bdim - 1, q
-    while d >= 0:
-        q = bi // bd[d]
-        off += (bi - q * bd[d]) * s[d]
-        bi = q
-        d -= 1
-    return off
+    return _unravel(bdim + 1, bd, bi, s)  # bd is the leading dims of a (bdim + 1)-dim iteration
 
 
 # ------------------------------------------------------------------------------------------------
