@@ -538,10 +538,8 @@ def _emit_op(em, t, loc, state, optimizer):
     op = t.op
     nid = em.node(op, t.name)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
-    if op in ("matmul", "linear", "sgd_gemm"):
-        return _emit_gemm(em, nid, t, loc)
-    if op == "momentum_gemm":  # C is the param's momentum buffer: v = momentum * v + A B
-        return _emit_gemm(em, nid, t, loc, out_loc=_momentum_loc(state, t.inputs[2]))
+    if op in ("matmul", "linear", "sgd_gemm", "momentum_gemm"):
+        return _emit_gemm(em, nid, t, loc, state)
     if op == "softmax":
         ax = t.attrs["axis"]
         outer = int(np.prod(t.shape[:ax], dtype=np.int64))
@@ -619,7 +617,7 @@ def _momentum_loc(state, p):
     return F.SLOT_STATE, off if off is not None else state.add_opt_state(f"{p.name}/momentum", p.dtype, p.shape)
 
 
-def _emit_gemm(em, nid, t, loc, out_loc=None):
+def _emit_gemm(em, nid, t, loc, state):
     a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
     into_state = t.op in ("sgd_gemm", "momentum_gemm")  # C is a state buffer of the param inputs[2]
@@ -643,8 +641,8 @@ def _emit_gemm(em, nid, t, loc, out_loc=None):
     colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
         out, alpha, beta = loc(t.inputs[2]), -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
-    elif t.op == "momentum_gemm":
-        out, alpha, beta = out_loc, 1.0, t.attrs["momentum"]
+    elif t.op == "momentum_gemm":  # C is the param's momentum buffer: v = momentum * v + A B
+        out, alpha, beta = _momentum_loc(state, t.inputs[2]), 1.0, t.attrs["momentum"]
     else:
         out, alpha, beta = loc(t), 1.0, 0.0
     fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *out,

@@ -237,7 +237,7 @@ cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, fl
     cdef int gm, gn
     if m == 1 and tb == b'N':
         # a row vector times a row-major matrix: our own register-tiled kernel streams B row by row
-        # (memory-bound; ~20% faster than OpenBLAS's sgemv here, and it runs inside our panels)
+        # (memory-bound; W5 at batch 1: run_plan 42 -> 30 us against OpenBLAS's sgemv in the same panels)
         if floating is float:
             lm_gemv_rows_f32(k, n, A, B, ldb, C, alpha, beta)
         else:
@@ -339,6 +339,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
     cdef int nt, part, nparts
     cdef bint split_m, big
+    cdef double flops
     cdef int64_t offA, offB, offC
     if lda < 1: lda = 1
     if ldb < 1: ldb = 1
@@ -357,9 +358,10 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     # Panels depend on the problem size only, never on the thread count: BLAS may pick different
     # micro-kernels for different panel shapes, so a thread-dependent split would make results differ
     # between 1 and 2 threads.  With a fixed split, 1 thread runs the same panels one after another.
-    big = 2.0 * M * N * K * nbatch >= GEMM_PAR_FLOPS or (M == 1 and <double>N * K >= GEMV_PAR_ELEMS)
+    flops = 2.0 * M * N * K * nbatch
+    big = flops >= GEMM_PAR_FLOPS or (M == 1 and <double>N * K >= GEMV_PAR_ELEMS)
     nt = nthreads if big else 1
-    nparts = (GEMM_PANELS if 2.0 * M * N * K * nbatch >= GEMM_BIG_FLOPS else GEMM_PANELS_MID) if big else 1
+    nparts = (GEMM_PANELS if flops >= GEMM_BIG_FLOPS else GEMM_PANELS_MID) if big else 1
     if nbatch > 1 and big:
         for bi in prange(nbatch, num_threads=nt, schedule="static"):
             _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,

@@ -38,6 +38,15 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
         } else {                                                                                         \
             _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; D[j] = (EXPR); } \
         }
+/* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
+#define LM_MASKED(EXPR, M)                                                                                 \
+        if (bi < 0) {                                                                                      \
+            _Pragma("omp simd") for (j = 0; j < n; j++) {                                                  \
+                LM_T x = A[j], y = bc, st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (EXPR) * st; }          \
+        } else {                                                                                           \
+            _Pragma("omp simd") for (j = 0; j < n; j++) {                                                  \
+                LM_T x = A[j], y = B[j], st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (EXPR) * st; }        \
+        }
         switch (p[0]) {
         case VM_COPY: LM_UNARY(x); break;
         case VM_ADD: LM_BINARY(x + y); break;
@@ -60,28 +69,17 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
         case VM_FMS: LM_TERNARY(x * y - z); break;
         case VM_FNMA: LM_TERNARY(z - x * y); break;
         case VM_MULSUB: LM_TERNARY(x * (y - z)); break;
-        /* (the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0)) */
-        case VM_MASK:
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = B[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = A[j] * st; }
-            break;
         case VM_ADDRELU: LM_BINARY(x + y < 0 ? (LM_T)0 : x + y); break;
         case VM_SUBRELU: LM_BINARY(x - y < 0 ? (LM_T)0 : x - y); break;
-        /* the mask operand (c) is always a register: step of a constant is folded at compile time */
-        case VM_MULMASK: {
-            const LM_T *restrict Cm = C;
-            if (bi < 0) { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] * bc) * st; } }
-            else { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] * B[j]) * st; } }
-            break;
-        }
-        case VM_DIVMASK: {
-            const LM_T *restrict Cm = C;
-            if (bi < 0) { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] / bc) * st; } }
-            else { _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T st = Cm[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (A[j] / B[j]) * st; } }
-            break;
-        }
+        /* masked steps: the mask operand M (b of MASK, c of MULMASK/DIVMASK) is always a register (the
+           validator checks it; step of a constant is folded at compile time) */
+        case VM_MASK: LM_MASKED(x, B); break;
+        case VM_MULMASK: LM_MASKED(x * y, C); break;
+        case VM_DIVMASK: LM_MASKED(x / y, C); break;
         }
 #undef LM_BINARY
 #undef LM_UNARY
+#undef LM_MASKED
 #undef LM_TERNARY
     }
 
