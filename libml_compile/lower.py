@@ -128,13 +128,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     naive = sum(align(t.size * np.dtype(t.dtype).itemsize) for t in nodes
                 if t.op not in passes.LEAVES and t.op != "reshape" and REGISTRY[t.op].kind != "opt")
 
-    def r(t):
-        while t in rep:
-            t = rep[t]
-        return t
-
-    outputs = [(n, r(t)) for n, t in outputs]
-    roots = [r(t) for t in roots]
+    # rep maps every replaced tensor to its final replacement
+    outputs = [(n, rep.get(t, t)) for n, t in outputs]
+    roots = [rep.get(t, t) for t in roots]
     passes.absorb_transposes(nodes)
     if fuse:
         passes.fuse_xent(nodes)

@@ -65,8 +65,7 @@ def simplify(roots, max_rounds=4):
     nodes = None
     for _ in range(max_rounds):
         nodes, step_rep, changed = _simplify_round(roots)
-        for t, s in step_rep.items():
-            rep[t] = s
+        rep.update(step_rep)
         roots = [_resolve(step_rep, t) for t in roots]
         if not changed:
             break
