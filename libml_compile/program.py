@@ -56,6 +56,21 @@ class Program(Executable):
         lines.append(f"     {'total':<22} {tf / 1e6:>10.3f} {tb / 1e6:>9.3f}")
         return "\n".join(lines)
 
+    def profile(self, kind, feeds, repeat=20, warmup=3):
+        """The runtime's per-instruction timings (``Executable.profile``), each row joined with what the
+        compiler knows of the instruction: its name as in ``summary`` (e.g. ``gemm+bias+relu``),
+        ``flops``, ``bytes``, achieved ``gflops`` and ``gbps``, and ``contents`` (fused members or node).  Params are left as they were."""
+        prof = super().profile(kind, feeds, repeat=repeat, warmup=warmup)
+        rows = self._summaries.get(kind, [])
+        if not self.check_finite and len(rows) == len(prof.rows):  # checked entries are unfused
+            for r, s in zip(prof.rows, rows):
+                sec = r["median_ms"] / 1e3
+                r.update(op=s["op"], flops=s["flops"], bytes=s["bytes"],
+                         gflops=s["flops"] / sec / 1e9 if sec > 0 else 0.0,
+                         gbps=s["bytes"] / sec / 1e9 if sec > 0 else 0.0,
+                         contents=", ".join(s["members"]) if "members" in s else s.get("node", r["node"]))
+        return prof
+
     def instruction_count(self, entry="step"):
         return len(self._summaries[entry])
 

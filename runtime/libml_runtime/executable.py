@@ -9,12 +9,13 @@ serialises concurrent calls on one object (separate objects run in parallel).
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
 from . import _exec
 from .format import (DTYPE_CODE, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, HEADER, OP_GEMM,
-                     SLOT_INPUT0)
+                     OP_NAMES, SLOT_INPUT0)
 from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
 
@@ -93,6 +94,38 @@ class Executable:
         """Forward + backward + optimizer update in one runtime call; returns the loss as a float."""
         out = self._call("step", feeds)
         return float(out["loss"])
+
+    def profile(self, kind, feeds, repeat=20, warmup=3):
+        """Time every instruction of entry ``kind`` (``run``/``grad``/``step``) over ``repeat`` runs after
+        ``warmup`` runs, on ``feeds``; returns a :class:`~libml_runtime.profile.Profile` (``print`` it).
+
+        Params and optimizer state are restored afterwards, so profiling ``step`` trains nothing.
+        """
+        from .profile import Profile
+        if int(repeat) < 1 or int(warmup) < 0:
+            raise ValueError(f"profile: repeat must be >= 1 and warmup >= 0, got {repeat}, {warmup}")
+        entry = self._entry(kind)
+        n = len(entry.instr_nodes)
+        times = np.zeros((int(warmup) + int(repeat), max(n, 1)))
+        calls = np.zeros(int(warmup) + int(repeat))
+        with self._lock:
+            snapshot = self._state.copy()
+        try:
+            for r in range(times.shape[0]):
+                t0 = time.perf_counter()
+                self._call(kind, feeds, times[r])
+                calls[r] = time.perf_counter() - t0
+        finally:
+            with self._lock:
+                self._state[...] = snapshot
+        ops, nodes = [], []
+        pc = 0
+        for k in range(n):
+            ops.append(OP_NAMES.get(int(entry.code[pc]), "?"))
+            nodes.append(entry.nodes[entry.instr_nodes[k]][1] if entry.nodes else "")
+            pc += int(entry.code[pc + 1])
+        return Profile.from_times(kind, times[int(warmup):, :n], calls[int(warmup):], ops, nodes,
+                                  self.num_threads)
 
     def state_dict(self):
         """Copies of every persistent array: params and optimizer state (checkpoint content)."""
@@ -190,7 +223,7 @@ class Executable:
                                  f"at index {bad}")
         return a
 
-    def _call(self, kind, feeds):
+    def _call(self, kind, feeds, times=None):
         entry = self._entry(kind)
         arrays = self._bind(entry, feeds)
         bound = self._bound.get(id(entry))
@@ -203,7 +236,7 @@ class Executable:
             if uses_blas:
                 pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
             rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
-                                             self.num_threads)
+                                             self.num_threads, times)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
