@@ -26,7 +26,7 @@ ORDER = list(WORKLOADS)
 ALIASES = {"W5": ["W5-b1", "W5-b1024"]}
 
 # which systems run which workload kinds
-SYSTEMS = ["libml", "torch", "numpy", "torch_compile", "jax", "ort"]
+SYSTEMS = ["libml", "torch", "numpy", "torch_compile", "jax", "ort", "c_fused"]
 SUPPORTS = {
     "libml": {"mlp", "w4", "fwd", "gemm"},
     "torch": {"mlp", "w4", "fwd", "gemm"},
@@ -34,6 +34,7 @@ SUPPORTS = {
     "torch_compile": {"mlp", "w4", "fwd"},
     "jax": {"mlp", "w4", "fwd", "gemm"},
     "ort": {"fwd"},
+    "c_fused": {"w4"},  # a reference point, not a competitor: W4 hand-fused in C (w4_fused.c)
 }
 
 

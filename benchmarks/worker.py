@@ -289,8 +289,46 @@ def setup_libml(wid, spec, feeds):
     raise Skip(k)
 
 
+def setup_c_fused(wid, spec, feeds):
+    """W4 as one hand-fused C loop (benchmarks/w4_fused.c), built here with the system's C compiler:
+    how fast the step can run on this machine when every intermediate stays in registers."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    if spec["kind"] != "w4":
+        raise Skip("the hand-fused C reference exists for W4 only")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise Skip("no C compiler")
+    flags = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
+    out = os.path.join(tempfile.mkdtemp(prefix="libml_w4c_"), "w4_fused.so")
+    p = subprocess.run([cc, *flags, os.path.join(HERE, "w4_fused.c"), "-o", out, "-lmvec", "-lm"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise Skip(f"{cc} failed: {p.stderr[-500:]}")
+    syms = subprocess.run(["nm", "-D", out], capture_output=True, text=True).stdout
+    lib = ctypes.CDLL(out)
+    f = lib.w4_step
+    P = ctypes.c_void_p
+    f.argtypes = [P, ctypes.c_int64, ctypes.c_int64, P, P, P, ctypes.c_float, ctypes.c_int, P]
+    f.restype = ctypes.c_double
+    x = np.ascontiguousarray(feeds["x"])
+    R, C = x.shape
+    a, b, c = (np.ascontiguousarray(v.copy()) for v in common.w4_params())
+    scratch = np.zeros(THREADS * 4 * C, np.float32)
+    args = [x.ctypes.data, R, C, a.ctypes.data, b.ctypes.data, c.ctypes.data, common.LR, THREADS,
+            scratch.ctypes.data]
+    info = {"kernels": f"{os.path.basename(cc)} {' '.join(flags[:5])}; vector expf "
+                       f"{'called' if '_ZGV' in syms else 'NOT called (scalar expf)'}"}
+    def step(_keep=(x, a, b, c, scratch)):  # args holds raw addresses: keep the arrays alive
+        return f(*args)
+    return step, info
+
+
 SETUPS = {"numpy": setup_numpy, "torch": setup_torch, "torch_compile": setup_torch_compile,
-          "jax": setup_jax, "ort": setup_ort, "libml": setup_libml}
+          "jax": setup_jax, "ort": setup_ort, "libml": setup_libml, "c_fused": setup_c_fused}
 
 
 def blas_info():

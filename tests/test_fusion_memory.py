@@ -205,6 +205,20 @@ def test_superinstruction_matches_numpy_including_nan_inf(name, dtype):
     assert np.all(err <= 4 * np.finfo(dtype).eps * terms[fin]), err.max()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_keeps_nan_inf_and_signed_zero_exactly(dtype):
+    # the runtime is built with -fno-trapping-math so GCC vectorises compare-and-select loops; that flag
+    # must not turn relu into a max() that drops NaN or the sign of -0
+    g = lc.Graph("r")
+    x = g.input("x", (2, 300), dtype=np.dtype(dtype).name)
+    g.output("y", lc.relu(x))
+    v = np.resize(np.array([np.nan, -np.nan, np.inf, -np.inf, -0.0, 0.0, 1.5, -1.5, 1e-40], dtype), (2, 300))
+    got = lc.compile(g).run({"x": v})["y"]
+    want = np.where(v < 0, dtype(0), v)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
 def test_superinstructions_with_immediates_and_shared_producers():
     # a producer read twice stays a plain step (folding it would compute it twice); constants may sit in
     # either operand slot of a superinstruction

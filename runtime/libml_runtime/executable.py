@@ -235,8 +235,11 @@ class Executable:
                 snapshot = self._state.copy()
             if uses_blas:
                 pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
-            rc, bad, detail = _exec.run_plan(entry.code, entry.consts, [self._arena, self._state] + arrays,
-                                             self.num_threads, times)
+            buffers = [self._arena, self._state] + arrays
+            if times is None:
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads)
+            else:  # profiling: per-instruction seconds are added into `times`
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, times)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
