@@ -137,6 +137,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
         passes.fuse_relu_backward(passes.topo_from_roots(roots), roots)
         roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
+        roots = passes.split_adam(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
     units = passes.schedule(nodes, group_of)
@@ -169,7 +170,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                     ins.writes.append(m)
         else:
             ins.reads = [i for i in x.inputs]
-            ins.writes = [x] if x.op not in ("sgd_update", "adam_update", "sgd_gemm", "momentum_gemm") else []
+            ins.writes = [x] if REGISTRY[x.op].kind != "opt" else []  # updates write the state only
             ins.writes += [x.attrs[k] for k in passes.SIDE_OUTPUTS.values() if k in x.attrs]
         instrs.append(ins)
 
@@ -587,24 +588,32 @@ def _emit_op(em, t, loc, state, optimizer):
             fields += [*loc(p), *(loc(g) if g.op != "momentum_gemm" else (-1, 0)), *v, p.size]
         em.emit(F.OP_SGD, nid, fields)
         return {"op": op, "node": t.name, "flops": 4 * sum(p.size for p in ps), "bytes": 3 * nbytes(*ps)}
+    if op == "adam_count":  # an Adam instruction with no params: it only advances the step counter
+        fields = [F.DTYPE_CODE[t.dtype], 0] + [em.const(0.0)] * 5 + [F.SLOT_STATE, _adam_step_loc(state)]
+        em.emit(F.OP_ADAM, nid, fields)
+        return {"op": op, "node": t.name, "flops": 0, "bytes": 8}
     if op == "adam_update":
         n = len(t.inputs) // 2
         ps, gs = t.inputs[:n], t.inputs[n:]
-        step = state.where.get(("opt", "adam/step"))
-        if step is None:
-            step = state.add_opt_state("adam/step", "float64", ())
         fields = [F.DTYPE_CODE[t.dtype], n] + [em.const(t.attrs[k]) for k in
                                                ("lr", "beta1", "beta2", "eps", "weight_decay")]
-        fields += [F.SLOT_STATE, step]
+        fields += [F.SLOT_STATE, _adam_step_loc(state)]
         for p, g in zip(ps, gs):
             offs = []
             for s in ("exp_avg", "exp_avg_sq"):
                 o = state.where.get(("opt", f"{p.name}/{s}"))
                 offs.append(o if o is not None else state.add_opt_state(f"{p.name}/{s}", p.dtype, p.shape))
             fields += [*loc(p), *loc(g), F.SLOT_STATE, offs[0], F.SLOT_STATE, offs[1], p.size]
-        em.emit(F.OP_ADAM, nid, fields)
+        # counted: this step's adam_count already advanced the counter (passes.split_adam)
+        em.emit(F.OP_ADAM_APPLY if t.attrs.get("counted") else F.OP_ADAM, nid, fields)
         return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
+
+
+def _adam_step_loc(state):
+    """offset of Adam's float64 step counter in the state (one per program), created on first use"""
+    off = state.where.get(("opt", "adam/step"))
+    return off if off is not None else state.add_opt_state("adam/step", "float64", ())
 
 
 def _momentum_loc(state, p):

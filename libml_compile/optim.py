@@ -28,7 +28,12 @@ register(OpDef("momentum_gemm", "opt", _s_update, None, None,
                    "(BLAS alpha = 1, beta = momentum), so no gradient buffer exists; made by "
                    "passes.fold_sgd_into_gemm; the sgd_update then reads v for that param (its g is this node)"))
 register(OpDef("adam_update", "opt", _s_update, None, None,
-               doc="AdamW: p *= 1 - lr*wd; m,v moments; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)"))
+               doc="AdamW: p *= 1 - lr*wd; m,v moments; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). "
+                   "attrs['counted']: the step counter was already advanced by this step's adam_count "
+                   "(passes.split_adam), so this update only reads it"))
+register(OpDef("adam_count", "opt", lambda inp, attrs: ((), attrs["dtype"]), None, None,
+               doc="advances Adam's step counter once per step, before any counted adam_update runs; "
+                   "made by passes.split_adam (no inputs: it is scheduled before its readers only)"))
 
 
 @dataclass

@@ -294,6 +294,44 @@ def fold_sgd_into_gemm(nodes, roots):
     return rest + folded
 
 
+ADAM_SPLIT_BYTES = 1 << 16  # params at least this large get an Adam update of their own
+
+
+def split_adam(nodes, roots):
+    """Large params get their own Adam update, scheduled right after their gradient, so the gradient
+    buffer dies there instead of living until one update at the end of the step.  Returns the new roots.
+
+    A single fused update keeps every gradient live at once (the arena is then close to the naive sum,
+    as PyTorch's ``.grad`` tensors are); split, gradients share memory like activations do.  Params
+    under ADAM_SPLIT_BYTES stay in the one fused pass (the per-instruction overhead would outweigh a
+    few KB).  The step counter is advanced once, by an ``adam_count`` node every update depends on;
+    every update records its params' other readers in ``attrs['after']`` so the schedule runs them before
+    the params are overwritten.  The arithmetic per element is the fused pass's, unchanged."""
+    upd = next((t for t in roots if t.op == "adam_update"), None)
+    if upd is None:
+        return roots
+    from .ops import make
+    consumers = consumer_map(nodes)
+    n = len(upd.inputs) // 2
+    big = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:])
+           if p.op == "param" and p.size * np.dtype(p.dtype).itemsize >= ADAM_SPLIT_BYTES and g not in roots]
+    if not big:
+        return roots
+    graph = upd.graph
+    count = graph._add(Tensor(graph, "adam_count", (), {"dtype": upd.dtype}, (), upd.dtype, None))
+    split = []
+    for p, g in reversed(big):  # backward order: the last layer's gradient is ready first
+        after = tuple(c for c in consumers.get(p, ()) if c is not upd) + (count,)
+        split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=after)))
+    rest = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:]) if all(p is not q for q, _ in big)]
+    upd.inputs = tuple(p for p, _ in rest) + tuple(g for _, g in rest)
+    # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
+    # every other reader of its params (e.g. a backward op that reads a param, for another's gradient)
+    readers = tuple(c for p, _ in rest for c in consumers.get(p, ()) if c is not upd)
+    upd.attrs = dict(upd.attrs, counted=True, after=readers + (count,))
+    return [r for r in roots if r is not upd] + ([upd] if rest else []) + [count] + split
+
+
 SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op -> attr on its writer
 
 

@@ -15,8 +15,8 @@ from libml_runtime import planfile as PF
 from conftest import build_mlp, make_mlp_params, teacher_task
 
 
-def mlp_program(opt, dtype="float32", check_finite=False, batch=16):
-    w = make_mlp_params([8, 16, 3], dtype=np.dtype(dtype), seed=3)
+def mlp_program(opt, dtype="float32", check_finite=False, batch=16, hidden=16):
+    w = make_mlp_params([8, hidden, 3], dtype=np.dtype(dtype), seed=3)
     g, loss = build_mlp(w, batch, dtype=dtype)
     return lc.compile(g, loss, opt, check_finite=check_finite, num_threads=2)
 
@@ -49,10 +49,13 @@ RUNTIME_ONLY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("opt", [lc.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3),
-                                 lc.Adam(lr=1e-2, weight_decay=1e-2)], ids=["sgd", "adam"])
-def test_save_load_runtime_only_bit_identical(tmp_path, opt):
-    prog = mlp_program(opt)
+@pytest.mark.parametrize("opt,hidden", [(lc.SGD(lr=0.1, momentum=0.9, weight_decay=1e-3), 16),
+                                        (lc.Adam(lr=1e-2, weight_decay=1e-2), 16),
+                                        (lc.Adam(lr=1e-2, weight_decay=1e-2), 2048)],
+                         ids=["sgd", "adam", "adam_split"])  # 2048: w0 is 64 KiB, its update is split off
+def test_save_load_runtime_only_bit_identical(tmp_path, opt, hidden):
+    prog = mlp_program(opt, hidden=hidden)
+    assert (hidden == 2048) == ("adam_count" in [r["op"] for r in prog.instructions("step")])
     data = batches(13)
     for b in data[:3]:           # saved mid-training: params and optimizer state must travel
         prog.step(b)

@@ -178,3 +178,83 @@ def test_momentum_accumulates_in_the_gradient_gemm_and_matches_pytorch(case):
         got = prog.params
         for k in ref:
             assert_close(got[k], ref[k], 1e-10, 1e-13, f"{case} step {step} param {k}")
+
+
+@pytest.mark.parametrize("case", ["adam", "adamw_wd"])
+def test_large_params_get_their_own_adam_update_and_still_match_pytorch(case):
+    """Params of at least 64 KiB get an Adam update right after their gradient (so the gradient buffer
+    dies there), with the step counter advanced once per step; the params follow torch.optim.AdamW."""
+    make_lc, make_np = OPT_REF_CASES[case]
+    # float64: w0 (96 KiB) and w1 (80 KiB) are split -- w1 is also read by the backward GEMM for w0's
+    # gradient, so its update must wait for that; the biases stay in the fused update
+    sizes, batch = [96, 128, 80], 8
+    weights = make_mlp_params(sizes, np.float64, seed=7)
+    g, loss = build_mlp(weights, batch, dtype="float64")
+    prog = lc.compile(g, loss=loss, optimizer=make_lc())
+    ops = [r["op"] for r in prog.instructions("step")]
+    assert ops.count("adam_update") == 3 and ops.count("adam_count") == 1, ops
+    assert ops.index("adam_count") < min(k for k, o in enumerate(ops) if o == "adam_update")
+    ref_opt, ref = make_np(), {k: v.copy() for k, v in mlp_param_dict(weights).items()}
+    rng = np.random.default_rng(8)
+    for step in range(3):
+        x = rng.standard_normal((batch, sizes[0]))
+        y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
+        _, _, grads = np_mlp_ref(mlp_weights_from_dict(ref, 2), x, y)
+        prog.step({"x": x, "y": y})
+        ref_opt.update(ref, mlp_param_dict(grads))
+        got = prog.params
+        for k in ref:
+            assert_close(got[k], ref[k], 1e-10, 1e-13, f"{case} step {step} param {k}")
+    assert prog.state_dict()["adam/step"] == 3  # one count per step, however many update instructions
+
+
+def test_split_adam_frees_gradient_buffers():
+    # W2's shape: with one update at the end every weight gradient was live at once (0.92x naive)
+    from libml_models import builders
+    g, loss = builders.mlp([784, 512, 512, 10], 128, loss="xent", seed=0)
+    rep = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=1e-3)).memory_report("step")
+    assert rep.arena_bytes <= 0.55 * rep.naive_bytes, (rep.arena_bytes, rep.naive_bytes)
+    sgd = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=1e-3)).memory_report("step")
+    # what is left above plain SGD is one weight gradient at a time (the largest: 784 x 512 floats)
+    assert rep.arena_bytes <= sgd.arena_bytes + 784 * 512 * 4 + 4096, (rep.arena_bytes, sgd.arena_bytes)
+
+
+def test_split_adam_waits_for_every_reader_of_the_params_it_updates():
+    """A small param S (16 KiB, in the fused update) read by the backward GEMM dh = dz Sᵀ that the large
+    param W's gradient needs: the fused update now runs as soon as dS exists, so it must wait for that
+    reader.  Compared with the unfused plan (one update at the end) over a few steps."""
+    rng = np.random.default_rng(3)
+    g = lc.Graph("readers")
+    x = g.input("x", (16, 128), dtype="float64")
+    W = g.param("W", rng.standard_normal((128, 128)) * 0.1)   # 128 KiB: split
+    S = g.param("S", rng.standard_normal((128, 16)) * 0.1)    # 16 KiB: stays in the fused update
+    loss = lc.mean(lc.sigmoid((x @ W) @ S))
+    g.output("loss", loss)
+    fused = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05))
+    plain = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05), fuse=False)
+    assert [r["op"] for r in fused.instructions("step")].count("adam_update") == 2
+    for _ in range(3):
+        feeds = {"x": rng.standard_normal((16, 128))}
+        assert fused.step(feeds) == pytest.approx(plain.step(feeds), rel=1e-12)
+    for k, v in plain.params.items():
+        assert_close(fused.params[k], v, 1e-10, 1e-13, k)
+
+
+def test_split_adam_update_waits_for_the_backward_gemm_that_reads_its_param():
+    """No biases: W1's own update is ready right after dW1, while dh = dz W1ᵀ (needed for dW0) still has
+    to read the old W1.  Same params as the unfused plan, step after step."""
+    rng = np.random.default_rng(4)
+    g = lc.Graph("chain")
+    x = g.input("x", (8, 96), dtype="float64")
+    W0 = g.param("W0", rng.standard_normal((96, 128)) * 0.1)  # 96 KiB
+    W1 = g.param("W1", rng.standard_normal((128, 80)) * 0.1)  # 80 KiB
+    loss = lc.mean(lc.sigmoid(lc.relu(x @ W0) @ W1))
+    g.output("loss", loss)
+    fused = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05))
+    plain = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05), fuse=False)
+    assert [r["op"] for r in fused.instructions("step")].count("adam_update") == 2
+    for _ in range(3):
+        feeds = {"x": rng.standard_normal((8, 96))}
+        assert fused.step(feeds) == pytest.approx(plain.step(feeds), rel=1e-12)
+    for k, v in plain.params.items():
+        assert_close(fused.params[k], v, 1e-10, 1e-13, k)

@@ -84,6 +84,7 @@ DEF OP_STRIDED_COPY = 9
 DEF OP_SGD = 10
 DEF OP_ADAM = 11
 DEF OP_CHECK_FINITE = 12
+DEF OP_ADAM_APPLY = 13
 
 # error codes returned by run_plan (format.py turns them into exceptions)
 DEF ERR_MALFORMED = -1
@@ -498,15 +499,21 @@ cdef int _sgd(floating dummy, const int64_t *f, char **bases, const double *cons
     return 0
 
 
-cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
+cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads,
+               bint advance) noexcept nogil:
     # fields: dtype nparams lr_c b1_c b2_c eps_c wd_c t(2: float64 step counter), per param p(2) g(2) m(2) v(2) n
+    # OP_ADAM advances t, then updates; OP_ADAM_APPLY only reads t: a plan whose updates are split over
+    # several instructions advances t once, with an OP_ADAM of no params scheduled before them all
     cdef int64_t npar = f[1], i, c, nch, lo, hi, n
     cdef double lr = consts[f[2]], b1 = consts[f[3]], b2 = consts[f[4]], eps = consts[f[5]], wd = consts[f[6]]
     cdef double *t = <double*>_ptr(bases, f + 7)
     cdef double bc1, bc2
     cdef floating step_size, isb
     cdef const int64_t *q
-    t[0] += 1
+    if advance:
+        t[0] += 1
+    if npar == 0:
+        return 0
     bc1 = 1 - pow(b1, t[0])
     bc2 = 1 - pow(b2, t[0])
     step_size = <floating>(lr / bc1)
@@ -617,8 +624,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
             rc = _strided_copy(f, bases)
         elif op == OP_SGD:
             rc = _sgd(f32, f, bases, consts, nthreads) if f[0] == 0 else _sgd(f64, f, bases, consts, nthreads)
-        elif op == OP_ADAM:
-            rc = _adam(f32, f, bases, consts, nthreads) if f[0] == 0 else _adam(f64, f, bases, consts, nthreads)
+        elif op == OP_ADAM or op == OP_ADAM_APPLY:
+            rc = _adam(f32, f, bases, consts, nthreads, op == OP_ADAM) if f[0] == 0 \
+                else _adam(f64, f, bases, consts, nthreads, op == OP_ADAM)
         elif op == OP_CHECK_FINITE:
             rc = _check_finite(f, bases)
         else:

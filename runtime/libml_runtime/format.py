@@ -7,11 +7,11 @@ import numpy as np
 
 # instruction opcodes
 OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, \
-    OP_SGD, OP_ADAM, OP_CHECK_FINITE = range(1, 13)
+    OP_SGD, OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY = range(1, 14)
 OP_NAMES = {OP_EW: "fused_elementwise", OP_GEMM: "gemm", OP_SOFTMAX: "softmax", OP_XENT: "softmax_xent",
             OP_XENT_GRAD: "xent_grad", OP_CAST: "cast", OP_INT_EW: "int_elementwise", OP_COPY: "copy",
             OP_STRIDED_COPY: "strided_copy", OP_SGD: "sgd_update", OP_ADAM: "adam_update",
-            OP_CHECK_FINITE: "check_finite"}
+            OP_CHECK_FINITE: "check_finite", OP_ADAM_APPLY: "adam_apply"}
 HEADER = 3  # opcode, length, node id
 
 # register-VM opcodes (kernels.h enum).  A program step is VM_WIDTH int64s: op dst a b c.  `a` is a

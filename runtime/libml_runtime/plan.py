@@ -413,6 +413,8 @@ class _Decoder:
                 if (nm != "g" and slot >= F.SLOT_INPUT0) or off + n * isz > self.sizes[slot] or off % isz:
                     self.fail(f"{nm}[{i}] is outside its buffer or not writable")
 
+    op_adam_apply = op_adam_update  # same fields; it only reads the step counter
+
     def op_check_finite(self):
         isz = self.fdtype()
         n = self.take("n", 0, 2 ** 40)
