@@ -52,6 +52,16 @@ def test_npy_with_partial_batch(plan, tmp_path, n):
     assert os.listdir(tmp_path) == ["x.npy", "o.npy"] or sorted(os.listdir(tmp_path)) == ["o.npy", "x.npy"]
 
 
+def test_profile_flag_prints_the_instruction_table_after_the_run(plan, tmp_path, capsys):
+    x = np.random.default_rng(1).standard_normal((B * 2 + 3, D)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main([str(plan / "clf.plan"), "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o.npy"),
+                 "--quiet", "--profile", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "profile of entry 'run'" in err and "medians of 5 runs" in err and "gemm" in err, err
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npy"), reference(plan / "clf.plan", x))
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz_multi_input(plan, tmp_path, compressed):
     rng = np.random.default_rng(1)

@@ -15,6 +15,8 @@ Batch inference over inputs larger than memory, with the runtime alone (no compi
   ``np.lib.format.open_memmap``; it is written under a temporary name and renamed when complete.
 * The final partial batch is padded by repeating its last row; the padded rows' outputs are dropped.
 * A progress bar (tqdm, on stderr) shows rows processed; ``--quiet`` hides it.
+* ``--profile REPEAT``: after the run, time every instruction of the plan over REPEAT runs of the first
+  batch and print the table (``Executable.profile``) on stderr.
 * Bad input (missing/unreadable file, wrong shape or dtype, missing array, bad plan) exits with status 2
   and a one-line ``libml-run: error: ...`` message; a runtime failure exits with status 1.
 """
@@ -45,7 +47,11 @@ def main(argv=None):
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--cast", action="store_true", help="allow same-kind dtype casts of the input")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--profile", type=int, default=0, metavar="REPEAT",
+                   help="afterwards, time each instruction over REPEAT runs of the first batch (stderr)")
     args = p.parse_args(argv)
+    if args.profile < 0:
+        p.error(f"--profile must be >= 0, got {args.profile}")
     try:
         n = run(args)
     except UsageError as e:
@@ -139,6 +145,7 @@ def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
                else np.zeros((0,) + oshape[1:], odt))
         bar = tqdm(total=N, unit="rows", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
         pad = [np.empty(shape, dt) for _, dt, shape in sig]
+        first = None  # the first batch's feeds, kept for --profile
         for w0 in range(0, N, window):
             w1 = min(w0 + window, N)
             for b0 in range(w0, w1, B):
@@ -155,6 +162,8 @@ def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
                     feeds[name] = x
                 res = exe.run(feeds)[oname]
                 out[b0:b1] = res[: b1 - b0]
+                if args.profile and first is None:
+                    first = {k: np.array(v) for k, v in feeds.items()}
             bar.update(w1 - w0)
             # release what this window touched: read pages of the inputs, written pages of the output
             for _, release in arrays:
@@ -178,6 +187,8 @@ def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
             except OSError:
                 pass
     os.replace(tmp, out_path)
+    if first is not None:
+        print(exe.profile("run", first, repeat=args.profile), file=sys.stderr)
     return N
 
 
