@@ -153,6 +153,35 @@ def test_set_params_then_train_from_there():
         assert_close(prog.params[k], v, 1e-10, 1e-13, k)
 
 
+def _follow_reference(prog, ref_opt, weights, sizes, batch, steps, seed, what):
+    """Train ``prog`` and a NumPy reference optimizer side by side on random batches; params must agree
+    (float64, tight) after every step."""
+    ref = {k: v.copy() for k, v in mlp_param_dict(weights).items()}
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        x = rng.standard_normal((batch, sizes[0]))
+        y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
+        _, _, grads = np_mlp_ref(mlp_weights_from_dict(ref, 2), x, y)
+        prog.step({"x": x, "y": y})
+        ref_opt.update(ref, mlp_param_dict(grads))
+        got = prog.params
+        for k in ref:
+            assert_close(got[k], ref[k], 1e-10, 1e-13, f"{what} step {step} param {k}")
+
+
+def _same_as_unfused(g, loss, x_shape, rng, n_updates):
+    """Adam through the fused (split) plan and the unfused one (a single update at the end) must agree
+    step after step; the fused plan must have ``n_updates`` adam_update instructions."""
+    fused = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05))
+    plain = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05), fuse=False)
+    assert [r["op"] for r in fused.instructions("step")].count("adam_update") == n_updates
+    for _ in range(3):
+        feeds = {"x": rng.standard_normal(x_shape)}
+        assert fused.step(feeds) == pytest.approx(plain.step(feeds), rel=1e-12)
+    for k, v in plain.params.items():
+        assert_close(fused.params[k], v, 1e-10, 1e-13, k)
+
+
 @pytest.mark.parametrize("case", ["sgd_momentum", "sgd_momentum_wd"])
 def test_momentum_accumulates_in_the_gradient_gemm_and_matches_pytorch(case):
     """SGD with momentum: each weight gradient GEMM accumulates into its momentum buffer (BLAS beta =
@@ -167,17 +196,7 @@ def test_momentum_accumulates_in_the_gradient_gemm_and_matches_pytorch(case):
     assert ops.count("gemm+momentum") == 2, ops
     plain = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.05))
     assert prog.memory_report("step").arena_bytes <= plain.memory_report("step").arena_bytes
-    ref_opt, ref = make_np(), {k: v.copy() for k, v in mlp_param_dict(weights).items()}
-    rng = np.random.default_rng(6)
-    for step in range(4):
-        x = rng.standard_normal((batch, sizes[0]))
-        y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
-        _, _, grads = np_mlp_ref(mlp_weights_from_dict(ref, 2), x, y)
-        prog.step({"x": x, "y": y})
-        ref_opt.update(ref, mlp_param_dict(grads))
-        got = prog.params
-        for k in ref:
-            assert_close(got[k], ref[k], 1e-10, 1e-13, f"{case} step {step} param {k}")
+    _follow_reference(prog, make_np(), weights, sizes, batch, steps=4, seed=6, what=case)
 
 
 @pytest.mark.parametrize("case", ["adam", "adamw_wd"])
@@ -194,17 +213,7 @@ def test_large_params_get_their_own_adam_update_and_still_match_pytorch(case):
     ops = [r["op"] for r in prog.instructions("step")]
     assert ops.count("adam_update") == 3 and ops.count("adam_count") == 1, ops
     assert ops.index("adam_count") < min(k for k, o in enumerate(ops) if o == "adam_update")
-    ref_opt, ref = make_np(), {k: v.copy() for k, v in mlp_param_dict(weights).items()}
-    rng = np.random.default_rng(8)
-    for step in range(3):
-        x = rng.standard_normal((batch, sizes[0]))
-        y = rng.integers(0, sizes[-1], size=batch).astype(np.int64)
-        _, _, grads = np_mlp_ref(mlp_weights_from_dict(ref, 2), x, y)
-        prog.step({"x": x, "y": y})
-        ref_opt.update(ref, mlp_param_dict(grads))
-        got = prog.params
-        for k in ref:
-            assert_close(got[k], ref[k], 1e-10, 1e-13, f"{case} step {step} param {k}")
+    _follow_reference(prog, make_np(), weights, sizes, batch, steps=3, seed=8, what=case)
     assert prog.state_dict()["adam/step"] == 3  # one count per step, however many update instructions
 
 
@@ -230,14 +239,7 @@ def test_split_adam_waits_for_every_reader_of_the_params_it_updates():
     S = g.param("S", rng.standard_normal((128, 16)) * 0.1)    # 16 KiB: stays in the fused update
     loss = lc.mean(lc.sigmoid((x @ W) @ S))
     g.output("loss", loss)
-    fused = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05))
-    plain = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05), fuse=False)
-    assert [r["op"] for r in fused.instructions("step")].count("adam_update") == 2
-    for _ in range(3):
-        feeds = {"x": rng.standard_normal((16, 128))}
-        assert fused.step(feeds) == pytest.approx(plain.step(feeds), rel=1e-12)
-    for k, v in plain.params.items():
-        assert_close(fused.params[k], v, 1e-10, 1e-13, k)
+    _same_as_unfused(g, loss, (16, 128), rng, n_updates=2)
 
 
 def test_split_adam_update_waits_for_the_backward_gemm_that_reads_its_param():
@@ -250,11 +252,4 @@ def test_split_adam_update_waits_for_the_backward_gemm_that_reads_its_param():
     W1 = g.param("W1", rng.standard_normal((128, 80)) * 0.1)  # 80 KiB
     loss = lc.mean(lc.sigmoid(lc.relu(x @ W0) @ W1))
     g.output("loss", loss)
-    fused = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05))
-    plain = lc.compile(g, loss=loss, optimizer=lc.Adam(lr=0.05), fuse=False)
-    assert [r["op"] for r in fused.instructions("step")].count("adam_update") == 2
-    for _ in range(3):
-        feeds = {"x": rng.standard_normal((8, 96))}
-        assert fused.step(feeds) == pytest.approx(plain.step(feeds), rel=1e-12)
-    for k, v in plain.params.items():
-        assert_close(fused.params[k], v, 1e-10, 1e-13, k)
+    _same_as_unfused(g, loss, (8, 96), rng, n_updates=2)
