@@ -57,8 +57,8 @@ class Executable:
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
         self._param_index = {p[0]: p for p in plan.params}
         self._bound = {}
-        # per graph input: (dtype, shape, has a label range check) for _bind's fast path
-        self._fast = {name: (np.dtype(dt), shape, name in plan.label_inputs)
+        # per graph input: (dtype, shape, class count if it holds labels, dtype code) for _bind's fast path
+        self._fast = {name: (np.dtype(dt), shape, plan.label_inputs.get(name), DTYPE_CODE[np.dtype(dt).name])
                       for name, (dt, shape) in self._inputs.items()}
 
     # ---- public API ------------------------------------------------------------------------------
@@ -185,10 +185,12 @@ class Executable:
         if type(feeds) is dict and feeds.keys() == self._inputs.keys():
             # fast path (every call of a training loop): exactly the graph's inputs, as C-contiguous
             # ndarrays of the right dtype and shape; anything else takes the checking path below
-            for name, (dt, shape, label) in self._fast.items():
+            for name, (dt, shape, ncls, code) in self._fast.items():
                 a = feeds[name]
-                if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or label \
-                        or not a.flags.c_contiguous:
+                if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
+                    break
+                # class labels: the range check is one C loop; a bad label takes the path that names it
+                if ncls is not None and _exec.first_bad_label(a, code, ncls) >= 0:
                     break
             else:
                 return [feeds[name] for name, _, _ in entry.inputs]
