@@ -57,7 +57,12 @@ def base_plans(tmp_path_factory):
     lc.compile(g, loss, lc.Adam(lr=1e-2, weight_decay=1e-2), check_finite=True).save(d / "adam.plan")
     g, loss = mixed_graph()
     lc.compile(g, loss, lc.SGD(lr=0.01), check_finite=True).save(d / "mix.plan")
-    for name in ("sgd.plan", "adam.plan", "mix.plan"):
+    # Adam split per param (w0 is 64 KiB): adam_count and adam_apply instructions
+    g, loss = build_mlp(make_mlp_params([8, 2048, 3], dtype=np.float32, seed=2), 4, dtype="float32")
+    prog = lc.compile(g, loss, lc.Adam(lr=1e-2))
+    assert "adam_count" in [r["op"] for r in prog.instructions("step")]
+    prog.save(d / "adam_split.plan")
+    for name in ("sgd.plan", "adam.plan", "mix.plan", "adam_split.plan"):
         paths.append(str(d / name))
     return d, paths
 
