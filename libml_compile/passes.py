@@ -287,10 +287,13 @@ def fold_sgd_into_gemm(nodes, roots):
             after = tuple(c for c in consumers.get(p, ()) if c is not upd)
             folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
                                dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
-    upd.inputs = tuple(keep_p) + tuple(keep_g)
-    if not folded:
+    if not folded and all(a is b for a, b in zip(keep_g, upd.inputs[n:])):
         return roots
-    rest = [r for r in roots if r is not upd] + ([upd] if keep_p else [])
+    # a new update node, never an edit of ``upd``: the unfused (check_finite) lowering of the same entry
+    # still needs the original, which updates every param itself
+    rest = [r for r in roots if r is not upd]
+    if keep_p:
+        rest.append(make("sgd_update", tuple(keep_p) + tuple(keep_g), dict(upd.attrs)))
     return rest + folded
 
 
@@ -324,12 +327,15 @@ def split_adam(nodes, roots):
         after = tuple(c for c in consumers.get(p, ()) if c is not upd) + (count,)
         split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=after)))
     rest = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:]) if all(p is not q for q, _ in big)]
-    upd.inputs = tuple(p for p, _ in rest) + tuple(g for _, g in rest)
-    # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
-    # every other reader of its params (e.g. a backward op that reads a param, for another's gradient)
-    readers = tuple(c for p, _ in rest for c in consumers.get(p, ()) if c is not upd)
-    upd.attrs = dict(upd.attrs, counted=True, after=readers + (count,))
-    return [r for r in roots if r is not upd] + ([upd] if rest else []) + [count] + split
+    fused = []
+    if rest:
+        # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
+        # every other reader of its params (e.g. a backward op that reads a param, for another's gradient).
+        # A new node, never an edit of ``upd``: the unfused (check_finite) lowering still needs the original.
+        readers = tuple(c for p, _ in rest for c in consumers.get(p, ()) if c is not upd)
+        fused.append(make("adam_update", tuple(p for p, _ in rest) + tuple(g for _, g in rest),
+                          dict(upd.attrs, counted=True, after=readers + (count,))))
+    return [r for r in roots if r is not upd] + fused + [count] + split
 
 
 SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op -> attr on its writer

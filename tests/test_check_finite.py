@@ -79,3 +79,26 @@ def test_unchecked_program_propagates_silently(tmp_path):
     checked = lr.load(tmp_path / "p.plan", check_finite=True)
     with pytest.raises(lr.NonFiniteError, match="bad_div"):
         checked.run(FEEDS)
+
+
+@pytest.mark.parametrize("opt", [lc.SGD(lr=0.1), lc.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+                                 lc.Adam(lr=0.05, weight_decay=0.01)], ids=["sgd", "momentum", "adam"])
+def test_checked_steps_train_exactly_like_unchecked_ones(opt):
+    """check_finite runs an unfused copy of the step; the passes that fold the update into the weight
+    GEMMs (SGD) or split it per param (Adam, W0 and W1 >= 64 KiB) must not leak into that copy, or its
+    update would skip the folded params."""
+    rng = np.random.default_rng(0)
+    g = lc.Graph("cf")
+    x = g.input("x", (8, 96), dtype="float64")
+    W0 = g.param("W0", rng.standard_normal((96, 128)) * 0.1)
+    W1 = g.param("W1", rng.standard_normal((128, 80)) * 0.1)
+    b = g.param("b", np.zeros(80))
+    loss = lc.mean(lc.sigmoid(lc.relu(x @ W0) @ W1 + b))
+    g.output("loss", loss)
+    fast = lc.compile(g, loss=loss, optimizer=opt)
+    checked = lc.compile(g, loss=loss, optimizer=opt, check_finite=True)
+    for _ in range(3):
+        feeds = {"x": rng.standard_normal((8, 96))}
+        assert checked.step(feeds) == pytest.approx(fast.step(feeds), rel=1e-12)
+    for k, v in fast.state_dict().items():
+        np.testing.assert_allclose(checked.state_dict()[k], v, rtol=1e-10, atol=1e-13, err_msg=k)
