@@ -100,3 +100,14 @@ def test_a_failing_profiled_step_restores_the_params():
         prog.profile("step", bad, repeat=2)
     for k, v in prog.params.items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_profile_of_a_checked_program_times_the_checked_instructions():
+    weights = make_mlp_params([6, 16, 3], np.float64)
+    g, loss = build_mlp(weights, 8)
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1), check_finite=True)
+    _, feeds = _mlp()
+    prof = prog.profile("step", feeds, repeat=2)
+    # the checked entry is unfused and checks every result: more instructions than the summary lists
+    assert len(prof.rows) == len(prog.plan.entries["step"].checked.instr_nodes) > prog.instruction_count("step")
+    assert "check_finite" in [r["op"] for r in prof.rows] and all("flops" not in r for r in prof.rows)
