@@ -53,7 +53,7 @@ class Executable:
         arena = max((x.arena_bytes for e in plan.entries.values() for x in (e, e.checked) if x is not None),
                     default=0)
         self._arena = np.zeros(max(arena, 8), np.uint8)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: profile() holds it across the calls it makes
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
         self._param_index = {p[0]: p for p in plan.params}
         self._bound = {}
@@ -108,15 +108,14 @@ class Executable:
         n = len(entry.instr_nodes)
         times = np.zeros((int(warmup) + int(repeat), max(n, 1)))
         calls = np.zeros(int(warmup) + int(repeat))
-        with self._lock:
+        with self._lock:  # no other thread's call lands between the snapshot and its restore
             snapshot = self._state.copy()
-        try:
-            for r in range(times.shape[0]):
-                t0 = time.perf_counter()
-                self._call(kind, feeds, times[r])
-                calls[r] = time.perf_counter() - t0
-        finally:
-            with self._lock:
+            try:
+                for r in range(times.shape[0]):
+                    t0 = time.perf_counter()
+                    self._call(kind, feeds, times[r])
+                    calls[r] = time.perf_counter() - t0
+            finally:
                 self._state[...] = snapshot
         ops, nodes = [], []
         pc = 0
