@@ -20,16 +20,21 @@ from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
 
 
+def _instructions(code):
+    """``(pc, opcode)`` of each instruction of a validated plan's code, in order."""
+    pc = 0
+    while pc < len(code):
+        yield pc, int(code[pc])
+        pc += int(code[pc + 1])
+
+
 def _calls_blas(code):
     """Whether a plan's code reaches BLAS: any GEMM but a row vector times a non-transposed matrix
     (``_exec._blas`` runs those with its own kernel).  Only decides whether to pin BLAS's threads."""
-    pc = 0
-    while pc < len(code):
-        op, ln = int(code[pc]), int(code[pc + 1])
+    for pc, op in _instructions(code):
         f = pc + HEADER  # fields: dtype M N K transA transB ...
         if op == OP_GEMM and not (int(code[f + 1]) == 1 and int(code[f + 5]) == 0):
             return True
-        pc += ln
     return False
 
 
@@ -117,12 +122,8 @@ class Executable:
                     calls[r] = time.perf_counter() - t0
             finally:
                 self._state[...] = snapshot
-        ops, nodes = [], []
-        pc = 0
-        for k in range(n):
-            ops.append(OP_NAMES.get(int(entry.code[pc]), "?"))
-            nodes.append(entry.nodes[entry.instr_nodes[k]][1] if entry.nodes else "")
-            pc += int(entry.code[pc + 1])
+        ops = [OP_NAMES.get(op, "?") for _, op in _instructions(entry.code)]
+        nodes = [entry.nodes[i][1] if entry.nodes else "" for i in entry.instr_nodes]
         return Profile.from_times(kind, times[int(warmup):, :n], calls[int(warmup):], ops, nodes,
                                   self.num_threads)
 
@@ -262,9 +263,7 @@ class Executable:
         op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")
         if rc == ERR_LABEL:
             # the labels operand of the failing cross-entropy instruction names the feed
-            pc = 0
-            for _ in range(bad):
-                pc += int(entry.code[pc + 1])
+            pc = next(pc for k, (pc, _) in enumerate(_instructions(entry.code)) if k == bad)
             slot = int(entry.code[pc + 3 + 5])
             if slot >= SLOT_INPUT0:
                 name = entry.inputs[slot - SLOT_INPUT0][0]
