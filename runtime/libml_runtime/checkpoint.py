@@ -2,7 +2,8 @@
 loader's position, in one checksummed file written atomically.
 
 The container is the plan-file container (``planfile.pack``) with magic ``b"LIBMLCKP"``; the header holds
-the plan's name and a fingerprint of its state layout, one record per array ``[name, dtype, shape,
+the plan's name and a fingerprint of its state layout (for reference: loading matches arrays by name,
+dtype and shape), one record per array ``[name, dtype, shape,
 section]`` (raw little-endian bytes in a uint8 section), the loader state and a free JSON ``extra``.
 
 Atomicity: the bytes go to a temporary file in the checkpoint's folder, which is flushed and fsync'ed and
@@ -109,9 +110,21 @@ def load_checkpoint(exe, path, loader=None):
     layout; nothing is modified in that case.  Returns the checkpoint's ``extra``.
     """
     h, arrays = read_checkpoint(path)
-    if h["layout"] != layout_fingerprint(exe.plan):
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} was written by program {h['plan']!r} with a "
-                              f"different params/optimizer-state layout than program {exe.plan.name!r}")
+    # arrays are matched by name, dtype and shape; the order in which a program laid out its state is
+    # not compared (the fingerprint in the header is), so a checkpoint survives a compiler change that
+    # allocates the same optimizer state in another order
+    want = {r[0]: (r[2], tuple(int(d) for d in r[3])) for r in list(exe.plan.params) + list(exe.plan.opt_state)}
+    have = {name: (a.dtype.name, tuple(a.shape)) for name, a in arrays.items()}
+    if have != want:
+        missing = sorted(set(want) - set(have))
+        unexpected = sorted(set(have) - set(want))
+        differ = sorted(n for n in set(want) & set(have) if want[n] != have[n])
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} was written by program {h['plan']!r} with a different "
+            f"params/optimizer-state layout than program {exe.plan.name!r}: "
+            + "; ".join(f"{what} {names[:5]}" for what, names in
+                        (("missing", missing), ("not in the program", unexpected),
+                         ("other dtype or shape", differ)) if names))
     if loader is not None:
         if h["loader"] is None:
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} has no data loader position")
