@@ -126,12 +126,6 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
 
     entries, reports, summaries = {}, {}, {}
 
-    def add(kind, roots, outputs):
-        e, rep, summ = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=fuse)
-        if check_finite:
-            e.checked, _, _ = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
-                                          check_finite=True)
-        entries[kind], reports[kind], summaries[kind] = e, rep, summ
 
     # the whole joint graph is built before any entry is lowered: the passes rewrite nodes in place
     # (e.g. transposes absorbed into GEMM flags), which gradient rules must never see
@@ -146,8 +140,16 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
         if optimizer is not None:
             upd = [optimizer.update_node(params, [grads[p] for p in params])] if params else []
             todo.append(("step", [lt] + upd, [("loss", lt)]))
+    # checked entries first: the fusion passes rewrite shared nodes in place (a GEMM + bias + relu becomes
+    # one "linear" node), and a check must name the single op that produced a NaN/Inf, not the fused node
+    checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
+                                 check_finite=True)[0]
+               for kind, roots, outputs in todo} if check_finite else {}
     for kind, roots, outputs in todo:
-        add(kind, roots, outputs)
+        e, reports[kind], summaries[kind] = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer,
+                                                        fuse=fuse)
+        e.checked = checked.get(kind)
+        entries[kind] = e
 
     plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
                 graph_inputs=graph_inputs, label_inputs=label_inputs, entries=entries,

@@ -102,3 +102,21 @@ def test_checked_steps_train_exactly_like_unchecked_ones(opt):
         assert checked.step(feeds) == pytest.approx(fast.step(feeds), rel=1e-12)
     for k, v in fast.state_dict().items():
         np.testing.assert_allclose(checked.state_dict()[k], v, rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_check_names_the_single_op_even_where_the_fast_plan_fuses_it():
+    """The fast plan runs matmul + bias + relu as one GEMM with an epilogue; the checked plan must still
+    blame the bias add, not the fused node named after the relu."""
+    g = lc.Graph("cf")
+    x = g.input("x", (4, 3))
+    t = g.input("t", (4, 2))
+    w = g.param("w", np.ones((3, 2), np.float32))
+    b = g.param("b", np.zeros(2, np.float32))
+    r = lc.relu(lc.add(lc.matmul(x, w, name="proj"), b, name="bias"), name="act")
+    loss = lc.mse(r, t, name="loss_mse")
+    p = lc.compile(g, loss, lc.SGD(lr=0.1), check_finite=True)
+    assert "gemm+bias+relu" in [i["op"] for i in p.instructions("step")]
+    p.set_params({"b": np.array([np.inf, 0], np.float32)})
+    for entry in ("run", "grad", "step"):
+        with pytest.raises(lr.NonFiniteError, match="op 'add' \\(node 'bias'\\)"):
+            getattr(p, entry)(FEEDS)
