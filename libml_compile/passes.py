@@ -256,6 +256,12 @@ def fuse_epilogues(nodes, roots):
         out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
 
 
+def _readers_besides(consumers, params, upd):
+    """Every node that reads one of ``params``, other than the update ``upd``: an update that overwrites
+    the params early must be scheduled after them (``attrs['after']``)."""
+    return tuple(c for p in params for c in consumers.get(p, ()) if c is not upd)
+
+
 def fold_sgd_into_gemm(nodes, roots):
     """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
     materialised.  Returns the new roots.
@@ -284,7 +290,7 @@ def fold_sgd_into_gemm(nodes, roots):
             keep_p.append(p)
             keep_g.append(make("momentum_gemm", (g.inputs[0], g.inputs[1], p), dict(gemm, momentum=momentum)))
         else:
-            after = tuple(c for c in consumers.get(p, ()) if c is not upd)
+            after = _readers_besides(consumers, (p,), upd)
             folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
                                dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
     if not folded and all(a is b for a, b in zip(keep_g, upd.inputs[n:])):
@@ -324,7 +330,7 @@ def split_adam(nodes, roots):
     count = graph._add(Tensor(graph, "adam_count", (), {"dtype": upd.dtype}, (), upd.dtype, None))
     split = []
     for p, g in reversed(big):  # backward order: the last layer's gradient is ready first
-        after = tuple(c for c in consumers.get(p, ()) if c is not upd) + (count,)
+        after = _readers_besides(consumers, (p,), upd) + (count,)
         split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=after)))
     rest = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:]) if all(p is not q for q, _ in big)]
     fused = []
@@ -332,9 +338,9 @@ def split_adam(nodes, roots):
         # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
         # every other reader of its params (e.g. a backward op that reads a param, for another's gradient).
         # A new node, never an edit of ``upd``: the unfused (check_finite) lowering still needs the original.
-        readers = tuple(c for p, _ in rest for c in consumers.get(p, ()) if c is not upd)
+        after = _readers_besides(consumers, [p for p, _ in rest], upd) + (count,)
         fused.append(make("adam_update", tuple(p for p, _ in rest) + tuple(g for _, g in rest),
-                          dict(upd.attrs, counted=True, after=readers + (count,))))
+                          dict(upd.attrs, counted=True, after=after)))
     return [r for r in roots if r is not upd] + fused + [count] + split
 
 
