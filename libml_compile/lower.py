@@ -66,9 +66,12 @@ class StateLayout:
         self.params.append((t.name, off, t.dtype, t.shape, bool(trainable)))
         return off
 
-    def add_opt_state(self, name, dtype, shape):
-        # optimizer state starts at zero: the buffer's zero pages, not a copy of a zero array (W3 with
-        # Adam: 200 MB of moments; copying them took 0.5 s of lc.compile)
+    def opt_state_offset(self, name, dtype, shape):
+        """Offset of optimizer-state array ``name`` (momentum, Adam moments, step counter), created on
+        first use.  It starts at zero: the buffer's zero pages, not a copy of a zero array (W3 with Adam:
+        200 MB of moments; copying them took 0.5 s of lc.compile)."""
+        if ("opt", name) in self.where:
+            return self.where[("opt", name)]
         off = self.alloc(("opt", name), None, int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
         self.opt_state.append((name, off, dtype, tuple(shape)))
         return off
@@ -591,7 +594,7 @@ def _emit_op(em, t, loc, state, optimizer):
         em.emit(F.OP_SGD, nid, fields)
         return {"op": op, "node": t.name, "flops": 4 * sum(p.size for p in ps), "bytes": 3 * nbytes(*ps)}
     if op == "adam_count":  # an Adam instruction with no params: it only advances the step counter
-        fields = [F.DTYPE_CODE[t.dtype], 0] + [em.const(0.0)] * 5 + [F.SLOT_STATE, _adam_step_loc(state)]
+        fields = [F.DTYPE_CODE[t.dtype], 0] + [em.const(0.0)] * 5 + [F.SLOT_STATE, _adam_step(state)]
         em.emit(F.OP_ADAM, nid, fields)
         return {"op": op, "node": t.name, "flops": 0, "bytes": 8}
     if op == "adam_update":
@@ -599,29 +602,24 @@ def _emit_op(em, t, loc, state, optimizer):
         ps, gs = t.inputs[:n], t.inputs[n:]
         fields = [F.DTYPE_CODE[t.dtype], n] + [em.const(t.attrs[k]) for k in
                                                ("lr", "beta1", "beta2", "eps", "weight_decay")]
-        fields += [F.SLOT_STATE, _adam_step_loc(state)]
+        fields += [F.SLOT_STATE, _adam_step(state)]
         for p, g in zip(ps, gs):
-            offs = []
-            for s in ("exp_avg", "exp_avg_sq"):
-                o = state.where.get(("opt", f"{p.name}/{s}"))
-                offs.append(o if o is not None else state.add_opt_state(f"{p.name}/{s}", p.dtype, p.shape))
-            fields += [*loc(p), *loc(g), F.SLOT_STATE, offs[0], F.SLOT_STATE, offs[1], p.size]
+            m, v = (state.opt_state_offset(f"{p.name}/{s}", p.dtype, p.shape) for s in ("exp_avg", "exp_avg_sq"))
+            fields += [*loc(p), *loc(g), F.SLOT_STATE, m, F.SLOT_STATE, v, p.size]
         # counted: this step's adam_count already advanced the counter (passes.split_adam)
         em.emit(F.OP_ADAM_APPLY if t.attrs.get("counted") else F.OP_ADAM, nid, fields)
         return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
 
 
-def _adam_step_loc(state):
-    """offset of Adam's float64 step counter in the state (one per program), created on first use"""
-    off = state.where.get(("opt", "adam/step"))
-    return off if off is not None else state.add_opt_state("adam/step", "float64", ())
+def _adam_step(state):
+    """offset of Adam's float64 step counter in the state (one per program)"""
+    return state.opt_state_offset("adam/step", "float64", ())
 
 
 def _momentum_loc(state, p):
-    """(slot, offset) of param p's momentum buffer in the state, created on first use."""
-    off = state.where.get(("opt", f"{p.name}/momentum"))
-    return F.SLOT_STATE, off if off is not None else state.add_opt_state(f"{p.name}/momentum", p.dtype, p.shape)
+    """(slot, offset) of param p's momentum buffer in the state."""
+    return F.SLOT_STATE, state.opt_state_offset(f"{p.name}/momentum", p.dtype, p.shape)
 
 
 def _emit_gemm(em, nid, t, loc, state):

@@ -59,7 +59,8 @@ class Program(Executable):
     def profile(self, kind, feeds, repeat=20, warmup=3):
         """The runtime's per-instruction timings (``Executable.profile``), each row joined with what the
         compiler knows of the instruction: its name as in ``summary`` (e.g. ``gemm+bias+relu``),
-        ``flops``, ``bytes``, achieved ``gflops`` and ``gbps``, and ``contents`` (fused members or node).  Params are left as they were."""
+        ``flops``, ``bytes``, achieved ``gflops`` and ``gbps``, and ``contents`` (fused members or node).
+        Params are left as they were."""
         prof = super().profile(kind, feeds, repeat=repeat, warmup=warmup)
         rows = self._summaries.get(kind, [])
         if not self.check_finite and len(rows) == len(prof.rows):  # checked entries are unfused
@@ -125,7 +126,6 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
                     if t.op == "softmax_xent" and t.inputs[1].op == "input"}
 
     entries, reports, summaries = {}, {}, {}
-
 
     # the whole joint graph is built before any entry is lowered: the passes rewrite nodes in place
     # (e.g. transposes absorbed into GEMM flags), which gradient rules must never see
