@@ -154,3 +154,20 @@ def test_check_finite_round_trip(tmp_path):
 def test_missing_file_is_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         lr.load(tmp_path / "nope.plan")
+
+
+def test_a_step_entry_without_its_loss_output_is_refused_at_load(tmp_path):
+    """The plan fuzzer found it: deleting the step entry's 'loss' output loaded, then step() raised a
+    bare KeyError('loss')."""
+    from libml_runtime.plan import PlanError
+    g = lc.Graph("noloss")
+    x = g.input("x", (2, 3))
+    w = g.param("w", np.ones((3, 1), np.float32))
+    loss = lc.mean(x @ w)
+    g.output("loss", loss)
+    plan = lc.compile(g, loss=loss, optimizer=lc.SGD(0.1)).plan
+    plan.entries["step"].outputs = [o for o in plan.entries["step"].outputs if o[0] != "loss"]
+    path = tmp_path / "p.plan"
+    path.write_bytes(PF.dumps(plan))
+    with pytest.raises(PlanError, match="no floating scalar output named 'loss'"):
+        lr.load(path)

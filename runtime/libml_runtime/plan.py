@@ -79,6 +79,9 @@ def validate(plan: Plan):
     for kind, e in plan.entries.items():
         _check(kind in ("run", "grad", "step"), "entries", f"unknown entry {kind!r}")
         validate_entry(e, state_bytes, inputs, f"entries[{kind!r}]")
+        if kind == "step":  # Executable.step returns this output as the loss
+            _check(any(o[0] == "loss" and o[3] in ("float32", "float64") and tuple(o[4]) == () for o in e.outputs),
+                   f"entries['step'].outputs", "has no floating scalar output named 'loss'")
         if e.checked is not None:
             validate_entry(e.checked, state_bytes, inputs, f"entries[{kind!r}].checked")
 
