@@ -171,3 +171,16 @@ def test_checkpoint_loads_whatever_order_the_program_laid_its_state_out_in(tmp_p
     c.plan.opt_state = [s for s in c.plan.opt_state if s[0] != "w0/exp_avg"]
     with pytest.raises(lr.CheckpointError, match=r"layout.*not in the program \['w0/exp_avg'\]"):
         c.load_checkpoint(tmp_path / "c.ckpt")
+
+
+def test_checkpoint_shape_whose_element_count_wraps_int64_is_a_checkpoint_error(tmp_path):
+    """[2**32, 2**32] has 2**64 elements: an int64 product wraps to 0, which matched an empty section and
+    then failed in reshape with a bare ValueError."""
+    from libml_runtime.checkpoint import CHECKPOINT_VERSION, MAGIC, CheckpointError
+    from libml_runtime.planfile import pack
+    header = {"format": "libml-checkpoint", "version": CHECKPOINT_VERSION, "plan": "p", "layout": "x",
+              "arrays": [["w", "float32", [2 ** 32, 2 ** 32], 0]], "loader": None, "extra": None}
+    path = tmp_path / "wrap.ckpt"
+    path.write_bytes(pack(MAGIC, header, [("uint8", np.zeros(0, np.uint8))], CHECKPOINT_VERSION))
+    with pytest.raises(CheckpointError, match=r"arrays\[0\]\.shape.*more than 2\*\*40 elements"):
+        read_checkpoint(path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 
 from . import format as F
@@ -51,7 +53,7 @@ class Plan:
 
 
 def _nbytes(dt, shape):
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    return math.prod(int(d) for d in shape) * np.dtype(dt).itemsize  # Python ints: never wraps
 
 
 def validate(plan: Plan):

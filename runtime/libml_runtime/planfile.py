@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import struct
 
@@ -389,7 +390,10 @@ def _dtype(x, where):
 
 def _shape(x, where):
     _need(isinstance(x, list) and len(x) <= 32, where, "must be a list of at most 32 dims")
-    return tuple(_int(d, f"{where}[{i}]", 0, 2 ** 40) for i, d in enumerate(x))
+    shape = tuple(_int(d, f"{where}[{i}]", 0, 2 ** 40) for i, d in enumerate(x))
+    # the product in Python ints: NumPy's int64 product of 32 dims up to 2**40 wraps (to 0, say)
+    _need(math.prod(shape) <= 2 ** 40, where, f"{list(shape)} has more than 2**40 elements")
+    return shape
 
 
 def _signature(rec, where):
