@@ -145,7 +145,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         roots = passes.split_adam(passes.topo_from_roots(roots), roots)
     nodes = passes.topo_from_roots(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
-    units = passes.schedule(nodes, group_of, passes.inplace_order(nodes))
+    units = passes.schedule(nodes, group_of)
 
     # ---- storage classes -------------------------------------------------------------------------
     used_inputs = [t for t in nodes if t.op == "input"]

@@ -256,22 +256,18 @@ def fuse_epilogues(nodes, roots):
         out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
 
 
-def _base(t):
-    """The tensor whose memory ``t`` is (reshape is a view)."""
-    while t.op == "reshape":
-        t = t.inputs[0]
-    return t
+def _readers_besides(consumers, params, upd):
+    """Every node that reads one of ``params``, other than the update ``upd``: an update that overwrites
+    the params early must be scheduled after them (``attrs['after']``)."""
+    return tuple(c for p in params for c in consumers.get(p, ()) if c is not upd)
 
 
 def fold_sgd_into_gemm(nodes, roots):
     """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
     materialised.  Returns the new roots.
 
-    Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``).  It overwrites the param in
-    place, so every reader of the old value must run first (``inplace_order`` adds those edges to the
-    schedule).  That is impossible when two folded GEMMs each read the other's param (``x @ A`` with
-    both trainable: dA = x^T dY reads x, dx = dY A^T reads A), or when a GEMM reads its own param; such a
-    param is not folded: its gradient is materialised and the plain update applies it.
+    Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``); every other reader of the
+    param is recorded in ``attrs['after']`` so the schedule runs it before the param is overwritten.
     SGD with momentum: the GEMM accumulates into the momentum buffer, v = momentum*v + G
     (``momentum_gemm``, which becomes that param's gradient input of the update); the single fused
     update then adds the weight decay and steps p, so the update stays one pass over all params."""
@@ -283,7 +279,6 @@ def fold_sgd_into_gemm(nodes, roots):
     consumers = consumer_map(nodes)
     n = len(upd.inputs) // 2
     keep_p, keep_g, folded = [], [], []
-    folded_params, folded_reads = set(), set()
     for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
         if not (g.op == "matmul" and g.ndim == 2 and g.shape == p.shape and g not in roots
                 and consumers.get(g) == [upd] and p.op == "param"):
@@ -294,16 +289,10 @@ def fold_sgd_into_gemm(nodes, roots):
         if momentum:
             keep_p.append(p)
             keep_g.append(make("momentum_gemm", (g.inputs[0], g.inputs[1], p), dict(gemm, momentum=momentum)))
-            continue
-        operands = {_base(i) for i in g.inputs}
-        if p in operands or p in folded_reads or operands & folded_params:
-            keep_p.append(p)
-            keep_g.append(g)
-            continue
-        folded_params.add(p)
-        folded_reads |= operands
-        folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
-                           dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"])))
+        else:
+            after = _readers_besides(consumers, (p,), upd)
+            folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
+                               dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
     if not folded and all(a is b for a, b in zip(keep_g, upd.inputs[n:])):
         return roots
     # a new update node, never an edit of ``upd``: the unfused (check_finite) lowering of the same entry
@@ -312,42 +301,6 @@ def fold_sgd_into_gemm(nodes, roots):
     if keep_p:
         rest.append(make("sgd_update", tuple(keep_p) + tuple(keep_g), dict(upd.attrs)))
     return rest + folded
-
-
-def overwritten_params(t):
-    """The params an update node overwrites in place (empty for every other node)."""
-    if t.op == "sgd_gemm":
-        return (t.inputs[2],)
-    if t.op in ("sgd_update", "adam_update"):
-        return t.inputs[:len(t.inputs) // 2]
-    return ()
-
-
-def inplace_order(nodes):
-    """``{update: readers}``: every node of ``nodes`` that reads the old value of a param an update
-    overwrites (directly or through reshape views), which the schedule must run before that update.
-
-    Computed once, on the final node list after every rewriting pass, so readers that passes created
-    (folded GEMMs reading another param, fused epilogues) are included: the rule is that an in-place
-    write runs only after every reader of the value it destroys."""
-    consumers = consumer_map(nodes)
-
-    def readers(p):
-        out, stack = [], [p]
-        while stack:
-            for c in consumers.get(stack.pop(), ()):
-                if c.op == "reshape":
-                    stack.append(c)
-                else:
-                    out.append(c)
-        return out
-
-    order = {}
-    for w in nodes:
-        ps = overwritten_params(w)
-        if ps:
-            order[w] = tuple(dict.fromkeys(r for p in ps for r in readers(p) if r is not w))
-    return order
 
 
 ADAM_SPLIT_BYTES = 1 << 16  # params at least this large get an Adam update of their own
@@ -361,7 +314,8 @@ def split_adam(nodes, roots):
     as PyTorch's ``.grad`` tensors are); split, gradients share memory like activations do.  Params
     under ADAM_SPLIT_BYTES stay in the one fused pass (the per-instruction overhead would outweigh a
     few KB).  The step counter is advanced once, by an ``adam_count`` node every update depends on;
-    the readers of each param's old value are ordered before its update by ``inplace_order``.  The arithmetic per element is the fused pass's, unchanged."""
+    every update records its params' other readers in ``attrs['after']`` so the schedule runs them before
+    the params are overwritten.  The arithmetic per element is the fused pass's, unchanged."""
     upd = next((t for t in roots if t.op == "adam_update"), None)
     if upd is None:
         return roots
@@ -376,15 +330,17 @@ def split_adam(nodes, roots):
     count = graph._add(Tensor(graph, "adam_count", (), {"dtype": upd.dtype}, (), upd.dtype, None))
     split = []
     for p, g in reversed(big):  # backward order: the last layer's gradient is ready first
-        split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=(count,))))
+        after = _readers_besides(consumers, (p,), upd) + (count,)
+        split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=after)))
     rest = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:]) if all(p is not q for q, _ in big)]
     fused = []
     if rest:
-        # the fused update now runs as soon as its gradients exist, no longer last (inplace_order makes it
-        # wait for the other readers of its params).  A new node, never an edit of ``upd``: the unfused
-        # (check_finite) lowering still needs the original.
+        # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
+        # every other reader of its params (e.g. a backward op that reads a param, for another's gradient).
+        # A new node, never an edit of ``upd``: the unfused (check_finite) lowering still needs the original.
+        after = _readers_besides(consumers, [p for p, _ in rest], upd) + (count,)
         fused.append(make("adam_update", tuple(p for p, _ in rest) + tuple(g for _, g in rest),
-                          dict(upd.attrs, counted=True, after=(count,))))
+                          dict(upd.attrs, counted=True, after=after)))
     return [r for r in roots if r is not upd] + fused + [count] + split
 
 
@@ -588,11 +544,8 @@ def _group_inputs_after(g, t, group_of, extra=()):
     return len(ext)
 
 
-def schedule(nodes, group_of, order_before=None):
+def schedule(nodes, group_of):
     """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
-
-    ``order_before`` ({node: nodes}, from ``inplace_order``): extra edges, each listed node runs before
-    the key node.  ``attrs['after']`` of a node adds the same kind of edge.
 
     Views (reshape) and leaves make no instruction.  Kahn's algorithm over the instruction DAG, ties
     broken by source order, so the schedule follows the program as written where it can."""
@@ -624,7 +577,7 @@ def schedule(nodes, group_of, order_before=None):
     for k, (kind, x) in enumerate(units):
         members = x.members if kind == "ew" else [x]
         for m in members:
-            for i in m.inputs + tuple(m.attrs.get("after", ())) + tuple((order_before or {}).get(m, ())):
+            for i in m.inputs + tuple(m.attrs.get("after", ())):
                 producer_units(i, preds[k])
         preds[k].discard(k)
     succs = [[] for _ in units]
