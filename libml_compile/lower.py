@@ -143,7 +143,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         passes.fuse_relu_backward(passes.topo_from_roots(roots), roots)
         roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         roots = passes.split_adam(passes.topo_from_roots(roots), roots)
-    nodes = passes.topo_from_roots(roots)
+    # after every rewrite: each in-place writer waits for all readers of the value it overwrites
+    nodes = passes.order_inplace_writers(roots)
     group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
     units = passes.schedule(nodes, group_of)
 
