@@ -508,19 +508,46 @@ def fuse(nodes):
     group_of: dict[Tensor, Group] = {}
     unit: dict[Tensor, object] = {}          # node -> its Group or itself (unfused ops, views)
     direct: dict[object, set] = {}           # unit -> units it reads directly
+    rdirect: dict[object, set] = {}          # unit -> units reading it directly
+    # level: longer than any path below the unit (level[u] > level[d] for every d in direct[u]), kept
+    # exact enough by propagation on every new edge; a path from u down to target only visits units
+    # above target's level, so reachability searches stay local instead of walking the whole graph
+    level: dict[object, int] = {}
     groups: list[Group] = []
 
     def reaches(start, target):
+        floor = level[target]
         stack, seen = [start], set()
         while stack:
             u = stack.pop()
             if u is target:
                 return True
-            if u in seen:
+            if u in seen or level[u] <= floor:
                 continue
             seen.add(u)
             stack.extend(direct.get(u, ()))
         return False
+
+    def add_edges(u, deps):
+        """u now reads every unit of ``deps``: record the edges and lift levels above them."""
+        deps = deps - {u}
+        direct[u] |= deps
+        for d in deps:
+            rdirect[d].add(u)
+        need = 1 + max((level[d] for d in deps), default=-1)
+        if need > level[u]:
+            level[u] = need
+            work = [u]
+            while work:  # readers must stay above what they read
+                x = work.pop()
+                for r in rdirect[x]:
+                    if level[r] <= level[x]:
+                        level[r] = level[x] + 1
+                        work.append(r)
+
+    def new_unit(u, deps):
+        direct[u], rdirect[u], level[u] = set(), set(), 0
+        add_edges(u, deps)
 
     pos = {t: k for k, t in enumerate(nodes)}
 
@@ -540,12 +567,15 @@ def fuse(nodes):
         for m in h.members:
             group_of[m] = g
             unit[m] = g
-        direct[g] |= direct.pop(h)
-        direct[g] -= {g, h}
-        for u, d in direct.items():
-            if h in d:
-                d.discard(h)
-                d.add(g)
+        hd, hr = direct.pop(h), rdirect.pop(h)
+        level.pop(h)
+        for d in hd:
+            rdirect[d].discard(h)
+        for r in hr:
+            direct[r].discard(h)
+            if r is not g:
+                add_edges(r, {g})
+        add_edges(g, hd - {g})
         h.members = []
 
     for t in nodes:
@@ -579,14 +609,14 @@ def fuse(nodes):
             if target is None:
                 target = Group(len(groups), it_shape)
                 groups.append(target)
-                direct[target] = set()
+                new_unit(target, set())
             target.members.append(t)
             group_of[t] = target
             unit[t] = target
-            direct[target] |= {unit[j] for j in t.inputs if j in unit and unit[j] is not target}
+            add_edges(target, {unit[j] for j in t.inputs if j in unit and unit[j] is not target})
         else:
             unit[t] = t
-            direct[t] = {unit[j] for j in t.inputs if j in unit}
+            new_unit(t, {unit[j] for j in t.inputs if j in unit})
 
     # sibling fusion: groups over the same iteration shape that read the same full-size tensor from
     # memory (relu(x) and sum(x), or a gradient read by two consumers) become one kernel reading it once
