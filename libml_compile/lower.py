@@ -143,8 +143,14 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         passes.fuse_relu_backward(passes.topo_from_roots(roots), roots)
         roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         roots = passes.split_adam(passes.topo_from_roots(roots), roots)
-    nodes = passes.topo_from_roots(roots)
-    group_of = passes.fuse(nodes) if fuse else {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
+    # after every rewrite: each in-place writer waits for all readers of the value it overwrites
+    nodes = passes.order_inplace_writers(roots)
+    root_set = set(roots) | {t for _, t in outputs}
+    consumers = passes.consumer_map(nodes)
+    if fuse:
+        group_of = _split_illegal_groups(passes.fuse(nodes), consumers, root_set)
+    else:
+        group_of = {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
     units = passes.schedule(nodes, group_of)
 
     # ---- storage classes -------------------------------------------------------------------------
@@ -152,8 +158,6 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     order = {name: k for k, (name, _, _) in enumerate(graph_inputs)}
     used_inputs.sort(key=lambda t: order[t.name])
     input_slot = {t: F.SLOT_INPUT0 + k for k, t in enumerate(used_inputs)}
-    consumers = passes.consumer_map(nodes)
-    root_set = set(roots) | {t for _, t in outputs}
 
     def base(t):
         while t.op == "reshape":
@@ -266,6 +270,51 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     return entry, report, summary
 
 
+def _group_io(members, consumers, root_set):
+    """(inputs, outputs) the fused kernel of ``members`` reads and writes, as the lowering counts them:
+    inputs are the outside tensors but immediates; outputs are sums, roots and members read outside."""
+    ms = set(members)
+    imm = _immediates(members)
+    n_in = len({i for m in members for i in m.inputs if i not in ms and i not in imm})
+    n_out = sum(1 for m in members
+                if m.op == "sum" or m in root_set or any(c not in ms for c in consumers.get(m, ())))
+    return n_in, n_out
+
+
+def _fits_runtime(members, consumers, root_set):
+    """Whether one OP_EW kernel over ``members`` is within the runtime's limits (format.LM_MAXIO operands
+    each way, LM_MAXREG registers: inputs plus at most one per non-sum member, 4096 VM steps)."""
+    n_in, n_out = _group_io(members, consumers, root_set)
+    n_val = sum(1 for m in members if m.op != "sum")
+    return n_in <= F.LM_MAXIO and 1 <= n_out <= F.LM_MAXIO and n_in + n_val <= F.LM_MAXREG and n_val <= 4096
+
+
+def _split_illegal_groups(group_of, consumers, root_set):
+    """Split every fused group the runtime could not run (too many outputs, e.g. 40 results of one input;
+    too many inputs or registers) into consecutive runs of its members in source order, each as large as
+    fits.  Consecutive runs of a topologically ordered member list never form a cycle: a later run cannot
+    feed an earlier one.  Returns the new {node: Group}."""
+    out = {}
+    for g in {id(g): g for g in group_of.values()}.values():
+        if _fits_runtime(g.members, consumers, root_set):
+            out.update((m, g) for m in g.members)
+            continue
+        run = []
+        for m in g.members:
+            if run and not _fits_runtime(run + [m], consumers, root_set):
+                _close_run(out, g, run)
+                run = []
+            run.append(m)
+        _close_run(out, g, run)
+    return out
+
+
+def _close_run(out, g, run):
+    h = passes.Group((g.id, run[0].id), g.shape)
+    h.members = list(run)
+    out.update((m, h) for m in run)
+
+
 def _single_group(t):
     g = passes.Group(id(t), t.inputs[0].shape if t.op == "sum" else t.shape)
     g.members.append(t)
@@ -331,8 +380,16 @@ def _ew_geometry(ins):
         else:
             ops.append(contiguous_strides(S))
             out_kinds.append(False)
-    # drop size-1 dims, then merge adjacent dims that are contiguous for every operand
-    keep = [d for d in range(len(S)) if S[d] != 1]
+    # drop size-1 dims, and dims no operand moves along (then every output is a reduction over them:
+    # sum(broadcast_to(z)) over n copies is n * z, folded into each output's scale; the runtime refuses
+    # such a dim, which would only repeat work); then merge dims that are contiguous for every operand
+    red_factor = 1
+    keep = []
+    for d in range(len(S)):
+        if S[d] > 1 and not any(s[d] for s in ops):
+            red_factor *= S[d]
+        elif S[d] != 1:
+            keep.append(d)
     dims = [S[d] for d in keep]
     strides = [[s[d] for d in keep] for s in ops]
     k = len(dims) - 2
@@ -363,7 +420,7 @@ def _ew_geometry(ins):
     nchunks = max(1, min(F.LM_MAXCHUNK, items))
     red_total = sum(int(np.prod([dims[d] for d in range(nd) if s[d] != 0], dtype=np.int64)) for s in red)
     isz = np.dtype(g.members[0].dtype).itemsize
-    return {"dims": dims, "strides": strides, "mode": mode, "nchunks": nchunks,
+    return {"dims": dims, "strides": strides, "mode": mode, "nchunks": nchunks, "red_factor": red_factor,
             "scratch_bytes": nchunks * red_total * isz}
 
 
@@ -512,7 +569,8 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
     for j, w in enumerate(ins.writes):
         slot, off = loc(w)
         src = reg[w.inputs[0]] if w.op == "sum" else reg[w]
-        scale = em.const(w.attrs["scale"]) if w.op == "sum" and w.attrs["scale"] != 1.0 else -1
+        factor = w.attrs["scale"] * geo["red_factor"] if w.op == "sum" else 1.0
+        scale = em.const(factor) if factor != 1.0 else -1
         fields += [slot, off] + strides[n_in + j] + [src, 1 if w.op == "sum" else 0, scale]
         outs.append(w)
     fields += prog

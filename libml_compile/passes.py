@@ -256,18 +256,12 @@ def fuse_epilogues(nodes, roots):
         out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
 
 
-def _readers_besides(consumers, params, upd):
-    """Every node that reads one of ``params``, other than the update ``upd``: an update that overwrites
-    the params early must be scheduled after them (``attrs['after']``)."""
-    return tuple(c for p in params for c in consumers.get(p, ()) if c is not upd)
-
-
 def fold_sgd_into_gemm(nodes, roots):
     """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
     materialised.  Returns the new roots.
 
-    Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``); every other reader of the
-    param is recorded in ``attrs['after']`` so the schedule runs it before the param is overwritten.
+    Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``), in place: ``order_inplace_writers``
+    (run after every rewrite) orders it after every other reader of the param.
     SGD with momentum: the GEMM accumulates into the momentum buffer, v = momentum*v + G
     (``momentum_gemm``, which becomes that param's gradient input of the update); the single fused
     update then adds the weight decay and steps p, so the update stays one pass over all params."""
@@ -290,9 +284,8 @@ def fold_sgd_into_gemm(nodes, roots):
             keep_p.append(p)
             keep_g.append(make("momentum_gemm", (g.inputs[0], g.inputs[1], p), dict(gemm, momentum=momentum)))
         else:
-            after = _readers_besides(consumers, (p,), upd)
             folded.append(make("sgd_gemm", (g.inputs[0], g.inputs[1], p),
-                               dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"], after=after)))
+                               dict(gemm, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"])))
     if not folded and all(a is b for a, b in zip(keep_g, upd.inputs[n:])):
         return roots
     # a new update node, never an edit of ``upd``: the unfused (check_finite) lowering of the same entry
@@ -313,14 +306,13 @@ def split_adam(nodes, roots):
     A single fused update keeps every gradient live at once (the arena is then close to the naive sum,
     as PyTorch's ``.grad`` tensors are); split, gradients share memory like activations do.  Params
     under ADAM_SPLIT_BYTES stay in the one fused pass (the per-instruction overhead would outweigh a
-    few KB).  The step counter is advanced once, by an ``adam_count`` node every update depends on;
-    every update records its params' other readers in ``attrs['after']`` so the schedule runs them before
-    the params are overwritten.  The arithmetic per element is the fused pass's, unchanged."""
+    few KB).  The step counter is advanced once, by an ``adam_count`` node every update depends on
+    (``attrs['after']``); ``order_inplace_writers`` later orders each update after the other readers of
+    its params.  The arithmetic per element is the fused pass's, unchanged."""
     upd = next((t for t in roots if t.op == "adam_update"), None)
     if upd is None:
         return roots
     from .ops import make
-    consumers = consumer_map(nodes)
     n = len(upd.inputs) // 2
     big = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:])
            if p.op == "param" and p.size * np.dtype(p.dtype).itemsize >= ADAM_SPLIT_BYTES and g not in roots]
@@ -330,18 +322,98 @@ def split_adam(nodes, roots):
     count = graph._add(Tensor(graph, "adam_count", (), {"dtype": upd.dtype}, (), upd.dtype, None))
     split = []
     for p, g in reversed(big):  # backward order: the last layer's gradient is ready first
-        after = _readers_besides(consumers, (p,), upd) + (count,)
-        split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=after)))
+        split.append(make("adam_update", (p, g), dict(upd.attrs, counted=True, after=(count,))))
     rest = [(p, g) for p, g in zip(upd.inputs[:n], upd.inputs[n:]) if all(p is not q for q, _ in big)]
     fused = []
     if rest:
-        # the fused update now runs as soon as its gradients exist, no longer last: it too must wait for
-        # every other reader of its params (e.g. a backward op that reads a param, for another's gradient).
         # A new node, never an edit of ``upd``: the unfused (check_finite) lowering still needs the original.
-        after = _readers_besides(consumers, [p for p, _ in rest], upd) + (count,)
         fused.append(make("adam_update", tuple(p for p, _ in rest) + tuple(g for _, g in rest),
-                          dict(upd.attrs, counted=True, after=after)))
+                          dict(upd.attrs, counted=True, after=(count,))))
     return [r for r in roots if r is not upd] + fused + [count] + split
+
+
+# in-place writers of graph tensors: op -> input slots it overwrites (a function of the node)
+def inplace_targets(t):
+    """Input slots of ``t`` whose storage ``t`` overwrites in place (params), or () for other ops."""
+    if t.op == "sgd_gemm":
+        return (2,)
+    if t.op in ("sgd_update", "adam_update"):
+        return tuple(range(len(t.inputs) // 2))
+    return ()
+
+
+def _view_base(t):
+    while t.op == "reshape":
+        t = t.inputs[0]
+    return t
+
+
+def order_inplace_writers(roots):
+    """The general rule for in-place updates: a node that overwrites a tensor (a param, by an SGD/Adam
+    update or an SGD-folded GEMM) runs only after every other node that reads the old value, readers the
+    passes created included (other folded GEMMs, epilogue nodes, fused copies).  Run on the final graph,
+    right before fusion and scheduling.  Returns the node list in topological order.
+
+    Sets ``attrs['inplace_after']`` of every writer W to the computing nodes (views resolved) that read a
+    tensor W overwrites.  A writer that itself reads a tensor written by another writer W' (``A@B`` with
+    both params folded: each GEMM reads the other's param) is ordered before W' unless that closes a
+    cycle among writers; then, and whenever a writer reads a tensor it overwrites itself in another slot
+    (the kernels write while they read), the operand is replaced by a copy (``identity``) taken before
+    any write.  The copy costs what the gradient buffer of an unfolded GEMM would have.
+    """
+    from .ops import make
+    nodes = topo_from_roots(roots)
+    writers = [t for t in nodes if inplace_targets(t)]
+    if not writers:
+        return nodes
+    written = {}  # base tensor -> writer
+    for w in writers:
+        for k in inplace_targets(w):
+            written[_view_base(w.inputs[k])] = w
+    succ = {w: set() for w in writers}  # w -> writers that must run after w
+
+    def reaches(a, b):
+        stack, seen = [a], set()
+        while stack:
+            u = stack.pop()
+            if u is b:
+                return True
+            if u not in seen:
+                seen.add(u)
+                stack.extend(succ[u])
+        return False
+
+    copies = {}
+    for w in writers:
+        own = set(inplace_targets(w))
+        ins = list(w.inputs)
+        for k, x in enumerate(ins):
+            if k in own:
+                continue
+            other = written.get(_view_base(x))
+            if other is None:
+                continue
+            if other is not w and (other in succ[w] or not reaches(other, w)):
+                succ[w].add(other)  # w reads what ``other`` overwrites: w first
+                continue
+            if x not in copies:
+                copies[x] = make("identity", (x,), {})
+            ins[k] = copies[x]
+        if copies:
+            w.inputs = tuple(ins)
+    if copies:
+        nodes = topo_from_roots(roots)
+    readers = {}
+    for t in nodes:
+        if t.op in LEAVES or t.op == "reshape":
+            continue
+        for i in t.inputs:
+            b = _view_base(i)
+            if b in written and written[b] is not t:
+                readers.setdefault(written[b], {})[t] = None
+    for w in writers:
+        w.attrs = dict(w.attrs, inplace_after=tuple(readers.get(w, ())))
+    return nodes
 
 
 SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op -> attr on its writer
@@ -436,19 +508,46 @@ def fuse(nodes):
     group_of: dict[Tensor, Group] = {}
     unit: dict[Tensor, object] = {}          # node -> its Group or itself (unfused ops, views)
     direct: dict[object, set] = {}           # unit -> units it reads directly
+    rdirect: dict[object, set] = {}          # unit -> units reading it directly
+    # level: longer than any path below the unit (level[u] > level[d] for every d in direct[u]), kept
+    # exact enough by propagation on every new edge; a path from u down to target only visits units
+    # above target's level, so reachability searches stay local instead of walking the whole graph
+    level: dict[object, int] = {}
     groups: list[Group] = []
 
     def reaches(start, target):
+        floor = level[target]
         stack, seen = [start], set()
         while stack:
             u = stack.pop()
             if u is target:
                 return True
-            if u in seen:
+            if u in seen or level[u] <= floor:
                 continue
             seen.add(u)
             stack.extend(direct.get(u, ()))
         return False
+
+    def add_edges(u, deps):
+        """u now reads every unit of ``deps``: record the edges and lift levels above them."""
+        deps = deps - {u}
+        direct[u] |= deps
+        for d in deps:
+            rdirect[d].add(u)
+        need = 1 + max((level[d] for d in deps), default=-1)
+        if need > level[u]:
+            level[u] = need
+            work = [u]
+            while work:  # readers must stay above what they read
+                x = work.pop()
+                for r in rdirect[x]:
+                    if level[r] <= level[x]:
+                        level[r] = level[x] + 1
+                        work.append(r)
+
+    def new_unit(u, deps):
+        direct[u], rdirect[u], level[u] = set(), set(), 0
+        add_edges(u, deps)
 
     pos = {t: k for k, t in enumerate(nodes)}
 
@@ -468,12 +567,15 @@ def fuse(nodes):
         for m in h.members:
             group_of[m] = g
             unit[m] = g
-        direct[g] |= direct.pop(h)
-        direct[g] -= {g, h}
-        for u, d in direct.items():
-            if h in d:
-                d.discard(h)
-                d.add(g)
+        hd, hr = direct.pop(h), rdirect.pop(h)
+        level.pop(h)
+        for d in hd:
+            rdirect[d].discard(h)
+        for r in hr:
+            direct[r].discard(h)
+            if r is not g:
+                add_edges(r, {g})
+        add_edges(g, hd - {g})
         h.members = []
 
     for t in nodes:
@@ -507,14 +609,14 @@ def fuse(nodes):
             if target is None:
                 target = Group(len(groups), it_shape)
                 groups.append(target)
-                direct[target] = set()
+                new_unit(target, set())
             target.members.append(t)
             group_of[t] = target
             unit[t] = target
-            direct[target] |= {unit[j] for j in t.inputs if j in unit and unit[j] is not target}
+            add_edges(target, {unit[j] for j in t.inputs if j in unit and unit[j] is not target})
         else:
             unit[t] = t
-            direct[t] = {unit[j] for j in t.inputs if j in unit}
+            new_unit(t, {unit[j] for j in t.inputs if j in unit})
 
     # sibling fusion: groups over the same iteration shape that read the same full-size tensor from
     # memory (relu(x) and sum(x), or a gradient read by two consumers) become one kernel reading it once
@@ -577,7 +679,7 @@ def schedule(nodes, group_of):
     for k, (kind, x) in enumerate(units):
         members = x.members if kind == "ew" else [x]
         for m in members:
-            for i in m.inputs + tuple(m.attrs.get("after", ())):
+            for i in m.inputs + tuple(m.attrs.get("after", ())) + tuple(m.attrs.get("inplace_after", ())):
                 producer_units(i, preds[k])
         preds[k].discard(k)
     succs = [[] for _ in units]
