@@ -139,7 +139,7 @@ def load_model(model: Any, base_dir: Optional[Union[str, os.PathLike]] = None):
 
 # -- external data and raw_data -----------------------------------------------------------------------
 
-def _all_tensors(graph, where="graph"):
+def _all_tensors(graph):
     """Every TensorProto of ``graph`` with a description: initializers, sparse initializers (values and
     indices) and tensors in attributes of every node, subgraphs included.  Yields (tensor, description)."""
     for t in graph.initializer:
@@ -151,16 +151,17 @@ def _all_tensors(graph, where="graph"):
         for a in node.attribute:
             at = f"attribute {a.name!r} of node {node.name or node.op_type!r}"
             if a.HasField("t"):
-                yield a.t, at
+                yield a.t, f"tensor {a.t.name!r} in {at}"
             for t in a.tensors:
-                yield t, at
+                yield t, f"tensor {t.name!r} in {at}"
             sps = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
             for sp in sps:
-                yield sp.values, at + " (sparse values)"
-                yield sp.indices, at + " (sparse indices)"
+                yield sp.values, f"sparse tensor {sp.values.name!r} (values) in {at}"
+                yield sp.indices, f"sparse tensor {sp.values.name!r} (indices) in {at}"
             subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
             for sub in subs:
-                yield from _all_tensors(sub, f"{at} > graph {sub.name!r}")
+                for t, d in _all_tensors(sub):
+                    yield t, f"{d} of subgraph {sub.name!r} in {at}"
 
 
 def _is_external(t) -> bool:
