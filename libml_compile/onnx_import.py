@@ -112,9 +112,11 @@ def load_model(model: Any, base_dir: Optional[Union[str, os.PathLike]] = None):
             raise ONNXImportError(f"ONNX file {path!r} does not exist")
         if os.path.isdir(path):
             raise ONNXImportError(f"ONNX file {path!r} is a directory")
-        from libml_runtime.fileio import read_regular
+        from libml_runtime.fileio import FileSafetyError, read_regular
         try:
             data = read_regular(path, "ONNX file")
+        except FileSafetyError as e:
+            raise ONNXImportError(str(e)) from None
         except OSError as e:
             raise ONNXImportError(f"cannot read ONNX file {path!r}: {e}") from e
         if not data:
