@@ -167,6 +167,8 @@ def load_npz_data(path: str, val_fraction: float = 0.1, seed: int = 0):
     """Return ``(x_train, y_train, x_val, y_val)`` from an ``.npz`` file (see module doc)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
+    from libml_runtime.fileio import check_regular
+    check_regular(path, "data file")  # a FIFO or /dev/zero would hang or fill memory
     try:
         d = np.load(path, allow_pickle=False)
         keys = set(d.files)
@@ -217,6 +219,33 @@ def loss_tensor_name(model, output: Optional[str] = None):
     return out, out, False
 
 
+def _check_finite_data(what, arr):
+    """Raise ValueError naming the array when a float data array holds NaN or Inf."""
+    if arr is None:
+        return
+    arr = np.asarray(arr)
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"data array {what!r} holds {bad} NaN/Inf value(s) (first at index "
+                             f"{np.unravel_index(int(np.argmin(np.isfinite(arr).reshape(-1))), arr.shape)}); "
+                             f"training on it would give NaN weights")
+
+
+def _fixed_batch(m, input_name: Optional[str]):
+    """The static leading dim of the model's data input, or None when it is symbolic/unknown."""
+    inits = {t.name for t in m.graph.initializer}
+    ins = [vi for vi in m.graph.input if vi.name not in inits]
+    if input_name:
+        ins = [vi for vi in ins if vi.name == input_name]
+    if len(ins) != 1:
+        return None
+    dims = ins[0].type.tensor_type.shape.dim
+    if len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+        return int(dims[0].dim_value)
+    return None
+
+
 def _pick_input(g, name: Optional[str]):
     names = list(g.meta["onnx_input_shapes"])
     if name:
@@ -229,25 +258,49 @@ def _pick_input(g, name: Optional[str]):
 
 
 def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=10, lr=0.01,
-                    optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=32, trainable=None,
+                    optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=None, trainable=None,
                     input_name=None, output_name=None, seed=0, num_threads=None, progress=True,
-                    log=print, eval_batch=256):
+                    log=print, eval_batch=256, base_dir=None):
     """Fine-tune an ONNX model (path or ModelProto) on arrays with ``prog.step``.
 
     Returns ``(prog, history)``; ``history`` is a list of per-epoch dicts (loss, train/val metric).
     ``prog.graph.meta["onnx_model"]`` is the original model, so ``lc.export_onnx(prog, path)`` writes the
     fine-tuned model.
+
+    batch_size: None means 32, or the model's batch when its input has a fixed leading dim.  A model with
+    a fixed batch (what ``torch.onnx.export`` writes by default) trains and evaluates at that batch (the
+    last partial evaluation batch is padded); another ``batch_size`` is refused.
+    base_dir: folder of the model's external data (a path model uses its own folder).
+    Raises ValueError when the data holds NaN/Inf, or when the loss or a param becomes non-finite (a
+    diverging learning rate): nothing is returned, so the caller exports nothing.
     """
     import libml_compile as lc
 
     from .onnx_import import import_onnx, load_model
 
-    m, _source = load_model(model)
+    m, _source = load_model(model, base_dir=base_dir)
     x_train = np.asarray(x_train)
     y_train = np.asarray(y_train)
     n = len(x_train)
     if n == 0:
         raise ValueError("no training data")
+    for what, arr in (("x_train", x_train), ("y_train", y_train), ("x_val", x_val), ("y_val", y_val)):
+        _check_finite_data(what, arr)
+    fixed = _fixed_batch(m, input_name)
+    if fixed is not None:
+        if batch_size is not None and int(batch_size) != fixed:
+            raise ValueError(f"the model's input has a fixed batch of {fixed}; --batch-size {batch_size} "
+                             f"cannot be used (pass --batch-size {fixed}, or export the model with a dynamic "
+                             f"batch axis)")
+        if n < fixed:
+            raise ValueError(f"the model's input has a fixed batch of {fixed} but there are only {n} "
+                             f"training samples")
+        if log:
+            log(f"model has a fixed batch of {fixed}: training and evaluating at batch {fixed} "
+                f"(the last partial evaluation batch is padded)")
+        batch_size = eval_batch = fixed
+    elif batch_size is None:
+        batch_size = 32
     B = min(int(batch_size), n)
     classify = np.issubdtype(y_train.dtype, np.integer)
     tname, oname, softmax_end = loss_tensor_name(m, output_name)
@@ -297,7 +350,7 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
     prog = lc.compile(g, loss=loss, optimizer=opt, trainable=list(trainable) if trainable else None,
                       num_threads=num_threads)
 
-    EB = max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
+    EB = fixed or max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
     ge = import_onnx(m, shapes={inp: (EB,) + tuple(x_train.shape[1:])})
     if tname not in ge.outputs:  # the loss tensor is internal (pre-softmax): expose it for evaluation
         ge.output(tname, ge.tensor(tname))
@@ -341,6 +394,11 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
         for s in range(steps):
             idx = perm[s * B:(s + 1) * B]
             lv = prog.step({inp: x_train_c[idx], label_name: y_train_c[idx]})
+            if not np.isfinite(lv):
+                if bar is not None:
+                    bar.close()
+                raise ValueError(f"training diverged: the loss is {float(lv)} at epoch {epoch}, step {s + 1} "
+                                 f"(lr {lr} with {optimizer}); lower --lr.  Nothing was exported")
             total += float(lv)
             if bar is not None:
                 bar.update(1)
@@ -354,6 +412,10 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
             val = rec[f"val_{mname}"]
             log(f"epoch {epoch}/{epochs}: loss {rec['loss']:.4f}  train {mname} {rec[f'train_{mname}']:.4f}"
                 + (f"  val {mname} {val:.4f}" if val is not None else ""))
+    bad = sorted(k for k, v in prog.params.items() if not np.all(np.isfinite(v)))
+    if bad:
+        raise ValueError(f"training produced non-finite values in params {bad[:5]}; lower --lr.  "
+                         f"Nothing was exported")
     prog._libml_predict = predict  # handy for callers (demo): forward pass with the current params
     return prog, history
 
@@ -385,7 +447,8 @@ def _parser():
     f.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     f.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     f.add_argument("--weight-decay", type=float, default=0.0)
-    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="training batch (default 32, or the model's batch when its input has a fixed one)")
     f.add_argument("--trainable", nargs="+", metavar="NAME", help="params to train (default: all)")
     f.add_argument("--input", dest="input_name", help="model input fed with the data (default: the only one)")
     f.add_argument("--output", dest="output_name", help="model output the loss attaches to (default: first)")
@@ -412,7 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 args.model, xtr, ytr, xva, yva, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                 momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                 trainable=args.trainable, input_name=args.input_name, output_name=args.output_name,
-                seed=args.seed, num_threads=args.threads, progress=not args.no_progress)
+                seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
+                base_dir=os.path.dirname(os.path.abspath(args.model)))
             export_onnx(prog, args.out)
             print(f"exported the fine-tuned model to {args.out}")
             return 0

@@ -4,12 +4,13 @@ Export is "swap the initializers": the original ``ModelProto`` that :func:`impor
 ``graph.meta["onnx_model"]`` is copied, each initializer whose name is a param of the program gets the
 program's current value (same name, dtype and shape), and everything else — opset, IR version, metadata,
 input/output names, the forward graph itself — is kept as it was.  The result passes ``onnx.checker`` and
-is written atomically (temporary file in the target directory, fsync, ``os.replace``).
+is written with ``libml_runtime.fileio.atomic_write`` (unique temporary file in the target directory,
+mode ``0o666 & ~umask``, fsync, ``os.replace``; a symlink's target is replaced; devices, FIFOs and
+directories are refused).
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Mapping, Optional
 
 import numpy as np
@@ -74,42 +75,13 @@ def export_onnx(prog, path: "str | os.PathLike", check: bool = True) -> str:
             onnx.checker.check_model(m)
         except Exception as e:
             raise ValueError(f"export_onnx: the exported model fails onnx.checker: {e}") from e
+    from libml_runtime.fileio import atomic_write
+
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
-    try:
-        if m.ByteSize() > _EXTERNAL_THRESHOLD:
-            os.close(fd)
-            fd = -1
-            onnx.save_model(m, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=base + ".data")
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            data = m.SerializeToString()
-            with os.fdopen(fd, "wb") as f:
-                fd = -1
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        try:  # make the rename durable
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass
-    finally:
-        if fd not in (-1, None):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if m.ByteSize() > _EXTERNAL_THRESHOLD:
+        raise ValueError(f"export_onnx: the model is {m.ByteSize():,} bytes, beyond protobuf's 2 GiB limit "
+                         f"for one file; libml does not write external-data ONNX files")
+    data = m.SerializeToString()
+    atomic_write(path, data, what="ONNX output")
     return path

@@ -19,6 +19,7 @@ same model back with updated initializers.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,7 +42,7 @@ FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
 SUPPORTED_DTYPES: Tuple[str, ...] = (
     "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
 )
-MIN_OPSET = 6
+MIN_OPSET = 7  # the README's promise; opset 6's legacy broadcast is refused, not half-supported
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -82,49 +83,168 @@ def _onnx():
     return onnx
 
 
-def load_model(model: Any):
+def load_model(model: Any, base_dir: Optional[Union[str, os.PathLike]] = None):
     """Return ``(ModelProto, source_description)`` for a path, bytes or ModelProto.
 
-    Raises :class:`ONNXImportError` naming the file when it is missing, unreadable, truncated or not ONNX.
+    External data (tensors stored in files beside the model) is read into the returned model by
+    :func:`load_external_data`, only from inside one folder: the model file's folder for a path, or
+    ``base_dir`` for bytes and ModelProtos (without ``base_dir`` an in-memory model with external data is
+    refused).  A ModelProto argument with external data is copied, never modified.
+
+    Raises :class:`ONNXImportError` naming the file when it is missing, unreadable, not a regular file,
+    truncated or not ONNX, or when a tensor's external data or ``raw_data`` is bad.
     """
     onnx = _onnx()
     if isinstance(model, onnx.ModelProto):
-        return model, None
-    if isinstance(model, (bytes, bytearray)):
+        m, source = model, None
+    elif isinstance(model, (bytes, bytearray)):
         try:
             m = onnx.load_model_from_string(bytes(model))
         except Exception as e:
             raise ONNXImportError(f"cannot parse ONNX model from bytes: {e}") from e
         _check_looks_like_onnx(m, "<bytes>")
-        return m, None
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"import_onnx: model must be a path or an onnx.ModelProto, got {type(model).__name__}")
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise ONNXImportError(f"ONNX file {path!r} does not exist")
-    if os.path.isdir(path):
-        raise ONNXImportError(f"ONNX file {path!r} is a directory")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ONNXImportError(f"cannot read ONNX file {path!r}: {e}") from e
-    if not data:
-        raise ONNXImportError(f"ONNX file {path!r} is empty")
-    try:
-        m = onnx.load_model_from_string(data)
-    except Exception as e:
-        raise ONNXImportError(
-            f"ONNX file {path!r} is not a valid ONNX model (truncated or not ONNX): {e}") from e
-    _check_looks_like_onnx(m, path)
-    # external data (tensors stored beside the model file)
-    try:
-        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-        if any(uses_external_data(t) for t in m.graph.initializer):
-            load_external_data_for_model(m, os.path.dirname(os.path.abspath(path)))
-    except Exception as e:
-        raise ONNXImportError(f"cannot load the external data of ONNX file {path!r}: {e}") from e
-    return m, path
+        source = None
+    else:
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"import_onnx: model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise ONNXImportError(f"ONNX file {path!r} does not exist")
+        if os.path.isdir(path):
+            raise ONNXImportError(f"ONNX file {path!r} is a directory")
+        from libml_runtime.fileio import FileSafetyError, read_regular
+        try:
+            data = read_regular(path, "ONNX file")
+        except FileSafetyError as e:
+            raise ONNXImportError(str(e)) from None
+        except OSError as e:
+            raise ONNXImportError(f"cannot read ONNX file {path!r}: {e}") from e
+        if not data:
+            raise ONNXImportError(f"ONNX file {path!r} is empty")
+        try:
+            m = onnx.load_model_from_string(data)
+        except Exception as e:
+            raise ONNXImportError(
+                f"ONNX file {path!r} is not a valid ONNX model (truncated or not ONNX): {e}") from e
+        _check_looks_like_onnx(m, path)
+        source = path
+        if base_dir is None:
+            base_dir = os.path.dirname(os.path.abspath(path))
+    if any(_is_external(t) for t, _ in _all_tensors(m.graph)):
+        if source is None and m is model:
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+        load_external_data(m, base_dir, source)
+    check_raw_data(m, source)
+    return m, source
+
+
+# -- external data and raw_data -----------------------------------------------------------------------
+
+def _all_tensors(graph):
+    """Every TensorProto of ``graph`` with a description: initializers, sparse initializers (values and
+    indices) and tensors in attributes of every node, subgraphs included.  Yields (tensor, description)."""
+    for t in graph.initializer:
+        yield t, f"initializer {t.name!r}"
+    for sp in graph.sparse_initializer:
+        yield sp.values, f"sparse initializer {sp.values.name!r} (values)"
+        yield sp.indices, f"sparse initializer {sp.values.name!r} (indices)"
+    for node in graph.node:
+        for a in node.attribute:
+            at = f"attribute {a.name!r} of node {node.name or node.op_type!r}"
+            if a.HasField("t"):
+                yield a.t, f"tensor {a.t.name!r} in {at}"
+            for t in a.tensors:
+                yield t, f"tensor {t.name!r} in {at}"
+            sps = ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors)
+            for sp in sps:
+                yield sp.values, f"sparse tensor {sp.values.name!r} (values) in {at}"
+                yield sp.indices, f"sparse tensor {sp.values.name!r} (indices) in {at}"
+            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            for sub in subs:
+                for t, d in _all_tensors(sub):
+                    yield t, f"{d} of subgraph {sub.name!r} in {at}"
+
+
+def _is_external(t) -> bool:
+    from onnx import TensorProto
+    return t.HasField("data_location") and t.data_location == TensorProto.EXTERNAL
+
+
+def load_external_data(m, base_dir, source=None) -> None:
+    """Read every external tensor of ``m`` into ``raw_data``, only from regular files inside ``base_dir``.
+
+    A location must be relative, must not contain ``..`` and must not resolve (symlinks followed, by
+    ``realpath``) outside ``realpath(base_dir)``; offset and length must lie inside the file.  Each
+    violation raises ONNXImportError naming the tensor and the location.
+    """
+    from onnx import TensorProto
+
+    from libml_runtime.fileio import open_regular
+
+    src = f" of ONNX model {source!r}" if source else ""
+    for t, desc in _all_tensors(m.graph):
+        if not _is_external(t):
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        what = f"external data of {desc}{src}"
+        loc = info.get("location", "")
+        if base_dir is None:
+            raise ONNXImportError(f"{what} is stored in {loc!r}, but the model was given in memory without "
+                                  f"base_dir=: pass import_onnx(..., base_dir=FOLDER) (external data is "
+                                  f"read only from inside that folder)")
+        if not loc or os.path.isabs(loc) or loc.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", loc):
+            raise ONNXImportError(f"{what}: location {loc!r} must be a relative path inside the model's "
+                                  f"folder, without '..'")
+        root = os.path.realpath(os.fspath(base_dir))
+        full = os.path.realpath(os.path.join(root, loc))
+        if os.path.commonpath([root, full]) != root:
+            raise ONNXImportError(f"{what}: location {loc!r} resolves to {full!r}, outside the model's folder "
+                                  f"{root!r} (symlinks may not leave it)")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise ONNXImportError(f"{what}: offset {info.get('offset')!r} / length {info.get('length')!r} "
+                                  f"are not integers") from None
+        try:
+            with open_regular(full, f"external data file of {desc}") as f:
+                size = os.fstat(f.fileno()).st_size
+                if length is None:
+                    length = size - offset
+                if offset < 0 or length < 0 or offset + length > size:
+                    raise ONNXImportError(f"{what}: offset {offset} + length {length} lies outside "
+                                          f"{loc!r} ({size} bytes)")
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as e:
+            raise ONNXImportError(f"cannot read {what} from {loc!r}: {e}") from e
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
+def check_raw_data(m, source=None) -> None:
+    """Raise ONNXImportError naming the tensor when a fixed-size tensor's ``raw_data`` does not hold
+    exactly prod(dims) * itemsize bytes."""
+    from onnx import helper
+
+    src = f" of ONNX model {source!r}" if source else ""
+    for t, desc in _all_tensors(m.graph):
+        if not t.HasField("raw_data") or _is_external(t):
+            continue
+        try:
+            np_dt = helper.tensor_dtype_to_np_dtype(t.data_type)
+        except Exception:
+            continue
+        if np_dt.kind in "OSUV":  # strings: raw_data is not used
+            continue
+        n = int(np.prod([int(d) for d in t.dims], dtype=object)) if len(t.dims) else 1
+        bits = t.data_type in (21, 22, 23)  # UINT4, INT4, FLOAT4E2M1  # 4-bit types pack two values per byte
+        want = (n + 1) // 2 if bits else n * np_dt.itemsize
+        if len(t.raw_data) != want:
+            raise ONNXImportError(f"{desc}{src} (dims {list(t.dims)}, {np_dt}) has {len(t.raw_data)} bytes of "
+                                  f"raw_data, expected {want}")
 
 
 def _check_looks_like_onnx(m, source: str) -> None:
@@ -741,18 +861,21 @@ class _Importer:
         return lc.identity(acc, name=out)
 
 
-def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None):
+def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,
+                base_dir: Optional[Union[str, os.PathLike]] = None):
     """Import an ONNX model (path, bytes or ``onnx.ModelProto``) into a new :class:`libml_compile.Graph`.
 
     ``shapes`` binds symbolic dimensions: ``{"input": (32, 64)}`` (full shape of an input) or
     ``{"batch": 32}`` (a ``dim_param`` name).  A conflict with a static dimension raises an error naming the
     input.  Raises :class:`UnsupportedOperatorError` for an operator libml does not support (before any
     other work) and :class:`ONNXImportError` for unreadable files, data-dependent shapes and bad shapes.
+    ``base_dir``: the only folder external data is read from (default: the model file's folder; for bytes
+    or a ModelProto with external data it is required).  See :func:`load_model`.
     """
     onnx = _onnx()
     import libml_compile as lc
 
-    m, source = load_model(model)
+    m, source = load_model(model, base_dir=base_dir)
     opset = check_supported(m, source)
     src = f" {source!r}" if source else ""
     try:

@@ -6,24 +6,25 @@ the plan's name and a fingerprint of its state layout (for reference: loading ma
 dtype and shape), one record per array ``[name, dtype, shape,
 section]`` (raw little-endian bytes in a uint8 section), the loader state and a free JSON ``extra``.
 
-Atomicity: the bytes go to a temporary file in the checkpoint's folder, which is flushed and fsync'ed and
-then renamed over the old checkpoint with ``os.replace``; the folder is fsync'ed afterwards.  A process
+Atomicity: written with ``fileio.atomic_write`` (a unique temporary file in the checkpoint's folder,
+flushed and fsync'ed, renamed over the old checkpoint with ``os.replace``, the folder fsync'ed).  A process
 killed at any point leaves either the previous checkpoint or the new one, never a mixture.  A stray
-``.<name>.tmp-*`` file may remain after a kill; it is ignored (and overwritten by the next save from the
-same process id).
+``.<name>.tmp-PID-*`` file may remain after SIGKILL; the next save to the same path removes it once that
+process is gone.  A symlinked checkpoint path updates the link's target; devices, FIFOs and directories
+are refused.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import threading
 
 import numpy as np
 
 from . import format as F
 from .plan import PlanError
-from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, atomic_write, pack_to, unpack
+from .planfile import Sections, _int, _keys, _list, _need, _shape, _str, pack_to, unpack
+from .fileio import atomic_write, read_regular
 
 MAGIC = b"LIBMLCKP"
 CHECKPOINT_VERSION = 1  # the checkpoint layout; independent of the plan format version
@@ -66,15 +67,13 @@ def save_checkpoint(exe, path, loader=None, extra=None):
         json.dumps(header, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra/loader state must be JSON-serialisable: {e}") from None
-    atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections, CHECKPOINT_VERSION),
-                 tmp_suffix=f"{os.getpid()}-{threading.get_ident()}")
+    atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections, CHECKPOINT_VERSION), what="checkpoint")
     return path
 
 
 def read_checkpoint(path):
     """Parse and verify a checkpoint file -> (header dict, {name: ndarray}).  Raises CheckpointError."""
-    with open(os.fspath(path), "rb") as f:
-        data = f.read()
+    data = read_regular(path, "checkpoint")
     try:
         h, area = unpack(data, MAGIC, "libml checkpoint", CHECKPOINT_VERSION)
         _keys(h, "header", {"format", "version", "plan", "layout", "arrays", "loader", "extra", "sections"})

@@ -11,8 +11,13 @@ Batch inference over inputs larger than memory, with the runtime alone (no compi
 * Every input must have the plan's dtype (``--cast`` allows same-kind casts such as float64->float32)
   and the plan's per-row shape; the number of rows N is free.
 * Output: the ``run`` output named by ``--output`` (default: the only output whose leading dim is the
-  batch size), written incrementally into a ``.npy`` of shape ``(N, ...)`` through
-  ``np.lib.format.open_memmap``; it is written under a temporary name and renamed when complete.
+  batch size), written incrementally (ordinary writes, no memory map) into a ``.npy`` of shape ``(N, ...)``
+  with ``fileio.atomic_write``: a unique hidden temporary file whose ``.npy`` header is written last, renamed
+  over ``--out`` when complete.  ``--out`` is checked before any work: it must not be a directory, device,
+  FIFO or socket, nor the same file (inode) as the plan or the input; a symlink updates its target.
+* A full disk (ENOSPC, or EFBIG under a file-size limit) is a one-line error with status 2; the previous
+  output is untouched and no temporary file remains.  SIGTERM removes the temporary file and exits 143;
+  temporary files of killed runs (SIGKILL) are removed by the next run writing the same output.
 * The final partial batch is padded by repeating its last row; the padded rows' outputs are dropped.
 * A progress bar (tqdm, on stderr) shows rows processed; ``--quiet`` hides it.
 * ``--profile REPEAT``: after the run, time every instruction of the plan over REPEAT runs of the first
@@ -23,12 +28,17 @@ Batch inference over inputs larger than memory, with the runtime alone (no compi
 from __future__ import annotations
 
 import argparse
+import errno
 import mmap
 import os
+import signal
 import sys
+import threading
 import zipfile
 
 import numpy as np
+
+from .fileio import FileSafetyError
 
 WINDOW_BYTES = 16 << 20   # input bytes per window between page releases
 
@@ -52,8 +62,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.profile < 0:
         p.error(f"--profile must be >= 0, got {args.profile}")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         n = run(args)
+    except _Terminated:
+        print("libml-run: terminated (SIGTERM); no output written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except UsageError as e:
         print(f"libml-run: error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +78,9 @@ def main(argv=None):
         code = 2 if isinstance(e, PlanError) else 1
         print(f"libml-run: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if not args.quiet:
         print(f"libml-run: wrote {n} rows to {args.out}", file=sys.stderr)
     return 0
@@ -71,10 +90,13 @@ def run(args):
     from . import planfile
     from .plan import PlanError
 
+    check_out_path(args.out, [("plan", args.plan), ("--input", args.input)])
     try:
         exe = planfile.load(args.plan, num_threads=args.num_threads)
     except FileNotFoundError:
         raise UsageError(f"plan file {args.plan!r} does not exist") from None
+    except FileSafetyError as e:
+        raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot read plan file {args.plan!r}: {e.strerror or e}") from None
     except PlanError as e:
@@ -125,27 +147,27 @@ def run(args):
 
 
 def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
+    """Run every batch and write the outputs to ``args.out`` with ``fileio.atomic_write``.
+
+    The rows are written with ordinary ``write`` calls (never through a memory map: a full disk is an
+    ENOSPC error, not SIGBUS), in order, after a placeholder header of zeros; the real ``.npy`` header is
+    written last, so a temporary file left by SIGKILL never parses as an array.
+    """
     from tqdm import tqdm
 
-    out_path = os.fspath(args.out)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out_path)), f".{os.path.basename(out_path)}.tmp-{os.getpid()}")
-    try:
-        om = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(odt), shape=(N,) + oshape[1:])
-    except OSError as e:
-        raise UsageError(f"cannot write {out_path!r}: {e.strerror or e}") from None
-    out_offset = om.offset
-    del om
+    from .fileio import atomic_write
+
+    out_dtype = np.dtype(odt)
+    row_shape = oshape[1:]
+    header = _npy_header(out_dtype, (N,) + row_shape)
     row_in = max(sum(int(np.prod(s[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize for (_, _, s), (a, _) in zip(sig, arrays)), 1)
     window = max(1, WINDOW_BYTES // (row_in * B)) * B
-    ok = False
-    f = open(tmp, "r+b")
-    try:
-        mm = mmap.mmap(f.fileno(), 0) if N else None
-        out = (np.ndarray((N,) + oshape[1:], dtype=odt, buffer=mm, offset=out_offset) if N
-               else np.zeros((0,) + oshape[1:], odt))
+    first = {}  # the first batch's feeds, kept for --profile
+
+    def write(f):
+        f.write(b"\0" * len(header))   # not a valid .npy until the end
         bar = tqdm(total=N, unit="rows", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
         pad = [np.empty(shape, dt) for _, dt, shape in sig]
-        first = None  # the first batch's feeds, kept for --profile
         for w0 in range(0, N, window):
             w1 = min(w0 + window, N)
             for b0 in range(w0, w1, B):
@@ -161,35 +183,74 @@ def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
                         x = np.ascontiguousarray(x, dtype=dt)
                     feeds[name] = x
                 res = exe.run(feeds)[oname]
-                out[b0:b1] = res[: b1 - b0]
-                if args.profile and first is None:
-                    first = {k: np.array(v) for k, v in feeds.items()}
+                f.write(memoryview(np.ascontiguousarray(res[: b1 - b0], dtype=out_dtype)).cast("B"))
+                if args.profile and not first:
+                    first.update({k: np.array(v) for k, v in feeds.items()})
             bar.update(w1 - w0)
-            # release what this window touched: read pages of the inputs, written pages of the output
-            for _, release in arrays:
+            for _, release in arrays:  # release the read pages of the inputs
                 release(w0, w1)
-            if mm is not None:
-                _release(mm, out_offset + w0 * out.strides[0] if out.ndim else 0,
-                         (w1 - w0) * (out.strides[0] if out.ndim else out.itemsize), flush=True)
         bar.close()
-        del out
-        if mm is not None:
-            mm.flush()
-            mm.close()
         f.flush()
-        os.fsync(f.fileno())
-        ok = True
-    finally:
-        f.close()
-        if not ok:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    os.replace(tmp, out_path)
-    if first is not None:
+        f.seek(0)
+        f.write(header)
+
+    try:
+        atomic_write(args.out, write, what="--out")
+    except OSError as e:
+        if isinstance(e, FileSafetyError) or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES,
+                                                            errno.EROFS, errno.ENOENT, errno.EISDIR):
+            raise UsageError(f"cannot write {os.fspath(args.out)!r}: {e.strerror or e} "
+                             f"(the previous file, if any, is unchanged)") from None
+        raise
+    if first:
         print(exe.profile("run", first, repeat=args.profile), file=sys.stderr)
     return N
+
+
+def _npy_header(dtype, shape) -> bytes:
+    """The complete ``.npy`` header (magic, version, padded dict) for a C-order array."""
+    import io
+    buf = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(int(x) for x in shape)}
+    try:
+        np.lib.format.write_array_header_1_0(buf, d)
+    except ValueError:  # the header does not fit version 1.0's 16-bit length
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+def check_out_path(out, inputs):
+    """Refuse ``--out`` before any work: a directory, device, FIFO or socket, a missing folder, or the
+    same file (same device and inode, so hard links and symlinks count) as one of ``inputs``
+    ([(label, path)]).  Raises UsageError."""
+    from .fileio import check_destination
+
+    out = os.fspath(out)
+    try:
+        check_destination(out, "--out")
+    except FileSafetyError as e:
+        raise UsageError(str(e.strerror if e.errno else e)) from None
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        return
+    for label, path in inputs:
+        try:
+            si = os.stat(path)
+        except OSError:
+            continue
+        if (si.st_dev, si.st_ino) == (st.st_dev, st.st_ino):
+            raise UsageError(f"--out {out!r} is the same file as {label} {os.fspath(path)!r}: "
+                             f"writing it would destroy the {label}")
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler so that ``finally`` blocks (temporary-file cleanup) run."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated(signum)
 
 
 def _release(mm, start, length, flush=False):
@@ -210,6 +271,11 @@ def open_inputs(path, sig):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"input file {path!r} does not exist")
+    from .fileio import check_regular
+    try:
+        check_regular(path, "input file")
+    except OSError as e:
+        raise UsageError(str(e) if isinstance(e, FileSafetyError) else f"cannot read {path!r}: {e.strerror or e}") from None
     closers = []
     try:
         if path.endswith(".npz"):

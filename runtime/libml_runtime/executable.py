@@ -273,6 +273,14 @@ class Executable:
             return ValueError(f"label at row {detail} is out of range (op {op}, node {node!r})")
         if rc == ERR_NONFINITE:
             op, node = entry.nodes[detail] if 0 <= detail < len(entry.nodes) else (op, node)
+            # only op results are checked, so a NaN fed in surfaces at its first reader: name the feed
+            for name, dt, _ in entry.inputs:
+                a = np.asarray(feeds[name]) if isinstance(feeds, dict) and name in feeds else None
+                if a is not None and a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                    idx = np.unravel_index(int(np.argmin(np.isfinite(a).reshape(-1))), a.shape)
+                    return NonFiniteError(f"non-finite value (NaN or Inf) in feed {name!r} at index "
+                                          f"{tuple(int(i) for i in idx)} (value {a[idx]}), first read by op "
+                                          f"{op!r} (node {node!r}); params were left as they were before the step")
             return NonFiniteError(f"non-finite value (NaN or Inf) first produced by op {op!r} (node {node!r}); "
                                   f"params were left as they were before the step")
         if rc == ERR_INT_DIV_ZERO:

@@ -23,12 +23,12 @@ import hashlib
 import io
 import json
 import math
-import os
 import struct
 
 import numpy as np
 
 from . import format as F
+from .fileio import atomic_write, read_regular  # noqa: F401  (atomic_write: re-exported)
 from .plan import Entry, Plan, PlanError, validate
 
 MAGIC = b"LIBMLPLN"
@@ -38,6 +38,7 @@ DIGEST_BYTES = 32                         # SHA-256
 SECTION_ALIGN = 64
 MAX_HEADER_BYTES = 1 << 28                # 256 MiB of JSON is far beyond any real plan
 MAX_NAME = 4096                           # longest tensor / node / param name accepted
+MAX_META_DEPTH = 64                       # deepest nesting of lists/objects in ``meta`` (save and load)
 MAX_ITEMS = 1 << 22                       # longest list accepted in the header (params, nodes, ...)
 DEFAULT_MAX_ARENA_BYTES = 1 << 36         # load() refuses plans asking for a larger arena (64 GiB)
 SECTION_DTYPES = {"uint8": np.dtype("<u1"), "int64": np.dtype("<i8"), "float64": np.dtype("<f8")}
@@ -48,7 +49,8 @@ ENTRY_KINDS = ("run", "grad", "step")
 # writing
 
 def save(plan: Plan, path, state=None):
-    """Write ``plan`` to ``path`` (atomically: temporary file in the same folder, fsync, rename).
+    """Write ``plan`` to ``path`` with ``fileio.atomic_write`` (unique temporary file in the same folder,
+    fsync, rename; a symlink's target is replaced; devices, FIFOs and directories are refused).
 
     state: the state bytes to store instead of ``plan.state`` (an Executable passes its current params and
     optimizer state).  Returns the path.
@@ -84,7 +86,7 @@ def dumps(plan: Plan, state=None) -> bytes:
         "format": "libml-plan",
         "version": FORMAT_VERSION,
         "name": plan.name,
-        "meta": _jsonable(plan.meta),
+        "meta": _jsonable(plan.meta, "meta"),
         "state": section(state, "uint8"),
         "params": [[n, int(off), dt, _ints(s), bool(tr)] for n, off, dt, s, tr in plan.params],
         "opt_state": [[n, int(off), dt, _ints(s)] for n, off, dt, s in plan.opt_state],
@@ -130,47 +132,6 @@ def pack_to(f, magic, header: dict, sections, version=FORMAT_VERSION):
     f.write(sha.digest())
 
 
-def atomic_write(path, data, tmp_suffix=None):
-    """Write ``data`` to ``path`` so that a crash at any point leaves either the old or the new file.
-
-    data: bytes, or a function ``write(f)`` that writes them to the open file.
-    The bytes go to a temporary file in the same folder, which is flushed and fsync'ed, renamed over
-    ``path`` with ``os.replace`` (atomic on POSIX), and the folder is fsync'ed so the rename is durable.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{tmp_suffix or os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _align(n):
     return (n + SECTION_ALIGN - 1) // SECTION_ALIGN * SECTION_ALIGN
 
@@ -179,11 +140,16 @@ def _ints(shape):
     return [int(d) for d in shape]
 
 
-def _jsonable(x):
+def _jsonable(x, where, depth=0):
+    """``x`` as JSON values (non-finite floats and other objects become their repr).  Raises ValueError
+    for nesting deeper than MAX_META_DEPTH, which the reader would refuse."""
+    if isinstance(x, (dict, list, tuple)) and depth >= MAX_META_DEPTH:
+        raise ValueError(f"plan {where} is nested more than {MAX_META_DEPTH} levels deep; "
+                         f"plan files hold at most {MAX_META_DEPTH} levels")
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, where, depth + 1) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_jsonable(v, where, depth + 1) for v in x]
     if x is None or isinstance(x, (bool, str)):
         return x
     if isinstance(x, (int, np.integer)):
@@ -198,9 +164,7 @@ def _jsonable(x):
 
 def load_plan(path) -> Plan:
     """Read, verify and validate a plan file; returns a ``Plan`` (raises PlanError, or OSError on I/O)."""
-    with open(os.fspath(path), "rb") as f:
-        data = f.read()
-    return loads(data)
+    return loads(read_regular(path, "plan file"))
 
 
 def loads(data: bytes) -> Plan:
@@ -277,6 +241,19 @@ class Sections:
               f"{len(self.arrays) - len(self.used)} section(s) are not referenced")
 
 
+def _depth(x) -> int:
+    """Nesting depth of a JSON value (iterative: a deep value cannot exhaust the Python stack)."""
+    best, todo = 0, [(x, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            best = max(best, d + 1)
+            todo.extend((c, d + 1) for c in v)
+    return best
+
+
 def _reject_constant(c):
     raise ValueError(f"non-finite number {c} in the header")
 
@@ -289,6 +266,7 @@ def _from_header(h, area):
     name = _str(h["name"], "name", allow_empty=True)
     meta = h["meta"]
     _need(isinstance(meta, dict), "meta", "must be an object")
+    _need(_depth(meta) <= MAX_META_DEPTH, "meta", f"is nested more than {MAX_META_DEPTH} levels deep")
 
     secs = Sections(h["sections"], area)
     sec = secs.take
