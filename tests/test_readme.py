@@ -174,3 +174,27 @@ def test_demo_says_it_trains_random_weights_and_reports_train_validation_test(tm
     Xtr, _, Xva, _ = split_validation(Xtrain, ytrain)
     assert len(Xtr) + len(Xva) == len(Xtrain) and len(Xva) == round(0.1 * len(Xtrain))
     assert f"{len(Xtr)} train / {len(Xva)} validation / {len(Xte)} test" in text
+
+
+def test_load_check_finite_on_a_plan_compiled_without_it_raises_naming_the_plan(tmp_path):
+    """README: ``libml_runtime.load(path, check_finite=True)`` refuses a plan without checked entries
+    (it never runs the fused entries unchecked) and runs the checked ones of a plan compiled with them."""
+    import numpy as np
+    import libml_compile as lc
+    import libml_runtime
+
+    g = lc.Graph("unchecked_plan")
+    x = g.input("x", (4, 3))
+    w = g.param("w", np.ones((3, 2), np.float32))
+    g.output("y", x @ w)
+    lc.compile(g).save(str(tmp_path / "plain.plan"))
+    with pytest.raises(ValueError, match="unchecked_plan.*no checked entries.*check_finite=True"):
+        libml_runtime.load(str(tmp_path / "plain.plan"), check_finite=True)
+    lc.compile(g, check_finite=True).save(str(tmp_path / "checked.plan"))
+    exe = libml_runtime.load(str(tmp_path / "checked.plan"), check_finite=True)
+    assert exe.check_finite
+    bad = np.ones((4, 3), np.float32)
+    bad[0, 0] = np.inf
+    with pytest.raises(libml_runtime.NonFiniteError):
+        exe.run({"x": bad})
+    assert not libml_runtime.load(str(tmp_path / "checked.plan")).check_finite
