@@ -3,7 +3,7 @@
     libml-compile info MODEL.onnx
     libml-compile finetune MODEL.onnx --data DATA.npz --epochs N --lr X [--optimizer sgd|adam]
                            [--trainable NAME ...] [--batch-size B] --out OUT.onnx
-    libml-compile demo [--out OUT.onnx] [--epochs N]
+    libml-compile demo [--out OUT.onnx] [--epochs N]     # trains the bundled classifier from random weights
 
 ``finetune`` data files (``.npz``) hold ``x_train``/``y_train`` and optionally ``x_val``/``y_val`` (or
 ``x_test``/``y_test``); a file with only ``X``/``x`` and ``y`` is split (``--val-fraction``).  Integer labels
@@ -430,8 +430,9 @@ def _parser():
     sub = p.add_subparsers(dest="cmd", metavar="{demo,info,finetune}")
     sub.required = True
 
-    d = sub.add_parser("demo", help="fine-tune the bundled ONNX digits classifier, export and check it")
-    d.add_argument("--out", help="where to write the fine-tuned model (default: a temporary directory)")
+    d = sub.add_parser("demo", help="train the bundled ONNX digits classifier (random initial weights), "
+                                    "export and check it")
+    d.add_argument("--out", help="where to write the trained model (default: a temporary directory, removed at the end)")
     d.add_argument("--epochs", type=int, default=None)
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--threads", type=int, default=None)

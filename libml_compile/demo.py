@@ -1,11 +1,18 @@
-"""``libml-compile demo``: fine-tune the bundled ONNX digits classifier and ship it back as ONNX.
+"""``libml-compile demo``: train the bundled ONNX digits classifier from its random initial weights and
+ship it back as ONNX.
 
-1. import ``libml_models/classifier.onnx`` (a randomly initialised 64-64-10 Gemm/Relu MLP built by
-   ``models/make_onnx_classifier.py``) with ``lc.import_onnx``;
-2. attach softmax cross-entropy to its ``logits`` output, ``lc.compile`` it and train with ``prog.step`` on
-   the bundled 8x8 digits (``libml_models.load_digits``), with a progress bar;
-3. print train/test accuracy, export with ``lc.export_onnx`` and, when ONNX Runtime is installed, check
-   that it computes the same logits as libml on the test set.
+1. import ``libml_models/classifier.onnx`` with ``lc.import_onnx``: a 64-64-10 Gemm/Relu MLP whose weights
+   are *random* (He-uniform, seed 0, built by ``models/make_onnx_classifier.py``), so the demo trains a
+   model from scratch; it is not fine-tuning pretrained weights;
+2. split the bundled 8x8 digits (``libml_models.load_digits``) into train / validation / test (1,294 /
+   144 / 359 images, fixed seeds); attach softmax cross-entropy to the ``logits`` output, ``lc.compile`` it
+   and train with ``prog.step`` on the train part, printing validation accuracy after each epoch;
+3. print train, validation and test accuracy (the test part is used once, at the end), export with
+   ``lc.export_onnx`` and, when ONNX Runtime is installed, check that it computes the same logits as libml
+   on the test part.
+
+Files: only ``out`` when given.  Without ``out`` the model is exported into a temporary directory that is
+removed before ``run_demo`` returns (``result["out"]`` is then None).
 """
 from __future__ import annotations
 
@@ -16,11 +23,13 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-__all__ = ["run_demo", "classifier_path", "load_digits"]
+__all__ = ["run_demo", "classifier_path", "load_digits", "split_validation"]
 
 DEMO_EPOCHS = 12
 DEMO_LR = 0.005
 DEMO_BATCH = 32
+VAL_FRACTION = 0.1   # of the training part of load_digits(); the validation part picks nothing (fixed epochs)
+VAL_SEED = 1
 
 
 def classifier_path() -> str:
@@ -37,6 +46,15 @@ def classifier_path() -> str:
         return os.path.normpath(here)
     raise FileNotFoundError("classifier.onnx not found: install libml (package libml_models) or run "
                             "models/make_onnx_classifier.py")
+
+
+def split_validation(X, y, fraction: float = VAL_FRACTION, seed: int = VAL_SEED):
+    """Split ``(X, y)`` into ``(X_train, y_train, X_val, y_val)`` by a fixed-seed permutation;
+    the validation part has ``round(fraction * len(X))`` rows."""
+    perm = np.random.default_rng(seed).permutation(len(X))
+    nv = int(round(fraction * len(X)))
+    va, tr = perm[:nv], perm[nv:]
+    return X[tr], y[tr], X[va], y[va]
 
 
 def load_digits():
@@ -57,31 +75,46 @@ def load_digits():
 
 def run_demo(out: Optional[str] = None, epochs: Optional[int] = None, progress: bool = True,
              num_threads: Optional[int] = None, check_ort: bool = True, log=print) -> Dict[str, Any]:
-    """Run the demo; returns a dict with accuracies, timings, the export path and the ORT check result."""
+    """Run the demo; returns a dict with accuracies, timings, the export path (None when no ``out`` was
+    given: the temporary export is removed) and the ONNX Runtime check result."""
+    if out is not None:
+        return _run_demo(out, epochs, progress, num_threads, check_ort, log)
+    with tempfile.TemporaryDirectory(prefix="libml-demo-") as tmp:
+        res = _run_demo(os.path.join(tmp, "classifier_trained.onnx"), epochs, progress, num_threads,
+                        check_ort, log, keep=False)
+    res["out"] = None
+    return res
+
+
+def _run_demo(out: str, epochs, progress, num_threads, check_ort, log, keep: bool = True) -> Dict[str, Any]:
     from .cli import finetune_arrays
     from .onnx_export import export_onnx
 
     t_start = time.perf_counter()
     model = classifier_path()
-    Xtr, ytr, Xte, yte = load_digits()
+    Xtrain, ytrain, Xte, yte = load_digits()
+    Xtr, ytr, Xva, yva = split_validation(Xtrain, ytrain)
     epochs = DEMO_EPOCHS if epochs is None else int(epochs)
-    log(f"libml demo: fine-tuning {os.path.basename(model)} (64-64-10 MLP, Gemm+Relu) on the 8x8 digits: "
-        f"{len(Xtr)} train / {len(Xte)} test samples, {epochs} epochs, Adam lr {DEMO_LR}, batch {DEMO_BATCH}")
+    log(f"libml demo: training {os.path.basename(model)} (64-64-10 MLP, Gemm+Relu, randomly initialised "
+        f"weights) on the 8x8 digits: {len(Xtr)} train / {len(Xva)} validation / {len(Xte)} test images, "
+        f"{epochs} epochs, Adam lr {DEMO_LR}, batch {DEMO_BATCH}")
     t0 = time.perf_counter()
-    prog, hist = finetune_arrays(model, Xtr, ytr, Xte, yte, epochs=epochs, lr=DEMO_LR, optimizer="adam",
+    prog, hist = finetune_arrays(model, Xtr, ytr, Xva, yva, epochs=epochs, lr=DEMO_LR, optimizer="adam",
                                  batch_size=DEMO_BATCH, progress=progress, num_threads=num_threads,
                                  log=log)
     train_time = time.perf_counter() - t0
     predict = prog._libml_predict
     logits_te = predict(Xte)
     train_acc = hist[-1]["train_acc"]
+    val_acc = hist[-1]["val_acc"]
     test_acc = float(np.mean(np.argmax(logits_te, axis=1) == yte))
-    log(f"train accuracy {train_acc:.2%}, test accuracy {test_acc:.2%} ({train_time:.2f} s of training)")
+    log(f"train accuracy {train_acc:.2%}, validation accuracy {val_acc:.2%}, test accuracy {test_acc:.2%} "
+        f"({train_time:.2f} s of training)")
 
-    if out is None:
-        out = os.path.join(tempfile.mkdtemp(prefix="libml-demo-"), "classifier_finetuned.onnx")
     export_onnx(prog, out)
-    log(f"exported the fine-tuned model to {out}")
+    log(f"exported the trained model to {out}" if keep else
+        "exported the trained model to a temporary file for the check below (deleted at the end; "
+        "--out PATH keeps it)")
 
     ort_check: Any = None
     if check_ort:
@@ -101,5 +134,6 @@ def run_demo(out: Optional[str] = None, epochs: Optional[int] = None, progress: 
     total = time.perf_counter() - t_start
     ok = test_acc >= 0.95 and (ort_check is None or ort_check["match"])
     log(f"demo {'passed' if ok else 'FAILED'} in {total:.2f} s")
-    return {"ok": ok, "train_acc": train_acc, "test_acc": test_acc, "train_seconds": train_time,
-            "total_seconds": total, "out": out, "onnxruntime": ort_check, "history": hist}
+    return {"ok": ok, "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
+            "train_seconds": train_time, "total_seconds": total, "out": out, "onnxruntime": ort_check,
+            "history": hist}
