@@ -1,4 +1,4 @@
-"""Workload definitions shared by the benchmark runner and workers (see shared/bench/workloads.md)."""
+"""Workload definitions shared by the benchmark runner and workers (defined in benchmarks/README.md)."""
 import os
 import sys
 

@@ -1,4 +1,4 @@
-"""Run the libml benchmark suite (shared/bench/workloads.md) against PyTorch, NumPy, torch.compile, JAX, ORT.
+"""Run the libml benchmark suite (defined in benchmarks/README.md) against PyTorch, NumPy, torch.compile, JAX, ORT.
 
     python benchmarks/run.py [--workloads W1,W2,...] [--systems libml,torch,...] [--quick] [--out results.json]
     python benchmarks/run.py --selfcheck      # NumPy steps vs torch autograd (and libml vs NumPy)

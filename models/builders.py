@@ -1,4 +1,4 @@
-"""Graph builders for the benchmark workloads (shared/bench/workloads.md) and examples.
+"""Graph builders for the benchmark workloads (defined in benchmarks/README.md) and examples.
 
 ``mlp(layers, batch, loss, seed, dtype)`` and ``w4(seed)`` return ``(Graph, loss_tensor)`` built with the
 libml API.  ``mlp_init`` / ``w4_init`` give the same initial values as plain NumPy arrays so that other
