@@ -6,7 +6,8 @@ program's current value (same name, dtype and shape), and everything else — op
 input/output names, the forward graph itself — is kept as it was.  The result passes ``onnx.checker`` and
 is written with ``libml_runtime.fileio.atomic_write`` (unique temporary file in the target directory,
 mode ``0o666 & ~umask``, fsync, ``os.replace``; a symlink's target is replaced; devices, FIFOs and
-directories are refused).
+directories are refused).  A model beyond protobuf's 2 GiB limit is written as ``PATH`` plus its
+tensors in ``PATH.data`` (both atomically, the data file first).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 __all__ = ["export_onnx", "updated_model"]
 
 _EXTERNAL_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB
+_EXTERNAL_MIN_TENSOR = 1024          # smaller initializers stay inline in an external-data export
 
 
 def _source_model(prog_or_graph):
@@ -79,9 +81,36 @@ def export_onnx(prog, path: "str | os.PathLike", check: bool = True) -> str:
 
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if m.ByteSize() > _EXTERNAL_THRESHOLD:
-        raise ValueError(f"export_onnx: the model is {m.ByteSize():,} bytes, beyond protobuf's 2 GiB limit "
-                         f"for one file; libml does not write external-data ONNX files")
-    data = m.SerializeToString()
-    atomic_write(path, data, what="ONNX output")
+    if m.ByteSize() > _EXTERNAL_THRESHOLD:  # beyond protobuf's limit: tensors go to PATH.data
+        chunks = _move_to_external(m, os.path.basename(path) + ".data")
+        atomic_write(path + ".data", lambda f: [f.write(c) for c in chunks], what="ONNX external data")
+    atomic_write(path, m.SerializeToString(), what="ONNX output")
     return path
+
+
+def _move_to_external(m, location: str) -> list:
+    """Move every initializer of ``m`` holding at least ``_EXTERNAL_MIN_TENSOR`` bytes of raw data to the external file
+    ``location`` (relative to the model's folder).  Returns the file's chunks, in order; each tensor's
+    offset is a multiple of 4096 (what onnx itself writes)."""
+    from onnx import TensorProto, numpy_helper
+
+    chunks, pos = [], 0
+    for t in m.graph.initializer:
+        if not t.HasField("raw_data"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+        if len(t.raw_data) < _EXTERNAL_MIN_TENSOR:
+            continue
+        pad = -pos % 4096
+        if pad:
+            chunks.append(b"\0" * pad)
+            pos += pad
+        data = t.raw_data
+        chunks.append(data)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", location), ("offset", str(pos)), ("length", str(len(data)))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        pos += len(data)
+    return chunks

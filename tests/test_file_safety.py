@@ -362,3 +362,23 @@ def test_a_plan_that_loads_can_be_saved_again_deep_meta_is_refused_on_load_and_s
     exe = lr.load(p)
     exe.save(tmp_path / "again.plan")
     assert planfile.load_plan(tmp_path / "again.plan").meta == ok
+
+
+def test_export_onnx_beyond_the_protobuf_limit_writes_external_data_atomically(tmp_path, monkeypatch):
+    """The >2 GiB path (threshold lowered here) goes through the same atomic writer and ONNX Runtime
+    reads the result."""
+    import libml_compile.onnx_export as ox
+    ort = pytest.importorskip("onnxruntime")
+    prog = _onnx_program(tmp_path)
+    prog.set_params({"w": np.full((4, 3), 0.5, np.float32)})
+    monkeypatch.setattr(ox, "_EXTERNAL_THRESHOLD", 10)
+    monkeypatch.setattr(ox, "_EXTERNAL_MIN_TENSOR", 1)
+    out = tmp_path / "big.onnx"
+    old = os.umask(0o027)
+    try:
+        lc.export_onnx(prog, out)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(str(out) + ".data").st_mode) == 0o640
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": np.ones((2, 4), np.float32)})[0], np.full((2, 3), 2.0))
