@@ -18,6 +18,17 @@ DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
 _ids = itertools.count()
 
 
+def native_array(value, dtype=None):
+    """A C-contiguous copy of ``value`` in the machine's byte order (``>f4`` becomes ``float32``).
+
+    Every user array enters libml through this (params, consts), so the runtime, which reads raw bytes,
+    never sees a big-endian, strided or subclassed array."""
+    arr = np.array(value, dtype=dtype, copy=True)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return np.array(arr, order="C", copy=None, subok=False)  # (ascontiguousarray would make 0-d 1-d)
+
+
 def canonical_dtype(dtype) -> str:
     """Normalise a dtype spec (str, numpy dtype, type) to its numpy name; TypeError if unsupported."""
     try:
@@ -113,26 +124,24 @@ class Graph:
     def param(self, name, value, dtype=None):
         """Declare a parameter with initial ``value`` (copied); floating dtypes only."""
         self._check_new_name(name)
-        arr = np.array(value, dtype=dtype, copy=True)
+        arr = native_array(value, dtype)
         dt = canonical_dtype(arr.dtype)
         if dt not in FLOAT_DTYPES:
             raise TypeError(f"param {name!r}: dtype {dt} is not trainable; use float32 or float64 "
                             f"(or g.const for integer data)")
-        arr = np.array(arr, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
         t = Tensor(self, "param", (), {}, arr.shape, dt, name, value=arr)
         self.params[name] = t
         return self._add(t)
 
     def const(self, value, name=None, dtype=None):
         """A constant tensor (not trainable). Python scalars default to float32."""
-        arr = np.array(value, dtype=dtype, copy=True)
+        arr = native_array(value, dtype)
         if arr.dtype == np.float64 and dtype is None and not isinstance(value, np.ndarray):
             arr = arr.astype(np.float32)
         if arr.dtype == bool:
             arr = arr.astype(np.uint8)
         if name is not None:
             self._check_new_name(name)
-        arr = np.array(arr, order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
         arr.flags.writeable = False
         t = Tensor(self, "const", (), {}, arr.shape, canonical_dtype(arr.dtype), name, value=arr)
         return self._add(t)

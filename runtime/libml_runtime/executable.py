@@ -38,6 +38,27 @@ def _calls_blas(code):
     return False
 
 
+def _checked_value(what, v, dt, shape):
+    """``v`` as a native array of dtype ``dt`` and ``shape``, or a ValueError/TypeError naming ``what``:
+    strings, objects and complex numbers are refused, and so are finite values that overflow ``dt``."""
+    try:
+        a = np.asarray(v)
+    except Exception as e:  # noqa: BLE001 - ragged lists and the like
+        raise TypeError(f"{what}: cannot convert {type(v).__name__} to an array ({e})") from None
+    if a.dtype.kind not in "biuf":
+        raise TypeError(f"{what}: expected real numbers, got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{what}: expected shape {tuple(shape)}, got {a.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = a.astype(np.dtype(dt))
+    if a.dtype.kind == "f" and np.dtype(dt).kind == "f":
+        overflow = np.isfinite(a) & ~np.isfinite(c)
+        if overflow.any():
+            i = np.unravel_index(int(np.argmax(overflow.reshape(-1))), a.shape) if a.ndim else ()
+            raise ValueError(f"{what}: value {a[i]!r} at index {tuple(int(k) for k in i)} overflows {dt}")
+    return c
+
+
 class RuntimeFailure(RuntimeError):
     """The runtime stopped a plan (e.g. integer division by zero)."""
 
@@ -69,20 +90,21 @@ class Executable:
     # ---- public API ------------------------------------------------------------------------------
     @property
     def params(self):
-        """name -> copy of the current value."""
-        return {name: self._view(1, off, dt, shape).copy() for name, off, dt, shape, _ in self.plan.params}
+        """name -> copy of the current value (taken under the lock: never half an update)."""
+        with self._lock:
+            return {name: self._view(1, off, dt, shape).copy() for name, off, dt, shape, _ in self.plan.params}
 
     def set_params(self, values):
-        """Overwrite params by name; each value must match the param's shape (cast to its dtype)."""
+        """Overwrite params by name.  Every value is checked first (known name, the param's shape, a real
+        number dtype, no overflow when cast to the param's dtype); on any error nothing is written."""
+        if not isinstance(values, dict):
+            raise TypeError(f"set_params: expected a dict name -> array, got {type(values).__name__}")
         staged = []
         for name, v in values.items():
             if name not in self._param_index:
                 raise ValueError(f"unknown param {name!r}; params are {sorted(self._param_index)}")
             _, off, dt, shape, _ = self._param_index[name]
-            v = np.asarray(v)
-            if v.shape != tuple(shape):
-                raise ValueError(f"param {name!r}: expected shape {tuple(shape)}, got {v.shape}")
-            staged.append((off, dt, shape, v))
+            staged.append((off, dt, shape, _checked_value(f"param {name!r}", v, dt, shape)))
         with self._lock:
             for off, dt, shape, v in staged:
                 self._view(1, off, dt, shape)[...] = v
@@ -128,10 +150,12 @@ class Executable:
                                   self.num_threads)
 
     def state_dict(self):
-        """Copies of every persistent array: params and optimizer state (checkpoint content)."""
-        d = self.params
-        for name, off, dt, shape in self.plan.opt_state:
-            d[name] = self._view(1, off, dt, shape).copy()
+        """Copies of every persistent array: params and optimizer state (checkpoint content), all taken
+        under one hold of the lock, so they belong to the same step."""
+        with self._lock:
+            d = self.params
+            for name, off, dt, shape in self.plan.opt_state:
+                d[name] = self._view(1, off, dt, shape).copy()
         return d
 
     def load_state_dict(self, d):
@@ -140,13 +164,16 @@ class Executable:
         missing = set(entries) - set(d)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
+        staged = []
         for name, (off, dt, shape) in entries.items():
             v = np.asarray(d[name])
-            if v.shape != tuple(shape) or v.dtype != np.dtype(dt):
+            # the exact dtype (any byte order) and shape: a state dict is not converted, only restored
+            if v.shape != tuple(shape) or v.dtype.newbyteorder("=") != np.dtype(dt):
                 raise ValueError(f"state {name!r}: expected {dt}{tuple(shape)}, got {v.dtype}{v.shape}")
+            staged.append((off, dt, shape, v))
         with self._lock:
-            for name, (off, dt, shape) in entries.items():
-                self._view(1, off, dt, shape)[...] = d[name]
+            for off, dt, shape, v in staged:
+                self._view(1, off, dt, shape)[...] = v
 
     def save(self, path):
         """Write this program (plan, current params and optimizer state) to one self-contained plan file
@@ -212,6 +239,8 @@ class Executable:
 
     def _check_feed(self, name, dt, shape, v):
         a = v if isinstance(v, np.ndarray) else np.asarray(v)
+        if not a.dtype.isnative and a.dtype.newbyteorder("=") == np.dtype(dt):
+            a = a.astype(np.dtype(dt))  # a big-endian float32 is a float32: convert, the kernels read raw bytes
         if a.dtype != np.dtype(dt):
             raise TypeError(f"feed {name!r}: expected dtype {dt}, got {a.dtype}")
         if a.shape != shape:

@@ -1,0 +1,128 @@
+"""Where user arrays enter the runtime and where state leaves it (issue 10, items 2, 6, 7).
+
+* Arrays in any byte order or layout (``>f4``, strided, read-only, subclasses) are converted where they
+  enter: params, consts, feeds, ``set_params``, ``load_state_dict``; the kernels read raw bytes.
+* Readers of the state (``params``, ``state_dict``) hold the lock a step holds: never half an update.
+* ``set_params`` validates every value before it writes any.
+"""
+import threading
+
+import numpy as np
+import pytest
+
+import libml_compile as lc
+
+
+def _xw_program(w, c=None):
+    g = lc.Graph("xw")
+    x = g.input("x", (1, 2))
+    y = x @ g.param("w", w)
+    if c is not None:
+        y = y + g.const(c)
+    g.output("y", y)
+    return lc.compile(g)
+
+
+ONE_BY_TWO = np.ones((1, 2), np.float32)
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+def test_params_and_consts_in_either_byte_order_compute_the_same(order):
+    prog = _xw_program(np.array([[1.0], [2.0]], dtype=order + "f4"), np.array([0.5], dtype=order + "f4"))
+    np.testing.assert_array_equal(prog.run({"x": ONE_BY_TWO})["y"], [[3.5]])
+    assert prog.params["w"].dtype == np.float32
+
+
+def test_integer_consts_in_big_endian_are_read_as_numbers():
+    g = lc.Graph("ints")
+    i = g.input("i", (3,), dtype="int64")
+    g.output("y", i + g.const(np.array([1, 2, 3], dtype=">i8")))
+    out = lc.compile(g).run({"i": np.zeros(3, np.int64)})["y"]
+    np.testing.assert_array_equal(out, [1, 2, 3])
+
+
+def test_feeds_set_params_and_state_dicts_in_big_endian_are_converted():
+    prog = _xw_program(np.ones((2, 1), np.float32))
+    np.testing.assert_array_equal(prog.run({"x": np.ones((1, 2), ">f4")})["y"], [[2.0]])
+    prog.set_params({"w": np.array([[2.0], [3.0]], ">f4")})
+    np.testing.assert_array_equal(prog.run({"x": ONE_BY_TWO})["y"], [[5.0]])
+    prog.load_state_dict({"w": np.array([[4.0], [4.0]], ">f4")})
+    np.testing.assert_array_equal(prog.run({"x": ONE_BY_TWO})["y"], [[8.0]])
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_strided_readonly_and_subclassed_arrays_enter_as_plain_copies():
+    base = np.arange(8, dtype=np.float32).reshape(4, 2)
+    w = base[::2, :1]                      # strided (2, 1) view: [[0], [4]]
+    w.flags.writeable = False
+    prog = _xw_program(w, np.asmatrix([[1.0]], dtype=np.float32))
+    np.testing.assert_array_equal(prog.run({"x": ONE_BY_TWO})["y"], [[5.0]])
+    x = np.ones((2, 4), np.float32)[:, ::2][:1]  # non-contiguous feed
+    np.testing.assert_array_equal(prog.run({"x": x})["y"], [[5.0]])
+
+
+# ---- item 7: set_params validates everything, then writes everything --------------------------------
+
+def _two_param_program():
+    g = lc.Graph("two")
+    x = g.input("x", (1, 2))
+    a = g.param("a", np.ones((2, 1), np.float32))
+    b = g.param("b", np.ones(1, np.float32))
+    g.output("y", x @ a + b)
+    return lc.compile(g)
+
+
+@pytest.mark.parametrize("bad, err, match", [
+    ("abc", TypeError, "real numbers"),
+    (np.array([1 + 2j]), TypeError, "real numbers"),
+    (np.array([1e300]), ValueError, "overflows float32"),
+    (np.ones(2, np.float32), ValueError, "expected shape"),
+    ([[1], [2, 3]], TypeError, "cannot convert"),
+])
+def test_set_params_with_one_bad_value_writes_nothing(bad, err, match):
+    prog = _two_param_program()
+    before = prog.params
+    with pytest.raises(err, match=match):
+        prog.set_params({"a": np.full((2, 1), 7.0), "b": bad})  # the good value comes first
+    for k, v in prog.params.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_set_params_accepts_integers_and_float64_that_fit():
+    prog = _two_param_program()
+    prog.set_params({"a": np.array([[2], [3]]), "b": np.array([0.25])})
+    np.testing.assert_array_equal(prog.run({"x": ONE_BY_TWO})["y"], [[5.25]])
+
+
+# ---- item 6: readers take the step's lock --------------------------------------------------------------
+
+def test_params_and_state_dict_never_return_half_an_update():
+    """Eight params that every SGD step moves by the same amount: any snapshot taken while the update
+    instruction is half done has params that differ."""
+    n = 1 << 17
+    g = lc.Graph("lockstep")
+    ws = [g.param(f"w{k}", np.zeros(n, np.float32)) for k in range(8)]
+    loss = ws[0] * 1.0
+    for w in ws[1:]:
+        loss = loss + w
+    loss = lc.sum(loss)
+    g.output("loss", loss)
+    prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=1.0, momentum=0.5), num_threads=1)
+    stop = threading.Event()
+
+    def train():
+        while not stop.is_set():
+            prog.step({})
+
+    t = threading.Thread(target=train)
+    t.start()
+    torn = 0
+    try:
+        for k in range(60):
+            snap = prog.params if k % 2 else prog.state_dict()
+            firsts = {float(snap[f"w{j}"][0]) for j in range(8)} | {float(snap[f"w{j}"][-1]) for j in range(8)}
+            torn += len(firsts) != 1
+    finally:
+        stop.set()
+        t.join()
+    assert torn == 0, f"{torn} of 60 snapshots mixed two steps"
