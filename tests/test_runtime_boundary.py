@@ -126,3 +126,41 @@ def test_params_and_state_dict_never_return_half_an_update():
         stop.set()
         t.join()
     assert torn == 0, f"{torn} of 60 snapshots mixed two steps"
+
+
+# ---- item 15: integer MIN / -1 wraps as in NumPy, never a SIGFPE ----------------------------------------
+
+INT_CHILD = r"""
+import sys, numpy as np, libml_compile as lc
+for dt in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+    info = np.iinfo(dt)
+    a = np.array([info.min, info.max, info.min, 7, -7 if info.min < 0 else 7, info.max], dt)
+    b = np.array([-1 if info.min < 0 else 1, -1 if info.min < 0 else 3, 1, -2 if info.min < 0 else 2, 2, info.max], dt)
+    g = lc.Graph(dt)
+    x, y = g.input("a", a.shape, dtype=dt), g.input("b", b.shape, dtype=dt)
+    for op in ("add", "sub", "mul", "div"):
+        g.output(op, getattr(lc, op)(x, y))
+    got = lc.compile(g).run({"a": a, "b": b})
+    with np.errstate(all="ignore"):
+        want = {"add": a + b, "sub": a - b, "mul": a * b,
+                "div": (np.sign(a) * np.sign(b) * (np.abs(a) // np.abs(b))).astype(dt) if info.min < 0 else a // b}
+    for op in want:
+        if not np.array_equal(got[op], want[op]):
+            sys.exit(f"{dt} {op}: got {got[op]}, want {want[op]}")
+print("ok")
+"""
+
+
+def test_integer_min_divided_by_minus_one_wraps_and_overflow_wraps_like_numpy():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", INT_CHILD], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stdout, p.stderr[-2000:])
+
+
+def test_constant_folding_of_integer_min_divided_by_minus_one_agrees_with_the_kernel():
+    g = lc.Graph("fold")
+    q = g.const(np.array([np.iinfo(np.int32).min], np.int32)) / g.const(np.array([-1], np.int32))
+    g.output("q", q + g.input("z", (1,), dtype="int32"))
+    out = lc.compile(g).run({"z": np.zeros(1, np.int32)})["q"]
+    np.testing.assert_array_equal(out, [np.iinfo(np.int32).min])

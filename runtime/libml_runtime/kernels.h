@@ -178,17 +178,28 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
 #undef LM_LOG
 #undef LM_SQRT
 
-/* ---- integer elementwise (forward only; ONNX semantics: wrap-around, division truncates) ---- */
+/* ---- integer elementwise (forward only; ONNX/NumPy semantics: wrap-around, division truncates) ----
+ * + - * are done in uint64_t: signed overflow is undefined behaviour in C (and uint16 * uint16 promotes
+ * to int, which overflows), unsigned arithmetic wraps, and its low bits converted back are the
+ * two's-complement result NumPy gives.
+ * Division by -1 is a (wrapping) negation: MIN / -1 traps (SIGFPE) on x86 for 32 and 64 bits, and its
+ * wrapped result, MIN, is what NumPy returns. */
 
-#define LM_INT_BINARY(T, NAME)                                                                        \
+#define LM_INT_BINARY(T, NAME)                                                                     \
 static int NAME(int64_t op, int64_t n, const T *a, int64_t sa, const T *b, int64_t sb, T *o)         \
 {                                                                                                     \
     int64_t i;                                                                                        \
     switch (op) {                                                                                     \
-    case VM_ADD: for (i = 0; i < n; i++) o[i] = (T)(a[i * sa] + b[i * sb]); break;                    \
-    case VM_SUB: for (i = 0; i < n; i++) o[i] = (T)(a[i * sa] - b[i * sb]); break;                    \
-    case VM_MUL: for (i = 0; i < n; i++) o[i] = (T)(a[i * sa] * b[i * sb]); break;                    \
-    case VM_DIV: for (i = 0; i < n; i++) { if (b[i * sb] == 0) return -3; o[i] = (T)(a[i * sa] / b[i * sb]); } break; \
+    case VM_ADD: for (i = 0; i < n; i++) o[i] = (T)((uint64_t)a[i * sa] + (uint64_t)b[i * sb]); break;              \
+    case VM_SUB: for (i = 0; i < n; i++) o[i] = (T)((uint64_t)a[i * sa] - (uint64_t)b[i * sb]); break;              \
+    case VM_MUL: for (i = 0; i < n; i++) o[i] = (T)((uint64_t)a[i * sa] * (uint64_t)b[i * sb]); break;              \
+    case VM_DIV:                                                                                      \
+        for (i = 0; i < n; i++) {                                                                     \
+            T y = b[i * sb];                                                                          \
+            if (y == 0) return -3;                                                                    \
+            o[i] = ((T)-1 < 0 && y == (T)-1) ? (T)((uint64_t)0 - (uint64_t)a[i * sa]) : (T)(a[i * sa] / y);         \
+        }                                                                                             \
+        break;                                                                                        \
     default: return -1;                                                                               \
     }                                                                                                 \
     return 0;                                                                                         \
