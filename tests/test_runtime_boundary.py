@@ -164,3 +164,70 @@ def test_constant_folding_of_integer_min_divided_by_minus_one_agrees_with_the_ke
     g.output("q", q + g.input("z", (1,), dtype="int32"))
     out = lc.compile(g).run({"z": np.zeros(1, np.int32)})["q"]
     np.testing.assert_array_equal(out, [np.iinfo(np.int32).min])
+
+
+# ---- item 17: thread counts are bounded; item 18: labels are read once ---------------------------------
+
+@pytest.mark.parametrize("n, match", [(0, r"\[1, 256\], got 0"), (10_000, r"\[1, 256\], got 10000"),
+                                      (100_000, "got 100000"), (2.5, "must be an integer"),
+                                      ("4", "must be an integer"), (True, "must be an integer")])
+def test_num_threads_outside_the_documented_range_is_a_value_error(n, match):
+    from libml_runtime.threads import MAX_THREADS
+    assert MAX_THREADS == 256
+    with pytest.raises(ValueError, match=match):
+        _xw_program_threads(n)
+
+
+def _xw_program_threads(n):
+    g = lc.Graph("t")
+    g.output("y", g.input("x", (1, 2)) @ g.param("w", np.ones((2, 1), np.float32)))
+    return lc.compile(g, num_threads=n)
+
+
+@pytest.mark.parametrize("env, ok", [("100000", False), ("abc", False), ("0", False), ("3,2", True), ("2", True)])
+def test_omp_num_threads_is_validated(monkeypatch, env, ok):
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    if ok:
+        assert _xw_program_threads(None).num_threads == int(env.split(",")[0])
+    else:
+        with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+            _xw_program_threads(None)
+
+
+LABEL_RACE_CHILD = r"""
+import threading, numpy as np, libml_compile as lc
+B, C = 256, 4
+g = lc.Graph("race")
+x = g.input("x", (B, 8)); y = g.input("y", (B,), dtype="int64")
+w = g.param("w", np.zeros((8, C), np.float32))
+loss = lc.softmax_cross_entropy(x @ w, y)
+g.output("loss", loss)
+prog = lc.compile(g, loss=loss, optimizer=lc.SGD(0.1), num_threads=2)
+feeds = {"x": np.ones((B, 8), np.float32), "y": np.zeros(B, np.int64)}
+stop = threading.Event()
+def scribble():
+    lab = feeds["y"]
+    while not stop.is_set():
+        lab[:] = 1 << 40      # far out of range: an unchecked read indexes 4 TB away
+        lab[:] = 0
+t = threading.Thread(target=scribble); t.start()
+clean = refused = 0
+try:
+    for _ in range(3000):
+        try:
+            prog.step(feeds); prog.run(feeds); clean += 1
+        except ValueError as e:
+            assert "'y'" in str(e), e
+            refused += 1
+finally:
+    stop.set(); t.join()
+assert np.all(np.isfinite(prog.params["w"]))
+print("ok", clean, refused)
+"""
+
+
+def test_labels_rewritten_by_another_thread_during_steps_never_crash():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", LABEL_RACE_CHILD], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0 and p.stdout.startswith("ok"), (p.returncode, p.stdout, p.stderr[-2000:])

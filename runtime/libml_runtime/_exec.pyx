@@ -17,7 +17,7 @@ from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrt, pow
 from cython cimport floating
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from openmp cimport omp_get_wtime
 from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 
@@ -70,6 +70,8 @@ cdef extern from "kernels.h" nogil:
     void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t s, char *dst)
     int64_t lm_load_as_i64(int64_t dt, const char *p, int64_t i)
     int64_t lm_bad_label(int64_t dt, const char *lab, int64_t B, int64_t C)
+    int64_t lm_copy_labels(int64_t dt, const char *lab, int64_t B, int64_t C, int64_t *out)
+    enum: LM_DT_I64
 
 # opcodes: keep in sync with format.py
 DEF OP_EW = 1
@@ -129,6 +131,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     cdef floating zero
     cdef floating *dst
     cdef floating *regs
+    cdef floating *ws
     cdef floating *partial
     cdef floating *acc
     cdef int k
@@ -158,17 +161,25 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                 _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
             free(regs)
         else:
+            # one checked allocation for every thread's registers, before the region (a malloc failing
+            # inside it could not stop the step)
+            ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
+            if ws == NULL:
+                return ERR_NOMEM
             with parallel(num_threads=nt):
-                regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+                regs = ws + threadid() * e.n_regs * LM_BLK
                 for it in prange(e.items, schedule="static"):
                     row = it // e.nblk
                     _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
-                free(regs)
+            free(ws)
     elif e.mode == 1:
-        # reductions along the innermost dim only: a row is one task, its blocks summed in order
+        # reductions along the innermost dim only: a row is one task, its blocks summed in order.
+        # Registers and the row accumulators are per thread (a shared C array would race).
+        ws = <floating*>malloc(nt * (e.n_regs * LM_BLK + LM_MAXIO) * sizeof(floating))
+        if ws == NULL:
+            return ERR_NOMEM
         with parallel(num_threads=nt):
-            # registers and the row accumulators are per thread (a shared C array would race)
-            regs = <floating*>malloc((e.n_regs * LM_BLK + LM_MAXIO) * sizeof(floating))
+            regs = ws + threadid() * (e.n_regs * LM_BLK + LM_MAXIO)
             acc = regs + e.n_regs * LM_BLK
             for row in prange(e.rows, schedule="static"):
                 for k in range(e.n_out):
@@ -176,13 +187,17 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                 for b in range(e.nblk):
                     _ew_block(&e, bases, consts, row, b, regs, <floating*>NULL, acc)
                 _ew_row_store(&e, bases, consts, row, acc)
-            free(regs)
+        free(ws)
     else:
         # general reductions: a fixed number of chunks (independent of the thread count) accumulate
         # private partial sums, combined afterwards in chunk order -> bit-identical for any nthreads
         partial = <floating*>(bases[e.scratch_slot] + e.scratch_off)
-        with parallel(num_threads=nt if e.nchunks > 1 else 1):
-            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
+        nt = nt if e.nchunks > 1 else 1
+        ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
+        if ws == NULL:
+            return ERR_NOMEM
+        with parallel(num_threads=nt):
+            regs = ws + threadid() * e.n_regs * LM_BLK
             for c in prange(e.nchunks, schedule="static"):
                 memset(partial + c * e.red_total, 0, e.red_total * sizeof(floating))
                 lo = (e.items * c) // e.nchunks
@@ -191,7 +206,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                     row = it // e.nblk
                     _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, partial + c * e.red_total,
                               <floating*>NULL)
-            free(regs)
+        free(ws)
         if floating is float:
             lm_ew_combine_f32(&e, bases, consts, partial)
         else:
@@ -398,17 +413,21 @@ cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) 
     cdef floating *x = <floating*>_ptr(bases, f + 4)
     cdef floating *y = <floating*>_ptr(bases, f + 6)
     cdef floating *tmp
+    cdef floating *ws
     cdef int nt = _threads(outer * K * inner, nthreads)
     if outer * K * inner == 0:
         return 0
+    ws = <floating*>malloc(nt * (2 * inner + 1) * sizeof(floating))
+    if ws == NULL:
+        return ERR_NOMEM
     with parallel(num_threads=nt):
-        tmp = <floating*>malloc((2 * inner + 1) * sizeof(floating))
+        tmp = ws + threadid() * (2 * inner + 1)
         for o in prange(outer, schedule="static"):
             if floating is float:
                 lm_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
             else:
                 lm_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
-        free(tmp)
+    free(ws)
     return 0
 
 
@@ -418,14 +437,20 @@ cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) 
     cdef floating *z = <floating*>_ptr(bases, f + 3)
     cdef char *lab = _ptr(bases, f + 5)
     cdef floating *out = <floating*>_ptr(bases, f + 8)
-    bad = lm_bad_label(f[7], lab, B, C)
+    # the labels are copied, then checked and used from the copy: fed memory is read once
+    cdef int64_t *y = <int64_t*>malloc(max(B, 1) * sizeof(int64_t))
+    if y == NULL:
+        return ERR_NOMEM
+    bad = lm_copy_labels(f[7], lab, B, C, y)
     if bad >= 0:
+        free(y)
         detail[0] = bad
         return ERR_LABEL
     if floating is float:
-        out[0] = lm_xent_f32(B, C, z, f[7], lab)
+        out[0] = lm_xent_f32(B, C, z, LM_DT_I64, <char*>y)
     else:
-        out[0] = lm_xent_f64(B, C, z, f[7], lab)
+        out[0] = lm_xent_f64(B, C, z, LM_DT_I64, <char*>y)
+    free(y)
     return 0
 
 
@@ -443,25 +468,28 @@ cdef int _xent_grad(floating dummy, const int64_t *f, char **bases, int nthreads
     cdef double *rows = NULL
     cdef double total = 0
     cdef floating gs
-    bad = lm_bad_label(ldt, lab, B, C)
+    # labels copied, checked and used from the copy (fed memory is read once); row losses after them
+    cdef int64_t *y = <int64_t*>malloc(max(B, 1) * (sizeof(int64_t) + sizeof(double)))
+    if y == NULL:
+        return ERR_NOMEM
+    bad = lm_copy_labels(ldt, lab, B, C, y)
     if bad >= 0:
+        free(y)
         detail[0] = bad
         return ERR_LABEL
     if loss != NULL:
-        rows = <double*>malloc(B * sizeof(double))
-        if rows == NULL:
-            return ERR_NOMEM
+        rows = <double*>(y + max(B, 1))
     gs = g[0] / B
     for b in prange(B, num_threads=_threads(B * C, nthreads), schedule="static"):
         if floating is float:
-            _row_loss(rows, b, lm_xent_grad_row_f32(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C))
+            _row_loss(rows, b, lm_xent_grad_row_f32(C, z + b * C, y[b], gs, out + b * C))
         else:
-            _row_loss(rows, b, lm_xent_grad_row_f64(C, z + b * C, lm_load_as_i64(ldt, lab, b), gs, out + b * C))
+            _row_loss(rows, b, lm_xent_grad_row_f64(C, z + b * C, y[b], gs, out + b * C))
     if loss != NULL:
         for b in range(B):
             total += rows[b]
         loss[0] = <floating>(total / B)
-        free(rows)
+    free(y)
     return 0
 
 

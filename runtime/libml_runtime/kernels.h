@@ -213,6 +213,8 @@ LM_INT_BINARY(uint16_t, lm_ibin_u16)
 LM_INT_BINARY(uint32_t, lm_ibin_u32)
 LM_INT_BINARY(uint64_t, lm_ibin_u64)
 
+enum { LM_DT_I64 = DT_I64 };  /* for the Cython side */
+
 /* one row of an integer binary op; returns 0, -1 bad op/dtype, -3 division by zero */
 static int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
                              const char *b, int64_t sb, char *o)
@@ -276,6 +278,21 @@ static inline void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t 
 }
 
 /* label range check for softmax cross-entropy: returns index of the first bad label or -1 */
+/* Copy B labels of dtype dt into out (int64), reading each once, and check them there: the kernels then
+ * index with the copy only, so another thread rewriting the fed array mid-step cannot make them read
+ * or write out of bounds.  Returns the first bad row or -1. */
+static int64_t lm_copy_labels(int64_t dt, const char *lab, int64_t B, int64_t C, int64_t *out)
+{
+    int64_t i;
+    for (i = 0; i < B; i++) {
+        int64_t y = lm_load_as_i64(dt, lab, i);
+        if (dt == DT_U64 && (uint64_t)y > (uint64_t)INT64_MAX) return i;
+        if (y < 0 || y >= C) return i;
+        out[i] = y;
+    }
+    return -1;
+}
+
 static int64_t lm_bad_label(int64_t dt, const char *lab, int64_t B, int64_t C)
 {
     int64_t i;

@@ -5,19 +5,33 @@ One pool only: during a plan call BLAS is pinned to one thread (threadpoolctl, o
 inside its OpenMP regions (as scikit-learn does).  Two pools busy-waiting on the same cores were
 measured at 10-40x slowdowns on 2 cores.  Every OpenMP region gets ``num_threads`` explicitly.
 """
+import operator
 import os
 
 _controller = None
 
 
+MAX_THREADS = 256  # libgomp aborts near 10,000 threads; no machine libml targets has more than this
+
+
 def resolve_threads(n=None):
-    """Explicit ``n``, else OMP_NUM_THREADS, else the machine's cores."""
+    """Explicit ``n``, else OMP_NUM_THREADS (its first entry: OpenMP allows a nesting list like "4,2"),
+    else the machine's cores.  A count outside [1, MAX_THREADS], or one that is not an integer, is a
+    ValueError naming where it came from."""
+    where = "num_threads"
     if n is None:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        n = int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if not env:
+            return min(os.cpu_count() or 1, MAX_THREADS)
+        where, first = "OMP_NUM_THREADS", env.split(",")[0].strip()
+        if not first.isdigit():
+            raise ValueError(f"OMP_NUM_THREADS={env!r} is not a positive integer")
+        n = int(first)
+    elif isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise ValueError(f"num_threads must be an integer, got {n!r}")
+    n = operator.index(n)
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{where} must be in [1, {MAX_THREADS}], got {n}")
     return n
 
 
