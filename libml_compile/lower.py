@@ -247,7 +247,10 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             desc = _emit_ew(em, ins, geo[k], loc, scratch.offset if scratch is not None else 0)
         else:
             desc = _emit_op(em, ins.x, loc, state, optimizer)
-        summary.append(desc)
+        if isinstance(desc, list):  # a node lowered to several instructions (concat: one per operand)
+            summary += desc
+        else:
+            summary.append(desc)
         if check_finite:
             # results of ops, and the params an update wrote (an update can overflow too)
             nid = em.instr_nodes[-1]
@@ -257,7 +260,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             elif ins.kind == "op" and ins.x.op == "sgd_gemm":
                 written = [ins.x.inputs[2]]
             for w in written:
-                if w.dtype in FLOAT_DTYPES:
+                if w.dtype in FLOAT_DTYPES and w.size and em.instr_nodes:
                     slot, off = loc(w)
                     em.emit(F.OP_CHECK_FINITE, nid, [F.DTYPE_CODE[w.dtype], w.size, slot, off])
 
@@ -630,6 +633,34 @@ def _emit_op(em, t, loc, state, optimizer):
         em.emit(F.OP_INT_EW, nid, [F.DTYPE_CODE[t.dtype], _INT_OPS[op], len(dims), *dims,
                                    *loc(a), *sa, *loc(b), *sb, *loc(t)])
         return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
+    if op == "concat":
+        out_strides = contiguous_strides(t.shape)
+        ax, start, descs = t.attrs["axis"], 0, []
+        slot, off = loc(t)
+        for k, x in enumerate(t.inputs):
+            if x.size:
+                dst = (slot, off + start * out_strides[ax] * np.dtype(t.dtype).itemsize)
+                _emit_copy_nd(em, em.node(op, t.name) if k else nid, t.dtype, x.shape, loc(x),
+                              contiguous_strides(x.shape), dst, out_strides)
+                descs.append({"op": "concat", "node": t.name, "flops": 0, "bytes": 2 * nbytes(x)})
+            start += x.shape[ax]
+        return descs
+    if op == "slice":
+        x = t.inputs[0]
+        xs = contiguous_strides(x.shape)
+        slot, off = loc(x)
+        src = (slot, off + t.attrs["start"] * xs[t.attrs["axis"]] * np.dtype(t.dtype).itemsize)
+        _emit_copy_nd(em, nid, t.dtype, t.shape, src, xs, loc(t), contiguous_strides(t.shape))
+        return {"op": op, "node": t.name, "flops": 0, "bytes": 2 * nbytes(t)}
+    if op in ("gather", "gather_grad"):
+        x, idx = t.inputs
+        table = x.shape if op == "gather" else t.shape   # the indexed tensor's shape
+        ax = t.attrs["axis"]
+        sizes = [int(np.prod(table[:ax], dtype=np.int64)), table[ax], int(np.prod(table[ax + 1:], dtype=np.int64)),
+                 idx.size]
+        head = [np.dtype(t.dtype).itemsize] if op == "gather" else [F.DTYPE_CODE[t.dtype]]
+        em.emit(F.OP_GATHER if op == "gather" else F.OP_SCATTER_ADD, nid, head + sizes + [*loc(x), *loc(idx), *loc(t)])
+        return {"op": op, "node": t.name, "flops": 0 if op == "gather" else x.size, "bytes": nbytes(x, idx, t)}
     if op in ("transpose", "broadcast_to", "identity"):
         x = t.inputs[0]
         dims = list(t.shape) or [1]
@@ -668,6 +699,26 @@ def _emit_op(em, t, loc, state, optimizer):
         em.emit(F.OP_ADAM_APPLY if t.attrs.get("counted") else F.OP_ADAM, nid, fields)
         return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
+
+
+def _emit_copy_nd(em, nid, dtype, dims, src, src_strides, dst, dst_strides):
+    """One OP_COPY_ND moving a ``dims``-shaped block between two strided layouts (element strides).
+    Size-1 dims are dropped and dims contiguous in both layouts merged, so any rank fits LM_MAXD."""
+    keep = [k for k, d in enumerate(dims) if d != 1]
+    d = [dims[k] for k in keep]
+    ss, ds = [src_strides[k] for k in keep], [dst_strides[k] for k in keep]
+    k = len(d) - 2
+    while k >= 0:
+        if ss[k] == ss[k + 1] * d[k + 1] and ds[k] == ds[k + 1] * d[k + 1]:
+            d[k] *= d[k + 1]
+            ss[k], ds[k] = ss[k + 1], ds[k + 1]
+            del d[k + 1], ss[k + 1], ds[k + 1]
+        k -= 1
+    if not d:
+        d, ss, ds = [1], [1], [1]
+    if len(d) > F.LM_MAXD:
+        raise NotImplementedError(f"copy over {len(d)} non-collapsible dims (max {F.LM_MAXD}): {dims}")
+    em.emit(F.OP_COPY_ND, nid, [np.dtype(dtype).itemsize, len(d), *d, *src, *ss, *dst, *ds])
 
 
 def _adam_step(state):

@@ -34,8 +34,8 @@ SUPPORTED_OPS: Tuple[str, ...] = (
     "Shape", "Gather", "Concat",
 )
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
-#: ``Gather`` needs constant indices; ``Concat`` of non-constant float tensors is lowered to matmuls with
-#: 0/1 selection matrices when the frontend has no native concat.
+#: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
+#: (``lc.concat`` / ``lc.gather``), so an Inf stays in its own element and memory is linear in the size.
 FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
 
 #: numpy dtype names libml tensors can have.
@@ -794,26 +794,7 @@ class _Importer:
         idx = np.where(idx < 0, idx + n, idx)
         if self.is_const(data):
             return np.take(data, idx, axis=axis)
-        if hasattr(lc, "gather"):
-            return lc.gather(data, self.g.const(idx), axis=axis, name=out)
-        if not data.dtype.startswith("float"):
-            raise self.err(node, f"Gather of a non-constant {data.dtype} tensor is not supported")
-        # selection-matrix lowering: move `axis` last, multiply by one-hot S (n, m), restore the layout
-        pre, post = shp[:axis], shp[axis + 1:]
-        perm = [i for i in range(r) if i != axis] + [axis]
-        xt = data if axis == r - 1 else lc.transpose(data, tuple(perm), name=self.fresh(out))
-        m = int(idx.size)
-        S = np.zeros((n, m), dtype=data.dtype)
-        S[idx.reshape(-1), np.arange(m)] = 1
-        y = lc.matmul(xt, self.g.const(S), name=self.fresh(out))
-        final = tuple(pre) + tuple(idx.shape) + tuple(post)
-        y = lc.reshape(y, tuple(pre) + tuple(post) + tuple(idx.shape), name=self.fresh(out))
-        k, q, p = len(pre), len(post), idx.ndim
-        perm2 = list(range(k)) + list(range(k + q, k + q + p)) + list(range(k, k + q))
-        if perm2 != list(range(len(perm2))):
-            y = lc.transpose(y, tuple(perm2), name=self.fresh(out))
-        assert tuple(y.shape) == final
-        return lc.identity(y, name=out)
+        return lc.gather(self.T(data), idx, axis=axis, name=out)
 
     def concat(self, node, at):
         lc = self.lc
@@ -834,31 +815,7 @@ class _Importer:
         out = node.output[0]
         if all(self.is_const(v) for v in vals):
             return np.concatenate(vals, axis=axis)
-        if hasattr(lc, "concat"):
-            return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
-        dt = self.dtype(vals[0])
-        if not dt.startswith("float"):
-            raise self.err(node, f"Concat of non-constant {dt} tensors is not supported")
-        # selection-matrix lowering: move `axis` last, y = sum_i x_i @ S_i with 0/1 matrices S_i
-        total = sum(self.shape(v)[axis] for v in vals)
-        perm = [i for i in range(r) if i != axis] + [axis]
-        inv = list(np.argsort(perm))
-        acc, off = None, 0
-        for i, v in enumerate(vals):
-            ni = self.shape(v)[axis]
-            S = np.zeros((ni, total), dtype=dt)
-            S[np.arange(ni), off + np.arange(ni)] = 1
-            off += ni
-            if ni == 0:
-                continue
-            t = self.T(v)
-            if axis != r - 1:
-                t = lc.transpose(t, tuple(perm), name=self.fresh(out))
-            part = lc.matmul(t, self.g.const(S), name=self.fresh(out))
-            acc = part if acc is None else lc.add(acc, part, name=self.fresh(out))
-        if axis != r - 1:
-            acc = lc.transpose(acc, tuple(int(p) for p in inv), name=self.fresh(out))
-        return lc.identity(acc, name=out)
+        return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
 
 
 def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,

@@ -13,6 +13,7 @@ once, centrally.
 """
 from __future__ import annotations
 
+import builtins  # ``sum`` below is the graph op
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -469,3 +470,126 @@ def mse(pred, target, name=None):
         raise ValueError(f"mse: pred shape {pred.shape} and target shape {target.shape} differ")
     d = sub(pred, target)
     return mean(mul(d, d), name=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data movement: concat, slice, gather (copies, never arithmetic: an Inf moves where it is, nowhere else)
+
+def _s_concat(inp, attrs):
+    ax = attrs["axis"]
+    first = inp[0]
+    for x in inp[1:]:
+        if x.dtype != first.dtype:
+            raise TypeError(f"concat: operand dtypes differ ({first.dtype} and {x.dtype})")
+        if x.ndim != first.ndim or any(a != b for k, (a, b) in enumerate(zip(x.shape, first.shape)) if k != ax):
+            raise ValueError(f"concat: shapes {' and '.join(str(t.shape) for t in inp)} differ outside axis {ax}")
+    shape = list(first.shape)
+    shape[ax] = builtins.sum(x.shape[ax] for x in inp)
+    return tuple(shape), first.dtype
+
+
+def _s_slice(inp, attrs):
+    (x,) = inp
+    ax, lo, hi = attrs["axis"], attrs["start"], attrs["stop"]
+    if not 0 <= lo <= hi <= x.shape[ax]:
+        raise ValueError(f"slice: [{lo}, {hi}) is not inside axis {ax} of shape {x.shape}")
+    shape = list(x.shape)
+    shape[ax] = hi - lo
+    return tuple(shape), x.dtype
+
+
+def _s_gather(inp, attrs):
+    x, idx = inp
+    if idx.dtype != "int64":
+        raise TypeError(f"gather: indices must be int64, got {idx.name!r} of dtype {idx.dtype}")
+    ax = attrs["axis"]
+    return x.shape[:ax] + idx.shape + x.shape[ax + 1:], x.dtype
+
+
+def _s_gather_grad(inp, attrs):
+    g, idx = inp
+    return attrs["shape"], g.dtype
+
+
+def _r_gather_grad(attrs, g, idx):
+    ax, shape = attrs["axis"], attrs["shape"]
+    outer = int(np.prod(shape[:ax], dtype=np.int64))
+    n, inner = shape[ax], int(np.prod(shape[ax + 1:], dtype=np.int64))
+    out = np.zeros((outer, n, inner), g.dtype)
+    np.add.at(out, (slice(None), np.where(idx < 0, idx + n, idx).reshape(-1)), g.reshape(outer, idx.size, inner))
+    return out.reshape(shape)
+
+
+def _g_concat(n, g):
+    ax, start, out = n.attrs["axis"], 0, []
+    for x in n.inputs:
+        out.append(make("slice", (g,), {"axis": ax, "start": start, "stop": start + x.shape[ax]}))
+        start += x.shape[ax]
+    return tuple(out)
+
+
+def _g_slice(n, g):
+    # the gradient of a part is the part placed among zeros: concat(0, g, 0) along the axis
+    (x,) = n.inputs
+    ax, lo, hi = n.attrs["axis"], n.attrs["start"], n.attrs["stop"]
+    parts = []
+    for size in (lo, None, x.shape[ax] - hi):
+        if size is None:
+            parts.append(g)
+        elif size:
+            shape = list(x.shape)
+            shape[ax] = size
+            parts.append(g.graph.const(np.zeros(shape, g.dtype)))
+    return (parts[0] if len(parts) == 1 else make("concat", tuple(parts), {"axis": ax}),)
+
+
+for _d in [
+    OpDef("concat", "concat", _s_concat, lambda at, *xs: np.concatenate(xs, axis=at["axis"]), _g_concat,
+          int_ok=True, doc="concatenation along attrs['axis']: one copy per operand into its part"),
+    OpDef("slice", "slice", _s_slice,
+          lambda at, x: np.take(x, np.arange(at["start"], at["stop"]), axis=at["axis"]), _g_slice,
+          int_ok=True, doc="x[..., start:stop, ...] along attrs['axis'] (a strided copy)"),
+    OpDef("gather", "gather", _s_gather, lambda at, x, i: np.take(x, i, axis=at["axis"]),
+          lambda n, g: (make("gather_grad", (g, n.inputs[1]), {"axis": n.attrs["axis"], "shape": n.inputs[0].shape}),
+                        None),
+          int_ok=True, doc="np.take(x, indices, axis): rows picked by int64 indices (negative from the end)"),
+    OpDef("gather_grad", "scatter_add", _s_gather_grad, _r_gather_grad, None,
+          doc="zeros(shape) with g's rows added at the gathered indices, in index order (deterministic)"),
+]:
+    register(_d)
+
+
+def concat(xs, axis=0, name=None):
+    """Concatenate tensors of one dtype along ``axis`` (NumPy/ONNX Concat); copies, no arithmetic."""
+    xs = list(xs)
+    if not xs or not all(isinstance(x, Tensor) for x in xs):
+        raise TypeError("concat: expected a non-empty list of symbolic Tensors")
+    (ax,) = _norm_axes("concat", axis, xs[0].ndim)
+    if len(xs) == 1:
+        return identity(xs[0], name=name)
+    return make("concat", tuple(xs), {"axis": ax}, name)
+
+
+def gather(x, indices, axis=0, name=None):
+    """``np.take(x, indices, axis)`` with ONNX Gather semantics: negative indices count from the end.
+
+    ``indices``: an int array (checked against ``x.shape[axis]`` now) or an integer Tensor (checked by the
+    runtime as it reads them: an index out of range stops the call with an IndexError naming the node)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"gather: expected a symbolic Tensor, got {type(x).__name__}")
+    (ax,) = _norm_axes("gather", axis, x.ndim)
+    n = x.shape[ax]
+    if isinstance(indices, Tensor):
+        if indices.dtype not in INT_DTYPES:
+            raise TypeError(f"gather: indices must be integers, got {indices.name!r} of dtype {indices.dtype}")
+        idx = cast(indices, "int64")
+    else:
+        arr = np.asarray(indices)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"gather: indices must be integers, got dtype {arr.dtype}")
+        arr = arr.astype(np.int64)
+        if arr.size and (arr.min() < -n or arr.max() >= n):
+            raise ValueError(f"gather: indices {arr.reshape(-1)[:8].tolist()} out of range for axis {ax} "
+                             f"of size {n} (shape {x.shape})")
+        idx = x.graph.const(np.where(arr < 0, arr + n, arr))
+    return make("gather", (x, idx), {"axis": ax}, name)

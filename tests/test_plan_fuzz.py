@@ -62,7 +62,18 @@ def base_plans(tmp_path_factory):
     prog = lc.compile(g, loss, lc.Adam(lr=1e-2))
     assert "adam_count" in [r["op"] for r in prog.instructions("step")]
     prog.save(d / "adam_split.plan")
-    for name in ("sgd.plan", "adam.plan", "mix.plan", "adam_split.plan"):
+    # data movement: copy_nd (concat, slice), gather and scatter_add (gather's gradient)
+    g = lc.Graph("moves")
+    x = g.input("x", (3, 4))
+    w = g.param("w", np.arange(8, dtype=np.float32).reshape(2, 4))
+    c = lc.concat([x, w, x * 2.0], axis=0)
+    h = lc.gather(c, [7, -1, 0, 3], axis=0)
+    loss = lc.mean(lc.sigmoid(h))
+    g.output("loss", loss)
+    prog = lc.compile(g, loss, lc.SGD(lr=0.1))
+    assert {"concat", "slice", "gather", "gather_grad"} <= {r["op"] for r in prog.instructions("step")}
+    prog.save(d / "moves.plan")
+    for name in ("sgd.plan", "adam.plan", "mix.plan", "adam_split.plan", "moves.plan"):
         paths.append(str(d / name))
     return d, paths
 

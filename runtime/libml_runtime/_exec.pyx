@@ -68,6 +68,7 @@ cdef extern from "kernels.h" nogil:
                           const char *b, int64_t sb, char *o)
     int lm_cast(int64_t sdt, int64_t ddt, int64_t n, const char *src, char *dst)
     void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t s, char *dst)
+    void lm_copy_row2(int64_t isz, int64_t n, const char *src, int64_t s, char *dst, int64_t ds)
     int64_t lm_load_as_i64(int64_t dt, const char *p, int64_t i)
     int64_t lm_bad_label(int64_t dt, const char *lab, int64_t B, int64_t C)
     int64_t lm_copy_labels(int64_t dt, const char *lab, int64_t B, int64_t C, int64_t *out)
@@ -87,9 +88,13 @@ DEF OP_SGD = 10
 DEF OP_ADAM = 11
 DEF OP_CHECK_FINITE = 12
 DEF OP_ADAM_APPLY = 13
+DEF OP_COPY_ND = 14
+DEF OP_GATHER = 15
+DEF OP_SCATTER_ADD = 16
 
 # error codes returned by run_plan (format.py turns them into exceptions)
 DEF ERR_MALFORMED = -1
+DEF ERR_INDEX = -11
 DEF ERR_OPCODE = -2
 DEF ERR_INT_DIV_ZERO = -3
 DEF ERR_NOMEM = -4
@@ -606,6 +611,79 @@ cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
     return 0
 
 
+cdef int _copy_nd(const int64_t *f, char **bases) noexcept nogil:
+    # fields: itemsize ndim dims[ndim] src(2) src_strides[ndim] dst(2) dst_strides[ndim]
+    # Concat writes each input into its part of the output, slice reads a part: moves, no arithmetic.
+    cdef int64_t isz = f[0], nd = f[1], rows = 1, r, d
+    cdef const int64_t *dims = f + 2
+    cdef const int64_t *fs = f + 2 + nd
+    cdef const int64_t *ss = fs + 2
+    cdef const int64_t *fd = ss + nd
+    cdef const int64_t *ds = fd + 2
+    if nd == 0:
+        memcpy(_ptr(bases, fd), _ptr(bases, fs), <size_t>isz)
+        return 0
+    for d in range(nd):
+        if dims[d] == 0:
+            return 0
+    for d in range(nd - 1):
+        rows *= dims[d]
+    for r in range(rows):
+        lm_copy_row2(isz, dims[nd - 1], _ptr(bases, fs) + isz * _unravel(nd, dims, r, ss), ss[nd - 1],
+                     _ptr(bases, fd) + isz * _unravel(nd, dims, r, ds), ds[nd - 1])
+    return 0
+
+
+cdef inline int64_t _index(const int64_t *idx, int64_t j, int64_t n) noexcept nogil:
+    """idx[j] as a position in [0, n) (negative counts from the end, as in ONNX), or -1 if out of range"""
+    cdef int64_t k = idx[j]
+    if k < 0:
+        k += n
+    return k if 0 <= k < n else -1
+
+
+cdef int _gather(const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
+    # fields: itemsize outer n inner nidx src(2) idx(2) dst(2)
+    # dst[o, j, :] = src[o, idx[j], :]; idx int64 (read once per use, range-checked there)
+    cdef int64_t isz = f[0], outer = f[1], n = f[2], inner = f[3], nidx = f[4], o, j, k
+    cdef const char *src = _ptr(bases, f + 5)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + 7)
+    cdef char *dst = _ptr(bases, f + 9)
+    for j in range(nidx):
+        k = _index(idx, j, n)
+        if k < 0:
+            detail[0] = j
+            return ERR_INDEX
+        for o in range(outer):
+            memcpy(dst + isz * (o * nidx + j) * inner, src + isz * (o * n + k) * inner, <size_t>(isz * inner))
+    return 0
+
+
+cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
+    # fields: dtype outer n inner nidx g(2) idx(2) dst(2)
+    # dst = 0; dst[o, idx[j], :] += g[o, j, :] -- gather's gradient.  Serial over j, in index order, so
+    # repeated indices sum in the same order for any thread count (no atomics).
+    cdef int64_t outer = f[1], n = f[2], inner = f[3], nidx = f[4], o, j, k, i
+    cdef const floating *g = <const floating*>_ptr(bases, f + 5)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + 7)
+    cdef floating *dst = <floating*>_ptr(bases, f + 9)
+    cdef floating *d
+    cdef const floating *s
+    for j in range(nidx):
+        if _index(idx, j, n) < 0:
+            detail[0] = j
+            return ERR_INDEX
+    memset(dst, 0, <size_t>(outer * n * inner * sizeof(floating)))
+    for o in range(outer):
+        for j in range(nidx):
+            k = _index(idx, j, n)
+            d = dst + (o * n + k) * inner
+            s = g + (o * nidx + j) * inner
+            for i in range(inner):
+                d[i] += s[i]
+    return 0
+
+
 cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
     # fields: dtype n buf(2)
     if f[0] == 0:
@@ -657,6 +735,12 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
                 else _adam(f64, f, bases, consts, nthreads, op == OP_ADAM)
         elif op == OP_CHECK_FINITE:
             rc = _check_finite(f, bases)
+        elif op == OP_COPY_ND:
+            rc = _copy_nd(f, bases)
+        elif op == OP_GATHER:
+            rc = _gather(f, bases, detail)
+        elif op == OP_SCATTER_ADD:
+            rc = _scatter_add(f32, f, bases, detail) if f[0] == 0 else _scatter_add(f64, f, bases, detail)
         else:
             rc = ERR_OPCODE
         if rc != 0:

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from . import _exec
-from .format import (DTYPE_CODE, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, HEADER, OP_GEMM,
+from .format import (DTYPE_CODE, ERR_INDEX, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, HEADER, OP_GEMM,
                      OP_NAMES, SLOT_INPUT0)
 from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
@@ -312,6 +312,9 @@ class Executable:
                                           f"{op!r} (node {node!r}); params were left as they were before the step")
             return NonFiniteError(f"non-finite value (NaN or Inf) first produced by op {op!r} (node {node!r}); "
                                   f"params were left as they were before the step")
+        if rc == ERR_INDEX:
+            return IndexError(f"index {detail} of op {op!r} (node {node!r}) is out of range for the axis it "
+                              f"indexes; nothing was updated")
         if rc == ERR_INT_DIV_ZERO:
             return ZeroDivisionError(f"integer division by zero in op {op!r} (node {node!r})")
         if rc == ERR_NOMEM:

@@ -7,11 +7,12 @@ import numpy as np
 
 # instruction opcodes
 OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, \
-    OP_SGD, OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY = range(1, 14)
+    OP_SGD, OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD = range(1, 17)
 OP_NAMES = {OP_EW: "fused_elementwise", OP_GEMM: "gemm", OP_SOFTMAX: "softmax", OP_XENT: "softmax_xent",
             OP_XENT_GRAD: "xent_grad", OP_CAST: "cast", OP_INT_EW: "int_elementwise", OP_COPY: "copy",
             OP_STRIDED_COPY: "strided_copy", OP_SGD: "sgd_update", OP_ADAM: "adam_update",
-            OP_CHECK_FINITE: "check_finite", OP_ADAM_APPLY: "adam_apply"}
+            OP_CHECK_FINITE: "check_finite", OP_ADAM_APPLY: "adam_apply", OP_COPY_ND: "copy_nd",
+            OP_GATHER: "gather", OP_SCATTER_ADD: "scatter_add"}
 HEADER = 3  # opcode, length, node id
 
 # register-VM opcodes (kernels.h enum).  A program step is VM_WIDTH int64s: op dst a b c.  `a` is a
@@ -39,6 +40,7 @@ ITEMSIZE = [np.dtype(d).itemsize for d in DTYPES]
 SLOT_ARENA, SLOT_STATE, SLOT_INPUT0 = 0, 1, 2
 
 # run_plan error codes
-ERR_MALFORMED, ERR_OPCODE, ERR_INT_DIV_ZERO, ERR_NOMEM, ERR_LABEL, ERR_NONFINITE = -1, -2, -3, -4, -10, -20
+ERR_MALFORMED, ERR_OPCODE, ERR_INT_DIV_ZERO, ERR_NOMEM, ERR_LABEL, ERR_INDEX, ERR_NONFINITE = \
+    -1, -2, -3, -4, -10, -11, -20
 
 ALIGN = 64

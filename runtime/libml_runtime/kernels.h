@@ -277,6 +277,19 @@ static inline void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t 
     }
 }
 
+/* n items of isz bytes from src (element stride s) to dst (element stride ds): copy_nd's rows */
+static inline void lm_copy_row2(int64_t isz, int64_t n, const char *src, int64_t s, char *dst, int64_t ds)
+{
+    int64_t i;
+    if (ds == 1) { lm_copy_row(isz, n, src, s, dst); return; }
+    switch (isz) {
+    case 1: for (i = 0; i < n; i++) dst[i * ds] = src[i * s]; break;
+    case 2: for (i = 0; i < n; i++) ((int16_t *)dst)[i * ds] = ((const int16_t *)src)[i * s]; break;
+    case 4: for (i = 0; i < n; i++) ((int32_t *)dst)[i * ds] = ((const int32_t *)src)[i * s]; break;
+    case 8: for (i = 0; i < n; i++) ((int64_t *)dst)[i * ds] = ((const int64_t *)src)[i * s]; break;
+    }
+}
+
 /* label range check for softmax cross-entropy: returns index of the first bad label or -1 */
 /* Copy B labels of dtype dt into out (int64), reading each once, and check them there: the kernels then
  * index with the copy only, so another thread rewriting the fed array mid-step cannot make them read

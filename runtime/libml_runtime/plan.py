@@ -378,13 +378,38 @@ class _Decoder:
         self.operand("dst", n, writable=True)
 
     def op_strided_copy(self):
-        isz = self.take("itemsize", 1, 8)
-        if isz not in (1, 2, 4, 8):
-            self.fail(f"itemsize {isz} is not 1, 2, 4 or 8")
+        isz = self._itemsize()
         nd = self.take("ndim", 0, F.LM_MAXD)
         dims = self.dims("dims", nd)
         self.strided("src", isz, dims)
         self.operand("dst", int(np.prod(dims, dtype=object)) * isz, writable=True, align=isz)
+
+    def _itemsize(self):
+        isz = self.take("itemsize", 1, 8)
+        if isz not in (1, 2, 4, 8):
+            self.fail(f"itemsize {isz} is not 1, 2, 4 or 8")
+        return isz
+
+    def op_copy_nd(self):
+        isz = self._itemsize()
+        nd = self.take("ndim", 0, F.LM_MAXD)
+        dims = self.dims("dims", nd)
+        self.strided("src", isz, dims)
+        self.strided("dst", isz, dims, writable=True)
+
+    def op_gather(self):
+        isz = self._itemsize()
+        outer, n, inner, nidx = self.dims("sizes", 4)
+        self.operand("src", outer * n * inner * isz, align=isz)
+        self.operand("idx", nidx * 8, align=8)
+        self.operand("dst", outer * nidx * inner * isz, writable=True, align=isz)
+
+    def op_scatter_add(self):
+        isz = self.fdtype()
+        outer, n, inner, nidx = self.dims("sizes", 4)
+        self.operand("g", outer * nidx * inner * isz, align=isz)
+        self.operand("idx", nidx * 8, align=8)
+        self.operand("dst", outer * n * inner * isz, writable=True, align=isz)
 
     def op_sgd_update(self):
         isz = self.fdtype()
