@@ -628,10 +628,14 @@ def fuse(nodes):
                 readers.setdefault(i, []).append(g)
     for i, gs in readers.items():
         gs = list(dict.fromkeys(group_of[g.members[0]] for g in gs if g.members))  # current groups, once
+        base = gs[0] if gs else None
         for h in gs[1:]:
-            base = gs[0]
-            if (h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES
-                    or reaches(h, base) or reaches(base, h)):
+            if h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES:
+                continue
+            if reaches(h, base) or reaches(base, h):
+                # dependent (e.g. one tensor read all along a chain): later readers sit near h, so try
+                # them against h; against the first one each search would walk the whole chain
+                base = h
                 continue
             if _group_inputs_after(base, None, group_of, extra=h.members) > MAX_GROUP_INPUTS:
                 continue
