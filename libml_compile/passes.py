@@ -6,6 +6,8 @@ graph: they rewrite ``Tensor.inputs`` in place and return node lists; the user's
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
@@ -16,21 +18,24 @@ FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much l
 
 
 def topo_from_roots(roots):
-    """Nodes reachable from ``roots``, in a topological order (DFS post-order, iterative)."""
+    """Nodes reachable from ``roots``, in a topological order (DFS post-order, iterative): each node is
+    emitted after its inputs, the inputs in order (the order the recursive definition gives)."""
     seen, order = set(), []
-    stack = [(r, False) for r in reversed(roots)]
-    while stack:
-        t, done = stack.pop()
-        if done:
-            order.append(t)
+    for r in roots:
+        if r in seen:
             continue
-        if t in seen:
-            continue
-        seen.add(t)
-        stack.append((t, True))
-        for i in reversed(t.inputs):
-            if i not in seen:
-                stack.append((i, False))
+        seen.add(r)
+        stack = [(r, iter(r.inputs))]
+        while stack:
+            t, it = stack[-1]
+            for i in it:
+                if i not in seen:
+                    seen.add(i)
+                    stack.append((i, iter(i.inputs)))
+                    break
+            else:
+                stack.pop()
+                order.append(t)
     return order
 
 
@@ -513,6 +518,7 @@ def fuse(nodes):
     # exact enough by propagation on every new edge; a path from u down to target only visits units
     # above target's level, so reachability searches stay local instead of walking the whole graph
     level: dict[object, int] = {}
+    slots: dict[Group, int] = {}             # group -> input slots of its members (a bound on its inputs)
     groups: list[Group] = []
 
     def reaches(start, target):
@@ -552,7 +558,10 @@ def fuse(nodes):
     pos = {t: k for k, t in enumerate(nodes)}
 
     def can_join(g, t):
-        if len(g.members) >= MAX_GROUP_NODES or _group_inputs_after(g, t, group_of) > MAX_GROUP_INPUTS:
+        if len(g.members) >= MAX_GROUP_NODES:
+            return False
+        # the input slots of all members bound the group's inputs: count them only when that bound is over
+        if slots[g] + len(t.inputs) > MAX_GROUP_INPUTS and _group_inputs_after(g, t, group_of) > MAX_GROUP_INPUTS:
             return False
         for j in t.inputs:
             if j not in unit or (group_of.get(j) is g and j.op != "sum"):
@@ -567,6 +576,7 @@ def fuse(nodes):
         for m in h.members:
             group_of[m] = g
             unit[m] = g
+        slots[g] += slots.pop(h)
         hd, hr = direct.pop(h), rdirect.pop(h)
         level.pop(h)
         for d in hd:
@@ -610,7 +620,9 @@ def fuse(nodes):
                 target = Group(len(groups), it_shape)
                 groups.append(target)
                 new_unit(target, set())
+                slots[target] = 0
             target.members.append(t)
+            slots[target] += len(t.inputs)
             group_of[t] = target
             unit[t] = target
             add_edges(target, {unit[j] for j in t.inputs if j in unit and unit[j] is not target})
@@ -624,7 +636,7 @@ def fuse(nodes):
     for g in groups:
         members = set(g.members)
         for i in {i for m in g.members for i in m.inputs if i not in members}:
-            if i.size == int(np.prod(g.shape, dtype=np.int64)) and i.size > 1:
+            if i.size == math.prod(g.shape) and i.size > 1:
                 readers.setdefault(i, []).append(g)
     for i, gs in readers.items():
         gs = list(dict.fromkeys(group_of[g.members[0]] for g in gs if g.members))  # current groups, once
