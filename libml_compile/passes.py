@@ -69,7 +69,8 @@ def simplify(roots, max_rounds=4):
     rep: dict[Tensor, Tensor] = {}
     nodes = None
     for _ in range(max_rounds):
-        nodes, step_rep, changed = _simplify_round(roots)
+        # a round ends with the topological order of its live roots: the next round starts from it
+        nodes, step_rep, changed = _simplify_round(roots, nodes)
         rep.update(step_rep)
         roots = [_resolve(step_rep, t) for t in roots]
         if not changed:
@@ -84,8 +85,10 @@ def _resolve(rep, t):
     return t
 
 
-def _simplify_round(roots):
-    nodes = topo_from_roots(roots)
+def _simplify_round(roots, nodes=None):
+    """One rewriting round; ``nodes``: the topological order of ``roots`` if known."""
+    if nodes is None:
+        nodes = topo_from_roots(roots)
     changed = False
     rep: dict[Tensor, Tensor] = {}
     cse: dict = {}
