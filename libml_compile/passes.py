@@ -1,7 +1,8 @@
 """Graph passes over the joint training graph (forward + backward + update alike).
 
-Order (``lower.compile_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
-absorb transposes into GEMM flags → fuse → schedule.  Passes work on a private clone of the user's
+Order (``lower.lower_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
+absorb transposes into GEMM flags → epilogue / SGD / Adam rewrites → order in-place writers after the
+readers of what they overwrite → fuse (split to the runtime's limits) → schedule.  Passes work on a private clone of the user's
 graph: they rewrite ``Tensor.inputs`` in place and return node lists; the user's graph is never touched.
 """
 from __future__ import annotations
