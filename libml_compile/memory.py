@@ -62,19 +62,36 @@ def overlapping_pairs(buffers):
     return pairs // 2
 
 
+def _overlaps(buffers):
+    """{index: [indices of the buffers live at the same time]}, by a sweep: O(n log n + pairs)."""
+    import heapq
+    nb = {i: [] for i in range(len(buffers))}
+    active = []  # (end, index)
+    for i in sorted(range(len(buffers)), key=lambda i: buffers[i].start):
+        b = buffers[i]
+        while active and active[0][0] < b.start:
+            heapq.heappop(active)
+        for _, j in active:
+            nb[i].append(j)
+            nb[j].append(i)
+        heapq.heappush(active, (b.end, i))
+    return nb
+
+
 def _place_greedy(buffers):
-    placed = []
-    for b in sorted(buffers, key=lambda b: (-b.nbytes, b.start, b.name)):
+    nb = _overlaps(buffers)
+    placed = [False] * len(buffers)
+    for i in sorted(range(len(buffers)), key=lambda i: (-buffers[i].nbytes, buffers[i].start, buffers[i].name)):
+        b = buffers[i]
         size = align(b.nbytes)
-        busy = sorted((p.offset, p.offset + align(p.nbytes)) for p in placed
-                      if p.start <= b.end and b.start <= p.end)
+        busy = sorted((buffers[j].offset, buffers[j].offset + align(buffers[j].nbytes)) for j in nb[i] if placed[j])
         off = 0
         for lo, hi in busy:
             if off + size <= lo:
                 break
             off = max(off, hi)
         b.offset = off
-        placed.append(b)
+        placed[i] = True
     return max(b.offset + align(b.nbytes) for b in buffers)
 
 

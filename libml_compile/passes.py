@@ -1,10 +1,13 @@
 """Graph passes over the joint training graph (forward + backward + update alike).
 
-Order (``lower.compile_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
-absorb transposes into GEMM flags → fuse → schedule.  Passes work on a private clone of the user's
+Order (``lower.lower_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
+absorb transposes into GEMM flags → epilogue / SGD / Adam rewrites → order in-place writers after the
+readers of what they overwrite → fuse (split to the runtime's limits) → schedule.  Passes work on a private clone of the user's
 graph: they rewrite ``Tensor.inputs`` in place and return node lists; the user's graph is never touched.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -16,21 +19,24 @@ FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much l
 
 
 def topo_from_roots(roots):
-    """Nodes reachable from ``roots``, in a topological order (DFS post-order, iterative)."""
+    """Nodes reachable from ``roots``, in a topological order (DFS post-order, iterative): each node is
+    emitted after its inputs, the inputs in order (the order the recursive definition gives)."""
     seen, order = set(), []
-    stack = [(r, False) for r in reversed(roots)]
-    while stack:
-        t, done = stack.pop()
-        if done:
-            order.append(t)
+    for r in roots:
+        if r in seen:
             continue
-        if t in seen:
-            continue
-        seen.add(t)
-        stack.append((t, True))
-        for i in reversed(t.inputs):
-            if i not in seen:
-                stack.append((i, False))
+        seen.add(r)
+        stack = [(r, iter(r.inputs))]
+        while stack:
+            t, it = stack[-1]
+            for i in it:
+                if i not in seen:
+                    seen.add(i)
+                    stack.append((i, iter(i.inputs)))
+                    break
+            else:
+                stack.pop()
+                order.append(t)
     return order
 
 
@@ -64,7 +70,8 @@ def simplify(roots, max_rounds=4):
     rep: dict[Tensor, Tensor] = {}
     nodes = None
     for _ in range(max_rounds):
-        nodes, step_rep, changed = _simplify_round(roots)
+        # a round ends with the topological order of its live roots: the next round starts from it
+        nodes, step_rep, changed = _simplify_round(roots, nodes)
         rep.update(step_rep)
         roots = [_resolve(step_rep, t) for t in roots]
         if not changed:
@@ -79,8 +86,10 @@ def _resolve(rep, t):
     return t
 
 
-def _simplify_round(roots):
-    nodes = topo_from_roots(roots)
+def _simplify_round(roots, nodes=None):
+    """One rewriting round; ``nodes``: the topological order of ``roots`` if known."""
+    if nodes is None:
+        nodes = topo_from_roots(roots)
     changed = False
     rep: dict[Tensor, Tensor] = {}
     cse: dict = {}
@@ -513,6 +522,7 @@ def fuse(nodes):
     # exact enough by propagation on every new edge; a path from u down to target only visits units
     # above target's level, so reachability searches stay local instead of walking the whole graph
     level: dict[object, int] = {}
+    slots: dict[Group, int] = {}             # group -> input slots of its members (a bound on its inputs)
     groups: list[Group] = []
 
     def reaches(start, target):
@@ -552,7 +562,10 @@ def fuse(nodes):
     pos = {t: k for k, t in enumerate(nodes)}
 
     def can_join(g, t):
-        if len(g.members) >= MAX_GROUP_NODES or _group_inputs_after(g, t, group_of) > MAX_GROUP_INPUTS:
+        if len(g.members) >= MAX_GROUP_NODES:
+            return False
+        # the input slots of all members bound the group's inputs: count them only when that bound is over
+        if slots[g] + len(t.inputs) > MAX_GROUP_INPUTS and _group_inputs_after(g, t, group_of) > MAX_GROUP_INPUTS:
             return False
         for j in t.inputs:
             if j not in unit or (group_of.get(j) is g and j.op != "sum"):
@@ -567,6 +580,7 @@ def fuse(nodes):
         for m in h.members:
             group_of[m] = g
             unit[m] = g
+        slots[g] += slots.pop(h)
         hd, hr = direct.pop(h), rdirect.pop(h)
         level.pop(h)
         for d in hd:
@@ -610,7 +624,9 @@ def fuse(nodes):
                 target = Group(len(groups), it_shape)
                 groups.append(target)
                 new_unit(target, set())
+                slots[target] = 0
             target.members.append(t)
+            slots[target] += len(t.inputs)
             group_of[t] = target
             unit[t] = target
             add_edges(target, {unit[j] for j in t.inputs if j in unit and unit[j] is not target})
@@ -624,14 +640,18 @@ def fuse(nodes):
     for g in groups:
         members = set(g.members)
         for i in {i for m in g.members for i in m.inputs if i not in members}:
-            if i.size == int(np.prod(g.shape, dtype=np.int64)) and i.size > 1:
+            if i.size == math.prod(g.shape) and i.size > 1:
                 readers.setdefault(i, []).append(g)
     for i, gs in readers.items():
         gs = list(dict.fromkeys(group_of[g.members[0]] for g in gs if g.members))  # current groups, once
+        base = gs[0] if gs else None
         for h in gs[1:]:
-            base = gs[0]
-            if (h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES
-                    or reaches(h, base) or reaches(base, h)):
+            if h is base or h.shape != base.shape or len(base.members) + len(h.members) > MAX_GROUP_NODES:
+                continue
+            if reaches(h, base) or reaches(base, h):
+                # dependent (e.g. one tensor read all along a chain): later readers sit near h, so try
+                # them against h; against the first one each search would walk the whole chain
+                base = h
                 continue
             if _group_inputs_after(base, None, group_of, extra=h.members) > MAX_GROUP_INPUTS:
                 continue
