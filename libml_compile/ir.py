@@ -119,6 +119,7 @@ class Graph:
     """
 
     def __init__(self, name="graph"):
+        _check_name(name, "graph name", allow_empty=True)
         self.name = name
         self.nodes: list[Tensor] = []
         self.inputs: dict[str, Tensor] = {}
@@ -179,6 +180,7 @@ class Graph:
 
     def output(self, name, tensor):
         """Mark ``tensor`` as a graph output under ``name``."""
+        _check_name(name, "output name")
         if not isinstance(tensor, Tensor) or tensor.graph is not self:
             raise ValueError(f"output {name!r}: expected a tensor of graph {self.name!r}, got {tensor!r}")
         if name in self.outputs:
@@ -198,15 +200,7 @@ class Graph:
         """A user-chosen name must be a non-empty UTF-8-encodable string of at most MAX_NAME characters
         (what plan and checkpoint files can store) not used by another user-named tensor.  An auto-named
         tensor holding it is renamed (auto names only label nodes in plans and profiles)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"names must be non-empty strings, got {name!r}")
-        if len(name) > MAX_NAME:
-            raise ValueError(f"name {name[:40]!r}... is {len(name)} characters long; at most {MAX_NAME} "
-                             f"are allowed")
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"name {name!r} is not valid Unicode text (lone surrogate)") from None
+        _check_name(name, "names")
         old = self._by_name.get(name)
         if old is not None:
             if not old.auto_name:
@@ -235,6 +229,20 @@ class Graph:
     def __repr__(self):
         return (f"Graph({self.name!r}, {len(self.nodes)} nodes, inputs={list(self.inputs)}, "
                 f"params={list(self.params)}, outputs={list(self.outputs)})")
+
+
+def _check_name(name, what, allow_empty=False):
+    """Names are stored in plan and checkpoint files: non-empty (graph names may be empty) strings of at
+    most MAX_NAME characters that encode as UTF-8."""
+    if not isinstance(name, str) or not (name or allow_empty):
+        raise ValueError(f"{what} must be {'' if allow_empty else 'non-empty '}strings, got {name!r}"[:300])
+    if len(name) > MAX_NAME:
+        raise ValueError(f"{what}: {name[:40]!r}... is {len(name)} characters long; at most {MAX_NAME} "
+                         f"are allowed")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what}: {name!r} is not valid Unicode text (lone surrogate)") from None
 
 
 def _check_shape(shape, what):
