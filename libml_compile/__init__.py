@@ -6,7 +6,7 @@ Data path: ``ir`` (Graph, Tensor) → ``ops`` (registry: shape rules, gradient r
 """
 from .ir import Graph, Tensor
 from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean, neg, exp, log, identity,
-                  reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse)
+                  reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse, DoubleSoftmaxWarning)
 from .optim import SGD, Adam
 from .program import Program, compile
 
@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "softmax", "sum",
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
-           "softmax_cross_entropy", "mse", "SGD", "Adam", "Program", "compile"]
+           "softmax_cross_entropy", "mse", "DoubleSoftmaxWarning", "SGD", "Adam", "Program", "compile"]
 
 
 def __getattr__(name):

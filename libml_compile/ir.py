@@ -205,11 +205,12 @@ class Graph:
         if old is not None:
             if not old.auto_name:
                 raise ValueError(f"graph {self.name!r} already has a tensor named {name!r}")
+            old.name = self._fresh_name(old.op, old.id)  # (name itself is still taken: never returned)
             del self._by_name[name]
-            old.name = self._fresh_name(old.op, old.id)
             self._by_name[old.name] = old
 
     def _fresh_name(self, op, ident):
+        """An auto name not used in the graph: f"{op}_{ident}", with a counter appended if needed."""
         name, k = f"{op}_{ident}", 0
         while name in self._by_name:
             k += 1

@@ -130,6 +130,10 @@ def _strong_operand(arr, dt, like, op):
     return arr.astype(dt)
 
 
+#: the user-facing function of an op whose registry name differs (for error messages)
+_PUBLIC_NAME = {"softmax_xent": "softmax_cross_entropy"}
+
+
 def make(op: str, inputs, attrs=None, name=None) -> Tensor:
     """Declare a node of registered ``op``; runs its shape rule now (declaration-time errors)."""
     d = REGISTRY[op]
@@ -139,7 +143,7 @@ def make(op: str, inputs, attrs=None, name=None) -> Tensor:
         if not isinstance(t, Tensor):
             raise TypeError(f"{op}: operand {i} is {type(t).__name__}, expected a symbolic Tensor")
         if t.graph is not inputs[0].graph:
-            raise ValueError(f"{op}: operands belong to different graphs ({inputs[0].name!r} of graph "
+            raise ValueError(f"{_PUBLIC_NAME.get(op, op)}: operands belong to different graphs ({inputs[0].name!r} of graph "
                              f"{inputs[0].graph.name!r}, {t.name!r} of graph {t.graph.name!r})")
     shape, dtype = d.shape(inputs, attrs)
     g = inputs[0].graph
