@@ -67,7 +67,7 @@ def _lift(x, like: Tensor, op: str) -> Tensor:
       does not fit an integer dtype, or a finite number that overflows a float dtype, raises OverflowError
       (NumPy raises too); a Python float with an integer tensor raises TypeError (NumPy would promote the
       result to float64).
-    * NumPy scalars and arrays are strong: one of another dtype is converted only when the conversion is
+    * NumPy scalars and arrays (and lists, converted by np.asarray) are strong: one of another dtype is converted only when the conversion is
       exact for every element, else ValueError (a float array with an integer tensor: TypeError).
     """
     if isinstance(x, Tensor):
@@ -75,8 +75,12 @@ def _lift(x, like: Tensor, op: str) -> Tensor:
             raise ValueError(f"{op}: operands belong to different graphs ({x.graph.name!r}, {like.graph.name!r})")
         return x
     dt = np.dtype(like.dtype)
-    if isinstance(x, (np.ndarray, np.generic)):
-        return like.graph.const(_strong_operand(np.asarray(x), dt, like, op))
+    if isinstance(x, (np.ndarray, np.generic, list, tuple)):  # lists become arrays first, as in NumPy
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:
+            raise TypeError(f"{op}: cannot use {type(x).__name__} operand as an array ({e})"[:300]) from None
+        return like.graph.const(_strong_operand(arr, dt, like, op))
     if isinstance(x, (bool, int, float)):
         return like.graph.const(np.asarray(_weak_scalar(x, dt, like, op), dtype=dt))
     raise TypeError(f"{op}: cannot use {type(x).__name__} {x!r} as an operand"[:300])
@@ -112,7 +116,7 @@ def _strong_operand(arr, dt, like, op):
         raise TypeError(f"{op}: cannot use a NumPy operand of dtype {arr.dtype} (tensor {like.name!r} is {dt.name})")
     if arr.dtype == dt or arr.dtype.kind == "b":
         return arr.astype(dt)
-    what = f"{op}: the NumPy {arr.dtype.name} operand {'of shape ' + str(arr.shape) if arr.ndim else arr.item()!r}"
+    what = f"{op}: the NumPy {arr.dtype.name} operand " + (f"of shape {arr.shape}" if arr.ndim else repr(arr.item()))
     if arr.dtype.kind == "f" and dt.kind in "iu":
         raise TypeError(f"{what} with integer tensor {like.name!r} ({dt.name}): libml does not promote integers "
                         f"to floats implicitly; cast one side explicitly (lc.cast or .astype)")
@@ -226,11 +230,21 @@ def _r_linear(attrs, a, b, third):
     return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
 
 
+#: what a user may pass for a list of ints (shapes, perms, axes)
+_SEQUENCES = (list, tuple, range, np.ndarray)
+
+
+def _seq(v):
+    """A sequence of ints as a tuple of Python scalars (a 1-D ndarray via tolist, so a float array's
+    elements reach as_int as floats and are refused)."""
+    return tuple(v.tolist()) if isinstance(v, np.ndarray) else tuple(v)
+
+
 def _norm_axes(op, axes, ndim):
     if axes is None:
         return tuple(range(ndim))
-    if isinstance(axes, (list, tuple)):
-        axes = tuple(as_int(a, f"{op}: axis") for a in axes)
+    if isinstance(axes, _SEQUENCES):
+        axes = tuple(as_int(a, f"{op}: axis") for a in _seq(axes))
     else:
         axes = (as_int(axes, f"{op}: axis"),)
     out = []
@@ -508,9 +522,9 @@ def transpose(x, perm=None, name=None):
     if perm is None:
         perm = tuple(reversed(range(x.ndim)))
     else:
-        if not isinstance(perm, (list, tuple)):
+        if not isinstance(perm, _SEQUENCES):
             raise TypeError(f"transpose: perm must be a tuple of ints, got {perm!r}")
-        perm = tuple(as_int(p, "transpose: perm entry") for p in perm)
+        perm = tuple(as_int(p, "transpose: perm entry") for p in _seq(perm))
         bad = [p for p in perm if not -x.ndim <= p < x.ndim]
         if bad:
             raise ValueError(f"transpose: axis {bad[0]} in perm {perm} is out of range for a {x.ndim}-D tensor")
@@ -530,8 +544,9 @@ def _user_shape(op, shape, allow_infer=False):
     dims (reshape: a single -1 is allowed)."""
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
         shape = (shape,)
-    if not isinstance(shape, (list, tuple)):
+    if not isinstance(shape, _SEQUENCES):
         raise TypeError(f"{op}: shape must be a tuple of ints, got {shape!r}")
+    shape = _seq(shape)
     shape = tuple(as_int(d, f"{op}: dimension of shape {tuple(shape)!r}") for d in shape)
     neg = [d for d in shape if d < 0]
     if allow_infer and neg == [-1]:
