@@ -6,7 +6,8 @@ Data path: ``ir`` (Graph, Tensor) → ``ops`` (registry: shape rules, gradient r
 """
 from .ir import Graph, Tensor
 from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean, neg, exp, log, identity,
-                  reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse, concat, gather)
+                  reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse, concat, gather,
+                  DoubleSoftmaxWarning)
 from .optim import SGD, Adam
 from .program import Program, compile
 
@@ -14,7 +15,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "softmax", "sum",
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
-           "softmax_cross_entropy", "mse", "concat", "gather", "SGD", "Adam", "Program", "compile"]
+           "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
+           "SGD", "Adam", "Program", "compile"]
 
 
 def __getattr__(name):

@@ -246,6 +246,17 @@ def _fixed_batch(m, input_name: Optional[str]):
     return None
 
 
+def _loss_tensor(g, oname):
+    """(tensor, ended_in_softmax): the tensor of graph ``g`` a loss attaches to: model output ``oname``, or
+    the logits under it when it is a softmax over the classes (the library's detection,
+    ``ops.softmax_source``, which softmax_cross_entropy's DoubleSoftmaxWarning uses too)."""
+    from .ops import softmax_source
+
+    out = g.tensor(oname)
+    sm = softmax_source(out)
+    return (sm.inputs[0], True) if sm is not None else (out, False)
+
+
 def _pick_input(g, name: Optional[str]):
     names = list(g.meta["onnx_input_shapes"])
     if name:
@@ -303,7 +314,7 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
         batch_size = 32
     B = min(int(batch_size), n)
     classify = np.issubdtype(y_train.dtype, np.integer)
-    tname, oname, softmax_end = loss_tensor_name(m, output_name)
+    _, oname, _ = loss_tensor_name(m, output_name)  # validates the output name
 
     # probe the input name with a throwaway import (symbolic dims bound to the batch size)
     def build(batch):
@@ -316,7 +327,8 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
 
     g, inp = build(B)
     in_dtype = g.inputs[inp].dtype
-    logits = g.tensor(tname)
+    logits, softmax_end = _loss_tensor(g, oname)
+    tname = logits.name
     if softmax_end and log:
         log(f"model output {oname!r} is a Softmax; taking the loss from the pre-softmax tensor {tname!r}")
     if classify:
@@ -352,8 +364,10 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
 
     EB = fixed or max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
     ge = import_onnx(m, shapes={inp: (EB,) + tuple(x_train.shape[1:])})
-    if tname not in ge.outputs:  # the loss tensor is internal (pre-softmax): expose it for evaluation
-        ge.output(tname, ge.tensor(tname))
+    elogits, _ = _loss_tensor(ge, oname)
+    ekey = oname if ge.outputs.get(oname) is elogits else "__libml_logits"
+    if ekey not in ge.outputs:  # the loss tensor is internal (pre-softmax): expose it for evaluation
+        ge.output(ekey, elogits)
     peval = lc.compile(ge, num_threads=num_threads)
 
     def predict(x):
@@ -364,7 +378,7 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
             k = len(chunk)
             if k < EB:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], EB - k, axis=0)])
-            outs.append(peval.run({inp: chunk})[tname][:k])
+            outs.append(peval.run({inp: chunk})[ekey][:k])
         return np.concatenate(outs) if outs else np.zeros((0,))
 
     def metric(x, y):

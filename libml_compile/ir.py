@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 
 import numpy as np
 
@@ -17,6 +18,27 @@ INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "u
 DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
 
 _ids = itertools.count()
+
+#: longest user-chosen name (plan and checkpoint files store names of up to planfile.MAX_NAME characters;
+#: derived names such as ``f"{param}/exp_avg_sq"`` add a few characters to a user's name)
+MAX_NAME = 4096
+#: optimizer state is stored next to the params under ``f"{param}/{slot}"`` and ``"adam/step"``
+#: (lower.py), so a param named like one of these would collide with another param's state
+RESERVED_SUFFIXES = ("/momentum", "/exp_avg", "/exp_avg_sq")
+RESERVED_NAMES = ("adam/step",)
+#: the plan validator's bound on a tensor's element count (plan.py: every size is < 2**40)
+MAX_ELEMENTS = 2 ** 40
+
+
+def as_int(v, what):
+    """``v`` as a Python int if it is an integer (int or NumPy integer, not bool); TypeError naming
+    ``what`` and the value otherwise (never truncates 2.5 or parses "4")."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{what}: expected an integer, got the bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what}: expected an integer, got {type(v).__name__} {v!r}") from None
 
 
 def native_array(value, dtype=None):
@@ -48,7 +70,8 @@ class Tensor:
     tensors of the same graph declared earlier; ``attrs`` is a dict of hashable values.
     """
 
-    __slots__ = ("graph", "op", "inputs", "attrs", "shape", "dtype", "name", "id", "value", "__weakref__")
+    __slots__ = ("graph", "op", "inputs", "attrs", "shape", "dtype", "name", "id", "value", "auto_name",
+                 "__weakref__")
 
     def __init__(self, graph, op, inputs, attrs, shape, dtype, name=None, value=None):
         self.graph = graph
@@ -58,6 +81,9 @@ class Tensor:
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
         self.id = next(_ids)
+        # auto names yield to user names: Graph._add / _check_new_name rename an auto-named tensor
+        # rather than reject a user's name, so no name is ever refused because of one
+        self.auto_name = not name
         self.name = name or f"{op}_{self.id}"
         self.value = value  # ndarray for param (initial value) and const nodes
 
@@ -105,6 +131,7 @@ class Graph:
     """
 
     def __init__(self, name="graph"):
+        _check_name(name, "graph name", allow_empty=True)
         self.name = name
         self.nodes: list[Tensor] = []
         self.inputs: dict[str, Tensor] = {}
@@ -118,18 +145,30 @@ class Graph:
         """Declare a fed input of static ``shape``; fed arrays must match shape and dtype exactly."""
         self._check_new_name(name)
         shape = _check_shape(shape, f"input {name!r}")
-        t = Tensor(self, "input", (), {}, shape, canonical_dtype(dtype), name)
+        dt = canonical_dtype(dtype)
+        if dt == "bool":
+            raise TypeError(f"input {name!r}: dtype bool is not supported by the runtime; feed uint8 "
+                            f"(0/1) instead")
+        _check_leaf_size(shape, dt, f"input {name!r}")
+        t = Tensor(self, "input", (), {}, shape, dt, name)
         self.inputs[name] = t
         return self._add(t)
 
     def param(self, name, value, dtype=None):
-        """Declare a parameter with initial ``value`` (copied); floating dtypes only."""
+        """Declare a parameter with initial ``value`` (copied); floating dtypes only.
+
+        Names ending in /momentum, /exp_avg, /exp_avg_sq and the name adam/step are reserved for the
+        optimizer state stored next to the params."""
         self._check_new_name(name)
+        if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+            raise ValueError(f"param {name!r}: names ending in {', '.join(RESERVED_SUFFIXES)} and the name "
+                             f"{RESERVED_NAMES[0]!r} are reserved for optimizer state; rename the param")
         arr = native_array(value, dtype)
         dt = canonical_dtype(arr.dtype)
         if dt not in FLOAT_DTYPES:
             raise TypeError(f"param {name!r}: dtype {dt} is not trainable; use float32 or float64 "
                             f"(or g.const for integer data)")
+        _check_leaf_size(arr.shape, dt, f"param {name!r}")
         t = Tensor(self, "param", (), {}, arr.shape, dt, name, value=arr)
         self.params[name] = t
         return self._add(t)
@@ -144,11 +183,14 @@ class Graph:
         if name is not None:
             self._check_new_name(name)
         arr.flags.writeable = False
-        t = Tensor(self, "const", (), {}, arr.shape, canonical_dtype(arr.dtype), name, value=arr)
+        dt = canonical_dtype(arr.dtype)
+        _check_leaf_size(arr.shape, dt, f"const {name!r}" if name else "const")
+        t = Tensor(self, "const", (), {}, arr.shape, dt, name, value=arr)
         return self._add(t)
 
     def output(self, name, tensor):
         """Mark ``tensor`` as a graph output under ``name``."""
+        _check_name(name, "output name")
         if not isinstance(tensor, Tensor) or tensor.graph is not self:
             raise ValueError(f"output {name!r}: expected a tensor of graph {self.name!r}, got {tensor!r}")
         if name in self.outputs:
@@ -165,15 +207,33 @@ class Graph:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_new_name(self, name):
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"names must be non-empty strings, got {name!r}")
-        if name in self._by_name:
-            raise ValueError(f"graph {self.name!r} already has a tensor named {name!r}")
+        """A user-chosen name must be a non-empty UTF-8-encodable string of at most MAX_NAME characters
+        (what plan and checkpoint files can store) not used by another user-named tensor.  An auto-named
+        tensor holding it is renamed (auto names only label nodes in plans and profiles)."""
+        _check_name(name, "names")
+        old = self._by_name.get(name)
+        if old is not None:
+            if not old.auto_name:
+                raise ValueError(f"graph {self.name!r} already has a tensor named {name!r}")
+            old.name = self._fresh_name(old.op, old.id)  # (name itself is still taken: never returned)
+            del self._by_name[name]
+            self._by_name[old.name] = old
+
+    def _fresh_name(self, op, ident):
+        """An auto name not used in the graph: f"{op}_{ident}", with a counter appended if needed."""
+        name, k = f"{op}_{ident}", 0
+        while name in self._by_name:
+            k += 1
+            name = f"{op}_{ident}_{k}"
+        return name
 
     def _add(self, t):
-        self.nodes.append(t)
         if t.name in self._by_name and self._by_name[t.name] is not t:
-            raise ValueError(f"graph {self.name!r} already has a tensor named {t.name!r}")
+            if not t.auto_name:
+                raise ValueError(f"graph {self.name!r} already has a tensor named {t.name!r}")
+            t.name = self._fresh_name(t.op, t.id)
+        _check_size(t.shape, t.dtype, f"{t.op} {t.name!r}")
+        self.nodes.append(t)
         self._by_name[t.name] = t
         return t
 
@@ -182,14 +242,43 @@ class Graph:
                 f"params={list(self.params)}, outputs={list(self.outputs)})")
 
 
-def _check_shape(shape, what):
+def _check_name(name, what, allow_empty=False):
+    """Names are stored in plan and checkpoint files: non-empty (graph names may be empty) strings of at
+    most MAX_NAME characters that encode as UTF-8."""
+    if not isinstance(name, str) or not (name or allow_empty):
+        raise ValueError(f"{what} must be {'' if allow_empty else 'non-empty '}strings, got {name!r}"[:300])
+    if len(name) > MAX_NAME:
+        raise ValueError(f"{what}: {name[:40]!r}... is {len(name)} characters long; at most {MAX_NAME} "
+                         f"are allowed")
     try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise ValueError(f"{what}: shape must be a tuple of ints, got {shape!r}") from None
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what}: {name!r} is not valid Unicode text (lone surrogate)") from None
+
+
+def _check_shape(shape, what):
+    """A user-given shape as a tuple of non-negative Python ints (TypeError for non-integers)."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"{what}: shape must be a tuple of ints, got {shape!r}")
+    shape = tuple(as_int(d, f"{what}: dimension {i} of shape {shape!r}") for i, d in enumerate(shape))
     if any(d < 0 for d in shape):
         raise ValueError(f"{what}: negative dimension in shape {shape}")
     return shape
+
+
+def _check_size(shape, dtype, what):
+    """Refuse tensors the plan validator would refuse (>= 2**40 elements), naming the byte count."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if n >= MAX_ELEMENTS:
+        raise ValueError(f"{what}: shape {tuple(shape)} has {n} elements ({n * np.dtype(dtype).itemsize} "
+                         f"bytes); libml tensors hold fewer than 2**40 elements")
+
+
+def _check_leaf_size(shape, dtype, what):
+    """Inputs, params and consts are refused at declaration when the plan validator would refuse them."""
+    _check_size(shape, dtype, what)
 
 
 def broadcast_shapes(op, *shapes):
@@ -213,6 +302,7 @@ def clone_graph(g: Graph, name=None):
     m: dict[Tensor, Tensor] = {}
     for t in g.nodes:
         n = Tensor(out, t.op, tuple(m[i] for i in t.inputs), t.attrs, t.shape, t.dtype, t.name, t.value)
+        n.auto_name = t.auto_name
         out._add(n)
         m[t] = n
     out.inputs = {k: m[v] for k, v in g.inputs.items()}

@@ -349,6 +349,7 @@ def _bind_shapes(m, data_inputs, shapes: Optional[Mapping[str, Any]], source: Op
     names = {vi.name for vi in data_inputs}
     dim_params: Dict[str, int] = {}
     for k, v in shapes.items():
+        _check_shapes_value(k, v, src)
         if k not in names:
             if isinstance(v, (int, np.integer)):
                 dim_params[k] = int(v)
@@ -400,6 +401,19 @@ def _bind_shapes(m, data_inputs, shapes: Optional[Mapping[str, Any]], source: Op
                     f"shapes={{{vi.name!r}: (...)}}" + (f" or shapes={{{d!r}: N}}" if isinstance(d, str) else ""))
         result[vi.name] = tuple(conc)
     return result
+
+
+def _check_shapes_value(k, v, src):
+    """shapes= values are an int (a symbolic dimension) or a sequence of ints (a full shape): anything else
+    (2.5, True, "4", a float in a shape) is refused naming the key, never truncated."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer, list, tuple)):
+        raise ONNXImportError(f"shapes={{{k!r}: {v!r}}}{src}: the value must be an int (a symbolic dimension) "
+                              f"or a tuple of ints (an input's shape)"[:300])
+    dims = v if isinstance(v, (list, tuple)) else (v,)
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ONNXImportError(f"shapes={{{k!r}: {v!r}}}{src}: {d!r} is not a non-negative integer "
+                                  f"dimension"[:300])
 
 
 def _fmt(dims) -> str:

@@ -14,12 +14,18 @@ once, centrally.
 from __future__ import annotations
 
 import builtins  # ``sum`` below is the graph op
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 
-from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, broadcast_shapes, canonical_dtype
+from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, as_int, broadcast_shapes, canonical_dtype
+
+
+class DoubleSoftmaxWarning(UserWarning):
+    """softmax_cross_entropy was given the output of a softmax: the loss applies a second softmax, so the
+    model trains (silently) towards a flattened distribution.  Pass the pre-softmax logits instead."""
 
 
 @dataclass(frozen=True)
@@ -54,21 +60,96 @@ def _graph_of(*xs) -> Graph:
 
 
 def _lift(x, like: Tensor, op: str) -> Tensor:
-    """Turn a Python scalar / ndarray operand into a const of ``like``'s dtype (NumPy-style weak typing)."""
+    """Turn a Python scalar / NumPy operand into a const of ``like``'s dtype, never changing its value.
+
+    NumPy 2 (NEP 50) rules, except that libml never promotes implicitly (a static graph's dtypes are fixed
+    at declaration):
+    * Python bool/int/float are weak: they take the tensor's dtype when their value fits it.  An int that
+      does not fit an integer dtype, or a finite number that overflows a float dtype, raises OverflowError
+      (NumPy raises too); a Python float with an integer tensor raises TypeError (NumPy would promote the
+      result to float64).
+    * NumPy scalars and arrays (and lists, converted by np.asarray) are strong: one of another dtype is converted only when the conversion is
+      exact for every element, else ValueError (a float array with an integer tensor: TypeError).
+    """
     if isinstance(x, Tensor):
         if x.graph is not like.graph:
             raise ValueError(f"{op}: operands belong to different graphs ({x.graph.name!r}, {like.graph.name!r})")
         return x
-    arr = np.asarray(x)
-    if arr.dtype.kind in "fiub":
-        return like.graph.const(arr.astype(like.dtype) if arr.dtype.kind != "b" else arr.astype(like.dtype))
-    raise TypeError(f"{op}: cannot use {type(x).__name__} as an operand")
+    dt = np.dtype(like.dtype)
+    if isinstance(x, (np.ndarray, np.generic, list, tuple)):  # lists become arrays first, as in NumPy
+        try:
+            arr = np.asarray(x)
+        except ValueError as e:
+            raise TypeError(f"{op}: cannot use {type(x).__name__} operand as an array ({e})"[:300]) from None
+        return like.graph.const(_strong_operand(arr, dt, like, op))
+    if isinstance(x, (bool, int, float)):
+        return like.graph.const(np.asarray(_weak_scalar(x, dt, like, op), dtype=dt))
+    raise TypeError(f"{op}: cannot use {type(x).__name__} {x!r} as an operand"[:300])
+
+
+def _weak_scalar(x, dt, like, op):
+    """The Python scalar ``x`` as a value of dtype ``dt`` (see _lift)."""
+    if dt.kind in "iu":
+        if isinstance(x, float):
+            raise TypeError(f"{op}: the Python float {x!r} with integer tensor {like.name!r} ({dt.name}): libml "
+                            f"does not promote integers to floats implicitly; use lc.cast({like.name!r}-tensor, "
+                            f"'float32') (or an integer scalar)")
+        info = np.iinfo(dt)
+        if not info.min <= int(x) <= info.max:
+            raise OverflowError(f"{op}: the Python int {x!r} does not fit tensor {like.name!r}'s dtype {dt.name} "
+                                f"(range [{info.min}, {info.max}])")
+        return int(x)
+    try:
+        v = float(x)
+    except OverflowError:
+        raise OverflowError(f"{op}: the Python int {x!r} is too large for tensor {like.name!r}'s dtype "
+                            f"{dt.name}") from None
+    with np.errstate(over="ignore"):
+        c = dt.type(v)
+    if np.isfinite(v) and not np.isfinite(c):
+        raise OverflowError(f"{op}: the scalar {x!r} overflows tensor {like.name!r}'s dtype {dt.name}")
+    return c
+
+
+def _strong_operand(arr, dt, like, op):
+    """The NumPy operand ``arr`` converted to ``dt`` if that is exact for every element (see _lift)."""
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{op}: cannot use a NumPy operand of dtype {arr.dtype} (tensor {like.name!r} is {dt.name})")
+    if arr.dtype == dt or arr.dtype.kind == "b":
+        return arr.astype(dt)
+    what = f"{op}: the NumPy {arr.dtype.name} operand " + (f"of shape {arr.shape}" if arr.ndim else repr(arr.item()))
+    if arr.dtype.kind == "f" and dt.kind in "iu":
+        raise TypeError(f"{what} with integer tensor {like.name!r} ({dt.name}): libml does not promote integers "
+                        f"to floats implicitly; cast one side explicitly (lc.cast or .astype)")
+    if arr.dtype.kind in "iu" and dt.kind in "iu":
+        info = np.iinfo(dt)
+        exact = arr.size == 0 or (int(arr.min()) >= info.min and int(arr.max()) <= info.max)
+    else:
+        with np.errstate(all="ignore"):
+            conv = arr.astype(dt)
+            exact = np.array_equal(conv.astype(arr.dtype), arr, equal_nan=True) and \
+                bool(np.all(np.isfinite(conv) | ~np.isfinite(arr)))
+    if not exact:
+        raise ValueError(f"{what} cannot be converted to tensor {like.name!r}'s dtype {dt.name} without "
+                         f"changing its values; convert it explicitly (.astype) or cast the tensor")
+    return arr.astype(dt)
+
+
+#: the user-facing function of an op whose registry name differs (for error messages)
+_PUBLIC_NAME = {"softmax_xent": "softmax_cross_entropy"}
 
 
 def make(op: str, inputs, attrs=None, name=None) -> Tensor:
     """Declare a node of registered ``op``; runs its shape rule now (declaration-time errors)."""
     d = REGISTRY[op]
     attrs = attrs or {}
+    inputs = tuple(inputs)
+    for i, t in enumerate(inputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: operand {i} is {type(t).__name__}, expected a symbolic Tensor")
+        if t.graph is not inputs[0].graph:
+            raise ValueError(f"{_PUBLIC_NAME.get(op, op)}: operands belong to different graphs ({inputs[0].name!r} of graph "
+                             f"{inputs[0].graph.name!r}, {t.name!r} of graph {t.graph.name!r})")
     shape, dtype = d.shape(inputs, attrs)
     g = inputs[0].graph
     if name is not None:
@@ -150,11 +231,23 @@ def _r_linear(attrs, a, b, third):
     return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
 
 
+#: what a user may pass for a list of ints (shapes, perms, axes)
+_SEQUENCES = (list, tuple, range, np.ndarray)
+
+
+def _seq(v):
+    """A sequence of ints as a tuple of Python scalars (a 1-D ndarray via tolist, so a float array's
+    elements reach as_int as floats and are refused)."""
+    return tuple(v.tolist()) if isinstance(v, np.ndarray) else tuple(v)
+
+
 def _norm_axes(op, axes, ndim):
     if axes is None:
         return tuple(range(ndim))
-    if isinstance(axes, (int, np.integer)):
-        axes = (int(axes),)
+    if isinstance(axes, _SEQUENCES):
+        axes = tuple(as_int(a, f"{op}: axis") for a in _seq(axes))
+    else:
+        axes = (as_int(axes, f"{op}: axis"),)
     out = []
     for ax in axes:
         if not -ndim <= ax < max(ndim, 1):
@@ -213,6 +306,10 @@ def _s_xent(inp, attrs):
     _float_only("softmax_cross_entropy", logits)
     if logits.ndim != 2:
         raise ValueError(f"softmax_cross_entropy: logits must be (batch, classes), got shape {logits.shape}")
+    if 0 in logits.shape:
+        # the runtime's cross-entropy kernels need B >= 1 and C >= 1: say so here, naming the tensor
+        raise ValueError(f"softmax_cross_entropy: logits {logits.name!r} have shape {logits.shape}; the batch "
+                         f"and the number of classes must be at least 1 (a zero-size batch has no mean loss)")
     if labels.dtype not in INT_DTYPES:
         raise TypeError(f"softmax_cross_entropy: labels must be integers, got {labels.name!r} of dtype {labels.dtype}")
     if labels.shape != logits.shape[:1]:
@@ -409,26 +506,63 @@ def mean(x, axis=None, keepdims=False, name=None):
 
 
 def reshape(x, shape, name=None):
-    shape = tuple(int(d) for d in shape)
+    """Reshape to ``shape`` (same element count); one dimension may be -1 (inferred, as in NumPy)."""
+    shape = _user_shape("reshape", shape, allow_infer=True)
+    if -1 in shape:
+        known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+        if known == 0 or x.size % known:
+            raise ValueError(f"reshape: cannot reshape {x.shape} ({x.size} elements) to {shape}")
+        shape = tuple(x.size // known if d == -1 else d for d in shape)
     if shape == x.shape and name is None:
         return x
     return make("reshape", (x,), {"shape": shape}, name)
 
 
 def transpose(x, perm=None, name=None):
-    perm = tuple(reversed(range(x.ndim))) if perm is None else tuple(int(p) % max(x.ndim, 1) for p in perm)
+    """Permute the axes (``perm`` None: reverse them); negative axes count from the end, as in NumPy."""
+    if perm is None:
+        perm = tuple(reversed(range(x.ndim)))
+    else:
+        if not isinstance(perm, _SEQUENCES):
+            raise TypeError(f"transpose: perm must be a tuple of ints, got {perm!r}")
+        perm = tuple(as_int(p, "transpose: perm entry") for p in _seq(perm))
+        bad = [p for p in perm if not -x.ndim <= p < x.ndim]
+        if bad:
+            raise ValueError(f"transpose: axis {bad[0]} in perm {perm} is out of range for a {x.ndim}-D tensor")
+        perm = tuple(p % x.ndim for p in perm)
     return make("transpose", (x,), {"perm": perm}, name)
 
 
 def broadcast_to(x, shape, name=None):
-    shape = tuple(shape)
+    shape = _user_shape("broadcast_to", shape)
     if x.shape == shape and name is None:
         return x
     return make("broadcast_to", (x,), {"shape": shape}, name)
 
 
+def _user_shape(op, shape, allow_infer=False):
+    """A shape argument as a tuple of Python ints: TypeError for non-integers, ValueError for negative
+    dims (reshape: a single -1 is allowed)."""
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    if not isinstance(shape, _SEQUENCES):
+        raise TypeError(f"{op}: shape must be a tuple of ints, got {shape!r}")
+    shape = _seq(shape)
+    shape = tuple(as_int(d, f"{op}: dimension of shape {tuple(shape)!r}") for d in shape)
+    neg = [d for d in shape if d < 0]
+    if allow_infer and neg == [-1]:
+        return shape
+    if neg:
+        raise ValueError(f"{op}: shape {shape} has a negative dimension"
+                         + (" (only one -1, to be inferred, is allowed)" if allow_infer else ""))
+    return shape
+
+
 def cast(x, dtype, name=None):
     dtype = canonical_dtype(dtype)
+    if dtype == "bool":
+        raise TypeError(f"cast: dtype bool is not supported by the runtime (casting {x.name!r}); cast to "
+                        f"uint8 for 0/1 values")
     if dtype == x.dtype and name is None:
         return x
     return make("cast", (x,), {"dtype": dtype}, name)
@@ -460,8 +594,34 @@ def matmul(a, b, name=None):
 
 
 def softmax_cross_entropy(logits, labels, name=None):
-    """Mean over the batch of ``-log softmax(logits)[i, labels[i]]``; logits (B, C), labels int (B,)."""
-    return make("softmax_xent", (logits, labels), name=name)
+    """Mean over the batch of ``-log softmax(logits)[i, labels[i]]``; logits (B, C), labels int (B,).
+
+    Warns (DoubleSoftmaxWarning) when ``logits`` is the output of a softmax over the classes."""
+    out = make("softmax_xent", (logits, labels), name=name)
+    s = softmax_source(logits)
+    if s is not None:
+        pre = s.inputs[0]
+        warnings.warn(DoubleSoftmaxWarning(
+            f"softmax_cross_entropy: the logits {logits.name!r} are the output of softmax {s.name!r}; the loss "
+            f"applies softmax again (a double softmax trains silently towards flat predictions). Pass the "
+            f"pre-softmax tensor {pre.name!r} instead"), stacklevel=2)
+    return out
+
+
+#: ops that pass values through unchanged (a softmax seen through them is still a softmax)
+_PASS_THROUGH = ("identity", "reshape")
+
+
+def softmax_source(t: Tensor) -> Optional[Tensor]:
+    """The softmax node whose output ``t`` is, seen through identity/reshape nodes, when that softmax
+    normalises ``t``'s last axis (its own last axis, of the same length); else None.  Used to detect a
+    loss applied to probabilities instead of logits (softmax_cross_entropy, ``libml-compile finetune``)."""
+    last = t.shape[-1] if t.ndim else None
+    while t.op in _PASS_THROUGH:
+        t = t.inputs[0]
+    if t.op == "softmax" and t.attrs["axis"] == t.ndim - 1 and t.shape[-1] == last:
+        return t
+    return None
 
 
 def mse(pred, target, name=None):

@@ -8,7 +8,10 @@ Formulas follow PyTorch's ``torch.optim.SGD`` (dampening 0, no Nesterov) and ``t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .ops import OpDef, make, register
 
@@ -36,15 +39,53 @@ register(OpDef("adam_count", "opt", lambda inp, attrs: ((), attrs["dtype"]), Non
                    "made by passes.split_adam (no inputs: it is scheduled before its readers only)"))
 
 
+def _real(owner, field, v, lo, hi, lo_open=False, hi_open=False):
+    """``v`` as a finite float in the interval [lo, hi] (open ends as flagged); TypeError for str, complex,
+    bool and other non-real values, ValueError (naming the optimizer and field) for NaN, Inf or out of range."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}: {field} must be a real number, got {type(v).__name__} {v!r}"[:300])
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{owner}: {field} = {v!r} is not a finite number") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{owner}: {field} = {v!r} is not a finite number")
+    if f < lo or f > hi or (lo_open and f == lo) or (hi_open and f == hi):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{owner}: {field} = {v!r} is outside {rng}")
+    return f
+
+
+class _Validated:
+    """Hyper-parameters are checked on every assignment (construction and later ``opt.lr = x``), so a
+    NaN/Inf or out-of-range value never reaches a plan.  Subclasses list ``_checks``: field -> validator."""
+
+    _checks: dict = {}
+
+    def __setattr__(self, k, v):
+        check = type(self)._checks.get(k)
+        super().__setattr__(k, check(self, v) if check else v)
+
+
+def _betas(self, v):
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 2:
+        raise TypeError(f"Adam: betas must be a pair (beta1, beta2), got {v!r}"[:300])
+    return tuple(_real("Adam", f"betas[{i}]", b, 0.0, 1.0, hi_open=True) for i, b in enumerate(v))
+
+
 @dataclass
-class SGD:
+class SGD(_Validated):
+    """SGD with optional momentum and (coupled) weight decay; lr > 0, momentum >= 0, weight_decay >= 0 (finite)."""
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
 
-    def __post_init__(self):
-        if not self.lr > 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise ValueError(f"SGD: need lr > 0, momentum >= 0, weight_decay >= 0 (got {self})")
+    _checks = {
+        "lr": lambda self, v: _real("SGD", "lr", v, 0.0, math.inf, lo_open=True, hi_open=True),
+        # PyTorch's ranges: momentum >= 0 (values >= 1 diverge but are not refused there either)
+        "momentum": lambda self, v: _real("SGD", "momentum", v, 0.0, math.inf, hi_open=True),
+        "weight_decay": lambda self, v: _real("SGD", "weight_decay", v, 0.0, math.inf, hi_open=True),
+    }
 
     def update_node(self, params, grads):
         attrs = {"lr": float(self.lr), "momentum": float(self.momentum), "weight_decay": float(self.weight_decay)}
@@ -56,16 +97,19 @@ class SGD:
 
 
 @dataclass
-class Adam:
+class Adam(_Validated):
+    """AdamW; lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0."""
     lr: float = 1e-3
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
 
-    def __post_init__(self):
-        b1, b2 = self.betas
-        if not self.lr > 0 or not (0 <= b1 < 1 and 0 <= b2 < 1) or not self.eps > 0 or self.weight_decay < 0:
-            raise ValueError(f"Adam: invalid hyper-parameters {self}")
+    _checks = {
+        "lr": lambda self, v: _real("Adam", "lr", v, 0.0, math.inf, lo_open=True, hi_open=True),
+        "betas": _betas,
+        "eps": lambda self, v: _real("Adam", "eps", v, 0.0, math.inf, lo_open=True, hi_open=True),
+        "weight_decay": lambda self, v: _real("Adam", "weight_decay", v, 0.0, math.inf, hi_open=True),
+    }
 
     def update_node(self, params, grads):
         attrs = {"lr": float(self.lr), "beta1": float(self.betas[0]), "beta2": float(self.betas[1]),

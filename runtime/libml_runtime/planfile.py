@@ -37,7 +37,11 @@ PREFIX = struct.Struct("<8sIIQ")          # magic, version, flags, header length
 DIGEST_BYTES = 32                         # SHA-256
 SECTION_ALIGN = 64
 MAX_HEADER_BYTES = 1 << 28                # 256 MiB of JSON is far beyond any real plan
-MAX_NAME = 4096                           # longest tensor / node / param name accepted
+# longest tensor / node / param / op name accepted.  The compiler limits user-chosen names to 4,096
+# characters (ir.MAX_NAME); names it derives from them (optimizer state f"{param}/exp_avg_sq", fused kernel
+# ops "fused(add+mul+...)" of up to n_prog members) are longer, and must load too: what the writer
+# accepts, the reader accepts
+MAX_NAME = 1 << 16
 MAX_META_DEPTH = 64                       # deepest nesting of lists/objects in ``meta`` (save and load)
 MAX_ITEMS = 1 << 22                       # longest list accepted in the header (params, nodes, ...)
 DEFAULT_MAX_ARENA_BYTES = 1 << 36         # load() refuses plans asking for a larger arena (64 GiB)
