@@ -155,3 +155,23 @@ def test_profile_names_the_dispatched_isa():
     text = str(prog.profile("run", {"x": np.ones((4, 3), np.float32)}, repeat=2))
     assert f"kernel ISA: {dispatched_isa()}" in text.splitlines()[1]
     assert dispatched_isa() in ISAS + ("native",)
+
+
+@needs_dispatch
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump not installed")
+def test_each_isa_copy_calls_its_libmvec_vector_exp():
+    """omp declare simd still vectorises exp inside the target regions: baseline calls the SSE variant
+    (_ZGVb), the AVX2/AVX-512 copies the 256-bit one (_ZGVd; they prefer 256-bit vectors)."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", _exec.__file__], capture_output=True,
+                         text=True, check=True).stdout
+    calls, fn = {}, None
+    for line in out.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            fn = m.group(1)
+        elif fn and "call" in line and "_ZGV" in line:
+            calls.setdefault(fn, set()).add(re.search(r"<(_ZGV\w+)", line).group(1))
+    assert "_ZGVbN4v_expf" in calls["lm_ew_block_f32"]
+    for isa in ("avx2", "avx512"):
+        assert "_ZGVdN8v_expf" in calls[f"lm_ew_block_f32_{isa}"], isa
+        assert "_ZGVdN4v_exp" in calls[f"lm_ew_block_f64_{isa}"], isa
