@@ -95,7 +95,8 @@ def report(results, wids, systems, gemm_limit, gemm_sys):
     out = []
     p = out.append
     p(f"\nmedian ms per step (median over processes of per-process medians); ratio = libml / system "
-      f"(< 1: libml faster); frac = GFLOP/s / GEMM probe ({fmt(gemm_limit, '.1f')} GFLOP/s, {gemm_sys})")
+      f"(< 1: libml faster); frac = GFLOP/s / GEMM probe ({fmt(gemm_limit, '.1f')} GFLOP/s, {gemm_sys}); "
+      f"libml kernel ISA: {machine_info({})['libml_isa']}")
     hdr = f"{'workload':<9} {'system':<14} {'ms':>10} {'libml/sys':>9} {'GFLOP/s':>8} {'frac':>6} {'RSS MB':>7} {'procs':>5}  note"
     p(hdr)
     p("-" * len(hdr))
@@ -169,6 +170,11 @@ def machine_info(removed):
                     break
     except OSError:
         pass
+    try:
+        from libml_runtime.isa import dispatched_isa
+        info["libml_isa"] = dispatched_isa()
+    except ImportError as exc:
+        info["libml_isa"] = f"unavailable ({exc})"
     try:
         import numpy
         info["numpy"] = numpy.__version__

@@ -73,6 +73,8 @@ cdef extern from "kernels.h" nogil:
     int64_t lm_bad_label(int64_t dt, const char *lab, int64_t B, int64_t C)
     int64_t lm_copy_labels(int64_t dt, const char *lab, int64_t B, int64_t C, int64_t *out)
     enum: LM_DT_I64
+    int lm_isa_init(const char *name)
+    const char *lm_isa_name()
 
 # opcodes: keep in sync with format.py
 DEF OP_EW = 1
@@ -805,3 +807,18 @@ def first_bad_label(cnp.ndarray labels not None, int64_t dtype_code, int64_t num
     if not cnp.PyArray_IS_C_CONTIGUOUS(labels):
         raise ValueError("labels must be C-contiguous")
     return lm_bad_label(dtype_code, <char*>cnp.PyArray_DATA(labels), labels.size, num_classes)
+
+
+def _isa_init(str name):
+    """Select the kernels' ISA table (kernels_isa.h); isa.py calls it once at import. 0, -1 unknown name,
+    -2 not supported by this CPU, -3 a forced ISA in a build without dispatch."""
+    return lm_isa_init(name.encode())
+
+
+def _isa_name():
+    """The ISA whose kernel copies run: 'baseline', 'avx2', 'avx512', or 'native' (no-dispatch build)."""
+    return lm_isa_name().decode()
+
+
+from .isa import _apply_env as _isa_apply_env
+_isa_apply_env(_isa_init)  # LIBML_ISA, or the CPU's best, before any plan can run

@@ -154,6 +154,17 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
     return off;
 }
 
+/* ---- the type-generic kernels, once per float type and (dispatching builds) once per ISA ----
+ *
+ * Portable builds (the default, see setup.py) compile this translation unit for baseline x86-64 and
+ * compile the hot kernels of kernels_tmpl.h three times inside `#pragma GCC target` regions:
+ * baseline (SSE2), "avx2" (arch=x86-64-v3: AVX2+FMA) and "avx512" (arch=x86-64-v4).  The baseline copy
+ * keeps the plain names (lm_ew_block_f32, ...); the others get a suffix (lm_ew_block_f32_avx2).  The names
+ * in LM_DISPATCHED are then #defined to entries of the table `lm_isa`, which lm_isa_init() fills once at
+ * import from the CPU's features (or LIBML_ISA), so every call from _exec.pyx goes through one indirect
+ * call per block/row -- the template functions are never inlined into Cython code anyway.  A kernel
+ * added to the template but not to LM_DISPATCHED still works: it runs the baseline copy.
+ * With LM_NO_DISPATCH (LIBML_MARCH=native or any explicit -march) only the plain copy is compiled. */
 #define LM_T float
 #define LM_SFX(name) name##_f32
 #define LM_EXP expf
@@ -177,6 +188,8 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
 #undef LM_EXP
 #undef LM_LOG
 #undef LM_SQRT
+
+#include "kernels_isa.h"
 
 /* ---- integer elementwise (forward only; ONNX/NumPy semantics: wrap-around, division truncates) ----
  * + - * are done in uint64_t: signed overflow is undefined behaviour in C (and uint16 * uint16 promotes

@@ -52,7 +52,8 @@ class Profile:
         cols = f"{'#':>3}  {'instruction':<20} {'ms':>9} {'min ms':>9} {'share':>6}"
         if extra:
             cols += f" {'GFLOP/s':>8} {'GB/s':>7}"
-        lines = [head, cols + "  node"]
+        from .isa import dispatched_isa
+        lines = [head, f"kernel ISA: {dispatched_isa()}", cols + "  node"]
         for r in self.rows:
             line = f"{r['index']:>3}  {r['op']:<20} {r['median_ms']:>9.4f} {r['min_ms']:>9.4f} {r['share']:>6.1%}"
             if extra:
