@@ -398,18 +398,20 @@ class _Decoder:
         self.strided("dst", isz, dims, writable=True)
 
     def op_gather(self):
-        isz = self._itemsize()
-        outer, n, inner, nidx = self.dims("sizes", 4)
-        self.operand("src", outer * n * inner * isz, align=isz)
-        self.operand("idx", nidx * 8, align=8)
-        self.operand("dst", outer * nidx * inner * isz, writable=True, align=isz)
+        self._indexed(self._itemsize(), gather=True)
 
     def op_scatter_add(self):
-        isz = self.fdtype()
+        self._indexed(self.fdtype(), gather=False)
+
+    def _indexed(self, isz, gather):
+        """outer n inner nidx src(2) idx(2) dst(2): gather reads n rows per outer index and writes nidx,
+        scatter_add the reverse.  Extents are proven here; index values are checked by the kernels as
+        they read them (they are data)."""
         outer, n, inner, nidx = self.dims("sizes", 4)
-        self.operand("g", outer * nidx * inner * isz, align=isz)
+        rows_in, rows_out = (n, nidx) if gather else (nidx, n)
+        self.operand("src", outer * rows_in * inner * isz, align=isz)
         self.operand("idx", nidx * 8, align=8)
-        self.operand("dst", outer * n * inner * isz, writable=True, align=isz)
+        self.operand("dst", outer * rows_out * inner * isz, writable=True, align=isz)
 
     def op_sgd_update(self):
         isz = self.fdtype()
