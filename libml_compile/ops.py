@@ -350,8 +350,15 @@ def _r_xent_grad(attrs, z, y, g):
 
 def _r_div(attrs, a, b):
     if a.dtype.kind in "iu":
-        q = np.abs(a) // np.abs(b)  # truncation toward zero, like C and ONNX
-        return (np.sign(a) * np.sign(b) * q).astype(a.dtype)
+        # truncation toward zero, as the runtime kernel (C) and ONNX; wrapping like NumPy (MIN / -1 = MIN).
+        # From floor division: one up where the remainder is non-zero and the signs differ.  (Not via
+        # abs(): abs(MIN) is MIN, which made MIN / 2 positive.)
+        if np.any(b == 0):
+            raise ZeroDivisionError("div: integer division by zero in a constant expression")
+        with np.errstate(over="ignore"):
+            q = np.floor_divide(a, b)
+            r = a - q * b
+        return (q + ((r != 0) & ((a < 0) != (b < 0)))).astype(a.dtype)
     return a / b
 
 
