@@ -25,7 +25,7 @@ register(OpDef("sgd_update", "opt", _s_update, None, None,
 register(OpDef("sgd_gemm", "opt", _s_update, None, None,
                doc="p = (1 - lr*wd) p - lr * op(a) @ op(b): plain SGD folded into the weight-gradient GEMM "
                    "(BLAS alpha = -lr, beta = 1 - lr*wd), so no gradient buffer exists; made by "
-                   "passes.fold_sgd_into_gemm. attrs['after']: the other readers of p, scheduled first"))
+                   "passes.fold_sgd_into_gemm; passes.order_inplace_writers schedules every other reader of p before it"))
 register(OpDef("momentum_gemm", "opt", _s_update, None, None,
                doc="v = momentum * v + op(a) @ op(b): the momentum buffer accumulates the weight-gradient GEMM "
                    "(BLAS alpha = 1, beta = momentum), so no gradient buffer exists; made by "
