@@ -597,43 +597,41 @@ cdef int _int_ew(const int64_t *f, char **bases) noexcept nogil:
     return 0
 
 
-cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
-    # fields: itemsize ndim dims[ndim] src(2) strides[ndim] dst(2)
-    cdef int64_t isz = f[0], nd = f[1], rows = 1, r, d
-    cdef const int64_t *dims = f + 2
-    cdef const int64_t *fs = f + 2 + nd
-    cdef const int64_t *s = fs + 2
-    cdef const int64_t *fd = s + nd
-    cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
-    for d in range(nd - 1):
-        rows *= dims[d]
-    for r in range(rows if nd > 0 else 1):
-        lm_copy_row(isz, inner, _ptr(bases, fs) + isz * _unravel(nd, dims, r, s), s[nd - 1] if nd > 0 else 1,
-                    _ptr(bases, fd) + isz * r * inner)
-    return 0
-
-
-cdef int _copy_nd(const int64_t *f, char **bases) noexcept nogil:
-    # fields: itemsize ndim dims[ndim] src(2) src_strides[ndim] dst(2) dst_strides[ndim]
-    # Concat writes each input into its part of the output, slice reads a part: moves, no arithmetic.
-    cdef int64_t isz = f[0], nd = f[1], rows = 1, r, d
-    cdef const int64_t *dims = f + 2
-    cdef const int64_t *fs = f + 2 + nd
-    cdef const int64_t *ss = fs + 2
-    cdef const int64_t *fd = ss + nd
-    cdef const int64_t *ds = fd + 2
+cdef int _copy_rows(int64_t isz, int64_t nd, const int64_t *dims, char *src, const int64_t *ss, char *dst,
+                    const int64_t *ds) noexcept nogil:
+    """Copy a dims-shaped block between strided layouts (element strides ss, ds); ds NULL: dst is
+    contiguous.  Moves only, no arithmetic."""
+    cdef int64_t rows = 1, r, d, inner
     if nd == 0:
-        memcpy(_ptr(bases, fd), _ptr(bases, fs), <size_t>isz)
+        memcpy(dst, src, <size_t>isz)
         return 0
     for d in range(nd):
         if dims[d] == 0:
             return 0
     for d in range(nd - 1):
         rows *= dims[d]
+    inner = dims[nd - 1]
     for r in range(rows):
-        lm_copy_row2(isz, dims[nd - 1], _ptr(bases, fs) + isz * _unravel(nd, dims, r, ss), ss[nd - 1],
-                     _ptr(bases, fd) + isz * _unravel(nd, dims, r, ds), ds[nd - 1])
+        if ds == NULL:
+            lm_copy_row(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1], dst + isz * r * inner)
+        else:
+            lm_copy_row2(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1],
+                         dst + isz * _unravel(nd, dims, r, ds), ds[nd - 1])
     return 0
+
+
+cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
+    # fields: itemsize ndim dims[ndim] src(2) strides[ndim] dst(2)   (dst contiguous)
+    cdef int64_t nd = f[1]
+    return _copy_rows(f[0], nd, f + 2, _ptr(bases, f + 2 + nd), f + 4 + nd, _ptr(bases, f + 4 + 2 * nd), NULL)
+
+
+cdef int _copy_nd(const int64_t *f, char **bases) noexcept nogil:
+    # fields: itemsize ndim dims[ndim] src(2) src_strides[ndim] dst(2) dst_strides[ndim]
+    # Concat writes each input into its part of the output, slice reads a part.
+    cdef int64_t nd = f[1]
+    return _copy_rows(f[0], nd, f + 2, _ptr(bases, f + 2 + nd), f + 4 + nd, _ptr(bases, f + 4 + 2 * nd),
+                      f + 6 + 2 * nd)
 
 
 cdef inline int64_t _index(const int64_t *idx, int64_t j, int64_t n) noexcept nogil:
