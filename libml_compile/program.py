@@ -8,6 +8,7 @@ compiler's views of what it did (``summary``, ``memory_report``).
 """
 from __future__ import annotations
 
+import gc
 import time
 
 from libml_runtime.executable import Executable
@@ -90,7 +91,21 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     num_threads: OpenMP and BLAS threads (default: OMP_NUM_THREADS or the machine's cores).
     check_finite: also build checked entries that stop at the first op producing NaN/Inf.
     fuse: False disables fusion (one instruction per op; for testing and debugging).
-    """
+
+    Python's cyclic garbage collector is paused while the compiler runs (and restored as it was): the
+    passes allocate hundreds of thousands of small objects, and the collector's repeated scans of them
+    took 2.2 of 7.4 s on a 20,000-op chain.  Nothing the compiler builds needs collecting before it ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> Program:
+    """``compile`` with the garbage collector paused."""
     t0 = time.perf_counter()
     if not isinstance(g, Graph):
         raise TypeError(f"compile: expected an lc.Graph, got {type(g).__name__}")
@@ -119,8 +134,9 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
 
     tg, m = clone_graph(g)
     state = StateLayout()
+    train_set = set(train_names)  # (a list here made 10,000 params cost 0.5 s of list scans)
     for name, p in tg.params.items():
-        state.add_param(p, name in train_names)
+        state.add_param(p, name in train_set)
     graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
     label_inputs = {t.inputs[1].name: t.inputs[0].shape[1] for t in tg.nodes
                     if t.op == "softmax_xent" and t.inputs[1].op == "input"}

@@ -83,3 +83,21 @@ def test_check_no_overlap_still_catches_collisions():
     with pytest.raises(AssertionError, match="overlap"):
         memory.check_no_overlap([Buffer("a", 100, 0, 3, 0), Buffer("c", 10, 0, 9, 1000),
                                  Buffer("b", 100, 2, 5, 64)])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_compile_restores_the_garbage_collectors_state_even_when_it_raises(enabled):
+    import gc
+    g = lc.Graph("gc")
+    x = g.input("x", (2, 2))
+    g.output("y", x + 1.0)
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        lc.compile(g)
+        assert gc.isenabled() is enabled
+        with pytest.raises(ValueError):
+            lc.compile(g, loss=x)  # not a scalar
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()

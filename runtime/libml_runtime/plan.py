@@ -131,7 +131,7 @@ def _check_shape(shape, fld):
     _check(isinstance(shape, (tuple, list)) and len(shape) <= 32
            and all(isinstance(d, (int, np.integer)) and 0 <= d < 2 ** 40 for d in shape), fld,
            f"bad shape {shape!r}")
-    _check(int(np.prod([int(d) for d in shape], dtype=object)) < 2 ** 40, fld, "is too large")
+    _check(math.prod([int(d) for d in shape]) < 2 ** 40, fld, "is too large")
 
 
 class _Decoder:
@@ -186,7 +186,7 @@ class _Decoder:
 
     def dims(self, what, n):
         d = [self.take(f"{what}[{i}]", 0, 2 ** 40) for i in range(n)]
-        if int(np.prod(d, dtype=object)) >= 2 ** 40:
+        if math.prod(d) >= 2 ** 40:
             self.fail(f"{what} {d} is too large")
         return d
 
@@ -241,7 +241,7 @@ class _Decoder:
                 zero_dims = [k for k in range(nd) if s[k] == 0]
                 if mode == 1 and zero_dims != [nd - 1]:
                     self.fail(f"output[{i}] reduces over more than the innermost dim in mode 1")
-                numel = int(np.prod([dims[k] for k in range(nd) if s[k] != 0], dtype=object))
+                numel = math.prod([dims[k] for k in range(nd) if s[k] != 0])
                 red_total += numel
                 # an empty iteration space still writes the reduction's zeros: numel elements
                 if off + numel * isz > self.sizes[slot]:
@@ -252,7 +252,7 @@ class _Decoder:
             # row-major array over the dims it keeps: anything else would write outside the scratch
             kept = [k for k in range(nd) if not red or s[k] != 0]
             for k in kept:
-                want = int(np.prod([dims[j] for j in kept if j > k], dtype=object))
+                want = math.prod([dims[j] for j in kept if j > k])
                 if dims[k] > 1 and s[k] != want:
                     self.fail(f"output[{i}].stride[{k}] = {s[k]} is not the dense stride {want}")
         for k in range(nd):
@@ -313,7 +313,7 @@ class _Decoder:
             self.fail("bias is outside its buffer or misaligned")
         for i in range(bdim):
             # C is dense (the bias/activation epilogue walks it as nbatch*M rows of N)
-            want = M * N * int(np.prod(bd[i + 1:], dtype=object))
+            want = M * N * math.prod(bd[i + 1:])
             if bd[i] > 1 and sc[i] != want:
                 self.fail(f"C.batch_stride[{i}] = {sc[i]} is not the dense stride {want}")
         if M and N and all(bd):
@@ -325,7 +325,7 @@ class _Decoder:
 
     def op_softmax(self):
         isz = self.fdtype()
-        n = int(np.prod(self.dims("dims", 3), dtype=object))
+        n = math.prod(self.dims("dims", 3))
         self.operand("x", n * isz, align=isz)
         self.operand("y", n * isz, writable=True, align=isz)
 
@@ -369,7 +369,7 @@ class _Decoder:
         isz = F.ITEMSIZE[dt]
         self.strided("a", isz, dims)
         self.strided("b", isz, dims)
-        n = int(np.prod(dims, dtype=object))
+        n = math.prod(dims)
         self.operand("out", n * isz, writable=True, align=isz)
 
     def op_copy(self):
@@ -382,7 +382,7 @@ class _Decoder:
         nd = self.take("ndim", 0, F.LM_MAXD)
         dims = self.dims("dims", nd)
         self.strided("src", isz, dims)
-        self.operand("dst", int(np.prod(dims, dtype=object)) * isz, writable=True, align=isz)
+        self.operand("dst", math.prod(dims) * isz, writable=True, align=isz)
 
     def _itemsize(self):
         isz = self.take("itemsize", 1, 8)
