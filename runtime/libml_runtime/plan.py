@@ -138,7 +138,9 @@ class _Decoder:
     """Walks the code array; every read is checked, every operand extent proven in bounds."""
 
     def __init__(self, code, nconsts, sizes, nnodes, where):
-        self.code, self.nconsts, self.sizes, self.nnodes, self.where = code, nconsts, sizes, nnodes, where
+        # a list of Python ints: indexing an ndarray element by element was a fifth of validation's time
+        self.code = code.tolist()
+        self.nconsts, self.sizes, self.nnodes, self.where = nconsts, sizes, nnodes, where
         self.pc = 0
         self.end = 0
         self.idx = 0
