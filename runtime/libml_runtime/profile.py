@@ -36,8 +36,10 @@ class Profile:
         """times: (repeat, n_instructions) seconds; calls: (repeat,) seconds per whole call."""
         med, mn = np.median(times, axis=0), times.min(axis=0)
         total = float(np.median(times.sum(axis=1)))
+        summed = float(med.sum())  # shares are of the summed medians, as documented (they add up to 1;
+        # the median of per-run totals differs from it on a noisy machine: a CI run saw 0.78)
         rows = [dict(index=i, op=ops[i], node=nodes[i], median_ms=float(med[i]) * 1e3,
-                     min_ms=float(mn[i]) * 1e3, share=float(med[i]) / total if total > 0 else 0.0)
+                     min_ms=float(mn[i]) * 1e3, share=float(med[i]) / summed if summed > 0 else 0.0)
                 for i in range(times.shape[1])]
         return cls(entry, times.shape[0], num_threads, rows, total * 1e3, float(np.median(calls)) * 1e3)
 
