@@ -129,33 +129,32 @@ def _tmpdir_entries_of_onnxruntime_import(tmp_path):
     return set(os.listdir(base))
 
 
-def test_demo_leaves_no_temp_folder_and_no_file_in_cwd(tmp_path):
+def _demo_in_fresh_dirs(tmp_path, *args):
+    """Run the demo with an empty TMPDIR and working directory; returns (result, files left in cwd,
+    entries left in TMPDIR beyond what importing onnxruntime leaves there by itself)."""
     allowed = _tmpdir_entries_of_onnxruntime_import(tmp_path)
     tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
     tmp.mkdir()
     cwd.mkdir()
     env = _env()
     env["TMPDIR"] = str(tmp)
-    r = subprocess.run(_demo_cmd(), cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    r = subprocess.run(_demo_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=BLOCK_TIMEOUT_S)
     assert r.returncode == 0, r.stdout + r.stderr
+    return r, os.listdir(cwd), set(os.listdir(tmp)) - allowed
+
+
+def test_demo_leaves_no_temp_folder_and_no_file_in_cwd(tmp_path):
+    r, in_cwd, left = _demo_in_fresh_dirs(tmp_path)
     assert "demo passed" in r.stdout
-    assert os.listdir(cwd) == [], f"the demo wrote {os.listdir(cwd)} into the working directory"
-    left = set(os.listdir(tmp)) - allowed
+    assert in_cwd == [], f"the demo wrote {in_cwd} into the working directory"
     assert not left, f"the demo left {sorted(left)} in TMPDIR"
 
 
 def test_demo_out_writes_only_the_given_file(tmp_path):
-    allowed = _tmpdir_entries_of_onnxruntime_import(tmp_path)
-    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
-    tmp.mkdir()
-    cwd.mkdir()
-    env = _env()
-    env["TMPDIR"] = str(tmp)
-    r = subprocess.run(_demo_cmd("--out", "trained.onnx"), cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=BLOCK_TIMEOUT_S)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert os.listdir(cwd) == ["trained.onnx"]
-    assert not set(os.listdir(tmp)) - allowed
+    _, in_cwd, left = _demo_in_fresh_dirs(tmp_path, "--out", "trained.onnx")
+    assert in_cwd == ["trained.onnx"]
+    assert not left
 
 
 def test_demo_says_it_trains_random_weights_and_reports_train_validation_test(tmp_path):
