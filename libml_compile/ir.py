@@ -17,8 +17,6 @@ FLOAT_DTYPES = ("float32", "float64")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
 
-_ids = itertools.count()
-
 #: longest user-chosen name (plan and checkpoint files store names of up to planfile.MAX_NAME characters;
 #: derived names such as ``f"{param}/exp_avg_sq"`` add a few characters to a user's name)
 MAX_NAME = 4096
@@ -80,7 +78,9 @@ class Tensor:
         self.attrs = attrs
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
-        self.id = next(_ids)
+        # numbered per graph, not per process: auto names (and so plan files) must not depend on what
+        # else the process built before (the same graph compiled twice gives identical plan bytes)
+        self.id = next(graph._ids)
         # auto names yield to user names: Graph._add / _check_new_name rename an auto-named tensor
         # rather than reject a user's name, so no name is ever refused because of one
         self.auto_name = not name
@@ -139,6 +139,7 @@ class Graph:
         self.outputs: dict[str, Tensor] = {}
         self.meta: dict = {}
         self._by_name: dict[str, Tensor] = {}
+        self._ids = itertools.count()
 
     # -- leaves ------------------------------------------------------------------------------------
     def input(self, name, shape, dtype="float32"):

@@ -125,12 +125,17 @@ class _Instr:
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
-                check_finite=False):
+                check_finite=False, simplified=False):
     """Compile the sub-graph reaching ``roots`` into an Entry.
 
-    outputs: [(user name, tensor)] copied out after each call.  Returns (Entry, MemoryReport, summary rows).
+    outputs: [(user name, tensor)] copied out after each call.  simplified: ``roots`` and ``outputs`` are
+    already the result of ``passes.simplify`` over a graph that contains this one (``compile`` simplifies
+    the joint graph of all entries once).  Returns (Entry, MemoryReport, summary rows).
     """
-    nodes, rep = passes.simplify(roots)
+    if simplified:
+        nodes, rep = passes.topo_from_roots(roots), {}
+    else:
+        nodes, rep = passes.simplify(roots)
     # naive: every intermediate of the simplified joint graph in a buffer of its own (no fusion, no reuse)
     naive = sum(align(t.size * np.dtype(t.dtype).itemsize) for t in nodes
                 if t.op not in passes.LEAVES and t.op != "reshape" and REGISTRY[t.op].kind != "opt")

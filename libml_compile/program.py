@@ -14,7 +14,7 @@ import time
 from libml_runtime.executable import Executable
 from libml_runtime.plan import Plan, validate
 
-from . import autodiff
+from . import autodiff, passes
 from .ir import FLOAT_DTYPES, Graph, Tensor, clone_graph
 from .lower import StateLayout, lower_entry
 from .optim import SGD, Adam
@@ -156,14 +156,19 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
         if optimizer is not None:
             upd = [optimizer.update_node(params, [grads[p] for p in params])] if params else []
             todo.append(("step", [lt] + upd, [("loss", lt)]))
+    # simplify once over the joint graph of every entry (each entry's nodes are a sub-graph of it): per
+    # entry, the same rewrites were found three times (0.6 s of 4.7 s on a 20,000-op chain)
+    _, rep = passes.simplify([t for _, roots, _ in todo for t in roots])
+    todo = [(kind, [rep.get(t, t) for t in roots], [(n, rep.get(t, t)) for n, t in outputs])
+            for kind, roots, outputs in todo]
     # checked entries first: the fusion passes rewrite shared nodes in place (a GEMM + bias + relu becomes
     # one "linear" node), and a check must name the single op that produced a NaN/Inf, not the fused node
     checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
-                                 check_finite=True)[0]
+                                 check_finite=True, simplified=True)[0]
                for kind, roots, outputs in todo} if check_finite else {}
     for kind, roots, outputs in todo:
         e, reports[kind], summaries[kind] = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer,
-                                                        fuse=fuse)
+                                                        fuse=fuse, simplified=True)
         e.checked = checked.get(kind)
         entries[kind] = e
 

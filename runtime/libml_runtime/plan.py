@@ -151,15 +151,21 @@ class _Decoder:
     def take(self, what, lo=None, hi=None):
         if self.pos >= self.end:
             self.fail(f"truncated while reading {what}")
-        x = int(self.code[self.pos])
+        x = self.code[self.pos]
         self.pos += 1
         if (lo is not None and x < lo) or (hi is not None and x > hi):
             self.fail(f"{what} = {x} is outside [{lo}, {hi}]")
         return x
 
     def operand(self, what, nbytes, writable=False, align=1):
-        slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
-        off = self.take(f"{what}.offset", 0, 2 ** 50)
+        v = self._fields(2, 2 ** 50)
+        if v is not None and v[0] < len(self.sizes):
+            slot, off = v
+        else:
+            if v is not None:
+                self.pos -= 2
+            slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
+            off = self.take(f"{what}.offset", 0, 2 ** 50)
         if writable and slot >= F.SLOT_INPUT0:
             self.fail(f"{what} writes into a fed input")
         if nbytes > 0 and off + nbytes > self.sizes[slot]:
@@ -168,11 +174,30 @@ class _Decoder:
             self.fail(f"{what} offset {off} is not aligned to {align}")
         return slot, off
 
+    def _fields(self, n, hi):
+        """The next ``n`` fields if they are all in the code and in [0, hi], else None (the caller then
+        reads them one by one with ``take``, which names the first bad one).  Validation reads millions
+        of fields for a large program: one slice and min/max instead of a call per field."""
+        p = self.pos
+        if p + n > self.end:
+            return None
+        v = self.code[p:p + n]
+        if n and (min(v) < 0 or max(v) > hi):
+            return None
+        self.pos = p + n
+        return v
+
     def strided(self, what, isz, dims, writable=False):
         """slot off strides[ndim] (elements): proves the whole strided footprint in bounds."""
-        slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
-        off = self.take(f"{what}.offset", 0, 2 ** 50)
-        strides = [self.take(f"{what}.stride[{i}]", 0, 2 ** 40) for i in range(len(dims))]
+        v = self._fields(2 + len(dims), 2 ** 40)
+        if v is not None and v[0] < len(self.sizes):
+            slot, off, strides = v[0], v[1], v[2:]
+        else:
+            if v is not None:
+                self.pos -= len(v)
+            slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
+            off = self.take(f"{what}.offset", 0, 2 ** 50)
+            strides = [self.take(f"{what}.stride[{i}]", 0, 2 ** 40) for i in range(len(dims))]
         if writable and slot >= F.SLOT_INPUT0:
             self.fail(f"{what} writes into a fed input")
         if all(d > 0 for d in dims):
@@ -187,7 +212,9 @@ class _Decoder:
         return self.take(what, 0, self.nconsts - 1)
 
     def dims(self, what, n):
-        d = [self.take(f"{what}[{i}]", 0, 2 ** 40) for i in range(n)]
+        d = self._fields(n, 2 ** 40)
+        if d is None:
+            d = [self.take(f"{what}[{i}]", 0, 2 ** 40) for i in range(n)]
         if math.prod(d) >= 2 ** 40:
             self.fail(f"{what} {d} is too large")
         return d
