@@ -17,6 +17,7 @@ a lower copy (testing each path on one machine).  GEMMs are BLAS's (OpenBLAS dis
 machine-specific build: everything is compiled with that ``-march`` and there is no dispatch (the ISA is
 reported as ``native``).  Such a module can die with SIGILL on another CPU.
 """
+import importlib.util
 import os
 import platform
 import sys
@@ -45,10 +46,36 @@ libraries = []
 if sys.platform.startswith("linux"):
     libraries.append("mvec")
 
+# the C and Cython side of the plan format (format_gen.h, format_gen.pxi) is generated from format.py here,
+# before anything is compiled: the only copy of the format is that file
+_spec = importlib.util.spec_from_file_location(
+    "_libml_format_codegen", os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime", "libml_runtime",
+                                          "format_codegen.py"))
+_codegen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_codegen)
+_codegen.write()
+
+
+def _glibc_at_least(major, minor):
+    name, version = platform.libc_ver()
+    try:
+        return name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
+# libmvec's tanh/erf/log1p/expm1 vector variants exist from glibc 2.35 on: declared `omp declare simd` only
+# where the build's glibc has them (elsewhere the same loops call the scalar functions; a module built
+# here needs this glibc or newer at run time anyway, as every module linked against it does)
+if sys.platform.startswith("linux") and _glibc_at_least(2, 35):
+    define_macros.append(("LM_HAVE_MVEC_235", "1"))
+
 ext = Extension(
     "libml_runtime._exec",
     sources=["runtime/libml_runtime/_exec.pyx"],
     include_dirs=[np.get_include(), "runtime/libml_runtime"],
+    depends=["runtime/libml_runtime/" + h for h in ("kernels.h", "kernels_tmpl.h", "kernels_isa.h", "kernels_inst.h",
+                                                    "format_gen.h", "format_gen.pxi", "format.py")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,
     libraries=libraries,

@@ -24,9 +24,6 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm, sgemv, dgemv
 cnp.import_array()
 
 cdef extern from "kernels.h" nogil:
-    enum: LM_BLK
-    enum: LM_MAXIO
-    enum: LM_MAXD
     ctypedef struct lm_ew:
         int64_t dtype, ndim, n_in, n_out, n_regs, n_prog, mode, nchunks, scratch_slot, scratch_off
         int64_t rows, inner, nblk, items, red_total
@@ -76,32 +73,9 @@ cdef extern from "kernels.h" nogil:
     int lm_isa_init(const char *name)
     const char *lm_isa_name()
 
-# opcodes: keep in sync with format.py
-DEF OP_EW = 1
-DEF OP_GEMM = 2
-DEF OP_SOFTMAX = 3
-DEF OP_XENT = 4
-DEF OP_XENT_GRAD = 5
-DEF OP_CAST = 6
-DEF OP_INT_EW = 7
-DEF OP_COPY = 8
-DEF OP_STRIDED_COPY = 9
-DEF OP_SGD = 10
-DEF OP_ADAM = 11
-DEF OP_CHECK_FINITE = 12
-DEF OP_ADAM_APPLY = 13
-DEF OP_COPY_ND = 14
-DEF OP_GATHER = 15
-DEF OP_SCATTER_ADD = 16
-
-# error codes returned by run_plan (format.py turns them into exceptions)
-DEF ERR_MALFORMED = -1
-DEF ERR_INDEX = -11
-DEF ERR_OPCODE = -2
-DEF ERR_INT_DIV_ZERO = -3
-DEF ERR_NOMEM = -4
-DEF ERR_LABEL = -10
-DEF ERR_NONFINITE = -20
+# opcodes, error codes, limits and every instruction field's offset (LM_F_<OP>_<field>): generated from
+# format.py by format_codegen.py at build time
+include "format_gen.pxi"
 
 # below this many elements an instruction runs on the calling thread: an OpenMP region costs more
 DEF PAR_MIN = 32768
@@ -343,23 +317,22 @@ cdef inline void _epi_row(floating dummy, int64_t n, floating *c, floating *bias
 
 cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
                int nthreads) noexcept nogil:
-    cdef int M = <int>f[1], N = <int>f[2], K = <int>f[3]
-    cdef bint ta = f[4] != 0, tb = f[5] != 0
-    cdef floating alpha = <floating>consts[f[12]]
-    cdef floating beta = <floating>consts[f[13]]
-    cdef int64_t bdim = f[17], nbatch = 1, bi, d, q, rem, i
-    cdef const int64_t *bd = f + 18
-    cdef const int64_t *sA = f + 18 + bdim
-    cdef const int64_t *sB = f + 18 + 2 * bdim
-    cdef const int64_t *sC = f + 18 + 3 * bdim
-    cdef floating *A = <floating*>_ptr(bases, f + 6)
-    cdef floating *B = <floating*>_ptr(bases, f + 8)
-    cdef floating *C = <floating*>_ptr(bases, f + 10)
-    cdef floating *bias = <floating*>_ptr(bases, f + 14) if f[14] >= 0 else NULL
-    cdef int64_t act = f[16]
-    cdef const int64_t *fm = f + 18 + 4 * bdim
-    cdef floating *mask = <floating*>_ptr(bases, fm) if fm[0] >= 0 else NULL
-    cdef floating *colsum = <floating*>_ptr(bases, fm + 2) if fm[2] >= 0 else NULL
+    cdef int M = <int>f[LM_F_GEMM_M], N = <int>f[LM_F_GEMM_N], K = <int>f[LM_F_GEMM_K]
+    cdef bint ta = f[LM_F_GEMM_transA] != 0, tb = f[LM_F_GEMM_transB] != 0
+    cdef floating alpha = <floating>consts[f[LM_F_GEMM_alpha]]
+    cdef floating beta = <floating>consts[f[LM_F_GEMM_beta]]
+    cdef int64_t bdim = f[LM_F_GEMM_batch_ndim], nbatch = 1, bi, d, q, rem, i
+    cdef const int64_t *bd = f + LM_F_GEMM_batch_dims
+    cdef const int64_t *sA = f + LM_F_GEMM_A_batch_stride(f)
+    cdef const int64_t *sB = f + LM_F_GEMM_B_batch_stride(f)
+    cdef const int64_t *sC = f + LM_F_GEMM_C_batch_stride(f)
+    cdef floating *A = <floating*>_ptr(bases, f + LM_F_GEMM_A_slot)
+    cdef floating *B = <floating*>_ptr(bases, f + LM_F_GEMM_B_slot)
+    cdef floating *C = <floating*>_ptr(bases, f + LM_F_GEMM_C_slot)
+    cdef floating *bias = <floating*>_ptr(bases, f + LM_F_GEMM_bias_slot) if f[LM_F_GEMM_bias_slot] >= 0 else NULL
+    cdef int64_t act = f[LM_F_GEMM_act]
+    cdef floating *mask = <floating*>_ptr(bases, f + LM_F_GEMM_mask_slot(f)) if f[LM_F_GEMM_mask_slot(f)] >= 0 else NULL
+    cdef floating *colsum = <floating*>_ptr(bases, f + LM_F_GEMM_colsum_slot(f)) if f[LM_F_GEMM_colsum_slot(f)] >= 0 else NULL
     cdef int lda = (M if ta else K), ldb = (K if tb else N), ldc = N
     cdef int nt, part, nparts
     cdef bint split_m, big
@@ -415,10 +388,9 @@ cdef inline int64_t _boff(int64_t bi, int64_t bdim, const int64_t *bd, const int
 # softmax, cross-entropy
 
 cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
-    # fields: dtype outer K inner in(2) out(2)
-    cdef int64_t outer = f[1], K = f[2], inner = f[3], o
-    cdef floating *x = <floating*>_ptr(bases, f + 4)
-    cdef floating *y = <floating*>_ptr(bases, f + 6)
+    cdef int64_t outer = f[LM_F_SOFTMAX_outer], K = f[LM_F_SOFTMAX_K], inner = f[LM_F_SOFTMAX_inner], o
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_SOFTMAX_x_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_SOFTMAX_y_slot)
     cdef floating *tmp
     cdef floating *ws
     cdef int nt = _threads(outer * K * inner, nthreads)
@@ -439,16 +411,15 @@ cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) 
 
 
 cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
-    # fields: dtype B C z(2) labels(2) label_dtype out(2)
-    cdef int64_t B = f[1], C = f[2], bad
-    cdef floating *z = <floating*>_ptr(bases, f + 3)
-    cdef char *lab = _ptr(bases, f + 5)
-    cdef floating *out = <floating*>_ptr(bases, f + 8)
+    cdef int64_t B = f[LM_F_SOFTMAX_XENT_B], C = f[LM_F_SOFTMAX_XENT_C], bad
+    cdef floating *z = <floating*>_ptr(bases, f + LM_F_SOFTMAX_XENT_logits_slot)
+    cdef char *lab = _ptr(bases, f + LM_F_SOFTMAX_XENT_labels_slot)
+    cdef floating *out = <floating*>_ptr(bases, f + LM_F_SOFTMAX_XENT_out_slot)
     # the labels are copied, then checked and used from the copy: fed memory is read once
     cdef int64_t *y = <int64_t*>malloc(max(B, 1) * sizeof(int64_t))
     if y == NULL:
         return ERR_NOMEM
-    bad = lm_copy_labels(f[7], lab, B, C, y)
+    bad = lm_copy_labels(f[LM_F_SOFTMAX_XENT_labels_dtype], lab, B, C, y)
     if bad >= 0:
         free(y)
         detail[0] = bad
@@ -462,16 +433,16 @@ cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) 
 
 
 cdef int _xent_grad(floating dummy, const int64_t *f, char **bases, int nthreads, int64_t *detail) noexcept nogil:
-    # fields: dtype B C z(2) labels(2) label_dtype g(2) out(2) loss(2; slot -1 = none)
+    # loss.slot -1: no loss output
     # With a loss operand this is forward and backward of softmax cross-entropy in one pass: each row's
     # log-sum-exp gives both its loss and its gradient; row losses are summed in row order (double).
-    cdef int64_t B = f[1], C = f[2], b, bad
-    cdef floating *z = <floating*>_ptr(bases, f + 3)
-    cdef char *lab = _ptr(bases, f + 5)
-    cdef int64_t ldt = f[7]
-    cdef floating *g = <floating*>_ptr(bases, f + 8)
-    cdef floating *out = <floating*>_ptr(bases, f + 10)
-    cdef floating *loss = <floating*>_ptr(bases, f + 12) if f[12] >= 0 else NULL
+    cdef int64_t B = f[LM_F_XENT_GRAD_B], C = f[LM_F_XENT_GRAD_C], b, bad
+    cdef floating *z = <floating*>_ptr(bases, f + LM_F_XENT_GRAD_logits_slot)
+    cdef char *lab = _ptr(bases, f + LM_F_XENT_GRAD_labels_slot)
+    cdef int64_t ldt = f[LM_F_XENT_GRAD_labels_dtype]
+    cdef floating *g = <floating*>_ptr(bases, f + LM_F_XENT_GRAD_g_slot)
+    cdef floating *out = <floating*>_ptr(bases, f + LM_F_XENT_GRAD_out_slot)
+    cdef floating *loss = <floating*>_ptr(bases, f + LM_F_XENT_GRAD_loss_slot) if f[LM_F_XENT_GRAD_loss_slot] >= 0 else NULL
     cdef double *rows = NULL
     cdef double total = 0
     cdef floating gs
@@ -509,39 +480,46 @@ cdef inline void _row_loss(double *rows, int64_t b, double v) noexcept nogil:
 # optimizers: one instruction updates every param
 
 cdef int _sgd(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
-    # fields: dtype nparams lr_c mom_c wd_c, then per param: p(2) g(2) v(2; slot -1 = no momentum) n
-    # (g slot -1, only with v: a momentum GEMM already accumulated the gradient into v)
-    cdef int64_t npar = f[1], i, c, nch, lo, hi, n
-    cdef floating lr = <floating>consts[f[2]], mom = <floating>consts[f[3]], wd = <floating>consts[f[4]]
+    # per param: v.slot -1 = no momentum; g.slot -1 (only with v): a momentum GEMM already accumulated
+    # the gradient into v
+    cdef int64_t npar = f[LM_F_SGD_UPDATE_nparams], i, c, nch, lo, hi, n
+    cdef floating lr = <floating>consts[f[LM_F_SGD_UPDATE_lr]], mom = <floating>consts[f[LM_F_SGD_UPDATE_momentum]]
+    cdef floating wd = <floating>consts[f[LM_F_SGD_UPDATE_weight_decay]]
     cdef const int64_t *q
     cdef floating *v
     cdef floating *g
     for i in range(npar):
-        q = f + 5 + 7 * i
-        n = q[6]
-        v = <floating*>_ptr(bases, q + 4) if q[4] >= 0 else NULL
-        g = <floating*>_ptr(bases, q + 2) if q[2] >= 0 else NULL
+        q = f + LM_F_SGD_UPDATE_param + LM_W_SGD_UPDATE_param(f) * i
+        n = q[LM_R_SGD_UPDATE_param_n(f)]
+        v = <floating*>_ptr(bases, q + LM_R_SGD_UPDATE_param_v_slot(f)) if q[LM_R_SGD_UPDATE_param_v_slot(f)] >= 0 else NULL
+        g = <floating*>_ptr(bases, q + LM_R_SGD_UPDATE_param_g_slot(f)) if q[LM_R_SGD_UPDATE_param_g_slot(f)] >= 0 else NULL
         nch = (n + 16383) // 16384
         for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
             lo = c * 16384
             hi = lo + 16384 if lo + 16384 < n else n
             if floating is float:
-                lm_sgd_f32(hi - lo, <float*>_ptr(bases, q) + lo, (<float*>g + lo) if g != NULL else NULL,
+                lm_sgd_f32(hi - lo, <float*>_ptr(bases, q + LM_R_SGD_UPDATE_param_p_slot(f)) + lo, (<float*>g + lo) if g != NULL else NULL,
                            (<float*>v + lo) if v != NULL else NULL, lr, mom, wd)
             else:
-                lm_sgd_f64(hi - lo, <double*>_ptr(bases, q) + lo, (<double*>g + lo) if g != NULL else NULL,
+                lm_sgd_f64(hi - lo, <double*>_ptr(bases, q + LM_R_SGD_UPDATE_param_p_slot(f)) + lo, (<double*>g + lo) if g != NULL else NULL,
                            (<double*>v + lo) if v != NULL else NULL, lr, mom, wd)
     return 0
 
 
 cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads,
                bint advance) noexcept nogil:
-    # fields: dtype nparams lr_c b1_c b2_c eps_c wd_c t(2: float64 step counter), per param p(2) g(2) m(2) v(2) n
+    # step: the float64 step counter.  adam_apply has adam_update's layout (format.py; asserted below)
     # OP_ADAM advances t, then updates; OP_ADAM_APPLY only reads t: a plan whose updates are split over
     # several instructions advances t once, with an OP_ADAM of no params scheduled before them all
-    cdef int64_t npar = f[1], i, c, nch, lo, hi, n
-    cdef double lr = consts[f[2]], b1 = consts[f[3]], b2 = consts[f[4]], eps = consts[f[5]], wd = consts[f[6]]
-    cdef double *t = <double*>_ptr(bases, f + 7)
+    cdef int64_t npar = f[LM_F_ADAM_UPDATE_nparams], i, c, nch, lo, hi, n
+    cdef double lr = consts[f[LM_F_ADAM_UPDATE_lr]], b1 = consts[f[LM_F_ADAM_UPDATE_beta1]]
+    cdef double b2 = consts[f[LM_F_ADAM_UPDATE_beta2]], eps = consts[f[LM_F_ADAM_UPDATE_eps]]
+    cdef double wd = consts[f[LM_F_ADAM_UPDATE_weight_decay]]
+    cdef double *t = <double*>_ptr(bases, f + LM_F_ADAM_UPDATE_step_slot)
+    cdef const int64_t *fp
+    cdef const int64_t *fg
+    cdef const int64_t *fm
+    cdef const int64_t *fv
     cdef double bc1, bc2
     cdef floating step_size, isb
     cdef const int64_t *q
@@ -554,19 +532,21 @@ cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *con
     step_size = <floating>(lr / bc1)
     isb = <floating>(1 / sqrt(bc2))
     for i in range(npar):
-        q = f + 9 + 9 * i
-        n = q[8]
+        q = f + LM_F_ADAM_UPDATE_param + LM_W_ADAM_UPDATE_param(f) * i
+        n = q[LM_R_ADAM_UPDATE_param_n(f)]
+        fp, fg = q + LM_R_ADAM_UPDATE_param_p_slot(f), q + LM_R_ADAM_UPDATE_param_g_slot(f)
+        fm, fv = q + LM_R_ADAM_UPDATE_param_m_slot(f), q + LM_R_ADAM_UPDATE_param_v_slot(f)
         nch = (n + 16383) // 16384
         for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
             lo = c * 16384
             hi = lo + 16384 if lo + 16384 < n else n
             if floating is float:
-                lm_adam_f32(hi - lo, <float*>_ptr(bases, q) + lo, <float*>_ptr(bases, q + 2) + lo,
-                            <float*>_ptr(bases, q + 4) + lo, <float*>_ptr(bases, q + 6) + lo,
+                lm_adam_f32(hi - lo, <float*>_ptr(bases, fp) + lo, <float*>_ptr(bases, fg) + lo,
+                            <float*>_ptr(bases, fm) + lo, <float*>_ptr(bases, fv) + lo,
                             <float>lr, <float>b1, <float>b2, <float>eps, <float>wd, step_size, isb)
             else:
-                lm_adam_f64(hi - lo, <double*>_ptr(bases, q) + lo, <double*>_ptr(bases, q + 2) + lo,
-                            <double*>_ptr(bases, q + 4) + lo, <double*>_ptr(bases, q + 6) + lo,
+                lm_adam_f64(hi - lo, <double*>_ptr(bases, fp) + lo, <double*>_ptr(bases, fg) + lo,
+                            <double*>_ptr(bases, fm) + lo, <double*>_ptr(bases, fv) + lo,
                             lr, b1, b2, eps, wd, step_size, isb)
     return 0
 
@@ -575,14 +555,14 @@ cdef int _adam(floating dummy, const int64_t *f, char **bases, const double *con
 # dtype-generic data movement
 
 cdef int _int_ew(const int64_t *f, char **bases) noexcept nogil:
-    # fields: dt op ndim dims[ndim] a(2) sa[ndim] b(2) sb[ndim] out(2)
-    cdef int64_t dt = f[0], op = f[1], nd = f[2], rows = 1, r, d, rc
-    cdef const int64_t *dims = f + 3
-    cdef const int64_t *fa = f + 3 + nd
-    cdef const int64_t *sa = fa + 2
-    cdef const int64_t *fb = sa + nd
-    cdef const int64_t *sb = fb + 2
-    cdef const int64_t *fo = sb + nd
+    cdef int64_t dt = f[LM_F_INT_ELEMENTWISE_dtype], op = f[LM_F_INT_ELEMENTWISE_op]
+    cdef int64_t nd = f[LM_F_INT_ELEMENTWISE_ndim], rows = 1, r, d, rc
+    cdef const int64_t *dims = f + LM_F_INT_ELEMENTWISE_dims
+    cdef const int64_t *fa = f + LM_F_INT_ELEMENTWISE_a_slot(f)
+    cdef const int64_t *sa = f + LM_F_INT_ELEMENTWISE_a_stride(f)
+    cdef const int64_t *fb = f + LM_F_INT_ELEMENTWISE_b_slot(f)
+    cdef const int64_t *sb = f + LM_F_INT_ELEMENTWISE_b_stride(f)
+    cdef const int64_t *fo = f + LM_F_INT_ELEMENTWISE_out_slot(f)
     cdef int64_t isz = (1 if dt in (2, 6) else 2 if dt in (3, 7) else 4 if dt in (4, 8) else 8)
     cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
     for d in range(nd - 1):
@@ -621,17 +601,17 @@ cdef int _copy_rows(int64_t isz, int64_t nd, const int64_t *dims, char *src, con
 
 
 cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
-    # fields: itemsize ndim dims[ndim] src(2) strides[ndim] dst(2)   (dst contiguous)
-    cdef int64_t nd = f[1]
-    return _copy_rows(f[0], nd, f + 2, _ptr(bases, f + 2 + nd), f + 4 + nd, _ptr(bases, f + 4 + 2 * nd), NULL)
+    # dst contiguous
+    return _copy_rows(f[LM_F_STRIDED_COPY_itemsize], f[LM_F_STRIDED_COPY_ndim], f + LM_F_STRIDED_COPY_dims,
+                      _ptr(bases, f + LM_F_STRIDED_COPY_src_slot(f)), f + LM_F_STRIDED_COPY_src_stride(f),
+                      _ptr(bases, f + LM_F_STRIDED_COPY_dst_slot(f)), NULL)
 
 
 cdef int _copy_nd(const int64_t *f, char **bases) noexcept nogil:
-    # fields: itemsize ndim dims[ndim] src(2) src_strides[ndim] dst(2) dst_strides[ndim]
     # Concat writes each input into its part of the output, slice reads a part.
-    cdef int64_t nd = f[1]
-    return _copy_rows(f[0], nd, f + 2, _ptr(bases, f + 2 + nd), f + 4 + nd, _ptr(bases, f + 4 + 2 * nd),
-                      f + 6 + 2 * nd)
+    return _copy_rows(f[LM_F_COPY_ND_itemsize], f[LM_F_COPY_ND_ndim], f + LM_F_COPY_ND_dims,
+                      _ptr(bases, f + LM_F_COPY_ND_src_slot(f)), f + LM_F_COPY_ND_src_stride(f),
+                      _ptr(bases, f + LM_F_COPY_ND_dst_slot(f)), f + LM_F_COPY_ND_dst_stride(f))
 
 
 cdef inline int64_t _index(const int64_t *idx, int64_t j, int64_t n) noexcept nogil:
@@ -643,12 +623,12 @@ cdef inline int64_t _index(const int64_t *idx, int64_t j, int64_t n) noexcept no
 
 
 cdef int _gather(const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
-    # fields: itemsize outer n inner nidx src(2) idx(2) dst(2)
     # dst[o, j, :] = src[o, idx[j], :]; idx int64 (read once per use, range-checked there)
-    cdef int64_t isz = f[0], outer = f[1], n = f[2], inner = f[3], nidx = f[4], o, j, k
-    cdef const char *src = _ptr(bases, f + 5)
-    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + 7)
-    cdef char *dst = _ptr(bases, f + 9)
+    cdef int64_t isz = f[LM_F_GATHER_itemsize], outer = f[LM_F_GATHER_outer], n = f[LM_F_GATHER_n]
+    cdef int64_t inner = f[LM_F_GATHER_inner], nidx = f[LM_F_GATHER_nidx], o, j, k
+    cdef const char *src = _ptr(bases, f + LM_F_GATHER_src_slot)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + LM_F_GATHER_idx_slot)
+    cdef char *dst = _ptr(bases, f + LM_F_GATHER_dst_slot)
     for j in range(nidx):
         k = _index(idx, j, n)
         if k < 0:
@@ -660,13 +640,13 @@ cdef int _gather(const int64_t *f, char **bases, int64_t *detail) noexcept nogil
 
 
 cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
-    # fields: dtype outer n inner nidx g(2) idx(2) dst(2)
     # dst = 0; dst[o, idx[j], :] += g[o, j, :] -- gather's gradient.  Serial over j, in index order, so
     # repeated indices sum in the same order for any thread count (no atomics).
-    cdef int64_t outer = f[1], n = f[2], inner = f[3], nidx = f[4], o, j, k, i
-    cdef const floating *g = <const floating*>_ptr(bases, f + 5)
-    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + 7)
-    cdef floating *dst = <floating*>_ptr(bases, f + 9)
+    cdef int64_t outer = f[LM_F_SCATTER_ADD_outer], n = f[LM_F_SCATTER_ADD_n], inner = f[LM_F_SCATTER_ADD_inner]
+    cdef int64_t nidx = f[LM_F_SCATTER_ADD_nidx], o, j, k, i
+    cdef const floating *g = <const floating*>_ptr(bases, f + LM_F_SCATTER_ADD_g_slot)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + LM_F_SCATTER_ADD_idx_slot)
+    cdef floating *dst = <floating*>_ptr(bases, f + LM_F_SCATTER_ADD_dst_slot)
     cdef floating *d
     cdef const floating *s
     for j in range(nidx):
@@ -685,10 +665,11 @@ cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *d
 
 
 cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
-    # fields: dtype n buf(2)
-    if f[0] == 0:
-        return ERR_NONFINITE if lm_nonfinite_f32(f[1], <float*>_ptr(bases, f + 2)) else 0
-    return ERR_NONFINITE if lm_nonfinite_f64(f[1], <double*>_ptr(bases, f + 2)) else 0
+    cdef int64_t n = f[LM_F_CHECK_FINITE_n]
+    cdef char *x = _ptr(bases, f + LM_F_CHECK_FINITE_x_slot)
+    if f[LM_F_CHECK_FINITE_dtype] == 0:
+        return ERR_NONFINITE if lm_nonfinite_f32(n, <float*>x) else 0
+    return ERR_NONFINITE if lm_nonfinite_f64(n, <double*>x) else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -709,38 +690,45 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
             t0 = omp_get_wtime()
         op = code[pc]
         ln = code[pc + 1]
-        f = code + pc + 3
-        if op == OP_EW:
-            rc = _ew(f32, f, ln - 3, bases, consts, nthreads) if f[0] == 0 else _ew(f64, f, ln - 3, bases, consts, nthreads)
-        elif op == OP_GEMM:
-            rc = _gemm(f32, f, ln - 3, bases, consts, nthreads) if f[0] == 0 else _gemm(f64, f, ln - 3, bases, consts, nthreads)
-        elif op == OP_SOFTMAX:
-            rc = _softmax(f32, f, bases, nthreads) if f[0] == 0 else _softmax(f64, f, bases, nthreads)
-        elif op == OP_XENT:
-            rc = _xent(f32, f, bases, detail) if f[0] == 0 else _xent(f64, f, bases, detail)
-        elif op == OP_XENT_GRAD:
-            rc = _xent_grad(f32, f, bases, nthreads, detail) if f[0] == 0 else _xent_grad(f64, f, bases, nthreads, detail)
-        elif op == OP_CAST:
-            rc = lm_cast(f[0], f[1], f[2], _ptr(bases, f + 3), _ptr(bases, f + 5))
-        elif op == OP_INT_EW:
+        f = code + pc + LM_HEADER
+        # every float kernel's first field is its dtype (0 float32, 1 float64: plan.validate checks it)
+        if op == LM_OP_FUSED_ELEMENTWISE:
+            rc = _ew(f32, f, ln - LM_HEADER, bases, consts, nthreads) if f[LM_F_FUSED_ELEMENTWISE_dtype] == 0 \
+                else _ew(f64, f, ln - LM_HEADER, bases, consts, nthreads)
+        elif op == LM_OP_GEMM:
+            rc = _gemm(f32, f, ln - LM_HEADER, bases, consts, nthreads) if f[LM_F_GEMM_dtype] == 0 \
+                else _gemm(f64, f, ln - LM_HEADER, bases, consts, nthreads)
+        elif op == LM_OP_SOFTMAX:
+            rc = _softmax(f32, f, bases, nthreads) if f[LM_F_SOFTMAX_dtype] == 0 else _softmax(f64, f, bases, nthreads)
+        elif op == LM_OP_SOFTMAX_XENT:
+            rc = _xent(f32, f, bases, detail) if f[LM_F_SOFTMAX_XENT_dtype] == 0 else _xent(f64, f, bases, detail)
+        elif op == LM_OP_XENT_GRAD:
+            rc = _xent_grad(f32, f, bases, nthreads, detail) if f[LM_F_XENT_GRAD_dtype] == 0 \
+                else _xent_grad(f64, f, bases, nthreads, detail)
+        elif op == LM_OP_CAST:
+            rc = lm_cast(f[LM_F_CAST_src_dtype], f[LM_F_CAST_dst_dtype], f[LM_F_CAST_n],
+                         _ptr(bases, f + LM_F_CAST_src_slot), _ptr(bases, f + LM_F_CAST_dst_slot))
+        elif op == LM_OP_INT_ELEMENTWISE:
             rc = _int_ew(f, bases)
-        elif op == OP_COPY:
-            memcpy(_ptr(bases, f + 3), _ptr(bases, f + 1), <size_t>f[0])
-        elif op == OP_STRIDED_COPY:
+        elif op == LM_OP_COPY:
+            memcpy(_ptr(bases, f + LM_F_COPY_dst_slot), _ptr(bases, f + LM_F_COPY_src_slot), <size_t>f[LM_F_COPY_nbytes])
+        elif op == LM_OP_STRIDED_COPY:
             rc = _strided_copy(f, bases)
-        elif op == OP_SGD:
-            rc = _sgd(f32, f, bases, consts, nthreads) if f[0] == 0 else _sgd(f64, f, bases, consts, nthreads)
-        elif op == OP_ADAM or op == OP_ADAM_APPLY:
-            rc = _adam(f32, f, bases, consts, nthreads, op == OP_ADAM) if f[0] == 0 \
-                else _adam(f64, f, bases, consts, nthreads, op == OP_ADAM)
-        elif op == OP_CHECK_FINITE:
+        elif op == LM_OP_SGD_UPDATE:
+            rc = _sgd(f32, f, bases, consts, nthreads) if f[LM_F_SGD_UPDATE_dtype] == 0 \
+                else _sgd(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_ADAM_UPDATE or op == LM_OP_ADAM_APPLY:
+            rc = _adam(f32, f, bases, consts, nthreads, op == LM_OP_ADAM_UPDATE) if f[LM_F_ADAM_UPDATE_dtype] == 0 \
+                else _adam(f64, f, bases, consts, nthreads, op == LM_OP_ADAM_UPDATE)
+        elif op == LM_OP_CHECK_FINITE:
             rc = _check_finite(f, bases)
-        elif op == OP_COPY_ND:
+        elif op == LM_OP_COPY_ND:
             rc = _copy_nd(f, bases)
-        elif op == OP_GATHER:
+        elif op == LM_OP_GATHER:
             rc = _gather(f, bases, detail)
-        elif op == OP_SCATTER_ADD:
-            rc = _scatter_add(f32, f, bases, detail) if f[0] == 0 else _scatter_add(f64, f, bases, detail)
+        elif op == LM_OP_SCATTER_ADD:
+            rc = _scatter_add(f32, f, bases, detail) if f[LM_F_SCATTER_ADD_dtype] == 0 \
+                else _scatter_add(f64, f, bases, detail)
         else:
             rc = ERR_OPCODE
         if rc != 0:
@@ -800,6 +788,12 @@ def run_plan(const int64_t[::1] code not None, const double[::1] consts not None
     return rc, bad, detail
 
 
+def format_table():
+    """The plan format table this module was compiled from (format_gen.h), one entry per line:
+    ``format.check_build`` compares it with format.py at import."""
+    return (<bytes>LM_FORMAT_TABLE).decode()
+
+
 def first_bad_label(cnp.ndarray labels not None, int64_t dtype_code, int64_t num_classes):
     """Index of the first label outside [0, num_classes), or -1 (C loop: ~100x cheaper than min+max)."""
     if not cnp.PyArray_IS_C_CONTIGUOUS(labels):
@@ -817,6 +811,11 @@ def _isa_name():
     """The ISA whose kernel copies run: 'baseline', 'avx2', 'avx512', or 'native' (no-dispatch build)."""
     return lm_isa_name().decode()
 
+
+# the format table compiled in (format_gen.h) must be format.py's: a build older than an edit of the
+# format refuses to import, naming the entry, instead of running plans it would misread
+from .format import check_build as _check_build
+_check_build(format_table())
 
 from .isa import _apply_env as _isa_apply_env
 _isa_apply_env(_isa_init)  # LIBML_ISA, or the CPU's best, before any plan can run

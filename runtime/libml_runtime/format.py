@@ -1,46 +1,374 @@
-"""Constants shared by the compiler's lowering and the runtime: opcodes, dtype codes, VM opcodes, errors.
+"""The plan format, defined once: opcodes and the field layout of every instruction, register-VM opcodes
+with their arity and C expression, dtype codes, limits, slots and error codes.
 
-The int64 code layout of every opcode is documented next to its kernel in ``_exec.pyx`` and decoded
-field by field by ``plan.validate``.
+Everything else is derived from these tables:
+
+* ``format_codegen.py`` writes ``format_gen.h`` (C enums, constants, field offsets, the VM's ``switch``
+  cases) and ``format_gen.pxi`` (their Cython declarations) at build time; ``setup.py`` runs it before
+  compiling, so the C side cannot disagree with this file;
+* the built module carries this table as text (``_exec.format_table()``); ``check_build`` compares it at
+  import and names the first entry that differs (a stale build after an edit here fails loudly instead
+  of computing something else);
+* the compiler's emitters (``lower.py``) encode instructions by field name (``encode``), the validator
+  (``plan.py``), the executable and the tests decode them by name (``decode``).
+
+Adding an opcode or a VM opcode appends to a table (codes are never reused or renumbered: plan files
+store them) and bumps ``MINOR``; a runtime that meets a plan of a newer minor version says which it
+needs (``planfile``).
 """
+from __future__ import annotations
+
+import re
+
 import numpy as np
 
-# instruction opcodes
-OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, \
-    OP_SGD, OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD = range(1, 17)
-OP_NAMES = {OP_EW: "fused_elementwise", OP_GEMM: "gemm", OP_SOFTMAX: "softmax", OP_XENT: "softmax_xent",
-            OP_XENT_GRAD: "xent_grad", OP_CAST: "cast", OP_INT_EW: "int_elementwise", OP_COPY: "copy",
-            OP_STRIDED_COPY: "strided_copy", OP_SGD: "sgd_update", OP_ADAM: "adam_update",
-            OP_CHECK_FINITE: "check_finite", OP_ADAM_APPLY: "adam_apply", OP_COPY_ND: "copy_nd",
-            OP_GATHER: "gather", OP_SCATTER_ADD: "scatter_add"}
-HEADER = 3  # opcode, length, node id
+#: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
+#: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
+MAJOR, MINOR = 2, 1
 
-# register-VM opcodes (kernels.h enum).  A program step is VM_WIDTH int64s: op dst a b c.  `a` is a
-# register; `b` and `c` are registers or, when negative, the constant consts[-v-1].  The last five are
-# superinstructions the lowering forms from a producer with a single use, so the intermediate never
-# makes a round trip through the register file (each such trip costs about as much as a multiply):
-#   FMA a*b+c   FMS a*b-c   FNMA c-a*b   MULSUB a*(b-c)   MASK a*step(b)
-#   ADDRELU relu(a+b)   SUBRELU relu(a-b)   MULMASK a*b*step(c)   DIVMASK (a/b)*step(c)
-VM_OPS = {"COPY": 0, "ADD": 1, "SUB": 2, "MUL": 3, "DIV": 4, "RSUB": 5, "RDIV": 6, "NEG": 7, "RELU": 8,
-          "SIGMOID": 9, "EXP": 10, "LOG": 11, "STEP": 12,
-          "FMA": 13, "FMS": 14, "FNMA": 15, "MULSUB": 16, "MASK": 17,
-          "ADDRELU": 18, "SUBRELU": 19, "MULMASK": 20, "DIVMASK": 21}
-VM_ARITY = {VM_OPS[k]: n for n, names in ((1, "COPY NEG RELU SIGMOID EXP LOG STEP"),
-                                           (2, "ADD SUB MUL DIV RSUB RDIV MASK ADDRELU SUBRELU"),
-                                           (3, "FMA FMS FNMA MULSUB MULMASK DIVMASK")) for k in names.split()}
+HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
+
+# ---------------------------------------------------------------------------------------------------
+# instruction layouts.  A layout is a sequence of fields: ``name`` (one int64), ``name[count]`` (count
+# int64s; count is an earlier field or a number) or ``name[count]{fields}`` (count records).  A dotted
+# name is only a name ("A.slot").  Operands are (slot, byte offset) pairs: ``X.slot X.offset``.
+
+OPCODES = [
+    # (code, name, layout)
+    (1, "fused_elementwise",
+     "dtype ndim dims[ndim] n_in n_out n_regs n_prog mode nchunks scratch.slot scratch.offset "
+     "input[n_in]{slot offset stride[ndim]} "
+     "output[n_out]{slot offset stride[ndim] reg is_reduce scale} "
+     "prog[n_prog]{op dst a b c}"),
+    (2, "gemm",
+     "dtype M N K transA transB A.slot A.offset B.slot B.offset C.slot C.offset alpha beta "
+     "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
+     "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset"),
+    (3, "softmax", "dtype outer K inner x.slot x.offset y.slot y.offset"),
+    (4, "softmax_xent", "dtype B C logits.slot logits.offset labels.slot labels.offset labels.dtype "
+                        "out.slot out.offset"),
+    (5, "xent_grad", "dtype B C logits.slot logits.offset labels.slot labels.offset labels.dtype "
+                     "g.slot g.offset out.slot out.offset loss.slot loss.offset"),
+    (6, "cast", "src_dtype dst_dtype n src.slot src.offset dst.slot dst.offset"),
+    (7, "int_elementwise", "dtype op ndim dims[ndim] a.slot a.offset a.stride[ndim] b.slot b.offset "
+                           "b.stride[ndim] out.slot out.offset"),
+    (8, "copy", "nbytes src.slot src.offset dst.slot dst.offset"),
+    (9, "strided_copy", "itemsize ndim dims[ndim] src.slot src.offset src.stride[ndim] dst.slot dst.offset"),
+    (10, "sgd_update", "dtype nparams lr momentum weight_decay "
+                       "param[nparams]{p.slot p.offset g.slot g.offset v.slot v.offset n}"),
+    (11, "adam_update", "dtype nparams lr beta1 beta2 eps weight_decay step.slot step.offset "
+                        "param[nparams]{p.slot p.offset g.slot g.offset m.slot m.offset v.slot v.offset n}"),
+    (12, "check_finite", "dtype n x.slot x.offset"),
+    (13, "adam_apply", "dtype nparams lr beta1 beta2 eps weight_decay step.slot step.offset "
+                       "param[nparams]{p.slot p.offset g.slot g.offset m.slot m.offset v.slot v.offset n}"),
+    (14, "copy_nd", "itemsize ndim dims[ndim] src.slot src.offset src.stride[ndim] dst.slot dst.offset "
+                    "dst.stride[ndim]"),
+    (15, "gather", "itemsize outer n inner nidx src.slot src.offset idx.slot idx.offset dst.slot dst.offset"),
+    (16, "scatter_add", "dtype outer n inner nidx g.slot g.offset idx.slot idx.offset dst.slot dst.offset"),
+]
+
+OP_NAMES = {code: name for code, name, _ in OPCODES}
+OP_CODE = {name: code for code, name, _ in OPCODES}
+(OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, OP_SGD,
+ OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD) = range(1, 17)
+
+# ---------------------------------------------------------------------------------------------------
+# the register VM of fused elementwise kernels.  A program step is VM_WIDTH int64s: op dst a b c.  `a` is
+# a register; `b` and `c` are registers or, when negative, the constant consts[-v-1] (an immediate) --
+# except a mask operand, always a register.  Each entry: (code, name, arity, C expression of x = a,
+# y = b, z = c, mask operand or None).  Expressions are C over the kernel's element type: numeric
+# literals are cast to it and the math functions in MATH_FUNCS become its float/double variants.
+#
+# The superinstructions FMA .. DIVMASK are formed by the lowering from a producer with a single use, so
+# the intermediate never makes a round trip through the register file (each such trip costs about as
+# much as a multiply).  A masked step multiplies by (mask > 0 ? 1 : 0), as a separate select of
+# constants, which GCC vectorises (x * (m > 0) it does not).
+VM = [
+    (0, "COPY", 1, "x", None),
+    (1, "ADD", 2, "x + y", None),
+    (2, "SUB", 2, "x - y", None),
+    (3, "MUL", 2, "x * y", None),
+    (4, "DIV", 2, "x / y", None),
+    (5, "RSUB", 2, "y - x", None),
+    (6, "RDIV", 2, "y / x", None),
+    (7, "NEG", 1, "-x", None),
+    (8, "RELU", 1, "x < 0 ? 0 : x", None),  # relu(NaN) = NaN
+    # exp overflows to +inf for very negative x, giving exactly 0, never NaN
+    (9, "SIGMOID", 1, "1 / (1 + exp(-x))", None),
+    (10, "EXP", 1, "exp(x)", None),
+    (11, "LOG", 1, "log(x)", None),
+    (12, "STEP", 1, "x > 0 ? 1 : 0", None),
+    (13, "FMA", 3, "x * y + z", None),
+    (14, "FMS", 3, "x * y - z", None),
+    (15, "FNMA", 3, "z - x * y", None),
+    (16, "MULSUB", 3, "x * (y - z)", None),
+    (17, "MASK", 2, "x", "b"),
+    (18, "ADDRELU", 2, "x + y < 0 ? 0 : x + y", None),
+    (19, "SUBRELU", 2, "x - y < 0 ? 0 : x - y", None),
+    (20, "MULMASK", 3, "x * y", "c"),
+    (21, "DIVMASK", 3, "x / y", "c"),
+]
+
+#: C math functions an expression may call, each with its float variant (name + "f"); those in
+#: MVEC_FUNCS have vector variants in glibc's libmvec and are declared `omp declare simd` (no
+#: -ffast-math needed), the rest either inline to vector instructions (fabs, sqrt, floor, ...) or
+#: are called per element.  MVEC_FUNCS_235: vector variants added in glibc 2.35 (declared only when the
+#: build's glibc has them; older systems call the scalar function in the same loop).
+MATH_FUNCS = ("exp", "log", "sqrt", "fabs", "tanh", "erf", "sin", "cos", "log1p", "expm1", "floor", "ceil",
+              "nearbyint", "fmin", "fmax", "pow", "copysign")
+MVEC_FUNCS = ("exp", "log", "sin", "cos", "pow")
+MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1")
+
 VM_WIDTH = 5
-LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK = 128, 8, 32, 64, 16
+VM_OPS = {name: code for code, name, _, _, _ in VM}
+VM_ARITY = {code: arity for code, _, arity, _, _ in VM}
+#: per VM opcode, the operand (1 = b, 2 = c) that must be a register even where immediates are allowed
+VM_MASK_OPERAND = {code: {"b": 1, "c": 2}[m] for code, _, _, _, m in VM if m}
 
-# dtype codes (kernels.h enum)
+# ---------------------------------------------------------------------------------------------------
+# limits of the runtime's kernels (compile-time sizes of C arrays)
+LIMITS = {
+    "LM_BLK": 128,       # elements per VM block: registers stay in L1/L2
+    "LM_MAXD": 8,        # max dims of an elementwise iteration space (after collapsing)
+    "LM_MAXIO": 32,      # max inputs / outputs of one fused group
+    "LM_MAXREG": 64,     # max registers of one fused group
+    "LM_MAXCHUNK": 16,   # fixed chunk count for reductions: results do not depend on threads
+    "LM_MAXPROG": 4096,  # max steps of one VM program
+}
+LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK, LM_MAXPROG = LIMITS.values()
+
+# dtype codes (the index in DTYPES)
 DTYPES = ["float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 ITEMSIZE = [np.dtype(d).itemsize for d in DTYPES]
 
 # slots
-SLOT_ARENA, SLOT_STATE, SLOT_INPUT0 = 0, 1, 2
+SLOTS = {"SLOT_ARENA": 0, "SLOT_STATE": 1, "SLOT_INPUT0": 2}
+SLOT_ARENA, SLOT_STATE, SLOT_INPUT0 = SLOTS.values()
 
-# run_plan error codes
-ERR_MALFORMED, ERR_OPCODE, ERR_INT_DIV_ZERO, ERR_NOMEM, ERR_LABEL, ERR_INDEX, ERR_NONFINITE = \
-    -1, -2, -3, -4, -10, -11, -20
+# run_plan error codes (executable.py turns them into exceptions)
+ERRORS = {"ERR_MALFORMED": -1, "ERR_OPCODE": -2, "ERR_INT_DIV_ZERO": -3, "ERR_NOMEM": -4, "ERR_LABEL": -10,
+          "ERR_INDEX": -11, "ERR_NONFINITE": -20}
+ERR_MALFORMED, ERR_OPCODE, ERR_INT_DIV_ZERO, ERR_NOMEM, ERR_LABEL, ERR_INDEX, ERR_NONFINITE = ERRORS.values()
 
 ALIGN = 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# layouts: parsing, encoding and decoding by field name
+
+_TOKEN = re.compile(r"\s*([A-Za-z_][\w.]*)(?:\[(\w+)\])?(\{)?|\s*(\})")
+
+
+class Layout:
+    """The parsed layout of one opcode: ``fields`` is a list of ``(name, count, sub)`` where count is None
+    (a scalar), an int or the name of an earlier scalar field, and sub is None or a list of the record's
+    fields (records hold scalars and arrays only)."""
+
+    def __init__(self, code, name, text):
+        self.code, self.name, self.text = code, name, text
+        self.fields, rest = _parse(text, 0, name)
+        if rest != len(text.rstrip()):
+            raise ValueError(f"format: layout of {name!r}: unexpected text at {text[rest:]!r}")
+        seen = set()
+        for f, count, sub in self.fields:
+            if isinstance(count, str) and count not in seen:
+                raise ValueError(f"format: layout of {name!r}: count {count!r} of {f!r} is not an earlier field")
+            if f in seen:
+                raise ValueError(f"format: layout of {name!r}: field {f!r} repeats")
+            seen.add(f)
+            for g, c, s in sub or ():
+                if s is not None or (isinstance(c, str) and c not in seen):
+                    raise ValueError(f"format: layout of {name!r}: record field {f}.{g} must be a scalar or an "
+                                     f"array counted by an earlier field")
+        # fixed prefix: the scalar fields before the first variable-length one (their offsets are constant)
+        self.prefix = []
+        for f, count, sub in self.fields:
+            if count is not None:
+                break
+            self.prefix.append(f)
+
+    def encode(self, values: dict) -> list:
+        """The fields as a list of ints, in layout order.  ``values`` maps every field name to an int
+        (scalar), a list of ints (array) or a list of dicts (records); counts must agree with the
+        arrays' lengths.  Raises KeyError/ValueError naming the opcode and field."""
+        out = []
+        for f, count, sub in self.fields:
+            if f not in values:
+                raise KeyError(f"format: {self.name} needs field {f!r}")
+            v = values[f]
+            if count is None:
+                out.append(int(v))
+                continue
+            n = count if isinstance(count, int) else values[count]
+            if len(v) != n:
+                raise ValueError(f"format: {self.name}.{f} has {len(v)} entries, its count {count!r} is {n}")
+            if sub is None:
+                out += [int(x) for x in v]
+                continue
+            for k, rec in enumerate(v):
+                for g, c, _ in sub:
+                    if g not in rec:
+                        raise KeyError(f"format: {self.name}.{f}[{k}] needs field {g!r}")
+                    if c is None:
+                        out.append(int(rec[g]))
+                    else:
+                        m = c if isinstance(c, int) else values[c]
+                        if len(rec[g]) != m:
+                            raise ValueError(f"format: {self.name}.{f}[{k}].{g} has {len(rec[g])} entries, "
+                                             f"its count {c!r} is {m}")
+                        out += [int(x) for x in rec[g]]
+        return out
+
+    def decode(self, code, pos, end, max_count=1 << 20):
+        """The fields in ``code[pos:end]`` as a dict (arrays as lists, records as lists of dicts) and
+        the position after them.  ``code`` is a list of ints.  Raises ValueError naming the first field
+        that is missing (the code ends) or whose count is negative or above ``max_count``."""
+        d = {}
+        for f, count, sub in self.fields:
+            if count is None:
+                if pos >= end:
+                    raise ValueError(f"truncated while reading {f}")
+                d[f] = code[pos]
+                pos += 1
+                continue
+            n = count if isinstance(count, int) else d[count]
+            if not 0 <= n <= max_count:
+                raise ValueError(f"{count} = {n} is outside [0, {max_count}]")
+            if sub is None:
+                if pos + n > end:
+                    raise ValueError(f"truncated while reading {f}[{n}]")
+                d[f] = code[pos:pos + n]
+                pos += n
+                continue
+            width = sum(1 if c is None else (c if isinstance(c, int) else d[c]) for _, c, _ in sub)
+            if pos + n * width > end:
+                raise ValueError(f"truncated while reading {f}[{n}] ({width} fields each)")
+            recs = []
+            for _ in range(n):
+                r = {}
+                for g, c, _ in sub:
+                    if c is None:
+                        r[g] = code[pos]
+                        pos += 1
+                    else:
+                        m = c if isinstance(c, int) else d[c]
+                        r[g] = code[pos:pos + m]
+                        pos += m
+                recs.append(r)
+            d[f] = recs
+        return d, pos
+
+
+def _parse(text, i, name, depth=0):
+    fields = []
+    while True:
+        m = _TOKEN.match(text, i)
+        if not m or (m.group(4) and depth == 0):
+            return fields, i
+        if m.group(4):  # closing brace
+            return fields, m.end()
+        f, count, brace = m.group(1), m.group(2), m.group(3)
+        i = m.end()
+        if count is not None and count.isdigit():
+            count = int(count)
+        sub = None
+        if brace:
+            if depth:
+                raise ValueError(f"format: layout of {name!r}: records do not nest")
+            sub, i = _parse(text, i, name, depth + 1)
+        fields.append((f, count, sub))
+
+
+LAYOUTS = {name: Layout(code, name, text) for code, name, text in OPCODES}
+
+
+def encode(opname, node_id, values) -> list:
+    """One whole instruction (header + fields) of opcode ``opname``."""
+    fields = LAYOUTS[opname].encode(values)
+    return [OP_CODE[opname], HEADER + len(fields), int(node_id)] + fields
+
+
+def decode(code, pc):
+    """(opcode name, node id, fields dict) of the instruction at ``pc`` of a well-formed code list."""
+    op, ln, node = code[pc], code[pc + 1], code[pc + 2]
+    name = OP_NAMES[op]
+    d, _ = LAYOUTS[name].decode(code, pc + HEADER, pc + ln)
+    return name, node, d
+
+
+def instructions(code):
+    """[(pc, opcode name, node id, fields dict)] of a well-formed (validated) code array or list."""
+    code = code.tolist() if hasattr(code, "tolist") else list(code)
+    out, pc = [], 0
+    while pc < len(code):
+        name, node, d = decode(code, pc)
+        out.append((pc, name, node, d))
+        pc += code[pc + 1]
+    return out
+
+
+def table_lines():
+    """Every fact of the format as text lines ``kind name value``: the build embeds them in the module,
+    and ``check_build`` compares the two."""
+    lines = [f"version {MAJOR}.{MINOR}", f"header {HEADER}", f"vm_width {VM_WIDTH}", f"align {ALIGN}"]
+    lines += [f"opcode {name} {code} {' '.join(text.split())}" for code, name, text in OPCODES]
+    lines += [f"vm {name} {code} {arity} {mask or '-'} {expr}" for code, name, arity, expr, mask in VM]
+    lines += [f"limit {k} {v}" for k, v in LIMITS.items()]
+    lines += [f"dtype {d} {i} {ITEMSIZE[i]}" for i, d in enumerate(DTYPES)]
+    lines += [f"slot {k} {v}" for k, v in SLOTS.items()]
+    lines += [f"error {k} {v}" for k, v in ERRORS.items()]
+    return lines
+
+
+class FormatMismatch(ImportError):
+    """The compiled runtime was built from a different format table than this format.py."""
+
+
+def check_build(built_text, lines=None):
+    """Raise FormatMismatch naming the first entry where the table compiled into the runtime
+    (``built_text``, from ``_exec.format_table()``) and this module's table differ."""
+    want = table_lines() if lines is None else lines
+    got = built_text.split("\n") if built_text else []
+    if got == want:
+        return
+    key = lambda ln: " ".join(ln.split(" ")[:2])  # noqa: E731  (kind name)
+    gmap, wmap = {key(x): x for x in got}, {key(x): x for x in want}
+    for k in list(wmap) + list(gmap):
+        if gmap.get(k) != wmap.get(k):
+            raise FormatMismatch(
+                f"libml_runtime: the compiled module was built from a different plan format table: entry "
+                f"{k!r} is {gmap.get(k, '(absent)')!r} in the build and {wmap.get(k, '(absent)')!r} in "
+                f"format.py.  Rebuild the runtime (pip install .) so that both agree.")
+    raise FormatMismatch("libml_runtime: the compiled format table lists the same entries in another order; "
+                         "rebuild the runtime (pip install .)")
+
+
+def _self_check():
+    codes = [c for c, _, _ in OPCODES]
+    vcodes = [c for c, _, _, _, _ in VM]
+    for what, cs in (("opcode", codes), ("VM opcode", vcodes)):
+        if len(set(cs)) != len(cs):
+            raise ValueError(f"format: a {what} code is used twice")
+    for code, name, arity, expr, mask in VM:
+        if arity not in (1, 2, 3) or (mask and {"b": 2, "c": 3}[mask] > arity):
+            raise ValueError(f"format: VM opcode {name}: bad arity {arity} or mask operand {mask!r}")
+        used = set(re.findall(r"\b[xyz]\b", expr))  # noqa: W605
+        if not used <= set("xyz"[:arity]):
+            raise ValueError(f"format: VM opcode {name} reads {sorted(used)} beyond its arity {arity}")
+
+    # the kernels read an operand as (slot, offset) from one pointer (_exec.pyx's _ptr): adjacent fields
+    for L in LAYOUTS.values():
+        for fields in [L.fields] + [sub for _, _, sub in L.fields if sub]:
+            names = [f for f, _, _ in fields]
+            for k, f in enumerate(names):
+                if f == "slot" or f.endswith(".slot"):
+                    want = f[:-4] + "offset"
+                    if k + 1 >= len(names) or names[k + 1] != want:
+                        raise ValueError(f"format: {L.name}: {f} must be followed by {want}")
+    # adam_apply runs adam_update's kernel with adam_update's field offsets
+    if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
+        raise ValueError("format: adam_apply must have adam_update's layout")
+
+
+_self_check()

@@ -5,8 +5,8 @@
  * pointers and carries `#pragma omp simd`.  The parallel loops (prange) and the instruction dispatch
  * live in _exec.pyx; these functions are called from inside them, one block at a time.
  *
- * exp/log are re-declared `omp declare simd` so that GCC calls glibc's vector variants (libmvec,
- * linked by setup.py) without -ffast-math, keeping NaN/Inf semantics.
+ * The math functions the VM calls are re-declared `omp declare simd` (format_gen.h) so that GCC calls
+ * glibc's vector variants (libmvec, linked by setup.py) without -ffast-math, keeping NaN/Inf semantics.
  */
 #ifndef LIBML_KERNELS_H
 #define LIBML_KERNELS_H
@@ -16,28 +16,9 @@
 #include <math.h>
 #include <stdlib.h>
 
-#if defined(__GNUC__) && defined(_OPENMP) && defined(__linux__) && defined(__x86_64__)
-#pragma omp declare simd notinbranch
-extern float expf(float);
-#pragma omp declare simd notinbranch
-extern double exp(double);
-#pragma omp declare simd notinbranch
-extern float logf(float);
-#pragma omp declare simd notinbranch
-extern double log(double);
-#endif
-
-#define LM_BLK 128          /* elements per VM block: registers stay in L1/L2 */
-#define LM_MAXD 8           /* max dims of an elementwise iteration space (after collapsing) */
-#define LM_MAXIO 32         /* max inputs / outputs of one fused group */
-#define LM_MAXREG 64        /* max registers of one fused group */
-#define LM_MAXCHUNK 16      /* fixed chunk count for reductions: results do not depend on threads */
-
-/* VM opcodes (keep in sync with libml_compile/lower.py VM_OPS) */
-enum { VM_COPY = 0, VM_ADD, VM_SUB, VM_MUL, VM_DIV, VM_RSUB, VM_RDIV, VM_NEG, VM_RELU, VM_SIGMOID,
-       VM_EXP, VM_LOG, VM_STEP, VM_FMA, VM_FMS, VM_FNMA, VM_MULSUB, VM_MASK, VM_ADDRELU, VM_SUBRELU,
-       VM_MULMASK, VM_DIVMASK, VM_NOPS };
-#define LM_VMW 5  /* int64s per program step: op dst a b c */
+/* opcodes, VM opcodes, limits, dtype codes, error codes, field offsets and the libmvec declarations:
+ * generated from format.py (format_codegen.py, run by setup.py) */
+#include "format_gen.h"
 
 /* A decoded EW (fused elementwise / reduction) instruction.  Field layout in the int64 code array:
  *   dtype ndim dims[ndim] n_in n_out n_regs n_prog mode nchunks scratch_slot scratch_off
@@ -50,27 +31,50 @@ typedef struct {
     int64_t dtype, ndim, n_in, n_out, n_regs, n_prog, mode, nchunks, scratch_slot, scratch_off;
     int64_t dims[LM_MAXD];
     const int64_t *in, *out, *prog;
+    int64_t in_w, out_w, out_reg, out_red, out_scale;  /* record widths and in-record field offsets */
     int64_t rows, inner, nblk, items;
     int64_t red_numel[LM_MAXIO], red_off[LM_MAXIO], red_total;  /* reduce outputs: partial layout */
 } lm_ew;
 
+/* the kernels address a record's operand as d[0], d[1] with strides at d + 2 (inputs and outputs alike) and
+ * a program step as p[0..4] = op dst a b c: a layout edit in format.py that moves them fails here */
+_Static_assert(LM_R_FUSED_ELEMENTWISE_input_slot(0) == 0 && LM_R_FUSED_ELEMENTWISE_input_offset(0) == 1
+               && LM_R_FUSED_ELEMENTWISE_input_stride(0) == 2 && LM_R_FUSED_ELEMENTWISE_output_slot(0) == 0
+               && LM_R_FUSED_ELEMENTWISE_output_offset(0) == 1 && LM_R_FUSED_ELEMENTWISE_output_stride(0) == 2,
+               "format.py: fused_elementwise records must start with slot offset stride[ndim]");
+_Static_assert(LM_R_FUSED_ELEMENTWISE_prog_op(0) == 0 && LM_R_FUSED_ELEMENTWISE_prog_dst(0) == 1
+               && LM_R_FUSED_ELEMENTWISE_prog_a(0) == 2 && LM_R_FUSED_ELEMENTWISE_prog_b(0) == 3
+               && LM_R_FUSED_ELEMENTWISE_prog_c(0) == 4 && LM_W_FUSED_ELEMENTWISE_prog(0) == LM_VMW,
+               "format.py: a VM program step must be op dst a b c");
+
 /* Decode; returns 0 or a negative error.  `n` is the number of int64 fields available. */
 static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
 {
-    int64_t p = 0, i, d;
+    int64_t i, d;
     if (n < 2) return -1;
-    e->dtype = c[p++]; e->ndim = c[p++];
-    if (e->ndim < 1 || e->ndim > LM_MAXD || p + e->ndim + 8 > n) return -1;
-    for (d = 0; d < e->ndim; d++) { e->dims[d] = c[p++]; if (e->dims[d] < 0) return -1; }
-    e->n_in = c[p++]; e->n_out = c[p++]; e->n_regs = c[p++]; e->n_prog = c[p++];
-    e->mode = c[p++]; e->nchunks = c[p++]; e->scratch_slot = c[p++]; e->scratch_off = c[p++];
+    e->dtype = c[LM_F_FUSED_ELEMENTWISE_dtype]; e->ndim = c[LM_F_FUSED_ELEMENTWISE_ndim];
+    if (e->ndim < 1 || e->ndim > LM_MAXD || LM_F_FUSED_ELEMENTWISE_input(c) > n) return -1;
+    for (d = 0; d < e->ndim; d++) {
+        e->dims[d] = c[LM_F_FUSED_ELEMENTWISE_dims + d];
+        if (e->dims[d] < 0) return -1;
+    }
+    e->n_in = c[LM_F_FUSED_ELEMENTWISE_n_in(c)]; e->n_out = c[LM_F_FUSED_ELEMENTWISE_n_out(c)];
+    e->n_regs = c[LM_F_FUSED_ELEMENTWISE_n_regs(c)]; e->n_prog = c[LM_F_FUSED_ELEMENTWISE_n_prog(c)];
+    e->mode = c[LM_F_FUSED_ELEMENTWISE_mode(c)]; e->nchunks = c[LM_F_FUSED_ELEMENTWISE_nchunks(c)];
+    e->scratch_slot = c[LM_F_FUSED_ELEMENTWISE_scratch_slot(c)];
+    e->scratch_off = c[LM_F_FUSED_ELEMENTWISE_scratch_offset(c)];
     if (e->n_in < 0 || e->n_in > LM_MAXIO || e->n_out < 1 || e->n_out > LM_MAXIO) return -1;
     if (e->n_regs < e->n_in || e->n_regs > LM_MAXREG || e->n_prog < 0 || e->mode < 0 || e->mode > 2) return -1;
     if (e->nchunks < 1 || e->nchunks > LM_MAXCHUNK) return -1;
-    if (p + e->n_in * (2 + e->ndim) + e->n_out * (5 + e->ndim) + e->n_prog * LM_VMW > n) return -1;
-    e->in = c + p; p += e->n_in * (2 + e->ndim);
-    e->out = c + p; p += e->n_out * (5 + e->ndim);
-    e->prog = c + p;
+    if (LM_F_FUSED_ELEMENTWISE_prog(c) + e->n_prog * LM_W_FUSED_ELEMENTWISE_prog(c) > n) return -1;
+    e->in = c + LM_F_FUSED_ELEMENTWISE_input(c);
+    e->out = c + LM_F_FUSED_ELEMENTWISE_output(c);
+    e->prog = c + LM_F_FUSED_ELEMENTWISE_prog(c);
+    e->in_w = LM_W_FUSED_ELEMENTWISE_input(c);
+    e->out_w = LM_W_FUSED_ELEMENTWISE_output(c);
+    e->out_reg = LM_R_FUSED_ELEMENTWISE_output_reg(c);
+    e->out_red = LM_R_FUSED_ELEMENTWISE_output_is_reduce(c);
+    e->out_scale = LM_R_FUSED_ELEMENTWISE_output_scale(c);
     e->inner = e->dims[e->ndim - 1];
     e->rows = 1;
     for (d = 0; d < e->ndim - 1; d++) e->rows *= e->dims[d];
@@ -78,11 +82,11 @@ static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
     e->items = e->rows * e->nblk;
     e->red_total = 0;
     for (i = 0; i < e->n_out; i++) {
-        const int64_t *o = e->out + i * (5 + e->ndim);
+        const int64_t *o = e->out + i * e->out_w;
         e->red_numel[i] = 0; e->red_off[i] = e->red_total;
-        if (o[2 + e->ndim + 1]) {  /* reduce output: numel = product of dims with non-zero stride */
+        if (o[e->out_red]) {  /* reduce output: numel = product of dims with non-zero stride */
             int64_t m = 1;
-            for (d = 0; d < e->ndim; d++) if (o[2 + d] != 0) m *= e->dims[d];
+            for (d = 0; d < e->ndim; d++) if (o[LM_R_FUSED_ELEMENTWISE_output_stride(c) + d] != 0) m *= e->dims[d];
             e->red_numel[i] = m; e->red_total += m;
         }
     }
@@ -101,8 +105,6 @@ static inline int64_t lm_row_offset(const lm_ew *e, int64_t row, const int64_t *
     return off;
 }
 
-/* dtype codes (keep in sync with format.py) */
-enum { DT_F32 = 0, DT_F64, DT_I8, DT_I16, DT_I32, DT_I64, DT_U8, DT_U16, DT_U32, DT_U64, DT_NTYPES };
 static const int64_t lm_itemsize[DT_NTYPES] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8};
 
 static inline double lm_load_as_f64(int64_t dt, const char *p, int64_t i)
@@ -165,29 +167,11 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
  * call per block/row -- the template functions are never inlined into Cython code anyway.  A kernel
  * added to the template but not to LM_DISPATCHED still works: it runs the baseline copy.
  * With LM_NO_DISPATCH (LIBML_MARCH=native or any explicit -march) only the plain copy is compiled. */
-#define LM_T float
-#define LM_SFX(name) name##_f32
-#define LM_EXP expf
-#define LM_LOG logf
-#define LM_SQRT sqrtf
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
-
-#define LM_T double
-#define LM_SFX(name) name##_f64
-#define LM_EXP exp
-#define LM_LOG log
-#define LM_SQRT sqrt
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
+#define LM_SFX_F32(name) name##_f32
+#define LM_SFX_F64(name) name##_f64
+#include "kernels_inst.h"
+#undef LM_SFX_F32
+#undef LM_SFX_F64
 
 #include "kernels_isa.h"
 

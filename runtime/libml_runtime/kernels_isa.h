@@ -32,54 +32,20 @@
 /* the template once more per (ISA, float type): LM_SFX appends the ISA suffix */
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,xsave,prefer-vector-width=256")
-#define LM_T float
-#define LM_SFX(name) name##_f32_avx2
-#define LM_EXP expf
-#define LM_LOG logf
-#define LM_SQRT sqrtf
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
-#define LM_T double
-#define LM_SFX(name) name##_f64_avx2
-#define LM_EXP exp
-#define LM_LOG log
-#define LM_SQRT sqrt
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
+#define LM_SFX_F32(name) name##_f32_avx2
+#define LM_SFX_F64(name) name##_f64_avx2
+#include "kernels_inst.h"
+#undef LM_SFX_F32
+#undef LM_SFX_F64
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,xsave,avx512f,avx512bw,avx512cd,avx512dq,avx512vl,prefer-vector-width=256")
-#define LM_T float
-#define LM_SFX(name) name##_f32_avx512
-#define LM_EXP expf
-#define LM_LOG logf
-#define LM_SQRT sqrtf
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
-#define LM_T double
-#define LM_SFX(name) name##_f64_avx512
-#define LM_EXP exp
-#define LM_LOG log
-#define LM_SQRT sqrt
-#include "kernels_tmpl.h"
-#undef LM_T
-#undef LM_SFX
-#undef LM_EXP
-#undef LM_LOG
-#undef LM_SQRT
+#define LM_SFX_F32(name) name##_f32_avx512
+#define LM_SFX_F64(name) name##_f64_avx512
+#include "kernels_inst.h"
+#undef LM_SFX_F32
+#undef LM_SFX_F64
 #pragma GCC pop_options
 
 /* the table: one pointer per dispatched kernel, typed after its baseline copy */

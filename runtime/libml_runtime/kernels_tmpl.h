@@ -48,34 +48,7 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
                 LM_T x = A[j], y = B[j], st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (EXPR) * st; }        \
         }
         switch (p[0]) {
-        case VM_COPY: LM_UNARY(x); break;
-        case VM_ADD: LM_BINARY(x + y); break;
-        case VM_SUB: LM_BINARY(x - y); break;
-        case VM_MUL: LM_BINARY(x * y); break;
-        case VM_DIV: LM_BINARY(x / y); break;
-        case VM_RSUB: LM_BINARY(y - x); break;
-        case VM_RDIV: LM_BINARY(y / x); break;
-        case VM_NEG: LM_UNARY(-x); break;
-        case VM_RELU: LM_UNARY(x < 0 ? (LM_T)0 : x); break;  /* relu(NaN) = NaN */
-        /* 1/(1+exp(-x)): exp overflows to +inf for very negative x, giving exactly 0, never NaN */
-        case VM_SIGMOID: LM_UNARY((LM_T)1 / ((LM_T)1 + LM_EXP(-x))); break;
-        case VM_EXP: LM_UNARY(LM_EXP(x)); break;
-        case VM_LOG: LM_UNARY(LM_LOG(x)); break;
-        case VM_STEP: LM_UNARY(x > 0 ? (LM_T)1 : (LM_T)0); break;
-        /* superinstructions: the same arithmetic as the two ops they replace (a multiply-add may be
-           contracted to one rounding), including NaN propagation -- MASK multiplies by the step, so a
-           NaN gradient stays NaN where the mask is 0, exactly as mul(g, step(r)) does */
-        case VM_FMA: LM_TERNARY(x * y + z); break;
-        case VM_FMS: LM_TERNARY(x * y - z); break;
-        case VM_FNMA: LM_TERNARY(z - x * y); break;
-        case VM_MULSUB: LM_TERNARY(x * (y - z)); break;
-        case VM_ADDRELU: LM_BINARY(x + y < 0 ? (LM_T)0 : x + y); break;
-        case VM_SUBRELU: LM_BINARY(x - y < 0 ? (LM_T)0 : x - y); break;
-        /* masked steps: the mask operand M (b of MASK, c of MULMASK/DIVMASK) is always a register (the
-           validator checks it; step of a constant is folded at compile time) */
-        case VM_MASK: LM_MASKED(x, B); break;
-        case VM_MULMASK: LM_MASKED(x * y, C); break;
-        case VM_DIVMASK: LM_MASKED(x / y, C); break;
+        LM_VM_CASES  /* format_gen.h: one case per VM opcode, from format.py's VM table */
         }
 #undef LM_BINARY
 #undef LM_UNARY
@@ -84,10 +57,10 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
     }
 
     for (i = 0; i < e->n_out; i++) {
-        const int64_t *d = e->out + i * (5 + nd);
+        const int64_t *d = e->out + i * e->out_w;
         const int64_t *s = d + 2;
-        const LM_T *restrict r = R[d[2 + nd]];
-        const int64_t is_red = d[3 + nd];
+        const LM_T *restrict r = R[d[e->out_reg]];
+        const int64_t is_red = d[e->out_red];
         if (!is_red) {
             LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0;
             if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
@@ -123,7 +96,7 @@ static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *cons
 
     for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
     for (i = 0; i < e->n_in; i++) {
-        const int64_t *d = e->in + i * (2 + nd);
+        const int64_t *d = e->in + i * e->in_w;
         const int64_t *s = d + 2;
         const int64_t si = s[nd - 1];
         const LM_T *src = (const LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0 * si;
@@ -150,9 +123,9 @@ static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *
 {
     int64_t i;
     for (i = 0; i < e->n_out; i++) {
-        const int64_t *d = e->out + i * (5 + e->ndim);
-        if (!d[3 + e->ndim]) continue;
-        LM_T scale = d[4 + e->ndim] >= 0 ? (LM_T)consts[d[4 + e->ndim]] : (LM_T)1;
+        const int64_t *d = e->out + i * e->out_w;
+        if (!d[e->out_red]) continue;
+        LM_T scale = d[e->out_scale] >= 0 ? (LM_T)consts[d[e->out_scale]] : (LM_T)1;
         ((LM_T *)(bases[d[0]] + d[1]))[lm_row_offset(e, row, d + 2)] = acc[i] * scale;
     }
 }
@@ -162,9 +135,9 @@ static void LM_SFX(lm_ew_combine)(const lm_ew *e, char **bases, const double *co
 {
     int64_t i, k, c;
     for (i = 0; i < e->n_out; i++) {
-        const int64_t *d = e->out + i * (5 + e->ndim);
-        if (!d[3 + e->ndim]) continue;
-        LM_T scale = d[4 + e->ndim] >= 0 ? (LM_T)consts[d[4 + e->ndim]] : (LM_T)1;
+        const int64_t *d = e->out + i * e->out_w;
+        if (!d[e->out_red]) continue;
+        LM_T scale = d[e->out_scale] >= 0 ? (LM_T)consts[d[e->out_scale]] : (LM_T)1;
         LM_T *restrict out = (LM_T *)(bases[d[0]] + d[1]);
         const int64_t m = e->red_numel[i];
         for (k = 0; k < m; k++) out[k] = partial[e->red_off[i] + k];
