@@ -107,10 +107,16 @@ class _Emitter:
         self.nodes.append((op, name))
         return len(self.nodes) - 1
 
-    def emit(self, opcode, node_id, fields):
-        fields = [int(x) for x in fields]
-        self.code += [opcode, F.HEADER + len(fields), node_id] + fields
+    def emit(self, opname, node_id, values):
+        """Append one instruction of opcode ``opname``; ``values`` maps its fields' names (format.py's
+        layout) to ints, lists and records."""
+        self.code += F.encode(opname, node_id, values)
         self.instr_nodes.append(node_id)
+
+
+def _opnd(name, where):
+    """The fields ``name.slot`` and ``name.offset`` of an operand at ``where = (slot, byte offset)``."""
+    return {f"{name}.slot": where[0], f"{name}.offset": where[1]}
 
 
 class _Instr:
@@ -271,7 +277,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             for w in written:
                 if w.dtype in FLOAT_DTYPES and w.size and em.instr_nodes:
                     slot, off = loc(w)
-                    em.emit(F.OP_CHECK_FINITE, nid, [F.DTYPE_CODE[w.dtype], w.size, slot, off])
+                    em.emit("check_finite", nid, {"dtype": F.DTYPE_CODE[w.dtype], "n": w.size,
+                                                  **_opnd("x", (slot, off))})
 
     out_specs = []
     for name, t in outputs:
@@ -564,31 +571,33 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
                 fields.append(-(em.const(t.value.reshape(-1)[0]) + 1))
             else:
                 fields.append(reg[t])
-        prog += [vm, dst] + fields + [0] * (F.VM_WIDTH - 2 - len(fields))
+        fields += [0] * (3 - len(fields))
+        prog.append({"op": vm, "dst": dst, "a": fields[0], "b": fields[1], "c": fields[2]})
         reg[m] = dst
-        for t in set(ops):
+        for t in dict.fromkeys(ops):  # (in operand order: a set of tensors iterates by address)
             if t not in keep and last_use.get(t) == idx and reg.get(t, -1) >= n_in:
                 free.append(reg[t])
     if n_regs > F.LM_MAXREG:
         raise NotImplementedError(f"fused group needs {n_regs} registers (max {F.LM_MAXREG})")
     dims, strides = geo["dims"], geo["strides"]
-    fields = [F.DTYPE_CODE[dtype], len(dims)] + dims
-    fields += [n_in, len(ins.writes), max(n_regs, 1), len(prog) // F.VM_WIDTH, geo["mode"], geo["nchunks"]]
-    fields += [0, scratch_off]
+    inputs = []
     for k, t in enumerate(ins.reads):
-        fields += list(loc(t)) + strides[k]
-    outs = []
+        slot, off = loc(t)
+        inputs.append({"slot": slot, "offset": off, "stride": strides[k]})
+    outputs = []
     for j, w in enumerate(ins.writes):
         slot, off = loc(w)
         src = reg[w.inputs[0]] if w.op == "sum" else reg[w]
         factor = w.attrs["scale"] * geo["red_factor"] if w.op == "sum" else 1.0
-        scale = em.const(factor) if factor != 1.0 else -1
-        fields += [slot, off] + strides[n_in + j] + [src, 1 if w.op == "sum" else 0, scale]
-        outs.append(w)
-    fields += prog
+        outputs.append({"slot": slot, "offset": off, "stride": strides[n_in + j], "reg": src,
+                        "is_reduce": 1 if w.op == "sum" else 0, "scale": em.const(factor) if factor != 1.0 else -1})
+    values = {"dtype": F.DTYPE_CODE[dtype], "ndim": len(dims), "dims": dims, "n_in": n_in,
+              "n_out": len(ins.writes), "n_regs": max(n_regs, 1), "n_prog": len(prog), "mode": geo["mode"],
+              "nchunks": geo["nchunks"], "scratch.slot": 0, "scratch.offset": scratch_off,
+              "input": inputs, "output": outputs, "prog": prog}
     names = "+".join(m.op for m in g.members)
     nid = em.node(f"fused({names})" if len(g.members) > 1 else g.members[0].op, g.members[-1].name)
-    em.emit(F.OP_EW, nid, fields)
+    em.emit("fused_elementwise", nid, values)
     nbytes = sum(t.size * np.dtype(t.dtype).itemsize for t in ins.reads) + \
         sum(w.size * np.dtype(w.dtype).itemsize for w in ins.writes)
     flops = sum(m.size if m.op != "sum" else m.inputs[0].size for m in g.members)
@@ -616,31 +625,37 @@ def _emit_op(em, t, loc, state, optimizer):
         ax = t.attrs["axis"]
         outer = int(np.prod(t.shape[:ax], dtype=np.int64))
         inner = int(np.prod(t.shape[ax + 1:], dtype=np.int64))
-        em.emit(F.OP_SOFTMAX, nid, [F.DTYPE_CODE[t.dtype], outer, t.shape[ax], inner, *loc(t.inputs[0]), *loc(t)])
+        em.emit("softmax", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "K": t.shape[ax], "inner": inner,
+                                 **_opnd("x", loc(t.inputs[0])), **_opnd("y", loc(t))})
         return {"op": op, "node": t.name, "flops": 4 * t.size, "bytes": nbytes(t, t)}
     if op == "softmax_xent":
         z, y = t.inputs
-        em.emit(F.OP_XENT, nid, [F.DTYPE_CODE[t.dtype], z.shape[0], z.shape[1], *loc(z), *loc(y),
-                                 F.DTYPE_CODE[y.dtype], *loc(t)])
+        em.emit("softmax_xent", nid, {"dtype": F.DTYPE_CODE[t.dtype], "B": z.shape[0], "C": z.shape[1],
+                                      **_opnd("logits", loc(z)), **_opnd("labels", loc(y)),
+                                      "labels.dtype": F.DTYPE_CODE[y.dtype], **_opnd("out", loc(t))})
         return {"op": op, "node": t.name, "flops": 4 * z.size, "bytes": nbytes(z, y)}
     if op == "xent_grad":
         z, y, g = t.inputs
         lo = loc(t.attrs["loss"]) if "loss" in t.attrs else (-1, 0)
-        em.emit(F.OP_XENT_GRAD, nid, [F.DTYPE_CODE[t.dtype], z.shape[0], z.shape[1], *loc(z), *loc(y),
-                                      F.DTYPE_CODE[y.dtype], *loc(g), *loc(t), *lo])
+        em.emit("xent_grad", nid, {"dtype": F.DTYPE_CODE[t.dtype], "B": z.shape[0], "C": z.shape[1],
+                                   **_opnd("logits", loc(z)), **_opnd("labels", loc(y)),
+                                   "labels.dtype": F.DTYPE_CODE[y.dtype], **_opnd("g", loc(g)),
+                                   **_opnd("out", loc(t)), **_opnd("loss", lo)})
         return {"op": op + ("+loss" if "loss" in t.attrs else ""), "node": t.name, "flops": 5 * z.size,
                 "bytes": nbytes(z, y, t)}
     if op == "cast":
         x = t.inputs[0]
-        em.emit(F.OP_CAST, nid, [F.DTYPE_CODE[x.dtype], F.DTYPE_CODE[t.dtype], t.size, *loc(x), *loc(t)])
+        em.emit("cast", nid, {"src_dtype": F.DTYPE_CODE[x.dtype], "dst_dtype": F.DTYPE_CODE[t.dtype], "n": t.size,
+                              **_opnd("src", loc(x)), **_opnd("dst", loc(t))})
         return {"op": op, "node": t.name, "flops": 0, "bytes": nbytes(x, t)}
     if op in _INT_OPS:
         a, b = t.inputs
         dims = list(t.shape) or [1]
         sa = broadcast_strides(a.shape, t.shape) or [0]
         sb = broadcast_strides(b.shape, t.shape) or [0]
-        em.emit(F.OP_INT_EW, nid, [F.DTYPE_CODE[t.dtype], _INT_OPS[op], len(dims), *dims,
-                                   *loc(a), *sa, *loc(b), *sb, *loc(t)])
+        em.emit("int_elementwise", nid, {"dtype": F.DTYPE_CODE[t.dtype], "op": _INT_OPS[op], "ndim": len(dims),
+                                         "dims": dims, **_opnd("a", loc(a)), "a.stride": sa, **_opnd("b", loc(b)),
+                                         "b.stride": sb, **_opnd("out", loc(t))})
         return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
     if op == "concat":
         out_strides = contiguous_strides(t.shape)
@@ -667,8 +682,11 @@ def _emit_op(em, t, loc, state, optimizer):
         ax = t.attrs["axis"]
         sizes = [int(np.prod(table[:ax], dtype=np.int64)), table[ax], int(np.prod(table[ax + 1:], dtype=np.int64)),
                  idx.size]
-        head = [np.dtype(t.dtype).itemsize] if op == "gather" else [F.DTYPE_CODE[t.dtype]]
-        em.emit(F.OP_GATHER if op == "gather" else F.OP_SCATTER_ADD, nid, head + sizes + [*loc(x), *loc(idx), *loc(t)])
+        values = dict(zip(("outer", "n", "inner", "nidx"), sizes), **_opnd("idx", loc(idx)), **_opnd("dst", loc(t)))
+        if op == "gather":
+            em.emit("gather", nid, {"itemsize": np.dtype(t.dtype).itemsize, **values, **_opnd("src", loc(x))})
+        else:
+            em.emit("scatter_add", nid, {"dtype": F.DTYPE_CODE[t.dtype], **values, **_opnd("g", loc(x))})
         return {"op": op, "node": t.name, "flops": 0 if op == "gather" else x.size, "bytes": nbytes(x, idx, t)}
     if op in ("transpose", "broadcast_to", "identity"):
         x = t.inputs[0]
@@ -678,34 +696,41 @@ def _emit_op(em, t, loc, state, optimizer):
             s = [cs[p] for p in t.attrs["perm"]] or [0]
         else:
             s = broadcast_strides(x.shape, t.shape) or [0]
-        em.emit(F.OP_STRIDED_COPY, nid, [np.dtype(t.dtype).itemsize, len(dims), *dims, *loc(x), *s, *loc(t)])
+        em.emit("strided_copy", nid, {"itemsize": np.dtype(t.dtype).itemsize, "ndim": len(dims), "dims": dims,
+                                      **_opnd("src", loc(x)), "src.stride": s, **_opnd("dst", loc(t))})
         return {"op": op, "node": t.name, "flops": 0, "bytes": nbytes(x, t)}
     if op == "sgd_update":
         n = len(t.inputs) // 2
         ps, gs = t.inputs[:n], t.inputs[n:]
-        fields = [F.DTYPE_CODE[t.dtype], n, em.const(t.attrs["lr"]), em.const(t.attrs["momentum"]),
-                  em.const(t.attrs["weight_decay"])]
+        recs = []
         for p, g in zip(ps, gs):
             v = _momentum_loc(state, p) if t.attrs["momentum"] else (-1, 0)
             # g slot -1: a momentum_gemm already added this param's gradient into v
-            fields += [*loc(p), *(loc(g) if g.op != "momentum_gemm" else (-1, 0)), *v, p.size]
-        em.emit(F.OP_SGD, nid, fields)
+            recs.append({**_opnd("p", loc(p)), **_opnd("g", loc(g) if g.op != "momentum_gemm" else (-1, 0)),
+                         **_opnd("v", v), "n": p.size})
+        em.emit("sgd_update", nid, {"dtype": F.DTYPE_CODE[t.dtype], "nparams": n, "lr": em.const(t.attrs["lr"]),
+                                    "momentum": em.const(t.attrs["momentum"]),
+                                    "weight_decay": em.const(t.attrs["weight_decay"]), "param": recs})
         return {"op": op, "node": t.name, "flops": 4 * sum(p.size for p in ps), "bytes": 3 * nbytes(*ps)}
     if op == "adam_count":  # an Adam instruction with no params: it only advances the step counter
-        fields = [F.DTYPE_CODE[t.dtype], 0] + [em.const(0.0)] * 5 + [F.SLOT_STATE, _adam_step(state)]
-        em.emit(F.OP_ADAM, nid, fields)
+        em.emit("adam_update", nid, {"dtype": F.DTYPE_CODE[t.dtype], "nparams": 0,
+                                     **{k: em.const(0.0) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")},
+                                     **_opnd("step", (F.SLOT_STATE, _adam_step(state))), "param": []})
         return {"op": op, "node": t.name, "flops": 0, "bytes": 8}
     if op == "adam_update":
         n = len(t.inputs) // 2
         ps, gs = t.inputs[:n], t.inputs[n:]
-        fields = [F.DTYPE_CODE[t.dtype], n] + [em.const(t.attrs[k]) for k in
-                                               ("lr", "beta1", "beta2", "eps", "weight_decay")]
-        fields += [F.SLOT_STATE, _adam_step(state)]
+        step = _adam_step(state)  # (allocated before the moments: the state layout follows allocation order)
+        recs = []
         for p, g in zip(ps, gs):
             m, v = (state.opt_state_offset(f"{p.name}/{s}", p.dtype, p.shape) for s in ("exp_avg", "exp_avg_sq"))
-            fields += [*loc(p), *loc(g), F.SLOT_STATE, m, F.SLOT_STATE, v, p.size]
+            recs.append({**_opnd("p", loc(p)), **_opnd("g", loc(g)), **_opnd("m", (F.SLOT_STATE, m)),
+                         **_opnd("v", (F.SLOT_STATE, v)), "n": p.size})
         # counted: this step's adam_count already advanced the counter (passes.split_adam)
-        em.emit(F.OP_ADAM_APPLY if t.attrs.get("counted") else F.OP_ADAM, nid, fields)
+        em.emit("adam_apply" if t.attrs.get("counted") else "adam_update", nid,
+                {"dtype": F.DTYPE_CODE[t.dtype], "nparams": n,
+                 **{k: em.const(t.attrs[k]) for k in ("lr", "beta1", "beta2", "eps", "weight_decay")},
+                 **_opnd("step", (F.SLOT_STATE, step)), "param": recs})
         return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
 
@@ -727,7 +752,8 @@ def _emit_copy_nd(em, nid, dtype, dims, src, src_strides, dst, dst_strides):
         d, ss, ds = [1], [1], [1]
     if len(d) > F.LM_MAXD:
         raise NotImplementedError(f"copy over {len(d)} non-collapsible dims (max {F.LM_MAXD}): {dims}")
-    em.emit(F.OP_COPY_ND, nid, [np.dtype(dtype).itemsize, len(d), *d, *src, *ss, *dst, *ds])
+    em.emit("copy_nd", nid, {"itemsize": np.dtype(dtype).itemsize, "ndim": len(d), "dims": d,
+                             **_opnd("src", src), "src.stride": ss, **_opnd("dst", dst), "dst.stride": ds})
 
 
 def _adam_step(state):
@@ -758,8 +784,8 @@ def _emit_gemm(em, nid, t, loc, state):
     if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
         M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
     act = t.attrs.get("act")
-    bias = (*loc(t.inputs[2]), 1 if act == "relu" else 0) if t.op == "linear" and act != "relu_grad" \
-        else (-1, 0, 2 if act == "relu_grad" else 0)
+    bias = loc(t.inputs[2]) if t.op == "linear" and act != "relu_grad" else (-1, 0)
+    act_code = 1 if act == "relu" and t.op == "linear" else 2 if act == "relu_grad" else 0
     mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
     colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
@@ -768,9 +794,11 @@ def _emit_gemm(em, nid, t, loc, state):
         out, alpha, beta = _momentum_loc(state, t.inputs[2]), 1.0, t.attrs["momentum"]
     else:
         out, alpha, beta = loc(t), 1.0, 0.0
-    fields = [F.DTYPE_CODE[t.dtype], M, N, K, int(ta), int(tb), *loc(a), *loc(b), *out,
-              em.const(alpha), em.const(beta), *bias, len(batch), *batch, *sA, *sB, *sC, *mask, *colsum]
-    em.emit(F.OP_GEMM, nid, fields)
+    em.emit("gemm", nid, {"dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
+                          "transB": int(tb), **_opnd("A", loc(a)), **_opnd("B", loc(b)), **_opnd("C", out),
+                          "alpha": em.const(alpha), "beta": em.const(beta), **_opnd("bias", bias), "act": act_code,
+                          "batch_ndim": len(batch), "batch_dims": batch, "A.batch_stride": sA, "B.batch_stride": sB,
+                          "C.batch_stride": sC, **_opnd("mask", mask), **_opnd("colsum", colsum)})
     nb = int(np.prod(batch)) if batch else 1
     return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
             + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")

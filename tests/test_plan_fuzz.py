@@ -99,13 +99,6 @@ def test_fuzz_plan_files(base_plans):
 
 # ---- targeted cases ---------------------------------------------------------------------------------
 
-def instructions(code):
-    pc = 0
-    while pc < len(code):
-        yield pc, int(code[pc]), int(code[pc + 1])
-        pc += int(code[pc + 1])
-
-
 def mutated(plan, kind, fn):
     """A copy of ``plan`` whose ``kind`` entry code went through ``fn(code)`` (in place)."""
     p = PF.loads(PF.dumps(plan))
@@ -119,35 +112,29 @@ def mix_plan():
     return lc.compile(g, loss, lc.SGD(lr=0.01), check_finite=True).plan
 
 
-def ew_fields(code, pc):
-    f = pc + F.HEADER
-    nd = int(code[f + 1])
-    dims = f + 2
-    n_in, n_out, n_regs, n_prog, mode = (int(code[dims + nd + i]) for i in range(5))
-    ins = dims + nd + 8
-    outs = ins + n_in * (2 + nd)
-    prog = outs + n_out * (5 + nd)
-    return dict(nd=nd, dims=dims, n_in=n_in, n_out=n_out, n_regs=n_regs, n_prog=n_prog, mode=mode, ins=ins,
-                outs=outs, prog=prog)
+def ew_instructions(e):
+    """[(positions, values)] of the entry's fused elementwise instructions: each field's index in the
+    code and its value, by the field names of format.py's layout."""
+    out = []
+    for pc, op, _, vals in F.instructions(e.code):
+        if op == "fused_elementwise":
+            out.append((F.locate(e.code, pc)[1], vals))
+    return out
 
 
 def test_vm_operands_are_bounded_by_arity(mix_plan):
     """Every VM step's operands: registers in range; immediates only in the slots the op's arity uses."""
     hits = set()
     for kind, e in mix_plan.entries.items():
-        for pc, op, _ in instructions(e.code):
-            if op != F.OP_EW:
-                continue
-            f = ew_fields(e.code, pc)
-            for i in range(f["n_prog"]):
-                at = f["prog"] + i * F.VM_WIDTH
-                arity = F.VM_ARITY[int(e.code[at])]
-                bad = [(1, f["n_regs"], "dst"), (2, f["n_regs"], "a"), (2, -1, "a"),
-                       (3 + min(arity, 2) - 1, f["n_regs"], "bc"[min(arity, 2) - 1])]
+        for pos, val in ew_instructions(e):
+            for i, step in enumerate(pos["prog"]):
+                arity = F.VM_ARITY[val["prog"][i]["op"]]
+                n_regs = val["n_regs"]
+                bad = [("dst", n_regs), ("a", n_regs), ("a", -1), ("bc"[min(arity, 2) - 1], n_regs)]
                 if arity < 3:
-                    bad.append((4, -1, "c"))   # no immediate in an unused slot
-                for slot, value, name in bad:
-                    def put(code, at=at + slot, value=value):
+                    bad.append(("c", -1))   # no immediate in an unused slot
+                for name, value in bad:
+                    def put(code, at=step[name], value=value):
                         code[at] = value
                     with pytest.raises(lr.PlanError, match=rf"prog\[{i}\]\.{name}"):
                         lr.validate(mutated(mix_plan, kind, put))
@@ -155,39 +142,33 @@ def test_vm_operands_are_bounded_by_arity(mix_plan):
     assert hits == {1, 2, 3}, f"the mixed graph's kernels cover arities {hits}"
 
 
-@pytest.mark.parametrize("vm,slot", [("DIVMASK", 4), ("MASK", 3)])
-def test_vm_mask_operand_must_be_a_register(vm, slot):
+@pytest.mark.parametrize("vm,operand", [("DIVMASK", "c"), ("MASK", "b")])
+def test_vm_mask_operand_must_be_a_register(vm, operand):
     from libml_compile.ops import step
     g = lc.Graph("m")
     x, y, z = (g.input(n, (2, 8)) for n in "xyz")
     g.output("o", (x / y) * step(z) if vm == "DIVMASK" else x * step(z))
     plan = lc.compile(g).plan
     e = plan.entries["run"]
-    (pc,) = [pc for pc, op, _ in instructions(e.code) if op == F.OP_EW]
-    f = ew_fields(e.code, pc)
-    assert int(e.code[f["prog"]]) == F.VM_OPS[vm]
+    ((pos, val),) = ew_instructions(e)
+    assert val["prog"][0]["op"] == F.VM_OPS[vm]
 
     def imm(code):
-        code[f["prog"] + slot] = -1
-    with pytest.raises(lr.PlanError, match=rf"prog\[0\]\.{'bc'[slot - 3]}"):
+        code[pos["prog"][0][operand]] = -1
+    with pytest.raises(lr.PlanError, match=rf"prog\[0\]\.{operand}"):
         lr.validate(mutated(plan, "run", imm))
 
 
 def test_mode2_reduce_output_must_be_dense(mix_plan):
     hits = 0
     for kind, e in mix_plan.entries.items():
-        for pc, op, _ in instructions(e.code):
-            if op != F.OP_EW:
+        for pos, val in ew_instructions(e):
+            if val["mode"] != 2:
                 continue
-            f = ew_fields(e.code, pc)
-            if f["mode"] != 2:
-                continue
-            for i in range(f["n_out"]):
-                o = f["outs"] + i * (5 + f["nd"])
-                strides = o + 2
-                for k in range(f["nd"]):
-                    if e.code[strides + k] != 0 and e.code[f["dims"] + k] > 1:
-                        def bump(code, at=strides + k):
+            for o, ov in zip(pos["output"], val["output"]):
+                for k in range(val["ndim"]):
+                    if ov["stride"][k] != 0 and val["dims"][k] > 1:
+                        def bump(code, at=o["stride"][k]):
                             code[at] += 1
                         with pytest.raises(lr.PlanError, match="stride"):
                             lr.validate(mutated(mix_plan, kind, bump))
@@ -198,14 +179,11 @@ def test_mode2_reduce_output_must_be_dense(mix_plan):
 def test_gemm_c_batch_stride_must_be_dense(mix_plan):
     hits = 0
     for kind, e in mix_plan.entries.items():
-        for pc, op, _ in instructions(e.code):
-            f = pc + F.HEADER
-            if op != F.OP_GEMM or e.code[f + 17] == 0:
+        for pc, op, _, val in F.instructions(e.code):
+            if op != "gemm" or val["batch_ndim"] == 0:
                 continue
-            bdim = int(e.code[f + 17])
-            sc = f + 18 + 3 * bdim
 
-            def zero(code, at=sc):
+            def zero(code, at=F.locate(e.code, pc)[1]["C.batch_stride"][0]):
                 code[at] = 0
             with pytest.raises(lr.PlanError, match="C.batch_stride"):
                 lr.validate(mutated(mix_plan, kind, zero))
@@ -215,17 +193,12 @@ def test_gemm_c_batch_stride_must_be_dense(mix_plan):
 
 def test_dim_broadcast_everywhere_is_rejected(mix_plan):
     """A huge dim that no operand moves along would loop for hours without touching memory."""
-    e = mix_plan.entries["run"]
-    for pc, op, _ in instructions(e.code):
-        if op == F.OP_EW:
-            f = ew_fields(e.code, pc)
-            break
+    pos, _ = ew_instructions(mix_plan.entries["run"])[0]
 
     def blow_up(code):
-        code[f["dims"]] = 2 ** 39
-        for i in range(f["n_in"] + f["n_out"]):
-            base = f["ins"] + i * (2 + f["nd"]) if i < f["n_in"] else f["outs"] + (i - f["n_in"]) * (5 + f["nd"])
-            code[base + 2] = 0
+        code[pos["dims"][0]] = 2 ** 39
+        for r in pos["input"] + pos["output"]:
+            code[r["stride"][0]] = 0
     with pytest.raises(lr.PlanError):
         lr.validate(mutated(mix_plan, "run", blow_up))
 
@@ -263,11 +236,11 @@ def test_sgd_without_gradient_needs_a_momentum_buffer():
     loss = lc.sum(g.const(x) * w)
     plan = lc.compile(g, loss, lc.SGD(lr=0.1)).plan
     e = plan.entries["step"]
-    (pc,) = [pc for pc, op, _ in instructions(e.code) if op == F.OP_SGD]
-    q = pc + F.HEADER + 5                       # first param: p(2) g(2) v(2) n
-    assert e.code[q + 4] == -1                  # plain SGD: no momentum buffer
+    (pc,) = [pc for pc, op, _, _ in F.instructions(e.code) if op == "sgd_update"]
+    first = F.locate(e.code, pc)[1]["param"][0]
+    assert e.code[first["v.slot"]] == -1        # plain SGD: no momentum buffer
 
     def drop_g(code):
-        code[q + 2] = -1
+        code[first["g.slot"]] = -1
     with pytest.raises(lr.PlanError, match=r"g\[0\]"):
         lr.validate(mutated(plan, "step", drop_g))

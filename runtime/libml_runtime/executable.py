@@ -14,28 +14,16 @@ import time
 import numpy as np
 
 from . import _exec
-from .format import (DTYPE_CODE, ERR_INDEX, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, HEADER, OP_GEMM,
-                     OP_NAMES, SLOT_INPUT0)
+from . import format as F
+from .format import DTYPE_CODE, ERR_INDEX, ERR_INT_DIV_ZERO, ERR_LABEL, ERR_NONFINITE, ERR_NOMEM, OP_NAMES, SLOT_INPUT0
 from .plan import Plan
 from .threads import pin_blas_single, resolve_threads
-
-
-def _instructions(code):
-    """``(pc, opcode)`` of each instruction of a validated plan's code, in order."""
-    pc = 0
-    while pc < len(code):
-        yield pc, int(code[pc])
-        pc += int(code[pc + 1])
 
 
 def _calls_blas(code):
     """Whether a plan's code reaches BLAS: any GEMM but a row vector times a non-transposed matrix
     (``_exec._blas`` runs those with its own kernel).  Only decides whether to pin BLAS's threads."""
-    for pc, op in _instructions(code):
-        f = pc + HEADER  # fields: dtype M N K transA transB ...
-        if op == OP_GEMM and not (int(code[f + 1]) == 1 and int(code[f + 5]) == 0):
-            return True
-    return False
+    return any(op == "gemm" and not (d["M"] == 1 and d["transB"] == 0) for _, op, _, d in F.instructions(code))
 
 
 def _checked_value(what, v, dt, shape):
@@ -144,7 +132,7 @@ class Executable:
                     calls[r] = time.perf_counter() - t0
             finally:
                 self._state[...] = snapshot
-        ops = [OP_NAMES.get(op, "?") for _, op in _instructions(entry.code)]
+        ops = [op for _, op, _, _ in F.instructions(entry.code)]
         nodes = [entry.nodes[i][1] if entry.nodes else "" for i in entry.instr_nodes]
         return Profile.from_times(kind, times[int(warmup):, :n], calls[int(warmup):], ops, nodes,
                                   self.num_threads)
@@ -292,11 +280,11 @@ class Executable:
         op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")
         if rc == ERR_LABEL:
             # the labels operand of the failing cross-entropy instruction names the feed
-            pc = next(pc for k, (pc, _) in enumerate(_instructions(entry.code)) if k == bad)
-            slot = int(entry.code[pc + 3 + 5])
+            _, _, _, d = F.instructions(entry.code)[bad]
+            slot = d["labels.slot"]
             if slot >= SLOT_INPUT0:
                 name = entry.inputs[slot - SLOT_INPUT0][0]
-                C = int(entry.code[pc + 3 + 2])
+                C = d["C"]
                 value = np.asarray(feeds[name]).reshape(-1)[detail]
                 return ValueError(f"feed {name!r}: labels must be in [0, {C}), got {value} at row {detail}")
             return ValueError(f"label at row {detail} is out of range (op {op}, node {node!r})")

@@ -220,28 +220,30 @@ class Layout:
                         out += [int(x) for x in rec[g]]
         return out
 
-    def decode(self, code, pos, end, max_count=1 << 20):
+    def decode(self, code, pos, end, max_count=1 << 20, positions=False):
         """The fields in ``code[pos:end]`` as a dict (arrays as lists, records as lists of dicts) and
         the position after them.  ``code`` is a list of ints.  Raises ValueError naming the first field
-        that is missing (the code ends) or whose count is negative or above ``max_count``."""
-        d = {}
+        that is missing (the code ends) or whose count is negative or above ``max_count``.
+        positions: give each field's index in ``code`` instead of its value (tests that edit a field)."""
+        d, val = {}, {}  # d: what is returned; val: scalar values (the counts)
         for f, count, sub in self.fields:
             if count is None:
                 if pos >= end:
                     raise ValueError(f"truncated while reading {f}")
-                d[f] = code[pos]
+                val[f] = code[pos]
+                d[f] = pos if positions else code[pos]
                 pos += 1
                 continue
-            n = count if isinstance(count, int) else d[count]
+            n = count if isinstance(count, int) else val[count]
             if not 0 <= n <= max_count:
                 raise ValueError(f"{count} = {n} is outside [0, {max_count}]")
             if sub is None:
                 if pos + n > end:
                     raise ValueError(f"truncated while reading {f}[{n}]")
-                d[f] = code[pos:pos + n]
+                d[f] = list(range(pos, pos + n)) if positions else code[pos:pos + n]
                 pos += n
                 continue
-            width = sum(1 if c is None else (c if isinstance(c, int) else d[c]) for _, c, _ in sub)
+            width = sum(1 if c is None else (c if isinstance(c, int) else val[c]) for _, c, _ in sub)
             if pos + n * width > end:
                 raise ValueError(f"truncated while reading {f}[{n}] ({width} fields each)")
             recs = []
@@ -249,11 +251,11 @@ class Layout:
                 r = {}
                 for g, c, _ in sub:
                     if c is None:
-                        r[g] = code[pos]
+                        r[g] = pos if positions else code[pos]
                         pos += 1
                     else:
-                        m = c if isinstance(c, int) else d[c]
-                        r[g] = code[pos:pos + m]
+                        m = c if isinstance(c, int) else val[c]
+                        r[g] = list(range(pos, pos + m)) if positions else code[pos:pos + m]
                         pos += m
                 recs.append(r)
             d[f] = recs
@@ -295,6 +297,15 @@ def decode(code, pc):
     name = OP_NAMES[op]
     d, _ = LAYOUTS[name].decode(code, pc + HEADER, pc + ln)
     return name, node, d
+
+
+def locate(code, pc):
+    """(opcode name, {field: index in code}) of the instruction at ``pc``: where each field lives, for
+    tools and tests that edit one field of a plan by name."""
+    code = code.tolist() if hasattr(code, "tolist") else list(code)
+    name = OP_NAMES[code[pc]]
+    d, _ = LAYOUTS[name].decode(code, pc + HEADER, pc + code[pc + 1], positions=True)
+    return name, d
 
 
 def instructions(code):

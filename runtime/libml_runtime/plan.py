@@ -135,37 +135,67 @@ def _check_shape(shape, fld):
 
 
 class _Decoder:
-    """Walks the code array; every read is checked, every operand extent proven in bounds."""
+    """Walks the code array; decodes every instruction by its layout (format.py), then proves each field
+    in range and every operand extent in bounds.  Fields are read by name."""
 
     def __init__(self, code, nconsts, sizes, nnodes, where):
         # a list of Python ints: indexing an ndarray element by element was a fifth of validation's time
         self.code = code.tolist()
         self.nconsts, self.sizes, self.nnodes, self.where = nconsts, sizes, nnodes, where
+        self.nslots = len(sizes)
         self.pc = 0
-        self.end = 0
         self.idx = 0
 
     def fail(self, msg):
         raise PlanError(f"invalid plan field {self.where}.code[instruction {self.idx} @ {self.pc}]: {msg}")
 
-    def take(self, what, lo=None, hi=None):
-        if self.pos >= self.end:
-            self.fail(f"truncated while reading {what}")
-        x = self.code[self.pos]
-        self.pos += 1
-        if (lo is not None and x < lo) or (hi is not None and x > hi):
+    def instruction(self):
+        c = self.code
+        if self.pc + F.HEADER > len(c):
+            self.fail("truncated header")
+        op, ln, node = c[self.pc], c[self.pc + 1], c[self.pc + 2]
+        if op not in F.OP_NAMES:
+            self.fail(f"unknown opcode {op}")
+        if ln < F.HEADER or self.pc + ln > len(c):
+            self.fail(f"length {ln} is outside the code")
+        if not 0 <= node < max(self.nnodes, 1):
+            self.fail(f"node id {node} is out of range")
+        name = F.OP_NAMES[op]
+        try:
+            d, end = F.LAYOUTS[name].decode(c, self.pc + F.HEADER, self.pc + ln)
+        except ValueError as e:
+            self.fail(f"{name}: {e}")
+        if end != self.pc + ln:
+            self.fail(f"length {ln} does not match the fields ({end - self.pc})")
+        getattr(self, "op_" + name)(d)
+        self.pc += ln
+        self.idx += 1
+
+    # -- field checks ------------------------------------------------------------------------------
+    def rng(self, what, x, lo, hi):
+        if not lo <= x <= hi:
             self.fail(f"{what} = {x} is outside [{lo}, {hi}]")
         return x
 
-    def operand(self, what, nbytes, writable=False, align=1):
-        v = self._fields(2, 2 ** 50)
-        if v is not None and v[0] < len(self.sizes):
-            slot, off = v
-        else:
-            if v is not None:
-                self.pos -= 2
-            slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
-            off = self.take(f"{what}.offset", 0, 2 ** 50)
+    def fields(self, d, spec):
+        """Check scalar fields: ``spec`` = [(name, lo, hi)]."""
+        for name, lo, hi in spec:
+            if not lo <= d[name] <= hi:
+                self.fail(f"{name} = {d[name]} is outside [{lo}, {hi}]")
+
+    def fdtype(self, d, name="dtype"):
+        return F.ITEMSIZE[self.rng(name, d[name], 0, 1)]
+
+    def slot_off(self, what, slot, off, optional=False):
+        self.rng(f"{what}.slot", slot, -1 if optional else 0, self.nslots - 1)
+        self.rng(f"{what}.offset", off, 0, 2 ** 50)
+        return slot, off
+
+    def operand(self, d, what, nbytes, writable=False, align=1, optional=False):
+        """The operand ``what`` (fields what.slot, what.offset) holds ``nbytes`` inside its buffer."""
+        slot, off = self.slot_off(what, d[f"{what}.slot"], d[f"{what}.offset"], optional)
+        if slot < 0:
+            return slot, off
         if writable and slot >= F.SLOT_INPUT0:
             self.fail(f"{what} writes into a fed input")
         if nbytes > 0 and off + nbytes > self.sizes[slot]:
@@ -174,96 +204,55 @@ class _Decoder:
             self.fail(f"{what} offset {off} is not aligned to {align}")
         return slot, off
 
-    def _fields(self, n, hi):
-        """The next ``n`` fields if they are all in the code and in [0, hi], else None (the caller then
-        reads them one by one with ``take``, which names the first bad one).  Validation reads millions
-        of fields for a large program: one slice and min/max instead of a call per field."""
-        p = self.pos
-        if p + n > self.end:
-            return None
-        v = self.code[p:p + n]
-        if n and (min(v) < 0 or max(v) > hi):
-            return None
-        self.pos = p + n
-        return v
-
-    def strided(self, what, isz, dims, writable=False):
-        """slot off strides[ndim] (elements): proves the whole strided footprint in bounds."""
-        v = self._fields(2 + len(dims), 2 ** 40)
-        if v is not None and v[0] < len(self.sizes):
-            slot, off, strides = v[0], v[1], v[2:]
-        else:
-            if v is not None:
-                self.pos -= len(v)
-            slot = self.take(f"{what}.slot", 0, len(self.sizes) - 1)
-            off = self.take(f"{what}.offset", 0, 2 ** 50)
-            strides = [self.take(f"{what}.stride[{i}]", 0, 2 ** 40) for i in range(len(dims))]
+    def strided(self, what, slot, off, strides, isz, dims, writable=False):
+        """A strided operand (element strides): the whole footprint is in bounds."""
+        self.slot_off(what, slot, off)
+        for i, st in enumerate(strides):
+            self.rng(f"{what}.stride[{i}]", st, 0, 2 ** 40)
         if writable and slot >= F.SLOT_INPUT0:
             self.fail(f"{what} writes into a fed input")
-        if all(d > 0 for d in dims):
-            last = off + isz * (sum((d - 1) * s for d, s in zip(dims, strides)) + 1)
+        if all(n > 0 for n in dims):
+            last = off + isz * (sum((n - 1) * st for n, st in zip(dims, strides)) + 1)
             if last > self.sizes[slot]:
                 self.fail(f"{what} reaches byte {last} outside buffer {slot} of {self.sizes[slot]} bytes")
         if off % isz:
             self.fail(f"{what} offset {off} is not aligned to {isz}")
         return strides
 
-    def const(self, what):
-        return self.take(what, 0, self.nconsts - 1)
+    def dims(self, what, dims):
+        for i, n in enumerate(dims):
+            self.rng(f"{what}[{i}]", n, 0, 2 ** 40)
+        if math.prod(dims) >= 2 ** 40:
+            self.fail(f"{what} {dims} is too large")
+        return dims
 
-    def dims(self, what, n):
-        d = self._fields(n, 2 ** 40)
-        if d is None:
-            d = [self.take(f"{what}[{i}]", 0, 2 ** 40) for i in range(n)]
-        if math.prod(d) >= 2 ** 40:
-            self.fail(f"{what} {d} is too large")
-        return d
+    def const(self, d, name):
+        return self.rng(name, d[name], 0, self.nconsts - 1)
 
-    def instruction(self):
-        c = self.code
-        if self.pc + F.HEADER > len(c):
-            self.fail("truncated header")
-        op, ln, node = int(c[self.pc]), int(c[self.pc + 1]), int(c[self.pc + 2])
-        if op not in F.OP_NAMES:
-            self.fail(f"unknown opcode {op}")
-        if ln < F.HEADER or self.pc + ln > len(c):
-            self.fail(f"length {ln} is outside the code")
-        if not 0 <= node < max(self.nnodes, 1):
-            self.fail(f"node id {node} is out of range")
-        self.pos, self.end = self.pc + F.HEADER, self.pc + ln
-        getattr(self, "op_" + F.OP_NAMES[op])()
-        if self.pos != self.end:
-            self.fail(f"length {ln} does not match the fields ({self.pos - self.pc})")
-        self.pc += ln
-        self.idx += 1
-
-    def fdtype(self):
-        return F.ITEMSIZE[self.take("dtype", 0, 1)]
-
-    def op_fused_elementwise(self):
-        isz = self.fdtype()
-        nd = self.take("ndim", 1, F.LM_MAXD)
-        dims = self.dims("dims", nd)
-        n_in = self.take("n_in", 0, F.LM_MAXIO)
-        n_out = self.take("n_out", 1, F.LM_MAXIO)
-        n_regs = self.take("n_regs", max(n_in, 1), F.LM_MAXREG)
-        n_prog = self.take("n_prog", 0, 4096)
-        mode = self.take("mode", 0, 2)
-        nchunks = self.take("nchunks", 1, F.LM_MAXCHUNK)
-        self.take("scratch.slot", 0, 0)
-        scratch_off = self.take("scratch.offset", 0, 2 ** 50)
-        in_strides = [self.strided(f"input[{i}]", isz, dims) for i in range(n_in)]
+    # -- one method per opcode ------------------------------------------------------------------------
+    def op_fused_elementwise(self, d):
+        isz = self.fdtype(d)
+        nd = self.rng("ndim", d["ndim"], 1, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        n_in = self.rng("n_in", d["n_in"], 0, F.LM_MAXIO)
+        n_out = self.rng("n_out", d["n_out"], 1, F.LM_MAXIO)
+        n_regs = self.rng("n_regs", d["n_regs"], max(n_in, 1), F.LM_MAXREG)
+        self.rng("n_prog", d["n_prog"], 0, F.LM_MAXPROG)
+        mode = self.rng("mode", d["mode"], 0, 2)
+        nchunks = self.rng("nchunks", d["nchunks"], 1, F.LM_MAXCHUNK)
+        self.rng("scratch.slot", d["scratch.slot"], 0, 0)
+        scratch_off = self.rng("scratch.offset", d["scratch.offset"], 0, 2 ** 50)
+        in_strides = [self.strided(f"input[{i}]", r["slot"], r["offset"], r["stride"], isz, dims)
+                      for i, r in enumerate(d["input"])]
         red_total = 0
-        outs = []
-        out_strides = []
-        for i in range(n_out):
-            at = self.pos
-            s = self.strided(f"output[{i}]", isz, dims, writable=True)
+        outs, out_strides = [], []
+        for i, r in enumerate(d["output"]):
+            s = self.strided(f"output[{i}]", r["slot"], r["offset"], r["stride"], isz, dims, writable=True)
             out_strides.append(s)
-            slot, off = int(self.code[at]), int(self.code[at + 1])
-            reg = self.take(f"output[{i}].reg", 0, n_regs - 1)
-            red = self.take(f"output[{i}].is_reduce", 0, 1)
-            sc = self.take(f"output[{i}].scale", -1, self.nconsts - 1)
+            slot, off = r["slot"], r["offset"]
+            self.rng(f"output[{i}].reg", r["reg"], 0, n_regs - 1)
+            red = self.rng(f"output[{i}].is_reduce", r["is_reduce"], 0, 1)
+            self.rng(f"output[{i}].scale", r["scale"], -1, self.nconsts - 1)
             if not red and s[-1] != 1 and dims[-1] > 1:
                 self.fail(f"output[{i}] must be contiguous along the innermost dim")
             if red:
@@ -294,42 +283,43 @@ class _Decoder:
             self.fail("mode 0 instruction has reduce outputs")
         if mode != 0 and not any(outs):
             self.fail(f"mode {mode} instruction has no reduce outputs")
-        for i in range(n_prog):
-            vop = self.take(f"prog[{i}].op", 0, len(F.VM_OPS) - 1)
-            self.take(f"prog[{i}].dst", n_in, n_regs - 1)
-            self.take(f"prog[{i}].a", 0, n_regs - 1)
+        nvm = len(F.VM_ARITY)
+        for i, st in enumerate(d["prog"]):
+            vop = st["op"]
+            if vop not in F.VM_ARITY:
+                self.fail(f"prog[{i}].op = {vop} is not a VM opcode (0..{nvm - 1})")
+            self.rng(f"prog[{i}].dst", st["dst"], n_in, n_regs - 1)
+            self.rng(f"prog[{i}].a", st["a"], 0, n_regs - 1)
             arity = F.VM_ARITY[vop]
-            # a mask operand (b of MASK, c of MULMASK/DIVMASK) is always a register (the kernels read it as one)
-            b_imm = arity >= 2 and vop != F.VM_OPS["MASK"]
-            self.take(f"prog[{i}].b", -self.nconsts if b_imm else 0, n_regs - 1)
-            c_imm = arity >= 3 and vop not in (F.VM_OPS["MULMASK"], F.VM_OPS["DIVMASK"])
-            self.take(f"prog[{i}].c", -self.nconsts if c_imm else 0, n_regs - 1)
+            # a mask operand is always a register (the kernels read it as one); other b/c may be immediates
+            mask = F.VM_MASK_OPERAND.get(vop)
+            b_imm = arity >= 2 and mask != 1
+            c_imm = arity >= 3 and mask != 2
+            self.rng(f"prog[{i}].b", st["b"], -self.nconsts if b_imm else 0, n_regs - 1)
+            self.rng(f"prog[{i}].c", st["c"], -self.nconsts if c_imm else 0, n_regs - 1)
         if mode == 2:
             need = scratch_off + nchunks * red_total * isz
             if need > self.sizes[0]:
                 self.fail(f"scratch [{scratch_off}, {need}) is outside the arena")
 
-    def op_gemm(self):
-        isz = self.fdtype()
-        M, N, K = (self.take(x, 0, 2 ** 31 - 1) for x in ("M", "N", "K"))
-        ta, tb = self.take("transA", 0, 1), self.take("transB", 0, 1)
-        a = self.operand("A", 0, align=isz)
-        b = self.operand("B", 0, align=isz)
-        cc = self.operand("C", 0, writable=True, align=isz)
-        self.const("alpha")
-        self.const("beta")
-        bslot = self.take("bias.slot", -1, len(self.sizes) - 1)
-        boff = self.take("bias.offset", 0, 2 ** 50)
-        act = self.take("act", 0, 2)
-        bdim = self.take("batch_ndim", 0, F.LM_MAXD)
-        bd = self.dims("batch_dims", bdim)
-        sa = [self.take(f"A.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
-        sb = [self.take(f"B.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
-        sc = [self.take(f"C.batch_stride[{i}]", 0, 2 ** 40) for i in range(bdim)]
-        mslot = self.take("mask.slot", -1, len(self.sizes) - 1)
-        moff = self.take("mask.offset", 0, 2 ** 50)
-        cslot = self.take("colsum.slot", -1, len(self.sizes) - 1)
-        coff = self.take("colsum.offset", 0, 2 ** 50)
+    def op_gemm(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("M", 0, 2 ** 31 - 1), ("N", 0, 2 ** 31 - 1), ("K", 0, 2 ** 31 - 1), ("transA", 0, 1),
+                        ("transB", 0, 1), ("act", 0, 2), ("batch_ndim", 0, F.LM_MAXD)])
+        M, N, K, bdim, act = d["M"], d["N"], d["K"], d["batch_ndim"], d["act"]
+        a = self.operand(d, "A", 0, align=isz)
+        b = self.operand(d, "B", 0, align=isz)
+        cc = self.operand(d, "C", 0, writable=True, align=isz)
+        self.const(d, "alpha")
+        self.const(d, "beta")
+        bslot, boff = self.slot_off("bias", d["bias.slot"], d["bias.offset"], optional=True)
+        bd = self.dims("batch_dims", d["batch_dims"])
+        sa, sb, sc = (d[f"{x}.batch_stride"] for x in "ABC")
+        for x, ss in zip("ABC", (sa, sb, sc)):
+            for i, st in enumerate(ss):
+                self.rng(f"{x}.batch_stride[{i}]", st, 0, 2 ** 40)
+        mslot, moff = self.slot_off("mask", d["mask.slot"], d["mask.offset"], optional=True)
+        cslot, coff = self.slot_off("colsum", d["colsum.slot"], d["colsum.offset"], optional=True)
         if (act == 2) != (mslot >= 0) or (act == 2 and (bdim or bslot >= 0)):
             self.fail("the relu-backward epilogue (act 2) needs a mask, no bias and no batch dims")
         if cslot >= 0 and act != 2:
@@ -347,136 +337,130 @@ class _Decoder:
                 self.fail(f"C.batch_stride[{i}] = {sc[i]} is not the dense stride {want}")
         if M and N and all(bd):
             def last(strides, n):
-                return sum((d - 1) * s for d, s in zip(bd, strides)) + n
+                return sum((k - 1) * st for k, st in zip(bd, strides)) + n
             for nm, (slot, off), strides, n in (("A", a, sa, M * K), ("B", b, sb, K * N), ("C", cc, sc, M * N)):
                 if n and off + isz * last(strides, n) > self.sizes[slot]:
                     self.fail(f"{nm} is outside its buffer")
 
-    def op_softmax(self):
-        isz = self.fdtype()
-        n = math.prod(self.dims("dims", 3))
-        self.operand("x", n * isz, align=isz)
-        self.operand("y", n * isz, writable=True, align=isz)
+    def op_softmax(self, d):
+        isz = self.fdtype(d)
+        n = math.prod(self.dims("dims", [d["outer"], d["K"], d["inner"]]))
+        self.operand(d, "x", n * isz, align=isz)
+        self.operand(d, "y", n * isz, writable=True, align=isz)
 
-    def _labels(self, B):
-        slot = self.take("labels.slot", 0, len(self.sizes) - 1)
-        off = self.take("labels.offset", 0, 2 ** 50)
-        ldt = self.take("labels.dtype", 2, len(F.DTYPES) - 1)
+    def _labels(self, d, B):
+        slot, off = self.slot_off("labels", d["labels.slot"], d["labels.offset"])
+        ldt = self.rng("labels.dtype", d["labels.dtype"], 2, len(F.DTYPES) - 1)
         if off + B * F.ITEMSIZE[ldt] > self.sizes[slot] or off % F.ITEMSIZE[ldt]:
             self.fail("labels are outside their buffer")
 
-    def op_softmax_xent(self):
-        isz = self.fdtype()
-        B, C = self.take("B", 1, 2 ** 40), self.take("C", 1, 2 ** 40)
-        self.operand("logits", B * C * isz, align=isz)
-        self._labels(B)
-        self.operand("out", isz, writable=True, align=isz)
+    def op_softmax_xent(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("B", 1, 2 ** 40), ("C", 1, 2 ** 40)])
+        B, C = d["B"], d["C"]
+        self.operand(d, "logits", B * C * isz, align=isz)
+        self._labels(d, B)
+        self.operand(d, "out", isz, writable=True, align=isz)
 
-    def op_xent_grad(self):
-        isz = self.fdtype()
-        B, C = self.take("B", 1, 2 ** 40), self.take("C", 1, 2 ** 40)
-        self.operand("logits", B * C * isz, align=isz)
-        self._labels(B)
-        self.operand("g", isz, align=isz)
-        self.operand("out", B * C * isz, writable=True, align=isz)
-        slot = self.take("loss.slot", -1, len(self.sizes) - 1)
-        off = self.take("loss.offset", 0, 2 ** 50)
-        if slot >= 0 and (slot >= F.SLOT_INPUT0 or off + isz > self.sizes[slot] or off % isz):
-            self.fail("loss is outside its buffer or not writable")
+    def op_xent_grad(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("B", 1, 2 ** 40), ("C", 1, 2 ** 40)])
+        B, C = d["B"], d["C"]
+        self.operand(d, "logits", B * C * isz, align=isz)
+        self._labels(d, B)
+        self.operand(d, "g", isz, align=isz)
+        self.operand(d, "out", B * C * isz, writable=True, align=isz)
+        self.operand(d, "loss", isz, writable=True, align=isz, optional=True)
 
-    def op_cast(self):
-        s, d = self.take("src_dtype", 0, len(F.DTYPES) - 1), self.take("dst_dtype", 0, len(F.DTYPES) - 1)
-        n = self.take("n", 0, 2 ** 40)
-        self.operand("src", n * F.ITEMSIZE[s], align=F.ITEMSIZE[s])
-        self.operand("dst", n * F.ITEMSIZE[d], writable=True, align=F.ITEMSIZE[d])
+    def op_cast(self, d):
+        nt = len(F.DTYPES) - 1
+        self.fields(d, [("src_dtype", 0, nt), ("dst_dtype", 0, nt), ("n", 0, 2 ** 40)])
+        si, di = F.ITEMSIZE[d["src_dtype"]], F.ITEMSIZE[d["dst_dtype"]]
+        self.operand(d, "src", d["n"] * si, align=si)
+        self.operand(d, "dst", d["n"] * di, writable=True, align=di)
 
-    def op_int_elementwise(self):
-        dt = self.take("dtype", 2, len(F.DTYPES) - 1)
-        self.take("op", 1, 4)
-        nd = self.take("ndim", 0, F.LM_MAXD)
-        dims = self.dims("dims", nd)
-        isz = F.ITEMSIZE[dt]
-        self.strided("a", isz, dims)
-        self.strided("b", isz, dims)
-        n = math.prod(dims)
-        self.operand("out", n * isz, writable=True, align=isz)
+    def op_int_elementwise(self, d):
+        self.fields(d, [("dtype", 2, len(F.DTYPES) - 1), ("op", 1, 4), ("ndim", 0, F.LM_MAXD)])
+        dims = self.dims("dims", d["dims"])
+        isz = F.ITEMSIZE[d["dtype"]]
+        self.strided("a", d["a.slot"], d["a.offset"], d["a.stride"], isz, dims)
+        self.strided("b", d["b.slot"], d["b.offset"], d["b.stride"], isz, dims)
+        self.operand(d, "out", math.prod(dims) * isz, writable=True, align=isz)
 
-    def op_copy(self):
-        n = self.take("nbytes", 0, 2 ** 40)
-        self.operand("src", n)
-        self.operand("dst", n, writable=True)
+    def op_copy(self, d):
+        n = self.rng("nbytes", d["nbytes"], 0, 2 ** 40)
+        self.operand(d, "src", n)
+        self.operand(d, "dst", n, writable=True)
 
-    def op_strided_copy(self):
-        isz = self._itemsize()
-        nd = self.take("ndim", 0, F.LM_MAXD)
-        dims = self.dims("dims", nd)
-        self.strided("src", isz, dims)
-        self.operand("dst", math.prod(dims) * isz, writable=True, align=isz)
-
-    def _itemsize(self):
-        isz = self.take("itemsize", 1, 8)
+    def _itemsize(self, d):
+        isz = self.rng("itemsize", d["itemsize"], 1, 8)
         if isz not in (1, 2, 4, 8):
             self.fail(f"itemsize {isz} is not 1, 2, 4 or 8")
         return isz
 
-    def op_copy_nd(self):
-        isz = self._itemsize()
-        nd = self.take("ndim", 0, F.LM_MAXD)
-        dims = self.dims("dims", nd)
-        self.strided("src", isz, dims)
-        self.strided("dst", isz, dims, writable=True)
+    def op_strided_copy(self, d):
+        isz = self._itemsize(d)
+        self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        self.strided("src", d["src.slot"], d["src.offset"], d["src.stride"], isz, dims)
+        self.operand(d, "dst", math.prod(dims) * isz, writable=True, align=isz)
 
-    def op_gather(self):
-        self._indexed(self._itemsize(), gather=True)
+    def op_copy_nd(self, d):
+        isz = self._itemsize(d)
+        self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        self.strided("src", d["src.slot"], d["src.offset"], d["src.stride"], isz, dims)
+        self.strided("dst", d["dst.slot"], d["dst.offset"], d["dst.stride"], isz, dims, writable=True)
 
-    def op_scatter_add(self):
-        self._indexed(self.fdtype(), gather=False)
+    def op_gather(self, d):
+        self._indexed(d, self._itemsize(d), "src", gather=True)
 
-    def _indexed(self, isz, gather):
-        """outer n inner nidx src(2) idx(2) dst(2): gather reads n rows per outer index and writes nidx,
-        scatter_add the reverse.  Extents are proven here; index values are checked by the kernels as
-        they read them (they are data)."""
-        outer, n, inner, nidx = self.dims("sizes", 4)
+    def op_scatter_add(self, d):
+        self._indexed(d, self.fdtype(d), "g", gather=False)
+
+    def _indexed(self, d, isz, src, gather):
+        """gather reads n rows per outer index and writes nidx, scatter_add the reverse.  Extents are
+        proven here; index values are checked by the kernels as they read them (they are data)."""
+        outer, n, inner, nidx = self.dims("sizes", [d["outer"], d["n"], d["inner"], d["nidx"]])
         rows_in, rows_out = (n, nidx) if gather else (nidx, n)
-        self.operand("src", outer * rows_in * inner * isz, align=isz)
-        self.operand("idx", nidx * 8, align=8)
-        self.operand("dst", outer * rows_out * inner * isz, writable=True, align=isz)
+        self.operand(d, src, outer * rows_in * inner * isz, align=isz)
+        self.operand(d, "idx", nidx * 8, align=8)
+        self.operand(d, "dst", outer * rows_out * inner * isz, writable=True, align=isz)
 
-    def op_sgd_update(self):
-        isz = self.fdtype()
-        npar = self.take("nparams", 0, 1 << 20)
+    def op_sgd_update(self, d):
+        isz = self.fdtype(d)
+        self.rng("nparams", d["nparams"], 0, 1 << 20)
         for nm in ("lr", "momentum", "weight_decay"):
-            self.const(nm)
-        for i in range(npar):
-            p = (self.take(f"p[{i}].slot", 0, len(self.sizes) - 1), self.take(f"p[{i}].offset", 0, 2 ** 50))
-            g = (self.take(f"g[{i}].slot", -1, len(self.sizes) - 1), self.take(f"g[{i}].offset", 0, 2 ** 50))
-            v = (self.take(f"v[{i}].slot", -1, len(self.sizes) - 1), self.take(f"v[{i}].offset", 0, 2 ** 50))
+            self.const(d, nm)
+        for i, r in enumerate(d["param"]):
+            p = self.slot_off(f"p[{i}]", r["p.slot"], r["p.offset"])
+            g = self.slot_off(f"g[{i}]", r["g.slot"], r["g.offset"], optional=True)
+            v = self.slot_off(f"v[{i}]", r["v.slot"], r["v.offset"], optional=True)
             if g[0] < 0 and v[0] < 0:
                 self.fail(f"g[{i}] is absent (slot -1) without a momentum buffer to hold the gradient")
-            n = self.take(f"n[{i}]", 0, 2 ** 40)
+            n = self.rng(f"n[{i}]", r["n"], 0, 2 ** 40)
             for nm, (slot, off), w in (("p", p, True), ("g", g, False), ("v", v, True)):
                 if slot < 0:
                     continue
                 if (w and slot >= F.SLOT_INPUT0) or off + n * isz > self.sizes[slot] or off % isz:
                     self.fail(f"{nm}[{i}] is outside its buffer or not writable")
 
-    def op_adam_update(self):
-        isz = self.fdtype()
-        npar = self.take("nparams", 0, 1 << 20)
+    def op_adam_update(self, d):
+        isz = self.fdtype(d)
+        self.rng("nparams", d["nparams"], 0, 1 << 20)
         for nm in ("lr", "beta1", "beta2", "eps", "weight_decay"):
-            self.const(nm)
-        self.operand("step", 8, writable=True, align=8)
-        for i in range(npar):
-            ops = [(self.take(f"{nm}[{i}].slot", 0, len(self.sizes) - 1), self.take(f"{nm}[{i}].offset", 0, 2 ** 50))
-                   for nm in ("p", "g", "m", "v")]
-            n = self.take(f"n[{i}]", 0, 2 ** 40)
+            self.const(d, nm)
+        self.operand(d, "step", 8, writable=True, align=8)
+        for i, r in enumerate(d["param"]):
+            ops = [self.slot_off(f"{nm}[{i}]", r[f"{nm}.slot"], r[f"{nm}.offset"]) for nm in ("p", "g", "m", "v")]
+            n = self.rng(f"n[{i}]", r["n"], 0, 2 ** 40)
             for nm, (slot, off) in zip(("p", "g", "m", "v"), ops):
                 if (nm != "g" and slot >= F.SLOT_INPUT0) or off + n * isz > self.sizes[slot] or off % isz:
                     self.fail(f"{nm}[{i}] is outside its buffer or not writable")
 
     op_adam_apply = op_adam_update  # same fields; it only reads the step counter
 
-    def op_check_finite(self):
-        isz = self.fdtype()
-        n = self.take("n", 0, 2 ** 40)
-        self.operand("x", n * isz, align=isz)
+    def op_check_finite(self, d):
+        isz = self.fdtype(d)
+        n = self.rng("n", d["n"], 0, 2 ** 40)
+        self.operand(d, "x", n * isz, align=isz)

@@ -89,6 +89,7 @@ def dumps(plan: Plan, state=None) -> bytes:
     header = {
         "format": "libml-plan",
         "version": FORMAT_VERSION,
+        "minor": F.MINOR,
         "name": plan.name,
         "meta": _jsonable(plan.meta, "meta"),
         "state": section(state, "uint8"),
@@ -263,10 +264,16 @@ def _reject_constant(c):
 
 
 def _from_header(h, area):
+    # "minor" is absent in files written before minor versions were counted (format 2.0)
     _keys(h, "header", {"format", "version", "name", "meta", "state", "params", "opt_state", "graph_inputs",
-                        "label_inputs", "entries", "sections"})
+                        "label_inputs", "entries", "sections"} | ({"minor"} if "minor" in h else set()))
     _need(h["format"] == "libml-plan", "format", f"expected 'libml-plan', got {h['format']!r}"[:200])
     _need(h["version"] == FORMAT_VERSION and type(h["version"]) is int, "version", "does not match the prefix")
+    minor = h.get("minor", 0)
+    _need(type(minor) is int and minor >= 0, "minor", f"must be a non-negative integer, got {minor!r}"[:200])
+    _need(minor <= F.MINOR, "minor",
+          f"the plan needs plan format {FORMAT_VERSION}.{minor}; this libml_runtime reads up to "
+          f"{FORMAT_VERSION}.{F.MINOR}: upgrade libml_runtime to load it")
     name = _str(h["name"], "name", allow_empty=True)
     meta = h["meta"]
     _need(isinstance(meta, dict), "meta", "must be an object")
