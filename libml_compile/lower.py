@@ -351,7 +351,13 @@ def _immediates(members):
     for m in members:
         for k, i in enumerate(m.inputs):
             if _scalar_const(i):
-                ok = len(m.inputs) == 2 and not _scalar_const(m.inputs[1 - k])
+                # operand 0 of a VM step is a register: a const there is an immediate only for the
+                # binary ops the lowering can swap (add/mul) or reverse (sub/div -> RSUB/RDIV)
+                if k == 0:
+                    ok = len(m.inputs) == 2 and m.op in ("add", "mul", "sub", "div") \
+                        and not _scalar_const(m.inputs[1])
+                else:
+                    ok = not _scalar_const(m.inputs[0]) and REGISTRY[m.op].kind == "ew"
                 uses[i] = uses.get(i, True) and ok
     return {c for c, ok in uses.items() if ok}
 

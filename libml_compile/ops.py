@@ -38,6 +38,9 @@ class OpDef:
     vm: Optional[str] = None       # register-VM opcode name for elementwise ops
     int_ok: bool = False           # forward kernel exists for integer dtypes too
     doc: str = ""
+    onnx: Optional[tuple] = None   # (ONNX op type, {attribute: param name}) this op imports from
+    domain: tuple = (-3.0, 3.0)    # where generated tests sample inputs (the op is smooth there)
+    params: tuple = ()             # ((name, default), ...): scalar parameters, const inputs after x
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -760,3 +763,7 @@ def gather(x, indices, axis=0, name=None):
                              f"of size {n} (shape {x.shape})")
         idx = x.graph.const(np.where(arr < 0, arr + n, arr))
     return make("gather", (x, idx), {"axis": ax}, name)
+
+
+# the elementwise family declares itself into REGISTRY (one declaration per op, see ops_ew.py)
+from . import ops_ew  # noqa: E402,F401

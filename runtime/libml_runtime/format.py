@@ -107,6 +107,71 @@ VM = [
     (19, "SUBRELU", 2, "x - y < 0 ? 0 : x - y", None),
     (20, "MULMASK", 3, "x * y", "c"),
     (21, "DIVMASK", 3, "x / y", "c"),
+    # ---- format 2.1: the ONNX elementwise family (ops_ew.py).  *_GRAD steps compute the upstream
+    # gradient x times the derivative, from y = the op's input (or its output, where noted) and z = its
+    # parameter; NaN propagates as in NumPy/PyTorch (comparisons with NaN are false, so every select
+    # below keeps the NaN in the branch it falls to).
+    (22, "TANH", 1, "tanh(x)", None),
+    (23, "TANH_GRAD", 2, "x * (1 - y * y)", None),                      # y = tanh output
+    (24, "SQRT", 1, "sqrt(x)", None),
+    (25, "SQRT_GRAD", 2, "x * 0.5 / y", None),                          # y = sqrt output
+    (26, "RECIP", 1, "1 / x", None),
+    (27, "RECIP_GRAD", 2, "-x * y * y", None),                          # y = 1/x output
+    (28, "ABS", 1, "fabs(x)", None),
+    (29, "ABS_GRAD", 2, "y > 0 ? x : (y < 0 ? -x : x * y)", None),      # 0 at 0, NaN at NaN
+    (30, "ERF", 1, "erf(x)", None),
+    (31, "ERF_GRAD", 2, "x * 1.1283791670955126 * exp(-y * y)", None),  # 2/sqrt(pi)
+    (32, "SIN", 1, "sin(x)", None),
+    (33, "SIN_GRAD", 2, "x * cos(y)", None),
+    (34, "COS", 1, "cos(x)", None),
+    (35, "COS_GRAD", 2, "-x * sin(y)", None),
+    # log(1 + e^x) without overflow: x + log1p(e^-x) for x > 0
+    (36, "SOFTPLUS", 1, "x > 0 ? x + log1p(exp(-x)) : log1p(exp(x))", None),
+    (37, "SOFTPLUS_GRAD", 2, "x / (1 + exp(-y))", None),                # sigmoid(y)
+    (38, "SOFTSIGN", 1, "x / (1 + fabs(x))", None),
+    (39, "SOFTSIGN_GRAD", 2, "x / ((1 + fabs(y)) * (1 + fabs(y)))", None),
+    (40, "ELU", 2, "x > 0 ? x : y * expm1(x)", None),                   # y = alpha
+    (41, "ELU_GRAD", 3, "y > 0 ? x : x * z * exp(y)", None),
+    (42, "CELU", 2, "x > 0 ? x : y * expm1(x / y)", None),
+    (43, "CELU_GRAD", 3, "y > 0 ? x : x * exp(y / z)", None),
+    (44, "LEAKYRELU", 2, "x < 0 ? y * x : x", None),                   # y = alpha (or PRelu's slope)
+    (45, "LEAKYRELU_GRAD", 3, "y > 0 ? x : x * z", None),               # PyTorch: slope at 0
+    (46, "PRELU_SLOPE_GRAD", 2, "y > 0 ? 0 : x * y", None),             # d/dslope
+    (47, "THRELU", 2, "x > y ? x : 0", None),                           # ThresholdedRelu, y = alpha
+    (48, "THRELU_GRAD", 3, "y > z ? x : 0", None),
+    (49, "HARDSIGMOID", 3, "y * x + z < 0 ? 0 : (y * x + z > 1 ? 1 : y * x + z)", None),  # y alpha, z beta
+    (50, "HARDSIGMOID_GRAD", 3, "y > 0 && y < 1 ? x * z : 0", None),    # y = output, z = alpha
+    (51, "HARDSWISH", 1, "x * (x / 6 + 0.5 < 0 ? 0 : (x / 6 + 0.5 > 1 ? 1 : x / 6 + 0.5))", None),
+    (52, "HARDSWISH_GRAD", 2, "y < -3 ? 0 : (y <= 3 ? x * (y / 3 + 0.5) : x)", None),  # PyTorch's
+    (53, "MISH", 1, "x * tanh(x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)))", None),
+    (54, "MISH_GRAD", 2, "x * (tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) + y * (1 - "
+                         "tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) * tanh(y > 0 ? y + log1p(exp(-y)) "
+                         ": log1p(exp(y)))) / (1 + exp(-y)))", None),
+    (55, "GELU", 1, "0.5 * x * (1 + erf(x * 0.7071067811865476))", None),
+    (56, "GELU_GRAD", 2, "x * (0.5 * (1 + erf(y * 0.7071067811865476)) + y * 0.3989422804014327 * "
+                         "exp(-0.5 * y * y))", None),
+    (57, "GELU_TANH", 1, "0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))", None),
+    (58, "GELU_TANH_GRAD", 2, "x * (0.5 * (1 + tanh(0.7978845608028654 * (y + 0.044715 * y * y * y))) + 0.5 "
+                              "* y * (1 - tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)) * "
+                              "tanh(0.7978845608028654 * (y + 0.044715 * y * y * y))) * 0.7978845608028654 * "
+                              "(1 + 0.134145 * y * y))", None),
+    (59, "CLIP", 3, "x < y ? y : (x > z ? z : x)", None),               # y = min, z = max
+    (60, "CLIP_MASK", 3, "x >= y && x <= z ? 1 : 0", None),              # PyTorch: grad flows at the bounds
+    (61, "SIGN", 1, "x > 0 ? 1 : (x < 0 ? -1 : x)", None),
+    (62, "FLOOR", 1, "floor(x)", None),
+    (63, "CEIL", 1, "ceil(x)", None),
+    (64, "ROUND", 1, "nearbyint(x)", None),                             # half to even, as ONNX/NumPy
+    # max/min propagate NaN from either side (np.maximum); ties split the gradient (PyTorch)
+    (65, "MAX", 2, "x != x || y != y ? x + y : (x < y ? y : x)", None),
+    (66, "MIN", 2, "x != x || y != y ? x + y : (x > y ? y : x)", None),
+    (67, "MAX_MASK", 2, "x > y ? 1 : (x == y ? 0.5 : 0)", None),        # d max(x, y) / dx
+    (68, "MIN_MASK", 2, "x < y ? 1 : (x == y ? 0.5 : 0)", None),
+    (69, "POW", 2, "pow(x, y)", None),
+    (70, "POW_GRAD_BASE", 3, "z == 0 ? 0 : x * z * pow(y, z - 1)", None),   # (g, base, exponent)
+    (71, "POW_GRAD_EXP", 3, "z == 0 && y <= 1 ? 0 : x * y * log(z)", None),  # (g, output, base)
+    (72, "SQUARE", 1, "x * x", None),
+    (73, "LOG1P", 1, "log1p(x)", None),
+    (74, "EXPM1", 1, "expm1(x)", None),
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in

@@ -1,0 +1,286 @@
+"""The elementwise operator family (ONNX's unary activations and math, binary Pow/Max/Min, Clip), one
+declaration per operator.
+
+Each ``unary(...)``/``binary(...)`` call registers, in one place: the op (``ops.REGISTRY``), its shape rule
+(NumPy broadcasting; float dtypes), its NumPy reference (constant folding and test oracle), its register-VM
+opcode (``format.VM``: the C expression the runtime's fused kernels run), its gradient rule, its ONNX
+mapping (``onnx``: op type and attribute defaults, read by ``onnx_import`` and listed by ``info``), the
+input domain its generated tests sample, and the user function (``lc.tanh`` ...).
+
+Gradients follow the rule kinds of JAX's ``defjvp``: ``grad_vm`` names a VM opcode that computes
+``g * f'(.)`` in one step from the upstream gradient ``g``, the op's input (``grad_from="input"``) or
+output (``"output"``), and the op's parameters -- registered as the op ``<name>_grad``, fused into the
+backward VM chain like any elementwise op; ``grad`` is an explicit rule in graph ops; ``ZERO`` declares a
+zero gradient (Floor, Sign...).
+
+Scalar parameters (LeakyRelu's alpha, Clip's bounds) are const inputs after ``x``: the lowering turns a
+scalar const operand into a VM immediate, and ONNX's input-form parameters (Clip's min/max, PRelu's
+slope) are the same inputs.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+
+from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
+from .ops import OpDef, REGISTRY, _lift, make, mul, register, step, sub
+
+#: a gradient rule that is zero everywhere (piecewise-constant ops)
+ZERO = "zero"
+
+#: user functions declared here, by name (``libml_compile`` exports them)
+PUBLIC: dict = {}
+
+
+def _float_rule(op, nparams):
+    def rule(inp, attrs):
+        x = inp[0]
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: needs a floating tensor, got {x.name!r} of dtype {x.dtype}")
+        shape = x.shape
+        for p in inp[1:]:
+            if p.dtype != x.dtype:
+                raise TypeError(f"{op}: parameter {p.name!r} has dtype {p.dtype}, the input {x.dtype}")
+            shape = broadcast_shapes(op, shape, p.shape)
+        if len(inp) != 1 + nparams:
+            raise ValueError(f"{op}: expected {1 + nparams} operands, got {len(inp)}")
+        return shape, x.dtype
+    return rule
+
+
+def _grad_rule(name, grad, grad_vm, grad_from, nparams):
+    if grad == ZERO:
+        return lambda n, g: (None,) * (1 + nparams)
+    if grad is not None:
+        return grad
+    gop = f"{name}_grad"
+    nin = 2 + nparams
+    register(OpDef(gop, "ew", lambda inp, at: (broadcast_shapes(gop, *(t.shape for t in inp)), inp[0].dtype),
+                   None, None, vm=grad_vm,
+                   doc=f"upstream gradient times {name}'s derivative, from its {grad_from} ({nin} operands)"))
+
+    def rule(n, g):
+        y = n if grad_from == "output" else n.inputs[0]
+        return (make(gop, (g, y) + tuple(n.inputs[1:])),) + (None,) * nparams
+    return rule
+
+
+def _user_function(name, params, doc):
+    """``lc.<name>(x, <param>=<default>, ..., name=None)``."""
+    def f(x, *args, name=None, **kw):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{f.__name__}: expected a symbolic Tensor, got {type(x).__name__}")
+        if len(args) > len(params):
+            raise TypeError(f"{f.__name__}: takes {len(params)} parameters ({', '.join(p for p, _ in params)}), "
+                            f"got {len(args)}")
+        vals = dict(params)
+        for (p, _), v in zip(params, args):
+            vals[p] = v
+        for k, v in kw.items():
+            if k not in vals:
+                raise TypeError(f"{f.__name__}: unexpected parameter {k!r}")
+            vals[k] = v
+        for k, v in vals.items():
+            if isinstance(v, float) and math.isnan(v):
+                raise ValueError(f"{f.__name__}: parameter {k} is NaN")
+        return make(name_, (x,) + tuple(_lift(vals[p], x, f.__name__) for p, _ in params), name=name)
+    name_ = name
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = doc
+    f.__signature__ = inspect.Signature(
+        [inspect.Parameter("x", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for p, d in params]
+        + [inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=None)])
+    return f
+
+
+def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(), onnx=None,
+          domain=(-3.0, 3.0), public=True, doc=""):
+    """Declare y = f(x, *params) elementwise on a float tensor.
+
+    ref: NumPy reference ``(x, *params) -> y``.  vm: its VM opcode.  grad / grad_vm / grad_from: the
+    gradient (see the module docstring).  params: ((name, default), ...) scalar parameters, which become
+    const inputs.  onnx: the ONNX op type, or (op type, {attribute: param}) when attributes carry the
+    params.  domain: (lo, hi) the generated tests sample x from (where the op is smooth)."""
+    params = tuple(params)
+    op = register(OpDef(name, "ew", _float_rule(name, len(params)), lambda at, *xs: ref(*xs),
+                        _grad_rule(name, grad, grad_vm, grad_from, len(params)), vm=vm,
+                        doc=doc, onnx=_onnx_spec(onnx), domain=domain, params=params))
+    if public:
+        PUBLIC[name] = _user_function(name, params, doc)
+    return op
+
+
+def binary(name, ref, vm, grad, *, onnx=None, domain=(-3.0, 3.0), public=True, doc=""):
+    """Declare z = f(a, b) elementwise with NumPy broadcasting, float dtypes; ``grad(n, g)`` -> (da, db)
+    in the output's shape (autodiff reduces broadcast operands)."""
+    def rule(inp, attrs):
+        a, b = inp
+        if a.dtype not in FLOAT_DTYPES or b.dtype != a.dtype:
+            raise TypeError(f"{name}: needs two floating tensors of one dtype, got {a.dtype} and {b.dtype}")
+        return broadcast_shapes(name, a.shape, b.shape), a.dtype
+    op = register(OpDef(name, "ew", rule, lambda at, a, b: ref(a, b), grad, vm=vm, doc=doc,
+                        onnx=_onnx_spec(onnx), domain=domain))
+    if public:
+        def f(a, b, name=None):
+            like = a if isinstance(a, Tensor) else b
+            if not isinstance(like, Tensor):
+                raise TypeError(f"{f.__name__}: at least one operand must be a symbolic Tensor")
+            return make(op.name, (_lift(a, like, f.__name__), _lift(b, like, f.__name__)), name=name)
+        f.__name__ = f.__qualname__ = name
+        f.__doc__ = doc
+        PUBLIC[name] = f
+    return op
+
+
+def _onnx_spec(onnx):
+    if onnx is None:
+        return None
+    if isinstance(onnx, str):
+        return (onnx, {})
+    return onnx
+
+
+# ---------------------------------------------------------------------------------------------------
+# NumPy references: written from the ONNX operator definitions (and the NumPy/PyTorch formulas where
+# ONNX is silent), independently of the C expressions they check.  Float dtype in, float dtype out.
+
+def _t(f):
+    """Evaluate in the input's dtype (NumPy would promote Python-float constants only to float64 arrays)."""
+    def g(x, *ps):
+        with np.errstate(all="ignore"):
+            return np.asarray(f(x, *ps), dtype=x.dtype)
+    return g
+
+
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64))
+
+
+def _softplus(x):
+    return np.where(x > 0, x + np.log1p(np.exp(-np.abs(x))), np.log1p(np.exp(np.minimum(x, 0)))) \
+        if x.size else x.copy()
+
+
+def _hard_sigmoid(x, alpha, beta):
+    return np.clip(alpha * x + beta, 0, 1)
+
+
+SQRT1_2 = 0.7071067811865476
+
+# ---------------------------------------------------------------------------------------------------
+# the declarations
+
+unary("tanh", _t(np.tanh), "TANH", grad_vm="TANH_GRAD", grad_from="output", onnx="Tanh",
+      doc="hyperbolic tangent")
+unary("sqrt", _t(np.sqrt), "SQRT", grad_vm="SQRT_GRAD", grad_from="output", onnx="Sqrt", domain=(0.1, 4.0),
+      doc="square root (NaN below 0)")
+unary("reciprocal", _t(lambda x: 1 / x), "RECIP", grad_vm="RECIP_GRAD", grad_from="output", onnx="Reciprocal",
+      domain=(0.5, 3.0), doc="1 / x")
+unary("abs", _t(np.abs), "ABS", grad_vm="ABS_GRAD", onnx="Abs", doc="absolute value (gradient 0 at 0)")
+unary("erf", _t(_erf), "ERF", grad_vm="ERF_GRAD", onnx="Erf", doc="error function")
+unary("sin", _t(np.sin), "SIN", grad_vm="SIN_GRAD", onnx="Sin", doc="sine")
+unary("cos", _t(np.cos), "COS", grad_vm="COS_GRAD", onnx="Cos", doc="cosine")
+unary("softplus", _t(_softplus), "SOFTPLUS", grad_vm="SOFTPLUS_GRAD", onnx="Softplus", doc="log(1 + exp(x))")
+unary("softsign", _t(lambda x: x / (1 + np.abs(x))), "SOFTSIGN", grad_vm="SOFTSIGN_GRAD", onnx="Softsign",
+      doc="x / (1 + |x|)")
+unary("elu", _t(lambda x, a: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0)))), "ELU", grad_vm="ELU_GRAD",
+      params=(("alpha", 1.0),), onnx=("Elu", {"alpha": "alpha"}), doc="x if x > 0 else alpha (e^x - 1)")
+unary("celu", _t(lambda x, a: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0) / a))), "CELU",
+      grad_vm="CELU_GRAD", params=(("alpha", 1.0),), onnx=("Celu", {"alpha": "alpha"}),
+      doc="x if x > 0 else alpha (e^(x/alpha) - 1)")
+unary("leaky_relu", _t(lambda x, a: np.where(x < 0, a * x, x)), "LEAKYRELU", grad_vm="LEAKYRELU_GRAD",
+      params=(("alpha", 0.01),), onnx=("LeakyRelu", {"alpha": "alpha"}), doc="x if x >= 0 else alpha x")
+unary("thresholded_relu", _t(lambda x, a: np.where(x > a, x, 0)), "THRELU", grad_vm="THRELU_GRAD",
+      params=(("alpha", 1.0),), onnx=("ThresholdedRelu", {"alpha": "alpha"}), domain=(-3.0, 3.0),
+      doc="x if x > alpha else 0")
+unary("hard_sigmoid", _t(_hard_sigmoid), "HARDSIGMOID",
+      grad=lambda n, g: (make("hard_sigmoid_grad", (g, n, n.inputs[1])), None, None),
+      params=(("alpha", 0.2), ("beta", 0.5)), onnx=("HardSigmoid", {"alpha": "alpha", "beta": "beta"}),
+      doc="max(0, min(1, alpha x + beta)); gradient alpha inside (0, 1)")
+register(OpDef("hard_sigmoid_grad", "ew",
+               lambda inp, at: (broadcast_shapes("hard_sigmoid_grad", *(t.shape for t in inp)), inp[0].dtype),
+               None, None, vm="HARDSIGMOID_GRAD", doc="g * alpha where 0 < hard_sigmoid output < 1"))
+unary("hard_swish", _t(lambda x: x * _hard_sigmoid(x, 1 / 6, 0.5)), "HARDSWISH", grad_vm="HARDSWISH_GRAD",
+      onnx="HardSwish", doc="x * max(0, min(1, x/6 + 1/2))")
+unary("mish", _t(lambda x: x * np.tanh(_softplus(x))), "MISH", grad_vm="MISH_GRAD", onnx="Mish",
+      doc="x tanh(softplus(x))")
+unary("gelu", _t(lambda x: 0.5 * x * (1 + _erf(x * SQRT1_2))), "GELU", grad_vm="GELU_GRAD", public=False,
+      onnx=("Gelu", {"approximate": "none"}), doc="x Phi(x), exact (erf) form")
+unary("gelu_tanh",
+      _t(lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))), "GELU_TANH",
+      grad_vm="GELU_TANH_GRAD", public=False, onnx=("Gelu", {"approximate": "tanh"}),
+      doc="GELU, tanh approximation")
+unary("sign", _t(np.sign), "SIGN", grad=ZERO, onnx="Sign", doc="-1, 0 or 1 (NaN stays NaN); zero gradient")
+unary("floor", _t(np.floor), "FLOOR", grad=ZERO, onnx="Floor", doc="zero gradient")
+unary("ceil", _t(np.ceil), "CEIL", grad=ZERO, onnx="Ceil", doc="zero gradient")
+unary("round", _t(np.round), "ROUND", grad=ZERO, onnx="Round", doc="half to even, as ONNX; zero gradient")
+unary("square", _t(lambda x: x * x), "SQUARE", grad=lambda n, g: (mul(g, mul(n.inputs[0], 2.0)),),
+      doc="x * x")
+unary("log1p", _t(np.log1p), "LOG1P", grad=lambda n, g: (PUBLIC["reciprocal"](n.inputs[0] + 1.0) * g,),
+      domain=(-0.5, 3.0), doc="log(1 + x), exact near 0")
+unary("expm1", _t(np.expm1), "EXPM1", grad=lambda n, g: (mul(g, n + 1.0),), doc="e^x - 1, exact near 0")
+
+
+def _g_clip(n, g):
+    x, lo, hi = n.inputs
+    inside = make("clip_mask", (x, lo, hi))
+    # the bounds get the gradient where they clip (PyTorch's clamp with tensor bounds)
+    return (mul(g, inside), mul(g, step(sub(lo, x))), mul(g, step(sub(x, hi))))
+
+
+unary("clip", _t(lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi)), "CLIP", grad=_g_clip,
+      params=(("min", -math.inf), ("max", math.inf)), onnx="Clip",
+      doc="min(max(x, min), max): NaN stays NaN; the gradient flows where min <= x <= max")
+register(OpDef("clip_mask", "ew", lambda inp, at: (broadcast_shapes("clip_mask", *(t.shape for t in inp)),
+                                                   inp[0].dtype),
+               None, None, vm="CLIP_MASK", doc="1 where min <= x <= max else 0"))
+
+
+def _mask_op(name, vm):
+    register(OpDef(name, "ew", lambda inp, at: (broadcast_shapes(name, inp[0].shape, inp[1].shape), inp[0].dtype),
+                   None, None, vm=vm, doc="d max/min(x, y) / dx: 1, 1/2 at ties, 0"))
+
+
+_mask_op("max_mask", "MAX_MASK")
+_mask_op("min_mask", "MIN_MASK")
+binary("maximum", _t(np.maximum), "MAX",
+       lambda n, g: (mul(g, make("max_mask", n.inputs)), mul(g, make("max_mask", n.inputs[::-1]))),
+       onnx="Max", doc="elementwise max (NaN if either is NaN); ties split the gradient")
+binary("minimum", _t(np.minimum), "MIN",
+       lambda n, g: (mul(g, make("min_mask", n.inputs)), mul(g, make("min_mask", n.inputs[::-1]))),
+       onnx="Min", doc="elementwise min (NaN if either is NaN); ties split the gradient")
+
+
+def _g_pow(n, g):
+    a, b = n.inputs
+    return (make("pow_grad_base", (g, a, b)), make("pow_grad_exp", (g, n, a)))
+
+
+for _name, _vm in (("pow_grad_base", "POW_GRAD_BASE"), ("pow_grad_exp", "POW_GRAD_EXP")):
+    register(OpDef(_name, "ew", lambda inp, at, _n=_name: (broadcast_shapes(_n, *(t.shape for t in inp)),
+                                                             inp[0].dtype), None, None, vm=_vm,
+                   doc="the gradients of pow: g b a^(b-1) (0 where b = 0), g a^b log a (0 where a = 0 and b >= 0)"))
+binary("pow", _t(np.power), "POW", _g_pow, onnx="Pow", domain=(0.5, 2.0),
+       doc="a ** b (both operands differentiable)")
+# PRelu: LeakyRelu whose slope is a tensor (broadcast to x); autodiff reduces the slope's gradient
+binary("prelu", _t(lambda x, s: np.where(x < 0, s * x, x)), "LEAKYRELU",
+       lambda n, g: (make("leaky_relu_grad", (g,) + n.inputs), make("prelu_slope_grad", (g, n.inputs[0]))),
+       onnx="PRelu", doc="x if x >= 0 else slope * x (slope broadcast to x, trainable)")
+register(OpDef("prelu_slope_grad", "ew", lambda inp, at: (inp[0].shape, inp[0].dtype), None, None,
+               vm="PRELU_SLOPE_GRAD", doc="g * x where x <= 0 (PRelu's slope gradient)"))
+
+
+def gelu(x, approximate="none", name=None):
+    """GELU, x Phi(x): ``approximate="none"`` (erf form) or ``"tanh"`` (as ONNX Gelu, opset 20)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return PUBLIC["_gelu_" + approximate](x, name=name)
+
+
+PUBLIC["_gelu_none"] = _user_function("gelu", (), REGISTRY["gelu"].doc)
+PUBLIC["_gelu_tanh"] = _user_function("gelu_tanh", (), REGISTRY["gelu_tanh"].doc)
+PUBLIC["gelu"] = gelu
+EXPORTS = sorted(k for k in PUBLIC if not k.startswith("_"))
