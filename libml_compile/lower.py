@@ -154,6 +154,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         passes.fuse_xent(nodes)
         passes.fuse_epilogues(passes.topo_from_roots(roots), roots)
         passes.fuse_relu_backward(passes.topo_from_roots(roots), roots)
+        passes.fuse_vm_epilogues(passes.topo_from_roots(roots), roots)
         if any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         if any(r.op == "adam_update" for r in roots):
@@ -625,7 +626,7 @@ def _emit_op(em, t, loc, state, optimizer):
     op = t.op
     nid = em.node(op, t.name)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
-    if op in ("matmul", "linear", "sgd_gemm", "momentum_gemm"):
+    if op in ("matmul", "linear", "linear_ex", "sgd_gemm", "momentum_gemm"):
         return _emit_gemm(em, nid, t, loc, state)
     if op == "softmax":
         ax = t.attrs["axis"]
@@ -790,9 +791,21 @@ def _emit_gemm(em, nid, t, loc, state):
     if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
         M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
     act = t.attrs.get("act")
-    bias = loc(t.inputs[2]) if t.op == "linear" and act != "relu_grad" else (-1, 0)
-    act_code = 1 if act == "relu" and t.op == "linear" else 2 if act == "relu_grad" else 0
-    mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
+    epi = {}
+    if t.op == "linear_ex":
+        # a VM-step epilogue: operands are the auxiliary tensor (the last input) or immediates
+        has_bias = t.attrs["has_bias"]
+        bias = loc(t.inputs[2]) if has_bias else (-1, 0)
+        aux = t.inputs[3 if has_bias else 2] if "aux" in t.attrs["operands"] else None
+        mask = loc(aux) if aux is not None else (-1, 0)
+        ops = [1 if o == "aux" else -(em.const(o) + 1) for o in t.attrs["operands"]]
+        ops += [0] * (2 - len(ops))
+        epi = {"epi.vm": F.VM_OPS[REGISTRY[t.attrs["epi"]].vm], "epi.b": ops[0], "epi.c": ops[1]}
+        act_code = 3
+    else:
+        bias = loc(t.inputs[2]) if t.op == "linear" and act != "relu_grad" else (-1, 0)
+        act_code = 1 if act == "relu" and t.op == "linear" else 2 if act == "relu_grad" else 0
+        mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
     colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
         out, alpha, beta = loc(t.inputs[2]), -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
@@ -800,12 +813,16 @@ def _emit_gemm(em, nid, t, loc, state):
         out, alpha, beta = _momentum_loc(state, t.inputs[2]), 1.0, t.attrs["momentum"]
     else:
         out, alpha, beta = loc(t), 1.0, 0.0
-    em.emit("gemm", nid, {"dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
+    em.emit("gemm_ex" if epi else "gemm", nid, {**epi, "dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
                           "transB": int(tb), **_opnd("A", loc(a)), **_opnd("B", loc(b)), **_opnd("C", out),
                           "alpha": em.const(alpha), "beta": em.const(beta), **_opnd("bias", bias), "act": act_code,
                           "batch_ndim": len(batch), "batch_dims": batch, "A.batch_stride": sA, "B.batch_stride": sB,
                           "C.batch_stride": sC, **_opnd("mask", mask), **_opnd("colsum", colsum)})
     nb = int(np.prod(batch)) if batch else 1
+    if epi:
+        return {"op": "gemm" + ("+bias" if t.attrs["has_bias"] else "") + "+" + t.attrs["epi"]
+                + ("+colsum" if "colsum" in t.attrs else ""), "node": t.name, "flops": 2 * M * N * K + M * N,
+                "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in t.inputs + (t,))), "trans": (ta, tb)}
     return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
             + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")
             + ("+colsum" if "colsum" in t.attrs else "")

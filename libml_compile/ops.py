@@ -41,6 +41,9 @@ class OpDef:
     onnx: Optional[tuple] = None   # (ONNX op type, {attribute: param name}) this op imports from
     domain: tuple = (-3.0, 3.0)    # where generated tests sample inputs (the op is smooth there)
     params: tuple = ()             # ((name, default), ...): scalar parameters, const inputs after x
+    # capability: the op may run as the epilogue of the GEMM producing its operand 0 (passes.fuse_epilogues):
+    # an elementwise VM step whose other operands are a tensor of the GEMM result's shape or scalar consts
+    epilogue: bool = False
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -234,6 +237,24 @@ def _r_linear(attrs, a, b, third):
     return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
 
 
+def _s_linear_ex(inp, attrs):
+    return _s_matmul(inp[:2], attrs)
+
+
+def _r_linear_ex(attrs, a, b, *rest):
+    """matmul, + bias (if has_bias), then the epilogue op's reference with its operands: "aux" (the next
+    input) or an immediate value."""
+    y = _r_matmul(attrs, a, b)
+    rest = list(rest)
+    if attrs["has_bias"]:
+        y = y + rest.pop(0)
+    args = [rest.pop(0) if o == "aux" else np.asarray(o, y.dtype) for o in attrs["operands"]]
+    ref = REGISTRY[attrs["epi"]].ref
+    if ref is None:
+        raise NotImplementedError(f"linear_ex: epilogue {attrs['epi']!r} has no NumPy reference")
+    return ref({}, y, *args)
+
+
 #: what a user may pass for a list of ints (shapes, perms, axes)
 _SEQUENCES = (list, tuple, range, np.ndarray)
 
@@ -403,11 +424,11 @@ for _d in [
     OpDef("param", "leaf", None, None, None, doc="trainable/frozen parameter"),
     OpDef("const", "leaf", None, None, None, doc="constant"),
     OpDef("add", "ew", _s_binary("add"), lambda at, a, b: a + b,
-          lambda n, g: (g, g), vm="ADD", int_ok=True),
+          lambda n, g: (g, g), vm="ADD", int_ok=True, epilogue=True),
     OpDef("sub", "ew", _s_binary("sub"), lambda at, a, b: a - b,
           lambda n, g: (g, neg(g)), vm="SUB", int_ok=True),
     OpDef("mul", "ew", _s_binary("mul"), lambda at, a, b: a * b,
-          lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True),
+          lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True, epilogue=True),
     OpDef("div", "ew", _s_binary("div"), _r_div,
           # d(u/v)/du = 1/v ; d(u/v)/dv = -u/v^2, computed as -(u/v)/v from the forward output (as
           # PyTorch does): no v*v, which can overflow where u/v does not, and one op less
@@ -422,8 +443,9 @@ for _d in [
           lambda n, g: (mul(g, step(n)),), vm="RELU"),
     # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
     OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,
-          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID"),
-    OpDef("exp", "ew", _s_unary_float("exp"), lambda at, x: np.exp(x), lambda n, g: (mul(g, n),), vm="EXP"),
+          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID", epilogue=True),
+    OpDef("exp", "ew", _s_unary_float("exp"), lambda at, x: np.exp(x), lambda n, g: (mul(g, n),), vm="EXP",
+          epilogue=True),
     OpDef("log", "ew", _s_unary_float("log"), lambda at, x: np.log(x),
           lambda n, g: (div(g, n.inputs[0]),), vm="LOG"),
     OpDef("step", "ew", _s_unary_float("step"), lambda at, x: (x > 0).astype(x.dtype),
@@ -446,6 +468,9 @@ for _d in [
     OpDef("linear", "gemm", _s_linear, _r_linear, None,
           doc="act(matmul(a, b) + bias), or with act='relu_grad' matmul(a, b) * step(relu_out): a GEMM "
               "with its epilogue, made by passes.fuse_epilogues / passes.fuse_relu_backward"),
+    OpDef("linear_ex", "gemm", _s_linear_ex, _r_linear_ex, None,
+          doc="epi(matmul(a, b) [+ bias], [aux], immediates): a GEMM whose epilogue is any op with the "
+              "'epilogue' capability (attrs: epi, has_bias, operands), made by passes.fuse_epilogues"),
     OpDef("gemm_colsum", "side_output", lambda inp, at: ((1, inp[0].shape[-1]), inp[0].dtype), None, None,
           doc="column sums of a relu-backward GEMM's result (the bias gradient), written by its epilogue"),
     OpDef("softmax", "softmax", _s_softmax, _r_softmax, _g_softmax),

@@ -58,7 +58,7 @@ def _grad_rule(name, grad, grad_vm, grad_from, nparams):
     gop = f"{name}_grad"
     nin = 2 + nparams
     register(OpDef(gop, "ew", lambda inp, at: (broadcast_shapes(gop, *(t.shape for t in inp)), inp[0].dtype),
-                   None, None, vm=grad_vm,
+                   None, None, vm=grad_vm, epilogue=True,
                    doc=f"upstream gradient times {name}'s derivative, from its {grad_from} ({nin} operands)"))
 
     def rule(n, g):
@@ -107,7 +107,7 @@ def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(
     params = tuple(params)
     op = register(OpDef(name, "ew", _float_rule(name, len(params)), lambda at, *xs: ref(*xs),
                         _grad_rule(name, grad, grad_vm, grad_from, len(params)), vm=vm,
-                        doc=doc, onnx=_onnx_spec(onnx), domain=domain, params=params))
+                        doc=doc, onnx=_onnx_spec(onnx), domain=domain, params=params, epilogue=True))
     if public:
         PUBLIC[name] = _user_function(name, params, doc)
     return op

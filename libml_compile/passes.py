@@ -265,6 +265,61 @@ def fuse_epilogues(nodes, roots):
         out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
 
 
+def fuse_vm_epilogues(nodes, roots):
+    """GEMM [+ bias] -> op  ==>  one ``linear_ex`` node, for every op with the ``epilogue`` capability
+    (ops.OpDef.epilogue): the activations forward (GELU, tanh, LeakyRelu with its alpha as an immediate,
+    ...), their gradient steps backward (``tanh_grad(g = GEMM, y)``: the GEMM producing the upstream
+    gradient multiplies by the derivative while its panel is in cache), and products or sums with a tensor
+    of the GEMM's shape (residual adds).  The op's operand 0 must be the GEMM's result, read by nothing
+    else; its other operands are scalar consts (VM immediates) or at most one tensor of its shape (the
+    auxiliary operand, 2-D GEMMs only).  A sum over axis 0 of the result (the bias gradient) becomes the
+    GEMM's column sums.  Runs after fuse_epilogues / fuse_relu_backward, which keep relu's own epilogues.
+    The op's node is rewritten in place (its consumers keep reading it)."""
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    for d in nodes:
+        spec = REGISTRY.get(d.op)
+        if spec is None or not spec.epilogue or spec.vm is None or not d.inputs or len(d.inputs) > 3:
+            continue
+        p = d.inputs[0]
+        if p in keep or consumers.get(p) != [d] or p.shape != d.shape or p.dtype != d.dtype \
+                or d.dtype not in FLOAT_DTYPES:
+            continue
+        if p.op == "matmul":
+            has_bias, head = False, (p.inputs[0], p.inputs[1])
+        elif p.op == "linear" and p.attrs.get("act") == "none":
+            has_bias, head = True, (p.inputs[0], p.inputs[1], p.inputs[2])
+        else:
+            continue
+        operands, aux = [], None
+        for x in d.inputs[1:]:
+            if x.op == "const" and x.value.size == 1:
+                operands.append(float(x.value.reshape(-1)[0]))
+            elif x.shape == d.shape and x.dtype == d.dtype and aux is None and x is not p:
+                aux = x
+                operands.append("aux")
+            else:
+                break
+        else:
+            if aux is not None and d.ndim != 2:
+                continue  # the kernel reads the auxiliary operand as rows of a 2-D C
+            if aux is not None and d.op in ("add", "mul") and p.op == "matmul" and aux.op in ("matmul", "linear",
+                                                                                              "linear_ex"):
+                continue  # gemm + gemm: either could host the other; leave it to the element-wise kernel
+            attrs = {"ta": p.attrs.get("ta", False), "tb": p.attrs.get("tb", False), "epi": d.op,
+                     "has_bias": has_bias, "operands": tuple(operands)}
+            inputs = head + ((aux,) if aux is not None else ())
+            sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
+                    and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim == 2] if not has_bias else []
+            d.op, d.inputs, d.attrs = "linear_ex", inputs, attrs
+            if sums:
+                sm = sums[0]
+                d.attrs["colsum"] = sm
+                sm.op, sm.inputs, sm.attrs = "gemm_colsum", (d,), {}
+                for other in sums[1:]:
+                    other.op, other.inputs, other.attrs = "identity", (sm,), {}
+
+
 def fold_sgd_into_gemm(nodes, roots):
     """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
     materialised.  Returns the new roots.

@@ -65,9 +65,17 @@ OPCODES = [
                     "dst.stride[ndim]"),
     (15, "gather", "itemsize outer n inner nidx src.slot src.offset idx.slot idx.offset dst.slot dst.offset"),
     (16, "scatter_add", "dtype outer n inner nidx g.slot g.offset idx.slot idx.offset dst.slot dst.offset"),
+    # 2.1: a GEMM whose epilogue is any VM step (act must be 3): c = vm(c + bias, b, c') per row, b / c'
+    # each 0 (unused), 1 (the `mask` operand: an auxiliary array of C's shape) or < 0 (an immediate,
+    # consts[-v-1]); with colsum, the column sums of the result.  gemm's fields come first (same offsets).
+    (29, "gemm_ex", "dtype M N K transA transB A.slot A.offset B.slot B.offset C.slot C.offset alpha beta "
+     "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
+     "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
+     "epi.vm epi.b epi.c"),
 ]
 
 OP_NAMES = {code: name for code, name, _ in OPCODES}
+OP_GEMM_EX = 29
 OP_CODE = {name: code for code, name, _ in OPCODES}
 (OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, OP_SGD,
  OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD) = range(1, 17)
@@ -442,6 +450,9 @@ def _self_check():
                     want = f[:-4] + "offset"
                     if k + 1 >= len(names) or names[k + 1] != want:
                         raise ValueError(f"format: {L.name}: {f} must be followed by {want}")
+    # gemm_ex runs gemm's kernel, which reads gemm's field offsets
+    if not LAYOUTS["gemm_ex"].text.startswith(LAYOUTS["gemm"].text):
+        raise ValueError("format: gemm_ex must start with gemm's layout")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

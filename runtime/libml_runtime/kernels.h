@@ -36,6 +36,10 @@ typedef struct {
     int64_t red_numel[LM_MAXIO], red_off[LM_MAXIO], red_total;  /* reduce outputs: partial layout */
 } lm_ew;
 
+/* a VM-step GEMM epilogue (lm_vm_epilogue_row): VM opcode, operands b and c (0 unused, 1 the auxiliary
+ * row, < 0 an immediate) and the immediates' values */
+typedef struct { int64_t vm, b, c; double bv, cv; } lm_epi;
+
 /* the kernels address a record's operand as d[0], d[1] with strides at d + 2 (inputs and outputs alike) and
  * a program step as p[0..4] = op dst a b c: a layout edit in format.py that moves them fails here */
 _Static_assert(LM_R_FUSED_ELEMENTWISE_input_slot(0) == 0 && LM_R_FUSED_ELEMENTWISE_input_offset(0) == 1

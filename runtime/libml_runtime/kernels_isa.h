@@ -23,7 +23,7 @@
 /* X(name, float-type-suffix): every template kernel _exec.pyx calls */
 #define LM_DISPATCHED_T(X, S)                                                                         \
     X(lm_ew_block, S) X(lm_ew_row_store, S) X(lm_ew_combine, S) X(lm_softmax_outer, S) X(lm_xent, S)  \
-    X(lm_xent_grad_row, S) X(lm_gemv_rows, S) X(lm_epilogue_row, S) X(lm_mask_row, S) X(lm_sgd, S)    \
+    X(lm_xent_grad_row, S) X(lm_gemv_rows, S) X(lm_epilogue_row, S) X(lm_mask_row, S) X(lm_vm_epilogue_row, S) X(lm_sgd, S)    \
     X(lm_adam, S) X(lm_nonfinite, S)
 #define LM_DISPATCHED(X) LM_DISPATCHED_T(X, f32) LM_DISPATCHED_T(X, f64)
 
@@ -114,6 +114,8 @@ static const char *lm_isa_name(void) { return lm_isa.name; }
 #define lm_epilogue_row_f64 (lm_isa.lm_epilogue_row_f64)
 #define lm_mask_row_f32 (lm_isa.lm_mask_row_f32)
 #define lm_mask_row_f64 (lm_isa.lm_mask_row_f64)
+#define lm_vm_epilogue_row_f32 (lm_isa.lm_vm_epilogue_row_f32)
+#define lm_vm_epilogue_row_f64 (lm_isa.lm_vm_epilogue_row_f64)
 #define lm_sgd_f32 (lm_isa.lm_sgd_f32)
 #define lm_sgd_f64 (lm_isa.lm_sgd_f64)
 #define lm_adam_f32 (lm_isa.lm_adam_f32)

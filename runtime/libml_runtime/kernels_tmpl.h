@@ -50,10 +50,6 @@ static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
         switch (p[0]) {
         LM_VM_CASES  /* format_gen.h: one case per VM opcode, from format.py's VM table */
         }
-#undef LM_BINARY
-#undef LM_UNARY
-#undef LM_MASKED
-#undef LM_TERNARY
     }
 
     for (i = 0; i < e->n_out; i++) {
@@ -282,6 +278,43 @@ static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *res
     }
 }
 
+/* A GEMM epilogue that is any VM step (format.py's VM table): per row of C, after the bias,
+ * c = op(c, b, c') with b / c' each an auxiliary row of C's shape (e->b == 1 / e->c == 1: `aux`, e.g. the
+ * saved input of an activation whose gradient this GEMM's result is multiplied by), an immediate
+ * (e->b < 0: consts[-b-1], e.g. LeakyRelu's alpha) or unused (0); then, if cs, the column sums cs += c
+ * (a bias gradient).  Runs on blocks of LM_BLK through a stack buffer (the VM loops take restrict
+ * pointers, and the destination is the operand here). */
+__attribute__((noinline))
+static void LM_SFX(lm_vm_epilogue_row)(const lm_epi *e, int64_t N, LM_T *restrict row, const LM_T *restrict bias,
+                                       const LM_T *restrict aux, LM_T *restrict cs)
+{
+    LM_T buf[LM_BLK];
+    const int64_t bi = e->b < 0 ? -1 : 0, ci = e->c < 0 ? -1 : 0;
+    const LM_T bc = (LM_T)e->bv, cc = (LM_T)e->cv;
+    int64_t j0, j;
+    for (j0 = 0; j0 < N; j0 += LM_BLK) {
+        const int64_t n = N - j0 < LM_BLK ? N - j0 : LM_BLK;
+        LM_T *restrict D = buf;
+        const LM_T *restrict A = row + j0;
+        const LM_T *restrict B = e->b == 1 ? aux + j0 : A;
+        const LM_T *restrict C = e->c == 1 ? aux + j0 : A;
+        if (bias) {
+            #pragma omp simd
+            for (j = 0; j < n; j++) row[j0 + j] += bias[j0 + j];
+        }
+        switch (e->vm) {
+        LM_VM_CASES
+        }
+        if (cs) {
+            #pragma omp simd
+            for (j = 0; j < n; j++) { row[j0 + j] = buf[j]; cs[j0 + j] += buf[j]; }
+        } else {
+            #pragma omp simd
+            for (j = 0; j < n; j++) row[j0 + j] = buf[j];
+        }
+    }
+}
+
 /* relu-backward GEMM epilogue on one row: c = c * (m > 0 ? 1 : 0) -- exactly mul(g, step(relu_out)) --
  * and, if cs, the column sums cs += c (the bias gradient, accumulated in row order) */
 __attribute__((noinline))  /* inlined into the Cython GEMM driver it lost `restrict` and ran scalar */
@@ -344,3 +377,8 @@ static int LM_SFX(lm_nonfinite)(int64_t n, const LM_T *restrict x)
     for (j = 0; j < n; j++) bad |= !(x[j] - x[j] == 0);
     return bad;
 }
+
+#undef LM_BINARY
+#undef LM_UNARY
+#undef LM_MASKED
+#undef LM_TERNARY

@@ -302,10 +302,31 @@ class _Decoder:
             if need > self.sizes[0]:
                 self.fail(f"scratch [{scratch_off}, {need}) is outside the arena")
 
-    def op_gemm(self, d):
+    def op_gemm_ex(self, d):
+        """gemm with a VM-step epilogue (act 3): epi.vm's operands b, c are 0 (unused), 1 (the mask
+        operand, an array of C's shape) or an immediate; a mask operand of the VM op is never immediate."""
+        self.op_gemm(d, ex=True)
+        vm = d["epi.vm"]
+        if vm not in F.VM_ARITY:
+            self.fail(f"epi.vm = {vm} is not a VM opcode")
+        arity, mask_at = F.VM_ARITY[vm], F.VM_MASK_OPERAND.get(vm)
+        aux = False
+        for k, nm in ((1, "epi.b"), (2, "epi.c")):
+            v = self.rng(nm, d[nm], -self.nconsts, 1)
+            if k >= arity and v != 0:
+                self.fail(f"{nm} = {v}: VM opcode {vm} takes {arity} operand(s)")
+            if k < arity and v == 0:
+                self.fail(f"{nm} is unused but VM opcode {vm} reads it")
+            if mask_at == k and v != 1:
+                self.fail(f"{nm} is a mask operand: it must be the auxiliary array (1)")
+            aux = aux or v == 1
+        if aux != (d["mask.slot"] >= 0):
+            self.fail("the auxiliary operand (mask) must be present exactly when epi.b or epi.c reads it")
+
+    def op_gemm(self, d, ex=False):
         isz = self.fdtype(d)
         self.fields(d, [("M", 0, 2 ** 31 - 1), ("N", 0, 2 ** 31 - 1), ("K", 0, 2 ** 31 - 1), ("transA", 0, 1),
-                        ("transB", 0, 1), ("act", 0, 2), ("batch_ndim", 0, F.LM_MAXD)])
+                        ("transB", 0, 1), ("act", 3, 3) if ex else ("act", 0, 2), ("batch_ndim", 0, F.LM_MAXD)])
         M, N, K, bdim, act = d["M"], d["N"], d["K"], d["batch_ndim"], d["act"]
         a = self.operand(d, "A", 0, align=isz)
         b = self.operand(d, "B", 0, align=isz)
@@ -320,10 +341,14 @@ class _Decoder:
                 self.rng(f"{x}.batch_stride[{i}]", st, 0, 2 ** 40)
         mslot, moff = self.slot_off("mask", d["mask.slot"], d["mask.offset"], optional=True)
         cslot, coff = self.slot_off("colsum", d["colsum.slot"], d["colsum.offset"], optional=True)
-        if (act == 2) != (mslot >= 0) or (act == 2 and (bdim or bslot >= 0)):
+        if act == 2 and (mslot < 0 or bdim or bslot >= 0):
             self.fail("the relu-backward epilogue (act 2) needs a mask, no bias and no batch dims")
-        if cslot >= 0 and act != 2:
-            self.fail("column sums exist only with the relu-backward epilogue")
+        if act < 2 and mslot >= 0:
+            self.fail("a mask operand exists only with the act 2 and act 3 epilogues")
+        if act == 3 and (mslot >= 0 or cslot >= 0) and bdim:
+            self.fail("an epilogue with an auxiliary operand or column sums needs no batch dims")
+        if cslot >= 0 and act < 2:
+            self.fail("column sums exist only with the backward epilogues (act 2, 3)")
         if mslot >= 0 and (moff + M * N * isz > self.sizes[mslot] or moff % isz):
             self.fail("mask is outside its buffer or misaligned")
         if cslot >= 0 and (cslot >= F.SLOT_INPUT0 or coff + N * isz > self.sizes[cslot] or coff % isz):
