@@ -2,8 +2,10 @@
 
 Order (``lower.lower_entry``): simplify (constant folding, algebraic identities, CSE, DCE) →
 absorb transposes into GEMM flags → epilogue / SGD / Adam rewrites → order in-place writers after the
-readers of what they overwrite → fuse (split to the runtime's limits) → schedule.  Passes work on a private clone of the user's
-graph: they rewrite ``Tensor.inputs`` in place and return node lists; the user's graph is never touched.
+readers of what they overwrite → fuse (split to the runtime's limits) → schedule.  Passes work on a private
+clone of the user's graph.  simplify runs once, on the joint graph of every entry, before any entry is
+lowered (it rewrites inputs in place); the per-entry rewrites after it build new nodes (``Rewrite``: path
+copying), so entries never see each other's fusions and may be lowered in any order.
 """
 from __future__ import annotations
 
@@ -47,6 +49,63 @@ def consumer_map(nodes):
         for i in t.inputs:
             consumers.setdefault(i, []).append(t)
     return consumers
+
+
+class Rewrite:
+    """The replacements one pass decides, applied by path copying: the graph the pass read is never changed.
+
+    ``replace(t, op, inputs, attrs)``: in the rewritten graph, ``t`` is the node ``op(inputs)`` (inputs are
+    tensors of the graph read, or nodes built for the rewrite); it keeps ``t``'s name, shape and dtype.
+    ``apply(roots)`` returns the new roots and ``{old: new}``: every replaced node and every node
+    downstream of one is a fresh copy, the rest is shared.  So the entries of one program (run, grad,
+    step, their checked variants) rewrite the same joint graph independently, in any order."""
+
+    def __init__(self):
+        self.rep = {}
+
+    def replace(self, t, op, inputs, attrs):
+        self.rep[t] = (op, tuple(inputs), attrs)
+
+    def apply(self, roots):
+        if not self.rep:
+            return list(roots), {}
+        rep = self.rep
+
+        def ins_of(t):
+            return rep[t][1] if t in rep else t.inputs
+        # topological order of the rewritten graph (recipes' inputs in place of the replaced nodes')
+        seen, order = set(), []
+        for r in roots:
+            if r in seen:
+                continue
+            seen.add(r)
+            stack = [(r, iter(ins_of(r)))]
+            while stack:
+                t, it = stack[-1]
+                for i in it:
+                    if i not in seen:
+                        seen.add(i)
+                        stack.append((i, iter(ins_of(i))))
+                        break
+                else:
+                    stack.pop()
+                    order.append(t)
+        m, fresh = {}, []
+        for t in order:
+            op, ins, attrs = rep.get(t, (t.op, t.inputs, t.attrs))
+            new_ins = tuple(m.get(i, i) for i in ins)
+            if t not in rep and all(a is b for a, b in zip(new_ins, t.inputs)):
+                continue  # unchanged and nothing upstream changed: shared
+            n = Tensor(t.graph, op, new_ins, dict(attrs), t.shape, t.dtype, t.name, t.value)
+            n.auto_name = t.auto_name
+            m[t] = n
+            fresh.append(n)
+        # side outputs: each writer names its side-output node in its attrs (lowering stores both)
+        for n in fresh:
+            if n.op in SIDE_OUTPUTS:
+                w = n.inputs[0]
+                w.attrs = dict(w.attrs, **{SIDE_OUTPUTS[n.op]: n})
+        return [m.get(r, r) for r in roots], m
 
 
 def _attr_key(attrs):
@@ -241,8 +300,9 @@ def _algebraic(t, readers):
 
 def fuse_epilogues(nodes, roots):
     """matmul -> + bias(N,) [-> relu]  ==>  one ``linear`` node: BLAS writes a panel, the epilogue adds the
-    bias and applies relu while the panel is in cache.  The consumer node is rewritten in place (its
-    consumers keep reading it); the matmul stays only if something else still reads it."""
+    bias and applies relu while the panel is in cache.  The consumer is replaced (its consumers read the
+    new node); the matmul stays only if something else still reads it.  Returns a Rewrite."""
+    rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
     for m in nodes:
@@ -261,8 +321,9 @@ def fuse_epilogues(nodes, roots):
         if bias.ndim != 1:
             from .ops import reshape
             bias = reshape(bias, (bias.size,))
-        out.op, out.inputs = "linear", (m.inputs[0], m.inputs[1], bias)
-        out.attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act}
+        rw.replace(out, "linear", (m.inputs[0], m.inputs[1], bias),
+                   {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act})
+    return rw
 
 
 def fuse_vm_epilogues(nodes, roots):
@@ -274,7 +335,8 @@ def fuse_vm_epilogues(nodes, roots):
     else; its other operands are scalar consts (VM immediates) or at most one tensor of its shape (the
     auxiliary operand, 2-D GEMMs only).  A sum over axis 0 of the result (the bias gradient) becomes the
     GEMM's column sums.  Runs after fuse_epilogues / fuse_relu_backward, which keep relu's own epilogues.
-    The op's node is rewritten in place (its consumers keep reading it)."""
+    Returns a Rewrite."""
+    rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
     for d in nodes:
@@ -311,13 +373,12 @@ def fuse_vm_epilogues(nodes, roots):
             inputs = head + ((aux,) if aux is not None else ())
             sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
                     and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim == 2] if not has_bias else []
-            d.op, d.inputs, d.attrs = "linear_ex", inputs, attrs
+            rw.replace(d, "linear_ex", inputs, attrs)
             if sums:
-                sm = sums[0]
-                d.attrs["colsum"] = sm
-                sm.op, sm.inputs, sm.attrs = "gemm_colsum", (d,), {}
+                rw.replace(sums[0], "gemm_colsum", (d,), {})
                 for other in sums[1:]:
-                    other.op, other.inputs, other.attrs = "identity", (sm,), {}
+                    rw.replace(other, "identity", (sums[0],), {})
+    return rw
 
 
 def fold_sgd_into_gemm(nodes, roots):
@@ -486,7 +547,9 @@ SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op 
 def fuse_relu_backward(nodes, roots):
     """dZ = matmul(...) * step(relu_out), and db = sum(dZ, axis=0): the mask and the bias-gradient
     reduction become the epilogue of the GEMM that produces the upstream gradient, applied to each
-    panel while it is in cache (the panel owns whole columns, so its column sums need no partials)."""
+    panel while it is in cache (the panel owns whole columns, so its column sums need no partials).
+    Returns a Rewrite."""
+    rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
     for d in nodes:
@@ -502,29 +565,31 @@ def fuse_relu_backward(nodes, roots):
         attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": "relu_grad"}
         sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
                 and c.attrs["keepdims"] and c.attrs["scale"] == 1.0]
-        d.op, d.inputs, d.attrs = "linear", (m.inputs[0], m.inputs[1], mask), attrs
+        rw.replace(d, "linear", (m.inputs[0], m.inputs[1], mask), attrs)
         if sums:
-            s = sums[0]
-            d.attrs["colsum"] = s
-            s.op, s.inputs, s.attrs = "gemm_colsum", (d,), {}
+            rw.replace(sums[0], "gemm_colsum", (d,), {})
             for other in sums[1:]:  # CSE may have missed duplicates: read the same side output
-                other.op, other.inputs, other.attrs = "identity", (s,), {}
+                rw.replace(other, "identity", (sums[0],), {})
+    return rw
 
 
 def fuse_xent(nodes):
     """softmax_xent(z, y) and xent_grad(z, y, g) with a constant g: one kernel computes both (the loss
-    as a side output of the gradient kernel), one pass over the logits instead of two."""
+    as a side output of the gradient kernel), one pass over the logits instead of two.  Returns a Rewrite."""
+    rw = Rewrite()
     grads = {(t.inputs[0], t.inputs[1]): t for t in nodes
              if t.op == "xent_grad" and t.inputs[2].op == "const" and "loss" not in t.attrs}
     for t in nodes:
         if t.op == "softmax_xent" and (t.inputs[0], t.inputs[1]) in grads:
-            g = grads[(t.inputs[0], t.inputs[1])]
-            g.attrs = dict(g.attrs, loss=t)
-            t.op, t.inputs, t.attrs = "xent_loss", (g,), {}
+            g = grads.pop((t.inputs[0], t.inputs[1]))
+            rw.replace(g, "xent_grad", g.inputs, dict(g.attrs, loss=None))  # (apply names the loss node)
+            rw.replace(t, "xent_loss", (g,), {})
+    return rw
 
 
 def absorb_transposes(nodes):
-    """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free."""
+    """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free.  Returns a Rewrite."""
+    rw = Rewrite()
     for t in nodes:
         if t.op != "matmul":
             continue
@@ -537,7 +602,9 @@ def absorb_transposes(nodes):
                 if tuple(perm) == tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2):
                     ins[k] = x.inputs[0]
                     attrs[flag] = not attrs.get(flag, False)
-        t.inputs, t.attrs = tuple(ins), attrs
+        if tuple(ins) != t.inputs:
+            rw.replace(t, "matmul", ins, attrs)
+    return rw
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -143,8 +143,8 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
 
     entries, reports, summaries = {}, {}, {}
 
-    # the whole joint graph is built before any entry is lowered: the passes rewrite nodes in place
-    # (e.g. transposes absorbed into GEMM flags), which gradient rules must never see
+    # the whole joint graph is built before any entry is lowered: gradient rules see the graph as the
+    # user declared it, never a fused node
     run_outputs = list(tg.outputs.items()) or [("loss", m[loss])]
     todo = [("run", [t for _, t in run_outputs], run_outputs)]
     if loss is not None:
@@ -161,8 +161,8 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     _, rep = passes.simplify([t for _, roots, _ in todo for t in roots])
     todo = [(kind, [rep.get(t, t) for t in roots], [(n, rep.get(t, t)) for n, t in outputs])
             for kind, roots, outputs in todo]
-    # checked entries first: the fusion passes rewrite shared nodes in place (a GEMM + bias + relu becomes
-    # one "linear" node), and a check must name the single op that produced a NaN/Inf, not the fused node
+    # every entry rewrites the joint graph by path copying (passes.Rewrite): a checked entry (which must
+    # name the single op that produced a NaN/Inf, so it is not fused) never sees another entry's fusions
     checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
                                  check_finite=True, simplified=True)[0]
                for kind, roots, outputs in todo} if check_finite else {}

@@ -57,3 +57,42 @@ def test_same_graph_in_two_processes_gives_identical_plan_bytes():
             for _ in range(2)]
     assert outs[0] and outs[0] == outs[1]
     assert bytes.fromhex(outs[0]) == _plan_bytes()
+
+
+def test_lowering_an_entry_never_changes_the_joint_graph_other_entries_read(monkeypatch):
+    """The per-entry rewrites build new nodes (passes.Rewrite, path copying): after any entry is lowered,
+    fused or checked, every node of the joint graph has the op, inputs and attrs it had before.  Before,
+    fusions rewrote shared nodes in place, so the entries lowered later saw (and recomputed) the run
+    entry's fused GEMMs, and checked entries had to be lowered first."""
+    from libml_compile import program
+    from libml_compile.passes import topo_from_roots
+    rng = np.random.default_rng(3)
+    g = lc.Graph("order")
+    x = g.input("x", (8, 16))
+    w1 = g.param("w1", rng.standard_normal((16, 16)).astype(np.float32))
+    w2 = g.param("w2", rng.standard_normal((16, 16)).astype(np.float32))
+    b = g.param("b", np.zeros(16, np.float32))
+    v = x @ w1 + b
+    h = v * lc.sigmoid(x @ w2)  # v also feeds the backward pass (d sigmoid = g * v)
+    g.output("h", h)
+    loss = lc.mean(lc.gelu(h) * h)
+
+    def snapshot(roots):
+        return [(t, t.op, t.inputs, repr(sorted(t.attrs.items(), key=str))) for t in topo_from_roots(roots)]
+
+    real, seen = program.lower_entry, []
+
+    def checking(kind, roots, outputs, *a, **k):
+        before = snapshot(roots)
+        out = real(kind, roots, outputs, *a, **k)
+        assert snapshot(roots) == before, f"lowering {kind!r} (fuse={k.get('fuse')}) changed the joint graph"
+        seen.append(kind)
+        return out
+    monkeypatch.setattr(program, "lower_entry", checking)
+    prog = lc.compile(g, loss, lc.SGD(0.1), check_finite=True)
+    assert sorted(seen) == sorted(["run", "grad", "step"] * 2)
+    # the run entry fuses v * sigmoid(.) into v's GEMM; grad and step must not inherit it (v is read by the
+    # backward pass too, so there the GEMM would run twice)
+    assert any("+mul" in r["op"] for r in prog.instructions("run"))
+    for kind in ("grad", "step"):
+        assert not any(r["op"].startswith("gemm") and "+mul" in r["op"] for r in prog.instructions(kind))
