@@ -43,7 +43,7 @@ def _export(module, x, dynamo):
     kw = {"dynamo": dynamo}
     if dynamo:
         kw["external_data"] = False
-    torch.onnx.export(module, (x,), f, input_names=["x"], output_names=["y"], opset_version=20, **kw)
+    torch.onnx.export(module.eval(), (x,), f, input_names=["x"], output_names=["y"], opset_version=20, **kw)
     return onnx.load_model_from_string(f.getvalue())
 
 
