@@ -183,6 +183,9 @@ EXCLUDED_CASES = {
 UNSUPPORTED_ELEM_TYPE_REASON = (
     "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints); "
     "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
+INTEGER_OUTPUT_REASON = (
+    "computes an integer tensor with an operator libml implements in floating point only (libml's integer "
+    "kernels: Add/Sub/Mul/Div and data movement; onnx_import.integer_capable)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -250,10 +253,17 @@ def _elem_types(model):
     return types
 
 
+def _integer_output_ops(model) -> set:
+    """The op types of the nodes producing integer graph outputs."""
+    ints = {vi.name for vi in model.graph.output if vi.type.HasField("tensor_type")
+            and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).kind in "iub"}
+    return {n.op_type for n in model.graph.node if ints.intersection(n.output)}
+
+
 def discover_conformance_cases(cases=None):
     """Split the official node cases whose ops are all supported into ``(runnable, excluded)``;
     ``excluded`` maps case name -> reason."""
-    from libml_compile.onnx_import import SUPPORTED_DTYPES, SUPPORTED_OPS
+    from libml_compile.onnx_import import SUPPORTED_DTYPES, SUPPORTED_OPS, integer_capable
 
     def elem_ok(et):
         try:
@@ -270,6 +280,8 @@ def discover_conformance_cases(cases=None):
             excluded[name] = EXCLUDED_CASES[name]
         elif not all(elem_ok(et) for et in _elem_types(model)):
             excluded[name] = UNSUPPORTED_ELEM_TYPE_REASON
+        elif not all(integer_capable(op) for op in _integer_output_ops(model)):
+            excluded[name] = INTEGER_OUTPUT_REASON
         else:
             runnable.append(case)
     return runnable, excluded

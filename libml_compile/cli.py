@@ -23,16 +23,6 @@ import numpy as np
 
 __all__ = ["main", "model_info", "format_info", "finetune_arrays", "load_npz_data", "loss_tensor_name"]
 
-# which libml ops each ONNX op lowers to (for "ops lacking gradient rules"); None: folded at import
-ONNX_TO_LIBML = {
-    "Add": ["add"], "Sub": ["sub"], "Mul": ["mul"], "Div": ["div"], "MatMul": ["matmul"],
-    "Relu": ["relu"], "Sigmoid": ["sigmoid"], "Softmax": ["softmax", "reshape"],
-    "Gemm": ["transpose", "matmul", "mul", "add"], "Identity": ["identity"],
-    "Reshape": ["reshape"], "Flatten": ["reshape"], "Squeeze": ["reshape"], "Unsqueeze": ["reshape"],
-    "Transpose": ["transpose"], "Cast": ["cast"], "Gather": ["transpose", "matmul", "reshape"],
-    "Concat": ["transpose", "matmul", "add"], "Constant": None, "Shape": None,
-}
-
 
 # ----------------------------------------------------------------------------------------------------
 # info
@@ -74,7 +64,7 @@ def model_info(model) -> Dict[str, Any]:
     import onnx
     from onnx import numpy_helper
 
-    from .onnx_import import SUPPORTED_OPS, _default_opset, load_model
+    from .onnx_import import SUPPORTED_OPS, _default_opset, load_model, onnx_to_libml
 
     m, source = load_model(model)
     inits = {t.name: t for t in m.graph.initializer}
@@ -86,11 +76,12 @@ def model_info(model) -> Dict[str, Any]:
             (t.name, tuple(arr.shape), arr.dtype.name, int(arr.nbytes)))
     unsupported = sorted(op for op in ops if op not in SUPPORTED_OPS)
     no_grad_libml = _grad_less_libml_ops()
+    emits = onnx_to_libml()  # ONNX op -> the libml ops its translation emits (registry + handlers)
     lacking = []
     for op in sorted(ops):
         if op in unsupported:
             continue
-        lowered = ONNX_TO_LIBML.get(op)
+        lowered = emits.get(op)
         if op == "Cast":
             ints = [n for n in m.graph.node if n.op_type == "Cast"
                     and any(a.name == "to" and a.i not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)

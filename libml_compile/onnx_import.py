@@ -6,8 +6,12 @@ symbolic dimensions from ``shapes`` and rebuilds the model with the libml fronte
 
 * float initializers become trainable params under their ONNX names (also when they are listed as graph
   inputs, the pre-IR-4 convention); integer initializers become constants;
+* operators come from the operator registry (``OpDef.onnx``: op type, attribute -> param map; one
+  generic translation, :meth:`_Importer.registry_op`) or from the few hand-written :data:`HANDLERS`
+  (MatMul, Gemm, Softmax, Reshape, ...); :data:`SUPPORTED_OPS` is their union;
 * ``Constant`` nodes, ``Shape`` (shapes are static), and every node whose inputs are all constants are
-  folded with NumPy at import (so ``Shape -> Gather -> Concat -> Reshape`` chains vanish);
+  folded at import through the registry's NumPy references ``OpDef.ref`` (so ``Shape -> Gather ->
+  Concat -> Reshape`` chains vanish);
 * ``Gemm`` becomes transposes + matmul + scaling + add, ``Flatten``/``Squeeze``/``Unsqueeze``/``Reshape``
   become ``lc.reshape``, ``Softmax`` follows the semantics of the model's opset;
 * every node output keeps its ONNX name, so ``g.tensor(onnx_name)`` finds it, and graph outputs keep their
@@ -25,14 +29,66 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 __all__ = ["import_onnx", "load_model", "UnsupportedOperatorError", "ONNXImportError",
-           "SUPPORTED_OPS", "FOLD_ONLY_OPS", "SUPPORTED_DTYPES", "MIN_OPSET"]
+           "SUPPORTED_OPS", "FOLD_ONLY_OPS", "HANDLERS", "registry_onnx_ops", "onnx_to_libml",
+           "integer_capable", "SUPPORTED_DTYPES", "MIN_OPSET"]
 
-#: ONNX operators (default domain) the importer translates.
-SUPPORTED_OPS: Tuple[str, ...] = (
-    "Add", "Sub", "Mul", "Div", "MatMul", "Relu", "Sigmoid", "Softmax", "Gemm",
-    "Identity", "Constant", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Cast",
-    "Shape", "Gather", "Concat",
-)
+#: Hand-written translations: ONNX op type -> (``_Importer`` method, libml ops it emits, integer tensors
+#: allowed).  Every other supported operator comes from an ``OpDef.onnx`` declaration in the operator
+#: registry and is translated by the one generic path ``_Importer.registry_op`` (see registry_onnx_ops).
+HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
+    "MatMul": ("op_matmul", ("matmul", "reshape"), False),
+    "Gemm": ("op_gemm", ("transpose", "matmul", "mul", "add"), False),
+    "Softmax": ("op_softmax", ("softmax", "reshape"), False),
+    "Constant": ("op_constant", (), True),
+    "Shape": ("op_shape", (), True),
+    "Cast": ("op_cast", ("cast",), True),
+    "Transpose": ("op_transpose", ("transpose",), True),
+    "Reshape": ("op_reshape", ("reshape",), True),
+    "Flatten": ("op_reshape", ("reshape",), True),
+    "Squeeze": ("op_reshape", ("reshape",), True),
+    "Unsqueeze": ("op_reshape", ("reshape",), True),
+    "Gather": ("op_gather", ("gather",), True),
+    "Concat": ("op_concat", ("concat",), True),
+    "Sum": ("op_sum", ("add",), True),
+    "Mean": ("op_mean", ("add", "div"), False),
+}
+
+
+def registry_onnx_ops() -> Dict[str, Tuple[Any, ...]]:
+    """ONNX op type -> the registry ``OpDef``s declaring it (``OpDef.onnx``), in registration order.
+
+    Several ops may share one ONNX type when a selecting attribute value tells them apart (the optional
+    third element of ``OpDef.onnx``: Gelu's ``approximate`` picks ``gelu`` or ``gelu_tanh``)."""
+    from .ops import REGISTRY
+    out: Dict[str, list] = {}
+    for d in REGISTRY.values():
+        if d.onnx is not None:
+            if d.onnx[0] in HANDLERS:
+                raise RuntimeError(f"ONNX operator {d.onnx[0]!r} is declared by registry op {d.name!r} and "
+                                   f"has a hand-written handler: one operator, one place")
+            out.setdefault(d.onnx[0], []).append(d)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def onnx_to_libml() -> Dict[str, Optional[Tuple[str, ...]]]:
+    """ONNX op type -> the libml ops its translation emits (None: folded at import, emits nothing)."""
+    out: Dict[str, Optional[Tuple[str, ...]]] = {k: tuple(d.name for d in v)
+                                                 for k, v in registry_onnx_ops().items()}
+    for k, (_, emits, _) in HANDLERS.items():
+        out[k] = emits or None
+    return out
+
+
+def integer_capable(op_type: str) -> bool:
+    """Whether libml translates ``op_type`` on integer tensors (registry ops: ``OpDef.int_ok``; libml's
+    integer kernels are Add/Sub/Mul/Div and data movement)."""
+    if op_type in HANDLERS:
+        return HANDLERS[op_type][2]
+    return all(d.int_ok for d in registry_onnx_ops().get(op_type, ()))
+
+
+#: ONNX operators (default domain) the importer translates: the registry's plus the hand-written ones.
+SUPPORTED_OPS: Tuple[str, ...] = tuple(sorted(set(registry_onnx_ops()) | set(HANDLERS)))
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
 #: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
 #: (``lc.concat`` / ``lc.gather``), so an Inf stays in its own element and memory is linear in the size.
@@ -420,25 +476,6 @@ def _fmt(dims) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
 
 
-# ----------------------------------------------------------------------------------------------------
-# numpy helpers for folding
-# ----------------------------------------------------------------------------------------------------
-
-def _int_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Integer division truncating toward zero (C / ONNX semantics)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.floor_divide(a, b)
-        if np.issubdtype(a.dtype, np.signedinteger):
-            r = a - q * b
-            q = q + ((r != 0) & ((a < 0) != (b < 0))).astype(q.dtype)
-    return q.astype(np.result_type(a, b))
-
-
-def _np_softmax(x: np.ndarray, axis: int) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
-
-
 def _attrs(node) -> Dict[str, Any]:
     onnx = _onnx()
     out = {}
@@ -461,6 +498,8 @@ class _Importer:
         self.env: Dict[str, Any] = {}        # ONNX name -> lc Tensor or np.ndarray (constant)
         self.const_tensors: Dict[str, Any] = {}
         self._uid = 0
+        self.registry = registry_onnx_ops()
+        self._schemas: Dict[str, Any] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def where(self, node) -> str:
@@ -547,103 +586,261 @@ class _Importer:
             g.output(vi.name, v)
         return g
 
-    def binary(self, node, fn_np, fn_lc, legacy_broadcast=True):
-        a, b = self.get(node, 0), self.get(node, 1)
-        out = node.output[0]
-        if self.opset < 7 and legacy_broadcast:  # legacy broadcasting: `broadcast=1` and B aligned to A at `axis` (default: suffix)
-            at = _attrs(node)
-            sa, sb = self.shape(a), self.shape(b)
-            if not at.get("broadcast", 0):
-                if sa != sb:
-                    raise self.err(node, f"shapes {sa} and {sb} differ and broadcast=0 (opset {self.opset})")
-            elif "axis" in at and len(sb) > 0:
-                axis = int(at["axis"]) + (len(sa) if int(at["axis"]) < 0 else 0)
-                pad = len(sa) - axis - len(sb)
-                if pad < 0 or tuple(sa[axis:axis + len(sb)]) != tuple(sb) and not all(
-                        d == 1 or d == e for d, e in zip(sb, sa[axis:axis + len(sb)])):
-                    raise self.err(node, f"cannot broadcast {sb} onto {sa} at axis {at['axis']}")
-                if pad:
-                    nb = tuple(sb) + (1,) * pad
-                    b = np.reshape(b, nb) if self.is_const(b) else self.lc.reshape(b, nb, name=self.fresh(out))
-        if self.is_const(a) and self.is_const(b):
-            return [np.asarray(fn_np(a, b))]
-        return [fn_lc(self.T(a, node.input[0]), self.T(b, node.input[1]), name=out)]
-
     def convert(self, node):
+        """The values of ``node``'s outputs: lc Tensors, or ndarrays where every input is constant."""
         op = node.op_type
-        lc = self.lc
-        at = _attrs(node)
-        out = node.output[0] if node.output else None
-        opset = self.opset
+        if op in HANDLERS:
+            return getattr(self, HANDLERS[op][0])(node, _attrs(node))
+        candidates = self.registry.get(op)
+        if candidates is not None:
+            return [self.registry_op(node, candidates)]
+        raise UnsupportedOperatorError(op, node.name, self.opset, domain=node.domain, source=self.source)
 
-        if op == "Add":
-            return self.binary(node, lambda a, b: (a + b).astype(np.result_type(a, b)), lc.add)
-        if op == "Sub":
-            return self.binary(node, lambda a, b: (a - b).astype(np.result_type(a, b)), lc.sub)
-        if op == "Mul":
-            return self.binary(node, lambda a, b: (a * b).astype(np.result_type(a, b)), lc.mul)
-        if op == "Div":
-            def npdiv(a, b):
-                if np.issubdtype(a.dtype, np.integer):
-                    return _int_div(a, b)
-                return (a / b).astype(np.result_type(a, b))
-            return self.binary(node, npdiv, lc.div)
-        if op == "MatMul":
-            return self.binary(node, lambda a, b: np.matmul(a, b), lc.matmul, legacy_broadcast=False)
-        if op in ("Relu", "Sigmoid", "Identity"):
-            x = self.get(node, 0)
-            if self.is_const(x):
-                if op == "Relu":
-                    return [np.maximum(x, np.zeros((), x.dtype))]
-                if op == "Sigmoid":
-                    return [(1.0 / (1.0 + np.exp(-x))).astype(x.dtype)]
-                return [x]
-            fn = {"Relu": lc.relu, "Sigmoid": lc.sigmoid, "Identity": lc.identity}[op]
-            return [fn(x, name=out)]
-        if op == "Softmax":
-            return [self.softmax(node, at)]
-        if op == "Gemm":
-            return [self.gemm(node, at)]
-        if op == "Constant":
-            return [self.constant(node, at)]
-        if op == "Cast":
-            x = self.get(node, 0)
-            to = _dtype_of_elem(at["to"])
-            if self.is_const(x):
-                return [np.asarray(x).astype(to)]
-            if x.dtype == to:
-                return [lc.identity(x, name=out)]
-            return [lc.cast(x, to, name=out)]
-        if op == "Shape":
-            x = self.get(node, 0)
-            shp = np.array(self.shape(x), dtype=np.int64)
-            r = len(shp)
-            start = at.get("start", 0)
-            end = at.get("end", r)
-            start = max(0, min(r, start + r if start < 0 else start))
-            end = max(0, min(r, end + r if end < 0 else end))
-            return [shp[start:end]]
-        if op == "Transpose":
-            x = self.get(node, 0)
-            r = len(self.shape(x))
-            perm = tuple(int(p) for p in at.get("perm", list(range(r))[::-1]))
-            if sorted(perm) != list(range(r)):
-                raise self.err(node, f"perm {perm} is not a permutation of the {r} axes of shape {self.shape(x)}")
-            if self.is_const(x):
-                return [np.ascontiguousarray(np.transpose(x, perm))]
-            return [lc.transpose(x, perm, name=out)]
-        if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-            x = self.get(node, 0)
-            shp = self.shape(x)
-            new = self.reshape_target(node, at, shp)
-            if self.is_const(x):
-                return [np.reshape(x, new)]
-            return [lc.reshape(x, tuple(new), name=out)]
-        if op == "Gather":
-            return [self.gather(node, at)]
-        if op == "Concat":
-            return [self.concat(node, at)]
-        raise UnsupportedOperatorError(op, node.name, opset, domain=node.domain, source=self.source)
+    # -- the generic registry path -------------------------------------------------------------------
+    def schema(self, node):
+        """The ONNX schema of ``node``'s op at the model's opset (None if onnx does not know it)."""
+        key = node.op_type
+        if key not in self._schemas:
+            import onnx.defs
+            try:
+                self._schemas[key] = onnx.defs.get_schema(node.op_type, self.opset, "")
+            except Exception:  # noqa: BLE001 - onnx raises SchemaError; the checker has already run
+                self._schemas[key] = None
+        return self._schemas[key]
+
+    def attr_default(self, node, attr):
+        """The default ONNX declares for ``attr`` of ``node``'s op at the model's opset, or None."""
+        sch = self.schema(node)
+        if sch is None or attr not in sch.attributes:
+            return None
+        dv = sch.attributes[attr].default_value
+        if not dv.type:
+            return None
+        from onnx import helper
+        return helper.get_attribute_value(dv)
+
+    def select(self, node, candidates, at):
+        """The registry op for ``node`` among those declaring its ONNX type: the one whose selecting
+        attribute values (the third element of ``OpDef.onnx``) the node has (absent: ONNX's default)."""
+        if len(candidates) == 1 and len(candidates[0].onnx) < 3:
+            return candidates[0]
+        seen = {}
+        for d in candidates:
+            sel = d.onnx[2] if len(d.onnx) > 2 else {}
+            ok = True
+            for a, want in sel.items():
+                v = at.get(a, self.attr_default(node, a))
+                v = v.decode() if isinstance(v, bytes) else v
+                seen[a] = v
+                ok = ok and v == want
+            if ok:
+                return d
+        choices = "; ".join(f"{d.name}: {d.onnx[2]}" for d in candidates if len(d.onnx) > 2)
+        raise self.err(node, f"attribute values {seen} are not supported (libml has {choices})")
+
+    def registry_op(self, node, candidates):
+        """Translate ``node`` with the registry op declaring its ONNX type (``OpDef.onnx``).
+
+        Operands: the node's inputs in order.  For an op with scalar ``params`` (const inputs after x),
+        param j is the node's input 1 + j when present (Clip's min/max from opset 11), else the ONNX
+        attribute mapped to it, else the default ONNX declares for that attribute at the model's opset
+        (equal to the param's default at the current opset: tests/test_onnx_registry.py), else
+        ``absent_<OpType>`` if defined, else the param's default.  An ONNX operator whose first input
+        is variadic (Max, Min) folds its 1..n inputs into a chain of the binary op.  ``prepare_<OpType>``
+        methods adapt ONNX-specific operand rules (Pow's mixed dtypes, PRelu's unidirectional slope);
+        ``absent_<OpType>`` gives an absent input-form parameter a dtype-dependent value (Clip's limits).
+        Constants fold through the op's NumPy reference ``OpDef.ref``."""
+        at = _attrs(node)
+        d = self.select(node, candidates, at)
+        ins = [self.get(node, i) for i in range(len(node.input))]
+        sch = self.schema(node)
+        if sch is not None and sch.inputs and sch.inputs[0].option == sch.inputs[0].option.Variadic:
+            vals = [v for v in ins if v is not None]
+            if not vals:
+                raise self.err(node, "needs at least one input")
+            return self.chain(node, d, vals, [n for n in node.input if n])
+        if d.params:
+            if len(ins) > 1 + len(d.params):
+                raise self.err(node, f"has {len(ins)} inputs; {d.name} takes x and the parameters "
+                                     f"{[p for p, _ in d.params]}")
+            if not ins or ins[0] is None:
+                raise self.err(node, "input 0 is missing")
+            x = ins[0]
+            if np.dtype(self.dtype(x)).kind != "f" and not d.int_ok:
+                raise self.err(node, f"input {node.input[0]!r} has dtype {self.dtype(x)}; libml's {d.name} is "
+                                     f"floating-point only")
+            attr_of = {p: a for a, p in d.onnx[1].items()}
+            operands, hints = [x], [node.input[0]]
+            for j, (p, default) in enumerate(d.params):
+                v = ins[1 + j] if 1 + j < len(ins) else None
+                if v is not None:
+                    operands.append(v)
+                    hints.append(node.input[1 + j])
+                    continue
+                a = attr_of.get(p)
+                absent = getattr(self, "absent_" + node.op_type, None)
+                if a is not None and a in at:
+                    v = at[a]
+                elif a is not None and self.attr_default(node, a) is not None:
+                    v = self.attr_default(node, a)
+                elif absent is not None:
+                    v = absent(node, p, self.dtype(x))
+                else:
+                    v = default
+                operands.append(np.asarray(v, dtype=self.dtype(x)))
+                hints.append(None)
+        else:
+            for i, v in enumerate(ins):
+                if v is None:
+                    raise self.err(node, f"input {i} is missing")
+            operands, hints = ins, list(node.input)
+        prep = getattr(self, "prepare_" + node.op_type, None)
+        if prep is not None:
+            operands = prep(node, operands)
+        return self.apply(node, d, operands, hints, node.output[0])
+
+    def apply(self, node, d, operands, hints, name):
+        """``d`` on ``operands`` (lc Tensors or ndarrays): folded through ``d.ref`` when all are constant,
+        else a graph node named ``name``; shape/dtype errors name the ONNX node."""
+        from .ops import make
+        try:
+            if all(self.is_const(v) for v in operands):
+                return np.asarray(d.ref({}, *operands))
+            return make(d.name, tuple(self.T(v, h) for v, h in zip(operands, hints)), name=name)
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise self.err(node, str(e)) from None
+
+    def chain(self, node, d, vals, hints, name=None):
+        """Fold 1..n operands with the binary registry op ``d``: ((v0 d v1) d v2) ...; the last step is
+        named ``name`` (default: the node's output; one operand: an identity)."""
+        out = node.output[0] if name is None else name
+        if len(vals) == 1:
+            v = vals[0]
+            return v.copy() if self.is_const(v) else self.lc.identity(self.T(v, hints[0]), name=out)
+        acc, acc_hint = vals[0], hints[0]
+        for k in range(1, len(vals)):
+            acc = self.apply(node, d, [acc, vals[k]], [acc_hint, hints[k]],
+                             out if k == len(vals) - 1 else self.fresh(out))
+            acc_hint = None
+        return acc
+
+    def absent_Clip(self, node, param, dtype):
+        # Clip >= 11: an absent min/max is numeric_limits<T>::lowest() / max() (the operator's definition;
+        # onnxruntime agrees), so +inf clips to the largest finite value as with Clip-6's attribute defaults
+        # (lc.clip's own defaults are -inf/+inf: no clipping at all)
+        info = np.finfo(dtype)
+        return info.min if param == "min" else info.max
+
+    def prepare_Pow(self, node, operands):
+        # ONNX Pow allows an exponent of another type than the base; the result has the base's type
+        a, b = operands
+        da, db = self.dtype(a), self.dtype(b)
+        if da == db:
+            return operands
+        if np.dtype(da).kind != "f":
+            raise self.err(node, f"base {node.input[0]!r} has dtype {da}; libml's pow is floating-point only")
+        if self.is_const(b):
+            return [a, np.asarray(b).astype(da)]
+        return [a, self.lc.cast(b, da, name=self.fresh(node.input[1]))]
+
+    def prepare_PRelu(self, node, operands):
+        # the slope broadcasts to X (unidirectionally): the result has X's shape
+        from .ir import broadcast_shapes
+        x, s = operands
+        try:
+            ok = broadcast_shapes("PRelu", self.shape(x), self.shape(s)) == self.shape(x)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise self.err(node, f"slope {node.input[1]!r} of shape {self.shape(s)} does not broadcast to X's "
+                                 f"shape {self.shape(x)}")
+        return operands
+
+    # -- hand-written handlers (HANDLERS) ------------------------------------------------------------
+    def op_sum(self, node, at):
+        from .ops import REGISTRY
+        vals = [self.get(node, i) for i in range(len(node.input)) if node.input[i]]
+        if not vals:
+            raise self.err(node, "needs at least one input")
+        return [self.chain(node, REGISTRY["add"], vals, [n for n in node.input if n])]
+
+    def op_mean(self, node, at):
+        # (v0 + v1 + ... + vn-1) / n, as ONNX's reference computes it
+        from .ops import REGISTRY
+        vals = [self.get(node, i) for i in range(len(node.input)) if node.input[i]]
+        hints = [n for n in node.input if n]
+        if not vals:
+            raise self.err(node, "needs at least one input")
+        if len(vals) == 1:
+            return [self.chain(node, REGISTRY["add"], vals, hints)]
+        out = node.output[0]
+        total = self.chain(node, REGISTRY["add"], vals, hints, name=self.fresh(out))
+        n = np.asarray(len(vals), dtype=self.dtype(vals[0]))
+        return [self.apply(node, REGISTRY["div"], [total, n], [None, None], out)]
+
+    def op_matmul(self, node, at):
+        from .ops import REGISTRY
+        a, b = self.get(node, 0), self.get(node, 1)
+        if self.is_const(a) and self.is_const(b):
+            return [np.asarray(REGISTRY["matmul"].ref({}, a, b))]
+        try:
+            return [self.lc.matmul(self.T(a, node.input[0]), self.T(b, node.input[1]), name=node.output[0])]
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_softmax(self, node, at):
+        return [self.softmax(node, at)]
+
+    def op_gemm(self, node, at):
+        return [self.gemm(node, at)]
+
+    def op_constant(self, node, at):
+        return [self.constant(node, at)]
+
+    def op_cast(self, node, at):
+        from .ops import REGISTRY
+        x = self.get(node, 0)
+        to = _dtype_of_elem(at["to"])
+        if self.is_const(x):
+            return [np.asarray(REGISTRY["cast"].ref({"dtype": to}, np.asarray(x)))]
+        if x.dtype == to:
+            return [self.lc.identity(x, name=node.output[0])]
+        return [self.lc.cast(x, to, name=node.output[0])]
+
+    def op_shape(self, node, at):
+        x = self.get(node, 0)
+        shp = np.array(self.shape(x), dtype=np.int64)
+        r = len(shp)
+        start = at.get("start", 0)
+        end = at.get("end", r)
+        start = max(0, min(r, start + r if start < 0 else start))
+        end = max(0, min(r, end + r if end < 0 else end))
+        return [shp[start:end]]
+
+    def op_transpose(self, node, at):
+        from .ops import REGISTRY
+        x = self.get(node, 0)
+        r = len(self.shape(x))
+        perm = tuple(int(p) for p in at.get("perm", list(range(r))[::-1]))
+        if sorted(perm) != list(range(r)):
+            raise self.err(node, f"perm {perm} is not a permutation of the {r} axes of shape {self.shape(x)}")
+        if self.is_const(x):
+            return [REGISTRY["transpose"].ref({"perm": perm}, x)]
+        return [self.lc.transpose(x, perm, name=node.output[0])]
+
+    def op_reshape(self, node, at):
+        from .ops import REGISTRY
+        x = self.get(node, 0)
+        new = self.reshape_target(node, at, self.shape(x))
+        if self.is_const(x):
+            return [REGISTRY["reshape"].ref({"shape": tuple(new)}, x)]
+        return [self.lc.reshape(x, tuple(new), name=node.output[0])]
+
+    def op_gather(self, node, at):
+        return [self.gather(node, at)]
+
+    def op_concat(self, node, at):
+        return [self.concat(node, at)]
 
     # -- op translations -----------------------------------------------------------------------------
     def constant(self, node, at):
@@ -661,6 +858,8 @@ class _Importer:
         raise self.err(node, f"unsupported Constant attributes {sorted(at)}")
 
     def softmax(self, node, at):
+        from .ops import REGISTRY
+        ref = REGISTRY["softmax"].ref
         lc = self.lc
         x = self.get(node, 0)
         shp = self.shape(x)
@@ -674,7 +873,7 @@ class _Importer:
             n = int(np.prod(shp[:axis], dtype=np.int64))
             d = int(np.prod(shp[axis:], dtype=np.int64))
             if self.is_const(x):
-                return _np_softmax(x.reshape(n, d), 1).reshape(shp)
+                return ref({"axis": 1}, x.reshape(n, d)).reshape(shp)
             if r == 2 and axis == 1:
                 return lc.softmax(x, axis=-1, name=out)
             x2 = lc.reshape(x, (n, d), name=self.fresh(out))
@@ -684,10 +883,11 @@ class _Importer:
         if not -r <= axis < r:
             raise self.err(node, f"axis {axis} out of range for shape {shp}")
         if self.is_const(x):
-            return _np_softmax(x, axis)
+            return ref({"axis": axis % r}, x)
         return lc.softmax(x, axis=axis, name=out)
 
     def gemm(self, node, at):
+        from .ops import REGISTRY
         lc = self.lc
         a, b, c = self.get(node, 0), self.get(node, 1), self.get(node, 2)
         alpha = float(at.get("alpha", 1.0))
@@ -695,9 +895,8 @@ class _Importer:
         ta, tb = int(at.get("transA", 0)), int(at.get("transB", 0))
         out = node.output[0]
         if all(v is None or self.is_const(v) for v in (a, b, c)):
-            A = a.T if ta else a
-            B = b.T if tb else b
-            y = alpha * (A @ B)
+            # alpha (A' B') + beta C through the registry's matmul reference (ta/tb transpose the operands)
+            y = alpha * REGISTRY["matmul"].ref({"ta": ta, "tb": tb}, a, b)
             if c is not None:
                 y = y + beta * c
             return y.astype(a.dtype)
@@ -724,6 +923,7 @@ class _Importer:
                 cc = c if beta == 1.0 else lc.mul(c, self.g.const(np.array(beta, dtype=dt)), name=self.fresh(out))
             y = lc.add(y, cc, name=out)
         return y
+
 
     def transpose_const_or(self, t, orig, onnx_name):
         if self.is_const(orig):
@@ -807,7 +1007,8 @@ class _Importer:
             raise self.err(node, f"indices {idx.tolist()} out of range for axis {axis} of size {n}")
         idx = np.where(idx < 0, idx + n, idx)
         if self.is_const(data):
-            return np.take(data, idx, axis=axis)
+            from .ops import REGISTRY
+            return REGISTRY["gather"].ref({"axis": axis}, data, idx)
         return lc.gather(self.T(data), idx, axis=axis, name=out)
 
     def concat(self, node, at):
@@ -828,7 +1029,8 @@ class _Importer:
                 raise self.err(node, f"cannot concatenate shapes {[self.shape(v) for v in vals]} on axis {axis}")
         out = node.output[0]
         if all(self.is_const(v) for v in vals):
-            return np.concatenate(vals, axis=axis)
+            from .ops import REGISTRY
+            return REGISTRY["concat"].ref({"axis": axis}, *vals)
         return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
 
 

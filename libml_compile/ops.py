@@ -38,7 +38,9 @@ class OpDef:
     vm: Optional[str] = None       # register-VM opcode name for elementwise ops
     int_ok: bool = False           # forward kernel exists for integer dtypes too
     doc: str = ""
-    onnx: Optional[tuple] = None   # (ONNX op type, {attribute: param name}) this op imports from
+    # (ONNX op type, {attribute: param name}[, {attribute: value}]) this op imports from; the optional
+    # third dict selects this op among several of one ONNX type (Gelu's approximate: gelu / gelu_tanh)
+    onnx: Optional[tuple] = None
     domain: tuple = (-3.0, 3.0)    # where generated tests sample inputs (the op is smooth there)
     params: tuple = ()             # ((name, default), ...): scalar parameters, const inputs after x
     # capability: the op may run as the epilogue of the GEMM producing its operand 0 (passes.fuse_epilogues):
@@ -424,30 +426,32 @@ for _d in [
     OpDef("param", "leaf", None, None, None, doc="trainable/frozen parameter"),
     OpDef("const", "leaf", None, None, None, doc="constant"),
     OpDef("add", "ew", _s_binary("add"), lambda at, a, b: a + b,
-          lambda n, g: (g, g), vm="ADD", int_ok=True, epilogue=True),
+          lambda n, g: (g, g), vm="ADD", int_ok=True, epilogue=True, onnx=("Add", {})),
     OpDef("sub", "ew", _s_binary("sub"), lambda at, a, b: a - b,
-          lambda n, g: (g, neg(g)), vm="SUB", int_ok=True),
+          lambda n, g: (g, neg(g)), vm="SUB", int_ok=True, onnx=("Sub", {})),
     OpDef("mul", "ew", _s_binary("mul"), lambda at, a, b: a * b,
-          lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True, epilogue=True),
+          lambda n, g: (mul(g, n.inputs[1]), mul(g, n.inputs[0])), vm="MUL", int_ok=True, epilogue=True,
+          onnx=("Mul", {})),
     OpDef("div", "ew", _s_binary("div"), _r_div,
           # d(u/v)/du = 1/v ; d(u/v)/dv = -u/v^2, computed as -(u/v)/v from the forward output (as
           # PyTorch does): no v*v, which can overflow where u/v does not, and one op less
           lambda n, g: (div(g, n.inputs[1]), neg(mul(g, div(n, n.inputs[1])))),
-          vm="DIV", int_ok=True),
-    OpDef("neg", "ew", _s_unary_float("neg"), lambda at, x: -x, lambda n, g: (neg(g),), vm="NEG"),
+          vm="DIV", int_ok=True, onnx=("Div", {})),
+    OpDef("neg", "ew", _s_unary_float("neg"), lambda at, x: -x, lambda n, g: (neg(g),), vm="NEG",
+          onnx=("Neg", {})),
     OpDef("identity", "ew", lambda inp, at: (inp[0].shape, inp[0].dtype), lambda at, x: x.copy(),
-          lambda n, g: (g,), vm="COPY"),
+          lambda n, g: (g,), vm="COPY", int_ok=True, onnx=("Identity", {})),
     # relu'(x) = 1 where x > 0, 0 otherwise (0 at x = 0).  Taken from the output: relu(x) > 0 iff x > 0
     # (NaN included), so the pre-activation need not stay alive and can be fused into a GEMM epilogue.
     OpDef("relu", "ew", _s_unary_float("relu"), lambda at, x: np.where(x > 0, x, np.zeros_like(x)),
-          lambda n, g: (mul(g, step(n)),), vm="RELU"),
+          lambda n, g: (mul(g, step(n)),), vm="RELU", onnx=("Relu", {})),
     # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
     OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,
-          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID", epilogue=True),
+          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID", epilogue=True, onnx=("Sigmoid", {})),
     OpDef("exp", "ew", _s_unary_float("exp"), lambda at, x: np.exp(x), lambda n, g: (mul(g, n),), vm="EXP",
-          epilogue=True),
+          epilogue=True, onnx=("Exp", {})),
     OpDef("log", "ew", _s_unary_float("log"), lambda at, x: np.log(x),
-          lambda n, g: (div(g, n.inputs[0]),), vm="LOG"),
+          lambda n, g: (div(g, n.inputs[0]),), vm="LOG", onnx=("Log", {})),
     OpDef("step", "ew", _s_unary_float("step"), lambda at, x: (x > 0).astype(x.dtype),
           lambda n, g: (None,), vm="STEP", doc="Heaviside step, 0 at 0: relu's derivative"),
     OpDef("broadcast_to", "ew", _s_broadcast_to, lambda at, x: np.broadcast_to(x, at["shape"]).copy(),

@@ -102,8 +102,11 @@ def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(
 
     ref: NumPy reference ``(x, *params) -> y``.  vm: its VM opcode.  grad / grad_vm / grad_from: the
     gradient (see the module docstring).  params: ((name, default), ...) scalar parameters, which become
-    const inputs.  onnx: the ONNX op type, or (op type, {attribute: param}) when attributes carry the
-    params.  domain: (lo, hi) the generated tests sample x from (where the op is smooth)."""
+    const inputs (defaults equal ONNX's, tests/test_onnx_registry.py).  onnx: the ONNX op type, or
+    (op type, {attribute: param}) when attributes carry the params, or (op type, {attribute: param},
+    {attribute: value}) when an attribute's value selects this op (Gelu's approximate); ``onnx_import``
+    maps node inputs after x onto the params, so an input-form parameter (Clip >= 11) needs no entry.
+    domain: (lo, hi) the generated tests sample x from (where the op is smooth)."""
     params = tuple(params)
     op = register(OpDef(name, "ew", _float_rule(name, len(params)), lambda at, *xs: ref(*xs),
                         _grad_rule(name, grad, grad_vm, grad_from, len(params)), vm=vm,
@@ -208,11 +211,17 @@ unary("hard_swish", _t(lambda x: x * _hard_sigmoid(x, 1 / 6, 0.5)), "HARDSWISH",
 unary("mish", _t(lambda x: x * np.tanh(_softplus(x))), "MISH", grad_vm="MISH_GRAD", onnx="Mish",
       doc="x tanh(softplus(x))")
 unary("gelu", _t(lambda x: 0.5 * x * (1 + _erf(x * SQRT1_2))), "GELU", grad_vm="GELU_GRAD", public=False,
-      onnx=("Gelu", {"approximate": "none"}), doc="x Phi(x), exact (erf) form")
+      onnx=("Gelu", {}, {"approximate": "none"}), doc="x Phi(x), exact (erf) form")
 unary("gelu_tanh",
       _t(lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))), "GELU_TANH",
-      grad_vm="GELU_TANH_GRAD", public=False, onnx=("Gelu", {"approximate": "tanh"}),
+      grad_vm="GELU_TANH_GRAD", public=False, onnx=("Gelu", {}, {"approximate": "tanh"}),
       doc="GELU, tanh approximation")
+# SELU's constants are ONNX's defaults (float32 values of the self-normalising alpha and gamma)
+unary("selu", _t(lambda x, a, s: s * np.where(x > 0, x, a * np.expm1(np.minimum(x, 0)))), "SELU",
+      grad=lambda n, g: (make("elu_grad", (mul(g, n.inputs[2]), n.inputs[0], n.inputs[1])), None, None),
+      params=(("alpha", 1.67326319217681884765625), ("gamma", 1.05070102214813232421875)),
+      onnx=("Selu", {"alpha": "alpha", "gamma": "gamma"}),
+      doc="gamma * (x if x > 0 else alpha (e^x - 1)); gradient gamma * elu'(x, alpha)")
 unary("sign", _t(np.sign), "SIGN", grad=ZERO, onnx="Sign", doc="-1, 0 or 1 (NaN stays NaN); zero gradient")
 unary("floor", _t(np.floor), "FLOOR", grad=ZERO, onnx="Floor", doc="zero gradient")
 unary("ceil", _t(np.ceil), "CEIL", grad=ZERO, onnx="Ceil", doc="zero gradient")
@@ -232,7 +241,7 @@ def _g_clip(n, g):
 
 
 unary("clip", _t(lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi)), "CLIP", grad=_g_clip,
-      params=(("min", -math.inf), ("max", math.inf)), onnx="Clip",
+      params=(("min", -math.inf), ("max", math.inf)), onnx=("Clip", {"min": "min", "max": "max"}),
       doc="min(max(x, min), max): NaN stays NaN; the gradient flows where min <= x <= max")
 register(OpDef("clip_mask", "ew", lambda inp, at: (broadcast_shapes("clip_mask", *(t.shape for t in inp)),
                                                    inp[0].dtype),

@@ -163,7 +163,8 @@ VM = [
                               "* y * (1 - tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)) * "
                               "tanh(0.7978845608028654 * (y + 0.044715 * y * y * y))) * 0.7978845608028654 * "
                               "(1 + 0.134145 * y * y))", None),
-    (59, "CLIP", 3, "x < y ? y : (x > z ? z : x)", None),               # y = min, z = max
+    # y = min, z = max; min > max gives max everywhere (ONNX, np.clip); NaN stays NaN
+    (59, "CLIP", 3, "x < y ? (y > z ? z : y) : (x > z ? z : x)", None),
     (60, "CLIP_MASK", 3, "x >= y && x <= z ? 1 : 0", None),              # PyTorch: grad flows at the bounds
     (61, "SIGN", 1, "x > 0 ? 1 : (x < 0 ? -1 : x)", None),
     (62, "FLOOR", 1, "floor(x)", None),
@@ -180,6 +181,8 @@ VM = [
     (72, "SQUARE", 1, "x * x", None),
     (73, "LOG1P", 1, "log1p(x)", None),
     (74, "EXPM1", 1, "expm1(x)", None),
+    # ---- ONNX import family (codes 150-159)
+    (150, "SELU", 3, "x > 0 ? z * x : z * y * expm1(x)", None),          # y = alpha, z = gamma
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in
