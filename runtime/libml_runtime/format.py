@@ -142,7 +142,8 @@ VM = [
     (49, "HARDSIGMOID", 3, "y * x + z < 0 ? 0 : (y * x + z > 1 ? 1 : y * x + z)", None),  # y alpha, z beta
     (50, "HARDSIGMOID_GRAD", 3, "y > 0 && y < 1 ? x * z : 0", None),    # y = output, z = alpha
     (51, "HARDSWISH", 1, "x * (x / 6 + 0.5 < 0 ? 0 : (x / 6 + 0.5 > 1 ? 1 : x / 6 + 0.5))", None),
-    (52, "HARDSWISH_GRAD", 2, "y < -3 ? 0 : (y <= 3 ? x * (y / 3 + 0.5) : x)", None),  # PyTorch's
+    # PyTorch's subgradients at the kinks: 0 at -3, 1 at 3
+    (52, "HARDSWISH_GRAD", 2, "y <= -3 ? 0 : (y < 3 ? x * (y / 3 + 0.5) : x)", None),
     (53, "MISH", 1, "x * tanh(x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)))", None),
     (54, "MISH_GRAD", 2, "x * (tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) + y * (1 - "
                          "tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) * tanh(y > 0 ? y + log1p(exp(-y)) "
@@ -155,7 +156,8 @@ VM = [
                               "* y * (1 - tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)) * "
                               "tanh(0.7978845608028654 * (y + 0.044715 * y * y * y))) * 0.7978845608028654 * "
                               "(1 + 0.134145 * y * y))", None),
-    (59, "CLIP", 3, "x < y ? y : (x > z ? z : x)", None),               # y = min, z = max
+    # min(max(x, lo), hi) as np.clip/torch.clamp: hi where lo > hi, NaN if a bound is NaN (y = lo, z = hi)
+    (59, "CLIP", 3, "y != y || z != z ? y + z : ((x < y ? y : x) > z ? z : (x < y ? y : x))", None),
     (60, "CLIP_MASK", 3, "x >= y && x <= z ? 1 : 0", None),              # PyTorch: grad flows at the bounds
     (61, "SIGN", 1, "x > 0 ? 1 : (x < 0 ? -1 : x)", None),
     (62, "FLOOR", 1, "floor(x)", None),
