@@ -20,7 +20,8 @@ Per op, the generated cases (``pytest -k <op>`` selects one op):
   reference's exactly (binary ops: every pair; parameters too, as fed tensors);
 * ``test_grad_fd``: every floating input, parameters included, against float64 central differences of
   the NumPy reference (points where differences at two step sizes disagree -- kinks -- are resampled);
-* ``test_grad_torch``: against PyTorch autograd (``TORCH`` maps op -> torch function), at random
+* ``test_grad_torch``: against PyTorch autograd (``TORCH`` maps op -> torch function; an unlisted
+  unary op is compared with ``torch.<name>`` when that exists), at random
   points and at kinks where PyTorch defines a subgradient (0, +-1, +-2.5, +-3, the parameters, ties);
 * ``test_large_float32``: >= 1M float32 elements (many VM blocks, both threads) against the reference,
   and bit-identical results (forward and gradient) for num_threads=1 and 2;
@@ -360,6 +361,20 @@ TORCH = {
 }
 
 
+def _torch_entry(name):
+    """TORCH[name], else torch.<name> for a unary op without parameters (a new op such as ``atan`` is
+    compared with PyTorch without an edit here), else None."""
+    if name in TORCH:
+        return TORCH[name]
+    fn = getattr(torch, name, None)
+    if callable(fn) and EW[name] == 1:
+        return fn, None, "all"
+    return None
+
+
+TORCH_NAMES = sorted(n for n in EW if _torch_entry(n) is not None)
+
+
 def _kinks(name, pvals):
     """Points where an op of the family may have a kink: 0, +-1, +-2, +-2.5, +-3 and the parameters'
     values, inside the (closed) domain."""
@@ -368,9 +383,9 @@ def _kinks(name, pvals):
     return np.array(sorted(p for p in pts if lo <= p <= hi))
 
 
-@pytest.mark.parametrize("name", sorted(set(TORCH) & set(EW)))
+@pytest.mark.parametrize("name", TORCH_NAMES)
 def test_grad_torch(name):
-    fn, fixed, which = TORCH[name]
+    fn, fixed, which = _torch_entry(name)
     op = REGISTRY[name]
     rng = np.random.default_rng(_seed(name, "torch"))
     if op.params:
@@ -558,3 +573,24 @@ def test_grad_fd_attr_op(name):
             fd[i] = (vals[0] - vals[1]) / 2e-6
         np.testing.assert_allclose(grads[f"p{k}"], fd, rtol=1e-6, atol=1e-7,
                                    err_msg=f"{name}: d loss / d operand {k} against central differences")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ONNX mapping each op declares
+
+@pytest.mark.parametrize("name", sorted(n for n in EW if REGISTRY[n].onnx))
+def test_onnx_mapping_names_a_real_operator(name):
+    """``OpDef.onnx`` = (op type, {attribute: param name or literal value}): the op type exists, its
+    attributes are the schema's, and the operands that are not attributes fit the schema's inputs."""
+    onnx_defs = pytest.importorskip("onnx.defs")
+    op_type, attrs = REGISTRY[name].onnx
+    assert onnx_defs.has(op_type), f"{name}: ONNX has no operator {op_type!r}"
+    schema = onnx_defs.get_schema(op_type)
+    unknown = sorted(set(attrs) - set(schema.attributes))
+    assert not unknown, f"{name}: {op_type} has no attributes {unknown} (it has {sorted(schema.attributes)})"
+    pnames = [p for p, _ in REGISTRY[name].params]
+    as_attr = [v for v in attrs.values() if v in pnames]
+    n_operands = EW[name] - len(as_attr)
+    variadic = any(i.option == onnx_defs.OpSchema.FormalParameterOption.Variadic for i in schema.inputs)
+    assert schema.min_input <= n_operands and (variadic or n_operands <= schema.max_input), \
+        f"{name}: {n_operands} operands, {op_type} takes {schema.min_input}..{schema.max_input} inputs"
