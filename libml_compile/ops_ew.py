@@ -251,6 +251,7 @@ unary("square", _t(lambda x: x * x), "SQUARE", grad=lambda n, g: (mul(g, mul(n.i
       doc="x * x")
 unary("log1p", _t(np.log1p), "LOG1P", grad=lambda n, g: (PUBLIC["reciprocal"](n.inputs[0] + 1.0) * g,),
       domain=(-0.5, 3.0), doc="log(1 + x), exact near 0")
+unary("atan", _t(np.arctan), "ATAN", grad_vm="ATAN_GRAD", onnx="Atan", doc="arc tangent")
 unary("expm1", _t(np.expm1), "EXPM1", grad=lambda n, g: (mul(g, n + 1.0),), doc="e^x - 1, exact near 0")
 
 

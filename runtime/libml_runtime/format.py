@@ -174,6 +174,9 @@ VM = [
     (72, "SQUARE", 1, "x * x", None),
     (73, "LOG1P", 1, "log1p(x)", None),
     (74, "EXPM1", 1, "expm1(x)", None),
+    # ---- ewtests range 140-149
+    (140, "ATAN", 1, "atan(x)", None),
+    (141, "ATAN_GRAD", 2, "x / (1 + y * y)", None),                     # y = the op's input
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in
@@ -182,9 +185,9 @@ VM = [
 #: are called per element.  MVEC_FUNCS_235: vector variants added in glibc 2.35 (declared only when the
 #: build's glibc has them; older systems call the scalar function in the same loop).
 MATH_FUNCS = ("exp", "log", "sqrt", "fabs", "tanh", "erf", "sin", "cos", "log1p", "expm1", "floor", "ceil",
-              "nearbyint", "fmin", "fmax", "pow", "copysign")
+              "nearbyint", "fmin", "fmax", "pow", "copysign", "atan")
 MVEC_FUNCS = ("exp", "log", "sin", "cos", "pow")
-MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1")
+MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1", "atan")
 
 VM_WIDTH = 5
 VM_OPS = {name: code for code, name, _, _, _ in VM}
