@@ -443,7 +443,8 @@ for _d in [
           lambda n, g: (g,), vm="COPY", int_ok=True, onnx=("Identity", {})),
     # relu'(x) = 1 where x > 0, 0 otherwise (0 at x = 0).  Taken from the output: relu(x) > 0 iff x > 0
     # (NaN included), so the pre-activation need not stay alive and can be fused into a GEMM epilogue.
-    OpDef("relu", "ew", _s_unary_float("relu"), lambda at, x: np.where(x > 0, x, np.zeros_like(x)),
+    # relu(NaN) = NaN, as the VM's RELU and PyTorch (the reference gave 0, so a folded NaN const became 0)
+    OpDef("relu", "ew", _s_unary_float("relu"), lambda at, x: np.where(x < 0, np.zeros_like(x), x),
           lambda n, g: (mul(g, step(n)),), vm="RELU", onnx=("Relu", {})),
     # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
     OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,

@@ -50,11 +50,15 @@ def _float_rule(op, nparams):
     return rule
 
 
-def _grad_rule(name, grad, grad_vm, grad_from, nparams):
+def _grad_rule(name, grad, grad_vm, grad_from, nparams, param_grads=None):
     if grad == ZERO:
         return lambda n, g: (None,) * (1 + nparams)
     if grad is not None:
         return grad
+    if nparams and param_grads is None:
+        # a parameter fed as a trainable tensor would silently get a zero gradient
+        raise ValueError(f"{name}: declare param_grads for its {nparams} parameter(s) (None entries where "
+                         f"the derivative is zero almost everywhere)")
     gop = f"{name}_grad"
     nin = 2 + nparams
     register(OpDef(gop, "ew", lambda inp, at: (broadcast_shapes(gop, *(t.shape for t in inp)), inp[0].dtype),
@@ -63,7 +67,7 @@ def _grad_rule(name, grad, grad_vm, grad_from, nparams):
 
     def rule(n, g):
         y = n if grad_from == "output" else n.inputs[0]
-        return (make(gop, (g, y) + tuple(n.inputs[1:])),) + (None,) * nparams
+        return (make(gop, (g, y) + tuple(n.inputs[1:])),) + (tuple(param_grads(n, g)) if nparams else ())
     return rule
 
 
@@ -96,20 +100,22 @@ def _user_function(name, params, doc):
     return f
 
 
-def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(), onnx=None,
-          domain=(-3.0, 3.0), public=True, doc=""):
+def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(), param_grads=None,
+          onnx=None, domain=(-3.0, 3.0), public=True, doc=""):
     """Declare y = f(x, *params) elementwise on a float tensor.
 
     ref: NumPy reference ``(x, *params) -> y``.  vm: its VM opcode.  grad / grad_vm / grad_from: the
     gradient (see the module docstring).  params: ((name, default), ...) scalar parameters, which become
-    const inputs (defaults equal ONNX's, tests/test_onnx_registry.py).  onnx: the ONNX op type, or
-    (op type, {attribute: param}) when attributes carry the params, or (op type, {attribute: param},
+    const inputs (defaults equal ONNX's, tests/test_onnx_registry.py).  param_grads: with grad_vm and
+    params, ``(node, g) -> (d/dparam, ...)`` in graph ops (None where the derivative is zero almost
+    everywhere): a parameter may be a trainable tensor.  onnx: the ONNX op type, or (op type,
+    {attribute: param}) when attributes carry the params, or (op type, {attribute: param},
     {attribute: value}) when an attribute's value selects this op (Gelu's approximate); ``onnx_import``
     maps node inputs after x onto the params, so an input-form parameter (Clip >= 11) needs no entry.
     domain: (lo, hi) the generated tests sample x from (where the op is smooth)."""
     params = tuple(params)
     op = register(OpDef(name, "ew", _float_rule(name, len(params)), lambda at, *xs: ref(*xs),
-                        _grad_rule(name, grad, grad_vm, grad_from, len(params)), vm=vm,
+                        _grad_rule(name, grad, grad_vm, grad_from, len(params), param_grads), vm=vm,
                         doc=doc, onnx=_onnx_spec(onnx), domain=domain, params=params, epilogue=True))
     if public:
         PUBLIC[name] = _user_function(name, params, doc)
@@ -189,18 +195,43 @@ unary("cos", _t(np.cos), "COS", grad_vm="COS_GRAD", onnx="Cos", doc="cosine")
 unary("softplus", _t(_softplus), "SOFTPLUS", grad_vm="SOFTPLUS_GRAD", onnx="Softplus", doc="log(1 + exp(x))")
 unary("softsign", _t(lambda x: x / (1 + np.abs(x))), "SOFTSIGN", grad_vm="SOFTSIGN_GRAD", onnx="Softsign",
       doc="x / (1 + |x|)")
+def _neg_part(x):
+    """min(x, 0) as a graph op."""
+    return make("minimum", (x, _lift(0.0, x, "minimum")))
+
+
+def _g_elu_alpha(n, g):
+    # d/dalpha alpha (e^x - 1) = e^min(x, 0) - 1 (0 for x > 0)
+    return (mul(g, make("expm1", (_neg_part(n.inputs[0]),))),)
+
+
+def _g_celu_alpha(n, g):
+    # d/dalpha alpha (e^(x/alpha) - 1) = expm1(u) - u e^u with u = min(x, 0) / alpha
+    x, a = n.inputs
+    u = make("div", (_neg_part(x), a))
+    e = make("expm1", (u,))
+    return (mul(g, sub(e, mul(u, e + 1.0))),)
+
+
 unary("elu", _t(lambda x, a: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0)))), "ELU", grad_vm="ELU_GRAD",
-      params=(("alpha", 1.0),), onnx=("Elu", {"alpha": "alpha"}), doc="x if x > 0 else alpha (e^x - 1)")
+      params=(("alpha", 1.0),), param_grads=_g_elu_alpha, onnx=("Elu", {"alpha": "alpha"}), doc="x if x > 0 else alpha (e^x - 1)")
 unary("celu", _t(lambda x, a: np.where(x > 0, x, a * np.expm1(np.minimum(x, 0) / a))), "CELU",
-      grad_vm="CELU_GRAD", params=(("alpha", 1.0),), onnx=("Celu", {"alpha": "alpha"}),
+      grad_vm="CELU_GRAD", params=(("alpha", 1.0),), param_grads=_g_celu_alpha, onnx=("Celu", {"alpha": "alpha"}),
       doc="x if x > 0 else alpha (e^(x/alpha) - 1)")
 unary("leaky_relu", _t(lambda x, a: np.where(x < 0, a * x, x)), "LEAKYRELU", grad_vm="LEAKYRELU_GRAD",
-      params=(("alpha", 0.01),), onnx=("LeakyRelu", {"alpha": "alpha"}), doc="x if x >= 0 else alpha x")
+      params=(("alpha", 0.01),), param_grads=lambda n, g: (make("prelu_slope_grad", (g, n.inputs[0])),),
+      onnx=("LeakyRelu", {"alpha": "alpha"}), doc="x if x >= 0 else alpha x")
 unary("thresholded_relu", _t(lambda x, a: np.where(x > a, x, 0)), "THRELU", grad_vm="THRELU_GRAD",
-      params=(("alpha", 1.0),), onnx=("ThresholdedRelu", {"alpha": "alpha"}), domain=(-3.0, 3.0),
+      params=(("alpha", 1.0),), param_grads=lambda n, g: (None,),  # a jump: zero almost everywhere
+      onnx=("ThresholdedRelu", {"alpha": "alpha"}), domain=(-3.0, 3.0),
       doc="x if x > alpha else 0")
-unary("hard_sigmoid", _t(_hard_sigmoid), "HARDSIGMOID",
-      grad=lambda n, g: (make("hard_sigmoid_grad", (g, n, n.inputs[1])), None, None),
+def _g_hard_sigmoid(n, g):
+    x, alpha, beta = n.inputs
+    inside = make("hard_sigmoid_grad", (g, n, _lift(1.0, x, "hard_sigmoid")))  # g where 0 < y < 1
+    return make("hard_sigmoid_grad", (g, n, alpha)), mul(inside, x), inside
+
+
+unary("hard_sigmoid", _t(_hard_sigmoid), "HARDSIGMOID", grad=_g_hard_sigmoid,
       params=(("alpha", 0.2), ("beta", 0.5)), onnx=("HardSigmoid", {"alpha": "alpha", "beta": "beta"}),
       doc="max(0, min(1, alpha x + beta)); gradient alpha inside (0, 1)")
 register(OpDef("hard_sigmoid_grad", "ew",
@@ -218,7 +249,10 @@ unary("gelu_tanh",
       doc="GELU, tanh approximation")
 # SELU's constants are ONNX's defaults (float32 values of the self-normalising alpha and gamma)
 unary("selu", _t(lambda x, a, s: s * np.where(x > 0, x, a * np.expm1(np.minimum(x, 0)))), "SELU",
-      grad=lambda n, g: (make("elu_grad", (mul(g, n.inputs[2]), n.inputs[0], n.inputs[1])), None, None),
+      # d/dalpha = g gamma expm1(min(x, 0)); d/dgamma = g elu(x, alpha) (parameters may be trainable)
+      grad=lambda n, g: (make("elu_grad", (mul(g, n.inputs[2]), n.inputs[0], n.inputs[1])),
+                         mul(mul(g, n.inputs[2]), PUBLIC["expm1"](PUBLIC["minimum"](n.inputs[0], 0.0))),
+                         mul(g, make("elu", (n.inputs[0], n.inputs[1])))),
       params=(("alpha", 1.67326319217681884765625), ("gamma", 1.05070102214813232421875)),
       onnx=("Selu", {"alpha": "alpha", "gamma": "gamma"}),
       doc="gamma * (x if x > 0 else alpha (e^x - 1)); gradient gamma * elu'(x, alpha)")
@@ -230,14 +264,17 @@ unary("square", _t(lambda x: x * x), "SQUARE", grad=lambda n, g: (mul(g, mul(n.i
       doc="x * x")
 unary("log1p", _t(np.log1p), "LOG1P", grad=lambda n, g: (PUBLIC["reciprocal"](n.inputs[0] + 1.0) * g,),
       domain=(-0.5, 3.0), doc="log(1 + x), exact near 0")
+unary("atan", _t(np.arctan), "ATAN", grad_vm="ATAN_GRAD", onnx="Atan", doc="arc tangent")
 unary("expm1", _t(np.expm1), "EXPM1", grad=lambda n, g: (mul(g, n + 1.0),), doc="e^x - 1, exact near 0")
 
 
 def _g_clip(n, g):
     x, lo, hi = n.inputs
     inside = make("clip_mask", (x, lo, hi))
-    # the bounds get the gradient where they clip (PyTorch's clamp with tensor bounds)
-    return (mul(g, inside), mul(g, step(sub(lo, x))), mul(g, step(sub(x, hi))))
+    # the bounds get the gradient where they clip, as PyTorch's clamp with tensor bounds: y = min(max(x,
+    # lo), hi), so lo where x < lo < hi, hi where max(x, lo) > hi (lo > hi included)
+    return (mul(g, inside), mul(g, mul(step(sub(lo, x)), step(sub(hi, lo)))),
+            mul(g, step(sub(make("maximum", (x, lo)), hi))))
 
 
 unary("clip", _t(lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi)), "CLIP", grad=_g_clip,

@@ -150,7 +150,8 @@ VM = [
     (49, "HARDSIGMOID", 3, "y * x + z < 0 ? 0 : (y * x + z > 1 ? 1 : y * x + z)", None),  # y alpha, z beta
     (50, "HARDSIGMOID_GRAD", 3, "y > 0 && y < 1 ? x * z : 0", None),    # y = output, z = alpha
     (51, "HARDSWISH", 1, "x * (x / 6 + 0.5 < 0 ? 0 : (x / 6 + 0.5 > 1 ? 1 : x / 6 + 0.5))", None),
-    (52, "HARDSWISH_GRAD", 2, "y < -3 ? 0 : (y <= 3 ? x * (y / 3 + 0.5) : x)", None),  # PyTorch's
+    # PyTorch's subgradients at the kinks: 0 at -3, 1 at 3
+    (52, "HARDSWISH_GRAD", 2, "y <= -3 ? 0 : (y < 3 ? x * (y / 3 + 0.5) : x)", None),
     (53, "MISH", 1, "x * tanh(x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)))", None),
     (54, "MISH_GRAD", 2, "x * (tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) + y * (1 - "
                          "tanh(y > 0 ? y + log1p(exp(-y)) : log1p(exp(y))) * tanh(y > 0 ? y + log1p(exp(-y)) "
@@ -163,8 +164,8 @@ VM = [
                               "* y * (1 - tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)) * "
                               "tanh(0.7978845608028654 * (y + 0.044715 * y * y * y))) * 0.7978845608028654 * "
                               "(1 + 0.134145 * y * y))", None),
-    # y = min, z = max; min > max gives max everywhere (ONNX, np.clip); NaN stays NaN
-    (59, "CLIP", 3, "x < y ? (y > z ? z : y) : (x > z ? z : x)", None),
+    # min(max(x, lo), hi) as np.clip/torch.clamp: hi where lo > hi, NaN if a bound is NaN (y = lo, z = hi)
+    (59, "CLIP", 3, "y != y || z != z ? y + z : ((x < y ? y : x) > z ? z : (x < y ? y : x))", None),
     (60, "CLIP_MASK", 3, "x >= y && x <= z ? 1 : 0", None),              # PyTorch: grad flows at the bounds
     (61, "SIGN", 1, "x > 0 ? 1 : (x < 0 ? -1 : x)", None),
     (62, "FLOOR", 1, "floor(x)", None),
@@ -181,8 +182,11 @@ VM = [
     (72, "SQUARE", 1, "x * x", None),
     (73, "LOG1P", 1, "log1p(x)", None),
     (74, "EXPM1", 1, "expm1(x)", None),
+    # ---- ewtests range 140-149
+    (140, "ATAN", 1, "atan(x)", None),
+    (141, "ATAN_GRAD", 2, "x / (1 + y * y)", None),                     # y = the op's input
     # ---- ONNX import family (codes 150-159)
-    (150, "SELU", 3, "x > 0 ? z * x : z * y * expm1(x)", None),          # y = alpha, z = gamma
+    (150, "SELU", 3, "x > 0 ? z * x : z * (y * expm1(x))", None),          # y = alpha, z = gamma
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in
@@ -191,9 +195,9 @@ VM = [
 #: are called per element.  MVEC_FUNCS_235: vector variants added in glibc 2.35 (declared only when the
 #: build's glibc has them; older systems call the scalar function in the same loop).
 MATH_FUNCS = ("exp", "log", "sqrt", "fabs", "tanh", "erf", "sin", "cos", "log1p", "expm1", "floor", "ceil",
-              "nearbyint", "fmin", "fmax", "pow", "copysign")
+              "nearbyint", "fmin", "fmax", "pow", "copysign", "atan")
 MVEC_FUNCS = ("exp", "log", "sin", "cos", "pow")
-MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1")
+MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1", "atan")
 
 VM_WIDTH = 5
 VM_OPS = {name: code for code, name, _, _, _ in VM}
