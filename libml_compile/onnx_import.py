@@ -33,6 +33,12 @@ SUPPORTED_OPS: Tuple[str, ...] = (
     "Identity", "Constant", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Cast",
     "Shape", "Gather", "Concat",
 )
+#: the reduction family (``_Importer.reduction`` / ``arg_reduce`` / ``log_softmax``, below)
+REDUCE_IMPORT_OPS: Tuple[str, ...] = (
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare", "ReduceL1",
+    "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ArgMax", "ArgMin", "LogSoftmax",
+)
+SUPPORTED_OPS = SUPPORTED_OPS + REDUCE_IMPORT_OPS
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
 #: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
 #: (``lc.concat`` / ``lc.gather``), so an Inf stays in its own element and memory is linear in the size.
@@ -643,6 +649,8 @@ class _Importer:
             return [self.gather(node, at)]
         if op == "Concat":
             return [self.concat(node, at)]
+        if op in REDUCE_IMPORT_OPS:
+            return [self.reduce_family(node, at)]
         raise UnsupportedOperatorError(op, node.name, opset, domain=node.domain, source=self.source)
 
     # -- op translations -----------------------------------------------------------------------------
@@ -830,6 +838,141 @@ class _Importer:
         if all(self.is_const(v) for v in vals):
             return np.concatenate(vals, axis=axis)
         return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reduction family: ONNX Reduce*, ArgMax/ArgMin, LogSoftmax
+# ----------------------------------------------------------------------------------------------------
+
+#: opset from which each Reduce* op takes ``axes`` as its second input (before: an attribute)
+_AXES_INPUT_SINCE = {"ReduceSum": 13}
+
+
+def _np_reduce(op, x, axes, keepdims):
+    """NumPy evaluation of a Reduce* node over constant data (ONNX's reference formulas; an empty
+    reduction gives the op's identity)."""
+    with np.errstate(all="ignore"):
+        if op == "ReduceSum":
+            return np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+        if op == "ReduceMean":
+            return np.mean(x, axis=axes, keepdims=keepdims).astype(x.dtype)
+        if op == "ReduceMax":
+            ini = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+            return np.max(x, axis=axes, keepdims=keepdims, initial=ini)
+        if op == "ReduceMin":
+            ini = np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).max
+            return np.min(x, axis=axes, keepdims=keepdims, initial=ini)
+        if op == "ReduceProd":
+            return np.prod(x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+        if op == "ReduceSumSquare":
+            return np.sum(x * x, axis=axes, keepdims=keepdims, dtype=x.dtype)
+        if op == "ReduceL1":
+            return np.sum(np.abs(x), axis=axes, keepdims=keepdims, dtype=x.dtype)
+        if op == "ReduceL2":
+            return np.sqrt(np.sum(x * x, axis=axes, keepdims=keepdims)).astype(x.dtype)
+        if op == "ReduceLogSum":
+            return np.log(np.sum(x, axis=axes, keepdims=keepdims)).astype(x.dtype)
+        m = np.max(x, axis=axes, keepdims=True, initial=-np.inf)
+        sh = np.where(np.isfinite(m), m, 0)
+        r = np.log(np.sum(np.exp(x - sh), axis=axes, keepdims=True)) + sh
+        return (r if keepdims else np.squeeze(r, axis=axes)).astype(x.dtype)
+
+
+def _reduce_fn(lc, op):
+    return {"ReduceSum": lc.sum, "ReduceMean": lc.mean, "ReduceMax": lc.max, "ReduceMin": lc.min,
+            "ReduceProd": lc.prod, "ReduceSumSquare": lc.sum_square, "ReduceL1": lc.l1_norm,
+            "ReduceL2": lc.l2_norm, "ReduceLogSum": lc.log_sum, "ReduceLogSumExp": lc.logsumexp}[op]
+
+
+def _reduce_family(self, node, at):
+    """Reduce* (axes as attribute before opset 18 -- 13 for ReduceSum -- and as optional input after;
+    keepdims; noop_with_empty_axes), ArgMax/ArgMin (axis, keepdims, select_last_index), LogSoftmax
+    (opset < 13: over the flattened axes from ``axis`` on, as Softmax)."""
+    op = node.op_type
+    if op == "LogSoftmax":
+        return self._log_softmax_node(node, at)
+    if op in ("ArgMax", "ArgMin"):
+        return self._arg_node(node, at)
+    x = self.get(node, 0)
+    out = node.output[0]
+    r = len(self.shape(x))
+    if self.opset >= _AXES_INPUT_SINCE.get(op, 18):
+        if "axes" in at:
+            raise self.err(node, f"attribute 'axes' is not part of {op} in opset {self.opset} (an input since "
+                                 f"opset {_AXES_INPUT_SINCE.get(op, 18)})")
+        a = self.get(node, 1)
+        axes = [] if a is None else [int(v) for v in self.static_ints(node, a, "axes")]
+        noop = int(at.get("noop_with_empty_axes", 0))
+    else:
+        axes = [int(v) for v in at.get("axes", [])]
+        noop = 0
+    keepdims = bool(at.get("keepdims", 1))
+    for v in axes:
+        if not -r <= v < max(r, 1):
+            raise self.err(node, f"axis {v} is out of range for shape {self.shape(x)}")
+    axes = sorted({v % max(r, 1) for v in axes}) if r else []
+    if not axes and noop:
+        return x if self.is_const(x) else self.lc.identity(x, name=out)
+    axes_t = tuple(axes) if axes else tuple(range(r))
+    if self.is_const(x):
+        return np.asarray(_np_reduce(op, np.asarray(x), axes_t, keepdims))
+    if x.dtype not in ("float32", "float64"):
+        raise self.err(node, f"{op} of {x.dtype} data is not supported (libml reduces float32/float64 tensors)")
+    return _reduce_fn(self.lc, op)(x, axis=axes_t, keepdims=keepdims, name=out)
+
+
+def _arg_node(self, node, at):
+    x = self.get(node, 0)
+    shp = self.shape(x)
+    r = len(shp)
+    axis = int(at.get("axis", 0))
+    if not -r <= axis < r:
+        raise self.err(node, f"axis {axis} is out of range for shape {shp}")
+    axis %= r
+    keepdims = bool(at.get("keepdims", 1))
+    last = bool(at.get("select_last_index", 0))
+    if self.is_const(x):
+        from .ops_reduce import _r_arg
+        fn = np.argmax if node.op_type == "ArgMax" else np.argmin
+        return _r_arg(fn)({"axis": axis, "keepdims": keepdims, "select_last": last}, np.asarray(x))
+    if x.dtype not in ("float32", "float64"):
+        raise self.err(node, f"{node.op_type} of {x.dtype} data is not supported (float32/float64 only)")
+    fn = self.lc.argmax if node.op_type == "ArgMax" else self.lc.argmin
+    return fn(x, axis=axis, keepdims=keepdims, select_last=last, name=node.output[0])
+
+
+def _log_softmax_node(self, node, at):
+    lc = self.lc
+    x = self.get(node, 0)
+    shp = self.shape(x)
+    r = len(shp)
+    out = node.output[0]
+    from .ops_reduce import _r_log_softmax
+    if self.opset < 13:
+        axis = int(at.get("axis", 1))
+        axis = axis + r if axis < 0 else axis
+        if not 0 <= axis <= r:
+            raise self.err(node, f"axis {at.get('axis', 1)} out of range for shape {shp}")
+        n = int(np.prod(shp[:axis], dtype=np.int64))
+        d = int(np.prod(shp[axis:], dtype=np.int64))
+        if self.is_const(x):
+            return _r_log_softmax({"axis": 1}, np.asarray(x).reshape(n, d)).reshape(shp)
+        if r == 2 and axis == 1:
+            return lc.log_softmax(x, axis=-1, name=out)
+        x2 = lc.reshape(x, (n, d), name=self.fresh(out))
+        s = lc.log_softmax(x2, axis=-1, name=self.fresh(out))
+        return lc.reshape(s, shp, name=out)
+    axis = int(at.get("axis", -1))
+    if not -r <= axis < r:
+        raise self.err(node, f"axis {axis} out of range for shape {shp}")
+    if self.is_const(x):
+        return _r_log_softmax({"axis": axis % r}, np.asarray(x))
+    return lc.log_softmax(x, axis=axis, name=out)
+
+
+_Importer.reduce_family = _reduce_family
+_Importer._arg_node = _arg_node
+_Importer._log_softmax_node = _log_softmax_node
 
 
 def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,

@@ -65,12 +65,26 @@ OPCODES = [
                     "dst.stride[ndim]"),
     (15, "gather", "itemsize outer n inner nidx src.slot src.offset idx.slot idx.offset dst.slot dst.offset"),
     (16, "scatter_add", "dtype outer n inner nidx g.slot g.offset idx.slot idx.offset dst.slot dst.offset"),
+    # ---- format 2.1: reductions (libml_compile/ops_reduce.py).  All three view x as a contiguous
+    # (outer, K, inner) array and reduce / normalise its middle axis; every output element is computed by
+    # one thread in a fixed order, so results do not depend on the thread count.
+    # kind (REDUCE_KINDS): 0 max, 1 min, 2 prod, 3 logsumexp; y is (outer, inner).
+    (17, "reduce", "dtype kind outer K inner x.slot x.offset y.slot y.offset"),
+    # kind 0 argmax, 1 argmin; y int64 (outer, inner); select_last 0/1 picks the first/last extremum
+    (18, "arg_reduce", "dtype kind select_last outer K inner x.slot x.offset y.slot y.offset"),
+    # y = x - max - log(sum(exp(x - max))) along K, y of x's shape
+    (19, "log_softmax", "dtype outer K inner x.slot x.offset y.slot y.offset"),
 ]
+
+#: the ``kind`` field of the reduce / arg_reduce instructions
+REDUCE_KINDS = {"max": 0, "min": 1, "prod": 2, "logsumexp": 3}
+ARG_REDUCE_KINDS = {"argmax": 0, "argmin": 1}
 
 OP_NAMES = {code: name for code, name, _ in OPCODES}
 OP_CODE = {name: code for code, name, _ in OPCODES}
 (OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, OP_SGD,
- OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD) = range(1, 17)
+ OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD, OP_REDUCE, OP_ARG_REDUCE,
+ OP_LOG_SOFTMAX) = range(1, 20)
 
 # ---------------------------------------------------------------------------------------------------
 # the register VM of fused elementwise kernels.  A program step is VM_WIDTH int64s: op dst a b c.  `a` is
@@ -172,6 +186,12 @@ VM = [
     (72, "SQUARE", 1, "x * x", None),
     (73, "LOG1P", 1, "log1p(x)", None),
     (74, "EXPM1", 1, "expm1(x)", None),
+    # ---- format 2.1: the gradients of the reductions (ops_reduce.py)
+    (100, "EQ_MASK", 2, "x == y ? 1 : 0", None),            # where x attains the reduced extremum y
+    # d prod / dx from x = prod of the non-zero elements, y = the input, z = its count of zeros
+    # (PyTorch's prod backward): p / x without zeros; at the only zero, the product of the others; else 0
+    (101, "PROD_GRAD", 3, "z == 0 ? x / y : (z == 1 && y == 0 ? x : 0)", None),
+    (102, "NONZERO_OR_ONE", 1, "x == 0 ? 1 : x", None),     # the factors of the product of non-zeros
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in

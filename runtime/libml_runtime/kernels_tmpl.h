@@ -344,3 +344,233 @@ static int LM_SFX(lm_nonfinite)(int64_t n, const LM_T *restrict x)
     for (j = 0; j < n; j++) bad |= !(x[j] - x[j] == 0);
     return bad;
 }
+
+/* ---- reductions over the middle axis of a contiguous (outer, K, inner) array (format.py: reduce,
+ * arg_reduce, log_softmax).  One call computes `ni` consecutive output columns [i0, i0 + ni) of one
+ * outer index: the caller splits the work into such tasks by problem size only, and every output
+ * element is reduced in the same fixed order whatever thread runs it -- bit-identical for any thread
+ * count.  NaN propagates as in NumPy (np.max, np.min: NaN wins; ONNX's reference is NumPy).
+ *
+ * inner == 1 (reducing the contiguous last axis): LM_RL independent lane accumulators run over the
+ * row (vectorised), then combine in lane order; inner > 1: each column's accumulator runs over k in
+ * order, the loop over columns vectorised. */
+#define LM_RL 16
+/* the NaN-propagating max/min steps: a NaN accumulator stays (no comparison with it is true), a NaN
+ * element replaces it (v != v) */
+#define LM_MAXSTEP(a, v) ((v) > (a) || (v) != (v) ? (v) : (a))
+#define LM_MINSTEP(a, v) ((v) < (a) || (v) != (v) ? (v) : (a))
+
+static inline LM_T LM_SFX(lm_row_max)(int64_t K, const LM_T *restrict x)
+{
+    LM_T lane[LM_RL];
+    int64_t k, j;
+    const LM_T init = -(LM_T)INFINITY;
+    for (j = 0; j < LM_RL; j++) lane[j] = init;
+    for (k = 0; k + LM_RL <= K; k += LM_RL) {
+        #pragma omp simd
+        for (j = 0; j < LM_RL; j++) lane[j] = LM_MAXSTEP(lane[j], x[k + j]);
+    }
+    for (j = 0; k + j < K; j++) lane[j] = LM_MAXSTEP(lane[j], x[k + j]);
+    LM_T m = lane[0];
+    for (j = 1; j < LM_RL; j++) m = LM_MAXSTEP(m, lane[j]);
+    return m;
+}
+
+static inline LM_T LM_SFX(lm_row_min)(int64_t K, const LM_T *restrict x)
+{
+    LM_T lane[LM_RL];
+    int64_t k, j;
+    const LM_T init = (LM_T)INFINITY;
+    for (j = 0; j < LM_RL; j++) lane[j] = init;
+    for (k = 0; k + LM_RL <= K; k += LM_RL) {
+        #pragma omp simd
+        for (j = 0; j < LM_RL; j++) lane[j] = LM_MINSTEP(lane[j], x[k + j]);
+    }
+    for (j = 0; k + j < K; j++) lane[j] = LM_MINSTEP(lane[j], x[k + j]);
+    LM_T m = lane[0];
+    for (j = 1; j < LM_RL; j++) m = LM_MINSTEP(m, lane[j]);
+    return m;
+}
+
+/* the shift of a logsumexp: the max, or 0 where it is infinite (PyTorch's logsumexp: a row of -inf gives
+ * -inf, a row holding +inf gives +inf, never inf - inf = NaN) */
+static inline LM_T LM_SFX(lm_lse_shift)(LM_T m)
+{
+    return (m - m == 0) ? m : (LM_T)0;
+}
+
+/* kind: 0 max, 1 min, 2 prod, 3 logsumexp.  x points at x[o, 0, 0], y at y[o, 0]; columns [i0, i0+ni).
+ * acc: ni scratch elements (inner > 1). */
+static void LM_SFX(lm_reduce_cols)(int64_t kind, int64_t K, int64_t inner, int64_t i0, int64_t ni,
+                                   const LM_T *x, LM_T *y, LM_T *acc)
+{
+    int64_t k, i, j;
+    if (inner == 1) {
+        const LM_T *restrict r = x;
+        LM_T v;
+        if (kind == 0) v = LM_SFX(lm_row_max)(K, r);
+        else if (kind == 1) v = LM_SFX(lm_row_min)(K, r);
+        else if (kind == 2) {
+            LM_T lane[LM_RL];
+            for (j = 0; j < LM_RL; j++) lane[j] = 1;
+            for (k = 0; k + LM_RL <= K; k += LM_RL) {
+                #pragma omp simd
+                for (j = 0; j < LM_RL; j++) lane[j] *= r[k + j];
+            }
+            for (j = 0; k + j < K; j++) lane[j] *= r[k + j];
+            v = lane[0];
+            for (j = 1; j < LM_RL; j++) v *= lane[j];
+        } else {
+            LM_T m = LM_SFX(lm_row_max)(K, r), sh = LM_SFX(lm_lse_shift)(m), s = 0;
+            LM_T lane[LM_RL];
+            for (j = 0; j < LM_RL; j++) lane[j] = 0;
+            for (k = 0; k + LM_RL <= K; k += LM_RL) {
+                #pragma omp simd
+                for (j = 0; j < LM_RL; j++) lane[j] += LM_EXP(r[k + j] - sh);
+            }
+            for (j = 0; k + j < K; j++) lane[j] += LM_EXP(r[k + j] - sh);
+            for (j = 0; j < LM_RL; j++) s += lane[j];
+            v = LM_LOG(s) + sh;
+        }
+        y[0] = v;
+        return;
+    }
+    {
+        LM_T *restrict a = acc;
+        const LM_T init = kind == 0 ? -(LM_T)INFINITY : kind == 1 ? (LM_T)INFINITY : kind == 2 ? (LM_T)1
+                          : -(LM_T)INFINITY;
+        for (i = 0; i < ni; i++) a[i] = init;
+        if (kind == 0 || kind == 3) {
+            for (k = 0; k < K; k++) {
+                const LM_T *restrict r = x + k * inner + i0;
+                #pragma omp simd
+                for (i = 0; i < ni; i++) a[i] = LM_MAXSTEP(a[i], r[i]);
+            }
+        } else if (kind == 1) {
+            for (k = 0; k < K; k++) {
+                const LM_T *restrict r = x + k * inner + i0;
+                #pragma omp simd
+                for (i = 0; i < ni; i++) a[i] = LM_MINSTEP(a[i], r[i]);
+            }
+        } else {
+            for (k = 0; k < K; k++) {
+                const LM_T *restrict r = x + k * inner + i0;
+                #pragma omp simd
+                for (i = 0; i < ni; i++) a[i] *= r[i];
+            }
+        }
+        if (kind != 3) {
+            LM_T *restrict o = y + i0;
+            for (i = 0; i < ni; i++) o[i] = a[i];
+            return;
+        }
+        /* logsumexp: a holds the max; sums go to y, then y = log(y) + shift */
+        {
+            LM_T *restrict o = y + i0;
+            #pragma omp simd
+            for (i = 0; i < ni; i++) { a[i] = LM_SFX(lm_lse_shift)(a[i]); o[i] = 0; }
+            for (k = 0; k < K; k++) {
+                const LM_T *restrict r = x + k * inner + i0;
+                #pragma omp simd
+                for (i = 0; i < ni; i++) o[i] += LM_EXP(r[i] - a[i]);
+            }
+            #pragma omp simd
+            for (i = 0; i < ni; i++) o[i] = LM_LOG(o[i]) + a[i];
+        }
+    }
+}
+
+/* arg max/min over K for columns [i0, i0+ni) of one outer index; y int64.  NumPy's semantics: the first
+ * NaN wins (as the largest and as the smallest); select_last: the last occurrence of the extremum (the
+ * last NaN).  inner == 1: the extremum first (vectorised), then the index of its first/last occurrence. */
+static void LM_SFX(lm_arg_reduce_cols)(int64_t kind, int64_t last, int64_t K, int64_t inner, int64_t i0,
+                                       int64_t ni, const LM_T *x, int64_t *y, LM_T *acc)
+{
+    int64_t k, i;
+    if (inner == 1) {
+        LM_T m = kind == 0 ? LM_SFX(lm_row_max)(K, x) : LM_SFX(lm_row_min)(K, x);
+        int64_t at = 0;
+        if (m != m) {
+            if (last) { for (k = K - 1; k >= 0; k--) if (x[k] != x[k]) { at = k; break; } }
+            else { for (k = 0; k < K; k++) if (x[k] != x[k]) { at = k; break; } }
+        } else if (last) {
+            for (k = K - 1; k >= 0; k--) if (x[k] == m) { at = k; break; }
+        } else {
+            for (k = 0; k < K; k++) if (x[k] == m) { at = k; break; }
+        }
+        y[0] = at;
+        return;
+    }
+    {
+        LM_T *restrict a = acc;
+        int64_t *restrict o = y + i0;
+        const LM_T *restrict r0 = x + i0;
+        for (i = 0; i < ni; i++) { a[i] = r0[i]; o[i] = 0; }
+        for (k = 1; k < K; k++) {
+            const LM_T *restrict r = x + k * inner + i0;
+            /* take element k when it beats the current extremum (or ties it, with select_last), unless
+               the current one is NaN (a NaN is kept: the first one, or with select_last the last one) */
+            if (kind == 0 && !last) {
+                #pragma omp simd
+                for (i = 0; i < ni; i++) { LM_T v = r[i], c = a[i];
+                    int t = (v > c || (v != v && c == c)); a[i] = t ? v : c; o[i] = t ? k : o[i]; }
+            } else if (kind == 0) {
+                #pragma omp simd
+                for (i = 0; i < ni; i++) { LM_T v = r[i], c = a[i];
+                    int t = (v >= c && c == c) || v != v; a[i] = t ? v : c; o[i] = t ? k : o[i]; }
+            } else if (!last) {
+                #pragma omp simd
+                for (i = 0; i < ni; i++) { LM_T v = r[i], c = a[i];
+                    int t = (v < c || (v != v && c == c)); a[i] = t ? v : c; o[i] = t ? k : o[i]; }
+            } else {
+                #pragma omp simd
+                for (i = 0; i < ni; i++) { LM_T v = r[i], c = a[i];
+                    int t = (v <= c && c == c) || v != v; a[i] = t ? v : c; o[i] = t ? k : o[i]; }
+            }
+        }
+    }
+}
+
+/* log_softmax over the middle axis, for one outer index: y = x - m - log(sum(exp(x - m))), m = the max
+ * (unguarded, as ONNX's reference and PyTorch: a +inf or an all -inf slice gives NaN, as softmax does).
+ * tmp: 2 * inner elements. */
+static void LM_SFX(lm_log_softmax_outer)(int64_t K, int64_t inner, const LM_T *x, LM_T *y, LM_T *tmp)
+{
+    int64_t k, i, j;
+    if (inner == 1) {
+        const LM_T sh = LM_SFX(lm_row_max)(K, x);
+        LM_T lane[LM_RL], s = 0;
+        for (j = 0; j < LM_RL; j++) lane[j] = 0;
+        for (k = 0; k + LM_RL <= K; k += LM_RL) {
+            #pragma omp simd
+            for (j = 0; j < LM_RL; j++) lane[j] += LM_EXP(x[k + j] - sh);
+        }
+        for (j = 0; k + j < K; j++) lane[j] += LM_EXP(x[k + j] - sh);
+        for (j = 0; j < LM_RL; j++) s += lane[j];
+        const LM_T c = sh + LM_LOG(s);
+        #pragma omp simd
+        for (k = 0; k < K; k++) y[k] = x[k] - c;
+        return;
+    }
+    {
+        LM_T *restrict m = tmp, *restrict s = tmp + inner;
+        LM_SFX(lm_reduce_cols)(0, K, inner, 0, inner, x, m, s);  /* the max of each column, into m */
+        for (i = 0; i < inner; i++) s[i] = 0;
+        for (k = 0; k < K; k++) {
+            const LM_T *restrict xr = x + k * inner;
+            #pragma omp simd
+            for (i = 0; i < inner; i++) s[i] += LM_EXP(xr[i] - m[i]);
+        }
+        #pragma omp simd
+        for (i = 0; i < inner; i++) s[i] = m[i] + LM_LOG(s[i]);
+        for (k = 0; k < K; k++) {
+            const LM_T *restrict xr = x + k * inner;
+            LM_T *restrict yr = y + k * inner;
+            #pragma omp simd
+            for (i = 0; i < inner; i++) yr[i] = xr[i] - s[i];
+        }
+    }
+}
+#undef LM_MAXSTEP
+#undef LM_MINSTEP
+#undef LM_RL
