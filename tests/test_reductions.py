@@ -318,3 +318,91 @@ def test_errors_name_the_op():
         lc.argmax(i)
     with pytest.raises(TypeError, match="prod: expected a symbolic Tensor"):
         lc.prod(np.ones(3))
+
+
+def test_plan_validator_checks_the_reduction_instructions():
+    """Every field of reduce / arg_reduce / log_softmax is proven in range before a plan runs."""
+    from libml_runtime import format as F
+    from libml_runtime import planfile as PF
+    from libml_runtime.plan import PlanError, validate
+    g = lc.Graph("v")
+    x = g.input("x", (4, 6))
+    for k, y in enumerate((lc.max(x, axis=1), lc.argmin(x, axis=0), lc.log_softmax(x, axis=0))):
+        g.output(f"y{k}", y)
+    plan = lc.compile(g).plan
+    validate(plan)
+    code = plan.entries["run"].code
+    where = {name: F.locate(code, pc)[1] for pc, name, _, _ in F.instructions(code)}
+    assert set(where) == {"reduce", "arg_reduce", "log_softmax"}
+    cases = [("reduce", "kind", 4, "kind"), ("reduce", "K", 7, "outside buffer"),
+             ("reduce", "y.slot", 2, "writes into a fed input"), ("reduce", "dtype", 2, "dtype"),
+             ("arg_reduce", "kind", 2, "kind"), ("arg_reduce", "select_last", 2, "select_last"),
+             ("arg_reduce", "K", 0, "K = 0"), ("arg_reduce", "inner", 7, "outside buffer"),
+             ("log_softmax", "outer", 5, "outside buffer"), ("log_softmax", "y.offset", 3, "aligned")]
+    for op, field, value, msg in cases:
+        p = PF.loads(PF.dumps(plan))
+        p.entries["run"].code[where[op][field]] = value
+        with pytest.raises(PlanError, match=msg):
+            validate(p)
+
+
+# ---- ONNX import: axes as attribute or input by opset, keepdims, noop_with_empty_axes, LogSoftmax axis
+
+def _onnx_run(node, opset, x, extra_inits=(), out="DOUBLE", rank=None):
+    """Run one node; the output's rank (``rank``, default x's) with symbolic dims (the checker needs it)."""
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    inits = [onnx.numpy_helper.from_array(np.asarray(v), n) for n, v in extra_inits]
+    m = h.make_model(h.make_graph([node], "g", [h.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, x.shape)],
+                                  [h.make_tensor_value_info("y", getattr(onnx.TensorProto, out),
+                                                                [f"d{i}" for i in range(x.ndim if rank is None else rank)])],
+                                  inits),
+                     opset_imports=[h.make_opsetid("", opset)])
+    g = lc.import_onnx(m)
+    return lc.compile(g).run({"x": x})["y"]
+
+
+def test_onnx_reduce_axes_attribute_and_input():
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4))
+    # opset 13: axes an attribute (ReduceSum: an input since 13)
+    y = _onnx_run(h.make_node("ReduceMax", ["x"], ["y"], axes=[0, 2], keepdims=0), 13, x, rank=1)
+    np.testing.assert_array_equal(y, np.max(x, axis=(0, 2)))
+    y = _onnx_run(h.make_node("ReduceSum", ["x"], ["y"], axes=[-1]), 11, x)
+    np.testing.assert_allclose(y, np.sum(x, axis=-1, keepdims=True), rtol=1e-14)
+    y = _onnx_run(h.make_node("ReduceSum", ["x", "a"], ["y"], keepdims=0), 13, x, [("a", np.int64([1]))], rank=2)
+    np.testing.assert_allclose(y, np.sum(x, axis=1), rtol=1e-14)
+    # opset 18: an input; absent = all axes, or the identity with noop_with_empty_axes
+    y = _onnx_run(h.make_node("ReduceProd", ["x", "a"], ["y"]), 18, x, [("a", np.int64([1]))])
+    np.testing.assert_allclose(y, np.prod(x, axis=1, keepdims=True), rtol=1e-14)
+    y = _onnx_run(h.make_node("ReduceLogSumExp", ["x"], ["y"], keepdims=0), 18, x, rank=0)
+    np.testing.assert_allclose(y, _np_lse(x, (0, 1, 2)), rtol=1e-14)
+    y = _onnx_run(h.make_node("ReduceMin", ["x"], ["y"], noop_with_empty_axes=1), 18, x)
+    np.testing.assert_array_equal(y, x)
+    y = _onnx_run(h.make_node("ReduceL2", ["x", "a"], ["y"]), 18, x, [("a", np.int64([0, 2]))])
+    np.testing.assert_allclose(y, np.sqrt(np.sum(x * x, axis=(0, 2), keepdims=True)), rtol=1e-14)
+
+
+def test_onnx_log_softmax_axis_semantics_by_opset():
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    x = np.random.default_rng(1).standard_normal((2, 3, 4))
+    # opset < 13: the input is coerced to 2-D at `axis` (default 1): normalised over axes 1 and 2 together
+    y = _onnx_run(h.make_node("LogSoftmax", ["x"], ["y"]), 11, x)
+    flat = x.reshape(2, 12)
+    np.testing.assert_allclose(y, (flat - _np_lse(flat, 1, keepdims=True)).reshape(x.shape), rtol=1e-13)
+    # opset >= 13: one axis (default -1)
+    y = _onnx_run(h.make_node("LogSoftmax", ["x"], ["y"], axis=1), 13, x)
+    np.testing.assert_allclose(y, x - _np_lse(x, 1, keepdims=True), rtol=1e-13)
+
+
+def test_onnx_argmax_attributes():
+    onnx = pytest.importorskip("onnx")
+    h = onnx.helper
+    x = np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
+    y = _onnx_run(h.make_node("ArgMax", ["x"], ["y"], axis=1, select_last_index=1), 13, x, out="INT64")
+    np.testing.assert_array_equal(y, [[2], [1]])
+    y = _onnx_run(h.make_node("ArgMin", ["x"], ["y"], keepdims=0), 13, x, out="INT64", rank=1)
+    np.testing.assert_array_equal(y, [0, 1, 1])

@@ -480,6 +480,28 @@ static void LM_SFX(lm_reduce_cols)(int64_t kind, int64_t K, int64_t inner, int64
     }
 }
 
+/* the first (last: the last) k with x[k] == m, or x[k] NaN if m is NaN; m occurs in x.  Blocks of LM_RL
+ * are tested with a vectorised any-equal, then the hit block is scanned. */
+static inline int64_t LM_SFX(lm_find)(int64_t K, const LM_T *restrict x, LM_T m, int64_t last)
+{
+    const int isnan_m = m != m;
+    int64_t nb = (K + LM_RL - 1) / LM_RL, b, j;
+    for (b = 0; b < nb; b++) {
+        const int64_t kb = (last ? nb - 1 - b : b) * LM_RL;
+        const int64_t n = K - kb < LM_RL ? K - kb : LM_RL;
+        int hit = 0;
+        #pragma omp simd reduction(|:hit)
+        for (j = 0; j < n; j++) hit |= isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m;
+        if (!hit) continue;
+        if (last) {
+            for (j = n - 1; j >= 0; j--) if (isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m) return kb + j;
+        } else {
+            for (j = 0; j < n; j++) if (isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m) return kb + j;
+        }
+    }
+    return 0;
+}
+
 /* arg max/min over K for columns [i0, i0+ni) of one outer index; y int64.  NumPy's semantics: the first
  * NaN wins (as the largest and as the smallest); select_last: the last occurrence of the extremum (the
  * last NaN).  inner == 1: the extremum first (vectorised), then the index of its first/last occurrence. */
@@ -489,16 +511,7 @@ static void LM_SFX(lm_arg_reduce_cols)(int64_t kind, int64_t last, int64_t K, in
     int64_t k, i;
     if (inner == 1) {
         LM_T m = kind == 0 ? LM_SFX(lm_row_max)(K, x) : LM_SFX(lm_row_min)(K, x);
-        int64_t at = 0;
-        if (m != m) {
-            if (last) { for (k = K - 1; k >= 0; k--) if (x[k] != x[k]) { at = k; break; } }
-            else { for (k = 0; k < K; k++) if (x[k] != x[k]) { at = k; break; } }
-        } else if (last) {
-            for (k = K - 1; k >= 0; k--) if (x[k] == m) { at = k; break; }
-        } else {
-            for (k = 0; k < K; k++) if (x[k] == m) { at = k; break; }
-        }
-        y[0] = at;
+        y[0] = LM_SFX(lm_find)(K, x, m, last);
         return;
     }
     {
