@@ -32,6 +32,14 @@ ONNX_TO_LIBML = {
     "Transpose": ["transpose"], "Cast": ["cast"], "Gather": ["transpose", "matmul", "reshape"],
     "Concat": ["transpose", "matmul", "add"], "Constant": None, "Shape": None,
 }
+# the reduction family (onnx_import.REDUCE_IMPORT_OPS -> ops_reduce.py)
+ONNX_TO_LIBML.update({
+    "ReduceSum": ["sum"], "ReduceMean": ["sum"], "ReduceMax": ["reduce_max", "transpose", "reshape"],
+    "ReduceMin": ["reduce_min", "transpose", "reshape"], "ReduceProd": ["reduce_prod", "transpose", "reshape"],
+    "ReduceSumSquare": ["square", "sum"], "ReduceL1": ["abs", "sum"], "ReduceL2": ["square", "sum", "sqrt"],
+    "ReduceLogSum": ["sum", "log"], "ReduceLogSumExp": ["logsumexp", "transpose", "reshape"],
+    "ArgMax": ["argmax"], "ArgMin": ["argmin"], "LogSoftmax": ["log_softmax", "reshape"],
+})
 
 
 # ----------------------------------------------------------------------------------------------------
