@@ -3,8 +3,10 @@
     python benchmarks/reductions.py [--threads 1,2] [--repeat 200]
 
 For each op and axis: the median wall time of ``prog.run`` (a forward-only program of the one op; the
-call includes feeding the input and copying the result out) and of the NumPy expression computing the
-same result (NumPy is single-threaded).  Prints one row per case and the ratio NumPy / libml.
+call includes binding the input, the Python around the plan and copying the result out), the median
+time of the plan's instructions alone (``prog.profile``: the kernels), and the median of the NumPy
+expression computing the same result (NumPy is single-threaded).  Prints one row per case and the
+ratios NumPy / libml (whole call).
 """
 import argparse
 import statistics
@@ -60,12 +62,13 @@ def main(argv=None):
     threads = [int(t) for t in a.threads.split(",")]
     print(f"input (512, 1024) float32; medians of {a.repeat} calls, microseconds")
     print(f"{'op':12s} {'axis':>4s} {'numpy':>9s} " + " ".join(f"{'libml@' + str(t):>10s}" for t in threads)
+          + " " + " ".join(f"{'kernel@' + str(t):>10s}" for t in threads)
           + " " + " ".join(f"{'np/lm@' + str(t):>8s}" for t in threads))
     for name, fn, npfn in CASES:
         for axis in (1, 0):
             want = npfn(x, axis)
             t_np = _median(lambda: npfn(x, axis), a.repeat)
-            t_lm = []
+            t_lm, t_k = [], []
             for nt in threads:
                 g = lc.Graph("bench")
                 xi = g.input("x", x.shape)
@@ -77,7 +80,9 @@ def main(argv=None):
                 else:
                     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5, err_msg=name)
                 t_lm.append(_median(lambda: prog.run({"x": x}), a.repeat))
+                t_k.append(prog.profile("run", {"x": x}, repeat=a.repeat).total_ms * 1e-3)
             print(f"{name:12s} {axis:4d} {t_np * 1e6:9.1f} " + " ".join(f"{t * 1e6:10.1f}" for t in t_lm)
+                  + " " + " ".join(f"{t * 1e6:10.1f}" for t in t_k)
                   + " " + " ".join(f"{t_np / t:8.2f}" for t in t_lm))
 
 

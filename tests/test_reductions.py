@@ -406,3 +406,23 @@ def test_onnx_argmax_attributes():
     np.testing.assert_array_equal(y, [[2], [1]])
     y = _onnx_run(h.make_node("ArgMin", ["x"], ["y"], keepdims=0), 13, x, out="INT64", rank=1)
     np.testing.assert_array_equal(y, [0, 1, 1])
+
+
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 33, 100, 1000])
+def test_argmax_long_rows_ties_and_nans(K):
+    """Rows along the contiguous axis (the kernel's lane path): many ties, NaNs at random places, every
+    select_last choice, against NumPy (the first NaN / the last NaN wins)."""
+    rng = np.random.default_rng(K)
+    x = rng.integers(0, 4, (9, K)).astype(np.float64)
+    x[rng.random(x.shape) < 0.02] = np.nan
+    x[1, rng.integers(0, K, 2)] = np.nan          # rows with one or two NaNs
+    x[2] = np.inf
+    x[3] = -np.inf
+    for dtype in ("float32", "float64"):
+        xd = x.astype(dtype)
+        for op in ("argmax", "argmin"):
+            npfn = getattr(np, op)
+            for last in (False, True):
+                y, _ = _run(lambda x: getattr(lc, op)(x, axis=1, select_last=last), {"x": x}, dtype)
+                want = (K - 1 - npfn(np.flip(xd, 1), axis=1)) if last else npfn(xd, axis=1)
+                np.testing.assert_array_equal(y, want, err_msg=f"{op} last={last} {dtype}")

@@ -360,19 +360,30 @@ static int LM_SFX(lm_nonfinite)(int64_t n, const LM_T *restrict x)
 #define LM_MAXSTEP(a, v) ((v) > (a) || (v) != (v) ? (v) : (a))
 #define LM_MINSTEP(a, v) ((v) < (a) || (v) != (v) ? (v) : (a))
 
+/* the first NaN of a row known to hold one (NumPy returns that element) */
+static inline LM_T LM_SFX(lm_first_nan)(int64_t K, const LM_T *restrict x)
+{
+    int64_t k;
+    for (k = 0; k < K; k++) if (x[k] != x[k]) return x[k];
+    return x[0];
+}
+
+/* max / min of a contiguous row: plain compare-selects in LM_RL lanes (a NaN never enters them) and a
+ * NaN flag beside them -- measured 1.5x faster than a NaN-propagating select in the lanes (AVX2) */
 static inline LM_T LM_SFX(lm_row_max)(int64_t K, const LM_T *restrict x)
 {
     LM_T lane[LM_RL];
     int64_t k, j;
-    const LM_T init = -(LM_T)INFINITY;
-    for (j = 0; j < LM_RL; j++) lane[j] = init;
+    int nan = 0;
+    for (j = 0; j < LM_RL; j++) lane[j] = -(LM_T)INFINITY;
     for (k = 0; k + LM_RL <= K; k += LM_RL) {
-        #pragma omp simd
-        for (j = 0; j < LM_RL; j++) lane[j] = LM_MAXSTEP(lane[j], x[k + j]);
+        #pragma omp simd reduction(|:nan)
+        for (j = 0; j < LM_RL; j++) { LM_T v = x[k + j]; lane[j] = v > lane[j] ? v : lane[j]; nan |= v != v; }
     }
-    for (j = 0; k + j < K; j++) lane[j] = LM_MAXSTEP(lane[j], x[k + j]);
+    for (j = 0; k + j < K; j++) { LM_T v = x[k + j]; lane[j] = v > lane[j] ? v : lane[j]; nan |= v != v; }
+    if (nan) return LM_SFX(lm_first_nan)(K, x);
     LM_T m = lane[0];
-    for (j = 1; j < LM_RL; j++) m = LM_MAXSTEP(m, lane[j]);
+    for (j = 1; j < LM_RL; j++) m = lane[j] > m ? lane[j] : m;
     return m;
 }
 
@@ -380,15 +391,16 @@ static inline LM_T LM_SFX(lm_row_min)(int64_t K, const LM_T *restrict x)
 {
     LM_T lane[LM_RL];
     int64_t k, j;
-    const LM_T init = (LM_T)INFINITY;
-    for (j = 0; j < LM_RL; j++) lane[j] = init;
+    int nan = 0;
+    for (j = 0; j < LM_RL; j++) lane[j] = (LM_T)INFINITY;
     for (k = 0; k + LM_RL <= K; k += LM_RL) {
-        #pragma omp simd
-        for (j = 0; j < LM_RL; j++) lane[j] = LM_MINSTEP(lane[j], x[k + j]);
+        #pragma omp simd reduction(|:nan)
+        for (j = 0; j < LM_RL; j++) { LM_T v = x[k + j]; lane[j] = v < lane[j] ? v : lane[j]; nan |= v != v; }
     }
-    for (j = 0; k + j < K; j++) lane[j] = LM_MINSTEP(lane[j], x[k + j]);
+    for (j = 0; k + j < K; j++) { LM_T v = x[k + j]; lane[j] = v < lane[j] ? v : lane[j]; nan |= v != v; }
+    if (nan) return LM_SFX(lm_first_nan)(K, x);
     LM_T m = lane[0];
-    for (j = 1; j < LM_RL; j++) m = LM_MINSTEP(m, lane[j]);
+    for (j = 1; j < LM_RL; j++) m = lane[j] < m ? lane[j] : m;
     return m;
 }
 
@@ -480,38 +492,44 @@ static void LM_SFX(lm_reduce_cols)(int64_t kind, int64_t K, int64_t inner, int64
     }
 }
 
-/* the first (last: the last) k with x[k] == m, or x[k] NaN if m is NaN; m occurs in x.  Blocks of LM_RL
- * are tested with a vectorised any-equal, then the hit block is scanned. */
+/* the first (last: the last) k with x[k] == m -- or, m NaN, with x[k] NaN -- in a row holding it.
+ * Blocks of LM_FB elements are tested with a vectorised any-equal, then the hit block is scanned.  Two
+ * passes (lm_row_max, then this) measured 2.4x faster than one pass carrying (value, index) lanes. */
+#define LM_FB 64
+#define LM_FIND(HIT)                                                                                   \
+    for (b = 0; b < nb; b++) {                                                                         \
+        const int64_t kb = (last ? nb - 1 - b : b) * LM_FB, n = K - kb < LM_FB ? K - kb : LM_FB;       \
+        int hit = 0;                                                                                   \
+        _Pragma("omp simd reduction(|:hit)") for (j = 0; j < n; j++) hit |= HIT(x[kb + j]);            \
+        if (!hit) continue;                                                                            \
+        if (last) { for (j = n - 1; j >= 0; j--) if (HIT(x[kb + j])) return kb + j; }                  \
+        else { for (j = 0; j < n; j++) if (HIT(x[kb + j])) return kb + j; }                            \
+    }
 static inline int64_t LM_SFX(lm_find)(int64_t K, const LM_T *restrict x, LM_T m, int64_t last)
 {
-    const int isnan_m = m != m;
-    int64_t nb = (K + LM_RL - 1) / LM_RL, b, j;
-    for (b = 0; b < nb; b++) {
-        const int64_t kb = (last ? nb - 1 - b : b) * LM_RL;
-        const int64_t n = K - kb < LM_RL ? K - kb : LM_RL;
-        int hit = 0;
-        #pragma omp simd reduction(|:hit)
-        for (j = 0; j < n; j++) hit |= isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m;
-        if (!hit) continue;
-        if (last) {
-            for (j = n - 1; j >= 0; j--) if (isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m) return kb + j;
-        } else {
-            for (j = 0; j < n; j++) if (isnan_m ? x[kb + j] != x[kb + j] : x[kb + j] == m) return kb + j;
-        }
-    }
+    const int64_t nb = (K + LM_FB - 1) / LM_FB;
+    int64_t b, j;
+#define LM_IS_M(v) ((v) == m)
+#define LM_IS_NAN(v) ((v) != (v))
+    if (m == m) { LM_FIND(LM_IS_M) }
+    else { LM_FIND(LM_IS_NAN) }
+#undef LM_IS_M
+#undef LM_IS_NAN
     return 0;
 }
+#undef LM_FIND
+#undef LM_FB
 
 /* arg max/min over K for columns [i0, i0+ni) of one outer index; y int64.  NumPy's semantics: the first
  * NaN wins (as the largest and as the smallest); select_last: the last occurrence of the extremum (the
- * last NaN).  inner == 1: the extremum first (vectorised), then the index of its first/last occurrence. */
+ * last NaN).  inner == 1: the extremum, then lm_find; inner > 1: each column tracks its extremum and
+ * index over k. */
 static void LM_SFX(lm_arg_reduce_cols)(int64_t kind, int64_t last, int64_t K, int64_t inner, int64_t i0,
                                        int64_t ni, const LM_T *x, int64_t *y, LM_T *acc)
 {
     int64_t k, i;
     if (inner == 1) {
-        LM_T m = kind == 0 ? LM_SFX(lm_row_max)(K, x) : LM_SFX(lm_row_min)(K, x);
-        y[0] = LM_SFX(lm_find)(K, x, m, last);
+        y[0] = LM_SFX(lm_find)(K, x, kind == 0 ? LM_SFX(lm_row_max)(K, x) : LM_SFX(lm_row_min)(K, x), last);
         return;
     }
     {
