@@ -355,10 +355,6 @@ static int LM_SFX(lm_nonfinite)(int64_t n, const LM_T *restrict x)
  * row (vectorised), then combine in lane order; inner > 1: each column's accumulator runs over k in
  * order, the loop over columns vectorised. */
 #define LM_RL 16
-/* the NaN-propagating max/min steps: a NaN accumulator stays (no comparison with it is true), a NaN
- * element replaces it (v != v) */
-#define LM_MAXSTEP(a, v) ((v) > (a) || (v) != (v) ? (v) : (a))
-#define LM_MINSTEP(a, v) ((v) < (a) || (v) != (v) ? (v) : (a))
 
 /* the first NaN of a row known to hold one (NumPy returns that element) */
 static inline LM_T LM_SFX(lm_first_nan)(int64_t K, const LM_T *restrict x)
@@ -452,17 +448,27 @@ static void LM_SFX(lm_reduce_cols)(int64_t kind, int64_t K, int64_t inner, int64
         const LM_T init = kind == 0 ? -(LM_T)INFINITY : kind == 1 ? (LM_T)INFINITY : kind == 2 ? (LM_T)1
                           : -(LM_T)INFINITY;
         for (i = 0; i < ni; i++) a[i] = init;
-        if (kind == 0 || kind == 3) {
-            for (k = 0; k < K; k++) {
-                const LM_T *restrict r = x + k * inner + i0;
-                #pragma omp simd
-                for (i = 0; i < ni; i++) a[i] = LM_MAXSTEP(a[i], r[i]);
+        if (kind != 2) {
+            /* max / min: plain compare-selects and one NaN flag for the task (as lm_row_max); a column
+               holding a NaN gets its first NaN afterwards */
+            int nan = 0;
+            if (kind == 1) {
+                for (k = 0; k < K; k++) {
+                    const LM_T *restrict r = x + k * inner + i0;
+                    #pragma omp simd reduction(|:nan)
+                    for (i = 0; i < ni; i++) { LM_T v = r[i]; a[i] = v < a[i] ? v : a[i]; nan |= v != v; }
+                }
+            } else {
+                for (k = 0; k < K; k++) {
+                    const LM_T *restrict r = x + k * inner + i0;
+                    #pragma omp simd reduction(|:nan)
+                    for (i = 0; i < ni; i++) { LM_T v = r[i]; a[i] = v > a[i] ? v : a[i]; nan |= v != v; }
+                }
             }
-        } else if (kind == 1) {
-            for (k = 0; k < K; k++) {
-                const LM_T *restrict r = x + k * inner + i0;
-                #pragma omp simd
-                for (i = 0; i < ni; i++) a[i] = LM_MINSTEP(a[i], r[i]);
+            if (nan) {
+                for (i = 0; i < ni; i++)
+                    for (k = 0; k < K; k++)
+                        if (x[k * inner + i0 + i] != x[k * inner + i0 + i]) { a[i] = x[k * inner + i0 + i]; break; }
             }
         } else {
             for (k = 0; k < K; k++) {
@@ -602,6 +608,4 @@ static void LM_SFX(lm_log_softmax_outer)(int64_t K, int64_t inner, const LM_T *x
         }
     }
 }
-#undef LM_MAXSTEP
-#undef LM_MINSTEP
 #undef LM_RL
