@@ -32,6 +32,10 @@ __all__ = ["LibmlBackend", "LibmlBackendRep", "prepare", "run_model", "run_node"
 
 # (op_type, input index) pairs whose value must be known at compile time
 _STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather", 1)}
+# ... and the axes input of the Reduce* ops (opset >= 18; ReduceSum >= 13)
+_STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                                        "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
+                                        "ReduceLogSumExp")}
 
 
 def _static_inputs(model) -> List[str]:

@@ -642,6 +642,8 @@ def _emit_op(em, t, loc, state, optimizer):
         em.emit("softmax", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "K": t.shape[ax], "inner": inner,
                                  **_opnd("x", loc(t.inputs[0])), **_opnd("y", loc(t))})
         return {"op": op, "node": t.name, "flops": 4 * t.size, "bytes": nbytes(t, t)}
+    if op in ("reduce_max", "reduce_min", "reduce_prod", "logsumexp", "argmax", "argmin", "log_softmax"):
+        return _emit_reduction(em, nid, t, loc)
     if op == "softmax_xent":
         z, y = t.inputs
         em.emit("softmax_xent", nid, {"dtype": F.DTYPE_CODE[t.dtype], "B": z.shape[0], "C": z.shape[1],
@@ -747,6 +749,31 @@ def _emit_op(em, t, loc, state, optimizer):
                  **_opnd("step", (F.SLOT_STATE, step)), "param": recs})
         return {"op": op, "node": t.name, "flops": 10 * sum(p.size for p in ps), "bytes": 5 * nbytes(*ps)}
     raise NotImplementedError(f"no lowering for op {op!r} (node {t.name!r})")
+
+
+def _emit_reduction(em, nid, t, loc):
+    """The reduce / arg_reduce / log_softmax instructions: x seen as a contiguous (outer, K, inner) array
+    whose middle axis (one contiguous run of x's axes, ops_reduce guarantees it) is reduced."""
+    from .ops_reduce import KINDS
+    x = t.inputs[0]
+    axes = t.attrs["axes"] if "axes" in t.attrs else (t.attrs["axis"],)
+    lo, hi = axes[0], axes[-1] + 1
+    outer = int(np.prod(x.shape[:lo], dtype=np.int64))
+    K = int(np.prod(x.shape[lo:hi], dtype=np.int64))
+    inner = int(np.prod(x.shape[hi:], dtype=np.int64))
+    base = {"dtype": F.DTYPE_CODE[x.dtype], "outer": outer, "K": K, "inner": inner,
+            **_opnd("x", loc(x)), **_opnd("y", loc(t))}
+    isz = np.dtype(x.dtype).itemsize
+    if t.op == "log_softmax":
+        em.emit("log_softmax", nid, base)
+        return {"op": t.op, "node": t.name, "flops": 4 * x.size, "bytes": 2 * x.size * isz}
+    if t.op in ("argmax", "argmin"):
+        em.emit("arg_reduce", nid, {**base, "kind": F.ARG_REDUCE_KINDS[t.op],
+                                    "select_last": int(t.attrs["select_last"])})
+        return {"op": t.op, "node": t.name, "flops": x.size, "bytes": x.size * isz + 8 * t.size}
+    em.emit("reduce", nid, {**base, "kind": F.REDUCE_KINDS[KINDS[t.op]]})
+    return {"op": t.op, "node": t.name, "flops": (3 if t.op == "logsumexp" else 1) * x.size,
+            "bytes": (x.size + t.size) * isz}
 
 
 def _emit_copy_nd(em, nid, dtype, dims, src, src_strides, dst, dst_strides):

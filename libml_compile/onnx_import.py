@@ -87,6 +87,17 @@ def integer_capable(op_type: str) -> bool:
     return all(d.int_ok for d in registry_onnx_ops().get(op_type, ()))
 
 
+#: the reduction family (``_Importer.reduce_family``, below; ops_reduce.py): hand-written handlers, as their
+#: axes come as an attribute or an input by opset
+REDUCE_IMPORT_OPS: Dict[str, Tuple[str, ...]] = {
+    "ReduceSum": ("sum",), "ReduceMean": ("sum",), "ReduceMax": ("reduce_max", "transpose", "reshape"),
+    "ReduceMin": ("reduce_min", "transpose", "reshape"), "ReduceProd": ("reduce_prod", "transpose", "reshape"),
+    "ReduceSumSquare": ("square", "sum"), "ReduceL1": ("abs", "sum"), "ReduceL2": ("square", "sum", "sqrt"),
+    "ReduceLogSum": ("sum", "log"), "ReduceLogSumExp": ("logsumexp", "transpose", "reshape"),
+    "ArgMax": ("argmax",), "ArgMin": ("argmin",), "LogSoftmax": ("log_softmax", "reshape"),
+}
+HANDLERS.update({k: ("op_reduce_family", v, False) for k, v in REDUCE_IMPORT_OPS.items()})
+
 #: ONNX operators (default domain) the importer translates: the registry's plus the hand-written ones.
 SUPPORTED_OPS: Tuple[str, ...] = tuple(sorted(set(registry_onnx_ops()) | set(HANDLERS)))
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
@@ -842,6 +853,9 @@ class _Importer:
     def op_concat(self, node, at):
         return [self.concat(node, at)]
 
+    def op_reduce_family(self, node, at):
+        return [self.reduce_family(node, at)]
+
     # -- op translations -----------------------------------------------------------------------------
     def constant(self, node, at):
         from onnx import numpy_helper
@@ -1032,6 +1046,127 @@ class _Importer:
             from .ops import REGISTRY
             return REGISTRY["concat"].ref({"axis": axis}, *vals)
         return lc.concat([self.T(v) for v in vals], axis=axis, name=out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the reduction family: ONNX Reduce*, ArgMax/ArgMin, LogSoftmax
+# ----------------------------------------------------------------------------------------------------
+
+#: opset from which each Reduce* op takes ``axes`` as its second input (before: an attribute)
+_AXES_INPUT_SINCE = {"ReduceSum": 13}
+
+
+def _eval_const(build, *arrays):
+    """The value of ``build(*consts)`` for constant ``arrays``: the lc expression is declared on a scratch
+    graph and evaluated node by node with the registry's NumPy references -- constant folding through the
+    same reference as the compiler's (no second NumPy copy of an op's semantics here)."""
+    from .ir import Graph
+    from .ops import REGISTRY
+    g = Graph("onnx_fold")
+    out = build(*[g.const(np.asarray(a)) for a in arrays])
+    vals = {}
+    for t in g.nodes:
+        if t.op == "const":
+            vals[t] = t.value
+        else:
+            with np.errstate(all="ignore"):
+                vals[t] = np.asarray(REGISTRY[t.op].ref(t.attrs, *[vals[i] for i in t.inputs]),
+                                     dtype=t.dtype).reshape(t.shape)
+    return vals[out]
+
+
+def _reduce_fn(lc, op):
+    return {"ReduceSum": lc.sum, "ReduceMean": lc.mean, "ReduceMax": lc.max, "ReduceMin": lc.min,
+            "ReduceProd": lc.prod, "ReduceSumSquare": lc.sum_square, "ReduceL1": lc.l1_norm,
+            "ReduceL2": lc.l2_norm, "ReduceLogSum": lc.log_sum, "ReduceLogSumExp": lc.logsumexp}[op]
+
+
+def _reduce_family(self, node, at):
+    """Reduce* (axes as attribute before opset 18 -- 13 for ReduceSum -- and as optional input after;
+    keepdims; noop_with_empty_axes), ArgMax/ArgMin (axis, keepdims, select_last_index), LogSoftmax
+    (opset < 13: over the flattened axes from ``axis`` on, as Softmax)."""
+    op = node.op_type
+    if op == "LogSoftmax":
+        return self._log_softmax_node(node, at)
+    if op in ("ArgMax", "ArgMin"):
+        return self._arg_node(node, at)
+    x = self.get(node, 0)
+    out = node.output[0]
+    r = len(self.shape(x))
+    if self.opset >= _AXES_INPUT_SINCE.get(op, 18):
+        if "axes" in at:
+            raise self.err(node, f"attribute 'axes' is not part of {op} in opset {self.opset} (an input since "
+                                 f"opset {_AXES_INPUT_SINCE.get(op, 18)})")
+        a = self.get(node, 1)
+        axes = [] if a is None else [int(v) for v in self.static_ints(node, a, "axes")]
+        noop = int(at.get("noop_with_empty_axes", 0))
+    else:
+        axes = [int(v) for v in at.get("axes", [])]
+        noop = 0
+    keepdims = bool(at.get("keepdims", 1))
+    for v in axes:
+        if not -r <= v < max(r, 1):
+            raise self.err(node, f"axis {v} is out of range for shape {self.shape(x)}")
+    axes = sorted({v % max(r, 1) for v in axes}) if r else []
+    if not axes and noop:
+        return x if self.is_const(x) else self.lc.identity(x, name=out)
+    axes_t = tuple(axes) if axes else tuple(range(r))
+    if x.dtype not in ("float32", "float64"):
+        raise self.err(node, f"{op} of {x.dtype} data is not supported (libml reduces float32/float64 tensors)")
+    if self.is_const(x):
+        return _eval_const(lambda c: _reduce_fn(self.lc, op)(c, axis=axes_t, keepdims=keepdims), x)
+    return _reduce_fn(self.lc, op)(x, axis=axes_t, keepdims=keepdims, name=out)
+
+
+def _arg_node(self, node, at):
+    x = self.get(node, 0)
+    shp = self.shape(x)
+    r = len(shp)
+    axis = int(at.get("axis", 0))
+    if not -r <= axis < r:
+        raise self.err(node, f"axis {axis} is out of range for shape {shp}")
+    axis %= r
+    keepdims = bool(at.get("keepdims", 1))
+    last = bool(at.get("select_last_index", 0))
+    if x.dtype not in ("float32", "float64"):
+        raise self.err(node, f"{node.op_type} of {x.dtype} data is not supported (float32/float64 only)")
+    fn = self.lc.argmax if node.op_type == "ArgMax" else self.lc.argmin
+    if self.is_const(x):
+        return _eval_const(lambda c: fn(c, axis=axis, keepdims=keepdims, select_last=last), x)
+    return fn(x, axis=axis, keepdims=keepdims, select_last=last, name=node.output[0])
+
+
+def _log_softmax_node(self, node, at):
+    lc = self.lc
+    x = self.get(node, 0)
+    shp = self.shape(x)
+    r = len(shp)
+    out = node.output[0]
+    if self.opset < 13:
+        axis = int(at.get("axis", 1))
+        axis = axis + r if axis < 0 else axis
+        if not 0 <= axis <= r:
+            raise self.err(node, f"axis {at.get('axis', 1)} out of range for shape {shp}")
+        n = int(np.prod(shp[:axis], dtype=np.int64))
+        d = int(np.prod(shp[axis:], dtype=np.int64))
+        if self.is_const(x):
+            return _eval_const(lambda c: lc.reshape(lc.log_softmax(lc.reshape(c, (n, d)), axis=-1), shp), x)
+        if r == 2 and axis == 1:
+            return lc.log_softmax(x, axis=-1, name=out)
+        x2 = lc.reshape(x, (n, d), name=self.fresh(out))
+        s = lc.log_softmax(x2, axis=-1, name=self.fresh(out))
+        return lc.reshape(s, shp, name=out)
+    axis = int(at.get("axis", -1))
+    if not -r <= axis < r:
+        raise self.err(node, f"axis {axis} out of range for shape {shp}")
+    if self.is_const(x):
+        return _eval_const(lambda c: lc.log_softmax(c, axis=axis), x)
+    return lc.log_softmax(x, axis=axis, name=out)
+
+
+_Importer.reduce_family = _reduce_family
+_Importer._arg_node = _arg_node
+_Importer._log_softmax_node = _log_softmax_node
 
 
 def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,

@@ -797,3 +797,5 @@ def gather(x, indices, axis=0, name=None):
 
 # the elementwise family declares itself into REGISTRY (one declaration per op, see ops_ew.py)
 from . import ops_ew  # noqa: E402,F401
+# ... and so does the reduction family (ops_reduce.py)
+from . import ops_reduce  # noqa: E402,F401

@@ -73,7 +73,20 @@ def base_plans(tmp_path_factory):
     prog = lc.compile(g, loss, lc.SGD(lr=0.1))
     assert {"concat", "slice", "gather", "gather_grad"} <= {r["op"] for r in prog.instructions("step")}
     prog.save(d / "moves.plan")
-    for name in ("sgd.plan", "adam.plan", "mix.plan", "adam_split.plan", "moves.plan"):
+    # the reduction kernels: reduce (max, prod, logsumexp), arg_reduce, log_softmax
+    g = lc.Graph("reductions")
+    x = g.input("x", (3, 4, 5))
+    w = g.param("w", np.linspace(0.5, 1.5, 20, dtype=np.float32).reshape(4, 5))
+    h = x * w
+    g.output("am", lc.argmax(h, axis=1, select_last=True))
+    loss = lc.mean(lc.max(h, axis=(0, 2))) + lc.mean(lc.prod(h, axis=0)) + lc.mean(lc.logsumexp(h, axis=2)) \
+        + lc.mean(lc.log_softmax(h, axis=1))
+    g.output("loss", loss)
+    prog = lc.compile(g, loss, lc.SGD(lr=0.1))
+    assert {"reduce_max", "reduce_prod", "logsumexp", "argmax", "log_softmax"} <= \
+        {r["op"] for r in prog.instructions("step")} | {r["op"] for r in prog.instructions("run")}
+    prog.save(d / "reductions.plan")
+    for name in ("sgd.plan", "adam.plan", "mix.plan", "adam_split.plan", "moves.plan", "reductions.plan"):
         paths.append(str(d / name))
     return d, paths
 

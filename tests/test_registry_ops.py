@@ -211,6 +211,11 @@ def test_every_internal_op_is_reached_by_a_gradient():
         g, out, loss, _, _ = _build(name, arrays, ["param"] * len(arrays), np.float64, loss=True)
         autodiff.grad_graph(loss, [t for t in g.nodes if t.op == "param"])
         reached |= {t.op for t in g.nodes}
+    for name in ATTR_OPS:  # (e.g. reduce_prod's gradient builds prod_grad)
+        g, out, _, _, diff, _ = _attr_case(name, np.float64, "param")
+        if any(diff):
+            autodiff.grad_graph(lc.sum(out), [t for t in g.nodes if t.op == "param"])
+            reached |= {t.op for t in g.nodes}
     missing = sorted(set(_internal_ew()) - reached)
     assert not missing, f"internal elementwise ops no gradient uses (untested): {missing}"
 
@@ -530,6 +535,18 @@ ATTR_OPS = {
                               {"axis": 0}),
     "softmax_xent": lambda r, n=1: ([(r.standard_normal((4 * n, 3)) * 2, True), (np.arange(4 * n) % 3, False)],
                                     {}),
+    # the reduction kernels (ops_reduce.py): distinct values keep max/min/finite differences off ties
+    "reduce_max": lambda r, n=1: ([(r.permutation(60 * n).reshape(3, 4 * n, 5) * 0.1, True)],
+                                  {"axes": (1, 2), "keepdims": False}),
+    "reduce_min": lambda r, n=1: ([(r.permutation(60 * n).reshape(3 * n, 4, 5) * 0.1, True)],
+                                  {"axes": (0,), "keepdims": True}),
+    "reduce_prod": lambda r, n=1: ([(r.uniform(0.5, 1.5, (3, 4, 5 * n)), True)], {"axes": (1,), "keepdims": False}),
+    "logsumexp": lambda r, n=1: ([(r.standard_normal((3, 4 * n, 5)) * 3, True)], {"axes": (1, 2), "keepdims": True}),
+    "argmax": lambda r, n=1: ([(r.standard_normal((3, 4 * n, 5)), False)], {"axis": 1, "keepdims": False,
+                                                                           "select_last": False}),
+    "argmin": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)), False)], {"axis": 2, "keepdims": True,
+                                                                           "select_last": True}),
+    "log_softmax": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 3, True)], {"axis": 1}),
 }
 
 

@@ -66,6 +66,16 @@ cdef extern from "kernels.h" nogil:
                      float eps, float wd, float step_size, float inv_sqrt_bc2)
     void lm_adam_f64(int64_t n, double *p, const double *g, double *m, double *v, double lr, double b1,
                      double b2, double eps, double wd, double step_size, double inv_sqrt_bc2)
+    void lm_reduce_cols_f32(int64_t kind, int64_t K, int64_t inner, int64_t i0, int64_t ni, const float *x,
+                            float *y, float *acc)
+    void lm_reduce_cols_f64(int64_t kind, int64_t K, int64_t inner, int64_t i0, int64_t ni, const double *x,
+                            double *y, double *acc)
+    void lm_arg_reduce_cols_f32(int64_t kind, int64_t last, int64_t K, int64_t inner, int64_t i0, int64_t ni,
+                                const float *x, int64_t *y, float *acc)
+    void lm_arg_reduce_cols_f64(int64_t kind, int64_t last, int64_t K, int64_t inner, int64_t i0, int64_t ni,
+                                const double *x, int64_t *y, double *acc)
+    void lm_log_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
+    void lm_log_softmax_outer_f64(int64_t K, int64_t inner, const double *x, double *y, double *tmp)
     int lm_nonfinite_f32(int64_t n, const float *x)
     int lm_nonfinite_f64(int64_t n, const double *x)
     int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
@@ -462,6 +472,89 @@ cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) 
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# reductions over the middle axis of (outer, K, inner): max/min/prod/logsumexp, argmax/argmin, log_softmax
+
+DEF RED_COLS = 512  # output columns per task when inner > 1 (a task's accumulators stay in L1)
+
+
+cdef int _reduce(floating dummy, const int64_t *f, char **bases, int nthreads, bint arg) noexcept nogil:
+    """One task = (outer index, block of RED_COLS output columns); tasks depend on the shape only and each
+    output element is reduced by one task in a fixed order, so any thread count gives the same bits."""
+    cdef int64_t outer, K, inner, kind, last = 0, ncb, ntask, t, o, cb, i0, ni
+    cdef floating *x
+    cdef char *y
+    cdef floating *ws
+    cdef floating *acc
+    cdef int nt
+    if arg:
+        outer, K, inner = f[LM_F_ARG_REDUCE_outer], f[LM_F_ARG_REDUCE_K], f[LM_F_ARG_REDUCE_inner]
+        kind, last = f[LM_F_ARG_REDUCE_kind], f[LM_F_ARG_REDUCE_select_last]
+        x = <floating*>_ptr(bases, f + LM_F_ARG_REDUCE_x_slot)
+        y = _ptr(bases, f + LM_F_ARG_REDUCE_y_slot)
+    else:
+        outer, K, inner = f[LM_F_REDUCE_outer], f[LM_F_REDUCE_K], f[LM_F_REDUCE_inner]
+        kind = f[LM_F_REDUCE_kind]
+        x = <floating*>_ptr(bases, f + LM_F_REDUCE_x_slot)
+        y = _ptr(bases, f + LM_F_REDUCE_y_slot)
+    if outer * inner == 0:
+        return 0
+    ncb = (inner + RED_COLS - 1) // RED_COLS
+    ntask = outer * ncb
+    nt = _threads(outer * (K if K > 0 else 1) * inner, nthreads)
+    if nt > ntask:
+        nt = <int>ntask
+    ws = <floating*>malloc(nt * RED_COLS * sizeof(floating))
+    if ws == NULL:
+        return ERR_NOMEM
+    with parallel(num_threads=nt):
+        acc = ws + threadid() * RED_COLS
+        for t in prange(ntask, schedule="static"):
+            o = t // ncb
+            cb = t - o * ncb
+            i0 = cb * RED_COLS
+            ni = inner - i0 if inner - i0 < RED_COLS else RED_COLS
+            if arg:
+                if floating is float:
+                    lm_arg_reduce_cols_f32(kind, last, K, inner, i0, ni, <float*>x + o * K * inner,
+                                           <int64_t*>y + o * inner, <float*>acc)
+                else:
+                    lm_arg_reduce_cols_f64(kind, last, K, inner, i0, ni, <double*>x + o * K * inner,
+                                           <int64_t*>y + o * inner, <double*>acc)
+            else:
+                if floating is float:
+                    lm_reduce_cols_f32(kind, K, inner, i0, ni, <float*>x + o * K * inner, <float*>y + o * inner,
+                                       <float*>acc)
+                else:
+                    lm_reduce_cols_f64(kind, K, inner, i0, ni, <double*>x + o * K * inner, <double*>y + o * inner,
+                                       <double*>acc)
+    free(ws)
+    return 0
+
+
+cdef int _log_softmax(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+    cdef int64_t outer = f[LM_F_LOG_SOFTMAX_outer], K = f[LM_F_LOG_SOFTMAX_K], inner = f[LM_F_LOG_SOFTMAX_inner], o
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_LOG_SOFTMAX_x_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_LOG_SOFTMAX_y_slot)
+    cdef floating *tmp
+    cdef floating *ws
+    cdef int nt = _threads(outer * K * inner, nthreads)
+    if outer * K * inner == 0:
+        return 0
+    ws = <floating*>malloc(nt * (2 * inner + 1) * sizeof(floating))
+    if ws == NULL:
+        return ERR_NOMEM
+    with parallel(num_threads=nt):
+        tmp = ws + threadid() * (2 * inner + 1)
+        for o in prange(outer, schedule="static"):
+            if floating is float:
+                lm_log_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+            else:
+                lm_log_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+    free(ws)
+    return 0
+
+
 cdef int _xent(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
     cdef int64_t B = f[LM_F_SOFTMAX_XENT_B], C = f[LM_F_SOFTMAX_XENT_C], bad
     cdef floating *z = <floating*>_ptr(bases, f + LM_F_SOFTMAX_XENT_logits_slot)
@@ -784,6 +877,15 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_SCATTER_ADD:
             rc = _scatter_add(f32, f, bases, detail) if f[LM_F_SCATTER_ADD_dtype] == 0 \
                 else _scatter_add(f64, f, bases, detail)
+        elif op == LM_OP_REDUCE:
+            rc = _reduce(f32, f, bases, nthreads, False) if f[LM_F_REDUCE_dtype] == 0 \
+                else _reduce(f64, f, bases, nthreads, False)
+        elif op == LM_OP_ARG_REDUCE:
+            rc = _reduce(f32, f, bases, nthreads, True) if f[LM_F_ARG_REDUCE_dtype] == 0 \
+                else _reduce(f64, f, bases, nthreads, True)
+        elif op == LM_OP_LOG_SOFTMAX:
+            rc = _log_softmax(f32, f, bases, nthreads) if f[LM_F_LOG_SOFTMAX_dtype] == 0 \
+                else _log_softmax(f64, f, bases, nthreads)
         else:
             rc = ERR_OPCODE
         if rc != 0:

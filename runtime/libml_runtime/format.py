@@ -72,13 +72,27 @@ OPCODES = [
      "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
      "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
      "epi.vm epi.b epi.c"),
+    # ---- format 2.1: reductions (libml_compile/ops_reduce.py).  All three view x as a contiguous
+    # (outer, K, inner) array and reduce / normalise its middle axis; every output element is computed by
+    # one thread in a fixed order, so results do not depend on the thread count.
+    # kind (REDUCE_KINDS): 0 max, 1 min, 2 prod, 3 logsumexp; y is (outer, inner).
+    (17, "reduce", "dtype kind outer K inner x.slot x.offset y.slot y.offset"),
+    # kind 0 argmax, 1 argmin; y int64 (outer, inner); select_last 0/1 picks the first/last extremum
+    (18, "arg_reduce", "dtype kind select_last outer K inner x.slot x.offset y.slot y.offset"),
+    # y = x - max - log(sum(exp(x - max))) along K, y of x's shape
+    (19, "log_softmax", "dtype outer K inner x.slot x.offset y.slot y.offset"),
 ]
+
+#: the ``kind`` field of the reduce / arg_reduce instructions
+REDUCE_KINDS = {"max": 0, "min": 1, "prod": 2, "logsumexp": 3}
+ARG_REDUCE_KINDS = {"argmax": 0, "argmin": 1}
 
 OP_NAMES = {code: name for code, name, _ in OPCODES}
 OP_GEMM_EX = 29
 OP_CODE = {name: code for code, name, _ in OPCODES}
 (OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, OP_SGD,
- OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD) = range(1, 17)
+ OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD, OP_REDUCE, OP_ARG_REDUCE,
+ OP_LOG_SOFTMAX) = range(1, 20)
 
 # ---------------------------------------------------------------------------------------------------
 # the register VM of fused elementwise kernels.  A program step is VM_WIDTH int64s: op dst a b c.  `a` is
@@ -187,6 +201,12 @@ VM = [
     (141, "ATAN_GRAD", 2, "x / (1 + y * y)", None),                     # y = the op's input
     # ---- ONNX import family (codes 150-159)
     (150, "SELU", 3, "x > 0 ? z * x : z * (y * expm1(x))", None),          # y = alpha, z = gamma
+    # ---- format 2.1: the gradients of the reductions (ops_reduce.py)
+    (100, "EQ_MASK", 2, "x == y ? 1 : 0", None),            # where x attains the reduced extremum y
+    # d prod / dx from x = prod of the non-zero elements, y = the input, z = its count of zeros
+    # (PyTorch's prod backward): p / x without zeros; at the only zero, the product of the others; else 0
+    (101, "PROD_GRAD", 3, "z == 0 ? x / y : (z == 1 && y == 0 ? x : 0)", None),
+    (102, "NONZERO_OR_ONE", 1, "x == 0 ? 1 : x", None),     # the factors of the product of non-zeros
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in

@@ -489,3 +489,28 @@ class _Decoder:
         isz = self.fdtype(d)
         n = self.rng("n", d["n"], 0, 2 ** 40)
         self.operand(d, "x", n * isz, align=isz)
+
+    # -- reductions over the middle axis of (outer, K, inner) -----------------------------------------
+    def _reduce_extents(self, d, out_isz):
+        isz = self.fdtype(d)
+        outer, K, inner = self.dims("dims", [d["outer"], d["K"], d["inner"]])
+        self.operand(d, "x", outer * K * inner * isz, align=isz)
+        self.operand(d, "y", outer * inner * (out_isz or isz), writable=True, align=out_isz or isz)
+        return K
+
+    def op_reduce(self, d):
+        self.rng("kind", d["kind"], 0, len(F.REDUCE_KINDS) - 1)
+        self._reduce_extents(d, None)
+
+    def op_arg_reduce(self, d):
+        self.rng("kind", d["kind"], 0, len(F.ARG_REDUCE_KINDS) - 1)
+        self.rng("select_last", d["select_last"], 0, 1)
+        # an arg-extremum over nothing has no answer (the compiler refuses it; a plan must too)
+        if self._reduce_extents(d, 8) == 0 and d["outer"] * d["inner"] > 0:
+            self.fail("K = 0: arg_reduce over an empty axis")
+
+    def op_log_softmax(self, d):
+        isz = self.fdtype(d)
+        n = math.prod(self.dims("dims", [d["outer"], d["K"], d["inner"]]))
+        self.operand(d, "x", n * isz, align=isz)
+        self.operand(d, "y", n * isz, writable=True, align=isz)
