@@ -9,6 +9,7 @@ from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean,
                   reshape, transpose, broadcast_to, cast, softmax_cross_entropy, mse, concat, gather,
                   DoubleSoftmaxWarning)
 from .ops_ew import EXPORTS as _EW_EXPORTS, PUBLIC as _EW_PUBLIC
+from .ops_logic import EXPORTS as _LOGIC_EXPORTS, PUBLIC as _LOGIC_PUBLIC
 from .optim import SGD, Adam
 from .program import Program, compile
 
@@ -17,10 +18,12 @@ __version__ = "0.1.0"
 __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "softmax", "sum",
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
            "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
-           "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS
+           "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _LOGIC_EXPORTS
 
 # the elementwise family's user functions (lc.tanh, lc.gelu, lc.leaky_relu, ...): declared with their ops
 globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
+# the comparison / logic family (lc.equal, lc.less, ..., lc.logical_and, lc.where, lc.isnan, lc.mod)
+globals().update({k: _LOGIC_PUBLIC[k] for k in _LOGIC_EXPORTS})
 
 
 def __getattr__(name):

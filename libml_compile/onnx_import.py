@@ -33,6 +33,10 @@ SUPPORTED_OPS: Tuple[str, ...] = (
     "Identity", "Constant", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Cast",
     "Shape", "Gather", "Concat",
 )
+#: the comparison / logic family (``_Importer.logic``, ops_logic.py)
+LOGIC_OPS: Tuple[str, ...] = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
+                              "Not", "IsNaN", "IsInf", "Where", "Mod")
+SUPPORTED_OPS += LOGIC_OPS
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
 #: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
 #: (``lc.concat`` / ``lc.gather``), so an Inf stays in its own element and memory is linear in the size.
@@ -41,6 +45,7 @@ FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
 #: numpy dtype names libml tensors can have.
 SUPPORTED_DTYPES: Tuple[str, ...] = (
     "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "bool",
 )
 MIN_OPSET = 7  # the README's promise; opset 6's legacy broadcast is refused, not half-supported
 
@@ -643,9 +648,49 @@ class _Importer:
             return [self.gather(node, at)]
         if op == "Concat":
             return [self.concat(node, at)]
+        if op in LOGIC_OPS:
+            return [self.logic(node, at)]
         raise UnsupportedOperatorError(op, node.name, opset, domain=node.domain, source=self.source)
 
     # -- op translations -----------------------------------------------------------------------------
+    def logic(self, node, at):
+        """Comparisons, And/Or/Xor/Not, IsNaN/IsInf, Where and Mod (ops_logic.py): NumPy at import time when
+        every input is a constant, else the lc function (bool results)."""
+        lc, op, out = self.lc, node.op_type, node.output[0]
+        binary = {"Equal": (np.equal, lc.equal), "Less": (np.less, lc.less),
+                  "LessOrEqual": (np.less_equal, lc.less_equal), "Greater": (np.greater, lc.greater),
+                  "GreaterOrEqual": (np.greater_equal, lc.greater_equal), "And": (np.logical_and, lc.logical_and),
+                  "Or": (np.logical_or, lc.logical_or), "Xor": (np.logical_xor, lc.logical_xor)}
+        if op in binary:
+            return self.binary(node, *binary[op], legacy_broadcast=False)[0]
+        if op == "Mod":
+            fm = int(at.get("fmod", 0))
+            a, b = self.get(node, 0), self.get(node, 1)
+            if self.is_const(a) and self.is_const(b):
+                if np.issubdtype(a.dtype, np.integer) and np.any(b == 0):
+                    raise self.err(node, "integer division by zero in a constant Mod")
+                with np.errstate(all="ignore"):
+                    return (np.fmod(a, b) if fm else np.mod(a, b)).astype(np.result_type(a, b))
+            return lc.mod(self.T(a, node.input[0]), self.T(b, node.input[1]), fmod=fm, name=out)
+        if op == "Where":
+            c, x, y = (self.get(node, i) for i in range(3))
+            if all(self.is_const(v) for v in (c, x, y)):
+                return np.where(c, x, y)
+            return lc.where(self.T(c, node.input[0]), self.T(x, node.input[1]), self.T(y, node.input[2]), name=out)
+        x = self.get(node, 0)
+        pos, neg = bool(at.get("detect_positive", 1)), bool(at.get("detect_negative", 1))
+        if self.is_const(x):
+            if op == "Not":
+                return np.logical_not(x)
+            if op == "IsNaN":
+                return np.isnan(x)
+            return (np.isposinf(x) & pos) | (np.isneginf(x) & neg)
+        if op == "Not":
+            return lc.logical_not(x, name=out)
+        if op == "IsNaN":
+            return lc.isnan(x, name=out)
+        return lc.isinf(x, detect_positive=pos, detect_negative=neg, name=out)
+
     def constant(self, node, at):
         from onnx import numpy_helper
         if "value" in at:
