@@ -284,6 +284,17 @@ def _elem_name(elem_type: int) -> str:
         return str(elem_type)
 
 
+def _unchanged_since(m, opset: int) -> bool:
+    """Every default-domain operator of ``m`` has, at ``opset``, the definition it still has in the newest
+    opset (e.g. Not-1): such an old model means what it says today, legacy broadcasting cannot occur."""
+    defs = _onnx().defs
+    try:
+        return all(defs.get_schema(n.op_type, opset).since_version == defs.get_schema(n.op_type).since_version
+                   for n in m.graph.node)
+    except Exception:  # an operator unknown at that opset
+        return False
+
+
 def check_supported(m, source: Optional[str] = None) -> int:
     """Check opset, operators and dtypes of a model before any other work. Returns the default opset."""
     onnx = _onnx()
@@ -295,7 +306,7 @@ def check_supported(m, source: Optional[str] = None) -> int:
             dom_versions = [op.version for op in m.opset_import if op.domain == node.domain]
             raise UnsupportedOperatorError(node.op_type, node.name, dom_versions[0] if dom_versions else opset,
                                            domain=node.domain, source=source)
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and not _unchanged_since(m, opset):
         raise ONNXImportError(f"ONNX opset {opset}{src} is too old: libml imports opsets {MIN_OPSET} to {newest}")
     if opset > newest:
         raise ONNXImportError(f"ONNX opset {opset}{src} is newer than the installed onnx package knows "
