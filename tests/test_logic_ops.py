@@ -410,3 +410,26 @@ def test_onnx_import_of_a_masked_where_model():
     np.testing.assert_array_equal(out["y"], np.where(~(x < 0.5) & flag, x, np.float32(-1e9)))
     np.testing.assert_array_equal(out["nan"], np.isnan(x))
     np.testing.assert_array_equal(out["r"], np.mod(k, 3))
+
+
+def test_compiling_leaves_the_users_graph_alone_and_is_deterministic():
+    def build():
+        g = lc.Graph("det")
+        x, f = g.input("x", (4, 3)), g.input("f", (3,), bool)
+        m = lc.logical_and(x > 0.0, f)
+        g.output("m", m)
+        g.output("y", lc.where(m, x, lc.where(f, 1.0, 0.0)))
+        return g, m
+    g, m = build()
+    p1 = lc.compile(g)
+    assert m.op == "logical_and" and m.dtype == "bool"  # the lowering rewrote a private clone
+    p2 = lc.compile(build()[0])
+    for kind in p1.plan.entries:
+        np.testing.assert_array_equal(p1.plan.entries[kind].code, p2.plan.entries[kind].code)
+    xv = np.float32([[1, -1, 0], [2, np.nan, -3], [0.5, 0.5, 0.5], [-1, -1, 4]])
+    fv = np.array([True, False, True])
+    out = p1.run({"x": xv, "f": fv})
+    ref_m = (xv > 0) & fv
+    np.testing.assert_array_equal(out["m"], ref_m)
+    np.testing.assert_array_equal(out["y"], np.where(ref_m, xv, np.where(fv, 1.0, 0.0).astype(np.float32)))
+    assert out["y"].dtype == np.float32
