@@ -6,9 +6,9 @@ A. ``where(a < b, x * 2, -1e9) * 3`` on float32: the chosen design (one fused ke
    0/1 mask in a register) against the same graph with one instruction per op (``fuse=False``: the mask
    is stored, cast to one-byte bool and back -- what a design with bool values between ops costs).
 B. the boundary cost: ``m = a < b`` returned as bool (fused comparison + cast to bytes) and its parts.
-C. ``where(mask, x, y)`` with a fed bool mask on float32 (cast bool -> 0/1 float, then the VM's WHERE)
-   against the ``select`` instruction on int32 of the same size (reads the byte mask directly: what a
-   typed-load design would do for floats).
+C. ``where(mask, x, y)`` with a fed bool mask on float32: alone it runs as the ``select`` instruction
+   (reads the mask bytes directly); with a float consumer (``* 3``) as the VM's WHERE after a cast of
+   the mask to 0/1 floats, fused with the consumer; int32 select of the same size for reference.
 """
 import argparse
 
@@ -55,7 +55,13 @@ def main(argv=None):
     M, X, Y = g.input("m", (n,), bool), g.input("x", (n,)), g.input("y", (n,))
     g.output("z", lc.where(M, X, Y))
     rows = _profile(lc.compile(g, num_threads=1), {"m": mask, "x": x, "y": b}, rep)
-    print(f"C. where(bool mask, x, y) float32: total {sum(t for _, t in rows):.3f} ms  "
+    print(f"C. where(bool mask, x, y) float32 alone: total {sum(t for _, t in rows):.3f} ms  "
+          + ", ".join(f"{op} {t:.3f}" for op, t in rows))
+    g = lc.Graph("c1")
+    M, X, Y = g.input("m", (n,), bool), g.input("x", (n,)), g.input("y", (n,))
+    g.output("z", lc.where(M, X, Y) * 3.0)
+    rows = _profile(lc.compile(g, num_threads=1), {"m": mask, "x": x, "y": b}, rep)
+    print(f"C. where(bool mask, x, y) * 3 float32: total {sum(t for _, t in rows):.3f} ms  "
           + ", ".join(f"{op} {t:.3f}" for op, t in rows))
     g = lc.Graph("c2")
     M, X, Y = g.input("m", (n,), bool), g.input("x", (n,), "int32"), g.input("y", (n,), "int32")

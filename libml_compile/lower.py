@@ -676,8 +676,8 @@ def _emit_op(em, t, loc, state, optimizer):
                                          "ndim": len(dims), "dims": dims, **_opnd("a", loc(a)), "a.stride": sa,
                                          **_opnd("b", loc(b)), "b.stride": sb, **_opnd("out", loc(t))})
         return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
-    if op == "where":
-        # integer / bool branches (float ones are the VM's WHERE): out = cond ? a : b
+    if op in ("where", "where_select"):
+        # integer / bool branches, or floats with nothing to fuse (ops_logic.lower_logic): out = cond ? a : b
         c, a, b = t.inputs
         dims = list(t.shape) or [1]
         em.emit("select", nid, {"itemsize": np.dtype(t.dtype).itemsize, "ndim": len(dims), "dims": dims,

@@ -433,3 +433,15 @@ def test_compiling_leaves_the_users_graph_alone_and_is_deterministic():
     np.testing.assert_array_equal(out["m"], ref_m)
     np.testing.assert_array_equal(out["y"], np.where(ref_m, xv, np.where(fv, 1.0, 0.0).astype(np.float32)))
     assert out["y"].dtype == np.float32
+
+
+def test_kernel_choice_for_where():
+    """Fed bool condition and nothing to fuse: one select; a float consumer: cast + one fused kernel."""
+    g = lc.Graph("k")
+    c, x, y = g.input("c", (16,), bool), g.input("x", (16,)), g.input("y", (16,))
+    g.output("alone", lc.where(c, x, y))
+    assert [r["op"] for r in lc.compile(g).instructions("run")] == ["where_select"]
+    g2 = lc.Graph("k2")
+    c, x, y = g2.input("c", (16,), bool), g2.input("x", (16,)), g2.input("y", (16,))
+    g2.output("fused", lc.where(c, x, y) * 3.0)
+    assert [r["op"] for r in lc.compile(g2).instructions("run")] == ["cast", "fused_elementwise"]
