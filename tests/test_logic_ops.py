@@ -445,3 +445,23 @@ def test_kernel_choice_for_where():
     c, x, y = g2.input("c", (16,), bool), g2.input("x", (16,)), g2.input("y", (16,))
     g2.output("fused", lc.where(c, x, y) * 3.0)
     assert [r["op"] for r in lc.compile(g2).instructions("run")] == ["cast", "fused_elementwise"]
+
+
+def test_a_plan_with_bools_saves_and_loads(tmp_path):
+    import libml_runtime
+    g = lc.Graph("saved")
+    x, f, k = g.input("x", (5,)), g.input("f", (5,), bool), g.input("k", (5,), "int16")
+    g.output("m", lc.logical_and(x < 1.0, f))
+    g.output("w", lc.where(f, k, lc.mod(k, 3)))
+    g.output("c", lc.greater(k, 0))
+    prog = lc.compile(g)
+    prog.save(tmp_path / "p.libml")
+    loaded = libml_runtime.load(tmp_path / "p.libml")
+    feeds = {"x": np.float32([0, 1, 2, np.nan, -5]), "f": np.array([True, True, False, True, False]),
+             "k": np.int16([-4, 5, 7, -1, 0])}
+    a, b = prog.run(feeds), loaded.run(feeds)
+    for name in ("m", "w", "c"):
+        np.testing.assert_array_equal(a[name], b[name])
+        assert a[name].dtype == b[name].dtype
+    np.testing.assert_array_equal(b["m"], (feeds["x"] < 1) & feeds["f"])
+    np.testing.assert_array_equal(b["w"], np.where(feeds["f"], feeds["k"], np.mod(feeds["k"], 3)))
