@@ -185,7 +185,7 @@ EXCLUDED_CASES = {
     "test_identity_opt": "input is an optional type; libml graphs hold tensors only",
 }
 UNSUPPORTED_ELEM_TYPE_REASON = (
-    "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints); "
+    "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints, bool); "
     "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
 INTEGER_OUTPUT_REASON = (
     "computes an integer tensor with an operator libml implements in floating point only (libml's integer "

@@ -110,6 +110,12 @@ class Tensor:
     def __matmul__(self, o): return _ops().matmul(self, o)
     def __rmatmul__(self, o): return _ops().matmul(o, self)
     def __neg__(self): return _ops().neg(self)
+    # comparisons build graph nodes (bool tensors).  ``==`` / ``!=`` are NOT overloaded: tensors are dict
+    # keys and set members throughout the compiler, so equality stays identity; use lc.equal.
+    def __lt__(self, o): return _logic().PUBLIC["less"](self, o)
+    def __le__(self, o): return _logic().PUBLIC["less_equal"](self, o)
+    def __gt__(self, o): return _logic().PUBLIC["greater"](self, o)
+    def __ge__(self, o): return _logic().PUBLIC["greater_equal"](self, o)
 
     @property
     def T(self):
@@ -121,6 +127,11 @@ class Tensor:
 def _ops():
     from . import ops
     return ops
+
+
+def _logic():
+    from . import ops_logic
+    return ops_logic
 
 
 class Graph:
@@ -147,9 +158,6 @@ class Graph:
         self._check_new_name(name)
         shape = _check_shape(shape, f"input {name!r}")
         dt = canonical_dtype(dtype)
-        if dt == "bool":
-            raise TypeError(f"input {name!r}: dtype bool is not supported by the runtime; feed uint8 "
-                            f"(0/1) instead")
         _check_leaf_size(shape, dt, f"input {name!r}")
         t = Tensor(self, "input", (), {}, shape, dt, name)
         self.inputs[name] = t
@@ -179,8 +187,6 @@ class Graph:
         arr = native_array(value, dtype)
         if arr.dtype == np.float64 and dtype is None and not isinstance(value, np.ndarray):
             arr = arr.astype(np.float32)
-        if arr.dtype == bool:
-            arr = arr.astype(np.uint8)
         if name is not None:
             self._check_new_name(name)
         arr.flags.writeable = False

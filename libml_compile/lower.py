@@ -13,7 +13,7 @@ import numpy as np
 from libml_runtime import format as F
 from libml_runtime.plan import Entry
 
-from . import passes
+from . import ops_logic, passes
 from .ir import FLOAT_DTYPES, Tensor
 from .ops import REGISTRY
 from .memory import Buffer, MemoryReport, align, place, lower_bound
@@ -149,6 +149,11 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     # rep maps every replaced tensor to its final replacement
     outputs = [(n, rep.get(t, t)) for n, t in outputs]
     roots = [rep.get(t, t) for t in roots]
+    if not simplified:
+        # (compile runs this once on the joint graph, after simplify) bools meeting floats become the
+        # float VM's 0/1 masks, fused with their float neighbours
+        if ops_logic.lower_logic(nodes):
+            nodes = passes.topo_from_roots(roots)
 
     def rewrite(rw):
         """Apply one pass's Rewrite to this entry's roots and outputs (the joint graph is left as it is)."""
@@ -673,6 +678,26 @@ def _emit_op(em, t, loc, state, optimizer):
                                          "dims": dims, **_opnd("a", loc(a)), "a.stride": sa, **_opnd("b", loc(b)),
                                          "b.stride": sb, **_opnd("out", loc(t))})
         return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
+    if op in ops_logic.INT_KERNEL:
+        # integer / bool operands (float ones are fused VM steps): comparisons write bool bytes
+        a, b = t.inputs
+        dims = list(t.shape) or [1]
+        sa = broadcast_strides(a.shape, t.shape) or [0]
+        sb = broadcast_strides(b.shape, t.shape) or [0]
+        em.emit("int_elementwise", nid, {"dtype": F.DTYPE_CODE[a.dtype], "op": F.VM_OPS[ops_logic.INT_KERNEL[op]],
+                                         "ndim": len(dims), "dims": dims, **_opnd("a", loc(a)), "a.stride": sa,
+                                         **_opnd("b", loc(b)), "b.stride": sb, **_opnd("out", loc(t))})
+        return {"op": op, "node": t.name, "flops": t.size, "bytes": nbytes(a, b, t)}
+    if op in ("where", "where_select"):
+        # integer / bool branches, or floats with nothing to fuse (ops_logic.lower_logic): out = cond ? a : b
+        c, a, b = t.inputs
+        dims = list(t.shape) or [1]
+        em.emit("select", nid, {"itemsize": np.dtype(t.dtype).itemsize, "ndim": len(dims), "dims": dims,
+                                **_opnd("cond", loc(c)), "cond.stride": broadcast_strides(c.shape, t.shape) or [0],
+                                **_opnd("a", loc(a)), "a.stride": broadcast_strides(a.shape, t.shape) or [0],
+                                **_opnd("b", loc(b)), "b.stride": broadcast_strides(b.shape, t.shape) or [0],
+                                **_opnd("out", loc(t))})
+        return {"op": op, "node": t.name, "flops": 0, "bytes": nbytes(c, a, b, t)}
     if op == "concat":
         out_strides = contiguous_strides(t.shape)
         ax, start, descs = t.attrs["axis"], 0, []

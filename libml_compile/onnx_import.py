@@ -100,6 +100,11 @@ HANDLERS.update({k: ("op_reduce_family", v, False) for k, v in REDUCE_IMPORT_OPS
 
 #: ONNX operators (default domain) the importer translates: the registry's plus the hand-written ones.
 SUPPORTED_OPS: Tuple[str, ...] = tuple(sorted(set(registry_onnx_ops()) | set(HANDLERS)))
+#: the comparison / logic family (``_Importer.logic``, ops_logic.py): hand-written handlers
+LOGIC_OPS: Tuple[str, ...] = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
+                              "Not", "IsNaN", "IsInf", "Where", "Mod")
+HANDLERS.update({k: ("op_logic", (), True) for k in LOGIC_OPS})
+SUPPORTED_OPS = tuple(sorted(set(SUPPORTED_OPS) | set(LOGIC_OPS)))
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
 #: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
 #: (``lc.concat`` / ``lc.gather``), so an Inf stays in its own element and memory is linear in the size.
@@ -108,6 +113,7 @@ FOLD_ONLY_OPS: Tuple[str, ...] = ("Constant", "Shape")
 #: numpy dtype names libml tensors can have.
 SUPPORTED_DTYPES: Tuple[str, ...] = (
     "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "bool",
 )
 MIN_OPSET = 7  # the README's promise; opset 6's legacy broadcast is refused, not half-supported
 
@@ -346,6 +352,17 @@ def _elem_name(elem_type: int) -> str:
         return str(elem_type)
 
 
+def _unchanged_since(m, opset: int) -> bool:
+    """Every default-domain operator of ``m`` has, at ``opset``, the definition it still has in the newest
+    opset (e.g. Not-1): such an old model means what it says today, legacy broadcasting cannot occur."""
+    defs = _onnx().defs
+    try:
+        return all(defs.get_schema(n.op_type, opset).since_version == defs.get_schema(n.op_type).since_version
+                   for n in m.graph.node)
+    except Exception:  # an operator unknown at that opset
+        return False
+
+
 def check_supported(m, source: Optional[str] = None) -> int:
     """Check opset, operators and dtypes of a model before any other work. Returns the default opset."""
     onnx = _onnx()
@@ -357,7 +374,7 @@ def check_supported(m, source: Optional[str] = None) -> int:
             dom_versions = [op.version for op in m.opset_import if op.domain == node.domain]
             raise UnsupportedOperatorError(node.op_type, node.name, dom_versions[0] if dom_versions else opset,
                                            domain=node.domain, source=source)
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and not _unchanged_since(m, opset):
         raise ONNXImportError(f"ONNX opset {opset}{src} is too old: libml imports opsets {MIN_OPSET} to {newest}")
     if opset > newest:
         raise ONNXImportError(f"ONNX opset {opset}{src} is newer than the installed onnx package knows "
@@ -856,7 +873,47 @@ class _Importer:
     def op_reduce_family(self, node, at):
         return [self.reduce_family(node, at)]
 
+    def op_logic(self, node, at):
+        return [self.logic(node, at)]
+
     # -- op translations -----------------------------------------------------------------------------
+    def logic(self, node, at):
+        """Comparisons, And/Or/Xor/Not, IsNaN/IsInf, Where and Mod (ops_logic.py; bool results).  With every
+        input constant the value folds through the registry's references (``_eval_const``)."""
+        lc, op, out = self.lc, node.op_type, node.output[0]
+        binary = {"Equal": lc.equal, "Less": lc.less, "LessOrEqual": lc.less_equal, "Greater": lc.greater,
+                  "GreaterOrEqual": lc.greater_equal, "And": lc.logical_and, "Or": lc.logical_or,
+                  "Xor": lc.logical_xor}
+        if op in binary:
+            def build(a, b, name=None):
+                return binary[op](a, b, name=name)
+        elif op == "Mod":
+            fm = int(at.get("fmod", 0))
+
+            def build(a, b, name=None):
+                return lc.mod(a, b, fmod=fm, name=name)
+        elif op == "Where":
+            def build(c, x, y, name=None):
+                return lc.where(c, x, y, name=name)
+        elif op == "Not":
+            def build(x, name=None):
+                return lc.logical_not(x, name=name)
+        elif op == "IsNaN":
+            def build(x, name=None):
+                return lc.isnan(x, name=name)
+        else:  # IsInf
+            pos, neg = bool(at.get("detect_positive", 1)), bool(at.get("detect_negative", 1))
+
+            def build(x, name=None):
+                return lc.isinf(x, detect_positive=pos, detect_negative=neg, name=name)
+        ins = [self.get(node, i) for i in range(len(node.input))]
+        if all(self.is_const(v) for v in ins):
+            try:
+                return _eval_const(build, *ins)
+            except ZeroDivisionError as e:
+                raise self.err(node, f"{e} (a constant {op})") from None
+        return build(*[self.T(v, node.input[i]) for i, v in enumerate(ins)], name=out)
+
     def constant(self, node, at):
         from onnx import numpy_helper
         if "value" in at:

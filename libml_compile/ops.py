@@ -52,6 +52,10 @@ REGISTRY: dict[str, OpDef] = {}
 
 
 def register(op: OpDef):
+    """Add ``op`` to the registry; a name declared twice is an error (one operator, one place)."""
+    if op.name in REGISTRY:
+        raise ValueError(f"operator {op.name!r} is registered twice (by {REGISTRY[op.name].shape.__module__} "
+                         f"and {op.shape.__module__})")
     REGISTRY[op.name] = op
     return op
 
@@ -97,6 +101,11 @@ def _lift(x, like: Tensor, op: str) -> Tensor:
 
 def _weak_scalar(x, dt, like, op):
     """The Python scalar ``x`` as a value of dtype ``dt`` (see _lift)."""
+    if dt.kind == "b":
+        if not isinstance(x, bool):
+            raise TypeError(f"{op}: the Python {type(x).__name__} {x!r} with bool tensor {like.name!r}: only True "
+                            f"and False are bool values")
+        return x
     if dt.kind in "iu":
         if isinstance(x, float):
             raise TypeError(f"{op}: the Python float {x!r} with integer tensor {like.name!r} ({dt.name}): libml "
@@ -501,6 +510,9 @@ def _binary(op, a, b, name):
     a, b = _lift(a, like, op), _lift(b, like, op)
     if a.dtype not in FLOAT_DTYPES and not REGISTRY[op].int_ok:
         raise TypeError(f"{op}: integer operands are not supported")
+    if a.dtype == "bool" or b.dtype == "bool":
+        raise TypeError(f"{op}: arithmetic on bool tensors is not defined ({a.name!r} is {a.dtype}, {b.name!r} is "
+                        f"{b.dtype}); use lc.logical_and/or/xor, or lc.cast to a number type")
     return make(op, (a, b), name=name)
 
 
@@ -599,10 +611,9 @@ def _user_shape(op, shape, allow_infer=False):
 
 
 def cast(x, dtype, name=None):
+    """``x`` converted to ``dtype`` (NumPy's astype: float -> int truncates, any -> bool is x != 0, so NaN
+    is True; bool -> number is 0/1)."""
     dtype = canonical_dtype(dtype)
-    if dtype == "bool":
-        raise TypeError(f"cast: dtype bool is not supported by the runtime (casting {x.name!r}); cast to "
-                        f"uint8 for 0/1 values")
     if dtype == x.dtype and name is None:
         return x
     return make("cast", (x,), {"dtype": dtype}, name)
@@ -620,7 +631,7 @@ def matmul(a, b, name=None):
     if a2.shape[-1] != b2.shape[-2]:
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} are incompatible "
                          f"(inner dimensions {a.shape[-1]} != {b2.shape[-2]})")
-    if a.dtype in INT_DTYPES:
+    if a.dtype in INT_DTYPES or a.dtype == "bool":
         raise TypeError(f"matmul: integer operands are not supported ({a.dtype})")
     if a.ndim >= 2 and b.ndim >= 2:
         return make("matmul", (a2, b2), name=name)
@@ -799,3 +810,4 @@ def gather(x, indices, axis=0, name=None):
 from . import ops_ew  # noqa: E402,F401
 # ... and so does the reduction family (ops_reduce.py)
 from . import ops_reduce  # noqa: E402,F401
+from . import ops_logic  # noqa: E402,F401  (comparisons, logic, where, mod: ops_logic.py)

@@ -14,7 +14,7 @@ import time
 from libml_runtime.executable import Executable
 from libml_runtime.plan import Plan, validate
 
-from . import autodiff, passes
+from . import autodiff, ops_logic, passes
 from .ir import FLOAT_DTYPES, Graph, Tensor, clone_graph
 from .lower import StateLayout, lower_entry
 from .optim import SGD, Adam
@@ -158,9 +158,11 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
             todo.append(("step", [lt] + upd, [("loss", lt)]))
     # simplify once over the joint graph of every entry (each entry's nodes are a sub-graph of it): per
     # entry, the same rewrites were found three times (0.6 s of 4.7 s on a 20,000-op chain)
-    _, rep = passes.simplify([t for _, roots, _ in todo for t in roots])
+    joint, rep = passes.simplify([t for _, roots, _ in todo for t in roots])
     todo = [(kind, [rep.get(t, t) for t in roots], [(n, rep.get(t, t)) for n, t in outputs])
             for kind, roots, outputs in todo]
+    # bools meeting floats become the float VM's 0/1 masks (ops_logic), once, on the joint graph
+    ops_logic.lower_logic(joint)
     # every entry rewrites the joint graph by path copying (passes.Rewrite): a checked entry (which must
     # name the single op that produced a NaN/Inf, so it is not fused) never sees another entry's fusions
     checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,

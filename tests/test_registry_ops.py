@@ -59,6 +59,8 @@ NOT_SAMPLED = {
     "const": "graph leaf (constant), not an operation",
     "linear": "made only by passes.fuse_epilogues from matmul + add (+ relu); covered by test_mlp_reference "
               "and test_fusion_fuzz",
+    "where_select": "made only by ops_logic.lower_logic (where on bytes: the select instruction); covered by "
+                    "test_logic_ops",
     "linear_ex": "made only by passes.fuse_vm_epilogues (a GEMM with any VM step as epilogue); covered by "
                  "test_vm_epilogues against PyTorch",
     "gemm_colsum": "side output of a relu-backward GEMM, made only by passes.fuse_relu_backward",
@@ -71,6 +73,18 @@ NOT_SAMPLED = {
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})
+#: the comparison / logic family: bool-valued or integer-capable ops the float sampler cannot drive yet;
+#: tests/test_logic_ops.py checks them against NumPy (NaN/Inf, broadcasting, int dtypes) and where's
+#: gradients against PyTorch and finite differences
+_LOGIC = "bool-valued / integer logic family: covered by test_logic_ops (the float sampler cannot drive it yet)"
+NOT_SAMPLED.update({n: _LOGIC for n in ("equal", "less", "less_equal", "greater", "greater_equal", "logical_and",
+                                        "logical_or", "logical_xor", "logical_not", "isnan", "isinf", "isposinf",
+                                        "isneginf", "where", "mod", "fmod")})
+NOT_SAMPLED.update({n: "the logic family's float-mask form, made by ops_logic.lower_logic (not by a gradient); "
+                       "test_logic_ops runs it fused and unfused"
+                    for n in ("lt_mask", "le_mask", "gt_mask", "ge_mask", "and_mask", "or_mask", "xor_mask",
+                              "not_mask", "isnan_mask", "isinf_mask", "isposinf_mask", "isneginf_mask",
+                              "where_mask")})
 
 #: registry domains that do not suit every operand of an older op (ops.py declares no domain for them):
 #: log's input and div's divisor must stay away from 0 -- the lead may move these into ops.py
@@ -107,7 +121,7 @@ def _sampled_ew():
 
 
 def _internal_ew():
-    return sorted(n for n, op in REGISTRY.items() if op.kind == "ew" and op.ref is None)
+    return sorted(n for n, op in REGISTRY.items() if op.kind == "ew" and op.ref is None and n not in NOT_SAMPLED)
 
 
 EW = _sampled_ew()

@@ -80,6 +80,10 @@ cdef extern from "kernels.h" nogil:
     int lm_nonfinite_f64(int64_t n, const double *x)
     int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
                           const char *b, int64_t sb, char *o)
+    int64_t lm_int_out_itemsize(int64_t dt, int64_t op)
+    const int64_t lm_itemsize[]
+    void lm_select_row(int64_t isz, int64_t n, const unsigned char *c, int64_t sc, const char *a, int64_t sa,
+                       const char *b, int64_t sb, char *o)
     int lm_cast(int64_t sdt, int64_t ddt, int64_t n, const char *src, char *dst)
     void lm_copy_row(int64_t isz, int64_t n, const char *src, int64_t s, char *dst)
     void lm_copy_row2(int64_t isz, int64_t n, const char *src, int64_t s, char *dst, int64_t ds)
@@ -708,7 +712,8 @@ cdef int _int_ew(const int64_t *f, char **bases) noexcept nogil:
     cdef const int64_t *fb = f + LM_F_INT_ELEMENTWISE_b_slot(f)
     cdef const int64_t *sb = f + LM_F_INT_ELEMENTWISE_b_stride(f)
     cdef const int64_t *fo = f + LM_F_INT_ELEMENTWISE_out_slot(f)
-    cdef int64_t isz = (1 if dt in (2, 6) else 2 if dt in (3, 7) else 4 if dt in (4, 8) else 8)
+    cdef int64_t isz = lm_itemsize[dt]
+    cdef int64_t osz = lm_int_out_itemsize(dt, op)  # comparisons write one bool byte
     cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
     for d in range(nd - 1):
         rows *= dims[d]
@@ -716,9 +721,32 @@ cdef int _int_ew(const int64_t *f, char **bases) noexcept nogil:
         rc = lm_int_binary_row(dt, op, inner,
                                _ptr(bases, fa) + isz * _unravel(nd, dims, r, sa), sa[nd - 1] if nd > 0 else 0,
                                _ptr(bases, fb) + isz * _unravel(nd, dims, r, sb), sb[nd - 1] if nd > 0 else 0,
-                               _ptr(bases, fo) + isz * r * inner)
+                               _ptr(bases, fo) + osz * r * inner)
         if rc != 0:
             return ERR_INT_DIV_ZERO if rc == -3 else ERR_MALFORMED
+    return 0
+
+
+cdef int _select(const int64_t *f, char **bases) noexcept nogil:
+    # Where(cond, a, b) for values outside the float VM (integers, bools): out = cond ? a : b, row by row
+    cdef int64_t isz = f[LM_F_SELECT_itemsize], nd = f[LM_F_SELECT_ndim], rows = 1, r, d
+    cdef const int64_t *dims = f + LM_F_SELECT_dims
+    cdef const int64_t *fc = f + LM_F_SELECT_cond_slot(f)
+    cdef const int64_t *sc = f + LM_F_SELECT_cond_stride(f)
+    cdef const int64_t *fa = f + LM_F_SELECT_a_slot(f)
+    cdef const int64_t *sa = f + LM_F_SELECT_a_stride(f)
+    cdef const int64_t *fb = f + LM_F_SELECT_b_slot(f)
+    cdef const int64_t *sb = f + LM_F_SELECT_b_stride(f)
+    cdef const int64_t *fo = f + LM_F_SELECT_out_slot(f)
+    cdef int64_t inner = dims[nd - 1] if nd > 0 else 1
+    for d in range(nd - 1):
+        rows *= dims[d]
+    for r in range(rows if nd > 0 else 1):
+        lm_select_row(isz, inner,
+                      <const unsigned char*>(_ptr(bases, fc) + _unravel(nd, dims, r, sc)), sc[nd - 1] if nd > 0 else 0,
+                      _ptr(bases, fa) + isz * _unravel(nd, dims, r, sa), sa[nd - 1] if nd > 0 else 0,
+                      _ptr(bases, fb) + isz * _unravel(nd, dims, r, sb), sb[nd - 1] if nd > 0 else 0,
+                      _ptr(bases, fo) + isz * r * inner)
     return 0
 
 
@@ -858,6 +886,8 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
                          _ptr(bases, f + LM_F_CAST_src_slot), _ptr(bases, f + LM_F_CAST_dst_slot))
         elif op == LM_OP_INT_ELEMENTWISE:
             rc = _int_ew(f, bases)
+        elif op == LM_OP_SELECT:
+            rc = _select(f, bases)
         elif op == LM_OP_COPY:
             memcpy(_ptr(bases, f + LM_F_COPY_dst_slot), _ptr(bases, f + LM_F_COPY_src_slot), <size_t>f[LM_F_COPY_nbytes])
         elif op == LM_OP_STRIDED_COPY:

@@ -81,6 +81,10 @@ OPCODES = [
     (18, "arg_reduce", "dtype kind select_last outer K inner x.slot x.offset y.slot y.offset"),
     # y = x - max - log(sum(exp(x - max))) along K, y of x's shape
     (19, "log_softmax", "dtype outer K inner x.slot x.offset y.slot y.offset"),
+    # ---- logic family (ops_logic.py): Where over any dtype whose values are not in the float VM --
+    # out = cond ? a : b, cond one byte per element (bool), a/b/out of ``itemsize`` bytes; strided reads
+    (23, "select", "itemsize ndim dims[ndim] cond.slot cond.offset cond.stride[ndim] a.slot a.offset "
+                   "a.stride[ndim] b.slot b.offset b.stride[ndim] out.slot out.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -93,6 +97,7 @@ OP_CODE = {name: code for code, name, _ in OPCODES}
 (OP_EW, OP_GEMM, OP_SOFTMAX, OP_XENT, OP_XENT_GRAD, OP_CAST, OP_INT_EW, OP_COPY, OP_STRIDED_COPY, OP_SGD,
  OP_ADAM, OP_CHECK_FINITE, OP_ADAM_APPLY, OP_COPY_ND, OP_GATHER, OP_SCATTER_ADD, OP_REDUCE, OP_ARG_REDUCE,
  OP_LOG_SOFTMAX) = range(1, 20)
+OP_SELECT = 23
 
 # ---------------------------------------------------------------------------------------------------
 # the register VM of fused elementwise kernels.  A program step is VM_WIDTH int64s: op dst a b c.  `a` is
@@ -207,6 +212,31 @@ VM = [
     # (PyTorch's prod backward): p / x without zeros; at the only zero, the product of the others; else 0
     (101, "PROD_GRAD", 3, "z == 0 ? x / y : (z == 1 && y == 0 ? x : 0)", None),
     (102, "NONZERO_OR_ONE", 1, "x == 0 ? 1 : x", None),     # the factors of the product of non-zeros
+    # ---- the logic family (ops_logic.py).  A bool inside a fused kernel is a 0/1 mask in the kernel's
+    # float type (stored as one byte only where a group ends: a cast instruction), so comparisons fuse
+    # with the float ops that produce their operands and WHERE with those that consume its result.
+    # Comparisons with NaN are false (NE: true), as IEEE and NumPy.  AND/OR/XOR/NOT are only ever given
+    # 0/1 masks (a bool entering a group is cast from its 0/1 byte), so they are arithmetic on {0, 1}.
+    # The same codes name the integer kernel's ops (int_elementwise), which implements them in C per type.
+    (120, "EQ", 2, "x == y ? 1 : 0", None),
+    (121, "LT", 2, "x < y ? 1 : 0", None),
+    (122, "LE", 2, "x <= y ? 1 : 0", None),
+    (123, "GT", 2, "x > y ? 1 : 0", None),
+    (124, "GE", 2, "x >= y ? 1 : 0", None),
+    (125, "AND", 2, "x * y", None),
+    (126, "OR", 2, "x + y - x * y", None),
+    (127, "XOR", 2, "x != y ? 1 : 0", None),
+    (128, "NOT", 1, "1 - x", None),
+    (129, "ISNAN", 1, "x != x ? 1 : 0", None),
+    (130, "ISINF", 1, "fabs(x) == INFINITY ? 1 : 0", None),
+    (131, "ISPOSINF", 1, "x == INFINITY ? 1 : 0", None),
+    (132, "ISNEGINF", 1, "x == -INFINITY ? 1 : 0", None),
+    (133, "WHERE", 3, "x != 0 ? y : z", None),                          # x = the 0/1 condition mask
+    # Mod: FMOD is C's fmod (sign of the dividend, ONNX fmod=1); MOD is NumPy's np.mod / Python's %
+    # (sign of the divisor, ONNX fmod=0): fmod moved into the divisor's sign, a zero result signed as y
+    (134, "FMOD", 2, "fmod(x, y)", None),
+    (135, "MOD", 2, "fmod(x, y) == 0 ? copysign(0, y) : ((fmod(x, y) < 0) != (y < 0) ? fmod(x, y) + y : "
+                    "fmod(x, y))", None),
 ]
 
 #: C math functions an expression may call, each with its float variant (name + "f"); those in
@@ -215,7 +245,7 @@ VM = [
 #: are called per element.  MVEC_FUNCS_235: vector variants added in glibc 2.35 (declared only when the
 #: build's glibc has them; older systems call the scalar function in the same loop).
 MATH_FUNCS = ("exp", "log", "sqrt", "fabs", "tanh", "erf", "sin", "cos", "log1p", "expm1", "floor", "ceil",
-              "nearbyint", "fmin", "fmax", "pow", "copysign", "atan")
+              "nearbyint", "fmin", "fmax", "pow", "copysign", "atan", "fmod")
 MVEC_FUNCS = ("exp", "log", "sin", "cos", "pow")
 MVEC_FUNCS_235 = ("tanh", "erf", "log1p", "expm1", "atan")
 
@@ -238,7 +268,8 @@ LIMITS = {
 LM_BLK, LM_MAXD, LM_MAXIO, LM_MAXREG, LM_MAXCHUNK, LM_MAXPROG = LIMITS.values()
 
 # dtype codes (the index in DTYPES)
-DTYPES = ["float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+# (bool, format 2.1: one byte holding 0 or 1; appended, codes are never renumbered)
+DTYPES = ["float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]
 DTYPE_CODE = {d: i for i, d in enumerate(DTYPES)}
 ITEMSIZE = [np.dtype(d).itemsize for d in DTYPES]
 

@@ -28,7 +28,9 @@ def _cname(name):
 
 
 def _dt_name(d):
-    """C enum name of a dtype: float32 -> DT_F32, int8 -> DT_I8, uint16 -> DT_U16."""
+    """C enum name of a dtype: float32 -> DT_F32, int8 -> DT_I8, uint16 -> DT_U16, bool -> DT_BOOL."""
+    if d == "bool":
+        return "DT_BOOL"
     m = re.fullmatch(r"(float|int|uint)(\d+)", d)
     return "DT_" + {"float": "F", "int": "I", "uint": "U"}[m.group(1)] + m.group(2)
 

@@ -375,7 +375,7 @@ class _Decoder:
 
     def _labels(self, d, B):
         slot, off = self.slot_off("labels", d["labels.slot"], d["labels.offset"])
-        ldt = self.rng("labels.dtype", d["labels.dtype"], 2, len(F.DTYPES) - 1)
+        ldt = self.rng("labels.dtype", d["labels.dtype"], 2, F.DTYPE_CODE["uint64"])  # the integers
         if off + B * F.ITEMSIZE[ldt] > self.sizes[slot] or off % F.ITEMSIZE[ldt]:
             self.fail("labels are outside their buffer")
 
@@ -404,10 +404,26 @@ class _Decoder:
         self.operand(d, "src", d["n"] * si, align=si)
         self.operand(d, "dst", d["n"] * di, writable=True, align=di)
 
+    #: the integer kernel's ops (VM codes); comparisons write one bool byte per element
+    INT_OPS = {F.VM_OPS[k] for k in ("ADD", "SUB", "MUL", "DIV", "FMOD", "MOD", "AND", "OR", "XOR")}
+    INT_CMP_OPS = {F.VM_OPS[k] for k in ("EQ", "LT", "LE", "GT", "GE")}
+
     def op_int_elementwise(self, d):
-        self.fields(d, [("dtype", 2, len(F.DTYPES) - 1), ("op", 1, 4), ("ndim", 0, F.LM_MAXD)])
+        self.fields(d, [("dtype", 2, len(F.DTYPES) - 1), ("ndim", 0, F.LM_MAXD)])
+        if d["op"] not in self.INT_OPS | self.INT_CMP_OPS:
+            self.fail(f"op = {d['op']} is not an integer kernel op")
         dims = self.dims("dims", d["dims"])
         isz = F.ITEMSIZE[d["dtype"]]
+        osz = 1 if d["op"] in self.INT_CMP_OPS else isz
+        self.strided("a", d["a.slot"], d["a.offset"], d["a.stride"], isz, dims)
+        self.strided("b", d["b.slot"], d["b.offset"], d["b.stride"], isz, dims)
+        self.operand(d, "out", math.prod(dims) * osz, writable=True, align=osz)
+
+    def op_select(self, d):
+        isz = self._itemsize(d)
+        self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        self.strided("cond", d["cond.slot"], d["cond.offset"], d["cond.stride"], 1, dims)
         self.strided("a", d["a.slot"], d["a.offset"], d["a.stride"], isz, dims)
         self.strided("b", d["b.slot"], d["b.offset"], d["b.stride"], isz, dims)
         self.operand(d, "out", math.prod(dims) * isz, writable=True, align=isz)
