@@ -463,7 +463,7 @@ def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
     s = lc.sum(lc.relu(x * w), axis=0)
     g.output("s", s)
     prog = lc.compile(g)
-    prog._arena[...] = 0xFF  # stale bytes, as after other entries ran
+    prog.executable._arena[...] = 0xFF  # stale bytes, as after other entries ran
     np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))
 
 
@@ -513,7 +513,7 @@ def test_mean_over_no_elements_is_nan_like_numpy():
     g.output("m", lc.mean(x))               # scalar
     g.output("s", lc.sum(x, axis=0))        # sums over nothing stay 0
     prog = lc.compile(g)
-    prog._arena[...] = 0  # a NaN must come from the mean, not from stale bytes
+    prog.executable._arena[...] = 0  # a NaN must come from the mean, not from stale bytes
     out = prog.run({"x": np.zeros((0, 5), np.float32)})
     with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
         want = np.zeros((0, 5), np.float32).mean(axis=0)
