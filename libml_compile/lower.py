@@ -16,7 +16,7 @@ from libml_runtime.plan import Entry
 from . import ops_logic, passes
 from .ir import FLOAT_DTYPES, Tensor
 from .ops import REGISTRY
-from .memory import Buffer, MemoryReport, align, place, lower_bound
+from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"]}
 
@@ -126,7 +126,6 @@ class _Instr:
         self.kind, self.x = kind, x
         self.reads: list[Tensor] = []
         self.writes: list[Tensor] = []
-        self.inplace: dict = {}
         self.imm: set = set()
 
 
@@ -211,42 +210,23 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             ins.writes += [x.attrs[k] for k in passes.SIDE_OUTPUTS.values() if k in x.attrs]
         instrs.append(ins)
 
-    # ---- liveness over the schedule; in-place reuse; arena placement ----------------------------
-    buffers: dict[Tensor, Buffer] = {}
-    n_instr = len(instrs)
-    last_read: dict[Tensor, int] = {}
+    # ---- liveness over the schedule; in-place reuse; arena placement (memory.plan_arena) -----------
+    # storage keys: a reshape is a view of its input's buffer (base); every write is a buffer of its own,
+    # but an elementwise output may take over the buffer of an input that dies at its instruction
+    geo, steps = {}, []
     for k, ins in enumerate(instrs):
-        for i in ins.reads:
-            last_read[base(i)] = k
-    for t in root_set:
-        last_read[base(t)] = n_instr
-    geo = {}
-    for k, ins in enumerate(instrs):
+        reuse, scratch = {}, ()
         if ins.kind == "ew":
             geo[k] = _ew_geometry(ins)
-        for i in ins.reads:
-            b = buffers.get(base(i))
-            if b is not None:
-                b.end = max(b.end, k)
-        for w in ins.writes:
-            # in-place: an elementwise output may take the buffer of an input that dies here
-            if ins.kind == "ew" and w.op != "sum":
-                cand = _inplace_candidate(ins, w, k, buffers, base, last_read)
-                if cand is not None:
-                    buffers[w] = cand
-                    cand.tensors.append(w.name)
-                    ins.inplace[w] = cand
-                    continue
-            buffers[w] = Buffer(w.name, int(w.size * np.dtype(w.dtype).itemsize), k, k, tensors=[w.name])
-        if ins.kind == "ew" and geo[k]["mode"] == 2:
-            buffers[("scratch", k)] = Buffer(f"scratch{k}", geo[k]["scratch_bytes"], k, k)
-    for t in root_set:
-        b = buffers.get(base(t))
-        if b is not None:
-            b.end = n_instr
-    uniq = list({id(b): b for b in buffers.values()}.values())
-    arena = place(uniq)
-    naive += sum(align(b.nbytes) for key, b in buffers.items() if isinstance(key, tuple))  # reduction scratch
+            reuse = {w: c for w in ins.writes if w.op != "sum" and (c := _inplace_inputs(ins, w, base))}
+            if geo[k]["mode"] == 2:
+                scratch = ((f"scratch{k}", geo[k]["scratch_bytes"]),)
+        steps.append(Instruction([base(i) for i in ins.reads],
+                                 [(w, w.name, int(w.size * np.dtype(w.dtype).itemsize)) for w in ins.writes],
+                                 reuse, scratch))
+    mem = plan_arena(steps, live_out=[base(t) for t in root_set])
+    buffers, uniq, arena = mem.buffers, mem.unique, mem.arena_bytes
+    naive += sum(align(b.nbytes) for bs in mem.scratch.values() for b in bs)  # reduction scratch
     report = MemoryReport(kind, arena, lower_bound(uniq), naive,
                           [(b.name, b.offset, b.nbytes, b.start, b.end, list(b.tensors)) for b in uniq],
                           sum(align(b.nbytes) for b in uniq))
@@ -271,8 +251,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     summary = []
     for k, ins in enumerate(instrs):
         if ins.kind == "ew":
-            scratch = buffers.get(("scratch", k))
-            desc = _emit_ew(em, ins, geo[k], loc, scratch.offset if scratch is not None else 0)
+            scratch = mem.scratch.get(k)
+            desc = _emit_ew(em, ins, geo[k], loc, scratch[0].offset if scratch else 0)
         else:
             desc = _emit_op(em, ins.x, loc, state, optimizer)
         if isinstance(desc, list):  # a node lowered to several instructions (concat: one per operand)
@@ -375,25 +355,21 @@ def _immediates(members):
     return {c for c, ok in uses.items() if ok}
 
 
-def _inplace_candidate(ins, w, k, buffers, base, last_read):
-    """A buffer of an input read last by this instruction, with the output's shape and dtype."""
+def _inplace_inputs(ins, w, base):
+    """The inputs of fused group ``ins`` whose buffer its output ``w`` may be written over (memory.plan_arena
+    takes the first whose buffer dies here and has ``w``'s size): the output's shape and dtype, read with
+    exactly the output's strides (directly, not through a view) and by nobody else in this group, and
+    not read by a reduction from memory at the block end (after the outputs were stored)."""
+    out = []
     for i in ins.reads:
-        bi = base(i)
-        b = buffers.get(bi)
-        if b is None or bi is not i or last_read.get(bi) != k or b.end > k:
+        if base(i) is not i or i.shape != w.shape or i.dtype != w.dtype:
             continue
-        if i.shape != w.shape or i.dtype != w.dtype or b in ins.inplace.values():
-            continue
-        # the input must be read with exactly the output's strides and by nobody else in this group,
-        # and no reduction may read it from memory at the block end (after the outputs were stored)
-        if any(base(j) is bi and j is not i for j in ins.reads):
+        if any(base(j) is i and j is not i for j in ins.reads):
             continue
         if any(m.op == "sum" and m.inputs[0] is i for m in ins.x.members):
             continue
-        if b.nbytes != int(w.size * np.dtype(w.dtype).itemsize):
-            continue
-        return b
-    return None
+        out.append(i)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

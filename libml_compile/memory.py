@@ -1,10 +1,17 @@
 """Memory planning: every intermediate of a plan lives in one arena at an offset chosen here.
 
-Input: buffers with byte sizes and live intervals ``[start, end]`` in instruction indices (inclusive;
-a buffer is written at ``start`` and last read at ``end``).  Two buffers may share bytes only if their
-intervals are disjoint.  Placement is greedy by size (largest first, lowest offset that fits beside the
-already placed buffers whose intervals overlap), which is the standard heuristic (TFLite, tinygrad) and
-lands within a few percent of the liveness lower bound on MLP training graphs.
+``plan_arena`` takes a schedule as a generic instruction list (``Instruction``: the storage keys each
+instruction reads, the buffers it writes, which inputs' buffers an output may take over, its scratch
+buffers) and does the three steps over it: liveness (a buffer is live from the instruction that writes
+it to its last reader), in-place reuse (an output takes over an input buffer that dies at that
+instruction) and placement (``place``).  It knows nothing of what the instructions compute: the caller
+(``lower.lower_entry``) decides which keys name the same storage and which outputs may reuse which inputs.
+
+Placement input: buffers with byte sizes and live intervals ``[start, end]`` in instruction indices
+(inclusive; a buffer is written at ``start`` and last read at ``end``).  Two buffers may share bytes only
+if their intervals are disjoint.  Placement is greedy by size (largest first, lowest offset that fits
+beside the already placed buffers whose intervals overlap), which is the standard heuristic (TFLite,
+tinygrad) and lands within a few percent of the liveness lower bound on MLP training graphs.
 """
 from __future__ import annotations
 
@@ -25,6 +32,94 @@ class Buffer:
     end: int
     offset: int = -1
     tensors: list = field(default_factory=list)
+
+
+@dataclass
+class Instruction:
+    """One instruction of a schedule, as the planner sees it.  Keys are the caller's hashable names of
+    storage (two keys are two storages: the caller resolves aliases such as views before).
+
+    reads: keys it reads, in operand order (repeats allowed); keys no instruction writes (inputs, params,
+    constants: storage outside the arena) are ignored.  writes: ``(key, name, nbytes)`` of each buffer it
+    writes, in order (``name`` is the buffer's name in reports).  reuse: ``{write key: [read keys]}``, the
+    inputs whose buffer that output may take over instead of a buffer of its own (the caller has checked
+    that it may overwrite them element for element); the planner takes the first that dies here, has the
+    output's ``nbytes`` and is not taken by another output of this instruction.  scratch: ``(name,
+    nbytes)`` of working buffers live during this instruction only."""
+    reads: list
+    writes: list
+    reuse: dict = field(default_factory=dict)
+    scratch: tuple = ()
+
+
+@dataclass
+class ArenaPlan:
+    """What ``plan_arena`` decided.  buffers: write key -> its Buffer (outputs written in place share
+    their input's Buffer); scratch: instruction index -> its scratch Buffers, in ``Instruction.scratch``
+    order; unique: every distinct Buffer, in the order first written; arena_bytes: the arena size."""
+    buffers: dict
+    scratch: dict
+    unique: list
+    arena_bytes: int
+
+
+def plan_arena(instructions, live_out=()):
+    """Liveness, in-place reuse and placement over ``instructions`` (a list of ``Instruction``, in
+    execution order); ``live_out``: keys read after the last instruction (the entry's outputs), which
+    stay live to the end and are never overwritten in place.
+
+    A buffer is created at the instruction writing its key (start = end = that index) and its end
+    extended to each later instruction reading it.  An output with ``reuse`` candidates takes over the
+    first candidate's buffer whose last reader is this instruction, whose ``nbytes`` equal the output's
+    and that no other output of this instruction took; the buffer then also holds the output (its
+    ``tensors`` list both names) and lives on to the output's last reader.  Rewriting a key drops its
+    earlier buffer.  Returns an ``ArenaPlan``; every Buffer's ``offset`` is set (``place``)."""
+    n = len(instructions)
+    last_read = {}
+    for k, ins in enumerate(instructions):
+        for key in ins.reads:
+            last_read[key] = k
+    for key in live_out:
+        last_read[key] = n
+    buffers, scratch = {}, {}
+    slots = {}  # every buffer under a key of its own (write keys and scratch): `unique` in first-write order
+    for k, ins in enumerate(instructions):
+        for key in ins.reads:
+            b = buffers.get(key)
+            if b is not None:
+                b.end = max(b.end, k)
+        taken = []
+        for key, name, nbytes in ins.writes:
+            b = _reusable(ins.reuse.get(key, ()), k, nbytes, buffers, last_read, taken) if ins.reuse else None
+            if b is not None:
+                b.tensors.append(name)
+                taken.append(b)
+            else:
+                b = Buffer(name, nbytes, k, k, tensors=[name])
+            buffers[key] = slots[("write", key)] = b
+        if ins.scratch:
+            scratch[k] = [Buffer(name, nbytes, k, k) for name, nbytes in ins.scratch]
+            for j, b in enumerate(scratch[k]):
+                slots[("scratch", k, j)] = b
+    for key in live_out:
+        b = buffers.get(key)
+        if b is not None:
+            b.end = n
+    unique = list({id(b): b for b in slots.values()}.values())
+    return ArenaPlan(buffers, scratch, unique, place(unique))
+
+
+def _reusable(candidates, k, nbytes, buffers, last_read, taken):
+    """The first candidate key's buffer that instruction ``k`` may write in place: last read here (and
+    not live after it), of ``nbytes``, not taken by another output of ``k``; else None."""
+    for key in candidates:
+        b = buffers.get(key)
+        if b is None or last_read.get(key) != k or b.end > k:
+            continue
+        if b.nbytes != nbytes or any(t is b for t in taken):
+            continue
+        return b
+    return None
 
 
 GREEDY_PAIR_BUDGET = 300_000  # time-overlapping buffer pairs greedy-by-size may look at

@@ -3,8 +3,9 @@
 The data path: clone the user's graph → autodiff appends the backward graph → the optimizer appends one
 update node → for each entry (``run``: forward outputs; ``grad``: loss and gradients; ``step``: loss and
 update) the passes simplify, fuse and schedule it, the planner lays out the arena, and lowering emits a
-flat plan.  The resulting ``Program`` is a ``libml_runtime.Executable`` (run/grad/step/params) plus the
-compiler's views of what it did (``summary``, ``memory_report``).
+flat plan.  The resulting ``Program`` holds a ``libml_runtime.Executable`` (``prog.executable``: the plan
+bound to its arena and state, which runs it), delegates run/grad/step/params and the rest of the runtime's
+API to it, and adds the compiler's views of what it did (``summary``, ``memory_report``, ``instructions``).
 """
 from __future__ import annotations
 
@@ -22,16 +23,84 @@ from .optim import SGD, Adam
 PLAN_ENTRIES = ("run", "grad", "step")
 
 
-class Program(Executable):
-    """A compiled program: ``run``/``grad``/``step``/``params`` from the runtime, plus inspection."""
+class Program:
+    """A compiled program: the runtime's ``Executable`` (``self.executable``) plus the compiler's inspection.
+
+    Every runtime call (``run``/``grad``/``step``/``params``/``set_params``/``state_dict``/
+    ``load_state_dict``/``save``/``save_checkpoint``/``load_checkpoint``/``profile``) is made on the one
+    ``executable``, so they all take its lock: a snapshot (``params``, ``state_dict``, ``save``) is never
+    half a ``step`` of another thread.  ``graph`` is the user's graph as passed to ``lc.compile``;
+    ``compile_seconds`` the wall time ``lc.compile`` took."""
 
     def __init__(self, plan, graph, reports, summaries, num_threads=None, check_finite=False, compile_seconds=0.0):
-        super().__init__(plan, num_threads=num_threads, check_finite=check_finite, _adopt_state=True)
+        # the compiler hands over the state buffer it just built (no copy: see Executable's _adopt_state)
+        self.executable = Executable(plan, num_threads=num_threads, check_finite=check_finite, _adopt_state=True)
         self.graph = graph
         self._reports = reports
         self._summaries = summaries
         self.compile_seconds = compile_seconds
 
+    # ---- the runtime's API, delegated to self.executable --------------------------------------------
+    @property
+    def plan(self):
+        """The ``libml_runtime.Plan`` this program runs (its ``state`` is the live state buffer)."""
+        return self.executable.plan
+
+    @property
+    def num_threads(self):
+        """OpenMP threads each runtime call uses (fixed at compile time)."""
+        return self.executable.num_threads
+
+    @property
+    def check_finite(self):
+        """Whether calls run the checked entries, which stop at the first op producing NaN/Inf."""
+        return self.executable.check_finite
+
+    @property
+    def params(self):
+        """name -> copy of the current value of every param (taken under the lock: never half an update)."""
+        return self.executable.params
+
+    def set_params(self, values):
+        """Overwrite params by name from ``{name: array of the param's shape}``; every value is checked
+        first (known name, shape, real dtype, no overflow), and on any error nothing is written."""
+        return self.executable.set_params(values)
+
+    def run(self, feeds):
+        """Forward only: ``{output name: array}`` for every graph output (the loss if it has none)."""
+        return self.executable.run(feeds)
+
+    def grad(self, feeds):
+        """``{param name: d loss / d param}`` for the trainable params (each of its param's shape); no update."""
+        return self.executable.grad(feeds)
+
+    def step(self, feeds):
+        """Forward + backward + optimizer update in one runtime call; returns the loss as a float."""
+        return self.executable.step(feeds)
+
+    def state_dict(self):
+        """Copies of the params and optimizer state, all taken under one hold of the lock (one step's)."""
+        return self.executable.state_dict()
+
+    def load_state_dict(self, d):
+        """Restore a ``state_dict``: every array must have the exact dtype and shape; on any error nothing is
+        written."""
+        return self.executable.load_state_dict(d)
+
+    def save(self, path):
+        """Write the plan with the current params and optimizer state to one self-contained plan file
+        (``libml_runtime.load`` reads it back; see FORMAT.md), atomically; returns ``path``."""
+        return self.executable.save(path)
+
+    def save_checkpoint(self, path, loader=None, extra=None):
+        """Atomically write params, optimizer state and (optionally) a data loader's position."""
+        return self.executable.save_checkpoint(path, loader=loader, extra=extra)
+
+    def load_checkpoint(self, path, loader=None):
+        """Restore a checkpoint written by ``save_checkpoint``; returns its ``extra`` dict."""
+        return self.executable.load_checkpoint(path, loader=loader)
+
+    # ---- the compiler's views -----------------------------------------------------------------------
     def memory_report(self, entry=None):
         """MemoryReport of ``entry`` (default: ``step`` if present, else ``grad``, else ``run``)."""
         entry = entry or next(k for k in ("step", "grad", "run") if k in self._reports)
@@ -62,7 +131,7 @@ class Program(Executable):
         compiler knows of the instruction: its name as in ``summary`` (e.g. ``gemm+bias+relu``),
         ``flops``, ``bytes``, achieved ``gflops`` and ``gbps``, and ``contents`` (fused members or node).
         Params are left as they were."""
-        prof = super().profile(kind, feeds, repeat=repeat, warmup=warmup)
+        prof = self.executable.profile(kind, feeds, repeat=repeat, warmup=warmup)
         rows = self._summaries.get(kind, [])
         if not self.check_finite and len(rows) == len(prof.rows):  # checked entries are unfused
             for r, s in zip(prof.rows, rows):

@@ -96,6 +96,32 @@ def test_overlap_checker_detects_a_clash():
     check_no_overlap([Buffer("a", 100, 0, 1, 0), Buffer("b", 100, 2, 5, 0)])  # disjoint in time
 
 
+def test_plan_arena_reuses_only_inputs_that_die_and_fit_over_a_generic_instruction_list():
+    """memory.plan_arena knows instructions only by the keys they read and write: an output takes over a
+    listed input's buffer iff that input is last read there, has the output's size, is not an entry
+    output (live_out) and no other output of the instruction took it; scratch lives one instruction."""
+    from libml_compile.memory import Instruction, plan_arena
+    n = 4096
+    ins = [
+        Instruction([], [("a", "a", n), ("b", "b", n), ("c", "c", n), ("small", "small", 64)]),   # 0
+        Instruction(["a", "b", "small"], [("d", "d", n), ("e", "e", n), ("f", "f", n)],          # 1
+                    reuse={"d": ["a"], "e": ["a", "b"], "f": ["small"]}),
+        Instruction(["c", "x"], [("g", "g", n)], reuse={"g": ["c", "x"]}, scratch=(("s2", 128),)),  # 2
+        Instruction(["c", "d", "e", "f", "g"], [("h", "h", n)], reuse={"h": ["g"]}),               # 3
+    ]
+    mem = plan_arena(ins, live_out=["g", "h"])
+    B = mem.buffers
+    assert B["d"] is B["a"] and B["d"].tensors == ["a", "d"] and B["d"].end == 3
+    assert B["e"] is B["b"]               # "a" was taken by d: e takes the next listed input that dies
+    assert B["f"] is not B["small"]       # sizes differ
+    assert B["g"] is not B["c"]           # c is read again at 3; "x" has no buffer (outside the arena)
+    assert B["h"] is not B["g"] and B["g"].end == B["h"].end == 4  # outputs live to the end, never reused
+    assert [b.name for b in mem.scratch[2]] == ["s2"] and (mem.scratch[2][0].start, mem.scratch[2][0].end) == (2, 2)
+    assert [b.name for b in mem.unique] == ["a", "b", "c", "small", "f", "g", "s2", "h"]
+    check_no_overlap(mem.unique)
+    assert mem.arena_bytes == max(b.offset + align(b.nbytes) for b in mem.unique)
+
+
 def test_mlp_training_plans_meet_memory_targets():
     # W2-shaped training plan: arena within 10 % of the liveness bound and at most half the naive sum
     from libml_models.builders import mlp
@@ -463,7 +489,7 @@ def test_reductions_over_empty_inputs_are_zero_even_in_a_reused_arena():
     s = lc.sum(lc.relu(x * w), axis=0)
     g.output("s", s)
     prog = lc.compile(g)
-    prog._arena[...] = 0xFF  # stale bytes, as after other entries ran
+    prog.executable._arena[...] = 0xFF  # stale bytes, as after other entries ran
     np.testing.assert_array_equal(prog.run({"x": np.zeros((0, 5), np.float32)})["s"], np.zeros(5, np.float32))
 
 
@@ -513,7 +539,7 @@ def test_mean_over_no_elements_is_nan_like_numpy():
     g.output("m", lc.mean(x))               # scalar
     g.output("s", lc.sum(x, axis=0))        # sums over nothing stay 0
     prog = lc.compile(g)
-    prog._arena[...] = 0  # a NaN must come from the mean, not from stale bytes
+    prog.executable._arena[...] = 0  # a NaN must come from the mean, not from stale bytes
     out = prog.run({"x": np.zeros((0, 5), np.float32)})
     with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
         want = np.zeros((0, 5), np.float32).mean(axis=0)

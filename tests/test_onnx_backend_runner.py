@@ -1,4 +1,4 @@
-"""``onnx.backend.test.BackendTest`` driving ``libml_compile.backend``.
+"""``onnx.backend.test.BackendTest`` driving ``libml_compile.onnx_backend``.
 
 Included: the official node cases libml runs (the same discovery as test_onnx_conformance) and the model
 test data the onnx wheel ships (pytorch-converted, pytorch-operator, simple), for which the runner itself
@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 import onnx  # noqa: E402
 import onnx.backend.test  # noqa: E402
 
-from libml_compile import backend  # noqa: E402
+from libml_compile import onnx_backend as backend  # noqa: E402
 
 _data = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
 _models = sorted(n for sub in ("pytorch-converted", "pytorch-operator", "simple")

@@ -2,21 +2,21 @@
 
 Every case whose operators are all in ``libml_compile.onnx_import.SUPPORTED_OPS`` is discovered
 automatically (so a newly supported op brings its cases with it) and run through
-``libml_compile.backend`` (import_onnx -> lc.compile -> prog.run); outputs must match the expected ones
+``libml_compile.onnx_backend`` (import_onnx -> lc.compile -> prog.run); outputs must match the expected ones
 at the case's tolerances (the ONNX backend defaults: rtol 1e-3, atol 1e-7) with the same dtype and shape.
 
 Exclusions are explicit, each with its reason (``backend.EXCLUDED_CASES`` and the element-type rule in
 ``backend.discover_conformance_cases``): cases whose tensors have element types libml has no dtype for
 (float16, bfloat16, the float8/float4 family, 4- and 2-bit ints), and cases whose inputs are not tensors
 (sequence/optional types).  ``pytest tests/test_onnx_conformance.py -s`` or
-``python -m libml_compile.backend`` prints the counts.
+``python -m libml_compile.onnx_backend`` prints the counts.
 """
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
 
-from libml_compile import backend  # noqa: E402
+from libml_compile import onnx_backend as backend  # noqa: E402
 
 RUNNABLE, EXCLUDED = backend.discover_conformance_cases()
 _RESULTS = {}

@@ -89,7 +89,7 @@ def test_profile_rejects_bad_arguments_by_name():
         prog.profile("step", {"x": feeds["x"]})
     e = prog.plan.entries["run"]
     with pytest.raises(ValueError, match="times has 0 entries"):
-        _exec.run_plan(e.code, e.consts, [prog._arena, prog._state, feeds["x"]], 1, np.zeros(0))
+        _exec.run_plan(e.code, e.consts, [prog.executable._arena, prog.executable._state, feeds["x"]], 1, np.zeros(0))
 
 
 def test_a_failing_profiled_step_restores_the_params():

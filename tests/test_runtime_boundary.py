@@ -128,6 +128,22 @@ def test_params_and_state_dict_never_return_half_an_update():
     assert torn == 0, f"{torn} of 60 snapshots mixed two steps"
 
 
+def test_a_program_holds_its_executable_and_delegates_all_of_its_public_api():
+    """``Program`` owns a ``libml_runtime.Executable`` (it is not one): every public name of the runtime
+    object is on the Program too, and the calls reach that one executable (whose lock they all take)."""
+    from libml_runtime import Executable
+    prog = _xw_program(np.array([[1.0], [2.0]], np.float32))
+    exe = prog.executable
+    assert isinstance(exe, Executable) and not isinstance(prog, Executable)
+    missing = sorted(n for n in dir(exe) if not n.startswith("_") and not hasattr(prog, n))
+    assert missing == [], f"Program does not expose {missing}"
+    assert prog.plan is exe.plan and prog.num_threads == exe.num_threads and prog.check_finite is False
+    prog.set_params({"w": np.array([[3.0], [4.0]], np.float32)})
+    np.testing.assert_array_equal(exe.params["w"], [[3.0], [4.0]])
+    np.testing.assert_array_equal(exe.run({"x": ONE_BY_TWO})["y"], prog.run({"x": ONE_BY_TWO})["y"])
+    assert prog.state_dict().keys() == exe.state_dict().keys() == {"w"}
+
+
 # ---- item 15: integer MIN / -1 wraps as in NumPy, never a SIGFPE ----------------------------------------
 
 INT_CHILD = r"""

@@ -1,6 +1,6 @@
 """An ``onnx.backend.base.Backend`` running ONNX models with libml (import_onnx -> compile -> run).
 
-    import libml_compile.backend as backend
+    import libml_compile.onnx_backend as backend
     rep = backend.prepare(model)            # checks the model and every operator up front
     outputs = rep.run([x])                  # or run({"x": x}); outputs in graph-output order
 
@@ -12,7 +12,7 @@ compiled (and cached) per distinct value.
 
 ``onnx.backend.test.BackendTest(LibmlBackend, __name__)`` can drive it.
 
-Conformance: ``python -m libml_compile.backend`` runs every official ONNX node test case (shipped with
+Conformance: ``python -m libml_compile.onnx_backend`` runs every official ONNX node test case (shipped with
 the ``onnx`` package) whose operators libml supports and prints how many pass; see
 :func:`discover_conformance_cases` for the (explicit, reasoned) exclusions.
 """
@@ -307,7 +307,7 @@ def run_conformance_case(case) -> None:
 
 
 def main(argv=None) -> int:
-    """``python -m libml_compile.backend [-v]``: run the conformance cases, print the counts."""
+    """``python -m libml_compile.onnx_backend [-v]``: run the conformance cases, print the counts."""
     import sys
     argv = sys.argv[1:] if argv is None else argv
     runnable, excluded = discover_conformance_cases()
