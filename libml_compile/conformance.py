@@ -1,7 +1,7 @@
 """``python -m libml_compile.conformance [-v]``: how many of the official ONNX node test cases libml passes.
 
 The cases are every one ``onnx.backend.test.case.node.collect_testcases()`` yields (the onnx wheel's own
-operator tests).  Each is either run through ``libml_compile.backend`` (import_onnx -> compile -> run,
+operator tests).  Each is either run through ``libml_compile.onnx_backend`` (import_onnx -> compile -> run,
 compared at the case's tolerances) or skipped for one stated reason: an operator libml does not import
 (not in ``onnx_import.SUPPORTED_OPS``), or an exclusion of ``backend.discover_conformance_cases`` (an
 element type libml has no dtype for, an integer result of a floating-point-only operator, a non-tensor
@@ -26,7 +26,7 @@ UNSUPPORTED_OP_REASON = "an operator libml does not import"
 def conformance() -> Tuple[int, int, Dict[str, List[str]], Dict[str, str], List[str]]:
     """Run the official node cases: ``(passed, total, skipped {reason: [case]}, failed {case: error},
     passing case names)``."""
-    from . import backend
+    from . import onnx_backend as backend
     from .onnx_import import SUPPORTED_OPS
 
     cases = backend.load_node_cases()
