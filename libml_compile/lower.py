@@ -362,7 +362,8 @@ def _inplace_inputs(ins, w, base):
     not read by a reduction from memory at the block end (after the outputs were stored)."""
     out = []
     for i in ins.reads:
-        if base(i) is not i or i.shape != w.shape or i.dtype != w.dtype:
+        # (inputs, params and constants live outside the arena: never a buffer to take over)
+        if i.op in passes.LEAVES or base(i) is not i or i.shape != w.shape or i.dtype != w.dtype:
             continue
         if any(base(j) is i and j is not i for j in ins.reads):
             continue
