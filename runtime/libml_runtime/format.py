@@ -319,6 +319,32 @@ class Layout:
                 break
             self.prefix.append(f)
 
+    def _fast_encoder(self):
+        """A Python function generated from the layout that flattens ``values`` without the checks of
+        ``encode`` (the compiler's hot path: the validator decodes every instruction afterwards anyway,
+        so a count that disagrees with an array's length is still refused, as a PlanError)."""
+        lines = ["def enc(v):", "    out = []"]
+        for f, count, sub in self.fields:
+            if count is None:
+                lines.append(f"    out.append(int(v[{f!r}]))")
+            elif sub is None:
+                lines.append(f"    out += map(int, v[{f!r}])")
+            else:
+                lines.append(f"    for r in v[{f!r}]:")
+                for g, c, _ in sub:
+                    lines.append(f"        out.append(int(r[{g!r}]))" if c is None else f"        out += map(int, r[{g!r}])")
+        lines.append("    return out")
+        ns = {}
+        exec("\n".join(lines), ns)  # noqa: S102 - generated from the layout strings of this module
+        return ns["enc"]
+
+    def encode_fast(self, values: dict) -> list:
+        try:
+            return self._enc(values)
+        except AttributeError:
+            self._enc = self._fast_encoder()
+            return self._enc(values)
+
     def encode(self, values: dict) -> list:
         """The fields as a list of ints, in layout order.  ``values`` maps every field name to an int
         (scalar), a list of ints (array) or a list of dicts (records); counts must agree with the
@@ -416,9 +442,10 @@ def _parse(text, i, name, depth=0):
 LAYOUTS = {name: Layout(code, name, text) for code, name, text in OPCODES}
 
 
-def encode(opname, node_id, values) -> list:
-    """One whole instruction (header + fields) of opcode ``opname``."""
-    fields = LAYOUTS[opname].encode(values)
+def encode(opname, node_id, values, check=True) -> list:
+    """One whole instruction (header + fields) of opcode ``opname``.  check=False: the generated fast
+    encoder (no count checks; for a caller whose output is validated afterwards, as the compiler's)."""
+    fields = LAYOUTS[opname].encode(values) if check else LAYOUTS[opname].encode_fast(values)
     return [OP_CODE[opname], HEADER + len(fields), int(node_id)] + fields
 
 
