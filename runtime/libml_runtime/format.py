@@ -377,7 +377,49 @@ class Layout:
                         out += [int(x) for x in rec[g]]
         return out
 
+    def _fast_decoder(self):
+        """``decode`` (values, not positions) as a Python function generated from the layout: the same
+        checks and messages, unrolled (plan validation decodes millions of fields for a large program)."""
+        L = ["def dec(code, pos, end, max_count):", "    d = {}"]
+
+        def count_expr(c):
+            return str(c) if isinstance(c, int) else f"d[{c!r}]"
+        for f, count, sub in self.fields:
+            if count is None:
+                L += [f"    if pos >= end: raise ValueError('truncated while reading {f}')",
+                      f"    d[{f!r}] = code[pos]", "    pos += 1"]
+                continue
+            L += [f"    n = {count_expr(count)}",
+                  f"    if not 0 <= n <= max_count: raise ValueError(f'{count} = {{n}} is outside [0, {{max_count}}]')"]
+            if sub is None:
+                L += [f"    if pos + n > end: raise ValueError(f'truncated while reading {f}[{{n}}]')",
+                      f"    d[{f!r}] = code[pos:pos + n]", "    pos += n"]
+                continue
+            width = " + ".join("1" if c is None else count_expr(c) for _, c, _ in sub)
+            L += [f"    w = {width}",
+                  f"    if pos + n * w > end: raise ValueError(f'truncated while reading {f}[{{n}}] ({{w}} fields each)')",
+                  "    recs = []", "    for _ in range(n):", "        r = {}"]
+            for g, c, _ in sub:
+                if c is None:
+                    L += [f"        r[{g!r}] = code[pos]", "        pos += 1"]
+                else:
+                    L += [f"        m = {count_expr(c)}", f"        r[{g!r}] = code[pos:pos + m]", "        pos += m"]
+            L += ["        recs.append(r)", f"    d[{f!r}] = recs"]
+        L.append("    return d, pos")
+        ns = {}
+        exec("\n".join(L), ns)  # noqa: S102 - generated from the layout strings of this module
+        return ns["dec"]
+
     def decode(self, code, pos, end, max_count=1 << 20, positions=False):
+        if not positions:
+            try:
+                return self._dec(code, pos, end, max_count)
+            except AttributeError:
+                self._dec = self._fast_decoder()
+                return self._dec(code, pos, end, max_count)
+        return self.decode_generic(code, pos, end, max_count, positions)
+
+    def decode_generic(self, code, pos, end, max_count=1 << 20, positions=False):
         """The fields in ``code[pos:end]`` as a dict (arrays as lists, records as lists of dicts) and
         the position after them.  ``code`` is a list of ints.  Raises ValueError naming the first field
         that is missing (the code ends) or whose count is negative or above ``max_count``.
