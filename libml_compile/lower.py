@@ -18,7 +18,8 @@ from .ir import FLOAT_DTYPES, Tensor
 from .ops import REGISTRY
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
-_INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"]}
+_INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
+            "maximum": F.VM_OPS["MAX"], "minimum": F.VM_OPS["MIN"]}
 
 
 def contiguous_strides(shape):

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
+from .ir import FLOAT_DTYPES, INT_DTYPES, Tensor, broadcast_shapes
 from .ops import OpDef, REGISTRY, _lift, make, mul, register, step, sub
 
 #: a gradient rule that is zero everywhere (piecewise-constant ops)
@@ -122,16 +122,19 @@ def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(
     return op
 
 
-def binary(name, ref, vm, grad, *, onnx=None, domain=(-3.0, 3.0), public=True, doc=""):
-    """Declare z = f(a, b) elementwise with NumPy broadcasting, float dtypes; ``grad(n, g)`` -> (da, db)
-    in the output's shape (autodiff reduces broadcast operands)."""
+def binary(name, ref, vm, grad, *, onnx=None, domain=(-3.0, 3.0), public=True, int_ok=False, doc=""):
+    """Declare z = f(a, b) elementwise with NumPy broadcasting, float dtypes (and integer dtypes with
+    ``int_ok``: the integer kernel, lower._INT_OPS, implements the op); ``grad(n, g)`` -> (da, db) in the
+    output's shape (autodiff reduces broadcast operands)."""
     def rule(inp, attrs):
         a, b = inp
-        if a.dtype not in FLOAT_DTYPES or b.dtype != a.dtype:
-            raise TypeError(f"{name}: needs two floating tensors of one dtype, got {a.dtype} and {b.dtype}")
+        ok = FLOAT_DTYPES + (INT_DTYPES if int_ok else ())
+        if a.dtype not in ok or b.dtype != a.dtype:
+            raise TypeError(f"{name}: needs two {'numeric' if int_ok else 'floating'} tensors of one dtype, got "
+                            f"{a.dtype} and {b.dtype}")
         return broadcast_shapes(name, a.shape, b.shape), a.dtype
     op = register(OpDef(name, "ew", rule, lambda at, a, b: ref(a, b), grad, vm=vm, doc=doc,
-                        onnx=_onnx_spec(onnx), domain=domain))
+                        onnx=_onnx_spec(onnx), domain=domain, int_ok=int_ok))
     if public:
         def f(a, b, name=None):
             like = a if isinstance(a, Tensor) else b
@@ -294,10 +297,10 @@ _mask_op("max_mask", "MAX_MASK")
 _mask_op("min_mask", "MIN_MASK")
 binary("maximum", _t(np.maximum), "MAX",
        lambda n, g: (mul(g, make("max_mask", n.inputs)), mul(g, make("max_mask", n.inputs[::-1]))),
-       onnx="Max", doc="elementwise max (NaN if either is NaN); ties split the gradient")
+       onnx="Max", int_ok=True, doc="elementwise max (NaN if either is NaN); ties split the gradient")
 binary("minimum", _t(np.minimum), "MIN",
        lambda n, g: (mul(g, make("min_mask", n.inputs)), mul(g, make("min_mask", n.inputs[::-1]))),
-       onnx="Min", doc="elementwise min (NaN if either is NaN); ties split the gradient")
+       onnx="Min", int_ok=True, doc="elementwise min (NaN if either is NaN); ties split the gradient")
 
 
 def _g_pow(n, g):

@@ -248,15 +248,25 @@ def test_pow_mixed_dtypes_and_prelu_slope():
         import_onnx(bad)
 
 
-def test_integer_max_names_the_node():
+def test_integer_max_imports_and_an_integer_float_only_op_names_the_node():
+    # Max/Min on integers run in the integer kernel (lc.maximum / lc.minimum with int_ok)
     m = helper.make_model(helper.make_graph(
         [helper.make_node("Max", ["a", "b"], ["y"], name="mx")], "g",
         [helper.make_tensor_value_info("a", TensorProto.INT32, [3]),
          helper.make_tensor_value_info("b", TensorProto.INT32, [3])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [3])]), opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ONNXImportError, match="'mx'.*maximum"):
+    a, b = np.int32([-(2 ** 31), 5, 7]), np.int32([3, 2 ** 31 - 1, 7])
+    np.testing.assert_array_equal(lc.compile(import_onnx(m)).run({"a": a, "b": b})["y"], np.maximum(a, b))
+    assert onnx_import.integer_capable("Max") and onnx_import.integer_capable("Add")
+    # Pow's kernel is floating point only: an integer Pow is refused naming the node and the op
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("Pow", ["a", "b"], ["y"], name="pw")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.INT32, [3]),
+         helper.make_tensor_value_info("b", TensorProto.INT32, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [3])]), opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ONNXImportError, match="'pw'.*pow"):
         import_onnx(m)
-    assert not onnx_import.integer_capable("Max") and onnx_import.integer_capable("Add")
+    assert not onnx_import.integer_capable("Pow")
 
 
 def test_conformance_command_prints_the_count(capsys):

@@ -202,6 +202,8 @@ static int NAME(int64_t op, int64_t n, const T *a, int64_t sa, const T *b, int64
     case VM_ADD: LM_INT_LOOP(T, o[i] = (T)((uint64_t)x + (uint64_t)y)) break;                           \
     case VM_SUB: LM_INT_LOOP(T, o[i] = (T)((uint64_t)x - (uint64_t)y)) break;                           \
     case VM_MUL: LM_INT_LOOP(T, o[i] = (T)((uint64_t)x * (uint64_t)y)) break;                           \
+    case VM_MAX: LM_INT_LOOP(T, o[i] = x < y ? y : x) break;                                            \
+    case VM_MIN: LM_INT_LOOP(T, o[i] = x > y ? y : x) break;                                            \
     case VM_DIV:                                                                                      \
         LM_INT_LOOP(T, if (y == 0) return -3;                                                            \
                     o[i] = ((T)-1 < 0 && y == (T)-1) ? (T)((uint64_t)0 - (uint64_t)x) : (T)(x / y))   \
