@@ -32,14 +32,14 @@ __all__ = ["import_onnx", "load_model", "UnsupportedOperatorError", "ONNXImportE
            "SUPPORTED_OPS", "FOLD_ONLY_OPS", "HANDLERS", "registry_onnx_ops", "onnx_to_libml",
            "integer_capable", "SUPPORTED_DTYPES", "MIN_OPSET"]
 
-#: Hand-written translations: ONNX op type -> (``_Importer`` method, libml ops it emits, integer tensors
-#: allowed).  Every other supported operator comes from an ``OpDef.onnx`` declaration in the operator
+#: Hand-written translations: ONNX op type -> (``_Importer`` method returning the output's value or the
+#: list of the outputs' values, libml ops it emits, integer tensors allowed).  Every other supported operator comes from an ``OpDef.onnx`` declaration in the operator
 #: registry and is translated by the one generic path ``_Importer.registry_op`` (see registry_onnx_ops).
 HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "MatMul": ("op_matmul", ("matmul", "reshape"), False),
-    "Gemm": ("op_gemm", ("transpose", "matmul", "mul", "add"), False),
-    "Softmax": ("op_softmax", ("softmax", "reshape"), False),
-    "Constant": ("op_constant", (), True),
+    "Gemm": ("gemm", ("transpose", "matmul", "mul", "add"), False),
+    "Softmax": ("softmax", ("softmax", "reshape"), False),
+    "Constant": ("constant", (), True),
     "Shape": ("op_shape", (), True),
     "Cast": ("op_cast", ("cast",), True),
     "Transpose": ("op_transpose", ("transpose",), True),
@@ -47,8 +47,8 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Flatten": ("op_reshape", ("reshape",), True),
     "Squeeze": ("op_reshape", ("reshape",), True),
     "Unsqueeze": ("op_reshape", ("reshape",), True),
-    "Gather": ("op_gather", ("gather",), True),
-    "Concat": ("op_concat", ("concat",), True),
+    "Gather": ("gather", ("gather",), True),
+    "Concat": ("concat", ("concat",), True),
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
 }
@@ -96,14 +96,14 @@ REDUCE_IMPORT_OPS: Dict[str, Tuple[str, ...]] = {
     "ReduceLogSum": ("sum", "log"), "ReduceLogSumExp": ("logsumexp", "transpose", "reshape"),
     "ArgMax": ("argmax",), "ArgMin": ("argmin",), "LogSoftmax": ("log_softmax", "reshape"),
 }
-HANDLERS.update({k: ("op_reduce_family", v, False) for k, v in REDUCE_IMPORT_OPS.items()})
+HANDLERS.update({k: ("reduce_family", v, False) for k, v in REDUCE_IMPORT_OPS.items()})
 
 #: ONNX operators (default domain) the importer translates: the registry's plus the hand-written ones.
 SUPPORTED_OPS: Tuple[str, ...] = tuple(sorted(set(registry_onnx_ops()) | set(HANDLERS)))
 #: the comparison / logic family (``_Importer.logic``, ops_logic.py): hand-written handlers
 LOGIC_OPS: Tuple[str, ...] = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor",
                               "Not", "IsNaN", "IsInf", "Where", "Mod")
-HANDLERS.update({k: ("op_logic", (), True) for k in LOGIC_OPS})
+HANDLERS.update({k: ("logic", (), True) for k in LOGIC_OPS})
 SUPPORTED_OPS = tuple(sorted(set(SUPPORTED_OPS) | set(LOGIC_OPS)))
 #: Operators that are evaluated at import time.  ``Shape`` always folds (libml shapes are static);
 #: ``Gather`` needs constant indices; ``Concat`` and ``Gather`` of live tensors are native copies
@@ -618,7 +618,9 @@ class _Importer:
         """The values of ``node``'s outputs: lc Tensors, or ndarrays where every input is constant."""
         op = node.op_type
         if op in HANDLERS:
-            return getattr(self, HANDLERS[op][0])(node, _attrs(node))
+            # a handler returns the value of the node's one output, or the list of all of them
+            r = getattr(self, HANDLERS[op][0])(node, _attrs(node))
+            return r if isinstance(r, list) else [r]
         candidates = self.registry.get(op)
         if candidates is not None:
             return [self.registry_op(node, candidates)]
@@ -816,15 +818,6 @@ class _Importer:
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 
-    def op_softmax(self, node, at):
-        return [self.softmax(node, at)]
-
-    def op_gemm(self, node, at):
-        return [self.gemm(node, at)]
-
-    def op_constant(self, node, at):
-        return [self.constant(node, at)]
-
     def op_cast(self, node, at):
         from .ops import REGISTRY
         x = self.get(node, 0)
@@ -863,18 +856,6 @@ class _Importer:
         if self.is_const(x):
             return [REGISTRY["reshape"].ref({"shape": tuple(new)}, x)]
         return [self.lc.reshape(x, tuple(new), name=node.output[0])]
-
-    def op_gather(self, node, at):
-        return [self.gather(node, at)]
-
-    def op_concat(self, node, at):
-        return [self.concat(node, at)]
-
-    def op_reduce_family(self, node, at):
-        return [self.reduce_family(node, at)]
-
-    def op_logic(self, node, at):
-        return [self.logic(node, at)]
 
     # -- op translations -----------------------------------------------------------------------------
     def logic(self, node, at):

@@ -453,7 +453,8 @@ cdef inline int64_t _boff(int64_t bi, int64_t bdim, const int64_t *bd, const int
 # ------------------------------------------------------------------------------------------------
 # softmax, cross-entropy
 
-cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads, bint log=False) noexcept nogil:
+    """softmax, and log_softmax (log): the same fields (format.py asserts the layouts are equal)."""
     cdef int64_t outer = f[LM_F_SOFTMAX_outer], K = f[LM_F_SOFTMAX_K], inner = f[LM_F_SOFTMAX_inner], o
     cdef floating *x = <floating*>_ptr(bases, f + LM_F_SOFTMAX_x_slot)
     cdef floating *y = <floating*>_ptr(bases, f + LM_F_SOFTMAX_y_slot)
@@ -469,9 +470,15 @@ cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads) 
         tmp = ws + threadid() * (2 * inner + 1)
         for o in prange(outer, schedule="static"):
             if floating is float:
-                lm_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+                if log:
+                    lm_log_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+                else:
+                    lm_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
             else:
-                lm_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+                if log:
+                    lm_log_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
+                else:
+                    lm_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
     free(ws)
     return 0
 
@@ -532,29 +539,6 @@ cdef int _reduce(floating dummy, const int64_t *f, char **bases, int nthreads, b
                 else:
                     lm_reduce_cols_f64(kind, K, inner, i0, ni, <double*>x + o * K * inner, <double*>y + o * inner,
                                        <double*>acc)
-    free(ws)
-    return 0
-
-
-cdef int _log_softmax(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
-    cdef int64_t outer = f[LM_F_LOG_SOFTMAX_outer], K = f[LM_F_LOG_SOFTMAX_K], inner = f[LM_F_LOG_SOFTMAX_inner], o
-    cdef floating *x = <floating*>_ptr(bases, f + LM_F_LOG_SOFTMAX_x_slot)
-    cdef floating *y = <floating*>_ptr(bases, f + LM_F_LOG_SOFTMAX_y_slot)
-    cdef floating *tmp
-    cdef floating *ws
-    cdef int nt = _threads(outer * K * inner, nthreads)
-    if outer * K * inner == 0:
-        return 0
-    ws = <floating*>malloc(nt * (2 * inner + 1) * sizeof(floating))
-    if ws == NULL:
-        return ERR_NOMEM
-    with parallel(num_threads=nt):
-        tmp = ws + threadid() * (2 * inner + 1)
-        for o in prange(outer, schedule="static"):
-            if floating is float:
-                lm_log_softmax_outer_f32(K, inner, x + o * K * inner, y + o * K * inner, tmp)
-            else:
-                lm_log_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
     free(ws)
     return 0
 
@@ -914,8 +898,8 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
             rc = _reduce(f32, f, bases, nthreads, True) if f[LM_F_ARG_REDUCE_dtype] == 0 \
                 else _reduce(f64, f, bases, nthreads, True)
         elif op == LM_OP_LOG_SOFTMAX:
-            rc = _log_softmax(f32, f, bases, nthreads) if f[LM_F_LOG_SOFTMAX_dtype] == 0 \
-                else _log_softmax(f64, f, bases, nthreads)
+            rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
+                else _softmax(f64, f, bases, nthreads, True)
         else:
             rc = ERR_OPCODE
         if rc != 0:

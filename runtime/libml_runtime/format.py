@@ -577,6 +577,9 @@ def _self_check():
                     want = f[:-4] + "offset"
                     if k + 1 >= len(names) or names[k + 1] != want:
                         raise ValueError(f"format: {L.name}: {f} must be followed by {want}")
+    # log_softmax runs softmax's driver, which reads softmax's field offsets
+    if LAYOUTS["log_softmax"].text != LAYOUTS["softmax"].text:
+        raise ValueError("format: log_softmax must have softmax's layout")
     # gemm_ex runs gemm's kernel, which reads gemm's field offsets
     if not LAYOUTS["gemm_ex"].text.startswith(LAYOUTS["gemm"].text):
         raise ValueError("format: gemm_ex must start with gemm's layout")
