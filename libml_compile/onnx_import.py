@@ -910,33 +910,34 @@ class _Importer:
         raise self.err(node, f"unsupported Constant attributes {sorted(at)}")
 
     def softmax(self, node, at):
-        from .ops import REGISTRY
-        ref = REGISTRY["softmax"].ref
+        """Softmax and LogSoftmax: before opset 13 over the axes from ``axis`` on, flattened to 2-D (the
+        old semantics); from 13 along one axis.  Constant inputs fold through the registry's references."""
         lc = self.lc
+        fn = lc.softmax if node.op_type == "Softmax" else lc.log_softmax
         x = self.get(node, 0)
         shp = self.shape(x)
         r = len(shp)
         out = node.output[0]
         if self.opset < 13:
-            axis = at.get("axis", 1)
+            axis = int(at.get("axis", 1))
             axis = axis + r if axis < 0 else axis
             if not 0 <= axis <= r:
                 raise self.err(node, f"axis {at.get('axis', 1)} out of range for shape {shp}")
             n = int(np.prod(shp[:axis], dtype=np.int64))
             d = int(np.prod(shp[axis:], dtype=np.int64))
             if self.is_const(x):
-                return ref({"axis": 1}, x.reshape(n, d)).reshape(shp)
+                return _eval_const(lambda c: lc.reshape(fn(lc.reshape(c, (n, d)), axis=-1), shp), x)
             if r == 2 and axis == 1:
-                return lc.softmax(x, axis=-1, name=out)
+                return fn(x, axis=-1, name=out)
             x2 = lc.reshape(x, (n, d), name=self.fresh(out))
-            s = lc.softmax(x2, axis=-1, name=self.fresh(out))
-            return lc.reshape(s, shp, name=out)
-        axis = at.get("axis", -1)
+            y = fn(x2, axis=-1, name=self.fresh(out))
+            return lc.reshape(y, shp, name=out)
+        axis = int(at.get("axis", -1))
         if not -r <= axis < r:
             raise self.err(node, f"axis {axis} out of range for shape {shp}")
         if self.is_const(x):
-            return ref({"axis": axis % r}, x)
-        return lc.softmax(x, axis=axis, name=out)
+            return _eval_const(lambda c: fn(c, axis=axis), x)
+        return fn(x, axis=axis, name=out)
 
     def gemm(self, node, at):
         from .ops import REGISTRY
@@ -1125,7 +1126,7 @@ def _reduce_family(self, node, at):
     (opset < 13: over the flattened axes from ``axis`` on, as Softmax)."""
     op = node.op_type
     if op == "LogSoftmax":
-        return self._log_softmax_node(node, at)
+        return self.softmax(node, at)
     if op in ("ArgMax", "ArgMin"):
         return self._arg_node(node, at)
     x = self.get(node, 0)
@@ -1174,37 +1175,8 @@ def _arg_node(self, node, at):
     return fn(x, axis=axis, keepdims=keepdims, select_last=last, name=node.output[0])
 
 
-def _log_softmax_node(self, node, at):
-    lc = self.lc
-    x = self.get(node, 0)
-    shp = self.shape(x)
-    r = len(shp)
-    out = node.output[0]
-    if self.opset < 13:
-        axis = int(at.get("axis", 1))
-        axis = axis + r if axis < 0 else axis
-        if not 0 <= axis <= r:
-            raise self.err(node, f"axis {at.get('axis', 1)} out of range for shape {shp}")
-        n = int(np.prod(shp[:axis], dtype=np.int64))
-        d = int(np.prod(shp[axis:], dtype=np.int64))
-        if self.is_const(x):
-            return _eval_const(lambda c: lc.reshape(lc.log_softmax(lc.reshape(c, (n, d)), axis=-1), shp), x)
-        if r == 2 and axis == 1:
-            return lc.log_softmax(x, axis=-1, name=out)
-        x2 = lc.reshape(x, (n, d), name=self.fresh(out))
-        s = lc.log_softmax(x2, axis=-1, name=self.fresh(out))
-        return lc.reshape(s, shp, name=out)
-    axis = int(at.get("axis", -1))
-    if not -r <= axis < r:
-        raise self.err(node, f"axis {axis} out of range for shape {shp}")
-    if self.is_const(x):
-        return _eval_const(lambda c: lc.log_softmax(c, axis=axis), x)
-    return lc.log_softmax(x, axis=axis, name=out)
-
-
 _Importer.reduce_family = _reduce_family
 _Importer._arg_node = _arg_node
-_Importer._log_softmax_node = _log_softmax_node
 
 
 def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,
