@@ -219,6 +219,11 @@ class _Decoder:
             self.fail(f"{what} offset {off} is not aligned to {isz}")
         return strides
 
+    def strided_of(self, d, what, isz, dims, writable=False):
+        """``strided`` for the operand named ``what`` in a decoded instruction (what.slot, what.offset,
+        what.stride), as ``operand`` reads a plain one."""
+        return self.strided(what, d[f"{what}.slot"], d[f"{what}.offset"], d[f"{what}.stride"], isz, dims, writable)
+
     def dims(self, what, dims):
         for i, n in enumerate(dims):
             self.rng(f"{what}[{i}]", n, 0, 2 ** 40)
@@ -415,17 +420,17 @@ class _Decoder:
         dims = self.dims("dims", d["dims"])
         isz = F.ITEMSIZE[d["dtype"]]
         osz = 1 if d["op"] in self.INT_CMP_OPS else isz
-        self.strided("a", d["a.slot"], d["a.offset"], d["a.stride"], isz, dims)
-        self.strided("b", d["b.slot"], d["b.offset"], d["b.stride"], isz, dims)
+        self.strided_of(d, "a", isz, dims)
+        self.strided_of(d, "b", isz, dims)
         self.operand(d, "out", math.prod(dims) * osz, writable=True, align=osz)
 
     def op_select(self, d):
         isz = self._itemsize(d)
         self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
         dims = self.dims("dims", d["dims"])
-        self.strided("cond", d["cond.slot"], d["cond.offset"], d["cond.stride"], 1, dims)
-        self.strided("a", d["a.slot"], d["a.offset"], d["a.stride"], isz, dims)
-        self.strided("b", d["b.slot"], d["b.offset"], d["b.stride"], isz, dims)
+        self.strided_of(d, "cond", 1, dims)
+        self.strided_of(d, "a", isz, dims)
+        self.strided_of(d, "b", isz, dims)
         self.operand(d, "out", math.prod(dims) * isz, writable=True, align=isz)
 
     def op_copy(self, d):
@@ -443,15 +448,15 @@ class _Decoder:
         isz = self._itemsize(d)
         self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
         dims = self.dims("dims", d["dims"])
-        self.strided("src", d["src.slot"], d["src.offset"], d["src.stride"], isz, dims)
+        self.strided_of(d, "src", isz, dims)
         self.operand(d, "dst", math.prod(dims) * isz, writable=True, align=isz)
 
     def op_copy_nd(self, d):
         isz = self._itemsize(d)
         self.rng("ndim", d["ndim"], 0, F.LM_MAXD)
         dims = self.dims("dims", d["dims"])
-        self.strided("src", d["src.slot"], d["src.offset"], d["src.stride"], isz, dims)
-        self.strided("dst", d["dst.slot"], d["dst.offset"], d["dst.stride"], isz, dims, writable=True)
+        self.strided_of(d, "src", isz, dims)
+        self.strided_of(d, "dst", isz, dims, writable=True)
 
     def op_gather(self, d):
         self._indexed(d, self._itemsize(d), "src", gather=True)
