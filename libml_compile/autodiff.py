@@ -6,7 +6,11 @@ op, in ``ops.py``).  The driver does the three things no rule does on its own:
 * it visits nodes in reverse topological order, only those on a path from a trainable param to the loss
   (nothing is computed for inputs, consts or frozen params);
 * it accumulates the gradients of tensors used several times (``add``);
-* it reduces the gradient of a broadcast operand to the operand's shape, once, here (``unbroadcast``).
+* it reduces the gradient of a broadcast operand to the operand's shape, once, here (``unbroadcast``);
+* it hands a node with several outputs the gradients of all of them at once: the gradient of an
+  ``output`` projection is kept for its node (projections come after their node in topological order,
+  so they are visited first), whose rule then receives one gradient per output (``None`` where the loss
+  does not depend on that output).
 """
 from __future__ import annotations
 
@@ -42,20 +46,31 @@ def grad_graph(loss: Tensor, wrt: list[Tensor]) -> dict[Tensor, Tensor]:
             break
     nodes = g.nodes[: g.nodes.index(loss) + 1]
     contrib: dict[Tensor, list[Tensor]] = {loss: [g.const(1.0, dtype=loss.dtype)]}
+    out_grads: dict[Tensor, dict[int, Tensor]] = {}  # node -> {output index >= 1: its gradient}
     for t in reversed(nodes):
-        if t not in needs or t not in contrib:
+        if t not in needs or (t not in contrib and t not in out_grads):
             continue
-        parts = contrib.pop(t)
-        gt = parts[0]
-        for p in parts[1:]:
-            gt = ops.add(gt, p)
-        contrib[t] = [gt]
+        gt = None
+        if t in contrib:
+            parts = contrib.pop(t)
+            gt = parts[0]
+            for p in parts[1:]:
+                gt = ops.add(gt, p)
+            contrib[t] = [gt]
         if t.op in ("param", "input", "const"):
+            continue
+        if t.op == "output":
+            out_grads.setdefault(t.inputs[0], {})[t.attrs["index"]] = gt
             continue
         rule = ops.REGISTRY[t.op].grad
         if rule is None:
             raise NotImplementedError(f"op {t.op!r} (node {t.name!r}) has no gradient rule")
-        gins = rule(t, gt)
+        n_out = len(ops.out_specs(t))
+        if n_out > 1:
+            got = out_grads.pop(t, {})
+            gins = rule(t, (gt,) + tuple(got.get(k) for k in range(1, n_out)))
+        else:
+            gins = rule(t, gt)
         for x, gx in zip(t.inputs, gins):
             if gx is None or x not in needs:
                 continue

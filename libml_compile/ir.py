@@ -1,7 +1,9 @@
 """The IR: a graph of statically shaped, typed tensors.
 
-Every tensor is the single output of one node (``Tensor.op`` names its registry entry in ``ops.py``;
-leaves are ``input``, ``param`` and ``const``).  Nodes are appended in construction order, so
+Every node is a tensor (``Tensor.op`` names its registry entry in ``ops.py``; leaves are ``input``,
+``param`` and ``const``).  A node with several outputs is its output 0; each further output k is an
+``output`` node reading it (attrs ``{"index": k}``), as XLA's get-tuple-element or FX's getitem: passes see
+ordinary tensors, the node's instruction writes all of them.  Nodes are appended in construction order, so
 ``Graph.nodes`` is always a valid topological order.  Shapes and dtypes are inferred when a node is
 declared, by the op's shape rule, so a mismatch raises there, naming the op and the shapes.
 """
@@ -151,6 +153,7 @@ class Graph:
         self.meta: dict = {}
         self._by_name: dict[str, Tensor] = {}
         self._ids = itertools.count()
+        self._outputs: dict[tuple, Tensor] = {}  # (node, k) -> its ``output`` projection (ops.output)
 
     # -- leaves ------------------------------------------------------------------------------------
     def input(self, name, shape, dtype="float32"):
@@ -240,6 +243,8 @@ class Graph:
                 raise ValueError(f"graph {self.name!r} already has a tensor named {t.name!r}")
             t.name = self._fresh_name(t.op, t.id)
         _check_size(t.shape, t.dtype, f"{t.op} {t.name!r}")
+        if t.op == "output":
+            self._outputs.setdefault((t.inputs[0], t.attrs["index"]), t)
         self.nodes.append(t)
         self._by_name[t.name] = t
         return t

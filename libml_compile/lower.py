@@ -15,7 +15,7 @@ from libml_runtime.plan import Entry
 
 from . import ops_logic, passes
 from .ir import FLOAT_DTYPES, Tensor
-from .ops import REGISTRY
+from .ops import REGISTRY, out_specs
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
@@ -129,6 +129,22 @@ class _Instr:
         self.reads: list[Tensor] = []
         self.writes: list[Tensor] = []
         self.imm: set = set()
+        # a node with several outputs: output k's projection node, or None where nothing reads it (the
+        # kernel still writes it: into scratch)
+        self.outputs: list = [x]
+
+
+def _node_outputs(x, consumers):
+    """[x, output 1's projection or None, ...] for node ``x`` (projections are found among its readers)."""
+    n_out = len(out_specs(x))
+    outs = [x] + [None] * (n_out - 1)
+    for c in consumers.get(x, ()):
+        if c.op == "output":
+            k = c.attrs["index"]
+            if outs[k] is not None and outs[k] is not c:
+                raise AssertionError(f"two projections of output {k} of {x.name!r} (compiler bug)")
+            outs[k] = c
+    return outs
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
@@ -215,7 +231,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         else:
             ins.reads = [i for i in x.inputs]
             ins.writes = [x] if REGISTRY[x.op].kind != "opt" else []  # updates write the state only
-            ins.writes += [x.attrs[k] for k in passes.SIDE_OUTPUTS.values() if k in x.attrs]
+            ins.outputs = _node_outputs(x, consumers) if REGISTRY[x.op].kind != "opt" else []
+            ins.writes += [o for o in ins.outputs[1:] if o is not None]
         instrs.append(ins)
 
     # ---- liveness over the schedule; in-place reuse; arena placement (memory.plan_arena) -----------
@@ -229,6 +246,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             reuse = {w: c for w in ins.writes if w.op != "sum" and (c := _inplace_inputs(ins, w, base))}
             if geo[k]["mode"] == 2:
                 scratch = ((f"scratch{k}", geo[k]["scratch_bytes"]),)
+        else:  # outputs nothing reads: written into scratch
+            scratch = tuple((f"{ins.x.name}:{j}", _nbytes(*out_specs(ins.x)[j]))
+                            for j, o in enumerate(ins.outputs) if o is None)
         steps.append(Instruction([base(i) for i in ins.reads],
                                  [(w, w.name, int(w.size * np.dtype(w.dtype).itemsize)) for w in ins.writes],
                                  reuse, scratch))
@@ -262,7 +282,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             scratch = mem.scratch.get(k)
             desc = _emit_ew(em, ins, geo[k], loc, scratch[0].offset if scratch else 0)
         else:
-            desc = _emit_op(em, ins.x, loc, state, optimizer)
+            spare = iter(mem.scratch.get(k, ()))
+            outs = [loc(o) if o is not None else (0, next(spare).offset) for o in ins.outputs]
+            desc = _emit_op(em, ins.x, loc, state, optimizer, outs)
         if isinstance(desc, list):  # a node lowered to several instructions (concat: one per operand)
             summary += desc
         else:
@@ -619,12 +641,17 @@ def _emit_ew(em, ins, geo, loc, scratch_off):
 # everything that is not a fused elementwise group
 
 
-def _emit_op(em, t, loc, state, optimizer):
+def _nbytes(shape, dtype):
+    return int(math.prod(shape) * np.dtype(dtype).itemsize)
+
+
+def _emit_op(em, t, loc, state, optimizer, outs):
+    """Emit node ``t``'s instruction(s); ``outs``: the (slot, offset) of each of its outputs."""
     op = t.op
     nid = em.node(op, t.name)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
     if op in ("matmul", "linear", "linear_ex", "sgd_gemm", "momentum_gemm"):
-        return _emit_gemm(em, nid, t, loc, state)
+        return _emit_gemm(em, nid, t, loc, state, outs)
     if op == "softmax":
         ax = t.attrs["axis"]
         outer = int(np.prod(t.shape[:ax], dtype=np.int64))
@@ -642,12 +669,12 @@ def _emit_op(em, t, loc, state, optimizer):
         return {"op": op, "node": t.name, "flops": 4 * z.size, "bytes": nbytes(z, y)}
     if op == "xent_grad":
         z, y, g = t.inputs
-        lo = loc(t.attrs["loss"]) if "loss" in t.attrs else (-1, 0)
+        lo = outs[1] if t.attrs.get("with_loss") else (-1, 0)
         em.emit("xent_grad", nid, {"dtype": F.DTYPE_CODE[t.dtype], "B": z.shape[0], "C": z.shape[1],
                                    **_opnd("logits", loc(z)), **_opnd("labels", loc(y)),
                                    "labels.dtype": F.DTYPE_CODE[y.dtype], **_opnd("g", loc(g)),
                                    **_opnd("out", loc(t)), **_opnd("loss", lo)})
-        return {"op": op + ("+loss" if "loss" in t.attrs else ""), "node": t.name, "flops": 5 * z.size,
+        return {"op": op + ("+loss" if t.attrs.get("with_loss") else ""), "node": t.name, "flops": 5 * z.size,
                 "bytes": nbytes(z, y, t)}
     if op == "cast":
         x = t.inputs[0]
@@ -817,7 +844,7 @@ def _momentum_loc(state, p):
     return F.SLOT_STATE, state.opt_state_offset(f"{p.name}/momentum", p.dtype, p.shape)
 
 
-def _emit_gemm(em, nid, t, loc, state):
+def _emit_gemm(em, nid, t, loc, state, outs):
     a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
     into_state = t.op in ("sgd_gemm", "momentum_gemm")  # C is a state buffer of the param inputs[2]
@@ -850,7 +877,7 @@ def _emit_gemm(em, nid, t, loc, state):
         bias = loc(t.inputs[2]) if t.op == "linear" and act != "relu_grad" else (-1, 0)
         act_code = 1 if act == "relu" and t.op == "linear" else 2 if act == "relu_grad" else 0
         mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
-    colsum = loc(t.attrs["colsum"]) if "colsum" in t.attrs else (-1, 0)
+    colsum = outs[1] if t.attrs.get("colsum") else (-1, 0)
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
         out, alpha, beta = loc(t.inputs[2]), -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
     elif t.op == "momentum_gemm":  # C is the param's momentum buffer: v = momentum * v + A B
@@ -865,11 +892,11 @@ def _emit_gemm(em, nid, t, loc, state):
     nb = int(np.prod(batch)) if batch else 1
     if epi:
         return {"op": "gemm" + ("+bias" if t.attrs["has_bias"] else "") + "+" + t.attrs["epi"]
-                + ("+colsum" if "colsum" in t.attrs else ""), "node": t.name, "flops": 2 * M * N * K + M * N,
+                + ("+colsum" if t.attrs.get("colsum") else ""), "node": t.name, "flops": 2 * M * N * K + M * N,
                 "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in t.inputs + (t,))), "trans": (ta, tb)}
     return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
             + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")
-            + ("+colsum" if "colsum" in t.attrs else "")
+            + ("+colsum" if t.attrs.get("colsum") else "")
             + ("+sgd" if t.op == "sgd_gemm" else "") + ("+momentum" if t.op == "momentum_gemm" else ""),
             "node": t.name, "flops": 2 * nb * M * N * K,
             "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in (a, b, t.inputs[2] if into_state else t))),

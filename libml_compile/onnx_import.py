@@ -1100,17 +1100,19 @@ def _eval_const(build, *arrays):
     graph and evaluated node by node with the registry's NumPy references -- constant folding through the
     same reference as the compiler's (no second NumPy copy of an op's semantics here)."""
     from .ir import Graph
-    from .ops import REGISTRY
+    from .ops import ref_outputs
     g = Graph("onnx_fold")
     out = build(*[g.const(np.asarray(a)) for a in arrays])
-    vals = {}
+    vals, outs = {}, {}
     for t in g.nodes:
         if t.op == "const":
             vals[t] = t.value
+        elif t.op == "output":  # output k of a node with several: computed with the node
+            vals[t] = outs[t.inputs[0]][t.attrs["index"]]
         else:
             with np.errstate(all="ignore"):
-                vals[t] = np.asarray(REGISTRY[t.op].ref(t.attrs, *[vals[i] for i in t.inputs]),
-                                     dtype=t.dtype).reshape(t.shape)
+                outs[t] = ref_outputs(t, [vals[i] for i in t.inputs])
+            vals[t] = outs[t][0]
     return vals[out]
 
 

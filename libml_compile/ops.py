@@ -10,6 +10,12 @@ the node itself is the op's own result, which sigmoid and softmax reuse) and ``g
 ``node``'s shape — and return one gradient per input (``None`` = not differentiable / zero).  Gradients of
 broadcast operands are returned in the *output's* shape; ``autodiff`` reduces them to the operand's shape
 once, centrally.
+
+Nodes may have several outputs (saved residuals: a norm's mean and inverse std, a pool's argmax): the op's
+shape rule returns a list of ``(shape, dtype)``, the node itself is output 0 and ``output(node, k)`` is the
+projection node of output k (one per node and index).  The gradient rule of such an op receives a tuple
+``g`` with one upstream gradient per output (``None`` where the loss does not depend on it) and may read
+any output through ``output(node, k)``; its reference returns a tuple.
 """
 from __future__ import annotations
 
@@ -167,11 +173,68 @@ def make(op: str, inputs, attrs=None, name=None) -> Tensor:
         if t.graph is not inputs[0].graph:
             raise ValueError(f"{_PUBLIC_NAME.get(op, op)}: operands belong to different graphs ({inputs[0].name!r} of graph "
                              f"{inputs[0].graph.name!r}, {t.name!r} of graph {t.graph.name!r})")
-    shape, dtype = d.shape(inputs, attrs)
+    spec = d.shape(inputs, attrs)
     g = inputs[0].graph
-    if name is not None:
-        g._check_new_name(name)
-    return g._add(Tensor(g, op, inputs, attrs, shape, dtype, name))
+    if not isinstance(spec, list):
+        if name is not None:
+            g._check_new_name(name)
+        return g._add(Tensor(g, op, inputs, attrs, spec[0], spec[1], name))
+    # a node with several outputs: the node is output 0; outputs 1.. are ``output`` projections of it
+    names = list(name) if isinstance(name, (list, tuple)) else [name]
+    names += [None] * (len(spec) - len(names))
+    if len(names) != len(spec):
+        raise ValueError(f"{op}: {len(names)} names given for a node with {len(spec)} outputs")
+    if names[0] is not None:
+        g._check_new_name(names[0])
+    t = g._add(Tensor(g, op, inputs, attrs, spec[0][0], spec[0][1], names[0]))
+    return (t,) + tuple(output(t, k, names[k]) for k in range(1, len(spec)))
+
+
+def out_specs(t: Tensor) -> list:
+    """[(shape, dtype)] of every output of node ``t``, output 0 (``t`` itself) first.
+
+    An op has several outputs when its shape rule returns a list (the count may depend on attrs: a GEMM
+    computing its column sums too has two)."""
+    d = REGISTRY[t.op]
+    if d.shape is None:
+        return [(t.shape, t.dtype)]
+    spec = d.shape(t.inputs, t.attrs)
+    return spec if isinstance(spec, list) else [spec]
+
+
+def output(t: Tensor, k: int, name=None) -> Tensor:
+    """Output ``k`` of node ``t`` (output 0 is ``t`` itself; outputs 1.. are ``output`` projection nodes,
+    one per (node, index) in a graph: gradient rules reading a saved residual share the forward's)."""
+    if k == 0:
+        return t
+    p = t.graph._outputs.get((t, k))
+    if p is None:
+        p = make("output", (t,), {"index": k}, name)
+    elif name is not None and p.name != name:
+        raise ValueError(f"output {k} of node {t.name!r} is already named {p.name!r}")
+    return p
+
+
+def ref_outputs(t: Tensor, arrays) -> list:
+    """The NumPy reference's value of every output of node ``t`` for input ``arrays`` (output 0 first),
+    each as an array of the output's shape and dtype (constant folding, importers, tests)."""
+    d = REGISTRY[t.op]
+    if d.ref is None:
+        raise NotImplementedError(f"op {t.op!r} (node {t.name!r}) has no NumPy reference")
+    specs = out_specs(t)
+    r = d.ref(t.attrs, *arrays)
+    vals = list(r) if len(specs) > 1 else [r]
+    return [np.asarray(v, dtype=dt).reshape(s) for v, (s, dt) in zip(vals, specs)]
+
+
+def _s_output(inp, attrs):
+    (t,) = inp
+    specs = out_specs(t)
+    k = attrs["index"]
+    if not 0 < k < len(specs):
+        raise ValueError(f"output: node {t.name!r} ({t.op}) has {len(specs)} output(s); index {k} is not one of "
+                         f"its outputs 1..{len(specs) - 1}")
+    return specs[k]
 
 
 def _same_dtype(op, a, b):
@@ -236,20 +299,29 @@ def _r_matmul(attrs, a, b):
     return a @ b
 
 
+def _with_colsum(spec, attrs):
+    """A GEMM whose epilogue also sums its result's columns (the bias gradient) has a second output."""
+    return [spec, ((1, spec[0][-1]), spec[1])] if attrs.get("colsum") else spec
+
+
 def _s_linear(inp, attrs):
-    return _s_matmul(inp[:2], attrs)
+    return _with_colsum(_s_matmul(inp[:2], attrs), attrs)
+
+
+def _colsum_too(attrs, y):
+    return (y, y.sum(axis=0, keepdims=True)) if attrs.get("colsum") else y
 
 
 def _r_linear(attrs, a, b, third):
     y = _r_matmul(attrs, a, b)
     if attrs.get("act") == "relu_grad":  # third is the relu output: y * step(relu_out)
-        return y * (third > 0).astype(y.dtype)
+        return _colsum_too(attrs, y * (third > 0).astype(y.dtype))
     y = y + third
-    return np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y
+    return _colsum_too(attrs, np.where(y > 0, y, np.zeros_like(y)) if attrs.get("act") == "relu" else y)
 
 
 def _s_linear_ex(inp, attrs):
-    return _s_matmul(inp[:2], attrs)
+    return _with_colsum(_s_matmul(inp[:2], attrs), attrs)
 
 
 def _r_linear_ex(attrs, a, b, *rest):
@@ -263,7 +335,7 @@ def _r_linear_ex(attrs, a, b, *rest):
     ref = REGISTRY[attrs["epi"]].ref
     if ref is None:
         raise NotImplementedError(f"linear_ex: epilogue {attrs['epi']!r} has no NumPy reference")
-    return ref({}, y, *args)
+    return _colsum_too(attrs, np.asarray(ref({}, y, *args)))
 
 
 #: what a user may pass for a list of ints (shapes, perms, axes)
@@ -355,7 +427,8 @@ def _s_xent(inp, attrs):
 
 def _s_xent_grad(inp, attrs):
     logits, labels, g = inp
-    return logits.shape, logits.dtype
+    spec = (logits.shape, logits.dtype)
+    return [spec, ((), logits.dtype)] if attrs.get("with_loss") else spec
 
 
 def _s_cast(inp, attrs):
@@ -380,7 +453,8 @@ def _r_xent(attrs, z, y):
 def _r_xent_grad(attrs, z, y, g):
     p = _r_softmax({"axis": 1}, z)
     p[np.arange(len(y)), y] -= 1
-    return (p * (g / len(y))).astype(z.dtype)
+    grad = (p * (g / len(y))).astype(z.dtype)
+    return (grad, _r_xent({}, z, y)) if attrs.get("with_loss") else grad
 
 
 def _r_div(attrs, a, b):
@@ -481,21 +555,22 @@ for _d in [
           int_ok=True),
     OpDef("linear", "gemm", _s_linear, _r_linear, None,
           doc="act(matmul(a, b) + bias), or with act='relu_grad' matmul(a, b) * step(relu_out): a GEMM "
-              "with its epilogue, made by passes.fuse_epilogues / passes.fuse_relu_backward"),
+              "with its epilogue, made by passes.fuse_epilogues / passes.fuse_relu_backward; with attr colsum a "
+              "second output, the result's column sums (1, N)"),
     OpDef("linear_ex", "gemm", _s_linear_ex, _r_linear_ex, None,
           doc="epi(matmul(a, b) [+ bias], [aux], immediates): a GEMM whose epilogue is any op with the "
-              "'epilogue' capability (attrs: epi, has_bias, operands), made by passes.fuse_epilogues"),
-    OpDef("gemm_colsum", "side_output", lambda inp, at: ((1, inp[0].shape[-1]), inp[0].dtype), None, None,
-          doc="column sums of a relu-backward GEMM's result (the bias gradient), written by its epilogue"),
+              "'epilogue' capability (attrs: epi, has_bias, operands), made by passes.fuse_epilogues; attr "
+              "colsum as for linear"),
     OpDef("softmax", "softmax", _s_softmax, _r_softmax, _g_softmax),
     OpDef("softmax_xent", "xent", _s_xent, _r_xent,
           lambda n, g: (make("xent_grad", (n.inputs[0], n.inputs[1], g)), None),
           doc="mean over the batch of -log softmax(logits)[label] (log-sum-exp, stable)"),
     OpDef("xent_grad", "xent_grad", _s_xent_grad, _r_xent_grad, None,
-          doc="g * (softmax(logits) - onehot(labels)) / batch"),
-    OpDef("xent_loss", "side_output", lambda inp, at: ((), inp[0].dtype), None, None,
-          doc="the loss computed by the xent_grad kernel it reads (passes.fuse_xent): forward and "
-              "backward of softmax cross-entropy in one pass over the logits"),
+          doc="g * (softmax(logits) - onehot(labels)) / batch; with attr with_loss a second output, the "
+              "loss (passes.fuse_xent: forward and backward of softmax cross-entropy in one pass)"),
+    OpDef("output", "proj", _s_output, None, None, int_ok=True,
+          doc="output attrs['index'] (>= 1) of a node with several outputs; written by that node's "
+              "instruction (its gradient reaches the node's rule through autodiff)"),
 ]:
     register(_d)
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
-from .ops import REGISTRY
+from .ops import REGISTRY, ref_outputs
 
 LEAVES = ("input", "param", "const")
 FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much larger than its inputs
@@ -100,11 +100,6 @@ class Rewrite:
             n.auto_name = t.auto_name
             m[t] = n
             fresh.append(n)
-        # side outputs: each writer names its side-output node in its attrs (lowering stores both)
-        for n in fresh:
-            if n.op in SIDE_OUTPUTS:
-                w = n.inputs[0]
-                w.attrs = dict(w.attrs, **{SIDE_OUTPUTS[n.op]: n})
         return [m.get(r, r) for r in roots], m
 
 
@@ -152,6 +147,7 @@ def _simplify_round(roots, nodes=None):
     changed = False
     rep: dict[Tensor, Tensor] = {}
     cse: dict = {}
+    folded: dict[Tensor, list] = {}  # node with several outputs -> the values of all of them
     # readers of each node, roots included (as None): scale pushing moves a factor off a node only when
     # every reader takes it over, otherwise the scaled node stays alive and the rewrite adds an op
     readers = consumer_map(nodes)
@@ -175,12 +171,17 @@ def _simplify_round(roots, nodes=None):
         d = REGISTRY[t.op]
         if t.op in ("add", "sub", "mul", "div"):
             _drop_redundant_broadcasts(t)
-        # constant folding with the op's NumPy reference (compile time only)
+        # constant folding with the op's NumPy reference (compile time only); a node with several outputs
+        # folds all of them at once (its projections, visited after it, take theirs from ``folded``)
+        if t.op == "output" and t.inputs[0] in folded:
+            _make_const(t, folded[t.inputs[0]][t.attrs["index"]])
+            continue
         if d.ref is not None and d.kind != "opt" and t.inputs and all(i.op == "const" for i in t.inputs):
             if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in t.inputs), 1):
-                val = np.array(d.ref(t.attrs, *[i.value for i in t.inputs]), dtype=t.dtype, order="C")
-                val.flags.writeable = False
-                t.op, t.inputs, t.attrs, t.value = "const", (), {}, val.reshape(t.shape)
+                vals = ref_outputs(t, [i.value for i in t.inputs])
+                if len(vals) > 1:
+                    folded[t] = vals
+                _make_const(t, vals[0])
                 continue
         s = _algebraic(t, readers)
         if s is not None and s.shape == t.shape and s.dtype == t.dtype:
@@ -195,6 +196,13 @@ def _simplify_round(roots, nodes=None):
             cse[key] = t
     live_roots = [r(x) for x in roots]
     return topo_from_roots(live_roots), rep, changed
+
+
+def _make_const(t, val):
+    """Turn node ``t`` into the constant ``val`` in place (simplify owns the joint graph it folds)."""
+    val = np.array(val, dtype=t.dtype, order="C").reshape(t.shape)
+    val.flags.writeable = False
+    t.op, t.inputs, t.attrs, t.value = "const", (), {}, val
 
 
 def _drop_redundant_broadcasts(t):
@@ -371,13 +379,10 @@ def fuse_vm_epilogues(nodes, roots):
             attrs = {"ta": p.attrs.get("ta", False), "tb": p.attrs.get("tb", False), "epi": d.op,
                      "has_bias": has_bias, "operands": tuple(operands)}
             inputs = head + ((aux,) if aux is not None else ())
-            sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
-                    and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim == 2] if not has_bias else []
-            rw.replace(d, "linear_ex", inputs, attrs)
-            if sums:
-                rw.replace(sums[0], "gemm_colsum", (d,), {})
-                for other in sums[1:]:
-                    rw.replace(other, "identity", (sums[0],), {})
+            if has_bias:
+                rw.replace(d, "linear_ex", inputs, attrs)
+            else:
+                _replace_with_colsum(rw, d, "linear_ex", inputs, attrs, consumers)
     return rw
 
 
@@ -541,9 +546,6 @@ def order_inplace_writers(roots):
     return nodes
 
 
-SIDE_OUTPUTS = {"xent_loss": "loss", "gemm_colsum": "colsum"}  # side-output op -> attr on its writer
-
-
 def fuse_relu_backward(nodes, roots):
     """dZ = matmul(...) * step(relu_out), and db = sum(dZ, axis=0): the mask and the bias-gradient
     reduction become the epilogue of the GEMM that produces the upstream gradient, applied to each
@@ -563,27 +565,33 @@ def fuse_relu_backward(nodes, roots):
             continue
         mask = st.inputs[0]
         attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": "relu_grad"}
-        sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
-                and c.attrs["keepdims"] and c.attrs["scale"] == 1.0]
-        rw.replace(d, "linear", (m.inputs[0], m.inputs[1], mask), attrs)
-        if sums:
-            rw.replace(sums[0], "gemm_colsum", (d,), {})
-            for other in sums[1:]:  # CSE may have missed duplicates: read the same side output
-                rw.replace(other, "identity", (sums[0],), {})
+        _replace_with_colsum(rw, d, "linear", (m.inputs[0], m.inputs[1], mask), attrs, consumers)
     return rw
+
+
+def _replace_with_colsum(rw, d, op, inputs, attrs, consumers):
+    """Replace ``d`` by the GEMM ``op(inputs)``; if something sums ``d`` over its rows (a bias gradient),
+    the GEMM computes the column sums too, as its second output, and the sum reads that."""
+    sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
+            and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim == 2]
+    rw.replace(d, op, inputs, dict(attrs, colsum=True) if sums else attrs)
+    if sums:
+        rw.replace(sums[0], "output", (d,), {"index": 1})
+        for other in sums[1:]:  # CSE may have missed duplicates: read the same output
+            rw.replace(other, "identity", (sums[0],), {})
 
 
 def fuse_xent(nodes):
     """softmax_xent(z, y) and xent_grad(z, y, g) with a constant g: one kernel computes both (the loss
-    as a side output of the gradient kernel), one pass over the logits instead of two.  Returns a Rewrite."""
+    as the gradient kernel's second output), one pass over the logits instead of two.  Returns a Rewrite."""
     rw = Rewrite()
     grads = {(t.inputs[0], t.inputs[1]): t for t in nodes
-             if t.op == "xent_grad" and t.inputs[2].op == "const" and "loss" not in t.attrs}
+             if t.op == "xent_grad" and t.inputs[2].op == "const" and not t.attrs.get("with_loss")}
     for t in nodes:
         if t.op == "softmax_xent" and (t.inputs[0], t.inputs[1]) in grads:
             g = grads.pop((t.inputs[0], t.inputs[1]))
-            rw.replace(g, "xent_grad", g.inputs, dict(g.attrs, loss=None))  # (apply names the loss node)
-            rw.replace(t, "xent_loss", (g,), {})
+            rw.replace(g, "xent_grad", g.inputs, dict(g.attrs, with_loss=True))
+            rw.replace(t, "output", (g,), {"index": 1})
     return rw
 
 
@@ -804,15 +812,15 @@ def schedule(nodes, group_of):
                 unit_of[g] = len(units)
                 units.append(("ew", g))
             unit_of[t] = unit_of[g]
-        elif t.op == "reshape" or t.op in SIDE_OUTPUTS:
-            continue  # a view, or a side output of its input's instruction
+        elif t.op in ("reshape", "output"):
+            continue  # a view, or an output its node's instruction writes
         else:
             unit_of[t] = len(units)
             units.append(("op", t))
 
     def producer_units(t, acc):
-        # reshape is a view, xent_loss a side output: depend on the instruction that wrote them
-        while t.op == "reshape" or t.op in SIDE_OUTPUTS:
+        # reshape is a view, output k of a node is written by the node's instruction: depend on that
+        while t.op in ("reshape", "output"):
             t = t.inputs[0]
         if t in unit_of:
             acc.add(unit_of[t])
