@@ -11,6 +11,7 @@ from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean,
 from .ops_ew import EXPORTS as _EW_EXPORTS, PUBLIC as _EW_PUBLIC
 from .ops_reduce import EXPORTS as _RED_EXPORTS, PUBLIC as _RED_PUBLIC
 from .ops_logic import EXPORTS as _LOGIC_EXPORTS, PUBLIC as _LOGIC_PUBLIC
+from .ops_norm import EXPORTS as _NORM_EXPORTS, PUBLIC as _NORM_PUBLIC
 from .optim import SGD, Adam
 from .program import Program, compile
 
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sigmoid", "softmax", "sum",
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
            "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
-           "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _RED_EXPORTS + _LOGIC_EXPORTS
+           "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _RED_EXPORTS + _LOGIC_EXPORTS \
+    + _NORM_EXPORTS
 
 # the elementwise family's user functions (lc.tanh, lc.gelu, lc.leaky_relu, ...): declared with their ops
 globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
@@ -27,6 +29,8 @@ globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
 globals().update({k: _RED_PUBLIC[k] for k in _RED_EXPORTS})
 # the comparison / logic family (lc.equal, lc.less, ..., lc.logical_and, lc.where, lc.isnan, lc.mod)
 globals().update({k: _LOGIC_PUBLIC[k] for k in _LOGIC_EXPORTS})
+# normalisation layers (lc.layer_norm): ops_norm.py
+globals().update({k: _NORM_PUBLIC[k] for k in _NORM_EXPORTS})
 
 
 def __getattr__(name):

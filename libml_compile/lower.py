@@ -303,12 +303,12 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                     em.emit("check_finite", nid, {"dtype": F.DTYPE_CODE[w.dtype], "n": w.size,
                                                   **_opnd("x", (slot, off))})
 
-    out_specs = []
+    entry_outs = []
     for name, t in outputs:
         slot, off = loc(t)
-        out_specs.append((name, slot, off, t.dtype, tuple(t.shape)))
+        entry_outs.append((name, slot, off, t.dtype, tuple(t.shape)))
     entry = Entry(np.asarray(em.code, np.int64), np.asarray(em.consts, np.float64), int(arena),
-                  [(t.name, t.dtype, tuple(t.shape)) for t in used_inputs], out_specs, em.nodes, em.instr_nodes)
+                  [(t.name, t.dtype, tuple(t.shape)) for t in used_inputs], entry_outs, em.nodes, em.instr_nodes)
     return entry, report, summary
 
 
@@ -649,6 +649,8 @@ def _emit_op(em, t, loc, state, optimizer, outs):
     """Emit node ``t``'s instruction(s); ``outs``: the (slot, offset) of each of its outputs."""
     op = t.op
     nid = em.node(op, t.name)
+    if REGISTRY[op].emit is not None:
+        return REGISTRY[op].emit(em, nid, t, loc, outs)
     nbytes = lambda *xs: int(sum(x.size * np.dtype(x.dtype).itemsize for x in xs))  # noqa: E731
     if op in ("matmul", "linear", "linear_ex", "sgd_gemm", "momentum_gemm"):
         return _emit_gemm(em, nid, t, loc, state, outs)

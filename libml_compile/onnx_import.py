@@ -51,6 +51,7 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Concat": ("concat", ("concat",), True),
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
+    "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
 }
 
 
@@ -939,6 +940,30 @@ class _Importer:
             return _eval_const(lambda c: fn(c, axis=axis), x)
         return fn(x, axis=axis, name=out)
 
+    def layer_norm(self, node, at):
+        """LayerNormalization (opset 17): outputs Y, Mean, InvStdDev over the dims ``axis..``; Scale and B
+        broadcast to the normalised shape.  ``stash_type`` 1 asks for float32 statistics at least: libml
+        computes them in double for every dtype."""
+        lc = self.lc
+        x, scale, bias = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        if x is None or scale is None:
+            raise self.err(node, "needs the inputs X and Scale")
+        axis, eps = int(at.get("axis", -1)), float(at.get("epsilon", 1e-5))
+        n_out = len(node.output)
+
+        def fn(*v):
+            return lc.layer_norm(v[0], v[1], v[2] if len(v) > 2 else None, axis=axis, eps=eps, return_stats=True)
+        vals = [v for v in (x, scale, bias) if v is not None]
+        try:
+            if all(self.is_const(v) for v in vals):
+                return list(_eval_const(fn, *vals))[:n_out]
+            names = [o or None for o in node.output][:3]
+            operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
+            return list(lc.layer_norm(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
+                                      axis=axis, eps=eps, return_stats=True, name=names))[:n_out]
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
     def gemm(self, node, at):
         from .ops import REGISTRY
         lc = self.lc
@@ -1113,7 +1138,7 @@ def _eval_const(build, *arrays):
             with np.errstate(all="ignore"):
                 outs[t] = ref_outputs(t, [vals[i] for i in t.inputs])
             vals[t] = outs[t][0]
-    return vals[out]
+    return tuple(vals[o] for o in out) if isinstance(out, tuple) else vals[out]
 
 
 def _reduce_fn(lc, op):

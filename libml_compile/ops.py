@@ -52,6 +52,9 @@ class OpDef:
     # capability: the op may run as the epilogue of the GEMM producing its operand 0 (passes.fuse_epilogues):
     # an elementwise VM step whose other operands are a tensor of the GEMM result's shape or scalar consts
     epilogue: bool = False
+    # the op's own instruction emitter, (emitter, node id, node, loc, output locations) -> profile summary
+    # (ops_norm.py); ops without one are emitted by lower._emit_op by kernel kind
+    emit: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}

@@ -63,9 +63,10 @@ NOT_SAMPLED = {
                     "test_logic_ops",
     "linear_ex": "made only by passes.fuse_vm_epilogues (a GEMM with any VM step as epilogue); covered by "
                  "test_vm_epilogues against PyTorch",
-    "output": "projection of output k of a node with several outputs; covered by test_multi_output",
+    "output": "projection of output k of a node with several outputs; covered by test_layer_norm (IR, folding, scratch outputs, gradients of every output)",
     "xent_grad": "softmax_xent's gradient op: reached through softmax_xent's gradient below",
     "gather_grad": "gather's gradient op: reached through gather's gradient below",
+    "layer_norm_grad": "layer_norm's gradient op (three outputs): reached through layer_norm's gradient below",
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",
     "reshape": "a view (no kernel); tested in test_grad_ops and test_shapes",
@@ -160,10 +161,13 @@ def _sample_operands(name, x_shape, p_shape, rng):
     return [np.array(a, dtype=np.float64) for a in ([_sample_x(name, x_shape, rng)] + [_sample_x(name, p_shape, rng) for _ in range(EW[name] - 1)])]
 
 
-def _ref(name, arrays, attrs=None):
-    """The op's NumPy reference on ``arrays`` (floating, one dtype)."""
+def _ref(name, arrays, attrs=None, all_outputs=False):
+    """The op's NumPy reference on ``arrays`` (floating, one dtype): output 0, or the list of every output
+    with ``all_outputs`` (an op with several outputs returns a tuple)."""
     with np.errstate(all="ignore"):
-        return np.asarray(REGISTRY[name].ref(attrs or {}, *arrays))
+        r = REGISTRY[name].ref(attrs or {}, *arrays)
+    outs = [np.asarray(v) for v in r] if isinstance(r, tuple) else [np.asarray(r)]
+    return outs if all_outputs else outs[0]
 
 
 def _build(name, arrays, roles, dtype, attrs=None, loss=False):
@@ -560,6 +564,9 @@ ATTR_OPS = {
     "argmin": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)), False)], {"axis": 2, "keepdims": True,
                                                                            "select_last": True}),
     "log_softmax": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 3, True)], {"axis": 1}),
+    # normalisation (ops_norm.py): three outputs (y, mean, rstd), all compared by test_forward_attr_op
+    "layer_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal((4, 5)), True),
+                                   (r.standard_normal((4, 5)), True)], {"axis": 1, "eps": 1e-5}),
 }
 
 
@@ -578,20 +585,23 @@ def _attr_case(name, dtype, roles_float, n=1):
         else:
             ts.append(g.const(a))
         arrays.append(a)
-    out = ops.make(name, ts, attrs)
-    g.output("out", out)
-    return g, out, feeds, arrays, [d for _, d in spec], attrs
+    outs = ops.make(name, ts, attrs)
+    outs = outs if isinstance(outs, tuple) else (outs,)  # a node with several outputs: all are checked
+    for k, o in enumerate(outs):
+        g.output("out" if k == 0 else f"out{k}", o)
+    return g, outs[0], feeds, arrays, [d for _, d in spec], attrs
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", sorted(ATTR_OPS))
 def test_forward_attr_op(name, dtype):
     g, out, feeds, arrays, _, attrs = _attr_case(name, dtype, "input")
-    got = lc.compile(g).run(feeds)["out"]
-    want = _ref(name, arrays, attrs)
+    res = lc.compile(g).run(feeds)
     rtol, atol = TOL[dtype]
-    _assert_same_values(got, want.astype(got.dtype) if want.dtype != got.dtype and got.dtype.kind == "i" else want,
-                        rtol * 10, atol * 10, f"{name} forward")
+    for k, want in enumerate(_ref(name, arrays, attrs, all_outputs=True)):
+        got = res["out" if k == 0 else f"out{k}"]
+        _assert_same_values(got, want.astype(got.dtype) if want.dtype != got.dtype and got.dtype.kind == "i"
+                            else want, rtol * 10, atol * 10, f"{name} forward, output {k}")
 
 
 @pytest.mark.parametrize("name", sorted(n for n in ATTR_OPS if any(d for _, d in ATTR_OPS[n](

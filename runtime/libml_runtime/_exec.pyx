@@ -76,6 +76,20 @@ cdef extern from "kernels.h" nogil:
                                 const double *x, int64_t *y, double *acc)
     void lm_log_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
     void lm_log_softmax_outer_f64(int64_t K, int64_t inner, const double *x, double *y, double *tmp)
+    void lm_layer_norm_row_f32(int64_t n, const float *x, const float *scale, const float *bias, double eps,
+                               float *y, float *mean, float *rstd)
+    void lm_layer_norm_row_f64(int64_t n, const double *x, const double *scale, const double *bias, double eps,
+                               double *y, double *mean, double *rstd)
+    void lm_layer_norm_grad_row_f32(int64_t n, const float *x, const float *scale, float mean, float rstd,
+                                    const float *dy, float *dx)
+    void lm_layer_norm_grad_row_f64(int64_t n, const double *x, const double *scale, double mean, double rstd,
+                                    const double *dy, double *dx)
+    void lm_layer_norm_grad_cols_f32(int64_t rows, int64_t n, int64_t j0, int64_t nj, const float *x,
+                                     const float *mean, const float *rstd, const float *dy, float *dscale,
+                                     float *dbias)
+    void lm_layer_norm_grad_cols_f64(int64_t rows, int64_t n, int64_t j0, int64_t nj, const double *x,
+                                     const double *mean, const double *rstd, const double *dy, double *dscale,
+                                     double *dbias)
     int lm_nonfinite_f32(int64_t n, const float *x)
     int lm_nonfinite_f64(int64_t n, const double *x)
     int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
@@ -480,6 +494,58 @@ cdef int _softmax(floating dummy, const int64_t *f, char **bases, int nthreads, 
                 else:
                     lm_softmax_outer_f64(K, inner, x + o * K * inner, y + o * K * inner, tmp)
     free(ws)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# layer normalisation: rows of n, one row per task (the statistics of a row never depend on the split)
+
+DEF LN_COLS = 128  # columns per task of the scale/bias gradients (each task sums all rows of its columns)
+
+
+cdef int _layer_norm(floating dummy, const int64_t *f, char **bases, const double *consts,
+                     int nthreads) noexcept nogil:
+    cdef int64_t outer = f[LM_F_LAYER_NORM_outer], n = f[LM_F_LAYER_NORM_n], o
+    cdef double eps = consts[f[LM_F_LAYER_NORM_eps]]
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_scale_slot)
+    cdef floating *bi = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_bias_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_y_slot)
+    cdef floating *mean = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_mean_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_rstd_slot)
+    cdef int nt = _threads(outer * n, nthreads)
+    for o in prange(outer, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_layer_norm_row_f32(n, x + o * n, sc, bi, eps, y + o * n, mean + o, rstd + o)
+        else:
+            lm_layer_norm_row_f64(n, x + o * n, sc, bi, eps, y + o * n, mean + o, rstd + o)
+    return 0
+
+
+cdef int _layer_norm_grad(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+    cdef int64_t outer = f[LM_F_LAYER_NORM_GRAD_outer], n = f[LM_F_LAYER_NORM_GRAD_n], o, cb
+    cdef int64_t ncb = (n + LN_COLS - 1) // LN_COLS
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_scale_slot)
+    cdef floating *mean = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_mean_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_rstd_slot)
+    cdef floating *dy = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_dy_slot)
+    cdef floating *dx = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_dx_slot)
+    cdef floating *dsc = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_dscale_slot)
+    cdef floating *dbi = <floating*>_ptr(bases, f + LM_F_LAYER_NORM_GRAD_dbias_slot)
+    cdef int nt = _threads(outer * n, nthreads)
+    for o in prange(outer, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_layer_norm_grad_row_f32(n, x + o * n, sc, mean[o], rstd[o], dy + o * n, dx + o * n)
+        else:
+            lm_layer_norm_grad_row_f64(n, x + o * n, sc, mean[o], rstd[o], dy + o * n, dx + o * n)
+    for cb in prange(ncb, num_threads=<int>min(<int64_t>nt, ncb), schedule="static"):
+        if floating is float:
+            lm_layer_norm_grad_cols_f32(outer, n, cb * LN_COLS, min(LN_COLS, n - cb * LN_COLS), x, mean, rstd,
+                                        dy, dsc, dbi)
+        else:
+            lm_layer_norm_grad_cols_f64(outer, n, cb * LN_COLS, min(LN_COLS, n - cb * LN_COLS), x, mean, rstd,
+                                        dy, dsc, dbi)
     return 0
 
 
@@ -897,6 +963,12 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_ARG_REDUCE:
             rc = _reduce(f32, f, bases, nthreads, True) if f[LM_F_ARG_REDUCE_dtype] == 0 \
                 else _reduce(f64, f, bases, nthreads, True)
+        elif op == LM_OP_LAYER_NORM:
+            rc = _layer_norm(f32, f, bases, consts, nthreads) if f[LM_F_LAYER_NORM_dtype] == 0 \
+                else _layer_norm(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_LAYER_NORM_GRAD:
+            rc = _layer_norm_grad(f32, f, bases, nthreads) if f[LM_F_LAYER_NORM_GRAD_dtype] == 0 \
+                else _layer_norm_grad(f64, f, bases, nthreads)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)

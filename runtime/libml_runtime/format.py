@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 1
+MAJOR, MINOR = 2, 2
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -85,6 +85,15 @@ OPCODES = [
     # out = cond ? a : b, cond one byte per element (bool), a/b/out of ``itemsize`` bytes; strided reads
     (23, "select", "itemsize ndim dims[ndim] cond.slot cond.offset cond.stride[ndim] a.slot a.offset "
                    "a.stride[ndim] b.slot b.offset b.stride[ndim] out.slot out.offset"),
+    # ---- format 2.2: normalisation (libml_compile/ops_norm.py).  x is a contiguous (outer, n) array
+    # normalised over each row of n >= 1; scale and bias have n elements; mean / rstd one per row.
+    # y = (x - mean) * rstd * scale + bias, rstd = 1 / sqrt(biased variance + consts[eps])
+    (30, "layer_norm", "dtype outer n eps x.slot x.offset scale.slot scale.offset bias.slot bias.offset "
+                       "y.slot y.offset mean.slot mean.offset rstd.slot rstd.offset"),
+    # dx (outer, n), dscale and dbias (n) from x, scale, the saved mean / rstd and dy
+    (31, "layer_norm_grad", "dtype outer n x.slot x.offset scale.slot scale.offset mean.slot mean.offset "
+                            "rstd.slot rstd.offset dy.slot dy.offset dx.slot dx.offset dscale.slot "
+                            "dscale.offset dbias.slot dbias.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions

@@ -647,3 +647,77 @@ static void LM_SFX(lm_log_softmax_outer)(int64_t K, int64_t inner, const LM_T *x
 #undef LM_UNARY
 #undef LM_MASKED
 #undef LM_TERNARY
+
+/* ---- layer normalisation (format 2.2: layer_norm, layer_norm_grad) ----------------------------------
+ * Row sums run in LM_LN_LANES fixed lanes of double, combined in lane order, then the tail: the result
+ * depends on neither the thread count nor the vector width (the ISA), and float32 rows of thousands of
+ * elements keep double accuracy in their statistics. */
+#ifndef LM_LN_LANES
+#define LM_LN_LANES 16
+#endif
+
+/* sum of f(j) over a row of n, in lanes (a macro: f is an expression of j) */
+#define LM_LN_SUM(OUT, n, EXPR)                                                                      \
+    do {                                                                                            \
+        double acc_[LM_LN_LANES] = {0};                                                             \
+        int64_t j_, l_, nb_ = (n) / LM_LN_LANES * LM_LN_LANES;                                      \
+        for (j_ = 0; j_ < nb_; j_ += LM_LN_LANES) {                                                 \
+            _Pragma("omp simd")                                                                     \
+            for (l_ = 0; l_ < LM_LN_LANES; l_++) { const int64_t j = j_ + l_; acc_[l_] += (EXPR); } \
+        }                                                                                           \
+        double s_ = 0;                                                                              \
+        for (l_ = 0; l_ < LM_LN_LANES; l_++) s_ += acc_[l_];                                        \
+        for (j_ = nb_; j_ < (n); j_++) { const int64_t j = j_; s_ += (EXPR); }                      \
+        (OUT) = s_;                                                                                 \
+    } while (0)
+
+/* one row of n >= 1: mean, biased variance of (x - mean) (two passes: no cancellation), rstd =
+ * 1/sqrt(var + eps); y = (x - mean) * rstd * scale + bias */
+static void LM_SFX(lm_layer_norm_row)(int64_t n, const LM_T *restrict x, const LM_T *restrict scale,
+                                      const LM_T *restrict bias, double eps, LM_T *restrict y,
+                                      LM_T *restrict mean_out, LM_T *restrict rstd_out)
+{
+    double s, v;
+    LM_LN_SUM(s, n, (double)x[j]);
+    const double mean = s / (double)n;
+    LM_LN_SUM(v, n, ((double)x[j] - mean) * ((double)x[j] - mean));
+    const double rstd = 1.0 / sqrt(v / (double)n + eps);
+    const LM_T m = (LM_T)mean, r = (LM_T)rstd;
+    int64_t j;
+    #pragma omp simd
+    for (j = 0; j < n; j++) y[j] = (x[j] - m) * r * scale[j] + bias[j];
+    *mean_out = m;
+    *rstd_out = r;
+}
+
+/* dx of one row: with xh = (x - mean) * rstd and gs = dy * scale,
+ * dx = rstd * (gs - mean(gs) - xh * mean(gs * xh)) */
+static void LM_SFX(lm_layer_norm_grad_row)(int64_t n, const LM_T *restrict x, const LM_T *restrict scale,
+                                           LM_T mean, LM_T rstd, const LM_T *restrict dy, LM_T *restrict dx)
+{
+    double a, b;
+    LM_LN_SUM(a, n, (double)(dy[j] * scale[j]));
+    LM_LN_SUM(b, n, (double)(dy[j] * scale[j]) * (double)((x[j] - mean) * rstd));
+    const LM_T c1 = (LM_T)(a / (double)n), c2 = (LM_T)(b / (double)n);
+    int64_t j;
+    #pragma omp simd
+    for (j = 0; j < n; j++) dx[j] = rstd * (dy[j] * scale[j] - c1 - (x[j] - mean) * rstd * c2);
+}
+
+/* dscale[j] = sum over rows of dy * xh, dbias[j] = sum over rows of dy, for columns [j0, j0 + nj): rows
+ * summed in order, so each column's result is the same for any split of the columns among threads */
+static void LM_SFX(lm_layer_norm_grad_cols)(int64_t rows, int64_t n, int64_t j0, int64_t nj,
+                                            const LM_T *restrict x, const LM_T *restrict mean,
+                                            const LM_T *restrict rstd, const LM_T *restrict dy,
+                                            LM_T *restrict dscale, LM_T *restrict dbias)
+{
+    int64_t r, j;
+    for (j = j0; j < j0 + nj; j++) { dscale[j] = 0; dbias[j] = 0; }
+    for (r = 0; r < rows; r++) {
+        const LM_T *restrict xr = x + r * n, *restrict dr = dy + r * n;
+        const LM_T m = mean[r], rs = rstd[r];
+        #pragma omp simd
+        for (j = j0; j < j0 + nj; j++) { dscale[j] += dr[j] * ((xr[j] - m) * rs); dbias[j] += dr[j]; }
+    }
+}
+#undef LM_LN_SUM

@@ -530,6 +530,27 @@ class _Decoder:
         if self._reduce_extents(d, 8) == 0 and d["outer"] * d["inner"] > 0:
             self.fail("K = 0: arg_reduce over an empty axis")
 
+    def op_layer_norm(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("outer", 0, 2 ** 40), ("n", 1, 2 ** 40)])
+        rows, n = self.dims("dims", [d["outer"], d["n"]])
+        self.const(d, "eps")
+        self.operand(d, "x", rows * n * isz, align=isz)
+        self.operand(d, "scale", n * isz, align=isz)
+        self.operand(d, "bias", n * isz, align=isz)
+        self.operand(d, "y", rows * n * isz, writable=True, align=isz)
+        self.operand(d, "mean", rows * isz, writable=True, align=isz)
+        self.operand(d, "rstd", rows * isz, writable=True, align=isz)
+
+    def op_layer_norm_grad(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("outer", 0, 2 ** 40), ("n", 1, 2 ** 40)])
+        rows, n = self.dims("dims", [d["outer"], d["n"]])
+        for nm, count, w in (("x", rows * n, False), ("scale", n, False), ("mean", rows, False),
+                             ("rstd", rows, False), ("dy", rows * n, False), ("dx", rows * n, True),
+                             ("dscale", n, True), ("dbias", n, True)):
+            self.operand(d, nm, count * isz, writable=w, align=isz)
+
     def op_log_softmax(self, d):
         isz = self.fdtype(d)
         n = math.prod(self.dims("dims", [d["outer"], d["K"], d["inner"]]))
