@@ -15,7 +15,7 @@ from libml_runtime.plan import Entry
 
 from . import ops_logic, passes
 from .ir import FLOAT_DTYPES, Tensor
-from .ops import REGISTRY, out_specs
+from .ops import REGISTRY, gemm_outputs, out_specs
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
@@ -879,14 +879,17 @@ def _emit_gemm(em, nid, t, loc, state, outs):
         bias = loc(t.inputs[2]) if t.op == "linear" and act != "relu_grad" else (-1, 0)
         act_code = 1 if act == "relu" and t.op == "linear" else 2 if act == "relu_grad" else 0
         mask = loc(t.inputs[2]) if act == "relu_grad" else (-1, 0)
-    colsum = outs[1] if t.attrs.get("colsum") else (-1, 0)
+    names = gemm_outputs(t.attrs)
+    colsum = outs[names.index("colsum")] if "colsum" in names else (-1, 0)
+    if "pre" in names:  # gemm_ex_keep: C is the GEMM + bias value, the epilogue writes the node's y
+        epi.update(_opnd("y", outs[0]))
     if t.op == "sgd_gemm":  # C is the param itself: p = (1 - lr*wd) p - lr * A B
         out, alpha, beta = loc(t.inputs[2]), -t.attrs["lr"], 1.0 - t.attrs["lr"] * t.attrs["weight_decay"]
     elif t.op == "momentum_gemm":  # C is the param's momentum buffer: v = momentum * v + A B
         out, alpha, beta = _momentum_loc(state, t.inputs[2]), 1.0, t.attrs["momentum"]
     else:
-        out, alpha, beta = loc(t), 1.0, 0.0
-    em.emit("gemm_ex" if epi else "gemm", nid, {**epi, "dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
+        out, alpha, beta = (outs[names.index("pre")] if "pre" in names else loc(t)), 1.0, 0.0
+    em.emit(("gemm_ex_keep" if "pre" in names else "gemm_ex") if epi else "gemm", nid, {**epi, "dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
                           "transB": int(tb), **_opnd("A", loc(a)), **_opnd("B", loc(b)), **_opnd("C", out),
                           "alpha": em.const(alpha), "beta": em.const(beta), **_opnd("bias", bias), "act": act_code,
                           "batch_ndim": len(batch), "batch_dims": batch, "A.batch_stride": sA, "B.batch_stride": sB,
@@ -894,7 +897,8 @@ def _emit_gemm(em, nid, t, loc, state, outs):
     nb = int(np.prod(batch)) if batch else 1
     if epi:
         return {"op": "gemm" + ("+bias" if t.attrs["has_bias"] else "") + "+" + t.attrs["epi"]
-                + ("+colsum" if t.attrs.get("colsum") else ""), "node": t.name, "flops": 2 * M * N * K + M * N,
+                + ("+colsum" if t.attrs.get("colsum") else "") + ("+keep" if t.attrs.get("keep") else ""),
+                "node": t.name, "flops": 2 * M * N * K + M * N,
                 "bytes": int(sum(x.size * np.dtype(x.dtype).itemsize for x in t.inputs + (t,))), "trans": (ta, tb)}
     return {"op": "gemm" + ("+bias" if t.op == "linear" and act != "relu_grad" else "")
             + ("+relu" if act == "relu" else "") + ("+relu'" if act == "relu_grad" else "")

@@ -302,17 +302,28 @@ def _r_matmul(attrs, a, b):
     return a @ b
 
 
+def gemm_outputs(attrs) -> list:
+    """Names of a GEMM node's outputs, in order: "y"; "colsum" if its epilogue also sums the result's
+    columns (the bias gradient); "pre" if the epilogue writes its result elsewhere and keeps the
+    GEMM + bias value (linear_ex with keep: the epilogue op's input, which that op's gradient reads)."""
+    return ["y"] + (["colsum"] if attrs.get("colsum") else []) + (["pre"] if attrs.get("keep") else [])
+
+
 def _with_colsum(spec, attrs):
-    """A GEMM whose epilogue also sums its result's columns (the bias gradient) has a second output."""
-    return [spec, ((1, spec[0][-1]), spec[1])] if attrs.get("colsum") else spec
+    names = gemm_outputs(attrs)
+    if len(names) == 1:
+        return spec
+    return [spec if k != "colsum" else ((1, spec[0][-1]), spec[1]) for k in names]
 
 
 def _s_linear(inp, attrs):
     return _with_colsum(_s_matmul(inp[:2], attrs), attrs)
 
 
-def _colsum_too(attrs, y):
-    return (y, y.sum(axis=0, keepdims=True)) if attrs.get("colsum") else y
+def _colsum_too(attrs, y, pre=None):
+    vals = {"y": y, "colsum": y.sum(axis=0, keepdims=True), "pre": pre}
+    names = gemm_outputs(attrs)
+    return tuple(vals[k] for k in names) if len(names) > 1 else y
 
 
 def _r_linear(attrs, a, b, third):
@@ -338,7 +349,7 @@ def _r_linear_ex(attrs, a, b, *rest):
     ref = REGISTRY[attrs["epi"]].ref
     if ref is None:
         raise NotImplementedError(f"linear_ex: epilogue {attrs['epi']!r} has no NumPy reference")
-    return _colsum_too(attrs, np.asarray(ref({}, y, *args)))
+    return _colsum_too(attrs, np.asarray(ref({}, y, *args)), y)
 
 
 #: what a user may pass for a list of ints (shapes, perms, axes)
@@ -534,7 +545,11 @@ for _d in [
           lambda n, g: (mul(g, step(n)),), vm="RELU", onnx=("Relu", {})),
     # sigma'(x) = sigma(x) (1 - sigma(x)), computed from the forward output
     OpDef("sigmoid", "ew", _s_unary_float("sigmoid"), _r_sigmoid,
-          lambda n, g: (mul(g, mul(n, sub(1.0, n))),), vm="SIGMOID", epilogue=True, onnx=("Sigmoid", {})),
+          # g * (s * (1 - s)) from the output s, as one VM step (the seed rule, same rounding), so a GEMM
+          # producing g takes it as its epilogue
+          lambda n, g: (make("sigmoid_grad", (g, n)),), vm="SIGMOID", epilogue=True, onnx=("Sigmoid", {})),
+    OpDef("sigmoid_grad", "ew", _s_binary("sigmoid_grad"), None, None, vm="SIGMOID_GRAD", epilogue=True,
+          doc="g * (s * (1 - s)) for s = sigmoid's output"),
     OpDef("exp", "ew", _s_unary_float("exp"), lambda at, x: np.exp(x), lambda n, g: (mul(g, n),), vm="EXP",
           epilogue=True, onnx=("Exp", {})),
     OpDef("log", "ew", _s_unary_float("log"), lambda at, x: np.log(x),

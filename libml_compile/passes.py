@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
-from .ops import REGISTRY, ref_outputs
+from .ops import REGISTRY, gemm_outputs, ref_outputs
 
 LEAVES = ("input", "param", "const")
 FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much larger than its inputs
@@ -347,13 +347,21 @@ def fuse_vm_epilogues(nodes, roots):
     rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
+    kept = set()  # GEMMs whose value one epilogue already keeps
     for d in nodes:
         spec = REGISTRY.get(d.op)
         if spec is None or not spec.epilogue or spec.vm is None or not d.inputs or len(d.inputs) > 3:
             continue
         p = d.inputs[0]
-        if p in keep or consumers.get(p) != [d] or p.shape != d.shape or p.dtype != d.dtype \
-                or d.dtype not in FLOAT_DTYPES:
+        if p.shape != d.shape or p.dtype != d.dtype or d.dtype not in FLOAT_DTYPES or p in kept:
+            continue
+        # the GEMM's value is read elsewhere too (GELU's gradient reads its input): the epilogue writes
+        # its result to a buffer of its own and the GEMM + bias value stays as the node's "pre" output.
+        # That saves a pass over it only if its other readers come after d (the backward pass): a sibling
+        # reading it beside d would share d's elementwise kernel, which reads it once for both
+        others = [c for c in consumers.get(p, ()) if c is not d]
+        keep_pre = p in keep or bool(others)
+        if others and not _all_downstream(d, others, consumers):
             continue
         if p.op == "matmul":
             has_bias, head = False, (p.inputs[0], p.inputs[1])
@@ -376,14 +384,34 @@ def fuse_vm_epilogues(nodes, roots):
             if aux is not None and d.op in ("add", "mul") and p.op == "matmul" and aux.op in ("matmul", "linear",
                                                                                               "linear_ex"):
                 continue  # gemm + gemm: either could host the other; leave it to the element-wise kernel
+            if keep_pre and aux is not None:
+                continue  # (an auxiliary operand could be computed from the kept value: a cycle)
             attrs = {"ta": p.attrs.get("ta", False), "tb": p.attrs.get("tb", False), "epi": d.op,
                      "has_bias": has_bias, "operands": tuple(operands)}
             inputs = head + ((aux,) if aux is not None else ())
-            if has_bias:
+            if keep_pre:
+                attrs["keep"] = True
+                rw.replace(d, "linear_ex", inputs, attrs)
+                rw.replace(p, "output", (d,), {"index": gemm_outputs(attrs).index("pre")})
+                kept.add(p)
+            elif has_bias:
                 rw.replace(d, "linear_ex", inputs, attrs)
             else:
                 _replace_with_colsum(rw, d, "linear_ex", inputs, attrs, consumers)
     return rw
+
+
+def _all_downstream(d, targets, consumers):
+    """Whether every node of ``targets`` depends on ``d`` (a search from d that stops once all are found)."""
+    want = set(targets)
+    seen, stack = {d}, [d]
+    while stack and want:
+        for c in consumers.get(stack.pop(), ()):
+            if c not in seen:
+                seen.add(c)
+                want.discard(c)
+                stack.append(c)
+    return not want
 
 
 def fold_sgd_into_gemm(nodes, roots):

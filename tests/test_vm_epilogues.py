@@ -52,9 +52,15 @@ def test_activation_runs_as_forward_and_backward_gemm_epilogue_and_matches_torch
     # backward: the derivative step sits on the GEMM that produces the upstream gradient
     assert any(o.startswith("gemm+") and ("_grad" in o or o.startswith("gemm+mul")) for o in ops), ops
     if act in ("tanh", "sigmoid"):
-        # their gradient reads the output, so the pre-activation need not be stored: the forward epilogue
-        # stays in training too (the others' backward reads the GEMM result itself, which must be kept)
+        # their gradient reads the output, so the pre-activation need not be stored
         assert f"gemm+bias+{name}" in ops, ops
+    else:
+        # the others' gradient reads the GEMM result itself: the epilogue writes the activation to a
+        # buffer of its own and the GEMM keeps the pre-activation, a second output (gemm_ex_keep)
+        assert f"gemm+bias+{name}+keep" in ops, ops
+    # and no activation or derivative step is left outside a GEMM
+    assert not any(m.split(":")[0] in (name, f"{name}_grad") for r in prog.instructions("grad")
+                   for m in r.get("members", ())), prog.instructions("grad")
     out = prog.grad({"x": x.astype(dt), "y": y})
     T = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in vals.items()}
     tf = ACTS[act][1]

@@ -55,9 +55,9 @@ cdef extern from "kernels.h" nogil:
         int64_t vm, b, c
         double bv, cv
     void lm_vm_epilogue_row_f32(const lm_epi *e, int64_t N, float *row, const float *bias, const float *aux,
-                                float *cs)
+                                float *cs, float *out)
     void lm_vm_epilogue_row_f64(const lm_epi *e, int64_t N, double *row, const double *bias, const double *aux,
-                                double *cs)
+                                double *cs, double *out)
     void lm_mask_row_f32(int64_t N, float *c, const float *m, float *cs)
     void lm_mask_row_f64(int64_t N, double *c, const double *m, double *cs)
     void lm_sgd_f32(int64_t n, float *p, const float *g, float *v, float lr, float mom, float wd)
@@ -296,14 +296,16 @@ cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, fl
 cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int M, int N, int K, bint ta, bint tb,
                         floating alpha, floating *A, int lda, floating *B, int ldb, floating beta,
                         floating *C, int ldc, floating *bias, int64_t act,
-                        floating *mask=NULL, floating *colsum=NULL, const lm_epi *epi=NULL) noexcept nogil:
+                        floating *mask=NULL, floating *colsum=NULL, const lm_epi *epi=NULL,
+                        floating *Y=NULL) noexcept nogil:
     """Panel ``part`` of ``nparts`` of one GEMM (rows of C if split_m, else columns), then its epilogue.
 
     Backward epilogue (act 2): C *= (mask > 0) -- relu's gradient from its output -- and, with colsum,
     the column sums of the result (the bias gradient), in row order.  Column sums need whole columns,
     so the caller splits such GEMMs by columns only: each panel owns its columns, no partials.
     act 3: the VM-step epilogue ``epi`` (gemm_ex) on each row, after the bias, with ``mask`` as its
-    auxiliary operand and ``colsum`` as above."""
+    auxiliary operand and ``colsum`` as above; with ``Y`` (gemm_ex_keep) the epilogue's result goes to Y
+    (same layout as C) and C keeps the GEMM + bias value."""
     cdef int total = M if split_m else N
     cdef int step = ((total + nparts - 1) // nparts + 15) // 16 * 16
     cdef int lo = part * step, hi = lo + step, i
@@ -320,7 +322,8 @@ cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int 
         if act == 3:  # (never with colsum: those are split by columns)
             for i in range(lo, hi):
                 _vm_epi_row(dummy, epi, N, C + <int64_t>i * ldc, bias,
-                            mask + <int64_t>i * ldc if mask != NULL else NULL, <floating*>NULL)
+                            mask + <int64_t>i * ldc if mask != NULL else NULL, <floating*>NULL,
+                            Y + <int64_t>i * ldc if Y != NULL else NULL)
         elif act == 2:  # (never with colsum: those are split by columns)
             for i in range(lo, hi):
                 _mask_row(dummy, N, C + <int64_t>i * ldc, mask + <int64_t>i * ldc, <floating*>NULL)
@@ -337,7 +340,7 @@ cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int 
             for i in range(M):
                 _vm_epi_row(dummy, epi, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL,
                             mask + <int64_t>i * ldc + lo if mask != NULL else NULL,
-                            colsum + lo if colsum != NULL else NULL)
+                            colsum + lo if colsum != NULL else NULL, Y + <int64_t>i * ldc + lo if Y != NULL else NULL)
         elif act == 2:
             if colsum != NULL:
                 memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
@@ -350,11 +353,11 @@ cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int 
 
 
 cdef inline void _vm_epi_row(floating dummy, const lm_epi *e, int64_t n, floating *c, floating *bias, floating *aux,
-                             floating *cs) noexcept nogil:
+                             floating *cs, floating *out) noexcept nogil:
     if floating is float:
-        lm_vm_epilogue_row_f32(e, n, c, bias, aux, cs)
+        lm_vm_epilogue_row_f32(e, n, c, bias, aux, cs, out)
     else:
-        lm_vm_epilogue_row_f64(e, n, c, bias, aux, cs)
+        lm_vm_epilogue_row_f64(e, n, c, bias, aux, cs, out)
 
 
 cdef inline void _mask_row(floating dummy, int64_t n, floating *c, floating *m, floating *cs) noexcept nogil:
@@ -372,8 +375,9 @@ cdef inline void _epi_row(floating dummy, int64_t n, floating *c, floating *bias
 
 
 cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
-               int nthreads, bint ex=False) noexcept nogil:
-    """gemm, and gemm_ex (ex): the same fields, then the VM-step epilogue's (act 3)."""
+               int nthreads, bint ex=False, bint keep=False) noexcept nogil:
+    """gemm, and gemm_ex (ex): the same fields, then the VM-step epilogue's (act 3); gemm_ex_keep (keep):
+    then the epilogue's destination Y (C keeps the GEMM + bias value)."""
     cdef int M = <int>f[LM_F_GEMM_M], N = <int>f[LM_F_GEMM_N], K = <int>f[LM_F_GEMM_K]
     cdef bint ta = f[LM_F_GEMM_transA] != 0, tb = f[LM_F_GEMM_transB] != 0
     cdef floating alpha = <floating>consts[f[LM_F_GEMM_alpha]]
@@ -391,6 +395,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     cdef floating *mask = <floating*>_ptr(bases, f + LM_F_GEMM_mask_slot(f)) if f[LM_F_GEMM_mask_slot(f)] >= 0 else NULL
     cdef floating *colsum = <floating*>_ptr(bases, f + LM_F_GEMM_colsum_slot(f)) if f[LM_F_GEMM_colsum_slot(f)] >= 0 else NULL
     cdef lm_epi epi
+    cdef floating *Y = <floating*>_ptr(bases, f + LM_F_GEMM_EX_KEEP_y_slot(f)) if keep else NULL
     epi.vm, epi.b, epi.c, epi.bv, epi.cv = -1, 0, 0, 0, 0
     if ex:
         epi.vm = f[LM_F_GEMM_EX_epi_vm(f)]
@@ -423,7 +428,8 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
             for bi in range(nbatch):
                 for i in range(M):
                     _vm_epi_row(dummy, &epi, N, C + _boff(bi, bdim, bd, sC) + <int64_t>i * N, bias,
-                                mask + <int64_t>i * N if mask != NULL else NULL, colsum)
+                                mask + <int64_t>i * N if mask != NULL else NULL, colsum,
+                                Y + _boff(bi, bdim, bd, sC) + <int64_t>i * N if Y != NULL else NULL)
         elif act == 2:
             for i in range(M):
                 _mask_row(dummy, N, C + <int64_t>i * N, mask + <int64_t>i * N, colsum)
@@ -442,7 +448,8 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     if nbatch > 1 and big:
         for bi in prange(nbatch, num_threads=nt, schedule="static"):
             _panel(dummy, 0, 1, True, M, N, K, ta, tb, alpha, A + _boff(bi, bdim, bd, sA), lda,
-                   B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act, mask, colsum, &epi)
+                   B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act, mask, colsum, &epi,
+                   Y + _boff(bi, bdim, bd, sC) if Y != NULL else NULL)
         return 0
     split_m = M >= N and colsum == NULL
     for bi in range(nbatch):
@@ -451,11 +458,11 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
         offC = _boff(bi, bdim, bd, sC)
         if nparts == 1:
             _panel(dummy, 0, 1, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
-                   C + offC, ldc, bias, act, mask, colsum, &epi)
+                   C + offC, ldc, bias, act, mask, colsum, &epi, Y + offC if Y != NULL else NULL)
         else:
             for part in prange(nparts, num_threads=nt, schedule="static"):
                 _panel(dummy, part, nparts, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
-                       C + offC, ldc, bias, act, mask, colsum, &epi)
+                       C + offC, ldc, bias, act, mask, colsum, &epi, Y + offC if Y != NULL else NULL)
     return 0
 
 
@@ -924,6 +931,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_GEMM_EX:
             rc = _gemm(f32, f, ln - LM_HEADER, bases, consts, nthreads, True) if f[LM_F_GEMM_dtype] == 0 \
                 else _gemm(f64, f, ln - LM_HEADER, bases, consts, nthreads, True)
+        elif op == LM_OP_GEMM_EX_KEEP:
+            rc = _gemm(f32, f, ln - LM_HEADER, bases, consts, nthreads, True, True) if f[LM_F_GEMM_dtype] == 0 \
+                else _gemm(f64, f, ln - LM_HEADER, bases, consts, nthreads, True, True)
         elif op == LM_OP_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads) if f[LM_F_SOFTMAX_dtype] == 0 else _softmax(f64, f, bases, nthreads)
         elif op == LM_OP_SOFTMAX_XENT:

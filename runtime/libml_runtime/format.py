@@ -85,6 +85,12 @@ OPCODES = [
     # out = cond ? a : b, cond one byte per element (bool), a/b/out of ``itemsize`` bytes; strided reads
     (23, "select", "itemsize ndim dims[ndim] cond.slot cond.offset cond.stride[ndim] a.slot a.offset "
                    "a.stride[ndim] b.slot b.offset b.stride[ndim] out.slot out.offset"),
+    # 2.2: gemm_ex whose epilogue writes its result to y, C keeping the GEMM + bias value (the epilogue op's
+    # input, which its gradient reads): gemm_ex's fields come first (same offsets)
+    (32, "gemm_ex_keep", "dtype M N K transA transB A.slot A.offset B.slot B.offset C.slot C.offset alpha beta "
+     "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
+     "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
+     "epi.vm epi.b epi.c y.slot y.offset"),
     # ---- format 2.2: normalisation (libml_compile/ops_norm.py).  x is a contiguous (outer, n) array
     # normalised over each row of n >= 1; scale and bias have n elements; mean / rstd one per row.
     # y = (x - mean) * rstd * scale + bias, rstd = 1 / sqrt(biased variance + consts[eps])
@@ -213,6 +219,7 @@ VM = [
     # ---- ewtests range 140-149
     (140, "ATAN", 1, "atan(x)", None),
     (141, "ATAN_GRAD", 2, "x / (1 + y * y)", None),                     # y = the op's input
+    (142, "SIGMOID_GRAD", 2, "x * (y * (1 - y))", None),                # y = sigmoid output (2.2)
     # ---- ONNX import family (codes 150-159)
     (150, "SELU", 3, "x > 0 ? z * x : z * (y * expm1(x))", None),          # y = alpha, z = gamma
     # ---- format 2.1: the gradients of the reductions (ops_reduce.py)
@@ -592,6 +599,8 @@ def _self_check():
     # gemm_ex runs gemm's kernel, which reads gemm's field offsets
     if not LAYOUTS["gemm_ex"].text.startswith(LAYOUTS["gemm"].text):
         raise ValueError("format: gemm_ex must start with gemm's layout")
+    if not LAYOUTS["gemm_ex_keep"].text.startswith(LAYOUTS["gemm_ex"].text):
+        raise ValueError("format: gemm_ex_keep must start with gemm_ex's layout")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

@@ -286,8 +286,11 @@ static void LM_SFX(lm_epilogue_row)(int64_t N, LM_T *restrict c, const LM_T *res
  * pointers, and the destination is the operand here). */
 __attribute__((noinline))
 static void LM_SFX(lm_vm_epilogue_row)(const lm_epi *e, int64_t N, LM_T *restrict row, const LM_T *restrict bias,
-                                       const LM_T *restrict aux, LM_T *restrict cs)
+                                       const LM_T *restrict aux, LM_T *restrict cs, LM_T *restrict out)
 {
+    /* out: where the result goes (gemm_ex_keep: row keeps the GEMM + bias value, the op's input that a
+       gradient reads); NULL: back into row */
+    LM_T *restrict dst = out ? out : row;
     LM_T buf[LM_BLK];
     const int64_t bi = e->b < 0 ? -1 : 0, ci = e->c < 0 ? -1 : 0;
     const LM_T bc = (LM_T)e->bv, cc = (LM_T)e->cv;
@@ -307,10 +310,10 @@ static void LM_SFX(lm_vm_epilogue_row)(const lm_epi *e, int64_t N, LM_T *restric
         }
         if (cs) {
             #pragma omp simd
-            for (j = 0; j < n; j++) { row[j0 + j] = buf[j]; cs[j0 + j] += buf[j]; }
+            for (j = 0; j < n; j++) { dst[j0 + j] = buf[j]; cs[j0 + j] += buf[j]; }
         } else {
             #pragma omp simd
-            for (j = 0; j < n; j++) row[j0 + j] = buf[j];
+            for (j = 0; j < n; j++) dst[j0 + j] = buf[j];
         }
     }
 }

@@ -328,6 +328,12 @@ class _Decoder:
         if aux != (d["mask.slot"] >= 0):
             self.fail("the auxiliary operand (mask) must be present exactly when epi.b or epi.c reads it")
 
+    def op_gemm_ex_keep(self, d):
+        """gemm_ex whose epilogue writes to y (C's dense layout), C keeping the GEMM + bias value."""
+        self.op_gemm_ex(d)
+        isz = F.ITEMSIZE[d["dtype"]]
+        self.operand(d, "y", d["M"] * d["N"] * math.prod(d["batch_dims"]) * isz, writable=True, align=isz)
+
     def op_gemm(self, d, ex=False):
         isz = self.fdtype(d)
         self.fields(d, [("M", 0, 2 ** 31 - 1), ("N", 0, 2 ** 31 - 1), ("K", 0, 2 ** 31 - 1), ("transA", 0, 1),
