@@ -119,6 +119,8 @@ class Tensor:
     def __gt__(self, o): return _logic().PUBLIC["greater"](self, o)
     def __ge__(self, o): return _logic().PUBLIC["greater_equal"](self, o)
 
+    def __getitem__(self, key): return _ops().getitem(self, key)
+
     @property
     def T(self):
         return _ops().transpose(self)

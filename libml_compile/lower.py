@@ -724,6 +724,11 @@ def _emit_op(em, t, loc, state, optimizer, outs):
                 descs.append({"op": "concat", "node": t.name, "flops": 0, "bytes": 2 * nbytes(x)})
             start += x.shape[ax]
         return descs
+    if op == "broadcast_to":  # (integers and bools: floats are VM copies)
+        x = t.inputs[0]
+        _emit_copy_nd(em, nid, t.dtype, t.shape, loc(x), broadcast_strides(x.shape, t.shape), loc(t),
+                      contiguous_strides(t.shape))
+        return {"op": op, "node": t.name, "flops": 0, "bytes": 2 * nbytes(t)}
     if op == "slice":
         x = t.inputs[0]
         xs = contiguous_strides(x.shape)

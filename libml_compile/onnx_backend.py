@@ -31,7 +31,8 @@ __all__ = ["LibmlBackend", "LibmlBackendRep", "prepare", "run_model", "run_node"
            "discover_conformance_cases", "run_conformance_case", "EXCLUDED_CASES"]
 
 # (op_type, input index) pairs whose value must be known at compile time
-_STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather", 1)}
+_STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather", 1), ("Split", 1), ("Expand", 1),
+                    ("GatherND", 1), ("GatherElements", 1)} | {("Slice", i) for i in range(1, 5)}
 # ... and the axes input of the Reduce* ops (opset >= 18; ReduceSum >= 13)
 _STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                         "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
@@ -187,6 +188,9 @@ EXCLUDED_CASES = {
 UNSUPPORTED_ELEM_TYPE_REASON = (
     "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints, bool); "
     "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
+DATA_DEPENDENT_REASON = (
+    "an operand libml needs at compile time (a shape, slice bounds, GatherND/GatherElements indices) is computed "
+    "from a graph input at run time; libml graphs are static")
 INTEGER_OUTPUT_REASON = (
     "computes an integer tensor with an operator libml implements in floating point only (libml's integer "
     "kernels: Add/Sub/Mul/Div and data movement; onnx_import.integer_capable)")
@@ -264,6 +268,15 @@ def _integer_output_ops(model) -> set:
     return {n.op_type for n in model.graph.node if ints.intersection(n.output)}
 
 
+def _computed_static_operand(model) -> bool:
+    """Whether a compile-time operand (``_STATIC_OPERANDS``, bar Gather's indices, which may be live) is
+    computed from graph inputs inside the model, so no feed can make it a constant."""
+    from libml_compile.onnx_import import _constant_values
+    const = _constant_values(model) | {vi.name for vi in model.graph.input}
+    return any((n.op_type, i) in _STATIC_OPERANDS and n.op_type != "Gather" and name and name not in const
+               for n in model.graph.node for i, name in enumerate(n.input))
+
+
 def discover_conformance_cases(cases=None):
     """Split the official node cases whose ops are all supported into ``(runnable, excluded)``;
     ``excluded`` maps case name -> reason."""
@@ -286,6 +299,8 @@ def discover_conformance_cases(cases=None):
             excluded[name] = UNSUPPORTED_ELEM_TYPE_REASON
         elif not all(integer_capable(op) for op in _integer_output_ops(model)):
             excluded[name] = INTEGER_OUTPUT_REASON
+        elif _computed_static_operand(model):
+            excluded[name] = DATA_DEPENDENT_REASON
         else:
             runnable.append(case)
     return runnable, excluded

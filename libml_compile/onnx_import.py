@@ -52,6 +52,11 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
+    "Slice": ("op_slice", ("slice", "gather"), True),
+    "Split": ("op_split", ("slice",), True),
+    "Expand": ("op_expand", ("broadcast_to",), True),
+    "GatherND": ("op_gather_nd", ("reshape", "gather"), True),
+    "GatherElements": ("op_gather_elements", ("reshape", "gather"), True),
 }
 
 
@@ -132,17 +137,24 @@ class UnsupportedOperatorError(ONNXImportError):
     """
 
     def __init__(self, op_type: str, node_name: str, opset: int, domain: str = "",
-                 supported: Sequence[str] = SUPPORTED_OPS, source: Optional[str] = None):
+                 supported: Sequence[str] = SUPPORTED_OPS, source: Optional[str] = None, others=()):
         self.op_type = op_type
         self.node_name = node_name
         self.domain = domain
         self.opset = opset
         self.supported = tuple(supported)
-        qual = f"{domain}::{op_type}" if domain not in _DEFAULT_DOMAINS else op_type
+        #: every unsupported (domain, op type) of the model with one example node each, the first included
+        self.missing = [((domain, op_type), node_name)] + list(others)
+
+        def qual(d, o):
+            return f"{d}::{o}" if d not in _DEFAULT_DOMAINS else o
         where = f" in {source}" if source else ""
-        super().__init__(
-            f"unsupported ONNX operator {qual!r} (node {node_name!r}, opset {opset}){where}; "
-            f"libml supports: {', '.join(self.supported)}")
+        if not others:
+            head = f"unsupported ONNX operator {qual(domain, op_type)!r} (node {node_name!r}, opset {opset}){where}"
+        else:
+            listed = ", ".join(f"{qual(d, o)!r} (node {n!r})" for (d, o), n in self.missing)
+            head = f"{len(self.missing)} unsupported ONNX operators (opset {opset}){where}: {listed}"
+        super().__init__(f"{head}; libml supports: {', '.join(self.supported)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,17 +376,36 @@ def _unchanged_since(m, opset: int) -> bool:
         return False
 
 
+def _constant_values(m) -> set:
+    """Names of the values of ``m`` that are constant whatever is fed: Constant outputs, integer / bool
+    initializers, Shape / Size outputs (libml shapes are static), and outputs of nodes whose inputs are all
+    constant.  Float initializers are params (trainable), so not constant here."""
+    from onnx import TensorProto
+    const = {t.name for t in m.graph.initializer if t.data_type not in (TensorProto.FLOAT, TensorProto.DOUBLE)}
+    for node in m.graph.node:
+        if node.op_type in ("Constant", "Shape", "Size") or all(i in const for i in node.input if i):
+            const.update(o for o in node.output if o)
+    return const
+
+
 def check_supported(m, source: Optional[str] = None) -> int:
     """Check opset, operators and dtypes of a model before any other work. Returns the default opset."""
     onnx = _onnx()
     src = f" in {source}" if source else ""
     opset = _default_opset(m)
     newest = onnx.defs.onnx_opset_version()
+    missing: Dict[Tuple[str, str], str] = {}  # (domain, op type) -> an example node, in graph order
+    const = _constant_values(m)
     for node in m.graph.node:
         if node.domain not in _DEFAULT_DOMAINS or node.op_type not in SUPPORTED_OPS:
-            dom_versions = [op.version for op in m.opset_import if op.domain == node.domain]
-            raise UnsupportedOperatorError(node.op_type, node.name, dom_versions[0] if dom_versions else opset,
-                                           domain=node.domain, source=source)
+            if node.domain in _DEFAULT_DOMAINS and all(i in const for i in node.input if i):
+                continue  # computes on constants only: folded at import (onnx.reference), never a kernel
+            missing.setdefault((node.domain, node.op_type), node.name or node.output[0])
+    if missing:
+        (dom, op), name = next(iter(missing.items()))
+        dom_versions = [o.version for o in m.opset_import if o.domain == dom]
+        raise UnsupportedOperatorError(op, name, dom_versions[0] if dom_versions else opset, domain=dom,
+                                       source=source, others=list(missing.items())[1:])
     if opset < MIN_OPSET and not _unchanged_since(m, opset):
         raise ONNXImportError(f"ONNX opset {opset}{src} is too old: libml imports opsets {MIN_OPSET} to {newest}")
     if opset > newest:
@@ -625,7 +656,29 @@ class _Importer:
         candidates = self.registry.get(op)
         if candidates is not None:
             return [self.registry_op(node, candidates)]
+        ins = [self.get(node, i) for i in range(len(node.input))]
+        if all(v is None or self.is_const(v) for v in ins):
+            return self.fold_with_reference(node, ins)
         raise UnsupportedOperatorError(op, node.name, self.opset, domain=node.domain, source=self.source)
+
+    def fold_with_reference(self, node, ins):
+        """An operator libml has no kernel for, on constant inputs only (ConstantOfShape, Range, Expand of
+        a shape, ...): evaluated once, here, by ONNX's own reference implementation (onnx.reference)."""
+        from onnx import helper, numpy_helper
+        from onnx.reference import ReferenceEvaluator
+        names = [f"in{i}" if v is not None else "" for i, v in enumerate(ins)]
+        n = helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.output))])
+        n.attribute.extend(node.attribute)
+        consts = [helper.make_node("Constant", [], [nm], value=numpy_helper.from_array(np.asarray(v), nm))
+                  for nm, v in zip(names, ins) if v is not None]
+        outs = [helper.make_tensor_value_info(o, 0, None) for o in n.output]
+        gr = helper.make_graph(consts + [n], "fold", [], outs)
+        model = helper.make_model(gr, opset_imports=[helper.make_opsetid("", self.opset)])
+        try:
+            vals = ReferenceEvaluator(model).run(None, {})
+        except Exception as e:  # noqa: BLE001 - any failure of the reference is this node's error
+            raise self.err(node, f"folding it on constant inputs with onnx.reference failed: {e}"[:400]) from None
+        return [np.asarray(v) for v in vals]
 
     # -- the generic registry path -------------------------------------------------------------------
     def schema(self, node):
@@ -940,6 +993,146 @@ class _Importer:
             return _eval_const(lambda c: fn(c, axis=axis), x)
         return fn(x, axis=axis, name=out)
 
+    def op_slice(self, node, at):
+        """Slice: starts/ends/axes/steps as attributes (opset < 10) or constant inputs; negative and
+        out-of-range bounds as Python slicing (which ONNX's clamping rules match).  Step 1 is a strided copy,
+        other steps a gather of the picked indices."""
+        data = self.get(node, 0)
+        shp = self.shape(data)
+        if self.opset < 10:
+            starts, ends = list(at["starts"]), list(at["ends"])
+            axes = list(at.get("axes", range(len(starts))))
+            steps = [1] * len(starts)
+        else:
+            starts = self.static_ints(node, self.get(node, 1), "starts").tolist()
+            ends = self.static_ints(node, self.get(node, 2), "ends").tolist()
+            a, st = self.get(node, 3), self.get(node, 4)
+            axes = self.static_ints(node, a, "axes").tolist() if a is not None else list(range(len(starts)))
+            steps = self.static_ints(node, st, "steps").tolist() if st is not None else [1] * len(starts)
+        if not len(starts) == len(ends) == len(axes) == len(steps):
+            raise self.err(node, f"starts {starts}, ends {ends}, axes {axes} and steps {steps} differ in length")
+        key = [slice(None)] * len(shp)
+        for ax, b, e, sp in zip(axes, starts, ends, steps):
+            if not -len(shp) <= ax < len(shp):
+                raise self.err(node, f"axis {ax} out of range for shape {shp}")
+            if sp == 0:
+                raise self.err(node, "steps must not be 0")
+            key[ax % len(shp)] = slice(b, e, sp)
+        if self.is_const(data):
+            return np.array(data[tuple(key)])
+        y = data
+        out = node.output[0]
+        for ax, k in enumerate(key):
+            if k != slice(None):
+                y = self.lc.ops.slice_axis(y, ax, k.start, k.stop, k.step)
+        return y if y is not data else self.lc.identity(data, name=out)
+
+    def op_expand(self, node, at):
+        """Expand: bidirectional broadcasting of the input with the constant ``shape``."""
+        data = self.get(node, 0)
+        shape = tuple(self.static_ints(node, self.get(node, 1), "shape").tolist())
+        try:
+            out = tuple(np.broadcast_shapes(self.shape(data), shape))
+        except ValueError:
+            raise self.err(node, f"input shape {self.shape(data)} and shape {shape} do not broadcast") from None
+        if self.is_const(data):
+            return np.array(np.broadcast_to(data, out))
+        return self.lc.broadcast_to(data, out, name=node.output[0]) if out != self.shape(data) else data
+
+    def op_gather_nd(self, node, at):
+        """GatherND with constant indices (exporters write them for masks and pooling): the indexed leading
+        dims (after ``batch_dims``) are flattened and the rows picked by one Gather of flat indices."""
+        data, idx = self.get(node, 0), self.get(node, 1)
+        if not self.is_const(idx):
+            raise self.err(node, "indices (input 1) are data-dependent; libml's GatherND needs constant indices")
+        idx = np.asarray(idx).astype(np.int64)
+        shp = self.shape(data)
+        b = int(at.get("batch_dims", 0))
+        k = idx.shape[-1]
+        if b + k > len(shp) or idx.shape[:b] != tuple(shp[:b]):
+            raise self.err(node, f"indices of shape {idx.shape} do not fit data of shape {shp} with batch_dims {b}")
+        dims = np.asarray(shp[b:b + k], dtype=np.int64)
+        if np.any(idx < -dims) or np.any(idx >= dims):
+            raise self.err(node, f"indices out of range for the dims {tuple(dims.tolist())}")
+        idx = np.where(idx < 0, idx + dims, idx)
+        flat = np.zeros(idx.shape[:-1], np.int64)
+        for j in range(k):
+            flat = flat * dims[j] + idx[..., j]
+        nb = int(np.prod(shp[:b], dtype=np.int64))
+        per = int(np.prod(dims))
+        # batch element i owns rows [i * per, (i + 1) * per) of the flattened data
+        flat = flat.reshape(nb, -1) + (np.arange(nb, dtype=np.int64) * per)[:, None]
+        rest = tuple(shp[b + k:])
+        out_shape = tuple(idx.shape[:-1]) + rest
+        if self.is_const(data):
+            return np.asarray(data).reshape((nb * per,) + rest)[flat.reshape(-1)].reshape(out_shape)
+        lc = self.lc
+        rows = lc.reshape(data, (nb * per,) + rest, name=self.fresh(node.output[0]))
+        y = lc.gather(rows, flat.reshape(-1), axis=0, name=self.fresh(node.output[0]))
+        return lc.reshape(y, out_shape, name=node.output[0])
+
+    def op_gather_elements(self, node, at):
+        """GatherElements (np.take_along_axis, negative indices from the end).  Constant indices on a live
+        tensor: one Gather of flat indices into the flattened data (gradient: its scatter-add)."""
+        data, idx = self.get(node, 0), self.get(node, 1)
+        shp = self.shape(data)
+        axis = int(at.get("axis", 0))
+        if not -len(shp) <= axis < len(shp):
+            raise self.err(node, f"axis {axis} out of range for shape {shp}")
+        axis %= len(shp)
+        if not self.is_const(idx):
+            raise self.err(node, "indices (input 1) are data-dependent; libml's GatherElements needs constant "
+                                 "indices")
+        idx = np.asarray(idx).astype(np.int64)
+        n = shp[axis]
+        if idx.ndim != len(shp) or np.any(idx < -n) or np.any(idx >= n):
+            raise self.err(node, f"indices of shape {idx.shape} out of range or rank for data of shape {shp}")
+        idx = np.where(idx < 0, idx + n, idx)
+        if self.is_const(data):
+            return np.take_along_axis(np.asarray(data), idx, axis=axis)
+        if any(idx.shape[d] > shp[d] for d in range(len(shp)) if d != axis):
+            raise self.err(node, f"indices of shape {idx.shape} exceed data of shape {shp} outside axis {axis}")
+        grid = np.indices(idx.shape, dtype=np.int64)
+        grid[axis] = idx
+        flat = np.ravel_multi_index(tuple(grid), shp)
+        lc = self.lc
+        rows = lc.reshape(data, (int(np.prod(shp)),), name=self.fresh(node.output[0]))
+        y = lc.gather(rows, flat.reshape(-1), axis=0, name=self.fresh(node.output[0]))
+        return lc.reshape(y, idx.shape, name=node.output[0])
+
+    def op_split(self, node, at):
+        """Split into parts along ``axis``: sizes from the ``split`` input (opset >= 13) or attribute, or
+        equal parts (``num_outputs`` from opset 18, else one per output; the last part may be smaller)."""
+        data = self.get(node, 0)
+        shp = self.shape(data)
+        axis = int(at.get("axis", 0))
+        if not -len(shp) <= axis < len(shp):
+            raise self.err(node, f"axis {axis} out of range for shape {shp}")
+        axis %= len(shp)
+        n = shp[axis]
+        sp = self.get(node, 1) if self.opset >= 13 else None
+        if sp is not None:
+            sizes = self.static_ints(node, sp, "split").tolist()
+        elif "split" in at:
+            sizes = list(at["split"])
+        else:
+            k = int(at.get("num_outputs", len(node.output)))
+            part = -(-n // k)
+            sizes = [min(part, n - i * part) for i in range(k)]
+        if sum(sizes) != n or len(sizes) != len(node.output) or min(sizes, default=0) < 0:
+            raise self.err(node, f"split sizes {sizes} do not cut axis {axis} of size {n} into "
+                                 f"{len(node.output)} parts")
+        outs, lo = [], 0
+        for size, name in zip(sizes, node.output):
+            key = [slice(None)] * len(shp)
+            key[axis] = slice(lo, lo + size)
+            if self.is_const(data):
+                outs.append(np.array(data[tuple(key)]))
+            else:
+                outs.append(self.lc.ops.slice_axis(data, axis, lo, lo + size, name=name or None))
+            lo += size
+        return outs
+
     def layer_norm(self, node, at):
         """LayerNormalization (opset 17): outputs Y, Mean, InvStdDev over the dims ``axis..``; Scale and B
         broadcast to the normalised shape.  ``stash_type`` 1 asks for float32 statistics at least: libml
@@ -1077,8 +1270,12 @@ class _Importer:
         if not 0 <= axis < r:
             raise self.err(node, f"axis {at.get('axis', 0)} out of range for shape {shp}")
         if not self.is_const(idx):
-            raise self.err(node, "indices (input 1) are data-dependent; libml folds Gather only when its "
-                                 "indices are constants")
+            # fed indices (token ids): range-checked at the feed boundary (plan index_inputs) when they come
+            # straight from a graph input, else by the runtime as it reads them
+            try:
+                return lc.gather(self.T(data, node.input[0]), idx, axis=axis, name=out)
+            except (TypeError, ValueError) as e:
+                raise self.err(node, str(e)) from None
         idx = np.asarray(idx).astype(np.int64)
         n = shp[axis]
         if np.any(idx < -n) or np.any(idx >= n):

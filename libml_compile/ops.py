@@ -557,7 +557,8 @@ for _d in [
     OpDef("step", "ew", _s_unary_float("step"), lambda at, x: (x > 0).astype(x.dtype),
           lambda n, g: (None,), vm="STEP", doc="Heaviside step, 0 at 0: relu's derivative"),
     OpDef("broadcast_to", "ew", _s_broadcast_to, lambda at, x: np.broadcast_to(x, at["shape"]).copy(),
-          lambda n, g: (g,), vm="COPY"),
+          lambda n, g: (g,), vm="COPY", int_ok=True,
+          doc="np.broadcast_to: a VM copy for floats, a strided copy with zero strides for integers / bools"),
     OpDef("sum", "reduce", _s_reduce,
           lambda at, x: np.asarray(x.sum(axis=at["axes"], keepdims=at["keepdims"]) * at["scale"], x.dtype),
           _g_reduce, doc="sum over axes, times attrs['scale'] (mean is scale = 1/n)"),
@@ -872,6 +873,54 @@ def concat(xs, axis=0, name=None):
     if len(xs) == 1:
         return identity(xs[0], name=name)
     return make("concat", tuple(xs), {"axis": ax}, name)
+
+
+def slice_axis(x, axis, start=None, stop=None, step=None, name=None):
+    """``x[..., start:stop:step, ...]`` along ``axis`` with Python/NumPy (and ONNX Slice) semantics: negative
+    bounds count from the end and are clamped to the axis.  Step 1 is a strided copy (``slice``), any other
+    step a gather of the picked indices; both have gradients."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"slice: expected a symbolic Tensor, got {type(x).__name__}")
+    (ax,) = _norm_axes("slice", axis, x.ndim)
+    if step == 0:
+        raise ValueError(f"slice: step 0 along axis {ax} of {x.name!r}")
+    r = range(x.shape[ax])[builtins.slice(start, stop, step)]
+    if r.step == 1 or len(r) == 0:
+        lo = r.start if len(r) else 0
+        if lo == 0 and len(r) == x.shape[ax]:
+            return identity(x, name=name) if name else x
+        return make("slice", (x,), {"axis": ax, "start": lo, "stop": lo + len(r)}, name)
+    return gather(x, np.asarray(r, dtype=np.int64), axis=ax, name=name)
+
+
+def getitem(x, key):
+    """``x[key]`` for basic indexing: ints, slices (any step), ``...`` and ``None``, as NumPy."""
+    key = key if isinstance(key, tuple) else (key,)
+    if builtins.sum(k is Ellipsis for k in key) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    n_real = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+    if n_real > x.ndim:
+        raise IndexError(f"too many indices for tensor {x.name!r} of shape {x.shape}: {n_real}")
+    i = key.index(Ellipsis) if Ellipsis in key else len(key)
+    key = key[:i] + (builtins.slice(None),) * (x.ndim - n_real) + key[i + 1:]  # ... (or the end): whole axes
+    y, ax, out_shape = x, 0, []
+    for k in key:
+        if k is None:
+            out_shape.append(1)
+            continue
+        if isinstance(k, builtins.slice):
+            y = slice_axis(y, ax, k.start, k.stop, k.step)
+            out_shape.append(y.shape[ax])
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)):
+            n = y.shape[ax]
+            if not -n <= k < n:
+                raise IndexError(f"index {k} is out of bounds for axis {ax} of {x.name!r} with size {n}")
+            y = slice_axis(y, ax, int(k) % n, int(k) % n + 1)
+        else:
+            raise TypeError(f"tensor indices must be ints, slices, ... or None, got {type(k).__name__}")
+        ax += 1
+    shape = tuple(out_shape)
+    return y if y.shape == shape else reshape(y, shape)
 
 
 def gather(x, indices, axis=0, name=None):

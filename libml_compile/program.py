@@ -209,6 +209,16 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
     label_inputs = {t.inputs[1].name: t.inputs[0].shape[1] for t in tg.nodes
                     if t.op == "softmax_xent" and t.inputs[1].op == "input"}
+    # fed gather indices (token ids) are range-checked on feed, with a message naming the input: [-n, n)
+    # for a table of n rows (ONNX: negative indices count from the end), the tightest over its gathers
+    index_inputs = {}
+    for t in tg.nodes:
+        if t.op == "gather":
+            src = t.inputs[1].inputs[0] if t.inputs[1].op == "cast" else t.inputs[1]
+            if src.op == "input":
+                n = t.inputs[0].shape[t.attrs["axis"]]
+                lo, hi = index_inputs.get(src.name, (-n, n))
+                index_inputs[src.name] = (max(lo, -n), min(hi, n))
 
     entries, reports, summaries = {}, {}, {}
 
@@ -244,7 +254,7 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
         entries[kind] = e
 
     plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
-                graph_inputs=graph_inputs, label_inputs=label_inputs, entries=entries,
+                graph_inputs=graph_inputs, label_inputs=label_inputs, index_inputs=index_inputs, entries=entries,
                 meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None})
     validate(plan)
     return Program(plan, g, reports, summaries, num_threads=num_threads, check_finite=check_finite,

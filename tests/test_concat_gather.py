@@ -148,7 +148,7 @@ def test_constant_indices_out_of_range_are_refused_at_declaration():
         lc.gather(x, [0.5])
 
 
-def test_fed_indices_out_of_range_stop_the_call_naming_the_node():
+def test_fed_indices_out_of_range_are_refused_at_the_feed_naming_the_input_value_and_range():
     g = lc.Graph("fed")
     x = g.input("x", (4, 3))
     i = g.input("i", (2,), dtype="int32")
@@ -156,8 +156,21 @@ def test_fed_indices_out_of_range_stop_the_call_naming_the_node():
     prog = lc.compile(g)
     X = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.testing.assert_array_equal(prog.run({"x": X, "i": np.array([-1, 2], np.int32)})["y"], X[[3, 2]])
+    for bad, v in (([1, 4], 4), ([-5, 0], -5)):
+        with pytest.raises(ValueError, match=rf"feed 'i': indices must be in \[-4, 4\).*got {v} at \({bad.index(v)},\)"):
+            prog.run({"x": X, "i": np.array(bad, np.int32)})
+
+
+def test_computed_indices_out_of_range_stop_the_call_naming_the_node():
+    g = lc.Graph("computed")
+    x = g.input("x", (4, 3))
+    i = g.input("i", (2,), dtype="int64")
+    g.output("y", lc.gather(x, i + 1, axis=0, name="lookup"))
+    prog = lc.compile(g)
+    X = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(prog.run({"x": X, "i": np.array([2, 0])})["y"], X[[3, 1]])
     with pytest.raises(IndexError, match="'lookup'"):
-        prog.run({"x": X, "i": np.array([1, 4], np.int32)})
+        prog.run({"x": X, "i": np.array([1, 3])})
 
 
 def test_concat_shape_errors_name_the_op_and_shapes():

@@ -72,8 +72,8 @@ class Executable:
         self._param_index = {p[0]: p for p in plan.params}
         self._bound = {}
         # per graph input: (dtype, shape, class count if it holds labels, dtype code) for _bind's fast path
-        self._fast = {name: (np.dtype(dt), shape, plan.label_inputs.get(name), DTYPE_CODE[np.dtype(dt).name])
-                      for name, (dt, shape) in self._inputs.items()}
+        self._fast = {name: (np.dtype(dt), shape, plan.label_inputs.get(name), DTYPE_CODE[np.dtype(dt).name],
+                             plan.index_inputs.get(name)) for name, (dt, shape) in self._inputs.items()}
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -200,12 +200,14 @@ class Executable:
         if type(feeds) is dict and feeds.keys() == self._inputs.keys():
             # fast path (every call of a training loop): exactly the graph's inputs, as C-contiguous
             # ndarrays of the right dtype and shape; anything else takes the checking path below
-            for name, (dt, shape, ncls, code) in self._fast.items():
+            for name, (dt, shape, ncls, code, rng) in self._fast.items():
                 a = feeds[name]
                 if type(a) is not np.ndarray or a.dtype != dt or a.shape != shape or not a.flags.c_contiguous:
                     break
                 # class labels: the range check is one C loop; a bad label takes the path that names it
                 if ncls is not None and _exec.first_bad_label(a, code, ncls) >= 0:
+                    break
+                if rng is not None and a.size and (a.min() < rng[0] or a.max() >= rng[1]):
                     break
             else:
                 return [feeds[name] for name, _, _ in entry.inputs]
@@ -240,6 +242,14 @@ class Executable:
             if bad >= 0:
                 raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {a.reshape(-1)[bad]} "
                                  f"at index {bad}")
+        rng = self.plan.index_inputs.get(name)
+        if rng is not None and a.size:
+            flat = a.reshape(-1)
+            bad = np.flatnonzero((flat < rng[0]) | (flat >= rng[1]))
+            if bad.size:
+                at = tuple(int(i) for i in np.unravel_index(bad[0], a.shape))
+                raise ValueError(f"feed {name!r}: indices must be in [{rng[0]}, {rng[1]}) (negative ones count from "
+                                 f"the end of a table of {rng[1]} rows), got {flat[bad[0]]} at {at}")
         return a
 
     def _call(self, kind, feeds, times=None):

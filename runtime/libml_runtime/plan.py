@@ -50,6 +50,8 @@ class Plan:
     label_inputs: dict                 # input name -> number of classes (range-checked on feed)
     entries: dict                      # kind -> Entry
     meta: dict = field(default_factory=dict)
+    # input name -> (lo, hi): fed integers (gather indices: token ids) must lie in [lo, hi), checked on feed
+    index_inputs: dict = field(default_factory=dict)
 
 
 def _nbytes(dt, shape):
@@ -78,6 +80,11 @@ def validate(plan: Plan):
     for name, c in plan.label_inputs.items():
         _check(name in inputs and isinstance(c, (int, np.integer)) and c > 0, f"label_inputs[{name!r}]",
                "must name an input and a positive class count")
+    for name, rng in plan.index_inputs.items():
+        _check(name in inputs and np.dtype(inputs[name][0]).kind in "iu", f"index_inputs[{name!r}]",
+               "must name an integer input")
+        _check(isinstance(rng, (tuple, list)) and len(rng) == 2 and all(isinstance(v, (int, np.integer)) for v in rng)
+               and -2 ** 62 <= rng[0] < rng[1] <= 2 ** 62, f"index_inputs[{name!r}]", "must be a range [lo, hi)")
     for kind, e in plan.entries.items():
         _check(kind in ("run", "grad", "step"), "entries", f"unknown entry {kind!r}")
         validate_entry(e, state_bytes, inputs, f"entries[{kind!r}]")

@@ -97,6 +97,7 @@ def dumps(plan: Plan, state=None) -> bytes:
         "opt_state": [[n, int(off), dt, _ints(s)] for n, off, dt, s in plan.opt_state],
         "graph_inputs": [[n, dt, _ints(s)] for n, dt, s in plan.graph_inputs],
         "label_inputs": {n: int(c) for n, c in plan.label_inputs.items()},
+        "index_inputs": {n: [int(lo), int(hi)] for n, (lo, hi) in plan.index_inputs.items()},
         "entries": {k: entry(e) for k, e in plan.entries.items()},
     }
     return pack(MAGIC, header, sections)
@@ -266,7 +267,8 @@ def _reject_constant(c):
 def _from_header(h, area):
     # "minor" is absent in files written before minor versions were counted (format 2.0)
     _keys(h, "header", {"format", "version", "name", "meta", "state", "params", "opt_state", "graph_inputs",
-                        "label_inputs", "entries", "sections"} | ({"minor"} if "minor" in h else set()))
+                        "label_inputs", "entries", "sections"} | ({"minor"} if "minor" in h else set())
+          | ({"index_inputs"} if "index_inputs" in h else set()))
     _need(h["format"] == "libml-plan", "format", f"expected 'libml-plan', got {h['format']!r}"[:200])
     _need(h["version"] == FORMAT_VERSION and type(h["version"]) is int, "version", "does not match the prefix")
     minor = h.get("minor", 0)
@@ -301,6 +303,14 @@ def _from_header(h, area):
     labels = h["label_inputs"]
     _need(isinstance(labels, dict) and len(labels) <= MAX_ITEMS, "label_inputs", "must be an object")
     label_inputs = {k: _int(v, f"label_inputs[{k!r}]", 1) for k, v in labels.items()}
+    # 2.2: ranges of fed indices (absent from older files)
+    idx = h.get("index_inputs", {})
+    _need(isinstance(idx, dict) and len(idx) <= MAX_ITEMS, "index_inputs", "must be an object")
+    index_inputs = {}
+    for k, v in idx.items():
+        _need(isinstance(v, list) and len(v) == 2, f"index_inputs[{k!r}]"[:200], "must be [lo, hi]")
+        index_inputs[k] = (_int(v[0], f"index_inputs[{k!r}][0]", -2 ** 62, 2 ** 62),
+                           _int(v[1], f"index_inputs[{k!r}][1]", -2 ** 62, 2 ** 62))
 
     def entry(e, where, depth=0):
         _need(isinstance(e, dict), where, "must be an object")
@@ -337,7 +347,7 @@ def _from_header(h, area):
         entries[kind] = entry(e, f"entries[{kind!r}]")
     secs.check_all_used()
     plan = Plan(name=name, state=state, params=params, opt_state=opt_state, graph_inputs=graph_inputs,
-                label_inputs=label_inputs, entries=entries, meta=meta)
+                label_inputs=label_inputs, entries=entries, meta=meta, index_inputs=index_inputs)
     validate(plan)
     return plan
 
