@@ -169,7 +169,10 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     if not simplified:
         # (compile runs this once on the joint graph, after simplify) bools meeting floats become the
         # float VM's 0/1 masks, fused with their float neighbours
-        if ops_logic.lower_logic(nodes):
+        lm = ops_logic.lower_logic(nodes)
+        if lm:
+            outputs = [(n, lm.get(t, t)) for n, t in outputs]
+            roots = [lm.get(t, t) for t in roots]
             nodes = passes.topo_from_roots(roots)
 
     def rewrite(rw):
@@ -195,14 +198,17 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         if any(r.op == "adam_update" for r in roots):
             roots = passes.split_adam(passes.topo_from_roots(roots), roots)
     # after every rewrite: each in-place writer waits for all readers of the value it overwrites
-    nodes = passes.order_inplace_writers(roots)
+    nodes, m, inplace_after = passes.order_inplace_writers(roots)
+    if m:
+        roots = [m.get(t, t) for t in roots]
+        outputs = [(n, m.get(t, t)) for n, t in outputs]
     root_set = set(roots) | {t for _, t in outputs}
     consumers = passes.consumer_map(nodes)
     if fuse:
         group_of = _split_illegal_groups(passes.fuse(nodes), consumers, root_set)
     else:
         group_of = {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
-    units = passes.schedule(nodes, group_of)
+    units = passes.schedule(nodes, group_of, inplace_after)
 
     # ---- storage classes -------------------------------------------------------------------------
     used_inputs = [t for t in nodes if t.op == "input"]

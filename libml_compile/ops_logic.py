@@ -276,13 +276,15 @@ def _fusible(t):
 
 
 def lower_logic(nodes):
-    """Rewrite, in place and in topological order, the bool-producing ops on floats into float-VM mask
-    ops followed by a cast to bool, and float ``where`` into ``where_mask`` reading a 0/1 condition; a
-    bool read as a mask by a mask op is taken from its mask directly (no cast round trip).  Integer and
-    pure-bool ops stay (integer kernel / select).  Idempotent: a program's entries share nodes and each
-    entry's lowering runs this once.  Returns True if anything changed (the caller re-sorts)."""
+    """In topological order, the bool-producing ops on floats become float-VM mask ops followed by a cast
+    to bool, and float ``where`` becomes ``where_mask`` reading a 0/1 condition; a bool read as a mask by a
+    mask op is taken from its mask directly (no cast round trip).  Integer and pure-bool ops stay (integer
+    kernel / select).  Builds new nodes, never edits one (path copying): returns {node: its new version}
+    for every node of ``nodes`` that was rewritten or reads one that was; the rest is shared.  Callers map
+    their roots and outputs through it (``program.compile`` runs this once, on the joint graph)."""
     from .ops import cast
-    changed = False
+    from .passes import node_like
+    new = {}  # node -> its new version
     cache = {}
     readers = {}
     for t in nodes:
@@ -290,7 +292,7 @@ def lower_logic(nodes):
             readers.setdefault(i, []).append(t)
 
     def as_mask(t, ftype):
-        """A float ``ftype`` 0/1 tensor equal to bool ``t``."""
+        """A float ``ftype`` 0/1 tensor equal to bool ``t`` (a node of the rewritten graph)."""
         if _is_mask_cast(t):
             m = t.inputs[0]
             if m.dtype == ftype:
@@ -303,40 +305,33 @@ def lower_logic(nodes):
         return cache[key]
 
     def to_mask_cast(t, op, inputs):
-        """t (bool) becomes cast(<mask op>(inputs), bool), keeping its identity for its readers."""
-        m = make(op, inputs)
-        t.op, t.inputs, t.attrs = "cast", (m,), {"dtype": "bool"}
+        """t (bool) becomes cast(<mask op>(inputs), bool)."""
+        new[t] = node_like(t, "cast", (make(op, inputs),), {"dtype": "bool"})
 
     for t in list(nodes):
         op = t.op
-        if op in ("equal", "less", "less_equal", "greater", "greater_equal") and t.inputs[0].dtype in FLOAT_DTYPES:
-            to_mask_cast(t, MASK_OP[op], t.inputs)
-            changed = True
+        # (inputs: earlier in the order, already rewritten)
+        ins = tuple([new.get(i, i) for i in t.inputs]) if new else t.inputs
+        if op in ("equal", "less", "less_equal", "greater", "greater_equal") and ins[0].dtype in FLOAT_DTYPES:
+            to_mask_cast(t, MASK_OP[op], ins)
         elif op in ("isnan", "isinf", "isposinf", "isneginf"):
-            to_mask_cast(t, MASK_OP[op], t.inputs)
-            changed = True
-        elif op in ("logical_and", "logical_or", "logical_xor", "logical_not"):
-            masks = [i for i in t.inputs if _is_mask_cast(i)]
-            if masks:
-                ft = masks[0].inputs[0].dtype
-                to_mask_cast(t, MASK_OP[op], tuple(as_mask(i, ft) for i in t.inputs))
-            elif op == "logical_not":  # the integer kernel is binary: not x = x xor True
-                t.op, t.inputs = "logical_xor", (t.inputs[0], t.graph.const(np.ones((), bool)))
-            else:
-                continue
-            changed = True
+            to_mask_cast(t, MASK_OP[op], ins)
+        elif op in ("logical_and", "logical_or", "logical_xor", "logical_not") and any(map(_is_mask_cast, ins)):
+            ft = next(i for i in ins if _is_mask_cast(i)).inputs[0].dtype
+            to_mask_cast(t, MASK_OP[op], tuple(as_mask(i, ft) for i in ins))
+        elif op == "logical_not":  # the integer kernel is binary: not x = x xor True
+            new[t] = node_like(t, "logical_xor", (ins[0], t.graph.const(np.ones((), bool))), t.attrs)
         elif op == "where" and t.dtype in FLOAT_DTYPES:
-            c, x, y = t.inputs
+            c, x, y = ins
             if not _is_mask_cast(c) and not any(_fusible(u) for u in (x, y) + tuple(readers.get(t, ()))):
                 # nothing to fuse with and the condition is bytes already: the select instruction reads
                 # them directly, one pass instead of a cast and a VM pass (4M float32: ~5 vs ~12 ms)
-                t.op = "where_select"
-                changed = True
-                continue
-            t.op, t.inputs = "where_mask", (as_mask(c, t.dtype), x, y)
-            changed = True
-        elif op == "cast" and t.dtype in FLOAT_DTYPES and _is_mask_cast(t.inputs[0]) \
-                and t.inputs[0].inputs[0].dtype == t.dtype:
-            t.op, t.inputs, t.attrs = "identity", (t.inputs[0].inputs[0],), {}  # cast(cast(mask, bool), f)
-            changed = True
-    return changed
+                new[t] = node_like(t, "where_select", ins, t.attrs)
+            else:
+                new[t] = node_like(t, "where_mask", (as_mask(c, t.dtype), x, y), t.attrs)
+        elif op == "cast" and t.dtype in FLOAT_DTYPES and _is_mask_cast(ins[0]) \
+                and ins[0].inputs[0].dtype == t.dtype:
+            new[t] = node_like(t, "identity", (ins[0].inputs[0],), {})  # cast(cast(mask, bool), f)
+        elif ins != t.inputs:
+            new[t] = node_like(t, op, ins, t.attrs)
+    return new

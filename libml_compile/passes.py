@@ -4,8 +4,10 @@ Order (``lower.lower_entry``): simplify (constant folding, algebraic identities,
 absorb transposes into GEMM flags → epilogue / SGD / Adam rewrites → order in-place writers after the
 readers of what they overwrite → fuse (split to the runtime's limits) → schedule.  Passes work on a private
 clone of the user's graph.  simplify runs once, on the joint graph of every entry, before any entry is
-lowered (it rewrites inputs in place); the per-entry rewrites after it build new nodes (``Rewrite``: path
-copying), so entries never see each other's fusions and may be lowered in any order.
+lowered; the per-entry rewrites after it work on that result.  No pass edits a node: every rewrite builds
+new nodes (path copying: simplify's rounds, ``ops_logic.lower_logic``, ``Rewrite``, the copies of
+``order_inplace_writers``) and returns the new roots or an {old: new} map, so entries never see each other's
+fusions and may be lowered in any order.
 """
 from __future__ import annotations
 
@@ -113,127 +115,160 @@ def _is_scalar_const(t, value=None):
     return value is None or float(t.value.reshape(-1)[0]) == value
 
 
+def node_like(t, op, inputs, attrs, value=None):
+    """A new node standing for ``t`` in a rewritten graph: ``op(inputs)`` with ``t``'s graph, name, shape,
+    dtype and id; ``t`` is left as it is.  It takes no new id, so the auto names of nodes built later are
+    the ones they had when passes edited nodes in place (plans stay byte-identical)."""
+    n = Tensor.__new__(Tensor)
+    n.graph, n.op, n.inputs, n.attrs, n.value = t.graph, op, tuple(inputs), attrs, value
+    n.shape, n.dtype, n.name, n.id, n.auto_name = t.shape, t.dtype, t.name, t.id, t.auto_name
+    return n
+
+
 def simplify(roots, max_rounds=4):
     """Constant folding, algebraic identities, CSE and DCE. Returns ``(live nodes in topological order,
-    replacement map)``.
+    {node: its new version})``.
 
-    Rewrites are expressed as a replacement map applied to every consumer's inputs, so ``roots`` keep
-    their identity unless they are replaced (then the caller reads ``rep``).  A rewrite can build new
-    nodes (sign and scale pushing) that the same round does not visit, so rounds repeat until one
-    rewrites nothing (W4 needs two)."""
+    Rewrites build new nodes, never edit one (path copying): a round gives every node it replaces, folds or
+    rewires a new version, which every reader of the node reads, and the nodes it leaves alone (with all
+    their inputs) are shared with the graph it read.  The map covers every node of the graph read that
+    changed (callers look their roots and outputs up in it).  A rewrite can build new nodes (sign and
+    scale pushing) that the same round does not visit, so rounds repeat until one rewrites nothing (W4
+    needs two)."""
     rep: dict[Tensor, Tensor] = {}
     nodes = None
     for _ in range(max_rounds):
         # a round ends with the topological order of its live roots: the next round starts from it
         nodes, step_rep, changed = _simplify_round(roots, nodes)
+        # compose with the earlier rounds: every key maps to its latest version
+        rep = {t: step_rep.get(s, s) for t, s in rep.items()} if rep else {}
         rep.update(step_rep)
-        roots = [_resolve(step_rep, t) for t in roots]
+        roots = [step_rep.get(t, t) for t in roots]
         if not changed:
             break
-    # compose chains across rounds: every key maps to its final replacement
-    return nodes, {t: _resolve(rep, s) for t, s in rep.items()}
-
-
-def _resolve(rep, t):
-    while t in rep:
-        t = rep[t]
-    return t
+    return nodes, rep
 
 
 def _simplify_round(roots, nodes=None):
-    """One rewriting round; ``nodes``: the topological order of ``roots`` if known."""
+    """One rewriting round; ``nodes``: the topological order of ``roots`` if known.  Returns (the live
+    nodes, {node of the round: what its readers read now}, whether a rewrite built a node not visited).
+
+    Two maps: ``ver[t]`` is t's new version (t reading its inputs' new versions, or the constant t folds
+    to); ``cur[t]`` is what t's readers read: t's replacement if a rule or CSE replaced it, else its
+    version.  The scale-pushing tests look at a reader through ``ver``, its inputs too (a reader not
+    visited yet still reads the old nodes)."""
     if nodes is None:
         nodes = topo_from_roots(roots)
     changed = False
-    rep: dict[Tensor, Tensor] = {}
+    cur: dict[Tensor, Tensor] = {}
+    ver: dict[Tensor, Tensor] = {}
     cse: dict = {}
-    folded: dict[Tensor, list] = {}  # node with several outputs -> the values of all of them
+    folded: dict[Tensor, list] = {}  # folded node with several outputs (its const) -> the values of all of them
     # readers of each node, roots included (as None): scale pushing moves a factor off a node only when
     # every reader takes it over, otherwise the scaled node stays alive and the rewrite adds an op
     readers = consumer_map(nodes)
     for t in roots:
         readers.setdefault(t, []).append(None)
-    visited = set(nodes)
-
-    def r(t):
-        return _resolve(rep, t)
+    visited = set(nodes)  # and every version: a replacement not in it is a new node
 
     for t in nodes:
-        t.inputs = tuple(r(i) for i in t.inputs)
-        if t.op in LEAVES:
-            if t.op == "const" and t.value.size <= 64:
+        op = t.op
+        if op in LEAVES:
+            if op == "const" and t.value.size <= 64:
                 key = ("const", t.dtype, t.shape, t.value.tobytes())
                 if key in cse:
-                    rep[t] = cse[key]
+                    cur[t] = cse[key]
                 else:
                     cse[key] = t
             continue
-        d = REGISTRY[t.op]
-        if t.op in ("add", "sub", "mul", "div"):
-            _drop_redundant_broadcasts(t)
+        ins = tuple([cur.get(i, i) for i in t.inputs])
+        d = REGISTRY[op]
+        if op in ("add", "sub", "mul", "div"):
+            ins = _drop_redundant_broadcasts(op, t.shape, ins)
         # constant folding with the op's NumPy reference (compile time only); a node with several outputs
         # folds all of them at once (its projections, visited after it, take theirs from ``folded``)
-        if t.op == "output" and t.inputs[0] in folded:
-            _make_const(t, folded[t.inputs[0]][t.attrs["index"]])
+        if op == "output" and ins[0] in folded:
+            cur[t] = ver[t] = _const_like(t, folded[ins[0]][t.attrs["index"]])
             continue
-        if d.ref is not None and d.kind != "opt" and t.inputs and all(i.op == "const" for i in t.inputs):
-            if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in t.inputs), 1):
-                vals = ref_outputs(t, [i.value for i in t.inputs])
+        if d.ref is not None and d.kind != "opt" and ins and all(i.op == "const" for i in ins):
+            if t.size <= FOLD_MAX_GROWTH * max(max(i.size for i in ins), 1):
+                u = t if ins == t.inputs else node_like(t, op, ins, t.attrs)
+                vals = ref_outputs(u, [i.value for i in ins])
+                c = cur[t] = ver[t] = _const_like(t, vals[0])
                 if len(vals) > 1:
-                    folded[t] = vals
-                _make_const(t, vals[0])
+                    folded[c] = vals
                 continue
-        s = _algebraic(t, readers)
+        if op == "reshape" and ins[0].shape != t.shape and ins[0].op == "reshape":
+            ins = (ins[0].inputs[0],)  # collapse the chain (_algebraic then drops a reshape back to x's shape)
+        u = t
+        if ins != t.inputs:
+            u = cur[t] = ver[t] = node_like(t, op, ins, t.attrs)
+            visited.add(u)
+            if t in readers:
+                readers[u] = readers[t]
+        s = _algebraic(u, readers, ver)
         if s is not None and s.shape == t.shape and s.dtype == t.dtype:
-            rep[t] = s
-            readers[s] = readers.get(t, [])
+            cur[t] = s
+            readers[s] = readers.get(u, [])
             changed = changed or (s.op not in LEAVES and s not in visited)  # a new node: not visited yet
             continue
-        key = (t.op, tuple(id(i) for i in t.inputs), _attr_key(t.attrs))
+        key = (op, tuple([id(i) for i in ins]), _attr_key(t.attrs))
         if d.kind != "opt" and key in cse:
-            rep[t] = cse[key]
+            cur[t] = cse[key]
         else:
-            cse[key] = t
-    live_roots = [r(x) for x in roots]
-    return topo_from_roots(live_roots), rep, changed
+            cse[key] = u
+    live_roots = [cur.get(x, x) for x in roots]
+    return topo_from_roots(live_roots), cur, changed
 
 
-def _make_const(t, val):
-    """Turn node ``t`` into the constant ``val`` in place (simplify owns the joint graph it folds)."""
+def _const_like(t, val):
+    """The constant ``val`` standing for node ``t`` (its name, shape and dtype): what ``t`` folds to."""
     val = np.array(val, dtype=t.dtype, order="C").reshape(t.shape)
     val.flags.writeable = False
-    t.op, t.inputs, t.attrs, t.value = "const", (), {}, val
+    return node_like(t, "const", (), {}, val)
 
 
-def _drop_redundant_broadcasts(t):
+def _drop_redundant_broadcasts(op, shape, ins):
     """add(broadcast_to(x, S), y) -> add(x, y) when broadcasting x with y already gives S: the fused
-    kernel broadcasts with zero strides for free (and a broadcast scalar becomes an immediate)."""
-    ins = list(t.inputs)
+    kernel broadcasts with zero strides for free (and a broadcast scalar becomes an immediate).  Returns
+    the inputs of the node ``op`` of ``shape`` reading ``ins``."""
+    if ins[0].op != "broadcast_to" and ins[1].op != "broadcast_to":
+        return ins
+    ins = list(ins)
     for k in (0, 1):
         x, other = ins[k], ins[1 - k]
         if x.op == "broadcast_to":
             inner = x.inputs[0]
-            if broadcast_shapes(t.op, inner.shape, other.shape) == t.shape:
+            if broadcast_shapes(op, inner.shape, other.shape) == shape:
                 ins[k] = inner
-    t.inputs = tuple(ins)
+    return tuple(ins)
 
 
-def _takes_scale(c, t):
-    """Whether reader ``c`` of ``t`` absorbs a constant factor of ``t`` under the scale-pushing rules."""
+def _takes_scale(c, t, ver):
+    """Whether reader ``c`` of ``t`` absorbs a constant factor of ``t`` under the scale-pushing rules
+    (``c`` as its version ``ver`` gives, reading its inputs' versions)."""
     if c is None:
         return False
-    if c.op == "sum":
+    c = ver.get(c, c)
+    op = c.op
+    if op == "sum":
         return True
-    if c.op == "mul":
-        return not any(_is_scalar_const(i) for i in c.inputs)
-    return c.op == "div" and c.inputs[0] is t and c.inputs[1] is not t
+    if op == "mul":
+        for i in c.inputs:
+            if _is_scalar_const(ver.get(i, i)):
+                return False
+        return True
+    if op != "div":
+        return False
+    a, b = c.inputs
+    return ver.get(a, a) is t and ver.get(b, b) is not t
 
 
-def _scaled(t, readers):
+def _scaled(t, readers, ver):
     """(x, k) if ``t`` is x * k for a float scalar constant k, x of t's shape, and every reader of ``t``
     can take the factor over."""
     rd = readers.get(t)
-    if t.op != "mul" or t.dtype not in FLOAT_DTYPES or not rd or not all(_takes_scale(c, t) for c in rd):
+    if t.op != "mul" or t.dtype not in FLOAT_DTYPES or not rd or not all(_takes_scale(c, t, ver) for c in rd):
         return None
     for x, k in (t.inputs, t.inputs[::-1]):
         if _is_scalar_const(k) and not _is_scalar_const(x) and x.shape == t.shape:
@@ -241,9 +276,15 @@ def _scaled(t, readers):
     return None
 
 
-def _algebraic(t, readers):
-    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(reshape(x)), neg(neg(x)), sign and scale pushing
-    -> simpler node or None."""
+def _only_reader(rd, t, ver):
+    """Whether the readers ``rd`` of a node are just the node being rewritten, ``t`` (a version)."""
+    return rd is not None and len(rd) == 1 and rd[0] is not None and ver.get(rd[0], rd[0]) is t
+
+
+def _algebraic(t, readers, ver):
+    """x*1, 1*x, x+0, x-0, x/1, identity(x), reshape(x) of x's shape, neg(neg(x)), sign and scale pushing
+    -> simpler node or None (a new one, or a node of the graph).  ``readers``/``ver``: see _simplify_round
+    (reshape chains are collapsed there, as the node's new inputs)."""
     from .ops import add, div, make, mul, neg, sub
     a = t.inputs[0] if t.inputs else None
     b = t.inputs[1] if len(t.inputs) > 1 else None
@@ -280,7 +321,7 @@ def _algebraic(t, readers):
     # factor travels to the reduction that ends the chain and costs nothing there.
     if t.dtype in FLOAT_DTYPES and t.op in ("mul", "div", "sum"):
         if t.op == "sum":
-            xk = _scaled(a, readers)
+            xk = _scaled(a, readers, ver)
             if xk is not None:
                 return make("sum", (xk[0],), dict(t.attrs, scale=t.attrs["scale"] * float(xk[1].value.reshape(-1)[0])))
             return None
@@ -288,19 +329,16 @@ def _algebraic(t, readers):
             p, y = t.inputs[k_side], t.inputs[1 - k_side]
             if _is_scalar_const(y):
                 continue
-            xk = _scaled(p, readers)
+            xk = _scaled(p, readers, ver)
             if xk is not None:
                 x, k = xk
                 return mul(mul(x, y) if t.op == "mul" else div(x, y), k)
-            if (t.op == "mul" and p.op == "div" and readers.get(p) == [t] and _is_scalar_const(p.inputs[0])
+            if (t.op == "mul" and p.op == "div" and _only_reader(readers.get(p), t, ver)
+                    and _is_scalar_const(p.inputs[0])
                     and p.inputs[1].shape == p.shape):
                 return mul(div(y, p.inputs[1]), p.inputs[0])
-    if t.op == "reshape":
-        if a.shape == t.shape:
-            return a
-        if a.op == "reshape":
-            t.inputs = (a.inputs[0],)  # collapse the chain in place
-            return a.inputs[0] if a.inputs[0].shape == t.shape else None
+    if t.op == "reshape" and a.shape == t.shape:
+        return a
     if t.op == "broadcast_to" and a.shape == t.shape:
         return a
     return None
@@ -520,20 +558,23 @@ def order_inplace_writers(roots):
     """The general rule for in-place updates: a node that overwrites a tensor (a param, by an SGD/Adam
     update or an SGD-folded GEMM) runs only after every other node that reads the old value, readers the
     passes created included (other folded GEMMs, epilogue nodes, fused copies).  Run on the final graph,
-    right before fusion and scheduling.  Returns the node list in topological order.
+    right before fusion and scheduling.  Returns ``(nodes in topological order, {node: its new version},
+    {writer: the nodes it runs after})``; ``schedule`` takes the last.
 
-    Sets ``attrs['inplace_after']`` of every writer W to the computing nodes (views resolved) that read a
-    tensor W overwrites.  A writer that itself reads a tensor written by another writer W' (``A@B`` with
-    both params folded: each GEMM reads the other's param) is ordered before W' unless that closes a
-    cycle among writers; then, and whenever a writer reads a tensor it overwrites itself in another slot
+    Every writer W runs after the computing nodes (views resolved) that read a tensor W overwrites.  The
+    constraints are returned, not stored in the writers' attrs: writers are shared by the entries lowered
+    from one joint graph, and nodes are never edited.  A writer that itself reads a tensor written by
+    another writer W' (``A@B`` with both params folded: each GEMM reads the other's param) is ordered
+    before W' unless that closes a cycle among writers; then, and whenever a writer reads a tensor it overwrites itself in another slot
     (the kernels write while they read), the operand is replaced by a copy (``identity``) taken before
-    any write.  The copy costs what the gradient buffer of an unfolded GEMM would have.
+    any write.  The copy costs what the gradient buffer of an unfolded GEMM would have; the writer reading
+    it is a new node (path copying, as every node downstream of it).
     """
     from .ops import make
     nodes = topo_from_roots(roots)
     writers = [t for t in nodes if inplace_targets(t)]
     if not writers:
-        return nodes
+        return nodes, {}, {}
     written = {}  # base tensor -> writer
     for w in writers:
         for k in inplace_targets(w):
@@ -551,7 +592,7 @@ def order_inplace_writers(roots):
                 stack.extend(succ[u])
         return False
 
-    copies = {}
+    copies, new_ins = {}, {}
     for w in writers:
         own = set(inplace_targets(w))
         ins = list(w.inputs)
@@ -568,9 +609,16 @@ def order_inplace_writers(roots):
                 copies[x] = make("identity", (x,), {})
             ins[k] = copies[x]
         if copies:
-            w.inputs = tuple(ins)
+            new_ins[w] = tuple(ins)
+    m = {}
     if copies:
-        nodes = topo_from_roots(roots)
+        for t in nodes:
+            ins = tuple([m.get(i, i) for i in new_ins.get(t, t.inputs)])
+            if ins != t.inputs:
+                m[t] = node_like(t, t.op, ins, t.attrs)
+        nodes = topo_from_roots([m.get(r, r) for r in roots])
+        writers = [m.get(w, w) for w in writers]
+        written = {b: m.get(w, w) for b, w in written.items()}
     readers = {}
     for t in nodes:
         if t.op in LEAVES or t.op == "reshape":
@@ -579,9 +627,7 @@ def order_inplace_writers(roots):
             b = _view_base(i)
             if b in written and written[b] is not t:
                 readers.setdefault(written[b], {})[t] = None
-    for w in writers:
-        w.attrs = dict(w.attrs, inplace_after=tuple(readers.get(w, ())))
-    return nodes
+    return nodes, m, {w: tuple(readers.get(w, ())) for w in writers}
 
 
 def fuse_relu_backward(nodes, roots):
@@ -834,8 +880,11 @@ def _group_inputs_after(g, t, group_of, extra=()):
     return len(ext)
 
 
-def schedule(nodes, group_of):
+def schedule(nodes, group_of, inplace_after=None):
     """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
+
+    inplace_after: {writer: nodes it must run after} (``order_inplace_writers``), besides every node's
+    inputs and ``attrs['after']``.
 
     Views (reshape) and leaves make no instruction.  Kahn's algorithm over the instruction DAG, ties
     broken by source order, so the schedule follows the program as written where it can."""
@@ -863,11 +912,12 @@ def schedule(nodes, group_of):
         if t in unit_of:
             acc.add(unit_of[t])
 
+    inplace_after = inplace_after or {}
     preds = [set() for _ in units]
     for k, (kind, x) in enumerate(units):
         members = x.members if kind == "ew" else [x]
         for m in members:
-            for i in m.inputs + tuple(m.attrs.get("after", ())) + tuple(m.attrs.get("inplace_after", ())):
+            for i in m.inputs + tuple(m.attrs.get("after", ())) + inplace_after.get(m, ()):
                 producer_units(i, preds[k])
         preds[k].discard(k)
     succs = [[] for _ in units]
