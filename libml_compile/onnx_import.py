@@ -22,6 +22,7 @@ same model back with updated initializers.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -57,6 +58,7 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Expand": ("op_expand", ("broadcast_to",), True),
     "GatherND": ("op_gather_nd", ("reshape", "gather"), True),
     "GatherElements": ("op_gather_elements", ("reshape", "gather"), True),
+    "CastLike": ("op_cast_like", ("cast",), True),
 }
 
 
@@ -128,6 +130,14 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 
 class ONNXImportError(ValueError):
     """The ONNX model cannot be read or translated (the message names the file, node or input)."""
+
+
+class TiedParamsWarning(UserWarning):
+    """One initializer of an imported model feeds several weight slots: training updates them together."""
+
+
+class FoldedWeightsWarning(UserWarning):
+    """Params of an imported model look like exporter-computed copies of weights (folded constants)."""
 
 
 class UnsupportedOperatorError(ONNXImportError):
@@ -388,6 +398,91 @@ def _constant_values(m) -> set:
     return const
 
 
+#: (op type, input index) slots whose operand is a shape, bounds, axes or indices: a float initializer that
+#: reaches a live node only through these is configuration, never a weight
+_CONFIG_SLOTS = {("Reshape", 1), ("Expand", 1), ("Split", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Tile", 1),
+                 ("Pad", 1), ("Pad", 2), ("Pad", 3), ("ConstantOfShape", 0), ("Gather", 1), ("GatherND", 1),
+                 ("GatherElements", 1), ("TopK", 1), ("OneHot", 1), ("Resize", 1), ("Resize", 2), ("Resize", 3),
+                 ("Clip", 1), ("Clip", 2)} | {("Slice", i) for i in range(1, 5)} | {("Range", i) for i in range(3)}
+_CONFIG_SLOTS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                                     "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")}
+
+
+def classify_initializers(m) -> Dict[str, Tuple[str, str]]:
+    """Float initializers of ``m`` -> ``("param" | "constant", why)``: what an exporter's initializer is.
+
+    Exporters store weights and also constants as initializers (attention scales, GELU's 0.5 and 1/sqrt(2),
+    mask fill values, Clip bounds: the dynamo exporter does).  Training a constant silently changes the
+    model (an attention temperature drifts), so an initializer is a *param* only when it is a tensor
+    (more than one element) that reaches a live node in a data slot, directly or through
+    constant-only nodes (a pre-transposed weight copy is still a weight); scalars, and tensors that only
+    reach shape / bounds / axes / index / clip-bound slots, are *constants*.  ``import_onnx``'s ``params``
+    and ``constants`` override the decision by name or glob pattern."""
+    from onnx import TensorProto
+    floats = {t.name: t for t in m.graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.DOUBLE)}
+    const = _constant_values(m) | set(floats)  # values computed from constants and float initializers only
+    for node in m.graph.node:
+        if all(i in const for i in node.input if i):
+            const.update(o for o in node.output if o)
+    readers: Dict[str, list] = {}
+    for node in m.graph.node:
+        for k, i in enumerate(node.input):
+            if i:
+                readers.setdefault(i, []).append((node, k))
+    out = {}
+    for name, t in floats.items():
+        if math.prod(t.dims) <= 1:
+            out[name] = ("constant", "a scalar (scale, epsilon, fill value or bound)")
+            continue
+        seen, stack, data_slot, config_slot = {name}, [name], None, None
+        while stack and data_slot is None:
+            for node, k in readers.get(stack.pop(), ()):
+                if all(i in const for i in node.input if i):  # constant-only: follow its outputs
+                    for o in node.output:
+                        if o and o not in seen:
+                            seen.add(o)
+                            stack.append(o)
+                elif (node.op_type, k) in _CONFIG_SLOTS:
+                    config_slot = config_slot or f"{node.op_type} input {k}"
+                else:
+                    data_slot = f"{node.op_type} input {k} (node {node.name or node.output[0]!r})"
+                    break
+        if data_slot is not None:
+            out[name] = ("param", f"a weight: {data_slot}")
+        elif any(vi.name in seen for vi in m.graph.output):
+            out[name] = ("constant", "reaches a graph output only through constant computation")
+        else:
+            out[name] = ("constant", f"only configures {config_slot}" if config_slot else "reaches no live node")
+    return out
+
+
+def tied_initializers(m) -> Dict[str, list]:
+    """Param initializers feeding several weight slots of different nodes (the dynamo exporter's default
+    optimisation merges equal-valued tensors: every all-ones LayerNorm scale becomes one tensor), as
+    ``{name: [node names]}``: training them ties what were separate params."""
+    roles = classify_initializers(m)
+    uses: Dict[str, list] = {}
+    for node in m.graph.node:
+        for k, i in enumerate(node.input):
+            if roles.get(i, ("",))[0] == "param" and (node.op_type, k) not in _CONFIG_SLOTS:
+                uses.setdefault(i, []).append(node.name or node.output[0])
+    return {n: v for n, v in uses.items() if len(v) > 1}
+
+
+def folded_initializers(m) -> list:
+    """Param initializers that look like copies the exporter computed from a weight (a pre-transposed Linear
+    weight, an embedding table pre-gathered at constant positions): in a PyTorch export whose other params
+    carry module paths (``encoder.layer.0.dense.weight``), the ones with generated names (``val_56``,
+    ``embedding_2``).  A heuristic: training such a copy does not train the module's weight, and a folded
+    slice has lost the rest of its table."""
+    if not (m.producer_name or "").startswith("pytorch"):
+        return []
+    params = [k for k, (r, _) in classify_initializers(m).items() if r == "param"]
+    if not any("." in k for k in params):
+        return []
+    return [k for k in params if "." not in k]
+
+
 def check_supported(m, source: Optional[str] = None) -> int:
     """Check opset, operators and dtypes of a model before any other work. Returns the default opset."""
     onnx = _onnx()
@@ -617,16 +712,17 @@ class _Importer:
         for vi in data_inputs:
             dt = _dtype_of_elem(vi.type.tensor_type.elem_type)
             self.env[vi.name] = g.input(vi.name, input_shapes[vi.name], dtype=dt)
-        self.param_names = []
+        self.param_names, self.constant_names = [], []
         for init in self.m.graph.initializer:
             if init.name in self.env:
                 continue  # a data input shadowing nothing; impossible after filtering
             arr = numpy_helper.to_array(init)
-            if np.issubdtype(arr.dtype, np.floating):
-                if init.name in used:
-                    self.env[init.name] = g.param(init.name, np.array(arr, copy=True))
-                    self.param_names.append(init.name)
+            if np.issubdtype(arr.dtype, np.floating) and init.name in used and self.roles[init.name] == "param":
+                self.env[init.name] = g.param(init.name, np.array(arr, copy=True))
+                self.param_names.append(init.name)
             else:
+                if np.issubdtype(arr.dtype, np.floating) and init.name in used:
+                    self.constant_names.append(init.name)
                 self.env[init.name] = np.array(arr, copy=True)
         for node in self.m.graph.node:
             outs = self.convert(node)
@@ -1071,6 +1167,16 @@ class _Importer:
         y = lc.gather(rows, flat.reshape(-1), axis=0, name=self.fresh(node.output[0]))
         return lc.reshape(y, out_shape, name=node.output[0])
 
+    def op_cast_like(self, node, at):
+        """CastLike (opset 15): Cast to the dtype of input 1 (the dynamo exporter's unoptimised output)."""
+        x, like = self.get(node, 0), self.get(node, 1)
+        dt = self.dtype(like)
+        if self.dtype(x) == dt:
+            return x
+        if self.is_const(x):
+            return np.asarray(x).astype(dt)
+        return self.lc.cast(x, dt, name=node.output[0])
+
     def op_gather_elements(self, node, at):
         """GatherElements (np.take_along_axis, negative indices from the end).  Constant indices on a live
         tensor: one Gather of flat indices into the flattened data (gradient: its scatter-add)."""
@@ -1403,8 +1509,22 @@ _Importer.reduce_family = _reduce_family
 _Importer._arg_node = _arg_node
 
 
+def _matches(name: str, patterns) -> bool:
+    import fnmatch
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _patterns(v, what: str) -> list:
+    if v is None:
+        return []
+    v = [v] if isinstance(v, str) else list(v)
+    if not all(isinstance(p, str) for p in v):
+        raise TypeError(f"import_onnx: {what} must be names or glob patterns (strings), got {v!r}"[:300])
+    return v
+
+
 def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[str, Any]] = None,
-                base_dir: Optional[Union[str, os.PathLike]] = None):
+                base_dir: Optional[Union[str, os.PathLike]] = None, params=None, constants=None):
     """Import an ONNX model (path, bytes or ``onnx.ModelProto``) into a new :class:`libml_compile.Graph`.
 
     ``shapes`` binds symbolic dimensions: ``{"input": (32, 64)}`` (full shape of an input) or
@@ -1413,6 +1533,12 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
     other work) and :class:`ONNXImportError` for unreadable files, data-dependent shapes and bad shapes.
     ``base_dir``: the only folder external data is read from (default: the model file's folder; for bytes
     or a ModelProto with external data it is required).  See :func:`load_model`.
+
+    Float initializers become trainable params or constants by how the model uses them
+    (:func:`classify_initializers`: weights, biases, norm scales and embedding tables are params; scalars
+    such as attention scales, GELU's constants and mask fill values are constants, never trained).
+    ``params`` / ``constants``: names or glob patterns (``"encoder.layer.1.*"``) forcing initializers to
+    be params / constants; a pattern that matches no float initializer is an error.
     """
     onnx = _onnx()
     import libml_compile as lc
@@ -1449,10 +1575,41 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
     used.update(vi.name for vi in work.graph.output)
     name = work.graph.name or (os.path.splitext(os.path.basename(source))[0] if source else "onnx_model")
     imp = _Importer(lc, work, opset, source, name)
+    force_p, force_c = _patterns(params, "params"), _patterns(constants, "constants")
+    roles = {k: r for k, (r, _) in classify_initializers(work).items()}
+    for pats, what in ((force_p, "params"), (force_c, "constants")):
+        for p in pats:
+            if not any(_matches(k, [p]) for k in roles):
+                raise ValueError(f"import_onnx: {what} pattern {p!r} matches no float initializer of the model "
+                                 f"(they are {sorted(roles)[:20]}{' ...' if len(roles) > 20 else ''})")
+    both = sorted(k for k in roles if _matches(k, force_p) and _matches(k, force_c))
+    if both:
+        raise ValueError(f"import_onnx: initializers {both[:10]} match both params and constants patterns")
+    imp.roles = {k: "param" if _matches(k, force_p) else "constant" if _matches(k, force_c) else r
+                 for k, r in roles.items()}
     g = imp.build(input_shapes, [vi for vi in work.graph.input if vi.name not in init_names], used)
     g.meta["onnx_model"] = m
     g.meta["onnx_opset"] = opset
     g.meta["onnx_source"] = source
     g.meta["onnx_input_shapes"] = dict(input_shapes)
     g.meta["onnx_params"] = list(imp.param_names)
+    g.meta["onnx_constants"] = list(imp.constant_names)  # float initializers kept constant (not trained)
+    tied = tied_initializers(work)
+    if tied:
+        import warnings
+        desc = "; ".join(f"{k!r} feeds {len(v)} nodes ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                         for k, v in list(tied.items())[:5])
+        warnings.warn(f"import_onnx: {len(tied)} initializer(s) feed several weight slots, so training ties "
+                      f"them: {desc}.  The dynamo exporter merges equal-valued initializers by default; export "
+                      f"with optimize=False (or the TorchScript exporter, dynamo=False) to keep every parameter",
+                      TiedParamsWarning, stacklevel=2)
+    folded = folded_initializers(work)
+    if folded:
+        import warnings
+        warnings.warn(f"import_onnx: {len(folded)} param initializer(s) look like copies the exporter computed "
+                      f"from weights (generated names: {', '.join(folded[:6])}{', ...' if len(folded) > 6 else ''}): "
+                      f"a pre-transposed or pre-gathered copy trains, but it is not the module's weight and a "
+                      f"pre-gathered embedding slice has lost the rest of its table.  Export with "
+                      f"torch.onnx.export(..., dynamo=True, optimize=False) or dynamo=False to keep every "
+                      f"parameter as it is in the module", FoldedWeightsWarning, stacklevel=2)
     return g

@@ -156,7 +156,8 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     """Compile ``g`` into a Program.
 
     loss: a floating scalar tensor of ``g`` (None: forward-only program). optimizer: ``SGD``/``Adam``
-    (needs a loss). trainable: param names to train (None: all); no gradient work is done for the rest.
+    (needs a loss). trainable: param names or glob patterns (``"encoder.layer.1.*"``) to train (None: all);
+    no gradient work is done for the rest.
     num_threads: OpenMP and BLAS threads (default: OMP_NUM_THREADS or the machine's cores).
     check_finite: also build checked entries that stop at the first op producing NaN/Inf.
     fuse: False disables fusion (one instruction per op; for testing and debugging).
@@ -200,11 +201,23 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     else:
         if isinstance(trainable, str):
             trainable = [trainable]
-        train_names = list(trainable)
-        for n in train_names:
-            if n not in g.params:
+        import fnmatch
+        train_names, chosen = [], set()
+        for n in trainable:
+            if n in g.params:
+                hits = [n]
+            elif isinstance(n, str) and any(c in n for c in "*?["):  # a glob pattern: "encoder.layer.1.*"
+                hits = [p for p in g.params if fnmatch.fnmatchcase(p, n)]
+                if not hits:
+                    raise ValueError(f"compile: trainable pattern {n!r} matches no param of graph {g.name!r}; "
+                                     f"params are {sorted(g.params)[:30]}")
+            else:
                 raise ValueError(f"compile: trainable param {n!r} is not a param of graph {g.name!r}; "
-                                 f"params are {sorted(g.params)}")
+                                 f"params are {sorted(g.params)[:30]}")
+            for h in hits:
+                if h not in chosen:
+                    chosen.add(h)
+                    train_names.append(h)
     if not g.outputs and loss is None:
         raise ValueError(f"compile: graph {g.name!r} has no outputs and no loss: nothing to compute")
 
