@@ -69,11 +69,18 @@ def model_info(model) -> Dict[str, Any]:
     m, source = load_model(model)
     inits = {t.name: t for t in m.graph.initializer}
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}" for n in m.graph.node)
-    params, consts = [], []
+    from .onnx_import import classify_initializers, folded_initializers, tied_initializers
+    roles = classify_initializers(m)
+    params, frozen, consts = [], [], []
     for t in m.graph.initializer:
         arr = numpy_helper.to_array(t)
-        (params if np.issubdtype(arr.dtype, np.floating) else consts).append(
-            (t.name, tuple(arr.shape), arr.dtype.name, int(arr.nbytes)))
+        rec = (t.name, tuple(arr.shape), arr.dtype.name, int(arr.nbytes))
+        if not np.issubdtype(arr.dtype, np.floating):
+            consts.append(rec)
+        elif roles.get(t.name, ("param",))[0] == "param":
+            params.append(rec)
+        else:
+            frozen.append(rec + (roles[t.name][1],))
     unsupported = sorted(op for op in ops if op not in SUPPORTED_OPS)
     no_grad_libml = _grad_less_libml_ops()
     emits = onnx_to_libml()  # ONNX op -> the libml ops its translation emits (registry + handlers)
@@ -105,6 +112,13 @@ def model_info(model) -> Dict[str, Any]:
         "param_count": int(sum(int(np.prod(p[1], dtype=np.int64)) for p in params)),
         "param_bytes": int(sum(p[3] for p in params)),
         "constants": consts,
+        # float initializers import_onnx keeps constant (scales, epsilons, fill values), with the reason
+        "frozen": frozen,
+        "tied_params": tied_initializers(m),
+        "folded_params": folded_initializers(m),
+        "batchnorm_training": [n.name or n.output[0] for n in m.graph.node if n.op_type == "BatchNormalization"
+                               and (len(n.output) > 1 and any(n.output[1:])
+                                    or any(a.name == "training_mode" and a.i for a in n.attribute))],
         "unsupported_ops": unsupported,
         "ops_without_gradient": lacking,
         "gradient_rules_known": no_grad_libml is not None,
@@ -129,9 +143,21 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append(f"  {n}: {dt} {_fmt_shape(s)}")
     lines.append(f"ops ({info['n_nodes']} nodes): " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     lines.append(f"params:   {len(info['params'])} tensors, {info['param_count']:,} values, "
-                 f"{info['param_bytes']:,} bytes (float initializers, trainable)")
+                 f"{info['param_bytes']:,} bytes (float initializers used as weights: trainable)")
     for n, s, dt, b in info["params"]:
         lines.append(f"  {n}: {dt} {_fmt_shape(s)}")
+    if info["frozen"]:
+        lines.append(f"frozen:   {len(info['frozen'])} float initializers, {sum(f[3] for f in info['frozen']):,} "
+                     f"bytes, imported as constants (import_onnx(params=[...]) trains them)")
+        for n, s, dt, b, why in info["frozen"]:
+            lines.append(f"  {n}: {dt} {_fmt_shape(s)}  ({why})")
+    for n, users in info["tied_params"].items():
+        lines.append(f"warning: {n!r} feeds {len(users)} weight slots ({', '.join(users[:3])}"
+                     f"{', ...' if len(users) > 3 else ''}): training ties them (dynamo's initializer merging)")
+    if info["folded_params"]:
+        lines.append("warning: params that look like exporter-computed weight copies: "
+                     + ", ".join(info["folded_params"][:8]) + ("..." if len(info["folded_params"]) > 8 else "")
+                     + " (export with dynamo=True, optimize=False or dynamo=False to keep the weights)")
     if info["constants"]:
         lines.append(f"constants: {len(info['constants'])} integer initializers "
                      f"({sum(c[3] for c in info['constants']):,} bytes)")
