@@ -309,12 +309,25 @@ def broadcast_shapes(op, *shapes):
     return tuple(out)
 
 
-def clone_graph(g: Graph, name=None):
-    """Copy ``g`` node by node (same names, shared leaf values). Returns (copy, {old: new})."""
+def clone_graph(g: Graph, name=None, rewrite=None):
+    """Copy ``g`` node by node (same names, shared leaf values). Returns (copy, {old: new}).
+
+    ``rewrite(t, m)``: called for each computing node before it is copied, with the map of the nodes
+    copied so far; a tensor it returns (built in the copy from ``m``'s values, same shape and dtype)
+    stands for ``t`` in the copy, under ``t``'s name (``patterns.recognize``: fused forms of op chains)."""
     out = Graph(name or g.name)
     out.meta = g.meta
     m: dict[Tensor, Tensor] = {}
     for t in g.nodes:
+        r = rewrite(t, m) if rewrite is not None and t.inputs else None
+        if r is not None:
+            if r.shape != t.shape or r.dtype != t.dtype:
+                raise AssertionError(f"clone_graph: rewrite of {t!r} gave {r!r} (compiler bug)")
+            del out._by_name[r.name]
+            r.name, r.auto_name = out._fresh_name(t.op, t.id) if t.name in out._by_name else t.name, t.auto_name
+            out._by_name[r.name] = r
+            m[t] = r
+            continue
         n = Tensor(out, t.op, tuple(m[i] for i in t.inputs), t.attrs, t.shape, t.dtype, t.name, t.value)
         n.auto_name = t.auto_name
         out._add(n)
