@@ -21,6 +21,9 @@ WORKLOADS = {
     "W5-b1": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1),
     "W5-b1024": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1024),
     "GEMM": dict(kind="gemm", n=GEMM_N),
+    # the transformer text classifier of ../shared/bench/workloads.md, trained from its reference export
+    # (W7.onnx, params intact) with AdamW lr 1e-3, weight decay 0.01
+    "W7": dict(kind="w7", batch=16, seq=64),
 }
 ORDER = list(WORKLOADS)
 ALIASES = {"W5": ["W5-b1", "W5-b1024"]}
@@ -36,6 +39,21 @@ SUPPORTS = {
     "ort": {"fwd"},
     "c_fused": {"w4"},  # a reference point, not a competitor: W4 hand-fused in C (w4_fused.c)
 }
+for _s in ("libml", "torch", "torch_compile"):
+    SUPPORTS[_s] = SUPPORTS[_s] | {"w7"}
+
+#: where the reference exports of W6-W8 live (W7.onnx, W7_ref.npz): $LIBML_BENCH_MODELS, else the
+#: workplace's shared folder next to the repository
+BENCH_MODELS = os.environ.get("LIBML_BENCH_MODELS") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "bench", "models")
+
+
+def w7_files():
+    """(W7.onnx path, the reference npz) or None when the files are not on this machine."""
+    onnx_path, ref = os.path.join(BENCH_MODELS, "W7.onnx"), os.path.join(BENCH_MODELS, "W7_ref.npz")
+    if not (os.path.exists(onnx_path) and os.path.exists(ref)):
+        return None
+    return onnx_path, np.load(ref)
 
 
 def expand_workloads(text):
@@ -67,6 +85,8 @@ def flops(wid):
         return 2.0 * weight_elements(s["layers"]) * s["batch"]
     if s["kind"] == "gemm":
         return 2.0 * s["n"] ** 3
+    if s["kind"] == "w7":
+        return 2617270272.0  # ../shared/bench/models/README.md: 3 x the forward's 872,423,424
     return None  # W4 is memory-bound; no FLOP figure
 
 
@@ -116,4 +136,10 @@ def data(wid):
         n = s["n"]
         return {"A": rng.standard_normal((n, n), dtype=np.float32),
                 "B": rng.standard_normal((n, n), dtype=np.float32)}
+    if s["kind"] == "w7":
+        files = w7_files()
+        if files is None:
+            return {}
+        ref = files[1]
+        return {"tokens": np.ascontiguousarray(ref["tokens"]), "labels": np.ascontiguousarray(ref["labels"])}
     raise KeyError(wid)

@@ -85,6 +85,31 @@ def _torch_model(torch, layers):
     return nn.Sequential(*mods)
 
 
+def _w7_torch(torch, ref):
+    """W7 as the eager PyTorch module it was exported from, with the reference initial weights."""
+    nn = torch.nn
+
+    class W7(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(1000, 128), nn.Embedding(64, 128)
+            self.layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=512, dropout=0.0, activation="gelu",
+                                           batch_first=True) for _ in range(2))
+            self.fc = nn.Linear(128, 2)
+
+        def forward(self, tokens):
+            h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
+            for layer in self.layers:
+                h = layer(h)
+            return self.fc(h.mean(dim=1))
+    m = W7()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(ref["init/" + n])))
+    return m
+
+
 def setup_torch(wid, spec, feeds, compiled=False):
     torch = _torch()
     F = torch.nn.functional
@@ -119,6 +144,27 @@ def setup_torch(wid, spec, feeds, compiled=False):
 
         def loss_fn(x, y):
             return lossf(model(x), y)
+    elif k == "w7":
+        files = common.w7_files()
+        if files is None:
+            raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
+        model = _w7_torch(torch, files[1])
+        params = list(model.parameters())
+        x, y = t["tokens"], t["labels"]
+
+        def loss_fn(x, y):
+            return F.cross_entropy(model(x), y)
+        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+        if compiled:
+            loss_fn = torch.compile(loss_fn)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            L = loss_fn(x, y)
+            L.backward()
+            opt.step()
+            return L.item()
+        return step, info
     elif k == "w4":
         a, b, c = (torch.nn.Parameter(torch.from_numpy(v.copy())) for v in common.w4_params())
         params = [a, b, c]
@@ -276,6 +322,18 @@ def setup_libml(wid, spec, feeds):
         prog = lc.compile(g, num_threads=THREADS)
         info["compile_s"] = time.perf_counter() - t0
         return (lambda: prog.run(feeds)["logits"]), info
+    if k == "w7":
+        files = common.w7_files()
+        if files is None:
+            raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
+        t0 = time.perf_counter()
+        g = lc.import_onnx(files[0])
+        logits = g.outputs[next(iter(g.outputs))]
+        labels = g.input("labels", (spec["batch"],), "int64")
+        prog = lc.compile(g, loss=lc.softmax_cross_entropy(logits, labels),
+                          optimizer=lc.Adam(1e-3, weight_decay=0.01), num_threads=THREADS)
+        info["compile_s"] = time.perf_counter() - t0  # import + compile
+        return (lambda: prog.step(feeds)), info
     if k == "gemm":
         n = spec["n"]
         g = lc.Graph("gemm")
