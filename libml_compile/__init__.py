@@ -1,8 +1,9 @@
 """libml_compile: declare a static graph, derive its backward graph, compile it for the libml runtime.
 
 Data path: ``ir`` (Graph, Tensor) → ``ops`` (registry: shape rules, gradient rules, kernel bindings)
-→ ``autodiff`` → ``optim`` → ``passes`` (simplify, fuse, schedule) → ``memory`` (arena planning)
-→ ``lower`` (flat plan) → ``libml_runtime`` (execution).
+→ ``autodiff`` → ``optim`` → ``passes`` (simplify, fuse, schedule) → ``lower`` (per-entry planning:
+scheduled instructions with their storage, via ``memory``: liveness, in-place reuse, arena placement)
+→ ``backend_cpu`` (the runtime's plan entries: int64 code, constant pool) → ``libml_runtime`` (execution).
 """
 from .ir import Graph, Tensor
 from .ops import (add, sub, mul, div, matmul, relu, sigmoid, softmax, sum, mean, neg, exp, log, identity,

@@ -23,7 +23,7 @@ DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
 #: derived names such as ``f"{param}/exp_avg_sq"`` add a few characters to a user's name)
 MAX_NAME = 4096
 #: optimizer state is stored next to the params under ``f"{param}/{slot}"`` and ``"adam/step"``
-#: (lower.py), so a param named like one of these would collide with another param's state
+#: (backend_cpu.py), so a param named like one of these would collide with another param's state
 RESERVED_SUFFIXES = ("/momentum", "/exp_avg", "/exp_avg_sq")
 RESERVED_NAMES = ("adam/step",)
 #: the plan validator's bound on a tensor's element count (plan.py: every size is < 2**40)

@@ -1,9 +1,10 @@
 """The operator registry: one entry per operator, holding its shape rule, NumPy reference, runtime kernel
 binding and gradient rule (written as graph ops, in the seed specification's terms).
 
-Adding an operator means adding one ``OpDef`` here (and, for a new kind of kernel, one lowering in
-``lower.py`` and one runtime kernel).  Elementwise ops name a register-VM opcode (``vm``) and are fused by
-``passes.fuse``; their gradients are ordinary graph ops, so the backward graph is fused too.
+Adding an operator means adding one ``OpDef`` here (and, for a new kind of kernel, an emitter, the
+``OpDef.emit`` hook or a case of ``backend_cpu._emit_op``, and one runtime kernel).  Elementwise ops name
+a register-VM opcode (``vm``) and are fused by ``passes.fuse``; their gradients are ordinary graph ops, so
+the backward graph is fused too.
 
 Gradient rules receive ``(node, g)`` — ``node`` is the forward tensor (its ``inputs`` are the operands and
 the node itself is the op's own result, which sigmoid and softmax reuse) and ``g`` the upstream gradient of
@@ -53,7 +54,7 @@ class OpDef:
     # an elementwise VM step whose other operands are a tensor of the GEMM result's shape or scalar consts
     epilogue: bool = False
     # the op's own instruction emitter, (emitter, node id, node, loc, output locations) -> profile summary
-    # (ops_norm.py); ops without one are emitted by lower._emit_op by kernel kind
+    # (ops_norm.py); ops without one are emitted by backend_cpu._emit_op by kernel kind
     emit: Optional[Callable] = None
 
 

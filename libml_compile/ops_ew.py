@@ -124,8 +124,8 @@ def unary(name, ref, vm, *, grad=None, grad_vm=None, grad_from="input", params=(
 
 def binary(name, ref, vm, grad, *, onnx=None, domain=(-3.0, 3.0), public=True, int_ok=False, doc=""):
     """Declare z = f(a, b) elementwise with NumPy broadcasting, float dtypes (and integer dtypes with
-    ``int_ok``: the integer kernel, lower._INT_OPS, implements the op); ``grad(n, g)`` -> (da, db) in the
-    output's shape (autodiff reduces broadcast operands)."""
+    ``int_ok``: the integer kernel, backend_cpu._INT_OPS, implements the op); ``grad(n, g)`` -> (da, db)
+    in the output's shape (autodiff reduces broadcast operands)."""
     def rule(inp, attrs):
         a, b = inp
         ok = FLOAT_DTYPES + (INT_DTYPES if int_ok else ())

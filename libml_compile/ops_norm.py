@@ -103,7 +103,7 @@ def _rows(x, axis):
 
 def _emit_layer_norm(em, nid, t, loc, outs):
     from libml_runtime import format as F
-    from .lower import _opnd
+    from .backend_cpu import operand_fields as _opnd
     x, scale, bias = t.inputs
     outer, n = _rows(x, t.attrs["axis"])
     em.emit("layer_norm", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "n": n,
@@ -116,7 +116,7 @@ def _emit_layer_norm(em, nid, t, loc, outs):
 
 def _emit_layer_norm_grad(em, nid, t, loc, outs):
     from libml_runtime import format as F
-    from .lower import _opnd
+    from .backend_cpu import operand_fields as _opnd
     x, scale, mean, rstd, dy = t.inputs
     outer, n = _rows(x, t.attrs["axis"])
     em.emit("layer_norm_grad", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "n": n,
