@@ -76,6 +76,25 @@ class _Bert(torch.nn.Module):
         return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+class _W7(torch.nn.Module):
+    """The benchmark workload W7 (../shared/bench/workloads.md): token + learned position embeddings, 2
+    GELU TransformerEncoderLayers (d_model 128, 4 heads, ff 512), mean over tokens, Linear 128 -> 2."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = torch.nn.Embedding(1000, 128), torch.nn.Embedding(64, 128)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d_model=128, nhead=4, dim_feedforward=512, dropout=0.0,
+                                             activation="gelu", batch_first=True) for _ in range(2))
+        self.fc = torch.nn.Linear(128, 2)
+
+    def forward(self, tokens):
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
+        for layer in self.layers:
+            h = layer(h)
+        return self.fc(h.mean(dim=1))
+
+
 def _inputs(name, rng):
     if name == "mlp":
         return {"x": rng.standard_normal((B, 12)).astype(np.float32)}
@@ -83,6 +102,8 @@ def _inputs(name, rng):
         return {"tokens": rng.integers(0, 1000, (B, 16)).astype(np.int64)}
     if name == "encoder":
         return {"x": rng.standard_normal((B, 16, 32)).astype(np.float32)}
+    if name == "w7":
+        return {"tokens": rng.integers(0, 1000, (16, 64)).astype(np.int64)}
     mask = np.ones((B, 16), np.int64)
     mask[::2, 11:] = 0  # padded sequences: the additive / Where attention mask matters
     # (ids from 1: BERT's embedding has padding_idx 0, whose row PyTorch never trains; an ONNX graph does
@@ -90,7 +111,8 @@ def _inputs(name, rng):
     return {"input_ids": rng.integers(1, 100, (B, 16)).astype(np.int64), "attention_mask": mask}
 
 
-MODELS = {"mlp": _Mlp, "text": _TextClassifier, "encoder": _Encoder, "bert": _Bert}
+MODELS = {"mlp": _Mlp, "text": _TextClassifier, "encoder": _Encoder, "bert": _Bert, "w7": _W7}
+N_CLASSES = {"w7": 2}
 
 
 def _export(mod, feeds, dynamo, optimize=False):
@@ -149,9 +171,9 @@ def test_gradients_match_pytorch_for_every_parameter(exported):
     name, mod, feeds, model = exported
     g = lc.import_onnx(model)
     names = _match_params(g, mod)
-    labels = np.arange(B) % 4
     y = g.outputs["y"]
-    lab = g.input("labels", (B,), "int64")
+    labels = np.arange(y.shape[0]) % N_CLASSES.get(name, 4)
+    lab = g.input("labels", labels.shape, "int64")
     loss = lc.softmax_cross_entropy(y, lab)
     grads = lc.compile(g, loss=loss).grad({**feeds, "labels": labels})
     tmod = copy.deepcopy(mod)
@@ -167,8 +189,8 @@ def test_five_sgd_steps_follow_torch_and_export_matches_onnxruntime(exported, tm
     name, mod, feeds, model = exported
     g = lc.import_onnx(model)
     names = _match_params(g, mod)
-    labels = np.arange(B) % 4
-    lab = g.input("labels", (B,), "int64")
+    labels = np.arange(g.outputs["y"].shape[0]) % N_CLASSES.get(name, 4)
+    lab = g.input("labels", labels.shape, "int64")
     loss = lc.softmax_cross_entropy(g.outputs["y"], lab)
     prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.05))
     tmod = copy.deepcopy(mod)
