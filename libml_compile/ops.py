@@ -21,6 +21,7 @@ any output through ``output(node, k)``; its reference returns a tuple.
 from __future__ import annotations
 
 import builtins  # ``sum`` below is the graph op
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -314,7 +315,8 @@ def _with_colsum(spec, attrs):
     names = gemm_outputs(attrs)
     if len(names) == 1:
         return spec
-    return [spec if k != "colsum" else ((1, spec[0][-1]), spec[1]) for k in names]
+    # column sums over every leading dim, kept as 1s: the keepdims sum they replace (a bias gradient)
+    return [spec if k != "colsum" else ((1,) * (len(spec[0]) - 1) + (spec[0][-1],), spec[1]) for k in names]
 
 
 def _s_linear(inp, attrs):
@@ -322,7 +324,7 @@ def _s_linear(inp, attrs):
 
 
 def _colsum_too(attrs, y, pre=None):
-    vals = {"y": y, "colsum": y.sum(axis=0, keepdims=True), "pre": pre}
+    vals = {"y": y, "colsum": y.sum(axis=tuple(range(y.ndim - 1)), keepdims=True), "pre": pre}
     names = gemm_outputs(attrs)
     return tuple(vals[k] for k in names) if len(names) > 1 else y
 
@@ -493,6 +495,20 @@ def _r_sigmoid(attrs, x):
 # ---------------------------------------------------------------------------------------------------
 # gradient rules (the seed's formulas)
 
+def _g_matmul(n, g):
+    """dA = G B^T, dB = A^T G (batch broadcasting reduced centrally by autodiff).  A 2-D operand shared by
+    every batch element (a Linear weight applied to (batch, seq, K)) gets its gradient from one GEMM over
+    the flattened rows, A^T G with (batch * seq) as the inner dimension, instead of one GEMM per batch
+    element and a sum over them (the same sum, in a different order: W7's weight gradients)."""
+    a, b = n.inputs
+    if b.ndim == 2 and a.ndim > 2 and a.shape[:-2] == g.shape[:-2]:
+        rows = math.prod(a.shape[:-1])
+        db = matmul(_swap_last2(reshape(a, (rows, a.shape[-1]))), reshape(g, (rows, g.shape[-1])))
+    else:
+        db = matmul(_swap_last2(a), g)
+    return matmul(g, _swap_last2(b)), db
+
+
 def _swap_last2(t):
     perm = list(range(t.ndim))
     perm[-2], perm[-1] = perm[-1], perm[-2]
@@ -564,8 +580,7 @@ for _d in [
           lambda at, x: np.asarray(x.sum(axis=at["axes"], keepdims=at["keepdims"]) * at["scale"], x.dtype),
           _g_reduce, doc="sum over axes, times attrs['scale'] (mean is scale = 1/n)"),
     OpDef("matmul", "gemm", _s_matmul, _r_matmul,
-          # dA = G B^T ; dB = A^T G  (batch broadcasting reduced centrally by autodiff)
-          lambda n, g: (matmul(g, _swap_last2(n.inputs[1])), matmul(_swap_last2(n.inputs[0]), g))),
+          _g_matmul),
     OpDef("transpose", "transpose", _s_transpose, lambda at, x: x.transpose(at["perm"]).copy(order="C"),
           _g_transpose, int_ok=True),
     OpDef("reshape", "view", _s_reshape, lambda at, x: x.reshape(at["shape"]),

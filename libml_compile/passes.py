@@ -421,7 +421,7 @@ def fuse_vm_epilogues(nodes, roots):
             else:
                 break
         else:
-            if aux is not None and d.ndim != 2:
+            if aux is not None and not _flat_2d(head[0], head[1], p.attrs.get("ta"), d.shape):
                 continue  # the kernel reads the auxiliary operand as rows of a 2-D C
             if aux is not None and d.op in ("add", "mul") and p.op == "matmul" and aux.op in ("matmul", "linear",
                                                                                               "linear_ex"):
@@ -653,11 +653,19 @@ def fuse_relu_backward(nodes, roots):
     return rw
 
 
+def _flat_2d(a, b, ta, out_shape):
+    """Whether the GEMM op(a) @ b runs as one 2-D GEMM of its result's rows (backend_cpu merges the leading
+    dims, M' = batch * M, when b is 2-D and a untransposed): its epilogue then sees C as dense rows, so an
+    auxiliary operand of C's shape and column sums over all leading dims work for any rank."""
+    return len(out_shape) == 2 or (b.ndim == 2 and not ta and a.shape[:-2] == tuple(out_shape[:-2]))
+
+
 def _replace_with_colsum(rw, d, op, inputs, attrs, consumers):
-    """Replace ``d`` by the GEMM ``op(inputs)``; if something sums ``d`` over its rows (a bias gradient),
-    the GEMM computes the column sums too, as its second output, and the sum reads that."""
-    sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == (0,)
-            and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim == 2]
+    """Replace ``d`` by the GEMM ``op(inputs)``; if something sums ``d`` over all its leading dims (a bias
+    gradient), the GEMM computes the column sums too, as its second output, and the sum reads that."""
+    flat = _flat_2d(inputs[0], inputs[1], attrs.get("ta"), d.shape)
+    sums = [c for c in consumers.get(d, ()) if c.op == "sum" and c.attrs["axes"] == tuple(range(d.ndim - 1))
+            and c.attrs["keepdims"] and c.attrs["scale"] == 1.0 and d.ndim >= 2 and flat]
     rw.replace(d, op, inputs, dict(attrs, colsum=True) if sums else attrs)
     if sums:
         rw.replace(sums[0], "output", (d,), {"index": 1})
@@ -679,9 +687,20 @@ def fuse_xent(nodes):
     return rw
 
 
+def _swaps_last2(x):
+    return x.op == "transpose" and x.ndim >= 2 and \
+        tuple(x.attrs["perm"]) == tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2)
+
+
 def absorb_transposes(nodes):
-    """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free.  Returns a Rewrite."""
+    """matmul(transpose_last2(x), y) -> matmul(x, y, ta=True): BLAS transposes for free; and
+    transpose_last2(matmul(a, b)) -> matmul(b, a) with both flags flipped ((AB)^T = B^T A^T), when the
+    product is read by the transpose only (the gradient of a param used transposed, as every exported
+    Linear weight: it is computed in the param's own layout, never transposed afterwards).  Returns a
+    Rewrite."""
     rw = Rewrite()
+    consumers = consumer_map(nodes)
+    absorbed = {}  # matmul -> (inputs, attrs) with its operand transposes absorbed
     for t in nodes:
         if t.op != "matmul":
             continue
@@ -689,13 +708,17 @@ def absorb_transposes(nodes):
         ins = list(t.inputs)
         for k, flag in ((0, "ta"), (1, "tb")):
             x = ins[k]
-            if x.op == "transpose" and x.ndim >= 2:
-                perm = x.attrs["perm"]
-                if tuple(perm) == tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2):
-                    ins[k] = x.inputs[0]
-                    attrs[flag] = not attrs.get(flag, False)
+            if _swaps_last2(x):
+                ins[k] = x.inputs[0]
+                attrs[flag] = not attrs.get(flag, False)
+        absorbed[t] = (ins, attrs)
         if tuple(ins) != t.inputs:
             rw.replace(t, "matmul", ins, attrs)
+    for t in nodes:
+        m = t.inputs[0] if t.inputs else None
+        if _swaps_last2(t) and m in absorbed and consumers.get(m) == [t]:
+            (a, b), at = absorbed[m]
+            rw.replace(t, "matmul", (b, a), dict(at, ta=not at.get("tb", False), tb=not at.get("ta", False)))
     return rw
 
 
