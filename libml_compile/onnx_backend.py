@@ -262,10 +262,22 @@ def _elem_types(model):
 
 
 def _integer_output_ops(model) -> set:
-    """The op types of the nodes producing integer graph outputs."""
-    ints = {vi.name for vi in model.graph.output if vi.type.HasField("tensor_type")
-            and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).kind in "iub"}
-    return {n.op_type for n in model.graph.node if ints.intersection(n.output)}
+    """The op types of the nodes computing an integer graph output from integer operands (ArgMax of floats
+    gives int64 indices from floats: not an integer computation)."""
+    def is_int(vi):
+        return vi.type.HasField("tensor_type") and \
+            np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).kind in "iub"
+    ints = {vi.name for vi in model.graph.output if is_int(vi)}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        known = {vi.name: is_int(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.input)
+                 + list(inferred.graph.output)}
+    except Exception:  # noqa: BLE001 - without types, every integer output counts (the old rule)
+        known = {}
+    known.update({t.name: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).kind in "iub"
+                  for t in model.graph.initializer})
+    return {n.op_type for n in model.graph.node if ints.intersection(n.output)
+            and (not n.input or known.get(n.input[0], True))}
 
 
 def _computed_static_operand(model) -> bool:
