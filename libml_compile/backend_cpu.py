@@ -58,7 +58,7 @@ from .ir import FLOAT_DTYPES
 from .ops import REGISTRY, gemm_outputs
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
-            "maximum": F.VM_OPS["MAX"], "minimum": F.VM_OPS["MIN"]}
+            "maximum": F.VM_OPS["MAX"], "minimum": F.VM_OPS["MIN"], "pow": F.VM_OPS["POW"]}
 
 
 def contiguous_strides(shape):

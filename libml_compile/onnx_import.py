@@ -90,9 +90,16 @@ def onnx_to_libml() -> Dict[str, Optional[Tuple[str, ...]]]:
 def integer_capable(op_type: str) -> bool:
     """Whether libml translates ``op_type`` on integer tensors (registry ops: ``OpDef.int_ok``; libml's
     integer kernels are Add/Sub/Mul/Div and data movement)."""
+    if op_type in _INTEGER_BY_IMPORTER:
+        return True
     if op_type in HANDLERS:
         return HANDLERS[op_type][2]
     return all(d.int_ok for d in registry_onnx_ops().get(op_type, ()))
+
+
+#: operators whose integer / bool form the importer builds from integer kernels: Clip as max then min,
+#: ReduceMax / ReduceMin of bools as any / all (``_Importer.integer_clip``, ``_reduce_family``)
+_INTEGER_BY_IMPORTER = ("Clip", "ReduceMax", "ReduceMin")
 
 
 #: the reduction family (``_Importer.reduce_family``, below; ops_reduce.py): hand-written handlers, as their
@@ -643,6 +650,13 @@ def _attrs(node) -> Dict[str, Any]:
 # the importer
 # ----------------------------------------------------------------------------------------------------
 
+class _Computed:
+    """What a ``prepare_<OpType>`` returns when it computes the node itself (``fn()`` gives the value)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
 class _Importer:
     def __init__(self, lc, m, opset: int, source: Optional[str], graph_name: str):
         self.lc = lc
@@ -846,7 +860,7 @@ class _Importer:
             if not ins or ins[0] is None:
                 raise self.err(node, "input 0 is missing")
             x = ins[0]
-            if np.dtype(self.dtype(x)).kind != "f" and not d.int_ok:
+            if np.dtype(self.dtype(x)).kind != "f" and not d.int_ok and d.name != "clip":
                 raise self.err(node, f"input {node.input[0]!r} has dtype {self.dtype(x)}; libml's {d.name} is "
                                      f"floating-point only")
             attr_of = {p: a for a, p in d.onnx[1].items()}
@@ -877,7 +891,21 @@ class _Importer:
         prep = getattr(self, "prepare_" + node.op_type, None)
         if prep is not None:
             operands = prep(node, operands)
+            if isinstance(operands, _Computed):  # the preparation computed the node itself
+                return operands.fn()
+        if d.name == "clip" and np.dtype(self.dtype(operands[0])).kind in "iu":
+            return self.integer_clip(node, operands)
         return self.apply(node, d, operands, hints, node.output[0])
+
+    def integer_clip(self, node, operands):
+        """Clip on integers: min(max(x, lo), hi) with the integer kernel's max and min (NumPy's rule, also
+        for lo > hi); the bounds are constants or tensors of x's dtype."""
+        from .ops import REGISTRY
+        x, lo, hi = operands
+        lo = np.asarray(lo).astype(self.dtype(x)) if self.is_const(lo) else lo
+        hi = np.asarray(hi).astype(self.dtype(x)) if self.is_const(hi) else hi
+        m = self.apply(node, REGISTRY["maximum"], [x, lo], [node.input[0], None], self.fresh(node.output[0]))
+        return self.apply(node, REGISTRY["minimum"], [m, hi], [None, None], node.output[0])
 
     def apply(self, node, d, operands, hints, name):
         """``d`` on ``operands`` (lc Tensors or ndarrays): folded through ``d.ref`` when all are constant,
@@ -908,7 +936,7 @@ class _Importer:
         # Clip >= 11: an absent min/max is numeric_limits<T>::lowest() / max() (the operator's definition;
         # onnxruntime agrees), so +inf clips to the largest finite value as with Clip-6's attribute defaults
         # (lc.clip's own defaults are -inf/+inf: no clipping at all)
-        info = np.finfo(dtype)
+        info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
         return info.min if param == "min" else info.max
 
     def prepare_Pow(self, node, operands):
@@ -917,11 +945,24 @@ class _Importer:
         da, db = self.dtype(a), self.dtype(b)
         if da == db:
             return operands
-        if np.dtype(da).kind != "f":
-            raise self.err(node, f"base {node.input[0]!r} has dtype {da}; libml's pow is floating-point only")
+        if np.dtype(da).kind != "f" and np.dtype(db).kind == "f":
+            # an integer base with a float exponent: computed in float64 and cast back to the base's type
+            # (ONNX's reference: np.power(a, b).astype(a.dtype))
+            lc = self.lc
+            a64 = np.asarray(a, np.float64) if self.is_const(a) else lc.cast(a, "float64", name=self.fresh(node.input[0]))
+            b64 = np.asarray(b, np.float64) if self.is_const(b) else lc.cast(b, "float64", name=self.fresh(node.input[1]))
+            return _Computed(lambda: self._pow_cast(node, a64, b64, da))
         if self.is_const(b):
             return [a, np.asarray(b).astype(da)]
         return [a, self.lc.cast(b, da, name=self.fresh(node.input[1]))]
+
+    def _pow_cast(self, node, a64, b64, dt):
+        from .ops import REGISTRY
+        if self.is_const(a64) and self.is_const(b64):
+            with np.errstate(all="ignore"):
+                return np.power(a64, b64).astype(dt)
+        y = self.apply(node, REGISTRY["pow"], [a64, b64], [None, None], self.fresh(node.output[0]))
+        return self.lc.cast(y, dt, name=node.output[0])
 
     def prepare_PRelu(self, node, operands):
         # the slope broadcasts to X (unidirectionally): the result has X's shape
@@ -1480,6 +1521,19 @@ def _reduce_family(self, node, at):
     if not axes and noop:
         return x if self.is_const(x) else self.lc.identity(x, name=out)
     axes_t = tuple(axes) if axes else tuple(range(r))
+    if self.dtype(x) == "bool" and op in ("ReduceMax", "ReduceMin"):
+        # any / all: exact through 0/1 floats; over nothing, the identity (max: False, min: True)
+        shp = self.shape(x)
+        out_shape = tuple(1 if i in axes_t else d for i, d in enumerate(shp) if keepdims or i not in axes_t)
+        if any(shp[i] == 0 for i in axes_t):
+            return np.full(out_shape, op == "ReduceMin", dtype=bool)
+        if self.is_const(x):
+            f = np.max if op == "ReduceMax" else np.min
+            return f(np.asarray(x), axis=axes_t, keepdims=keepdims)
+        lc = self.lc
+        xf = lc.cast(x, "float32", name=self.fresh(out))
+        red = _reduce_fn(lc, op)(xf, axis=axes_t, keepdims=keepdims, name=self.fresh(out))
+        return lc.cast(red, "bool", name=out)
     if x.dtype not in ("float32", "float64"):
         raise self.err(node, f"{op} of {x.dtype} data is not supported (libml reduces float32/float64 tensors)")
     if self.is_const(x):

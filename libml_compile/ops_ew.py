@@ -312,8 +312,9 @@ for _name, _vm in (("pow_grad_base", "POW_GRAD_BASE"), ("pow_grad_exp", "POW_GRA
     register(OpDef(_name, "ew", lambda inp, at, _n=_name: (broadcast_shapes(_n, *(t.shape for t in inp)),
                                                              inp[0].dtype), None, None, vm=_vm,
                    doc="the gradients of pow: g b a^(b-1) (0 where b = 0), g a^b log a (0 where a = 0 and b >= 0)"))
-binary("pow", _t(np.power), "POW", _g_pow, onnx="Pow", domain=(0.5, 2.0),
-       doc="a ** b (both operands differentiable)")
+binary("pow", _t(np.power), "POW", _g_pow, onnx="Pow", domain=(0.5, 2.0), int_ok=True,
+       doc="a ** b (both operands differentiable); integers: exact, wrapping as NumPy; a negative integer "
+           "exponent is refused when folded (as NumPy) and truncates toward zero at run time (1 / x^k)")
 # PRelu: LeakyRelu whose slope is a tensor (broadcast to x); autodiff reduces the slope's gradient
 binary("prelu", _t(lambda x, s: np.where(x < 0, s * x, x)), "LEAKYRELU",
        lambda n, g: (make("leaky_relu_grad", (g,) + n.inputs), make("prelu_slope_grad", (g, n.inputs[0]))),

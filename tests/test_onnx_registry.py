@@ -258,15 +258,25 @@ def test_integer_max_imports_and_an_integer_float_only_op_names_the_node():
     a, b = np.int32([-(2 ** 31), 5, 7]), np.int32([3, 2 ** 31 - 1, 7])
     np.testing.assert_array_equal(lc.compile(import_onnx(m)).run({"a": a, "b": b})["y"], np.maximum(a, b))
     assert onnx_import.integer_capable("Max") and onnx_import.integer_capable("Add")
-    # Pow's kernel is floating point only: an integer Pow is refused naming the node and the op
+    # integer Pow: exact and wrapping as NumPy for exponents >= 0; a negative exponent truncates 1 / x^k
     m = helper.make_model(helper.make_graph(
         [helper.make_node("Pow", ["a", "b"], ["y"], name="pw")], "g",
-        [helper.make_tensor_value_info("a", TensorProto.INT32, [3]),
-         helper.make_tensor_value_info("b", TensorProto.INT32, [3])],
+        [helper.make_tensor_value_info("a", TensorProto.INT32, [6]),
+         helper.make_tensor_value_info("b", TensorProto.INT32, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [6])]), opset_imports=[helper.make_opsetid("", 13)])
+    prog = lc.compile(import_onnx(m))
+    a, b = np.int32([3, -2, 7, 1, -1, 2]), np.int32([4, 3, 20, -5, -3, -1])
+    want = np.where(b >= 0, np.power(a, np.maximum(b, 0)), np.where(a == 1, 1, np.where(a == -1, (-1) ** (-b % 2), 0)))
+    np.testing.assert_array_equal(prog.run({"a": a, "b": b})["y"], want.astype(np.int32))
+    assert onnx_import.integer_capable("Pow")
+    # a floating-point-only op on integers is refused naming the node and the op
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("Abs", ["a"], ["y"], name="ab")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.INT32, [3])],
         [helper.make_tensor_value_info("y", TensorProto.INT32, [3])]), opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ONNXImportError, match="'pw'.*pow"):
+    with pytest.raises(ONNXImportError, match="'ab'.*abs"):
         import_onnx(m)
-    assert not onnx_import.integer_capable("Pow")
+    assert not onnx_import.integer_capable("Abs")
 
 
 def test_conformance_command_prints_the_count(capsys):

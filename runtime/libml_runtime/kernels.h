@@ -191,6 +191,18 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
  * non-zero as true (the bool dtype runs the uint8 copy).  FMOD is C's % (sign of the dividend, ONNX
  * fmod=1), MOD moves a non-zero remainder into the divisor's sign (Python's %, ONNX fmod=0). */
 
+/* b^e by squaring, wrapping mod 2^64 (truncated to T by the caller: NumPy's integer power) */
+static inline uint64_t lm_upow(uint64_t b, uint64_t e)
+{
+    uint64_t r = 1;
+    while (e) {
+        if (e & 1) r *= b;
+        b *= b;
+        e >>= 1;
+    }
+    return r;
+}
+
 #define LM_INT_LOOP(T, BODY) for (i = 0; i < n; i++) { const T x = a[i * sa], y = b[i * sb]; BODY; }
 #define LM_INT_BINARY(T, NAME)                                                                     \
 static int NAME(int64_t op, int64_t n, const T *a, int64_t sa, const T *b, int64_t sb, char *out)   \
@@ -224,6 +236,10 @@ static int NAME(int64_t op, int64_t n, const T *a, int64_t sa, const T *b, int64
     case VM_AND: LM_INT_LOOP(T, o[i] = (T)(x != 0 && y != 0)) break;                                     \
     case VM_OR: LM_INT_LOOP(T, o[i] = (T)(x != 0 || y != 0)) break;                                      \
     case VM_XOR: LM_INT_LOOP(T, o[i] = (T)((x != 0) != (y != 0))) break;                                 \
+    case VM_POW: /* a negative exponent: 1 / x^k truncated toward zero, as integer division */         \
+        LM_INT_LOOP(T, if ((T)-1 < 0 && y < (T)0) { if (x == 0) return -3;                              \
+                           o[i] = x == 1 ? (T)1 : (x == (T)-1 ? ((y & 1) ? (T)-1 : (T)1) : (T)0); }     \
+                       else o[i] = (T)lm_upow((uint64_t)x, (uint64_t)y)) break;                         \
     default: return -1;                                                                               \
     }                                                                                                 \
     return 0;                                                                                         \

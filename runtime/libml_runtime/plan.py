@@ -423,7 +423,8 @@ class _Decoder:
         self.operand(d, "dst", d["n"] * di, writable=True, align=di)
 
     #: the integer kernel's ops (VM codes); comparisons write one bool byte per element
-    INT_OPS = {F.VM_OPS[k] for k in ("ADD", "SUB", "MUL", "DIV", "FMOD", "MOD", "AND", "OR", "XOR", "MAX", "MIN")}
+    INT_OPS = {F.VM_OPS[k] for k in ("ADD", "SUB", "MUL", "DIV", "FMOD", "MOD", "AND", "OR", "XOR", "MAX", "MIN",
+                                     "POW")}
     INT_CMP_OPS = {F.VM_OPS[k] for k in ("EQ", "LT", "LE", "GT", "GE")}
 
     def op_int_elementwise(self, d):
