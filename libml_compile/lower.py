@@ -89,7 +89,10 @@ class StateLayout:
 
 
 class _Emitter:
-    def __init__(self):
+    def __init__(self, kind=None, state=None):
+        # for OpDef.emit hooks: the entry being lowered ("run" is inference) and the StateLayout, where an
+        # op may own persistent state (ops_dropout: its step counter, saved by checkpoints)
+        self.kind, self.state = kind, state
         self.code: list[int] = []
         self.consts: list[float] = []
         self._cidx: dict = {}
@@ -266,7 +269,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                           sum(align(b.nbytes) for b in uniq))
 
     # ---- emission --------------------------------------------------------------------------------
-    em = _Emitter()
+    em = _Emitter(kind, state)
 
     def loc(t):
         """(slot, byte offset) of a tensor's storage."""
