@@ -118,7 +118,10 @@ class Emitter:
     """The plan entry being written: int64 code, the float64 constant pool (deduplicated by bit pattern) and
     the node table ((op, node name) per node id; ``instr_nodes``: the node id of each instruction)."""
 
-    def __init__(self):
+    def __init__(self, kind=None, state=None):
+        # for OpDef.emit hooks: the entry being lowered ("run" is inference) and the StateLayout, where an
+        # op may own persistent state (ops_dropout: its step counter, saved by checkpoints)
+        self.kind, self.state = kind, state
         self.code: list[int] = []
         self.consts: list[float] = []
         self._cidx: dict = {}
@@ -168,8 +171,8 @@ def _slot_loc(storage):
 
 
 def _emit_entry(sched, check_finite):
-    em = Emitter()
     state = sched.storage.state
+    em = Emitter(sched.kind, state)
     loc = _slot_loc(sched.storage)
     summary = []
     for k, ins in enumerate(sched.instrs):

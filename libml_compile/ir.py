@@ -23,9 +23,10 @@ DTYPES = FLOAT_DTYPES + INT_DTYPES + ("bool",)
 #: derived names such as ``f"{param}/exp_avg_sq"`` add a few characters to a user's name)
 MAX_NAME = 4096
 #: optimizer state is stored next to the params under ``f"{param}/{slot}"`` and ``"adam/step"``
-#: (backend_cpu.py), so a param named like one of these would collide with another param's state
+#: (backend_cpu.py), and dropout's step counter under ``"dropout/step"`` (ops_dropout.py), so a param named
+#: like one of these would collide with that state
 RESERVED_SUFFIXES = ("/momentum", "/exp_avg", "/exp_avg_sq")
-RESERVED_NAMES = ("adam/step",)
+RESERVED_NAMES = ("adam/step", "dropout/step")
 #: the plan validator's bound on a tensor's element count (plan.py: every size is < 2**40)
 MAX_ELEMENTS = 2 ** 40
 
@@ -171,12 +172,13 @@ class Graph:
     def param(self, name, value, dtype=None):
         """Declare a parameter with initial ``value`` (copied); floating dtypes only.
 
-        Names ending in /momentum, /exp_avg, /exp_avg_sq and the name adam/step are reserved for the
-        optimizer state stored next to the params."""
+        Names ending in /momentum, /exp_avg, /exp_avg_sq and the names adam/step and dropout/step are
+        reserved for the optimizer state (and dropout's step counter) stored next to the params."""
         self._check_new_name(name)
         if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
-            raise ValueError(f"param {name!r}: names ending in {', '.join(RESERVED_SUFFIXES)} and the name "
-                             f"{RESERVED_NAMES[0]!r} are reserved for optimizer state; rename the param")
+            raise ValueError(f"param {name!r}: names ending in {', '.join(RESERVED_SUFFIXES)} and the names "
+                             f"{', '.join(map(repr, RESERVED_NAMES))} are reserved for optimizer state (and "
+                             f"dropout's step counter); rename the param")
         arr = native_array(value, dtype)
         dt = canonical_dtype(arr.dtype)
         if dt not in FLOAT_DTYPES:

@@ -37,6 +37,8 @@ _STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather",
 _STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                         "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
                                         "ReduceLogSumExp")}
+# ... and Dropout's ratio and training_mode (opset >= 12)
+_STATIC_OPERANDS |= {("Dropout", 1), ("Dropout", 2)}
 
 
 def _static_inputs(model) -> List[str]:
@@ -191,6 +193,10 @@ UNSUPPORTED_ELEM_TYPE_REASON = (
 DATA_DEPENDENT_REASON = (
     "an operand libml needs at compile time (a shape, slice bounds, GatherND/GatherElements indices) is computed "
     "from a graph input at run time; libml graphs are static")
+RANDOM_OUTPUT_REASON = (
+    "the expected output is a draw of the test generator's own random numbers (Dropout in training mode with a "
+    "ratio > 0): libml's masks come from its Philox stream, and its run() is eval mode (tests/test_dropout.py "
+    "checks the masks' statistics and the training semantics instead)")
 INTEGER_OUTPUT_REASON = (
     "computes an integer tensor with an operator libml implements in floating point only (libml's integer "
     "kernels: Add/Sub/Mul/Div and data movement; onnx_import.integer_capable)")
@@ -289,6 +295,23 @@ def _computed_static_operand(model) -> bool:
                for n in model.graph.node for i, name in enumerate(n.input))
 
 
+def _random_dropout(case) -> bool:
+    """Whether a case runs a Dropout in training mode with a ratio > 0 (its expected output is random)."""
+    model, sets = case[1], case[2]
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    names = [vi.name for vi in model.graph.input if vi.name not in init]
+    for node in model.graph.node:
+        if node.op_type != "Dropout" or len(node.input) < 3 or not node.input[2]:
+            continue
+        for inputs, _ in sets:
+            vals = dict(init, **{n: _as_array(v) for n, v in zip(names, inputs)})
+            mode = vals.get(node.input[2])
+            ratio = vals.get(node.input[1]) if node.input[1] else np.asarray(0.5)
+            if mode is not None and bool(np.asarray(mode)) and (ratio is None or float(np.asarray(ratio)) > 0):
+                return True
+    return False
+
+
 def discover_conformance_cases(cases=None):
     """Split the official node cases whose ops are all supported into ``(runnable, excluded)``;
     ``excluded`` maps case name -> reason."""
@@ -313,6 +336,8 @@ def discover_conformance_cases(cases=None):
             excluded[name] = INTEGER_OUTPUT_REASON
         elif _computed_static_operand(model):
             excluded[name] = DATA_DEPENDENT_REASON
+        elif _random_dropout(case):
+            excluded[name] = RANDOM_OUTPUT_REASON
         else:
             runnable.append(case)
     return runnable, excluded

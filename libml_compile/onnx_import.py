@@ -53,6 +53,7 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
+    "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
     "Expand": ("op_expand", ("broadcast_to",), True),
@@ -1303,6 +1304,51 @@ class _Importer:
                                       axis=axis, eps=eps, return_stats=True, name=names))[:n_out]
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
+
+    def dropout(self, node, at):
+        """Dropout (opsets 7-22): outputs Y and the optional Mask (bool; X's type before opset 10).
+
+        Opset >= 12: ratio (input 1, constant, default 0.5) and training_mode (input 2, constant, default
+        False); a node not in training mode is the identity (Mask all True) -- what an eval-mode export holds.
+        Opsets < 12 (ratio an attribute) leave the mode to the runtime, as do opset >= 12 nodes with
+        training_mode True: both become ``lc.dropout``, the identity in ``run`` (eval mode) and a new mask per
+        ``grad`` / ``step`` call; the ``seed`` attribute, if any, is its seed.  The training-mode Mask is
+        ``dropout(ones) > 0`` with the same seed: the same mask."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input data")
+
+        def static(i, what, default):
+            v = self.get(node, i) if self.opset >= 12 else None
+            if v is None:
+                return default
+            if not self.is_const(v) and getattr(v, "op", None) == "param":
+                v = v.value  # a float initializer (libml makes those params): its value
+            if not self.is_const(v):
+                raise self.err(node, f"{what} is computed at run time; libml needs it constant")
+            if np.size(v) != 1:
+                raise self.err(node, f"{what} must be a scalar, got shape {np.shape(v)}")
+            return np.asarray(v).reshape(()).item()
+        ratio = static(1, "ratio", float(at.get("ratio", 0.5)))
+        training = bool(static(2, "training_mode", False)) if self.opset >= 12 else True
+        shape = self.shape(x)
+        mask_dtype = "bool" if self.opset >= 10 else self.dtype(x)  # (Dropout-7's Mask is of X's type)
+        if not training or ratio == 0:
+            return [x, np.ones(shape, mask_dtype)][:max(len(node.output), 1)]
+        try:
+            y = lc.dropout(self.T(x, node.input[0]), ratio, seed=at.get("seed"), name=node.output[0] or None)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+        outs = [y]
+        if len(node.output) > 1 and node.output[1]:
+            ones = self.g.const(np.ones(shape, self.dtype(x)))
+            d = lc.dropout(ones, ratio, seed=y.attrs["seed"])
+            if mask_dtype == "bool":
+                outs.append(lc.greater(d, 0.0, name=node.output[1]))
+            else:
+                outs.append(lc.cast(lc.greater(d, 0.0), mask_dtype, name=node.output[1]))
+        return outs
 
     def gemm(self, node, at):
         from .ops import REGISTRY

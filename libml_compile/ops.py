@@ -55,7 +55,8 @@ class OpDef:
     # an elementwise VM step whose other operands are a tensor of the GEMM result's shape or scalar consts
     epilogue: bool = False
     # the op's own instruction emitter, (emitter, node id, node, loc, output locations) -> profile summary
-    # (ops_norm.py); ops without one are emitted by backend_cpu._emit_op by kernel kind
+    # (ops_norm.py); ops without one are emitted by backend_cpu._emit_op by kernel kind.  The emitter's
+    # ``kind`` is the entry ("run": inference) and ``state`` the StateLayout (persistent state: ops_dropout.py)
     emit: Optional[Callable] = None
 
 

@@ -70,6 +70,10 @@ NOT_SAMPLED = {
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",
     "reshape": "a view (no kernel); tested in test_grad_ops and test_shapes",
+    "dropout": "random in training (grad/step) and the identity in run, which the generated forward cases use; "
+               "test_dropout checks the masks against a NumPy Philox reference, the gradient, finite differences "
+               "and 1 vs 2 threads",
+    "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})

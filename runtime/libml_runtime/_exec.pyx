@@ -12,10 +12,10 @@ reductions, softmax and the optimizer use OpenMP (prange); GEMM uses BLAS's own 
 (threadpoolctl), and is never called from inside an OpenMP region.
 """
 cimport numpy as cnp
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, calloc
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrt, pow
+from libc.math cimport sqrt, pow, ceil
 from cython cimport floating
 from cython.parallel cimport prange, parallel, threadid
 from openmp cimport omp_get_wtime
@@ -90,6 +90,10 @@ cdef extern from "kernels.h" nogil:
     void lm_layer_norm_grad_cols_f64(int64_t rows, int64_t n, int64_t j0, int64_t nj, const double *x,
                                      const double *mean, const double *rstd, const double *dy, double *dscale,
                                      double *dbias)
+    void lm_dropout_f32(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, float scale,
+                        const float *x, float *y)
+    void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
+                        const double *x, double *y)
     int lm_nonfinite_f32(int64_t n, const float *x)
     int lm_nonfinite_f64(int64_t n, const double *x)
     int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
@@ -557,6 +561,47 @@ cdef int _layer_norm_grad(floating dummy, const int64_t *f, char **bases, int nt
 
 
 # ------------------------------------------------------------------------------------------------
+# dropout (training mode): Philox4x32-10 masks keyed by (seed, step), regenerated wherever they are needed
+
+DEF DROP_CHUNK = 16384  # elements per task: a multiple of 32, so no task splits a group of Philox blocks
+
+
+cdef int _dropout(floating dummy, const int64_t *f, char **bases, const double *consts,
+                  int nthreads) noexcept nogil:
+    """y = x * (keep ? scale : 0), keep = Philox word >= ceil(p * 2^32) (kernels_tmpl.h lm_dropout).  The
+    mask depends on (seed, step, element index) only, so the chunks may run on any number of threads."""
+    cdef int64_t n = f[LM_F_DROPOUT_n], c, lo
+    cdef double p = consts[f[LM_F_DROPOUT_p]], scale = consts[f[LM_F_DROPOUT_scale]], t
+    cdef uint64_t seed = <uint64_t>f[LM_F_DROPOUT_seed]
+    cdef uint64_t step = <uint64_t>(<int64_t*>_ptr(bases, f + LM_F_DROPOUT_step_slot))[0]
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_DROPOUT_x_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_DROPOUT_y_slot)
+    cdef uint32_t thresh
+    cdef int64_t nch = (n + DROP_CHUNK - 1) // DROP_CHUNK
+    if not (p >= 0 and p <= 1):  # (NaN too) a constant the validator cannot see: refused here
+        return ERR_MALFORMED
+    t = ceil(p * 4294967296.0)
+    if t >= 4294967296.0:  # no word reaches the threshold: nothing is kept, y = x * 0 (PyTorch's p = 1)
+        thresh, scale = 0, 0.0
+    else:
+        thresh = <uint32_t>t
+    for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
+        lo = c * DROP_CHUNK
+        if floating is float:
+            lm_dropout_f32(lo, min(DROP_CHUNK, n - lo), seed, step, thresh, <float>scale, <float*>x, <float*>y)
+        else:
+            lm_dropout_f64(lo, min(DROP_CHUNK, n - lo), seed, step, thresh, scale, <double*>x, <double*>y)
+    return 0
+
+
+cdef inline void _counter_next(const int64_t *f, char **bases) noexcept nogil:
+    # out = counter; counter += 1 (wrapping, as unsigned: never undefined)
+    cdef int64_t *cnt = <int64_t*>_ptr(bases, f + LM_F_COUNTER_NEXT_counter_slot)
+    (<int64_t*>_ptr(bases, f + LM_F_COUNTER_NEXT_out_slot))[0] = cnt[0]
+    cnt[0] = <int64_t>(<uint64_t>cnt[0] + 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # reductions over the middle axis of (outer, K, inner): max/min/prod/logsumexp, argmax/argmin, log_softmax
 
 DEF RED_COLS = 512  # output columns per task when inner > 1 (a task's accumulators stay in L1)
@@ -979,6 +1024,11 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_LAYER_NORM_GRAD:
             rc = _layer_norm_grad(f32, f, bases, nthreads) if f[LM_F_LAYER_NORM_GRAD_dtype] == 0 \
                 else _layer_norm_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_DROPOUT:
+            rc = _dropout(f32, f, bases, consts, nthreads) if f[LM_F_DROPOUT_dtype] == 0 \
+                else _dropout(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_COUNTER_NEXT:
+            _counter_next(f, bases)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)

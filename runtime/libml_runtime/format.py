@@ -100,6 +100,16 @@ OPCODES = [
     (31, "layer_norm_grad", "dtype outer n x.slot x.offset scale.slot scale.offset mean.slot mean.offset "
                             "rstd.slot rstd.offset dy.slot dy.offset dx.slot dx.offset dscale.slot "
                             "dscale.offset dbias.slot dbias.offset"),
+    # ---- format 2.2: dropout in training mode (libml_compile/ops_dropout.py).  y = x * (keep ? scale : 0)
+    # over n contiguous elements; element i is kept when r >= ceil(consts[p] * 2^32) (r / 2^32 >= p), r the
+    # 32-bit word (i / 8) mod 4 of Philox4x32-10 with counter ((i / 32) * 8 + i mod 8, step) (two 64-bit
+    # halves, low 32-bit word first) and key seed (the field's 64 bits); nothing is kept when that threshold
+    # reaches 2^32 (p = 1: y = x * 0).  step is an int64 read from its operand (this training call's
+    # number: counter_next's out).  The mask depends only on (seed, step, i): any thread count, any ISA.
+    (33, "dropout", "dtype n p scale seed step.slot step.offset x.slot x.offset y.slot y.offset"),
+    # out = *counter; *counter += 1 (int64 scalars): a persistent counter (the state) advanced once per
+    # call of an entry, its value before the advance copied to out for this call's readers
+    (34, "counter_next", "counter.slot counter.offset out.slot out.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions

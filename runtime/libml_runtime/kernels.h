@@ -162,6 +162,45 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
     return off;
 }
 
+/* ---- Philox4x32-10, the counter-based generator of dropout's masks (format 2.2: dropout) ----
+ * J. K. Salmon, M. A. Moraes, R. O. Dror, D. E. Shaw, "Parallel random numbers: as easy as 1, 2, 3"
+ * (SC 2011), with the multipliers, Weyl constants and round function of its reference implementation
+ * (Random123's philox.h): one round maps the counter (c0, c1, c2, c3) and key (k0, k1) to
+ * (hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0)); the key is bumped by (W0, W1) before
+ * every round but the first.  Checked against Random123's known-answer vectors (tests/test_dropout.py).
+ * Macros (not functions): they are expanded inside each ISA copy of the template, where GCC vectorises
+ * them; c0..c3 are uint32_t lvalues, updated in place. */
+#define LM_PHILOX_M0 0xD2511F53u
+#define LM_PHILOX_M1 0xCD9E8D57u
+#define LM_PHILOX_W0 0x9E3779B9u
+#define LM_PHILOX_W1 0xBB67AE85u
+#define LM_PHILOX_ROUND(c0, c1, c2, c3, k0, k1)                                                         \
+    do {                                                                                                \
+        const uint32_t h0_ = (uint32_t)(((uint64_t)LM_PHILOX_M0 * (c0)) >> 32), l0_ = LM_PHILOX_M0 * (c0); \
+        const uint32_t h1_ = (uint32_t)(((uint64_t)LM_PHILOX_M1 * (c2)) >> 32), l1_ = LM_PHILOX_M1 * (c2); \
+        (c0) = h1_ ^ (c1) ^ (k0);                                                                       \
+        (c1) = l1_;                                                                                     \
+        (c2) = h0_ ^ (c3) ^ (k1);                                                                       \
+        (c3) = l0_;                                                                                     \
+    } while (0)
+#define LM_PHILOX4X32_10(c0, c1, c2, c3, key0, key1)                                                    \
+    do {                                                                                                \
+        uint32_t k0_ = (key0), k1_ = (key1);                                                            \
+        int r_;                                                                                         \
+        LM_PHILOX_ROUND(c0, c1, c2, c3, k0_, k1_);                                                      \
+        for (r_ = 1; r_ < 10; r_++) {                                                                   \
+            k0_ += LM_PHILOX_W0;                                                                        \
+            k1_ += LM_PHILOX_W1;                                                                        \
+            LM_PHILOX_ROUND(c0, c1, c2, c3, k0_, k1_);                                                  \
+        }                                                                                               \
+    } while (0)
+/* the AVX2 copies generate 8 Philox blocks per step with intrinsics (GCC's own vectorisation of the
+ * macros above is half as fast): the intrinsics are declared here, usable in the `#pragma GCC target`
+ * regions of kernels_isa.h, where __AVX2__ is defined */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 /* ---- the type-generic kernels, once per float type and (dispatching builds) once per ISA ----
  *
  * Portable builds (the default, see setup.py) compile this translation unit for baseline x86-64 and

@@ -724,3 +724,103 @@ static void LM_SFX(lm_layer_norm_grad_cols)(int64_t rows, int64_t n, int64_t j0,
     }
 }
 #undef LM_LN_SUM
+
+/* ---- dropout (format 2.2: dropout) ---------------------------------------------------------------------
+ * Element i of the tensor takes word (i / 8) mod 4 of the Philox4x32-10 block whose counter is
+ * (b as 64 bits, step as 64 bits), b = (i / 32) * 8 + i mod 8, key = seed (low word first): a group of 32
+ * elements is 8 blocks, and word k of those 8 blocks covers its 8 elements 8k .. 8k + 7, so a vector of 8
+ * generated blocks lines up with 8 contiguous elements (no transposition).  keep = (r >= thresh), i.e.
+ * r / 2^32 >= p with thresh = ceil(p * 2^32); y = x * (keep ? scale : 0), as PyTorch (x * mask / (1 - p):
+ * a NaN or Inf stays NaN where it is dropped).  The bits depend on (seed, step, i) only. */
+#ifndef LM_DROP_GROUPS
+#define LM_DROP_GROUPS 16  /* groups of 32 elements generated per batch: 128 blocks, 2 KB of words in L1 */
+#endif
+
+/* words r[k][j] of the blocks blk0 + j, j < nblk (a multiple of 8; blk0 too) */
+#if defined(__AVX2__)
+static inline __attribute__((always_inline)) void LM_SFX(lm_mulhilo8)(__m256i a, __m256i m, __m256i *hi,
+                                                                      __m256i *lo)
+{
+    /* 32 x 32 -> 64-bit products of the even lanes, then of the odd lanes; blends reassemble the halves */
+    const __m256i pe = _mm256_mul_epu32(a, m), po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+}
+#endif
+
+static inline void LM_SFX(lm_philox_fill)(uint64_t blk0, int64_t nblk, uint32_t k0, uint32_t k1, uint32_t s0,
+                                          uint32_t s1, uint32_t r[4][8 * LM_DROP_GROUPS])
+{
+    int64_t j;
+#if defined(__AVX2__)
+    const __m256i m0 = _mm256_set1_epi32((int)LM_PHILOX_M0), m1 = _mm256_set1_epi32((int)LM_PHILOX_M1);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (j = 0; j < nblk; j += 8) {
+        /* blk0 + j is a multiple of 8: its 8 blocks share the high word (2^32 is a multiple of 8) */
+        const uint64_t b = blk0 + (uint64_t)j;
+        __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)b), lane);
+        __m256i c1 = _mm256_set1_epi32((int)(uint32_t)(b >> 32));
+        __m256i c2 = _mm256_set1_epi32((int)s0), c3 = _mm256_set1_epi32((int)s1), h0, l0, h1, l1;
+        uint32_t a0 = k0, a1 = k1;
+        int q;
+        for (q = 0; q < 10; q++) {
+            if (q) {
+                a0 += LM_PHILOX_W0;
+                a1 += LM_PHILOX_W1;
+            }
+            LM_SFX(lm_mulhilo8)(c0, m0, &h0, &l0);
+            LM_SFX(lm_mulhilo8)(c2, m1, &h1, &l1);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(h1, c1), _mm256_set1_epi32((int)a0));
+            c1 = l1;
+            c2 = _mm256_xor_si256(_mm256_xor_si256(h0, c3), _mm256_set1_epi32((int)a1));
+            c3 = l0;
+        }
+        _mm256_storeu_si256((__m256i *)(r[0] + j), c0);
+        _mm256_storeu_si256((__m256i *)(r[1] + j), c1);
+        _mm256_storeu_si256((__m256i *)(r[2] + j), c2);
+        _mm256_storeu_si256((__m256i *)(r[3] + j), c3);
+    }
+#else
+    #pragma omp simd
+    for (j = 0; j < nblk; j++) {
+        const uint64_t b = blk0 + (uint64_t)j;
+        uint32_t c0 = (uint32_t)b, c1 = (uint32_t)(b >> 32), c2 = s0, c3 = s1;
+        LM_PHILOX4X32_10(c0, c1, c2, c3, k0, k1);
+        r[0][j] = c0;
+        r[1][j] = c1;
+        r[2][j] = c2;
+        r[3][j] = c3;
+    }
+#endif
+}
+
+/* y[i] = x[i] * (keep(i) ? scale : 0) for i in [i0, i0 + n); i0 is a multiple of 32 (x, y: the whole
+ * tensors).  A chunk boundary never splits a group, so chunks can run on any threads in any order. */
+static void LM_SFX(lm_dropout)(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, LM_T scale,
+                               const LM_T *restrict x, LM_T *restrict y)
+{
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32), s0 = (uint32_t)step, s1 = (uint32_t)(step >> 32);
+    uint32_t r[4][8 * LM_DROP_GROUPS];
+    int64_t e = i0, g, q, l;
+    const int64_t end = i0 + n;
+    int k;
+    while (e < end) {
+        const int64_t left = (end - e + 31) / 32, ng = left < LM_DROP_GROUPS ? left : LM_DROP_GROUPS;
+        const int64_t e1 = e + 32 * ng < end ? e + 32 * ng : end;
+        LM_SFX(lm_philox_fill)((uint64_t)(e / 32) * 8, 8 * ng, k0, k1, s0, s1, r);
+        if (e1 - e == 32 * ng) {
+            for (g = 0; g < ng; g++)
+                for (k = 0; k < 4; k++) {
+                    const LM_T *restrict xs = x + e + 32 * g + 8 * k;
+                    LM_T *restrict ys = y + e + 32 * g + 8 * k;
+                    const uint32_t *restrict rs = r[k] + 8 * g;
+                    #pragma omp simd
+                    for (l = 0; l < 8; l++) ys[l] = xs[l] * (rs[l] >= thresh ? scale : (LM_T)0);
+                }
+        } else {  /* the tensor's last, partial group */
+            for (q = 0; q < e1 - e; q++)
+                y[e + q] = x[e + q] * (r[(q / 8) % 4][8 * (q / 32) + q % 8] >= thresh ? scale : (LM_T)0);
+        }
+        e = e1;
+    }
+}

@@ -570,3 +570,19 @@ class _Decoder:
         n = math.prod(self.dims("dims", [d["outer"], d["K"], d["inner"]]))
         self.operand(d, "x", n * isz, align=isz)
         self.operand(d, "y", n * isz, writable=True, align=isz)
+
+    def op_dropout(self, d):
+        """y = x * mask over n elements; p and scale are constants (the kernel refuses a p outside [0, 1]),
+        seed any int64 (the key's bits), step an int64 read from its operand."""
+        isz = self.fdtype(d)
+        n = self.rng("n", d["n"], 0, 2 ** 40)
+        self.const(d, "p")
+        self.const(d, "scale")
+        self.operand(d, "step", 8, align=8)
+        self.operand(d, "x", n * isz, align=isz)
+        self.operand(d, "y", n * isz, writable=True, align=isz)
+
+    def op_counter_next(self, d):
+        """out = counter; counter += 1: both int64 scalars, both written."""
+        self.operand(d, "counter", 8, writable=True, align=8)
+        self.operand(d, "out", 8, writable=True, align=8)
