@@ -60,6 +60,10 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "GatherND": ("op_gather_nd", ("reshape", "gather"), True),
     "GatherElements": ("op_gather_elements", ("reshape", "gather"), True),
     "CastLike": ("op_cast_like", ("cast",), True),
+    "Tile": ("op_tile", ("gather",), True),
+    "Pad": ("op_pad", ("concat", "gather", "slice"), True),
+    "ScatterND": ("op_scatter", ("reshape", "concat", "gather"), True),
+    "ScatterElements": ("op_scatter", ("reshape", "concat", "gather"), True),
 }
 
 
@@ -1156,14 +1160,15 @@ class _Importer:
             if sp == 0:
                 raise self.err(node, "steps must not be 0")
             key[ax % len(shp)] = slice(b, e, sp)
+        def build(x, name=None):
+            y = x
+            for ax, k in enumerate(key):
+                if k != slice(None):
+                    y = self.lc.ops.slice_axis(y, ax, k.start, k.stop, k.step)
+            return y if y is not x else self.lc.identity(x, name=name)
         if self.is_const(data):
-            return np.array(data[tuple(key)])
-        y = data
-        out = node.output[0]
-        for ax, k in enumerate(key):
-            if k != slice(None):
-                y = self.lc.ops.slice_axis(y, ax, k.start, k.stop, k.step)
-        return y if y is not data else self.lc.identity(data, name=out)
+            return _eval_const(build, data)
+        return build(data, node.output[0])
 
     def op_expand(self, node, at):
         """Expand: bidirectional broadcasting of the input with the constant ``shape``."""
@@ -1174,7 +1179,7 @@ class _Importer:
         except ValueError:
             raise self.err(node, f"input shape {self.shape(data)} and shape {shape} do not broadcast") from None
         if self.is_const(data):
-            return np.array(np.broadcast_to(data, out))
+            return _eval_const(lambda x: self.lc.broadcast_to(x, out), data)
         return self.lc.broadcast_to(data, out, name=node.output[0]) if out != self.shape(data) else data
 
     def op_gather_nd(self, node, at):
@@ -1202,12 +1207,115 @@ class _Importer:
         flat = flat.reshape(nb, -1) + (np.arange(nb, dtype=np.int64) * per)[:, None]
         rest = tuple(shp[b + k:])
         out_shape = tuple(idx.shape[:-1]) + rest
-        if self.is_const(data):
-            return np.asarray(data).reshape((nb * per,) + rest)[flat.reshape(-1)].reshape(out_shape)
         lc = self.lc
-        rows = lc.reshape(data, (nb * per,) + rest, name=self.fresh(node.output[0]))
-        y = lc.gather(rows, flat.reshape(-1), axis=0, name=self.fresh(node.output[0]))
-        return lc.reshape(y, out_shape, name=node.output[0])
+
+        def build(x, name=None):
+            rows = lc.reshape(x, (nb * per,) + rest)
+            return lc.reshape(lc.gather(rows, flat.reshape(-1), axis=0), out_shape, name=name)
+        return _eval_const(build, data) if self.is_const(data) else build(data, node.output[0])
+
+    def op_tile(self, node, at):
+        data = self.get(node, 0)
+        reps = self.static_ints(node, self.get(node, 1), "repeats").tolist()
+        if len(reps) != len(self.shape(data)) or min(reps, default=0) < 0:
+            raise self.err(node, f"repeats {reps} must give one non-negative count per axis of shape "
+                                 f"{self.shape(data)}")
+        if self.is_const(data):
+            return _eval_const(lambda x: self.lc.ops.tile(x, reps), data)
+        return self.lc.ops.tile(data, reps, name=node.output[0])
+
+    def op_pad(self, node, at):
+        """Pad: pads as attribute (opset < 11) or input, ``constant_value`` input, ``axes`` (opset 18);
+        modes constant, reflect, edge; negative pads crop."""
+        data = self.get(node, 0)
+        shp = self.shape(data)
+        r = len(shp)
+        mode = at.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("constant", "reflect", "edge", "wrap"):
+            raise self.err(node, f"mode {mode!r} is not supported (libml pads constant, reflect, edge, wrap)")
+        if self.opset < 11:
+            pads, value = list(at.get("pads", [])), float(at.get("value", 0.0))
+            axes = list(range(r))
+        else:
+            pads = self.static_ints(node, self.get(node, 1), "pads").tolist()
+            v = self.get(node, 2)
+            value = 0.0 if v is None else np.asarray(self.static_value(node, v, "constant_value")).reshape(-1)
+            value = value if isinstance(value, float) else (value[0].item() if value.size else 0.0)
+            a = self.get(node, 3)
+            axes = self.static_ints(node, a, "axes").tolist() if a is not None else list(range(r))
+        if len(pads) != 2 * len(axes) or any(not -r <= ax < r for ax in axes):
+            raise self.err(node, f"pads {pads} do not fit axes {axes} of shape {shp}")
+        per = [(0, 0)] * r
+        for k, ax in enumerate(axes):
+            per[ax % r] = (pads[k], pads[k + len(axes)])
+        def build(x, name=None):
+            y = x
+            for i, (lo, hi) in enumerate(per):  # negative pads crop first
+                if lo < 0 or hi < 0:
+                    y = self.lc.ops.slice_axis(y, i, max(-lo, 0), shp[i] - max(-hi, 0))
+            return self.lc.ops.pad(y, [(max(lo, 0), max(hi, 0)) for lo, hi in per], mode, value, name=name)
+        try:
+            return _eval_const(build, data) if self.is_const(data) else build(data, node.output[0])
+        except ValueError as e:
+            raise self.err(node, str(e)) from None
+
+    def static_value(self, node, v, what):
+        if not self.is_const(v):
+            raise self.err(node, f"{what} is data-dependent; libml needs it at compile time")
+        return np.asarray(v)
+
+    def op_scatter(self, node, at):
+        """ScatterND / ScatterElements with constant indices and reduction "none": every output element is
+        either a data element or an update (the last write wins, as the ONNX reference), so the output is
+        one gather from data and updates side by side; both get gradients through it."""
+        data, idx, upd = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        red = at.get("reduction", b"none")
+        red = red.decode() if isinstance(red, bytes) else red
+        if red not in ("none", "add"):
+            raise self.err(node, f"reduction {red!r} is not supported (libml scatters with reduction 'none' "
+                                 f"or 'add')")
+        if not self.is_const(idx):
+            raise self.err(node, "indices (input 1) are data-dependent; libml's scatter needs constant indices")
+        shp = tuple(self.shape(data))
+        idx = np.asarray(idx).astype(np.int64)
+        n = int(np.prod(shp, dtype=np.int64))
+        if node.op_type == "ScatterND":
+            k = idx.shape[-1]
+            dims = np.asarray(shp[:k], np.int64)
+            if np.any(idx < -dims) or np.any(idx >= dims):
+                raise self.err(node, "indices out of range")
+            idx = np.where(idx < 0, idx + dims, idx)
+            rest = int(np.prod(shp[k:], dtype=np.int64))
+            starts = np.ravel_multi_index(tuple(np.moveaxis(idx, -1, 0)), shp[:k]).reshape(-1) * rest
+            targets = (starts[:, None] + np.arange(rest)).reshape(-1)
+        else:
+            axis = int(at.get("axis", 0)) % len(shp)
+            m = shp[axis]
+            if np.any(idx < -m) or np.any(idx >= m):
+                raise self.err(node, "indices out of range")
+            grid = np.indices(idx.shape, dtype=np.int64)
+            grid[axis] = np.where(idx < 0, idx + m, idx)
+            targets = np.ravel_multi_index(tuple(grid), shp).reshape(-1)
+        lc = self.lc
+        if red == "add":  # data + the updates summed into their targets (gather's gradient kernel: in order)
+            from .ops import make
+
+            def build_add(dv, uv, name=None):
+                acc = make("gather_grad", (lc.reshape(uv, (targets.size,)), dv.graph.const(targets)),
+                           {"axis": 0, "shape": (n,)})
+                return lc.reshape(lc.add(lc.reshape(dv, (n,)), acc), shp, name=name)
+            if self.is_const(data) and self.is_const(upd):
+                return _eval_const(build_add, data, upd)
+            return build_add(self.T(data, node.input[0]), self.T(upd, node.input[2]), node.output[0])
+        src = np.arange(n, dtype=np.int64)
+        src[targets] = n + np.arange(targets.size)  # (assignment in order: the last write wins)
+        def build(dv, uv, name=None):
+            both = lc.concat([lc.reshape(dv, (n,)), lc.reshape(uv, (targets.size,))], axis=0)
+            return lc.reshape(lc.gather(both, src, axis=0), shp, name=name)
+        if self.is_const(data) and self.is_const(upd):
+            return _eval_const(build, data, upd)
+        return build(self.T(data, node.input[0]), self.T(upd, node.input[2]), node.output[0])
 
     def op_cast_like(self, node, at):
         """CastLike (opset 15): Cast to the dtype of input 1 (the dynamo exporter's unoptimised output)."""
@@ -1236,17 +1344,17 @@ class _Importer:
         if idx.ndim != len(shp) or np.any(idx < -n) or np.any(idx >= n):
             raise self.err(node, f"indices of shape {idx.shape} out of range or rank for data of shape {shp}")
         idx = np.where(idx < 0, idx + n, idx)
-        if self.is_const(data):
-            return np.take_along_axis(np.asarray(data), idx, axis=axis)
         if any(idx.shape[d] > shp[d] for d in range(len(shp)) if d != axis):
             raise self.err(node, f"indices of shape {idx.shape} exceed data of shape {shp} outside axis {axis}")
         grid = np.indices(idx.shape, dtype=np.int64)
         grid[axis] = idx
         flat = np.ravel_multi_index(tuple(grid), shp)
         lc = self.lc
-        rows = lc.reshape(data, (int(np.prod(shp)),), name=self.fresh(node.output[0]))
-        y = lc.gather(rows, flat.reshape(-1), axis=0, name=self.fresh(node.output[0]))
-        return lc.reshape(y, idx.shape, name=node.output[0])
+
+        def build(x, name=None):
+            rows = lc.reshape(x, (int(np.prod(shp)),))
+            return lc.reshape(lc.gather(rows, flat.reshape(-1), axis=0), idx.shape, name=name)
+        return _eval_const(build, data) if self.is_const(data) else build(data, node.output[0])
 
     def op_split(self, node, at):
         """Split into parts along ``axis``: sizes from the ``split`` input (opset >= 13) or attribute, or
@@ -1275,7 +1383,7 @@ class _Importer:
             key = [slice(None)] * len(shp)
             key[axis] = slice(lo, lo + size)
             if self.is_const(data):
-                outs.append(np.array(data[tuple(key)]))
+                outs.append(_eval_const(lambda x, a=lo, b=lo + size: self.lc.ops.slice_axis(x, axis, a, b), data))
             else:
                 outs.append(self.lc.ops.slice_axis(data, axis, lo, lo + size, name=name or None))
             lo += size

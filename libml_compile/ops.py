@@ -875,7 +875,8 @@ for _d in [
           lambda n, g: (make("gather_grad", (g, n.inputs[1]), {"axis": n.attrs["axis"], "shape": n.inputs[0].shape}),
                         None),
           int_ok=True, doc="np.take(x, indices, axis): rows picked by int64 indices (negative from the end)"),
-    OpDef("gather_grad", "scatter_add", _s_gather_grad, _r_gather_grad, None,
+    OpDef("gather_grad", "scatter_add", _s_gather_grad, _r_gather_grad,
+          lambda n, g: (make("gather", (g, n.inputs[1]), {"axis": n.attrs["axis"]}), None),
           doc="zeros(shape) with g's rows added at the gathered indices, in index order (deterministic)"),
 ]:
     register(_d)
@@ -938,6 +939,59 @@ def getitem(x, key):
         ax += 1
     shape = tuple(out_shape)
     return y if y.shape == shape else reshape(y, shape)
+
+
+def tile(x, reps, name=None):
+    """``np.tile(x, reps)`` with ``len(reps) == x.ndim`` (ONNX Tile): a gather of repeated indices per
+    axis (its gradient, the scatter-add, sums the copies)."""
+    reps = _seq(reps)
+    if len(reps) != x.ndim or any(as_int(r, "tile: reps") < 0 for r in reps):
+        raise ValueError(f"tile: reps {reps} must give one non-negative count per axis of {x.name!r} {x.shape}")
+    y = x
+    for ax, r in enumerate(reps):
+        if r != 1:
+            y = gather(y, np.tile(np.arange(x.shape[ax], dtype=np.int64), r), axis=ax)
+    return identity(y, name=name) if name or y is x else y
+
+
+def pad(x, pads, mode="constant", value=0.0, name=None):
+    """``np.pad`` (ONNX Pad): ``pads`` = [(before, after)] per axis, non-negative; mode "constant" (with
+    ``value``), "reflect", "edge" or "wrap".  Constant padding concatenates constant blocks, the others gather
+    reflected / repeated indices; gradients flow through both."""
+    pads = [tuple(as_int(v, "pad: pads") for v in p) for p in pads]
+    if len(pads) != x.ndim or any(len(p) != 2 or min(p) < 0 for p in pads):
+        raise ValueError(f"pad: pads {pads} must be one non-negative (before, after) per axis of {x.name!r} {x.shape}")
+    if mode not in ("constant", "reflect", "edge", "wrap"):
+        raise ValueError(f"pad: mode must be 'constant', 'reflect', 'edge' or 'wrap', got {mode!r}")
+    y = x
+    for ax, (lo, hi) in enumerate(pads):
+        if not lo and not hi:
+            continue
+        n = y.shape[ax]
+        if mode == "constant":
+            parts = []
+            for k in (lo, None, hi):
+                if k is None:
+                    parts.append(y)
+                elif k:
+                    shape = list(y.shape)
+                    shape[ax] = k
+                    parts.append(y.graph.const(np.full(shape, value, dtype=y.dtype)))
+            y = concat(parts, axis=ax)
+            continue
+        if n == 0 or (mode == "reflect" and n < 2 and (lo or hi)):
+            raise ValueError(f"pad: {mode} padding of axis {ax} of size {n} in {x.name!r} {x.shape}")
+        idx = np.arange(-lo, n + hi)
+        if mode == "edge":
+            idx = np.clip(idx, 0, n - 1)
+        elif mode == "wrap":
+            idx = idx % n
+        else:  # reflect without repeating the edge, as NumPy (period 2n - 2)
+            period = 2 * n - 2
+            idx = np.abs((idx + period * (abs(lo) // period + 1)) % period)
+            idx = np.where(idx >= n, period - idx, idx)
+        y = gather(y, idx.astype(np.int64), axis=ax)
+    return identity(y, name=name) if name or y is x else y
 
 
 def gather(x, indices, axis=0, name=None):
