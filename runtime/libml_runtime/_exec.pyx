@@ -853,10 +853,12 @@ cdef int _select(const int64_t *f, char **bases) noexcept nogil:
 
 
 cdef int _copy_rows(int64_t isz, int64_t nd, const int64_t *dims, char *src, const int64_t *ss, char *dst,
-                    const int64_t *ds) noexcept nogil:
+                    const int64_t *ds, int nthreads=1) noexcept nogil:
     """Copy a dims-shaped block between strided layouts (element strides ss, ds); ds NULL: dst is
-    contiguous.  Moves only, no arithmetic."""
+    contiguous.  Moves only, no arithmetic, so splitting the rows over threads changes no bit (a
+    transpose of attention heads is a few MB: one core's copy bandwidth was the limit)."""
     cdef int64_t rows = 1, r, d, inner
+    cdef int nt
     if nd == 0:
         memcpy(dst, src, <size_t>isz)
         return 0
@@ -866,27 +868,37 @@ cdef int _copy_rows(int64_t isz, int64_t nd, const int64_t *dims, char *src, con
     for d in range(nd - 1):
         rows *= dims[d]
     inner = dims[nd - 1]
-    for r in range(rows):
-        if ds == NULL:
-            lm_copy_row(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1], dst + isz * r * inner)
-        else:
-            lm_copy_row2(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1],
-                         dst + isz * _unravel(nd, dims, r, ds), ds[nd - 1])
+    nt = _threads(rows * inner, nthreads) if rows > 1 else 1
+    if nt > 1:  # (a parallel region costs more than a small copy: small ones stay on this thread)
+        for r in prange(rows, num_threads=nt, schedule="static"):
+            _copy_one_row(isz, nd, dims, r, inner, src, ss, dst, ds)
+    else:
+        for r in range(rows):
+            _copy_one_row(isz, nd, dims, r, inner, src, ss, dst, ds)
     return 0
 
 
-cdef int _strided_copy(const int64_t *f, char **bases) noexcept nogil:
+cdef inline void _copy_one_row(int64_t isz, int64_t nd, const int64_t *dims, int64_t r, int64_t inner, char *src,
+                               const int64_t *ss, char *dst, const int64_t *ds) noexcept nogil:
+    if ds == NULL:
+        lm_copy_row(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1], dst + isz * r * inner)
+    else:
+        lm_copy_row2(isz, inner, src + isz * _unravel(nd, dims, r, ss), ss[nd - 1],
+                     dst + isz * _unravel(nd, dims, r, ds), ds[nd - 1])
+
+
+cdef int _strided_copy(const int64_t *f, char **bases, int nthreads) noexcept nogil:
     # dst contiguous
     return _copy_rows(f[LM_F_STRIDED_COPY_itemsize], f[LM_F_STRIDED_COPY_ndim], f + LM_F_STRIDED_COPY_dims,
                       _ptr(bases, f + LM_F_STRIDED_COPY_src_slot(f)), f + LM_F_STRIDED_COPY_src_stride(f),
-                      _ptr(bases, f + LM_F_STRIDED_COPY_dst_slot(f)), NULL)
+                      _ptr(bases, f + LM_F_STRIDED_COPY_dst_slot(f)), NULL, nthreads)
 
 
-cdef int _copy_nd(const int64_t *f, char **bases) noexcept nogil:
+cdef int _copy_nd(const int64_t *f, char **bases, int nthreads) noexcept nogil:
     # Concat writes each input into its part of the output, slice reads a part.
     return _copy_rows(f[LM_F_COPY_ND_itemsize], f[LM_F_COPY_ND_ndim], f + LM_F_COPY_ND_dims,
                       _ptr(bases, f + LM_F_COPY_ND_src_slot(f)), f + LM_F_COPY_ND_src_stride(f),
-                      _ptr(bases, f + LM_F_COPY_ND_dst_slot(f)), f + LM_F_COPY_ND_dst_stride(f))
+                      _ptr(bases, f + LM_F_COPY_ND_dst_slot(f)), f + LM_F_COPY_ND_dst_stride(f), nthreads)
 
 
 cdef inline int64_t _index(const int64_t *idx, int64_t j, int64_t n) noexcept nogil:
@@ -996,7 +1008,7 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_COPY:
             memcpy(_ptr(bases, f + LM_F_COPY_dst_slot), _ptr(bases, f + LM_F_COPY_src_slot), <size_t>f[LM_F_COPY_nbytes])
         elif op == LM_OP_STRIDED_COPY:
-            rc = _strided_copy(f, bases)
+            rc = _strided_copy(f, bases, nthreads)
         elif op == LM_OP_SGD_UPDATE:
             rc = _sgd(f32, f, bases, consts, nthreads) if f[LM_F_SGD_UPDATE_dtype] == 0 \
                 else _sgd(f64, f, bases, consts, nthreads)
@@ -1006,7 +1018,7 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_CHECK_FINITE:
             rc = _check_finite(f, bases)
         elif op == LM_OP_COPY_ND:
-            rc = _copy_nd(f, bases)
+            rc = _copy_nd(f, bases, nthreads)
         elif op == LM_OP_GATHER:
             rc = _gather(f, bases, detail)
         elif op == LM_OP_SCATTER_ADD:
