@@ -926,29 +926,44 @@ cdef int _gather(const int64_t *f, char **bases, int64_t *detail) noexcept nogil
     return 0
 
 
-cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
-    # dst = 0; dst[o, idx[j], :] += g[o, j, :] -- gather's gradient.  Serial over j, in index order, so
-    # repeated indices sum in the same order for any thread count (no atomics).
+DEF SA_COLS = 64  # columns per scatter-add task: a task adds its columns of every index's row, in index order
+
+
+cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *detail, int nthreads) noexcept nogil:
+    # dst = 0; dst[o, idx[j], :] += g[o, j, :] -- gather's gradient.  Tasks own blocks of columns and add
+    # the rows in index order, so repeated indices sum in the same order for any thread count (no atomics).
     cdef int64_t outer = f[LM_F_SCATTER_ADD_outer], n = f[LM_F_SCATTER_ADD_n], inner = f[LM_F_SCATTER_ADD_inner]
-    cdef int64_t nidx = f[LM_F_SCATTER_ADD_nidx], o, j, k, i
+    cdef int64_t nidx = f[LM_F_SCATTER_ADD_nidx], j, t
+    cdef int64_t ncb = (inner + SA_COLS - 1) // SA_COLS
     cdef const floating *g = <const floating*>_ptr(bases, f + LM_F_SCATTER_ADD_g_slot)
     cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + LM_F_SCATTER_ADD_idx_slot)
     cdef floating *dst = <floating*>_ptr(bases, f + LM_F_SCATTER_ADD_dst_slot)
-    cdef floating *d
-    cdef const floating *s
+    cdef int nt = _threads(outer * nidx * inner, nthreads) if outer * ncb > 1 else 1
     for j in range(nidx):
         if _index(idx, j, n) < 0:
             detail[0] = j
             return ERR_INDEX
     memset(dst, 0, <size_t>(outer * n * inner * sizeof(floating)))
-    for o in range(outer):
-        for j in range(nidx):
-            k = _index(idx, j, n)
-            d = dst + (o * n + k) * inner
-            s = g + (o * nidx + j) * inner
-            for i in range(inner):
-                d[i] += s[i]
+    if nt > 1:
+        for t in prange(outer * ncb, num_threads=nt, schedule="static"):
+            _scatter_cols(dst, g, idx, n, nidx, inner, t // ncb, (t % ncb) * SA_COLS)
+    else:
+        for t in range(outer * ncb):
+            _scatter_cols(dst, g, idx, n, nidx, inner, t // ncb, (t % ncb) * SA_COLS)
     return 0
+
+
+cdef inline void _scatter_cols(floating *dst, const floating *g, const int64_t *idx, int64_t n, int64_t nidx,
+                               int64_t inner, int64_t o, int64_t c0) noexcept nogil:
+    cdef int64_t c1 = min(c0 + SA_COLS, inner), j, i, k
+    cdef floating *d
+    cdef const floating *s
+    for j in range(nidx):
+        k = _index(idx, j, n)
+        d = dst + (o * n + k) * inner
+        s = g + (o * nidx + j) * inner
+        for i in range(c0, c1):
+            d[i] += s[i]
 
 
 cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
@@ -1022,8 +1037,8 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_GATHER:
             rc = _gather(f, bases, detail)
         elif op == LM_OP_SCATTER_ADD:
-            rc = _scatter_add(f32, f, bases, detail) if f[LM_F_SCATTER_ADD_dtype] == 0 \
-                else _scatter_add(f64, f, bases, detail)
+            rc = _scatter_add(f32, f, bases, detail, nthreads) if f[LM_F_SCATTER_ADD_dtype] == 0 \
+                else _scatter_add(f64, f, bases, detail, nthreads)
         elif op == LM_OP_REDUCE:
             rc = _reduce(f32, f, bases, nthreads, False) if f[LM_F_REDUCE_dtype] == 0 \
                 else _reduce(f64, f, bases, nthreads, False)
