@@ -116,9 +116,13 @@ def model_info(model) -> Dict[str, Any]:
         "frozen": frozen,
         "tied_params": tied_initializers(m),
         "folded_params": folded_initializers(m),
+        # BatchNormalization nodes in training mode (batch statistics: training_mode=1 from opset 14, or the
+        # running-statistics outputs before it) and in inference mode; the dynamo exporter writes a
+        # train-mode module as inference BatchNorm (or folds it into the convolutions: then there is none)
         "batchnorm_training": [n.name or n.output[0] for n in m.graph.node if n.op_type == "BatchNormalization"
                                and (len(n.output) > 1 and any(n.output[1:])
                                     or any(a.name == "training_mode" and a.i for a in n.attribute))],
+        "batchnorm_count": sum(1 for n in m.graph.node if n.op_type == "BatchNormalization"),
         "unsupported_ops": unsupported,
         "ops_without_gradient": lacking,
         "gradient_rules_known": no_grad_libml is not None,
@@ -158,6 +162,12 @@ def format_info(info: Dict[str, Any]) -> str:
         lines.append("warning: params that look like exporter-computed weight copies: "
                      + ", ".join(info["folded_params"][:8]) + ("..." if len(info["folded_params"]) > 8 else "")
                      + " (export with dynamo=True, optimize=False or dynamo=False to keep the weights)")
+    if info["batchnorm_count"]:
+        tr = len(info["batchnorm_training"])
+        lines.append(f"batchnorm: {info['batchnorm_count']} nodes, {tr} in training mode (batch statistics), "
+                     f"{info['batchnorm_count'] - tr} in inference mode (running statistics)"
+                     + ("; to fine-tune with batch statistics, export with torch.onnx.export(..., dynamo=False, "
+                        "training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False)" if tr == 0 else ""))
     if info["constants"]:
         lines.append(f"constants: {len(info['constants'])} integer initializers "
                      f"({sum(c[3] for c in info['constants']):,} bytes)")

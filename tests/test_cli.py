@@ -52,6 +52,24 @@ def test_info_reports_unsupported_and_gradientless_ops(tmp_path, capsys):
     assert "Cast (to an integer type" in out
 
 
+def test_info_says_whether_batchnorm_nodes_are_in_training_mode(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    import warnings
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU())
+    x = torch.randn(2, 1, 6, 6)
+    for name, kw, want in (("eval", {"dynamo": False, "do_constant_folding": False}, "1 nodes, 0 in training mode"),
+                           ("train", {"dynamo": False, "training": torch.onnx.TrainingMode.TRAINING,
+                                      "do_constant_folding": False}, "1 nodes, 1 in training mode")):
+        path = str(tmp_path / f"{name}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net.train(name == "train"), (x,), path, opset_version=17, **kw)
+        assert main(["info", path]) == 0
+        out = capsys.readouterr().out
+        assert f"batchnorm: {want}" in out, out
+        assert ("TrainingMode.TRAINING" in out) == (name == "eval")
+
+
 def test_info_bad_file(tmp_path, capsys):
     bad = tmp_path / "garbage.onnx"
     bad.write_text("not onnx at all")
