@@ -114,8 +114,8 @@ def model_info(model) -> Dict[str, Any]:
         "constants": consts,
         # float initializers import_onnx keeps constant (scales, epsilons, fill values), with the reason
         "frozen": frozen,
-        "tied_params": tied_initializers(m),
-        "folded_params": folded_initializers(m),
+        "tied_params": tied_initializers(m, roles),
+        "folded_params": folded_initializers(m, roles),
         # BatchNormalization nodes in training mode (batch statistics: training_mode=1 from opset 14, or the
         # running-statistics outputs before it) and in inference mode; the dynamo exporter writes a
         # train-mode module as inference BatchNorm (or folds it into the convolutions: then there is none)

@@ -468,11 +468,11 @@ def classify_initializers(m) -> Dict[str, Tuple[str, str]]:
     return out
 
 
-def tied_initializers(m) -> Dict[str, list]:
+def tied_initializers(m, roles=None) -> Dict[str, list]:
     """Param initializers feeding several weight slots of different nodes (the dynamo exporter's default
     optimisation merges equal-valued tensors: every all-ones LayerNorm scale becomes one tensor), as
     ``{name: [node names]}``: training them ties what were separate params."""
-    roles = classify_initializers(m)
+    roles = classify_initializers(m) if roles is None else roles  # (the caller's, when it has them)
     uses: Dict[str, list] = {}
     for node in m.graph.node:
         for k, i in enumerate(node.input):
@@ -481,7 +481,7 @@ def tied_initializers(m) -> Dict[str, list]:
     return {n: v for n, v in uses.items() if len(v) > 1}
 
 
-def folded_initializers(m) -> list:
+def folded_initializers(m, roles=None) -> list:
     """Param initializers that look like copies the exporter computed from a weight (a pre-transposed Linear
     weight, an embedding table pre-gathered at constant positions): in a PyTorch export whose other params
     carry module paths (``encoder.layer.0.dense.weight``), the ones with generated names (``val_56``,
@@ -489,7 +489,8 @@ def folded_initializers(m) -> list:
     slice has lost the rest of its table."""
     if not (m.producer_name or "").startswith("pytorch"):
         return []
-    params = [k for k, (r, _) in classify_initializers(m).items() if r == "param"]
+    roles = classify_initializers(m) if roles is None else roles
+    params = [k for k, (r, _) in roles.items() if r == "param"]
     if not any("." in k for k in params):
         return []
     return [k for k in params if "." not in k]
@@ -1784,7 +1785,8 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
     name = work.graph.name or (os.path.splitext(os.path.basename(source))[0] if source else "onnx_model")
     imp = _Importer(lc, work, opset, source, name)
     force_p, force_c = _patterns(params, "params"), _patterns(constants, "constants")
-    roles = {k: r for k, (r, _) in classify_initializers(work).items()}
+    classified = classify_initializers(work)
+    roles = {k: r for k, (r, _) in classified.items()}
     for pats, what in ((force_p, "params"), (force_c, "constants")):
         for p in pats:
             if not any(_matches(k, [p]) for k in roles):
@@ -1802,7 +1804,7 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
     g.meta["onnx_input_shapes"] = dict(input_shapes)
     g.meta["onnx_params"] = list(imp.param_names)
     g.meta["onnx_constants"] = list(imp.constant_names)  # float initializers kept constant (not trained)
-    tied = tied_initializers(work)
+    tied = tied_initializers(work, classified)
     if tied:
         import warnings
         desc = "; ".join(f"{k!r} feeds {len(v)} nodes ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
@@ -1811,7 +1813,7 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
                       f"them: {desc}.  The dynamo exporter merges equal-valued initializers by default; export "
                       f"with optimize=False (or the TorchScript exporter, dynamo=False) to keep every parameter",
                       TiedParamsWarning, stacklevel=2)
-    folded = folded_initializers(work)
+    folded = folded_initializers(work, classified)
     if folded:
         import warnings
         warnings.warn(f"import_onnx: {len(folded)} param initializer(s) look like copies the exporter computed "
