@@ -120,6 +120,7 @@ def setup_torch(wid, spec, feeds, compiled=False):
                        " (statically linked, not visible to threadpoolctl)"}
     k = spec["kind"]
     t = {n: torch.from_numpy(v) for n, v in feeds.items()}
+    make_opt = lambda ps: torch.optim.SGD(ps, lr=common.LR)  # noqa: E731  (W1-W4; W7 trains with AdamW)
     if k == "gemm":
         if compiled:
             raise Skip("not run")
@@ -154,17 +155,7 @@ def setup_torch(wid, spec, feeds, compiled=False):
 
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y)
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-        if compiled:
-            loss_fn = torch.compile(loss_fn)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            L = loss_fn(x, y)
-            L.backward()
-            opt.step()
-            return L.item()
-        return step, info
+        make_opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01)  # noqa: E731
     elif k == "w4":
         a, b, c = (torch.nn.Parameter(torch.from_numpy(v.copy())) for v in common.w4_params())
         params = [a, b, c]
@@ -177,7 +168,7 @@ def setup_torch(wid, spec, feeds, compiled=False):
         raise Skip(k)
     if compiled:
         loss_fn = torch.compile(loss_fn)
-    opt = torch.optim.SGD(params, lr=common.LR)
+    opt = make_opt(params)
 
     def step():
         opt.zero_grad(set_to_none=True)
