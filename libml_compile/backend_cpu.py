@@ -56,6 +56,7 @@ from libml_runtime.plan import Entry
 from . import ops_logic, passes
 from .ir import FLOAT_DTYPES
 from .ops import REGISTRY, gemm_outputs
+from .views import View, dense_strides, matrix_layout as views_matrix
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
             "maximum": F.VM_OPS["MAX"], "minimum": F.VM_OPS["MIN"], "pow": F.VM_OPS["POW"]}
@@ -750,23 +751,50 @@ def _momentum_loc(state, p):
     return F.SLOT_STATE, state.opt_state_offset(f"{p.name}/momentum", p.dtype, p.shape)
 
 
+def _view_matrix(v):
+    got = views_matrix(v)
+    if got is None:
+        raise ValueError(f"gemm operand view {v} has neither rows nor columns contiguous")
+    return got
+
+
 def _emit_gemm(em, nid, t, loc, state, outs):
     a, b = t.inputs[:2]
     ta, tb = bool(t.attrs.get("ta")), bool(t.attrs.get("tb"))
     into_state = t.op in ("sgd_gemm", "momentum_gemm")  # C is a state buffer of the param inputs[2]
-    M, N = (t.inputs[2].shape if into_state else t.shape)[-2:]
-    K = a.shape[-2] if ta else a.shape[-1]
-    batch = list(t.shape[:-2]) if not into_state else []
-    sA = broadcast_strides(a.shape[:-2], batch)
-    sB = broadcast_strides(b.shape[:-2], batch)
-    sC = contiguous_strides(batch)
-    matA, matB = a.shape[-2] * a.shape[-1], b.shape[-2] * b.shape[-1]
-    sA = [s * matA for s in sA]
-    sB = [s * matB for s in sB]
-    sC = [s * M * N for s in sC]
-    # (..., M, K) @ (K, N) with a contiguous, untransposed A: one GEMM with M' = batch * M
-    if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
-        M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
+    views, out_view = t.attrs.get("views") or {}, t.attrs.get("out_view")
+    shape_a = views[0].shape if 0 in views else a.shape
+    M, N = (t.inputs[2].shape if into_state else out_view.shape if out_view else t.shape)[-2:]
+    K = shape_a[-2] if ta else shape_a[-1]
+    batch = list((out_view or t).shape[:-2]) if not into_state else []
+    strided = None
+    if views or out_view:  # operands read / written in place (views.absorb_views): gemm_strided
+        strided, locs = {}, {}
+        for k, (x, flag) in enumerate(((a, "ta"), (b, "tb"))):
+            v = views.get(k) or View(x.shape, 0, dense_strides(x.shape))
+            flip, ld = _view_matrix(v)
+            strided[f"ld{'ab'[k]}"] = ld
+            if flip:
+                ta, tb = (not ta, tb) if k == 0 else (ta, not tb)
+            slot, off = loc(x)
+            locs[k] = (slot, off + v.offset * np.dtype(t.dtype).itemsize)
+            lead = len(batch) - (len(v.shape) - 2)
+            strided["AB"[k]] = [0 if j < 0 or v.shape[j] == 1 else v.strides[j]
+                                for j in (i - lead for i in range(len(batch)))]
+        sA, sB = strided.pop("A"), strided.pop("B")
+        sC = list(out_view.strides[:-2]) if out_view else [s * M * N for s in contiguous_strides(batch)]
+        strided["ldc"] = out_view.strides[-2] if out_view else N
+    else:
+        sA = broadcast_strides(a.shape[:-2], batch)
+        sB = broadcast_strides(b.shape[:-2], batch)
+        sC = contiguous_strides(batch)
+        matA, matB = a.shape[-2] * a.shape[-1], b.shape[-2] * b.shape[-1]
+        sA = [s * matA for s in sA]
+        sB = [s * matB for s in sB]
+        sC = [s * M * N for s in sC]
+        # (..., M, K) @ (K, N) with a contiguous, untransposed A: one GEMM with M' = batch * M
+        if batch and not ta and all(s == 0 for s in sB) and a.shape[:-2] == tuple(batch):
+            M, batch, sA, sB, sC = M * int(np.prod(batch)), [], [], [], []
     act = t.attrs.get("act")
     epi = {}
     if t.op == "linear_ex":
@@ -793,8 +821,11 @@ def _emit_gemm(em, nid, t, loc, state, outs):
         out, alpha, beta = _momentum_loc(state, t.inputs[2]), 1.0, t.attrs["momentum"]
     else:
         out, alpha, beta = (outs[names.index("pre")] if "pre" in names else loc(t)), 1.0, 0.0
-    em.emit(("gemm_ex_keep" if "pre" in names else "gemm_ex") if epi else "gemm", nid, {**epi, "dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
-                          "transB": int(tb), **_opnd("A", loc(a)), **_opnd("B", loc(b)), **_opnd("C", out),
+    alpha *= t.attrs.get("alpha", 1.0)  # (passes.fold_gemm_scales: scalar factors of A, B or the product)
+    opname = ("gemm_ex_keep" if "pre" in names else "gemm_ex") if epi else "gemm_strided" if strided else "gemm"
+    em.emit(opname, nid, {**epi, **(strided or {}), "dtype": F.DTYPE_CODE[t.dtype], "M": M, "N": N, "K": K, "transA": int(ta),
+                          "transB": int(tb), **_opnd("A", locs[0] if strided else loc(a)),
+                          **_opnd("B", locs[1] if strided else loc(b)), **_opnd("C", out),
                           "alpha": em.const(alpha), "beta": em.const(beta), **_opnd("bias", bias), "act": act_code,
                           "batch_ndim": len(batch), "batch_dims": batch, "A.batch_stride": sA, "B.batch_stride": sB,
                           "C.batch_stride": sC, **_opnd("mask", mask), **_opnd("colsum", colsum)})

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops_logic, passes
+from . import ops_logic, passes, views
 from .ir import Tensor
 from .ops import REGISTRY, out_specs
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
@@ -208,6 +208,11 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     present = {t.op for t in nodes}
     if "matmul" in present:
         rewrite(passes.absorb_transposes(nodes))
+    if fuse and "matmul" in present:
+        # scales fold into alpha once transposes no longer hide them (matmul(transpose(x * c), .)); then
+        # the transposes the scales hid (transpose(matmul(.) * c)) are absorbed in turn
+        rewrite(passes.fold_gemm_scales(passes.topo_from_roots(roots), roots))
+        rewrite(passes.absorb_transposes(passes.topo_from_roots(roots)))
     if fuse:
         # (each pass sorts the graph it reads: skipped where its anchor op is absent, e.g. a graph without
         # GEMMs; 0.4 s of a 20,000-op elementwise chain)
@@ -221,6 +226,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         if any(r.op == "adam_update" for r in roots):
             roots = passes.split_adam(passes.topo_from_roots(roots), roots)
+        if "matmul" in present:
+            # last: the passes above read matmul inputs as dense tensors (views.py)
+            rewrite(views.absorb_views(passes.topo_from_roots(roots), roots))
     # after every rewrite: each in-place writer waits for all readers of the value it overwrites
     nodes, m, inplace_after = passes.order_inplace_writers(roots)
     if m:

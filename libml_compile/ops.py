@@ -204,6 +204,9 @@ def out_specs(t: Tensor) -> list:
     d = REGISTRY[t.op]
     if d.shape is None:
         return [(t.shape, t.dtype)]
+    if "views" in t.attrs or "out_view" in t.attrs:  # a GEMM reading / writing views (views.py)
+        from .views import logical_specs
+        return logical_specs(t, d.shape)
     spec = d.shape(t.inputs, t.attrs)
     return spec if isinstance(spec, list) else [spec]
 

@@ -344,6 +344,66 @@ def _algebraic(t, readers, ver):
     return None
 
 
+def gemm_flags(m):
+    """The attrs a GEMM node built from matmul ``m`` inherits: its transpose flags and, when not 1, the
+    alpha ``fold_gemm_scales`` gave it."""
+    f = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False)}
+    if m.attrs.get("alpha", 1.0) != 1.0:
+        f["alpha"] = m.attrs["alpha"]
+    return f
+
+
+def _scalar_factor(x):
+    """(inner, c) when ``x`` is inner * c, c * inner or inner / c for a float scalar constant c and inner
+    of x's shape and dtype, else None."""
+    if x.op not in ("mul", "div") or x.dtype not in FLOAT_DTYPES:
+        return None
+    pairs = [x.inputs, x.inputs[::-1]] if x.op == "mul" else [x.inputs]
+    for inner, k in pairs:
+        if _is_scalar_const(k) and inner.shape == x.shape and inner.dtype == x.dtype:
+            c = float(k.value.reshape(-1)[0])
+            if x.op == "div":
+                if c == 0.0:
+                    return None
+                c = 1.0 / c
+            return inner, c
+    return None
+
+
+def fold_gemm_scales(nodes, roots):
+    """matmul(x * c, y), matmul(x, y * c) and matmul(x, y) * c (or / c) for float scalar constants c ->
+    one matmul with BLAS's alpha = c: attention's 1/sqrt(d) (exporters scale q and k by its square root,
+    or the scores), and the same factors in its backward, cost no pass over an operand or the product.
+    The scaled operand stays if something else reads it.  (alpha multiplies the product before any
+    epilogue: bias and activation see alpha * A @ B, as (x * c) @ y + b computes.)  Returns a Rewrite."""
+    rw = Rewrite()
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    folded = {}
+    for t in nodes:
+        if t.op != "matmul":
+            continue
+        ins, alpha = list(t.inputs), t.attrs.get("alpha", 1.0)
+        for k in (0, 1):
+            got = _scalar_factor(ins[k])
+            if got is not None:
+                ins[k], c = got
+                alpha *= c
+        if alpha != t.attrs.get("alpha", 1.0):
+            folded[t] = (ins, dict(t.attrs, alpha=alpha))
+            rw.replace(t, "matmul", ins, folded[t][1])
+    for d in nodes:
+        got = _scalar_factor(d)
+        if got is None:
+            continue
+        m, c = got
+        if m.op != "matmul" or m in keep or consumers.get(m) != [d]:
+            continue
+        ins, attrs = folded.get(m, (m.inputs, dict(m.attrs)))
+        rw.replace(d, "matmul", ins, dict(attrs, alpha=attrs.get("alpha", 1.0) * c))
+    return rw
+
+
 def fuse_epilogues(nodes, roots):
     """matmul -> + bias(N,) [-> relu]  ==>  one ``linear`` node: BLAS writes a panel, the epilogue adds the
     bias and applies relu while the panel is in cache.  The consumer is replaced (its consumers read the
@@ -367,8 +427,7 @@ def fuse_epilogues(nodes, roots):
         if bias.ndim != 1:
             from .ops import reshape
             bias = reshape(bias, (bias.size,))
-        rw.replace(out, "linear", (m.inputs[0], m.inputs[1], bias),
-                   {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": act})
+        rw.replace(out, "linear", (m.inputs[0], m.inputs[1], bias), dict(gemm_flags(m), act=act))
     return rw
 
 
@@ -428,8 +487,7 @@ def fuse_vm_epilogues(nodes, roots):
                 continue  # gemm + gemm: either could host the other; leave it to the element-wise kernel
             if keep_pre and aux is not None:
                 continue  # (an auxiliary operand could be computed from the kept value: a cycle)
-            attrs = {"ta": p.attrs.get("ta", False), "tb": p.attrs.get("tb", False), "epi": d.op,
-                     "has_bias": has_bias, "operands": tuple(operands)}
+            attrs = dict(gemm_flags(p), epi=d.op, has_bias=has_bias, operands=tuple(operands))
             inputs = head + ((aux,) if aux is not None else ())
             if keep_pre:
                 attrs["keep"] = True
@@ -485,7 +543,7 @@ def fold_sgd_into_gemm(nodes, roots):
             keep_p.append(p)
             keep_g.append(g)
             continue
-        gemm = {"ta": g.attrs.get("ta", False), "tb": g.attrs.get("tb", False)}
+        gemm = gemm_flags(g)
         if momentum:
             keep_p.append(p)
             keep_g.append(make("momentum_gemm", (g.inputs[0], g.inputs[1], p), dict(gemm, momentum=momentum)))
@@ -648,7 +706,7 @@ def fuse_relu_backward(nodes, roots):
                 or st.inputs[0].shape != d.shape or consumers.get(m) != [d]):
             continue
         mask = st.inputs[0]
-        attrs = {"ta": m.attrs.get("ta", False), "tb": m.attrs.get("tb", False), "act": "relu_grad"}
+        attrs = dict(gemm_flags(m), act="relu_grad")
         _replace_with_colsum(rw, d, "linear", (m.inputs[0], m.inputs[1], mask), attrs, consumers)
     return rw
 

@@ -379,9 +379,10 @@ cdef inline void _epi_row(floating dummy, int64_t n, floating *c, floating *bias
 
 
 cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
-               int nthreads, bint ex=False, bint keep=False) noexcept nogil:
+               int nthreads, bint ex=False, bint keep=False, bint strided=False) noexcept nogil:
     """gemm, and gemm_ex (ex): the same fields, then the VM-step epilogue's (act 3); gemm_ex_keep (keep):
-    then the epilogue's destination Y (C keeps the GEMM + bias value)."""
+    then the epilogue's destination Y (C keeps the GEMM + bias value); gemm_strided (strided): gemm's
+    fields, then the leading dimensions lda, ldb, ldc (operands read and written in place as views)."""
     cdef int M = <int>f[LM_F_GEMM_M], N = <int>f[LM_F_GEMM_N], K = <int>f[LM_F_GEMM_K]
     cdef bint ta = f[LM_F_GEMM_transA] != 0, tb = f[LM_F_GEMM_transB] != 0
     cdef floating alpha = <floating>consts[f[LM_F_GEMM_alpha]]
@@ -417,6 +418,10 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     if lda < 1: lda = 1
     if ldb < 1: ldb = 1
     if ldc < 1: ldc = 1
+    if strided:  # (plan.validate checked them against M, N, K and the buffers)
+        lda = <int>f[LM_F_GEMM_STRIDED_lda(f)]
+        ldb = <int>f[LM_F_GEMM_STRIDED_ldb(f)]
+        ldc = <int>f[LM_F_GEMM_STRIDED_ldc(f)]
     for d in range(bdim):
         nbatch *= bd[d]
     if M == 0 or N == 0 or nbatch == 0:
@@ -424,7 +429,8 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
     if K == 0:  # BLAS would leave C untouched for beta = 0 on some implementations
         if beta == 0:
             for bi in range(nbatch):
-                memset(C + _boff(bi, bdim, bd, sC), 0, <size_t>M * N * sizeof(floating))
+                for i in range(M):  # (rows of ldc: a strided C is written only where it is C)
+                    memset(C + _boff(bi, bdim, bd, sC) + <int64_t>i * ldc, 0, <size_t>N * sizeof(floating))
         if colsum != NULL:
             memset(colsum, 0, <size_t>N * sizeof(floating))
         # the epilogue still applies to the (zero) product: bias, activation, mask, column sums
@@ -440,7 +446,7 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
         elif bias != NULL or act != 0:
             for bi in range(nbatch):
                 for i in range(M):
-                    _epi_row(dummy, N, C + _boff(bi, bdim, bd, sC) + <int64_t>i * N, bias, act)
+                    _epi_row(dummy, N, C + _boff(bi, bdim, bd, sC) + <int64_t>i * ldc, bias, act)
         return 0
     # Panels depend on the problem size only, never on the thread count: BLAS may pick different
     # micro-kernels for different panel shapes, so a thread-dependent split would make results differ
@@ -1006,6 +1012,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_GEMM_EX_KEEP:
             rc = _gemm(f32, f, ln - LM_HEADER, bases, consts, nthreads, True, True) if f[LM_F_GEMM_dtype] == 0 \
                 else _gemm(f64, f, ln - LM_HEADER, bases, consts, nthreads, True, True)
+        elif op == LM_OP_GEMM_STRIDED:
+            rc = _gemm(f32, f, ln - LM_HEADER, bases, consts, nthreads, False, False, True) \
+                if f[LM_F_GEMM_dtype] == 0 else _gemm(f64, f, ln - LM_HEADER, bases, consts, nthreads, False, False, True)
         elif op == LM_OP_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads) if f[LM_F_SOFTMAX_dtype] == 0 else _softmax(f64, f, bases, nthreads)
         elif op == LM_OP_SOFTMAX_XENT:

@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 2
+MAJOR, MINOR = 2, 3
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -110,6 +110,14 @@ OPCODES = [
     # out = *counter; *counter += 1 (int64 scalars): a persistent counter (the state) advanced once per
     # call of an entry, its value before the advance copied to out for this call's readers
     (34, "counter_next", "counter.slot counter.offset out.slot out.offset"),
+    # ---- format 2.3: gemm over strided operands (libml_compile/views.py: attention's head transposes,
+    # the in-projection's q/k/v slices and the output's permute read or written in place).  gemm's fields
+    # (same offsets), then the leading dimensions of A, B and C in elements; the batch strides may be any
+    # (non-overlapping for C).  C is dense unless act is 0 or 1 with no mask and no column sums.
+    (35, "gemm_strided", "dtype M N K transA transB A.slot A.offset B.slot B.offset C.slot C.offset alpha beta "
+     "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
+     "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
+     "lda ldb ldc"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -611,6 +619,8 @@ def _self_check():
         raise ValueError("format: gemm_ex must start with gemm's layout")
     if not LAYOUTS["gemm_ex_keep"].text.startswith(LAYOUTS["gemm_ex"].text):
         raise ValueError("format: gemm_ex_keep must start with gemm_ex's layout")
+    if not LAYOUTS["gemm_strided"].text.startswith(LAYOUTS["gemm"].text):
+        raise ValueError("format: gemm_strided must start with gemm's layout")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

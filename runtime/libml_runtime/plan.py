@@ -341,7 +341,39 @@ class _Decoder:
         isz = F.ITEMSIZE[d["dtype"]]
         self.operand(d, "y", d["M"] * d["N"] * math.prod(d["batch_dims"]) * isz, writable=True, align=isz)
 
-    def op_gemm(self, d, ex=False):
+    def op_gemm_strided(self, d):
+        """gemm over views: lda/ldb/ldc at least the row length of the stored matrices; every operand
+        inside its buffer over all batch entries; C's elements pairwise distinct (the batch entries run on
+        different threads); a C that is not dense only with the plain or relu epilogue (act 0 / 1)."""
+        self.op_gemm(d, strided=True)
+        isz = F.ITEMSIZE[d["dtype"]]
+        M, N, K, ta, tb, bd = d["M"], d["N"], d["K"], d["transA"], d["transB"], d["batch_dims"]
+        rows = {"A": (K, M) if ta else (M, K), "B": (N, K) if tb else (K, N), "C": (M, N)}
+        for x in "ABC":
+            r, c = rows[x]
+            ld = self.rng(f"ld{x.lower()}", d[f"ld{x.lower()}"], max(1, c), 2 ** 31 - 1)
+            if not (M and N and all(bd)) or r * c == 0:
+                continue
+            last = sum((k - 1) * st for k, st in zip(bd, d[f"{x}.batch_stride"])) + (r - 1) * ld + c
+            slot = d[f"{x}.slot"]
+            if d[f"{x}.offset"] + isz * last > self.sizes[slot]:
+                self.fail(f"{x} is outside its buffer")
+            rows[x] = (r, c, ld)
+        dense = d["ldc"] == N and all(bd[i] <= 1 or d["C.batch_stride"][i] == M * N * math.prod(bd[i + 1:])
+                                      for i in range(len(bd)))
+        if not dense and (d["act"] > 1 or d["mask.slot"] >= 0 or d["colsum.slot"] >= 0):
+            self.fail("a strided C takes no mask, column sums or VM epilogue")
+        # C's elements are distinct iff, its dims sorted by stride, each stride is at least the extent of
+        # the dims below it (a race between batch entries otherwise, and results would depend on threads)
+        dims = sorted((st, n) for st, n in zip([1, d["ldc"]] + list(d["C.batch_stride"]), [N, M] + list(bd))
+                      if n > 1)
+        extent = 1
+        for st, n in dims:
+            if st < extent:
+                self.fail("C's batch strides and ldc make its elements overlap")
+            extent = st * (n - 1) + extent
+
+    def op_gemm(self, d, ex=False, strided=False):
         isz = self.fdtype(d)
         self.fields(d, [("M", 0, 2 ** 31 - 1), ("N", 0, 2 ** 31 - 1), ("K", 0, 2 ** 31 - 1), ("transA", 0, 1),
                         ("transB", 0, 1), ("act", 3, 3) if ex else ("act", 0, 2), ("batch_ndim", 0, F.LM_MAXD)])
@@ -373,12 +405,12 @@ class _Decoder:
             self.fail("colsum is outside its buffer, misaligned or not writable")
         if bslot >= 0 and (boff + N * isz > self.sizes[bslot] or boff % isz):
             self.fail("bias is outside its buffer or misaligned")
-        for i in range(bdim):
+        for i in range(bdim if not strided else 0):
             # C is dense (the bias/activation epilogue walks it as nbatch*M rows of N)
             want = M * N * math.prod(bd[i + 1:])
             if bd[i] > 1 and sc[i] != want:
                 self.fail(f"C.batch_stride[{i}] = {sc[i]} is not the dense stride {want}")
-        if M and N and all(bd):
+        if M and N and all(bd) and not strided:  # (op_gemm_strided checks the extents with the ld fields)
             def last(strides, n):
                 return sum((k - 1) * st for k, st in zip(bd, strides)) + n
             for nm, (slot, off), strides, n in (("A", a, sa, M * K), ("B", b, sb, K * N), ("C", cc, sc, M * N)):
