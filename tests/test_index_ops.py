@@ -238,7 +238,7 @@ def test_validator_refuses_an_index_flat_whose_positions_could_overflow():
             _, where = F.locate(entry.code, pc)
             entry.code[where["mult"][0]] = 2 ** 40
             entry.code[where["dims"][0]] = 2 ** 30
-    with pytest.raises(PlanError, match="index_flat|largest flat position"):
+    with pytest.raises(PlanError, match=r"the largest flat position exceeds 2\^62"):
         validate(prog.plan)
 
 
