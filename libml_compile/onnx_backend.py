@@ -31,8 +31,9 @@ __all__ = ["LibmlBackend", "LibmlBackendRep", "prepare", "run_model", "run_node"
            "discover_conformance_cases", "run_conformance_case", "EXCLUDED_CASES"]
 
 # (op_type, input index) pairs whose value must be known at compile time
+# (GatherND / GatherElements indices are live tensors: the cases feed them, range-checked on feed)
 _STATIC_OPERANDS = {("Reshape", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Gather", 1), ("Split", 1), ("Expand", 1),
-                    ("GatherND", 1), ("GatherElements", 1), ("Tile", 1), ("Pad", 1), ("Pad", 2), ("Pad", 3),
+                    ("Tile", 1), ("Pad", 1), ("Pad", 2), ("Pad", 3),
                     ("ScatterND", 1), ("ScatterElements", 1)} | {("Slice", i) for i in range(1, 5)}
 # ... and the axes input of the Reduce* ops (opset >= 18; ReduceSum >= 13)
 _STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
@@ -192,7 +193,7 @@ UNSUPPORTED_ELEM_TYPE_REASON = (
     "uses an element type libml has no dtype for (libml: float32, float64, 8- to 64-bit ints, bool); "
     "float16/bfloat16/float8/float4/int4/int2/string tensors are not supported by the runtime")
 DATA_DEPENDENT_REASON = (
-    "an operand libml needs at compile time (a shape, slice bounds, GatherND/GatherElements indices) is computed "
+    "an operand libml needs at compile time (a shape, slice bounds, Scatter indices) is computed "
     "from a graph input at run time; libml graphs are static")
 RANDOM_OUTPUT_REASON = (
     "the expected output is a draw of the test generator's own random numbers (Dropout in training mode with a "
@@ -314,10 +315,10 @@ def _random_dropout(case) -> bool:
     return False
 
 
-#: attribute values of supported operators that libml does not implement, with the reason
-UNSUPPORTED_VARIANTS = {("ScatterND", "reduction"): ("mul", "max", "min"),
-                        ("ScatterElements", "reduction"): ("mul", "max", "min")}
-UNSUPPORTED_VARIANT_REASON = "uses a Scatter reduction libml does not implement (mul, max, min; none and add run)"
+#: attribute values of supported operators that libml does not implement, with the reason (none today: the
+#: Scatter reductions mul, max and min run since ops_index.py)
+UNSUPPORTED_VARIANTS: Dict[Tuple[str, str], Tuple[str, ...]] = {}
+UNSUPPORTED_VARIANT_REASON = "uses an attribute value libml does not implement"
 
 
 def _unsupported_variant(model) -> bool:

@@ -57,13 +57,17 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
     "Expand": ("op_expand", ("broadcast_to",), True),
-    "GatherND": ("op_gather_nd", ("reshape", "gather"), True),
-    "GatherElements": ("op_gather_elements", ("reshape", "gather"), True),
+    "GatherND": ("op_gather_nd", ("index_flat", "reshape", "gather"), True),
+    "GatherElements": ("op_gather_elements", ("index_flat", "reshape", "gather"), True),
+    "DepthToSpace": ("op_depth_to_space", ("reshape", "transpose"), True),
+    "SpaceToDepth": ("op_depth_to_space", ("reshape", "transpose"), True),
     "CastLike": ("op_cast_like", ("cast",), True),
     "Tile": ("op_tile", ("gather",), True),
     "Pad": ("op_pad", ("concat", "gather", "slice"), True),
-    "ScatterND": ("op_scatter", ("reshape", "concat", "gather"), True),
-    "ScatterElements": ("op_scatter", ("reshape", "concat", "gather"), True),
+    "ScatterND": ("op_scatter", ("reshape", "concat", "gather", "gather_grad", "add", "reduce_prod",
+                                 "reduce_max", "reduce_min"), True),
+    "ScatterElements": ("op_scatter", ("reshape", "concat", "gather", "gather_grad", "add", "reduce_prod",
+                                       "reduce_max", "reduce_min"), True),
 }
 
 
@@ -1184,36 +1188,10 @@ class _Importer:
         return self.lc.broadcast_to(data, out, name=node.output[0]) if out != self.shape(data) else data
 
     def op_gather_nd(self, node, at):
-        """GatherND with constant indices (exporters write them for masks and pooling): the indexed leading
-        dims (after ``batch_dims``) are flattened and the rows picked by one Gather of flat indices."""
-        data, idx = self.get(node, 0), self.get(node, 1)
-        if not self.is_const(idx):
-            raise self.err(node, "indices (input 1) are data-dependent; libml's GatherND needs constant indices")
-        idx = np.asarray(idx).astype(np.int64)
-        shp = self.shape(data)
-        b = int(at.get("batch_dims", 0))
-        k = idx.shape[-1]
-        if b + k > len(shp) or idx.shape[:b] != tuple(shp[:b]):
-            raise self.err(node, f"indices of shape {idx.shape} do not fit data of shape {shp} with batch_dims {b}")
-        dims = np.asarray(shp[b:b + k], dtype=np.int64)
-        if np.any(idx < -dims) or np.any(idx >= dims):
-            raise self.err(node, f"indices out of range for the dims {tuple(dims.tolist())}")
-        idx = np.where(idx < 0, idx + dims, idx)
-        flat = np.zeros(idx.shape[:-1], np.int64)
-        for j in range(k):
-            flat = flat * dims[j] + idx[..., j]
-        nb = int(np.prod(shp[:b], dtype=np.int64))
-        per = int(np.prod(dims))
-        # batch element i owns rows [i * per, (i + 1) * per) of the flattened data
-        flat = flat.reshape(nb, -1) + (np.arange(nb, dtype=np.int64) * per)[:, None]
-        rest = tuple(shp[b + k:])
-        out_shape = tuple(idx.shape[:-1]) + rest
-        lc = self.lc
-
-        def build(x, name=None):
-            rows = lc.reshape(x, (nb * per,) + rest)
-            return lc.reshape(lc.gather(rows, flat.reshape(-1), axis=0), out_shape, name=name)
-        return _eval_const(build, data) if self.is_const(data) else build(data, node.output[0])
+        """GatherND (ops_index.gather_nd): constant indices fold into a constant gather; live (fed or computed)
+        ones are mapped to flat rows by the runtime, range-checked."""
+        return self._index_op(node, lambda x, i, name=None: self.lc.gather_nd(
+            x, i, batch_dims=int(at.get("batch_dims", 0)), name=name))
 
     def op_tile(self, node, at):
         data = self.get(node, 0)
@@ -1267,56 +1245,26 @@ class _Importer:
         return np.asarray(v)
 
     def op_scatter(self, node, at):
-        """ScatterND / ScatterElements with constant indices and reduction "none": every output element is
-        either a data element or an update (the last write wins, as the ONNX reference), so the output is
-        one gather from data and updates side by side; both get gradients through it."""
+        """ScatterND / ScatterElements with constant indices and any reduction (none, add, mul, max, min):
+        ops_index.scatter_nd / scatter_elements; data and updates get gradients."""
         data, idx, upd = self.get(node, 0), self.get(node, 1), self.get(node, 2)
         red = at.get("reduction", b"none")
         red = red.decode() if isinstance(red, bytes) else red
-        if red not in ("none", "add"):
-            raise self.err(node, f"reduction {red!r} is not supported (libml scatters with reduction 'none' "
-                                 f"or 'add')")
         if not self.is_const(idx):
             raise self.err(node, "indices (input 1) are data-dependent; libml's scatter needs constant indices")
-        shp = tuple(self.shape(data))
-        idx = np.asarray(idx).astype(np.int64)
-        n = int(np.prod(shp, dtype=np.int64))
-        if node.op_type == "ScatterND":
-            k = idx.shape[-1]
-            dims = np.asarray(shp[:k], np.int64)
-            if np.any(idx < -dims) or np.any(idx >= dims):
-                raise self.err(node, "indices out of range")
-            idx = np.where(idx < 0, idx + dims, idx)
-            rest = int(np.prod(shp[k:], dtype=np.int64))
-            starts = np.ravel_multi_index(tuple(np.moveaxis(idx, -1, 0)), shp[:k]).reshape(-1) * rest
-            targets = (starts[:, None] + np.arange(rest)).reshape(-1)
-        else:
-            axis = int(at.get("axis", 0)) % len(shp)
-            m = shp[axis]
-            if np.any(idx < -m) or np.any(idx >= m):
-                raise self.err(node, "indices out of range")
-            grid = np.indices(idx.shape, dtype=np.int64)
-            grid[axis] = np.where(idx < 0, idx + m, idx)
-            targets = np.ravel_multi_index(tuple(grid), shp).reshape(-1)
+        idx = np.asarray(idx)
         lc = self.lc
-        if red == "add":  # data + the updates summed into their targets (gather's gradient kernel: in order)
-            from .ops import make
 
-            def build_add(dv, uv, name=None):
-                acc = make("gather_grad", (lc.reshape(uv, (targets.size,)), dv.graph.const(targets)),
-                           {"axis": 0, "shape": (n,)})
-                return lc.reshape(lc.add(lc.reshape(dv, (n,)), acc), shp, name=name)
-            if self.is_const(data) and self.is_const(upd):
-                return _eval_const(build_add, data, upd)
-            return build_add(self.T(data, node.input[0]), self.T(upd, node.input[2]), node.output[0])
-        src = np.arange(n, dtype=np.int64)
-        src[targets] = n + np.arange(targets.size)  # (assignment in order: the last write wins)
         def build(dv, uv, name=None):
-            both = lc.concat([lc.reshape(dv, (n,)), lc.reshape(uv, (targets.size,))], axis=0)
-            return lc.reshape(lc.gather(both, src, axis=0), shp, name=name)
-        if self.is_const(data) and self.is_const(upd):
-            return _eval_const(build, data, upd)
-        return build(self.T(data, node.input[0]), self.T(upd, node.input[2]), node.output[0])
+            if node.op_type == "ScatterND":
+                return lc.scatter_nd(dv, idx, uv, reduction=red, name=name)
+            return lc.scatter_elements(dv, idx, uv, axis=int(at.get("axis", 0)), reduction=red, name=name)
+        try:
+            if self.is_const(data) and self.is_const(upd):
+                return _eval_const(build, data, upd)
+            return build(self.T(data, node.input[0]), self.T(upd, node.input[2]), node.output[0])
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
 
     def op_cast_like(self, node, at):
         """CastLike (opset 15): Cast to the dtype of input 1 (the dynamo exporter's unoptimised output)."""
@@ -1329,33 +1277,32 @@ class _Importer:
         return self.lc.cast(x, dt, name=node.output[0])
 
     def op_gather_elements(self, node, at):
-        """GatherElements (np.take_along_axis, negative indices from the end).  Constant indices on a live
-        tensor: one Gather of flat indices into the flattened data (gradient: its scatter-add)."""
-        data, idx = self.get(node, 0), self.get(node, 1)
-        shp = self.shape(data)
-        axis = int(at.get("axis", 0))
-        if not -len(shp) <= axis < len(shp):
-            raise self.err(node, f"axis {axis} out of range for shape {shp}")
-        axis %= len(shp)
-        if not self.is_const(idx):
-            raise self.err(node, "indices (input 1) are data-dependent; libml's GatherElements needs constant "
-                                 "indices")
-        idx = np.asarray(idx).astype(np.int64)
-        n = shp[axis]
-        if idx.ndim != len(shp) or np.any(idx < -n) or np.any(idx >= n):
-            raise self.err(node, f"indices of shape {idx.shape} out of range or rank for data of shape {shp}")
-        idx = np.where(idx < 0, idx + n, idx)
-        if any(idx.shape[d] > shp[d] for d in range(len(shp)) if d != axis):
-            raise self.err(node, f"indices of shape {idx.shape} exceed data of shape {shp} outside axis {axis}")
-        grid = np.indices(idx.shape, dtype=np.int64)
-        grid[axis] = idx
-        flat = np.ravel_multi_index(tuple(grid), shp)
-        lc = self.lc
+        """GatherElements (ops_index.gather_elements; np.take_along_axis, negative indices from the end):
+        constant or live indices, as GatherND."""
+        return self._index_op(node, lambda x, i, name=None: self.lc.gather_elements(
+            x, i, axis=int(at.get("axis", 0)), name=name))
 
-        def build(x, name=None):
-            rows = lc.reshape(x, (int(np.prod(shp)),))
-            return lc.reshape(lc.gather(rows, flat.reshape(-1), axis=0), idx.shape, name=name)
-        return _eval_const(build, data) if self.is_const(data) else build(data, node.output[0])
+    def _index_op(self, node, build):
+        data, idx = self.get(node, 0), self.get(node, 1)
+        try:
+            if self.is_const(data) and self.is_const(idx):
+                return _eval_const(lambda x: build(x, np.asarray(idx)), data)
+            return build(self.T(data, node.input[0]), idx if self.is_const(idx) else self.T(idx), node.output[0])
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_depth_to_space(self, node, at):
+        """DepthToSpace (DCR / CRD) and SpaceToDepth: reshape -> transpose -> reshape (ops_index)."""
+        mode = at.get("mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        fn = self.lc.depth_to_space if node.op_type == "DepthToSpace" else self.lc.space_to_depth
+        data = self.get(node, 0)
+        try:
+            if self.is_const(data):
+                return _eval_const(lambda x: fn(x, int(at["blocksize"]), mode), data)
+            return fn(data, int(at["blocksize"]), mode, name=node.output[0])
+        except (KeyError, TypeError, ValueError) as e:
+            raise self.err(node, f"{type(e).__name__}: {e}") from None
 
     def op_split(self, node, at):
         """Split into parts along ``axis``: sizes from the ``split`` input (opset >= 13) or attribute, or

@@ -58,6 +58,10 @@ class OpDef:
     # (ops_norm.py); ops without one are emitted by backend_cpu._emit_op by kernel kind.  The emitter's
     # ``kind`` is the entry ("run": inference) and ``state`` the StateLayout (persistent state: ops_dropout.py)
     emit: Optional[Callable] = None
+    # fed indices checked at the feed boundary (the plan's index_inputs): (node) -> (input position, range),
+    # range (lo, hi) for every element or ((lo, hi), ...) per position along the indices' last axis; the
+    # compiler applies it when that input is a graph input (or a cast of one)
+    fed_index_range: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -877,7 +881,8 @@ for _d in [
     OpDef("gather", "gather", _s_gather, lambda at, x, i: np.take(x, i, axis=at["axis"]),
           lambda n, g: (make("gather_grad", (g, n.inputs[1]), {"axis": n.attrs["axis"], "shape": n.inputs[0].shape}),
                         None),
-          int_ok=True, doc="np.take(x, indices, axis): rows picked by int64 indices (negative from the end)"),
+          int_ok=True, doc="np.take(x, indices, axis): rows picked by int64 indices (negative from the end)",
+          fed_index_range=lambda n: (1, (-n.inputs[0].shape[n.attrs["axis"]], n.inputs[0].shape[n.attrs["axis"]]))),
     OpDef("gather_grad", "scatter_add", _s_gather_grad, _r_gather_grad,
           lambda n, g: (make("gather", (g, n.inputs[1]), {"axis": n.attrs["axis"]}), None),
           doc="zeros(shape) with g's rows added at the gathered indices, in index order (deterministic)"),

@@ -16,8 +16,9 @@ from libml_runtime.executable import Executable
 from libml_runtime.plan import Plan, validate
 
 from . import autodiff, ops_logic, passes, patterns
-from .ir import FLOAT_DTYPES, Graph, Tensor, clone_graph
+from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, clone_graph
 from .lower import StateLayout, lower_entry
+from .ops import REGISTRY
 from .optim import SGD, Adam
 
 PLAN_ENTRIES = ("run", "grad", "step")
@@ -151,6 +152,19 @@ class Program:
         return [dict(r) for r in self._summaries[entry]]
 
 
+
+def _tightest(old, new, shape):
+    """The intersection of two ranges of one fed index input (``Plan.index_inputs``): each ``(lo, hi)`` for
+    every element or ``((lo, hi), ...)`` per position along the input's last axis (``shape[-1]`` of them)."""
+    if old is None:
+        return new
+    single = [isinstance(r[0], int) for r in (old, new)]
+    if all(single):
+        return max(old[0], new[0]), min(old[1], new[1])
+    po, pn = ([r] * shape[-1] if one else list(r) for r, one in zip((old, new), single))
+    return tuple((max(a[0], b[0]), min(a[1], b[1])) for a, b in zip(po, pn))
+
+
 def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None, num_threads=None,
             check_finite=False, fuse=True) -> Program:
     """Compile ``g`` into a Program.
@@ -230,16 +244,22 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
     label_inputs = {t.inputs[1].name: t.inputs[0].shape[1] for t in tg.nodes
                     if t.op == "softmax_xent" and t.inputs[1].op == "input"}
-    # fed gather indices (token ids) are range-checked on feed, with a message naming the input: [-n, n)
-    # for a table of n rows (ONNX: negative indices count from the end), the tightest over its gathers
+    # fed indices (token ids, GatherElements / GatherND indices) are range-checked on feed, with a message
+    # naming the input: the range each indexing op declares (OpDef.fed_index_range; gather: [-n, n) for a
+    # table of n rows, ONNX's negative indices counting from the end), the tightest over the input's uses
     index_inputs = {}
     for t in tg.nodes:
-        if t.op == "gather":
-            src = t.inputs[1].inputs[0] if t.inputs[1].op == "cast" else t.inputs[1]
-            if src.op == "input":
-                n = t.inputs[0].shape[t.attrs["axis"]]
-                lo, hi = index_inputs.get(src.name, (-n, n))
-                index_inputs[src.name] = (max(lo, -n), min(hi, n))
+        hook = REGISTRY[t.op].fed_index_range
+        if hook is not None:
+            k, rng = hook(t)
+            src = t.inputs[k]
+            # through integer casts and reshapes (an ONNX Unsqueeze of fed labels), which keep the values;
+            # a per-component range only while the last axis is the same
+            while src.op in ("cast", "reshape") and src.inputs[0].dtype != "bool" and (
+                    isinstance(rng[0], int) or src.inputs[0].shape[-1:] == src.shape[-1:]):
+                src = src.inputs[0]
+            if src.op == "input" and src.dtype in INT_DTYPES:
+                index_inputs[src.name] = _tightest(index_inputs.get(src.name), rng, src.shape)
 
     entries, reports, summaries = {}, {}, {}
 

@@ -74,6 +74,8 @@ NOT_SAMPLED = {
                "test_dropout checks the masks against a NumPy Philox reference, the gradient, finite differences "
                "and 1 vs 2 threads",
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
+    "index_flat": "integer positions of live GatherElements / GatherND indices (no float operand, no gradient); "
+                  "covered by test_index_ops against PyTorch, ONNX Runtime and the official node cases",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})

@@ -972,6 +972,39 @@ cdef inline void _scatter_cols(floating *dst, const floating *g, const int64_t *
             d[i] += s[i]
 
 
+cdef int _index_flat(const int64_t *f, char **bases, int64_t *detail) noexcept nogil:
+    # format 2.3: flat row positions from live GatherElements / GatherND indices (format.py, opcode 40).
+    # One pass in position order: the first bad index (lowest r * k + j) is the one reported, for any
+    # thread count; the work is a few integer operations per index, small beside the gather it feeds.
+    cdef int64_t k = f[LM_F_INDEX_FLAT_k], nd = f[LM_F_INDEX_FLAT_ndim], rows = 1, r, j, d, rem, base, v
+    cdef const int64_t *dims = f + LM_F_INDEX_FLAT_dims
+    cdef const int64_t *mult = f + LM_F_INDEX_FLAT_mult(f)
+    cdef const int64_t *pdims = f + LM_F_INDEX_FLAT_pos_dims(f)
+    cdef const int64_t *pstr = f + LM_F_INDEX_FLAT_pos_strides(f)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + LM_F_INDEX_FLAT_idx_slot)
+    cdef int64_t *out = <int64_t*>_ptr(bases, f + LM_F_INDEX_FLAT_out_slot)
+    for d in range(nd):
+        rows *= pdims[d]
+    for r in range(rows):
+        rem = r
+        base = 0
+        d = nd - 1
+        while d >= 0:  # (rows > 0: every pos_dims[d] >= 1)
+            base += (rem % pdims[d]) * pstr[d]
+            rem = rem // pdims[d]
+            d -= 1
+        for j in range(k):
+            v = idx[r * k + j]
+            if v < 0:
+                v += dims[j]
+            if v < 0 or v >= dims[j]:
+                detail[0] = r * k + j
+                return ERR_INDEX
+            base += v * mult[j]
+        out[r] = base
+    return 0
+
+
 cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
     cdef int64_t n = f[LM_F_CHECK_FINITE_n]
     cdef char *x = _ptr(bases, f + LM_F_CHECK_FINITE_x_slot)
@@ -1048,6 +1081,8 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_SCATTER_ADD:
             rc = _scatter_add(f32, f, bases, detail, nthreads) if f[LM_F_SCATTER_ADD_dtype] == 0 \
                 else _scatter_add(f64, f, bases, detail, nthreads)
+        elif op == LM_OP_INDEX_FLAT:
+            rc = _index_flat(f, bases, detail)
         elif op == LM_OP_REDUCE:
             rc = _reduce(f32, f, bases, nthreads, False) if f[LM_F_REDUCE_dtype] == 0 \
                 else _reduce(f64, f, bases, nthreads, False)

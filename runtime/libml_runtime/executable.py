@@ -55,6 +55,28 @@ class NonFiniteError(FloatingPointError):
     """Raised under ``check_finite=True``: names the first op that produced a NaN or Inf."""
 
 
+
+def index_out_of_range(a, rng):
+    """The first element of fed integers ``a`` outside its plan range (``Plan.index_inputs``), as
+    ``(flat position, lo, hi, component)``, or None.  ``rng`` is one ``(lo, hi)`` for every element, or
+    (format 2.3, GatherND's index tuples) one ``(lo, hi)`` per position along ``a``'s last axis; component
+    is that position, None for the single range."""
+    if isinstance(rng[0], (int, np.integer)):
+        if a.min() >= rng[0] and a.max() < rng[1]:
+            return None
+        flat = a.reshape(-1)
+        pos = int(np.flatnonzero((flat < rng[0]) | (flat >= rng[1]))[0])
+        return pos, rng[0], rng[1], None
+    lo = np.array([r[0] for r in rng], np.int64)
+    hi = np.array([r[1] for r in rng], np.int64)
+    rows = a.reshape(-1, len(rng))
+    bad = np.flatnonzero(((rows < lo) | (rows >= hi)).reshape(-1))
+    if not bad.size:
+        return None
+    pos = int(bad[0])
+    comp = pos % len(rng)
+    return pos, int(lo[comp]), int(hi[comp]), comp
+
 class Executable:
     def __init__(self, plan: Plan, num_threads=None, check_finite=False, _adopt_state=False):
         self.plan = plan
@@ -207,7 +229,7 @@ class Executable:
                 # class labels: the range check is one C loop; a bad label takes the path that names it
                 if ncls is not None and _exec.first_bad_label(a, code, ncls) >= 0:
                     break
-                if rng is not None and a.size and (a.min() < rng[0] or a.max() >= rng[1]):
+                if rng is not None and a.size and index_out_of_range(a, rng) is not None:
                     break
             else:
                 return [feeds[name] for name, _, _ in entry.inputs]
@@ -243,13 +265,14 @@ class Executable:
                 raise ValueError(f"feed {name!r}: labels must be in [0, {ncls}), got {a.reshape(-1)[bad]} "
                                  f"at index {bad}")
         rng = self.plan.index_inputs.get(name)
-        if rng is not None and a.size:
-            flat = a.reshape(-1)
-            bad = np.flatnonzero((flat < rng[0]) | (flat >= rng[1]))
-            if bad.size:
-                at = tuple(int(i) for i in np.unravel_index(bad[0], a.shape))
-                raise ValueError(f"feed {name!r}: indices must be in [{rng[0]}, {rng[1]}) (negative ones count from "
-                                 f"the end of a table of {rng[1]} rows), got {flat[bad[0]]} at {at}")
+        bad = index_out_of_range(a, rng) if rng is not None and a.size else None
+        if bad is not None:
+            pos, lo, hi, comp = bad
+            at = tuple(int(i) for i in np.unravel_index(pos, a.shape))
+            what = "indices" if comp is None else f"indices[..., {comp}] (component {comp} of each index tuple)"
+            raise ValueError(f"feed {name!r}: {what} must be in [{lo}, {hi}) (negative ones count from the end of "
+                             f"a {'table of' if comp is None else 'dim of'} {hi} rows), got {a.reshape(-1)[pos]} "
+                             f"at {at}")
         return a
 
     def _call(self, kind, feeds, times=None):
@@ -286,6 +309,21 @@ class Executable:
         fed = [o for o in entry.outputs if o[1] >= SLOT_INPUT0]
         return views, fed, _calls_blas(entry.code)
 
+    def _index_flat_error(self, entry, bad, detail, feeds, node):
+        """The IndexError of a live GatherElements / GatherND index out of range (format 2.3 index_flat: the
+        kernel stopped at element ``detail`` of its indices, which it does not modify): value and range."""
+        _, _, _, d = F.instructions(entry.code)[bad]
+        k, slot, off = d["k"], d["idx.slot"], d["idx.offset"] + 8 * detail
+        if slot >= SLOT_INPUT0:
+            buf = np.ascontiguousarray(feeds[entry.inputs[slot - SLOT_INPUT0][0]]).view(np.uint8).reshape(-1)
+        else:
+            buf = self._arena if slot == 0 else self._state
+        value = int(np.frombuffer(buf, dtype=np.int64, count=1, offset=off)[0])
+        n = d["dims"][detail % k]
+        comp = f", component {detail % k} of index tuple {detail // k}" if k > 1 else ""
+        return IndexError(f"index {value} at position {detail} of the indices{comp} of node {node!r} (op "
+                          f"'index_flat') is out of range [{-n}, {n}); nothing was updated")
+
     def _error(self, entry, rc, bad, detail, feeds):
         op, node = entry.nodes[entry.instr_nodes[bad]] if 0 <= bad < len(entry.instr_nodes) else ("?", "?")
         if rc == ERR_LABEL:
@@ -310,6 +348,8 @@ class Executable:
                                           f"{op!r} (node {node!r}); params were left as they were before the step")
             return NonFiniteError(f"non-finite value (NaN or Inf) first produced by op {op!r} (node {node!r}); "
                                   f"params were left as they were before the step")
+        if rc == ERR_INDEX and op == "index_flat":
+            return self._index_flat_error(entry, bad, detail, feeds, node)
         if rc == ERR_INDEX:
             return IndexError(f"index {detail} of op {op!r} (node {node!r}) is out of range for the axis it "
                               f"indexes; nothing was updated")

@@ -118,6 +118,13 @@ OPCODES = [
      "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
      "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
      "lda ldb ldc"),
+    # ---- format 2.3: live indices of GatherElements / GatherND (libml_compile/ops_index.py).  out (int64, one
+    # per position r of the row-major iteration space pos_dims) = sum_d coord_d(r) * pos_strides[d] +
+    # sum_j v_j * mult[j], v_j = idx[r * k + j] (int64) plus dims[j] when negative; a v_j outside [0, dims[j])
+    # stops the run with ERR_INDEX, detail r * k + j (nothing is written past the positions before it).  The
+    # result is a flat row position for gather (15) / scatter_add (16), which do the data movement.
+    (40, "index_flat", "k ndim idx.slot idx.offset out.slot out.offset dims[k] mult[k] pos_dims[ndim] "
+                       "pos_strides[ndim]"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions

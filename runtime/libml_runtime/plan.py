@@ -50,7 +50,8 @@ class Plan:
     label_inputs: dict                 # input name -> number of classes (range-checked on feed)
     entries: dict                      # kind -> Entry
     meta: dict = field(default_factory=dict)
-    # input name -> (lo, hi): fed integers (gather indices: token ids) must lie in [lo, hi), checked on feed
+    # input name -> (lo, hi): fed integers (gather indices: token ids) must lie in [lo, hi), checked on feed;
+    # or (format 2.3: GatherND's index tuples) ((lo, hi), ...), one range per position along the last axis
     index_inputs: dict = field(default_factory=dict)
 
 
@@ -83,8 +84,14 @@ def validate(plan: Plan):
     for name, rng in plan.index_inputs.items():
         _check(name in inputs and np.dtype(inputs[name][0]).kind in "iu", f"index_inputs[{name!r}]",
                "must name an integer input")
-        _check(isinstance(rng, (tuple, list)) and len(rng) == 2 and all(isinstance(v, (int, np.integer)) for v in rng)
-               and -2 ** 62 <= rng[0] < rng[1] <= 2 ** 62, f"index_inputs[{name!r}]", "must be a range [lo, hi)")
+        # one range [lo, hi) for every element, or (format 2.3) one per position along the input's last axis
+        per = isinstance(rng, (tuple, list)) and len(rng) > 0 and all(isinstance(r, (tuple, list)) for r in rng)
+        parts = rng if per else [rng]
+        _check(all(isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(v, (int, np.integer)) for v in r)
+                   and -2 ** 62 <= r[0] < r[1] <= 2 ** 62 for r in parts), f"index_inputs[{name!r}]",
+               "must be a range [lo, hi) or a list of ranges, one per position along the input's last axis")
+        _check(not per or (len(inputs[name][1]) > 0 and len(rng) == inputs[name][1][-1]), f"index_inputs[{name!r}]",
+               f"has {len(parts)} ranges for the last axis of shape {inputs[name][1]}")
     for kind, e in plan.entries.items():
         _check(kind in ("run", "grad", "step"), "entries", f"unknown entry {kind!r}")
         validate_entry(e, state_bytes, inputs, f"entries[{kind!r}]")
@@ -518,6 +525,25 @@ class _Decoder:
         self.operand(d, src, outer * rows_in * inner * isz, align=isz)
         self.operand(d, "idx", nidx * 8, align=8)
         self.operand(d, "dst", outer * rows_out * inner * isz, writable=True, align=isz)
+
+    def op_index_flat(self, d):
+        """format 2.3: k int64 indices per position of pos_dims in, one int64 per position out.  The values
+        written are data (a later gather / scatter_add checks them against its table), but their arithmetic
+        is bounded here so it cannot overflow int64 (whatever the indices hold)."""
+        k = self.rng("k", d["k"], 1, 32)
+        self.rng("ndim", d["ndim"], 0, 32)
+        dims = self.dims("dims", d["dims"])
+        mult = [self.rng(f"mult[{j}]", m, 0, 2 ** 40) for j, m in enumerate(d["mult"])]
+        pos = self.dims("pos_dims", d["pos_dims"])
+        strides = [self.rng(f"pos_strides[{i}]", st, 0, 2 ** 40) for i, st in enumerate(d["pos_strides"])]
+        if any(n < 1 for n in dims):
+            self.fail(f"dims {dims}: every indexed dim must have at least one element")
+        top = sum((n - 1) * m for n, m in zip(dims, mult)) + sum(max(n - 1, 0) * st for n, st in zip(pos, strides))
+        if top >= 2 ** 62:
+            self.fail("the largest flat position exceeds 2^62")
+        rows = math.prod(pos)
+        self.operand(d, "idx", rows * k * 8, align=8)
+        self.operand(d, "out", rows * 8, writable=True, align=8)
 
     def op_sgd_update(self, d):
         isz = self.fdtype(d)

@@ -52,6 +52,14 @@ ENTRY_KINDS = ("run", "grad", "step")
 # ------------------------------------------------------------------------------------------------
 # writing
 
+
+def _index_range(r):
+    """A Plan.index_inputs value as JSON: [lo, hi], or [[lo, hi], ...] per position of the last axis."""
+    if isinstance(r[0], (int, np.integer)):
+        return [int(r[0]), int(r[1])]
+    return [[int(lo), int(hi)] for lo, hi in r]
+
+
 def save(plan: Plan, path, state=None):
     """Write ``plan`` to ``path`` with ``fileio.atomic_write`` (unique temporary file in the same folder,
     fsync, rename; a symlink's target is replaced; devices, FIFOs and directories are refused).
@@ -97,7 +105,7 @@ def dumps(plan: Plan, state=None) -> bytes:
         "opt_state": [[n, int(off), dt, _ints(s)] for n, off, dt, s in plan.opt_state],
         "graph_inputs": [[n, dt, _ints(s)] for n, dt, s in plan.graph_inputs],
         "label_inputs": {n: int(c) for n, c in plan.label_inputs.items()},
-        "index_inputs": {n: [int(lo), int(hi)] for n, (lo, hi) in plan.index_inputs.items()},
+        "index_inputs": {n: _index_range(r) for n, r in plan.index_inputs.items()},
         "entries": {k: entry(e) for k, e in plan.entries.items()},
     }
     return pack(MAGIC, header, sections)
@@ -308,9 +316,14 @@ def _from_header(h, area):
     _need(isinstance(idx, dict) and len(idx) <= MAX_ITEMS, "index_inputs", "must be an object")
     index_inputs = {}
     for k, v in idx.items():
-        _need(isinstance(v, list) and len(v) == 2, f"index_inputs[{k!r}]"[:200], "must be [lo, hi]")
-        index_inputs[k] = (_int(v[0], f"index_inputs[{k!r}][0]", -2 ** 62, 2 ** 62),
-                           _int(v[1], f"index_inputs[{k!r}][1]", -2 ** 62, 2 ** 62))
+        # [lo, hi], or (2.3) [[lo, hi], ...]: one range per position along the input's last axis
+        per = isinstance(v, list) and 0 < len(v) <= MAX_ITEMS and all(isinstance(r, list) for r in v)
+        parts = []
+        for j, r in enumerate(v if per else [v]):
+            w = f"index_inputs[{k!r}]"[:200] + (f"[{j}]" if per else "")
+            _need(isinstance(r, list) and len(r) == 2, w, "must be [lo, hi]")
+            parts.append((_int(r[0], f"{w}[0]", -2 ** 62, 2 ** 62), _int(r[1], f"{w}[1]", -2 ** 62, 2 ** 62)))
+        index_inputs[k] = tuple(parts) if per else parts[0]
 
     def entry(e, where, depth=0):
         _need(isinstance(e, dict), where, "must be an object")
