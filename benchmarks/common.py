@@ -29,7 +29,7 @@ ORDER = list(WORKLOADS)
 ALIASES = {"W5": ["W5-b1", "W5-b1024"]}
 
 # which systems run which workload kinds
-SYSTEMS = ["libml", "torch", "numpy", "torch_compile", "jax", "ort", "c_fused"]
+SYSTEMS = ["libml", "torch", "numpy", "torch_compile", "jax", "ort", "ort_training", "c_fused"]
 SUPPORTS = {
     "libml": {"mlp", "w4", "fwd", "gemm"},
     "torch": {"mlp", "w4", "fwd", "gemm"},
@@ -37,9 +37,10 @@ SUPPORTS = {
     "torch_compile": {"mlp", "w4", "fwd"},
     "jax": {"mlp", "w4", "fwd", "gemm"},
     "ort": {"fwd"},
+    "ort_training": {"w7"},  # ONNX Runtime Training, in its own venv ($LIBML_BENCH_ORTT_PYTHON)
     "c_fused": {"w4"},  # a reference point, not a competitor: W4 hand-fused in C (w4_fused.c)
 }
-for _s in ("libml", "torch", "torch_compile"):
+for _s in ("libml", "torch", "torch_compile", "jax"):
     SUPPORTS[_s] = SUPPORTS[_s] | {"w7"}
 
 #: where the reference exports of W6-W8 live (W7.onnx, W7_ref.npz): $LIBML_BENCH_MODELS, else the
@@ -54,6 +55,32 @@ def w7_files():
     if not (os.path.exists(onnx_path) and os.path.exists(ref)):
         return None
     return onnx_path, np.load(ref)
+
+
+def w7_param_names():
+    """The 28 parameter names of W7 (PyTorch state_dict names = W7.onnx initializer names), from
+    W7_meta.json beside the reference files."""
+    import json
+    with open(os.path.join(BENCH_MODELS, "W7_meta.json")) as f:
+        return json.load(f)["params"]
+
+
+#: how far a system's W7 losses may be from eager PyTorch's (W7_ref.npz): the first step's (same
+#: initial weights, same batch) and the second's (after one AdamW step).  float32 reorderings of the same
+#: math stay below 1e-6 (JAX: 6e-8, 8e-7); Hugging Face-mode AdamW (decay after the update) moves loss1
+#: by 6e-5; eps 1e-6 instead of 1e-8 moves the first 3 losses by up to 3e-4.
+W7_LOSS_TOL = 1e-5
+
+
+def check_w7_losses(system, loss0, loss1):
+    """Raise unless ``system``'s first two W7 losses match the reference's loss0 / loss1 to W7_LOSS_TOL:
+    a system that trains a different model or applies a different AdamW is not measured."""
+    ref = w7_files()[1]
+    for name, got in (("loss0", loss0), ("loss1", loss1)):
+        want = float(ref[name])
+        if got is None or not abs(got - want) <= W7_LOSS_TOL:
+            raise RuntimeError(f"W7 ({system}): {name} {got!r} differs from W7_ref.npz {name} {want!r} "
+                               f"by more than {W7_LOSS_TOL} (step {1 if name == 'loss0' else 2})")
 
 
 def expand_workloads(text):

@@ -40,8 +40,30 @@ def child_env():
     return env, removed
 
 
+#: systems whose worker runs under another interpreter, named by an environment variable:
+#: onnxruntime-training ships the same ``onnxruntime`` module as onnxruntime, so it needs a venv of its own
+OTHER_PYTHON = {"ort_training": "LIBML_BENCH_ORTT_PYTHON"}
+
+
+def worker_python(system):
+    """(interpreter for the system's worker, None) or (None, reason it cannot run)."""
+    var = OTHER_PYTHON.get(system)
+    if var is None:
+        return sys.executable, None
+    path = os.environ.get(var)
+    if not path:
+        return None, (f"{var} is not set: point it at the python of a venv with onnxruntime-training "
+                      "(benchmarks/README.md)")
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        return None, f"{var}={path} is not an executable file"
+    return path, None
+
+
 def run_worker(system, wid, args, env):
-    cmd = [sys.executable, os.path.join(HERE, "worker.py"), "--system", system, "--workload", wid,
+    python, why_not = worker_python(system)
+    if python is None:
+        return {"system": system, "workload": wid, "skipped": why_not}
+    cmd = [python, os.path.join(HERE, "worker.py"), "--system", system, "--workload", wid,
            "--min-time", str(args.min_time), "--warmup", str(args.warmup), "--min-steps", str(args.min_steps)]
     t0 = time.perf_counter()
     try:
@@ -140,8 +162,8 @@ def report(results, wids, systems, gemm_limit, gemm_sys):
             if r.get("blas") is not None and s not in seen:
                 seen[s] = (r["blas"], r.get("kernels"))
     for s, (libs, kern) in seen.items():
-        desc = "; ".join(f"{d.get('internal_api')}"
-                         + (f" {d['architecture']}" if d.get("architecture") else "")
+        desc = "; ".join(d["note"] if "note" in d else  # e.g. threadpoolctl missing in that venv
+                         f"{d.get('internal_api')}" + (f" {d['architecture']}" if d.get("architecture") else "")
                          + f" x{d.get('num_threads')} ({d.get('lib')})" for d in libs) or "none visible"
         p(f"  {s:<14} {desc}")
         if kern:

@@ -63,6 +63,55 @@ def _compare(name, l1, p1, l2, p2, tol):
     return ok
 
 
+def check_w7_jax(steps=3):
+    """The hand-written JAX W7 (w7_jax.py) against the PyTorch module under autograd + torch.optim.AdamW,
+    in float64 from the reference initial weights: the first step's gradients, then ``steps`` AdamW
+    steps (losses and every parameter).  Returns True/False, or None when JAX or the files are missing."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import torch
+    except ImportError as e:
+        print(f"  W7 jax vs torch: skipped ({e})")
+        return None
+    files = common.w7_files()
+    if files is None:
+        print(f"  W7 jax vs torch: skipped (no W7.onnx / W7_ref.npz in {common.BENCH_MODELS})")
+        return None
+    import w7_jax
+    import worker
+
+    jax.config.update("jax_enable_x64", True)  # this check only; the benchmark runs float32
+    ref = files[1]
+    names = common.w7_param_names()
+    params = {n: a.astype(np.float64) for n, a in w7_jax.load_params(files[0], names).items()}
+    tokens, labels = ref["tokens"], ref["labels"]
+    model = worker._w7_torch(torch, ref).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=w7_jax.LR, weight_decay=w7_jax.WEIGHT_DECAY)
+    tt, tl = torch.from_numpy(tokens), torch.from_numpy(labels)
+    loss_fn, _, _ = w7_jax.make(jax, jnp)
+    _, g = jax.value_and_grad(loss_fn)(params, jnp.asarray(tokens), jnp.asarray(labels))
+    step, carry = w7_jax.make_step(jax, jnp, params)
+    l_jax, l_torch = [], []
+    gerr = None
+    for i in range(steps):
+        carry, L = step(carry, jnp.asarray(tokens), jnp.asarray(labels))
+        l_jax.append(float(L))
+        opt.zero_grad(set_to_none=True)
+        Lt = torch.nn.functional.cross_entropy(model(tt), tl)
+        Lt.backward()
+        if i == 0:  # relative to each gradient's largest entry
+            tg = {n: p.grad.numpy() for n, p in model.named_parameters()}
+            gerr = max(float(np.max(np.abs(np.asarray(g[n]) - tg[n])) / max(np.max(np.abs(tg[n])), 1e-300))
+                       for n in names)
+        opt.step()
+        l_torch.append(Lt.item())
+    tp = {n: p.detach().numpy() for n, p in model.named_parameters()}
+    jp = {n: np.asarray(a) for n, a in carry[0].items()}
+    print(f"  {'W7 jax first-step grads vs autograd':<40} max rel err {gerr:.2e}  {'ok' if gerr <= 1e-9 else 'FAIL'}")
+    return _compare(f"W7 jax vs torch AdamW, {steps} steps", l_jax, jp, l_torch, tp, 1e-9) and gerr <= 1e-9
+
+
 def run(steps=3, lr=0.5):
     # a large lr so the updates move the parameters visibly between steps
     ok = True
@@ -101,6 +150,7 @@ def run(steps=3, lr=0.5):
     err = float(np.max(np.abs(out - h.numpy())))
     print(f"  {'W2 forward (3, 784)':<40} out err {err:.2e}  {'ok' if err < 1e-10 else 'FAIL'}")
     ok &= err < 1e-10
+    ok &= check_w7_jax() is not False  # skipped (None) when JAX or the reference files are missing
 
     # libml, if installed: same W1-sized step in float32
     try:

@@ -230,6 +230,8 @@ def setup_jax(wid, spec, feeds):
             a, b, c = params
             return jnp.mean(jax.nn.sigmoid(x * a + b) / (1 + jax.nn.relu(x - c)))
         x, y = j["x"], None
+    elif k == "w7":
+        return _w7_jax(jax, jnp, j), info
     else:
         raise Skip(k)
 
@@ -244,6 +246,54 @@ def setup_jax(wid, spec, feeds):
         state["p"] = p
         return float(L)  # synchronises
     return step, info
+
+
+def _w7_jax(jax, jnp, j):
+    """W7's hand-written JAX step (w7_jax.py) from the W7.onnx initializers, params and AdamW state
+    donated to the jitted step."""
+    import w7_jax
+
+    files = common.w7_files()
+    if files is None:
+        raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
+    params = w7_jax.load_params(files[0], common.w7_param_names())
+    step_j, carry = w7_jax.make_step(jax, jnp, params)
+    state = {"carry": carry}
+    tokens, labels = j["tokens"], j["labels"]
+
+    def step():
+        state["carry"], L = step_j(state["carry"], tokens, labels)
+        return float(L)  # synchronises
+    return step
+
+
+def setup_ort_training(wid, spec, feeds):
+    """W7 by ONNX Runtime Training from W7.onnx (w7_ort_training.py); runs in the venv named by
+    $LIBML_BENCH_ORTT_PYTHON, since onnxruntime-training replaces onnxruntime's module."""
+    import atexit
+    import shutil
+    import tempfile
+
+    try:
+        import onnx
+        import onnxruntime as ort
+        import onnxruntime.training  # noqa: F401
+    except ImportError as e:
+        raise Skip(f"onnxruntime-training not importable in {sys.executable} ({e}); "
+                   "see LIBML_BENCH_ORTT_PYTHON in benchmarks/README.md")
+    import w7_ort_training
+
+    files = common.w7_files()
+    if files is None:
+        raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
+    art = tempfile.mkdtemp(prefix="libml_w7_ortt_")
+    atexit.register(shutil.rmtree, art, True)
+    t0 = time.perf_counter()
+    w7_ort_training.generate(files[0], common.w7_param_names(), art)
+    info = {"version": f"onnxruntime-training {ort.__version__}, onnx {onnx.__version__}",
+            "artifacts_s": time.perf_counter() - t0,
+            "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+    return w7_ort_training.make_step(art, feeds["tokens"], feeds["labels"], THREADS), info
 
 
 def setup_ort(wid, spec, feeds):
@@ -377,7 +427,8 @@ def setup_c_fused(wid, spec, feeds):
 
 
 SETUPS = {"numpy": setup_numpy, "torch": setup_torch, "torch_compile": setup_torch_compile,
-          "jax": setup_jax, "ort": setup_ort, "libml": setup_libml, "c_fused": setup_c_fused}
+          "jax": setup_jax, "ort": setup_ort, "ort_training": setup_ort_training, "libml": setup_libml,
+          "c_fused": setup_c_fused}
 
 
 def blas_info():
@@ -414,9 +465,12 @@ def measure(system, wid, min_time, warmup_time, min_steps):
     t0 = time.perf_counter()
     first = first_value(fn())  # first call: includes jit / lazy compilation
     first_s = time.perf_counter() - t0
+    second = first_value(fn())  # the first warm-up step
+    if spec["kind"] == "w7":
+        common.check_w7_losses(system, first, second)
     # warm-up
     t_end = time.perf_counter() + warmup_time
-    nw = 0
+    nw = 1
     while nw < 2 or time.perf_counter() < t_end:
         fn()
         nw += 1
