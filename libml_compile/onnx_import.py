@@ -53,6 +53,7 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
+    "RMSNormalization": ("rms_norm", ("rms_norm", "broadcast_to"), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
@@ -1358,6 +1359,22 @@ class _Importer:
             operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
             return list(lc.layer_norm(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
                                       axis=axis, eps=eps, return_stats=True, name=names))[:n_out]
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def rms_norm(self, node, at):
+        """RMSNormalization (opset 23): Y = X / sqrt(mean(X^2) + epsilon) * Scale over the dims ``axis..``;
+        statistics in double for every dtype (``stash_type`` asks for float32 at least)."""
+        lc = self.lc
+        x, scale = self.get(node, 0), self.get(node, 1)
+        if x is None or scale is None:
+            raise self.err(node, "needs the inputs X and Scale")
+        axis, eps = int(at.get("axis", -1)), float(at.get("epsilon", 1e-5))
+        try:
+            if self.is_const(x) and self.is_const(scale):
+                return _eval_const(lambda a, b: lc.rms_norm(a, b, axis=axis, eps=eps), x, scale)
+            return lc.rms_norm(self.T(x, node.input[0]), self.T(scale, node.input[1]), axis=axis, eps=eps,
+                               name=node.output[0])
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 

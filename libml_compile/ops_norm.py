@@ -1,4 +1,5 @@
-"""Normalisation layers: LayerNorm (ONNX LayerNormalization) as one fused kernel forward and one backward.
+"""Normalisation layers: LayerNorm (ONNX LayerNormalization) and RMSNorm (RMSNormalization), each one fused
+kernel forward and one backward.
 
 ``layer_norm(x, scale, bias, axis)`` normalises ``x`` over its dimensions ``axis..`` (the *normalised
 shape* ``x.shape[axis:]``, flattened to n elements): each of the ``outer = x.size / n`` rows gets
@@ -170,5 +171,122 @@ def layer_norm(x, scale=None, bias=None, axis=-1, eps=1e-5, return_stats=False, 
     return outs if return_stats else outs[0]
 
 
-PUBLIC = {"layer_norm": layer_norm}
+# ---- RMS normalisation --------------------------------------------------------------------------------
+# rms_norm(x, scale, axis): rstd = 1 / sqrt(mean(x^2) + eps) per row of the normalised dims, y = x * rstd *
+# scale (ONNX RMSNormalization, PyTorch nn.RMSNorm, the T5 / Llama layer).  Two outputs: y and rstd (shape
+# as layer_norm's stats); the backward kernel reads the saved rstd: dx, dscale.
+
+def _s_rms_norm(inp, at):
+    x, scale = inp
+    ax = at["axis"]
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"rms_norm: needs a floating tensor, got {x.name!r} of dtype {x.dtype}")
+    norm = x.shape[ax:]
+    if scale.shape != norm or scale.dtype != x.dtype:
+        raise ValueError(f"rms_norm: scale {scale.name!r} has shape {scale.shape} dtype {scale.dtype}; expected "
+                         f"the normalised shape {norm} of {x.name!r} {x.shape} and dtype {x.dtype}")
+    if math.prod(norm) == 0:
+        raise ValueError(f"rms_norm: the normalised shape {norm} of {x.name!r} {x.shape} is empty")
+    return [(x.shape, x.dtype), (_stat_shape(x.shape, ax), x.dtype)]
+
+
+def _r_rms_norm(at, x, scale):
+    axes = tuple(range(at["axis"], x.ndim))
+    xd = x.astype(np.float64)
+    r = (1.0 / np.sqrt(np.square(xd).mean(axis=axes, keepdims=True) + at["eps"])).astype(x.dtype)
+    return (x * r * scale).astype(x.dtype), r
+
+
+def _g_rms_norm(n, g):
+    """dx, dscale from the fused backward kernel; a gradient reaching rstd (a graph reading it) adds
+    d rstd/dx = -rstd^3 x / n as graph ops."""
+    gy, grstd = g
+    x, scale = n.inputs
+    rstd = output(n, 1)
+    dx = dscale = None
+    if gy is not None:
+        dx, dscale = make("rms_norm_grad", (x, scale, rstd, gy), {"axis": n.attrs["axis"]})
+    if grstd is not None:
+        cnt = float(math.prod(x.shape[n.attrs["axis"]:]))
+        term = grstd * (rstd * rstd * rstd) * x * (-1.0 / cnt)
+        dx = term if dx is None else dx + term
+    return dx, dscale
+
+
+def _s_rms_norm_grad(inp, at):
+    x, scale, rstd, dy = inp
+    return [(x.shape, x.dtype), (scale.shape, x.dtype)]
+
+
+def _r_rms_norm_grad(at, x, scale, rstd, dy):
+    ax = at["axis"]
+    axes, lead = tuple(range(ax, x.ndim)), tuple(range(ax))
+    xh = x * rstd
+    gs = dy * scale
+    return rstd * (gs - xh * (gs * xh).mean(axis=axes, keepdims=True)), (dy * xh).sum(axis=lead)
+
+
+def _emit_rms_norm(em, nid, t, loc, outs):
+    from libml_runtime import format as F
+    from .backend_cpu import operand_fields as _opnd
+    x, scale = t.inputs
+    outer, n = _rows(x, t.attrs["axis"])
+    em.emit("rms_norm", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "n": n,
+                              "eps": em.const(t.attrs["eps"]), **_opnd("x", loc(x)), **_opnd("scale", loc(scale)),
+                              **_opnd("y", outs[0]), **_opnd("rstd", outs[1])})
+    isz = np.dtype(t.dtype).itemsize
+    return {"op": "rms_norm", "node": t.name, "flops": 4 * x.size, "bytes": 2 * x.size * isz}
+
+
+def _emit_rms_norm_grad(em, nid, t, loc, outs):
+    from libml_runtime import format as F
+    from .backend_cpu import operand_fields as _opnd
+    x, scale, rstd, dy = t.inputs
+    outer, n = _rows(x, t.attrs["axis"])
+    em.emit("rms_norm_grad", nid, {"dtype": F.DTYPE_CODE[t.dtype], "outer": outer, "n": n,
+                                   **_opnd("x", loc(x)), **_opnd("scale", loc(scale)), **_opnd("rstd", loc(rstd)),
+                                   **_opnd("dy", loc(dy)), **_opnd("dx", outs[0]), **_opnd("dscale", outs[1])})
+    isz = np.dtype(t.dtype).itemsize
+    return {"op": "rms_norm_grad", "node": t.name, "flops": 9 * x.size, "bytes": 4 * x.size * isz}
+
+
+register(OpDef("rms_norm", "norm", _s_rms_norm, _r_rms_norm, _g_rms_norm, emit=_emit_rms_norm,
+               doc="x * rstd * scale, rstd = 1/sqrt(mean(x^2) + eps) over dims axis..; outputs y, rstd (ONNX "
+                   "RMSNormalization)"))
+register(OpDef("rms_norm_grad", "norm", _s_rms_norm_grad, _r_rms_norm_grad, None, emit=_emit_rms_norm_grad,
+               doc="rms_norm's backward: outputs dx, dscale, from the saved rstd"))
+
+
+def rms_norm(x, scale=None, axis=-1, eps=1e-5, return_rstd=False, name=None):
+    """RMS normalisation of ``x`` over its dimensions ``axis..`` (PyTorch's ``F.rms_norm`` with
+    ``normalized_shape = x.shape[axis:]``; ONNX RMSNormalization): ``x / sqrt(mean(x^2) + eps) * scale``.
+
+    ``scale`` (tensor or array; default 1) must broadcast to the normalised shape.  Returns ``y``, or
+    ``(y, rstd)`` with ``return_rstd`` (rstd of shape ``x.shape[:axis] + (1,) * (x.ndim - axis)``)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"rms_norm: x must be a symbolic Tensor, got {type(x).__name__}")
+    ax = _norm_axis("rms_norm", x, axis)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"rms_norm: needs a floating tensor, got {x.name!r} of dtype {x.dtype}")
+    eps = float(eps)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"rms_norm: eps must be a finite non-negative number, got {eps!r}")
+    norm = x.shape[ax:]
+    if scale is None:
+        s = x.graph.const(np.ones(norm, dtype=x.dtype))
+    else:
+        s = _lift(scale, x, "rms_norm")
+        try:
+            ok = broadcast_shapes("rms_norm", s.shape, norm) == tuple(norm)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"rms_norm: scale {s.name!r} of shape {s.shape} does not broadcast to the "
+                             f"normalised shape {norm} of {x.name!r} {x.shape}")
+        s = s if s.shape == tuple(norm) else broadcast_to(s, norm)
+    outs = make("rms_norm", (x, s), {"axis": ax, "eps": eps}, name)
+    return outs if return_rstd else outs[0]
+
+
+PUBLIC = {"layer_norm": layer_norm, "rms_norm": rms_norm}
 EXPORTS = list(PUBLIC)

@@ -2,10 +2,11 @@
 
 Exporters write GELU and LayerNorm as chains of elementwise ops and reductions (the TorchScript exporter
 below opset 20: ``0.5 * x * (1 + erf(x / sqrt(2)))``; older opsets: ReduceMean -> Sub -> Pow -> ReduceMean
--> Add eps -> Sqrt -> Div -> Mul -> Add).  Compiled as written they cost one VM pass per op forward and
+-> Add eps -> Sqrt -> Div -> Mul -> Add; RMSNorm: Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Reciprocal -> Mul
+-> Mul weight).  Compiled as written they cost one VM pass per op forward and
 more backward, and the GEMM producing GELU's input cannot take it as an epilogue.  ``recognize`` is a
 ``clone_graph`` hook: when the node being copied is the end of such a chain, the copy is the fused op of
-the chain's input instead (``gelu``, ``gelu_tanh``, ``layer_norm``), so autodiff then sees one op with one
+the chain's input instead (``gelu``, ``gelu_tanh``, ``layer_norm``, ``rms_norm``), so autodiff then sees one op with one
 gradient rule.  The chain's inner nodes are copied too; they die (DCE) unless something else reads them.
 Nothing of the user's graph changes.
 
@@ -139,13 +140,61 @@ def _layer_norm_parts(t):
     return None
 
 
+def _mean_square_plus_eps(v):
+    """(x, axis, eps) if v is mean(x^2) + eps over the last axes, else None."""
+    if v.op != "add":
+        return None
+    for ms, e in (v.inputs, v.inputs[::-1]):
+        eps = _scalar(e)
+        hit = _mean_over_last(ms)
+        if eps is not None and eps >= 0 and hit is not None:
+            x = _square_of(hit[0])
+            if x is not None and x.dtype in FLOAT_DTYPES:
+                return x, hit[1], eps
+    return None
+
+
+def _rms_norm_parts(t):
+    """(x, axis, eps) if t is x * reciprocal(sqrt(mean(x^2) + eps)), x * (1 / sqrt(.)), x * (.)^-0.5 or
+    x / sqrt(mean(x^2) + eps) over the last axes (the T5 / Llama RMSNorm as exporters write it)."""
+    if t.op == "div":
+        x, s = t.inputs
+        hit = _mean_square_plus_eps(s.inputs[0]) if s.op == "sqrt" else None
+        return hit if hit is not None and hit[0] is x else None
+    if t.op != "mul":
+        return None
+    for x, r in (t.inputs, t.inputs[::-1]):
+        hit = None
+        if r.op == "reciprocal" and r.inputs[0].op == "sqrt":
+            hit = _mean_square_plus_eps(r.inputs[0].inputs[0])
+        elif r.op == "div" and _close(_scalar(r.inputs[0]), 1.0) and r.inputs[1].op == "sqrt":
+            hit = _mean_square_plus_eps(r.inputs[1].inputs[0])  # (TorchScript's rsqrt: 1 / sqrt(.))
+        elif r.op == "pow" and _close(_scalar(r.inputs[1]), -0.5):
+            hit = _mean_square_plus_eps(r.inputs[0])
+        if hit is not None and hit[0] is x:
+            return hit
+    return None
+
+
 def recognize(t, m):
     """``clone_graph`` hook: the fused replacement of node ``t`` (built from the copies ``m``), or None."""
     from . import ops, ops_norm
+    if t.op in ("mul", "div") and (t.op == "mul" or _layer_norm_parts(t) is None):
+        # ((x - mean) / sqrt(mean((x - mean)^2) + eps) is the RMS norm of the centred x: a layer_norm)
+        hit = _rms_norm_parts(t)
+        if hit is not None and hit[0].shape == t.shape:
+            x, axis, eps = hit
+            return ops_norm.rms_norm(m[x], axis=axis, eps=eps)
     if t.op == "mul":
         hit = _gelu_input(t)
         if hit is not None and hit[0].shape == t.shape:
             return ops.make(hit[1], (m[hit[0]],))
+        # (x / rms(x)) * w  ->  rms_norm with scale w
+        for a, w in (t.inputs, t.inputs[::-1]):
+            rn = m.get(a)
+            if (rn is not None and rn.op == "rms_norm" and _unit(rn.inputs[1], 1.0)
+                    and w.shape == rn.inputs[1].shape and w.dtype == rn.dtype and t.shape == rn.shape):
+                return ops_norm.rms_norm(rn.inputs[0], m[w], axis=rn.attrs["axis"], eps=rn.attrs["eps"])
         # (x_hat) * w  ->  layer_norm with scale w, when x_hat is a recognised layer_norm without one
         for a, w in (t.inputs, t.inputs[::-1]):
             ln = m.get(a)

@@ -90,6 +90,16 @@ cdef extern from "kernels.h" nogil:
     void lm_layer_norm_grad_cols_f64(int64_t rows, int64_t n, int64_t j0, int64_t nj, const double *x,
                                      const double *mean, const double *rstd, const double *dy, double *dscale,
                                      double *dbias)
+    void lm_rms_norm_row_f32(int64_t n, const float *x, const float *scale, double eps, float *y, float *rstd)
+    void lm_rms_norm_row_f64(int64_t n, const double *x, const double *scale, double eps, double *y, double *rstd)
+    void lm_rms_norm_grad_row_f32(int64_t n, const float *x, const float *scale, float rstd, const float *dy,
+                                  float *dx)
+    void lm_rms_norm_grad_row_f64(int64_t n, const double *x, const double *scale, double rstd, const double *dy,
+                                  double *dx)
+    void lm_rms_norm_grad_cols_f32(int64_t rows, int64_t n, int64_t j0, int64_t nj, const float *x,
+                                   const float *rstd, const float *dy, float *dscale)
+    void lm_rms_norm_grad_cols_f64(int64_t rows, int64_t n, int64_t j0, int64_t nj, const double *x,
+                                   const double *rstd, const double *dy, double *dscale)
     void lm_dropout_f32(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, float scale,
                         const float *x, float *y)
     void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
@@ -563,6 +573,46 @@ cdef int _layer_norm_grad(floating dummy, const int64_t *f, char **bases, int nt
         else:
             lm_layer_norm_grad_cols_f64(outer, n, cb * LN_COLS, min(LN_COLS, n - cb * LN_COLS), x, mean, rstd,
                                         dy, dsc, dbi)
+    return 0
+
+
+cdef int _rms_norm(floating dummy, const int64_t *f, char **bases, const double *consts,
+                   int nthreads) noexcept nogil:
+    cdef int64_t outer = f[LM_F_RMS_NORM_outer], n = f[LM_F_RMS_NORM_n], o
+    cdef double eps = consts[f[LM_F_RMS_NORM_eps]]
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_RMS_NORM_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_RMS_NORM_scale_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_RMS_NORM_y_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_RMS_NORM_rstd_slot)
+    cdef int nt = _threads(outer * n, nthreads)
+    for o in prange(outer, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_rms_norm_row_f32(n, x + o * n, sc, eps, y + o * n, rstd + o)
+        else:
+            lm_rms_norm_row_f64(n, x + o * n, sc, eps, y + o * n, rstd + o)
+    return 0
+
+
+cdef int _rms_norm_grad(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+    cdef int64_t outer = f[LM_F_RMS_NORM_GRAD_outer], n = f[LM_F_RMS_NORM_GRAD_n], o, cb
+    cdef int64_t ncb = (n + LN_COLS - 1) // LN_COLS
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_scale_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_rstd_slot)
+    cdef floating *dy = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_dy_slot)
+    cdef floating *dx = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_dx_slot)
+    cdef floating *dsc = <floating*>_ptr(bases, f + LM_F_RMS_NORM_GRAD_dscale_slot)
+    cdef int nt = _threads(outer * n, nthreads)
+    for o in prange(outer, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_rms_norm_grad_row_f32(n, x + o * n, sc, rstd[o], dy + o * n, dx + o * n)
+        else:
+            lm_rms_norm_grad_row_f64(n, x + o * n, sc, rstd[o], dy + o * n, dx + o * n)
+    for cb in prange(ncb, num_threads=<int>min(<int64_t>nt, ncb), schedule="static"):
+        if floating is float:
+            lm_rms_norm_grad_cols_f32(outer, n, cb * LN_COLS, min(LN_COLS, n - cb * LN_COLS), x, rstd, dy, dsc)
+        else:
+            lm_rms_norm_grad_cols_f64(outer, n, cb * LN_COLS, min(LN_COLS, n - cb * LN_COLS), x, rstd, dy, dsc)
     return 0
 
 
@@ -1095,6 +1145,12 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_LAYER_NORM_GRAD:
             rc = _layer_norm_grad(f32, f, bases, nthreads) if f[LM_F_LAYER_NORM_GRAD_dtype] == 0 \
                 else _layer_norm_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_RMS_NORM:
+            rc = _rms_norm(f32, f, bases, consts, nthreads) if f[LM_F_RMS_NORM_dtype] == 0 \
+                else _rms_norm(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_RMS_NORM_GRAD:
+            rc = _rms_norm_grad(f32, f, bases, nthreads) if f[LM_F_RMS_NORM_GRAD_dtype] == 0 \
+                else _rms_norm_grad(f64, f, bases, nthreads)
         elif op == LM_OP_DROPOUT:
             rc = _dropout(f32, f, bases, consts, nthreads) if f[LM_F_DROPOUT_dtype] == 0 \
                 else _dropout(f64, f, bases, consts, nthreads)

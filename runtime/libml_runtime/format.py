@@ -118,6 +118,14 @@ OPCODES = [
      "bias.slot bias.offset act batch_ndim batch_dims[batch_ndim] A.batch_stride[batch_ndim] "
      "B.batch_stride[batch_ndim] C.batch_stride[batch_ndim] mask.slot mask.offset colsum.slot colsum.offset "
      "lda ldb ldc"),
+    # ---- format 2.3: RMS normalisation (libml_compile/ops_norm.py, ONNX RMSNormalization and the pattern
+    # x * 1/sqrt(mean(x^2) + eps) * w).  Rows of n as layer_norm, without centring or bias:
+    # rstd = 1 / sqrt(sum(x^2) / n + consts[eps]), y = x * rstd * scale; rstd written per row
+    (36, "rms_norm", "dtype outer n eps x.slot x.offset scale.slot scale.offset y.slot y.offset "
+                     "rstd.slot rstd.offset"),
+    # dx (outer, n) and dscale (n) from x, scale, the saved rstd and dy
+    (37, "rms_norm_grad", "dtype outer n x.slot x.offset scale.slot scale.offset rstd.slot rstd.offset "
+                          "dy.slot dy.offset dx.slot dx.offset dscale.slot dscale.offset"),
     # ---- format 2.3: live indices of GatherElements / GatherND (libml_compile/ops_index.py).  out (int64, one
     # per position r of the row-major iteration space pos_dims) = sum_d coord_d(r) * pos_strides[d] +
     # sum_j v_j * mult[j], v_j = idx[r * k + j] (int64) plus dims[j] when negative; a v_j outside [0, dims[j])

@@ -723,6 +723,47 @@ static void LM_SFX(lm_layer_norm_grad_cols)(int64_t rows, int64_t n, int64_t j0,
         for (j = j0; j < j0 + nj; j++) { dscale[j] += dr[j] * ((xr[j] - m) * rs); dbias[j] += dr[j]; }
     }
 }
+
+/* ---- RMS normalisation (format 2.3: rms_norm, rms_norm_grad): layer_norm without centring or bias.
+ * rstd = 1/sqrt(sum(x^2) / n + eps) (the lanes above: thread- and ISA-independent), y = x * rstd * scale */
+static void LM_SFX(lm_rms_norm_row)(int64_t n, const LM_T *restrict x, const LM_T *restrict scale, double eps,
+                                    LM_T *restrict y, LM_T *restrict rstd_out)
+{
+    double v;
+    LM_LN_SUM(v, n, (double)x[j] * (double)x[j]);
+    const LM_T r = (LM_T)(1.0 / sqrt(v / (double)n + eps));
+    int64_t j;
+    #pragma omp simd
+    for (j = 0; j < n; j++) y[j] = x[j] * r * scale[j];
+    *rstd_out = r;
+}
+
+/* dx of one row: with xh = x * rstd and gs = dy * scale, dx = rstd * (gs - xh * mean(gs * xh)) */
+static void LM_SFX(lm_rms_norm_grad_row)(int64_t n, const LM_T *restrict x, const LM_T *restrict scale,
+                                         LM_T rstd, const LM_T *restrict dy, LM_T *restrict dx)
+{
+    double b;
+    LM_LN_SUM(b, n, (double)(dy[j] * scale[j]) * (double)(x[j] * rstd));
+    const LM_T c2 = (LM_T)(b / (double)n);
+    int64_t j;
+    #pragma omp simd
+    for (j = 0; j < n; j++) dx[j] = rstd * (dy[j] * scale[j] - x[j] * rstd * c2);
+}
+
+/* dscale[j] = sum over rows of dy * xh for columns [j0, j0 + nj), rows in order (any column split) */
+static void LM_SFX(lm_rms_norm_grad_cols)(int64_t rows, int64_t n, int64_t j0, int64_t nj,
+                                          const LM_T *restrict x, const LM_T *restrict rstd,
+                                          const LM_T *restrict dy, LM_T *restrict dscale)
+{
+    int64_t r, j;
+    for (j = j0; j < j0 + nj; j++) dscale[j] = 0;
+    for (r = 0; r < rows; r++) {
+        const LM_T *restrict xr = x + r * n, *restrict dr = dy + r * n;
+        const LM_T rs = rstd[r];
+        #pragma omp simd
+        for (j = j0; j < j0 + nj; j++) dscale[j] += dr[j] * (xr[j] * rs);
+    }
+}
 #undef LM_LN_SUM
 
 /* ---- dropout (format 2.2: dropout) ---------------------------------------------------------------------

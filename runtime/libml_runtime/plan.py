@@ -623,6 +623,22 @@ class _Decoder:
                              ("dscale", n, True), ("dbias", n, True)):
             self.operand(d, nm, count * isz, writable=w, align=isz)
 
+    def op_rms_norm(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("outer", 0, 2 ** 40), ("n", 1, 2 ** 40)])
+        rows, n = self.dims("dims", [d["outer"], d["n"]])
+        self.const(d, "eps")
+        for nm, count, w in (("x", rows * n, False), ("scale", n, False), ("y", rows * n, True), ("rstd", rows, True)):
+            self.operand(d, nm, count * isz, writable=w, align=isz)
+
+    def op_rms_norm_grad(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("outer", 0, 2 ** 40), ("n", 1, 2 ** 40)])
+        rows, n = self.dims("dims", [d["outer"], d["n"]])
+        for nm, count, w in (("x", rows * n, False), ("scale", n, False), ("rstd", rows, False),
+                             ("dy", rows * n, False), ("dx", rows * n, True), ("dscale", n, True)):
+            self.operand(d, nm, count * isz, writable=w, align=isz)
+
     def op_log_softmax(self, d):
         isz = self.fdtype(d)
         n = math.prod(self.dims("dims", [d["outer"], d["K"], d["inner"]]))
