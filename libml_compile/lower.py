@@ -275,6 +275,11 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         else:  # outputs nothing reads: written into scratch
             scratch = tuple((f"{ins.x.name}:{j}", _nbytes(*out_specs(ins.x)[j]))
                             for j, o in enumerate(ins.outputs) if o is None)
+            # then the kernel's own working buffers (OpDef.scratch), after the unread outputs' (the
+            # backend takes them in this order)
+            own = REGISTRY[ins.x.op].scratch
+            if own is not None:
+                scratch += tuple((f"{ins.x.name}:scratch{j}", int(nb)) for j, nb in enumerate(own(ins.x)))
         steps.append(Instruction([storage_base(i) for i in ins.reads],
                                  [(w, w.name, int(w.size * np.dtype(w.dtype).itemsize)) for w in ins.writes],
                                  reuse, scratch))

@@ -58,6 +58,10 @@ class OpDef:
     # (ops_norm.py); ops without one are emitted by backend_cpu._emit_op by kernel kind.  The emitter's
     # ``kind`` is the entry ("run": inference) and ``state`` the StateLayout (persistent state: ops_dropout.py)
     emit: Optional[Callable] = None
+    # working buffers the op's kernel needs while it runs, ``node -> [nbytes, ...]``: planned in the arena
+    # (live during the instruction only) and handed to ``emit`` as ``em.scratch``, their byte offsets in
+    # this order (ops_conv.py: im2col panels)
+    scratch: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}

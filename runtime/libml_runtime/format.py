@@ -33,6 +33,9 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 # int64s; count is an earlier field or a number) or ``name[count]{fields}`` (count records).  A dotted
 # name is only a name ("A.slot").  Operands are (slot, byte offset) pairs: ``X.slot X.offset``.
 
+#: format 2.3: the geometry fields every convolution instruction starts with (ops_conv.py)
+_CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
+
 OPCODES = [
     # (code, name, layout)
     (1, "fused_elementwise",
@@ -110,6 +113,27 @@ OPCODES = [
     # out = *counter; *counter += 1 (int64 scalars): a persistent counter (the state) advanced once per
     # call of an entry, its value before the advance copied to out for this call's readers
     (34, "counter_next", "counter.slot counter.offset out.slot out.offset"),
+    # ---- format 2.3: convolution (libml_compile/ops_conv.py), NCHW.  x (N, C, H, W), w (M, C/G, kh, kw),
+    # y (N, M, OH, OW); a 1-D conv is H = kh = 1.  Output pixel (oh, ow) reads input (oh*sh - ph + i*dh,
+    # ow*sw - pw + j*dw); coordinates outside [0, H) x [0, W) read zero (the padding).  Per image and group
+    # the conv is a GEMM W_g (M/G, Kc) @ col (Kc, OH*OW), Kc = (C/G)*kh*kw, over column panels of `panel`
+    # output pixels: the kernel builds one panel of the im2col matrix at a time in one of `nslots` scratch
+    # panels of Kc*panel elements (rounded up to 16), one per thread, so no full-size im2col buffer exists.
+    # Every split depends on these fields only, never on the thread count (results bit-identical for
+    # any number of threads).  The three opcodes share this geometry prefix (same field offsets).
+    # act 0 none, 1 relu (after the bias); b.slot -1: no bias.  G > 1 with C/G = 1 (depthwise, or a
+    # channel multiplier M/G) runs a direct loop and uses no scratch.
+    (48, "conv", _CONV_GEOM + " act x.slot x.offset w.slot w.offset b.slot b.offset y.slot y.offset "
+     "scratch.slot scratch.offset"),
+    # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
+    # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
+    (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "
+     "scratch.slot scratch.offset"),
+    # dw from x and dy: the (image, panel) items split into `nchunks` fixed chunks, each summing
+    # dy_panel @ col^T into a private partial dw (in scratch after the panels), then the partials added
+    # in chunk order
+    (50, "conv_grad_weight", _CONV_GEOM + " nchunks x.slot x.offset dy.slot dy.offset dw.slot dw.offset "
+     "scratch.slot scratch.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -611,6 +635,10 @@ def _self_check():
         raise ValueError("format: gemm_ex must start with gemm's layout")
     if not LAYOUTS["gemm_ex_keep"].text.startswith(LAYOUTS["gemm_ex"].text):
         raise ValueError("format: gemm_ex_keep must start with gemm_ex's layout")
+    # the convolution drivers read the geometry of all three opcodes at conv's field offsets
+    for nm in ("conv_grad_input", "conv_grad_weight"):
+        if not LAYOUTS[nm].text.startswith(_CONV_GEOM):
+            raise ValueError(f"format: {nm} must start with the convolution geometry")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")
