@@ -217,6 +217,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             rewrite(passes.fuse_epilogues(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_relu_backward(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_vm_epilogues(passes.topo_from_roots(roots), roots))
+        if "conv" in present:  # (ops_conv: the ReLU after a conv as the conv's epilogue)
+            from .ops_conv import fuse_conv_relu
+            rewrite(fuse_conv_relu(passes.topo_from_roots(roots), roots))
         if any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         if any(r.op == "adam_update" for r in roots):

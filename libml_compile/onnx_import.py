@@ -53,6 +53,7 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Sum": ("op_sum", ("add",), True),
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
+    "Conv": ("op_conv", ("conv",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
@@ -1411,6 +1412,39 @@ class _Importer:
             operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
             return list(lc.layer_norm(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
                                       axis=axis, eps=eps, return_stats=True, name=names))[:n_out]
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_conv(self, node, at):
+        """Conv (opsets 1-22): X (N, C, L) or (N, C, H, W), W (M, C/group, *kernel), optional B (M,);
+        strides, pads, dilations, group, auto_pad (NOTSET, SAME_UPPER, SAME_LOWER, VALID) and kernel_shape
+        (checked against W).  3-D convolutions are refused, naming the node."""
+        lc = self.lc
+        x, w, b = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        if x is None or w is None:
+            raise self.err(node, "needs the inputs X and W")
+        xs, ws = self.shape(x), self.shape(w)
+        if len(xs) not in (3, 4):
+            raise self.err(node, f"Conv input X has shape {tuple(xs)}; libml implements 1-D and 2-D convolutions "
+                                 f"((N, C, L) or (N, C, H, W))")
+        nd = len(xs) - 2
+        kernel = at.get("kernel_shape")
+        if kernel is not None and tuple(kernel) != tuple(ws[2:]):
+            raise self.err(node, f"kernel_shape {tuple(kernel)} does not match W's shape {tuple(ws)}")
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "dilations": tuple(at.get("dilations", (1,) * nd)),
+              "pads": tuple(at.get("pads", (0,) * (2 * nd))), "group": int(at.get("group", 1)), "auto_pad": auto_pad}
+
+        def fn(*v):
+            return lc.conv(v[0], v[1], v[2] if len(v) > 2 else None, **kw)
+        vals = [v for v in (x, w, b) if v is not None]
+        try:
+            if all(self.is_const(v) for v in vals):
+                return _eval_const(fn, *vals)
+            operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
+            return lc.conv(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
+                           name=node.output[0] or None, **kw)
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 

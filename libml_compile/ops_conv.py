@@ -325,6 +325,27 @@ register(OpDef("conv_grad_weight", "conv", _s_conv_grad_weight, _r_conv_grad_wei
 
 
 # ---------------------------------------------------------------------------------------------------
+# fusion: conv [+ bias] -> relu in one instruction
+
+def fuse_conv_relu(nodes, roots):
+    """conv -> relu  ==>  one ``conv`` node with act "relu": the kernel applies it to each output panel
+    right after the GEMM and the bias, while the panel is in cache.  Only when the relu is the conv's
+    sole reader and the conv itself is not an output.  Returns a ``passes.Rewrite`` (the graph read is
+    not changed: the relu is replaced by a new conv node)."""
+    from .passes import Rewrite, consumer_map
+    rw = Rewrite()
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    for c in nodes:
+        if c.op != "conv" or c.attrs.get("act") or c in keep:
+            continue
+        cons = consumers.get(c, ())
+        if len(cons) == 1 and cons[0].op == "relu":
+            rw.replace(cons[0], "conv", c.inputs, {**c.attrs, "act": "relu"})
+    return rw
+
+
+# ---------------------------------------------------------------------------------------------------
 # the user function
 
 def _per_axis(op, what, v, nd, lo):

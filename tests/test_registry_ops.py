@@ -74,6 +74,10 @@ NOT_SAMPLED = {
                "test_dropout checks the masks against a NumPy Philox reference, the gradient, finite differences "
                "and 1 vs 2 threads",
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
+    "conv_grad_input": "conv's input-gradient op: reached through conv's gradient below (and test_conv against "
+                       "PyTorch autograd)",
+    "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
+                        "PyTorch autograd)",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})
@@ -571,6 +575,10 @@ ATTR_OPS = {
     # normalisation (ops_norm.py): three outputs (y, mean, rstd), all compared by test_forward_attr_op
     "layer_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal((4, 5)), True),
                                    (r.standard_normal((4, 5)), True)], {"axis": 1, "eps": 1e-5}),
+    # convolution (ops_conv.py): grouped, strided, dilated, asymmetric pads, with bias; n widens the image
+    "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
+                             (r.standard_normal(6), True)],
+                            {"strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2), "group": 2, "act": None}),
 }
 
 
