@@ -54,6 +54,8 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
     "Conv": ("op_conv", ("conv",), False),
+    "GlobalAveragePool": ("op_global_pool", ("sum",), False),
+    "GlobalMaxPool": ("op_global_pool", ("reduce_max",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
@@ -1445,6 +1447,24 @@ class _Importer:
             operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
             return lc.conv(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
                            name=node.output[0] or None, **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_global_pool(self, node, at):
+        """GlobalAveragePool / GlobalMaxPool: the mean / max over every spatial dim (2..), kept as 1s --
+        the reduction family's kernels and gradients (a max's ties share the gradient, as PyTorch's amax)."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input X")
+        if len(self.shape(x)) < 3:
+            raise self.err(node, f"{node.op_type} input X has shape {tuple(self.shape(x))}; expected (N, C, *spatial)")
+        axes = tuple(range(2, len(self.shape(x))))
+        fn = lc.mean if node.op_type == "GlobalAveragePool" else lc.max
+        try:
+            if self.is_const(x):
+                return _eval_const(lambda v: fn(v, axis=axes, keepdims=True), x)
+            return fn(self.T(x, node.input[0]), axis=axes, keepdims=True, name=node.output[0] or None)
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 

@@ -328,3 +328,53 @@ def test_lenet_exported_by_pytorch_runs_trains_and_exports(tmp_path):
     sess2 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess2.run(None, {"x": x.numpy()})[0], prog.run(feeds)["logits"], rtol=1e-4, atol=1e-5)
     assert not np.allclose(sess2.run(None, {"x": x.numpy()})[0], ort_logits, atol=1e-4)  # it did train
+
+
+def test_conv_then_global_average_pool_exported_by_pytorch_matches_autograd():
+    """Conv (depthwise, then pointwise) -> ReLU -> AdaptiveAvgPool2d(1) (ONNX GlobalAveragePool: a mean over the
+    spatial dims) -> Linear."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1, groups=4), torch.nn.Conv2d(4, 8, 1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 3))
+    x = torch.randn(4, 4, 9, 9)
+    f = io.BytesIO()
+    torch.onnx.export(net.eval(), (x,), f, input_names=["x"], output_names=["logits"], opset_version=17,
+                      dynamo=False)
+    m = onnx.load_from_string(f.getvalue())
+    assert "GlobalAveragePool" in {n.op_type for n in m.graph.node}
+    g = lc.import_onnx(m)
+    labels = np.array([0, 2, 1, 2])
+    loss = lc.softmax_cross_entropy(g.outputs["logits"], g.input("labels", (4,), dtype="int64"))
+    prog = lc.compile(g, loss=loss)
+    feeds = {"x": x.numpy(), "labels": labels}
+    ort_logits = ort.InferenceSession(f.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(prog.run(feeds)["logits"], ort_logits, rtol=1e-4, atol=1e-5)
+    TF.cross_entropy(net(x), torch.tensor(labels)).backward()
+    grads = prog.grad(feeds)
+    for name, p in net.named_parameters():
+        _close(grads[name], p.grad.numpy(), 1e-3, f"d {name}")
+
+
+def test_the_plan_validator_refuses_bad_conv_fields():
+    from libml_runtime import PlanError
+    from libml_runtime import format as F
+    from libml_runtime.plan import validate
+    prog, _, _ = _case("2d_stride2_pad1", np.float32)
+    plan = prog.plan
+    e = plan.entries["grad"]
+    for opname, field, value, msg in (("conv", "G", 2, "group 2 does not divide"), ("conv", "y.offset", 1 << 45, "y spans"),
+                                      ("conv_grad_input", "cblock", 99, "cblock = 99"),
+                                      ("conv_grad_weight", "nslots", 1000, "nslots = 1000"),
+                                      ("conv_grad_weight", "panel", 10 ** 6, "panel = 1000000 is larger"),
+                                      ("conv", "scratch.offset", 1 << 45, "scratch spans")):
+        pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == opname)
+        where = F.locate(e.code, pc)[1]
+        saved = int(e.code[where[field]])
+        e.code[where[field]] = value
+        try:
+            with pytest.raises(PlanError, match=msg):
+                validate(plan)
+        finally:
+            e.code[where[field]] = saved
+    validate(plan)
