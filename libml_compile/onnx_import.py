@@ -55,6 +55,8 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
     "Conv": ("op_conv", ("conv",), False),
     "GlobalAveragePool": ("op_global_pool", ("sum",), False),
+    "MaxPool": ("op_pool", ("max_pool",), False),
+    "AveragePool": ("op_pool", ("avg_pool",), False),
     "GlobalMaxPool": ("op_global_pool", ("reduce_max",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
@@ -1449,6 +1451,49 @@ class _Importer:
                            name=node.output[0] or None, **kw)
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
+
+    def op_pool(self, node, at):
+        """MaxPool (outputs Y and the optional Indices) and AveragePool, 1-D and 2-D: kernel_shape, strides
+        (default 1), pads, auto_pad, dilations, ceil_mode; MaxPool's storage_order, AveragePool's
+        count_include_pad."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input X")
+        if len(self.shape(x)) not in (3, 4):
+            raise self.err(node, f"{node.op_type} input X has shape {tuple(self.shape(x))}; libml implements 1-D and "
+                                 f"2-D pooling ((N, C, L) or (N, C, H, W))")
+        if "kernel_shape" not in at:
+            raise self.err(node, "needs the attribute kernel_shape")
+        nd = len(self.shape(x)) - 2
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "pads": tuple(at.get("pads", (0,) * (2 * nd))),
+              "dilations": tuple(at.get("dilations", (1,) * nd)), "ceil_mode": int(at.get("ceil_mode", 0)),
+              "auto_pad": auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)}
+        k = tuple(at["kernel_shape"])
+        if node.op_type == "MaxPool":
+            def fn(v):
+                return lc.max_pool(v, k, storage_order=int(at.get("storage_order", 0)), return_indices=True, **kw)
+            n_out = max(1, len(node.output))
+            names = [o or None for o in node.output][:2]
+        else:
+            def fn(v):
+                return lc.avg_pool(v, k, count_include_pad=bool(at.get("count_include_pad", 0)), **kw)
+            n_out, names = None, node.output[0] or None
+        try:
+            if self.is_const(x):
+                out = _eval_const(fn, x)
+            else:
+                xt = self.T(x, node.input[0])
+                if node.op_type == "MaxPool":
+                    out = lc.max_pool(xt, k, storage_order=int(at.get("storage_order", 0)), return_indices=True,
+                                      name=names, **kw)
+                else:
+                    out = lc.avg_pool(xt, k, count_include_pad=bool(at.get("count_include_pad", 0)), name=names,
+                                      **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+        return list(out)[:n_out] if n_out is not None else out
 
     def op_global_pool(self, node, at):
         """GlobalAveragePool / GlobalMaxPool: the mean / max over every spatial dim (2..), kept as 1s --

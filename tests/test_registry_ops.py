@@ -76,6 +76,8 @@ NOT_SAMPLED = {
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
     "conv_grad_input": "conv's input-gradient op: reached through conv's gradient below (and test_conv against "
                        "PyTorch autograd)",
+    "max_pool_grad": "max_pool's gradient op: reached through max_pool's gradient below (and test_pool)",
+    "avg_pool_grad": "avg_pool's gradient op: reached through avg_pool's gradient below (and test_pool)",
     "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
                         "PyTorch autograd)",
 }
@@ -579,6 +581,13 @@ ATTR_OPS = {
     "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
                              (r.standard_normal(6), True)],
                             {"strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2), "group": 2, "act": None}),
+    # pooling (ops_pool.py): max_pool's two outputs (y, indices) are both compared; distinct values (no ties)
+    "max_pool": lambda r, n=1: ([(r.permutation(2 * 3 * 7 * 6 * n).reshape(2, 3, 7, 6 * n) * 0.01, True)],
+                                {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2),
+                                 "ceil_mode": True, "storage_order": 0}),
+    "avg_pool": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
+                                {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 1),
+                                 "ceil_mode": True, "count_include_pad": True}),
 }
 
 

@@ -35,6 +35,8 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 
 #: format 2.3: the geometry fields every convolution instruction starts with (ops_conv.py)
 _CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
+#: format 2.3: the geometry fields every pooling instruction starts with (ops_pool.py)
+_POOL_GEOM = "dtype N C H W kh kw sh sw ph pw eh ew dh dw OH OW"
 
 OPCODES = [
     # (code, name, layout)
@@ -134,6 +136,21 @@ OPCODES = [
     # in chunk order
     (50, "conv_grad_weight", _CONV_GEOM + " nchunks x.slot x.offset dy.slot dy.offset dw.slot dw.offset "
      "scratch.slot scratch.offset"),
+    # ---- format 2.3: pooling (libml_compile/ops_pool.py), NCHW planes of H x W (1-D: H = kh = 1).  Window
+    # (oh, ow) covers input rows oh*sh - ph + i*dh (i < kh) and columns likewise; eh / ew are the end pads
+    # (only AveragePool's count_include_pad reads them: taps before H + eh count).  One task per (n, c)
+    # plane, outputs in order: results do not depend on the thread count.
+    # max_pool: y = the window's maximum (NaN wins, PyTorch's rule; the first of equal maxima), idx (int64)
+    # its flat index into x (ONNX Indices: row-major, or with order 1 column-major within the plane,
+    # storage_order); -1 and y = -inf for a window with no input element
+    (51, "max_pool", _POOL_GEOM + " order x.slot x.offset y.slot y.offset idx.slot idx.offset"),
+    # dx = 0; dx[idx] += dy per output in order (idx as max_pool wrote it: an index outside the output's
+    # own plane is refused with ERR_INDEX, -1 skipped)
+    (52, "max_pool_grad", _POOL_GEOM + " order dy.slot dy.offset idx.slot idx.offset dx.slot dx.offset"),
+    # y = the window's mean: over its taps inside the input (include_pad 0), or inside the padded
+    # input H + eh, W + ew (include_pad 1)
+    (53, "avg_pool", _POOL_GEOM + " include_pad x.slot x.offset y.slot y.offset"),
+    (54, "avg_pool_grad", _POOL_GEOM + " include_pad dy.slot dy.offset dx.slot dx.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -639,6 +656,9 @@ def _self_check():
     for nm in ("conv_grad_input", "conv_grad_weight"):
         if not LAYOUTS[nm].text.startswith(_CONV_GEOM):
             raise ValueError(f"format: {nm} must start with the convolution geometry")
+    for nm in ("max_pool_grad", "avg_pool", "avg_pool_grad"):
+        if not LAYOUTS[nm].text.startswith(_POOL_GEOM):
+            raise ValueError(f"format: {nm} must start with the pooling geometry")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

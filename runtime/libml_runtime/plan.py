@@ -633,6 +633,44 @@ class _Decoder:
         self.operand(d, "dw", d["M"] * kc * isz, writable=True, align=isz)
         self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
 
+    # -- format 2.3: pooling (ops_pool.py): reads are at coordinates checked against H and W
+    def _pool_geometry(self, d):
+        isz = self.fdtype(d)
+        big = 2 ** 31 - 1
+        self.fields(d, [("N", 0, big), ("C", 0, big), ("H", 1, big), ("W", 1, big), ("kh", 1, big), ("kw", 1, big),
+                        ("sh", 1, big), ("sw", 1, big), ("ph", 0, big), ("pw", 0, big), ("eh", 0, big), ("ew", 0, big),
+                        ("dh", 1, big), ("dw", 1, big), ("OH", 1, big), ("OW", 1, big)])
+        self.dims("pool sizes", [d["N"], d["C"], d["H"], d["W"]])
+        self.dims("pool sizes", [d["N"], d["C"], d["OH"], d["OW"]])
+        return isz, d["N"] * d["C"] * d["H"] * d["W"], d["N"] * d["C"] * d["OH"] * d["OW"]
+
+    def op_max_pool(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("order", 0, 1)])
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+        self.operand(d, "idx", ny * 8, writable=True, align=8)
+
+    def op_max_pool_grad(self, d):
+        """idx is data: the kernel checks each index against its output's plane (ERR_INDEX)."""
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("order", 0, 1)])
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "idx", ny * 8, align=8)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
+    def op_avg_pool(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("include_pad", 0, 1)])
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+
+    def op_avg_pool_grad(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("include_pad", 0, 1)])
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
     def op_counter_next(self, d):
         """out = counter; counter += 1: both int64 scalars, both written."""
         self.operand(d, "counter", 8, writable=True, align=8)
