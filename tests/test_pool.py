@@ -166,14 +166,15 @@ class LeNet5(torch.nn.Module):
         return self.f2(torch.relu(self.f1(torch.flatten(h, 1))))
 
 
-def test_lenet5_exported_by_pytorch_runs_and_gets_pytorchs_gradients():
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_lenet5_exported_by_pytorch_runs_and_gets_pytorchs_gradients(dynamo):
     torch.manual_seed(0)
     net = LeNet5()
     x = torch.randn(8, 1, 28, 28)
     labels = np.random.default_rng(0).integers(0, 10, 8)
     f = io.BytesIO()
-    torch.onnx.export(net.eval(), (x,), f, input_names=["x"], output_names=["logits"], opset_version=17,
-                      dynamo=False)
+    kw = {"dynamo": True, "optimize": False} if dynamo else {"dynamo": False, "opset_version": 17}
+    torch.onnx.export(net.eval(), (x,), f, input_names=["x"], output_names=["logits"], **kw)
     m = onnx.load_from_string(f.getvalue())
     assert {"Conv", "MaxPool", "Relu", "Gemm"} <= {n.op_type for n in m.graph.node}
     g = lc.import_onnx(m)
