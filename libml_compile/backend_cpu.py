@@ -123,6 +123,8 @@ class Emitter:
         # for OpDef.emit hooks: the entry being lowered ("run" is inference) and the StateLayout, where an
         # op may own persistent state (ops_dropout: its step counter, saved by checkpoints)
         self.kind, self.state = kind, state
+        # (slot, byte offset) of the scratch buffers the current op asked for (OpDef.scratch)
+        self.scratch: list = []
         self.code: list[int] = []
         self.consts: list[float] = []
         self._cidx: dict = {}
@@ -183,6 +185,7 @@ def _emit_entry(sched, check_finite):
         else:
             spare = iter(scratch)
             outs = [loc(o) if o is not None else (F.SLOT_ARENA, next(spare)) for o in ins.outputs]
+            em.scratch = [(F.SLOT_ARENA, off) for off in spare]  # OpDef.scratch buffers, in its order
             desc = _emit_op(em, ins.x, loc, state, outs)
         if isinstance(desc, list):  # a node lowered to several instructions (concat: one per operand)
             summary += desc

@@ -330,6 +330,24 @@ def _unsupported_variant(model) -> bool:
     return False
 
 
+#: operators libml implements for 1 and 2 spatial dims only (ops_conv.py, ops_pool.py)
+SPATIAL_2D_OPS = ("Conv", "MaxPool", "AveragePool")
+SPATIAL_3D_REASON = "uses a 3-D convolution or pooling (libml implements 1-D and 2-D; the importer refuses 3-D)"
+
+
+def _spatial_3d(model) -> bool:
+    """Whether a Conv / MaxPool / AveragePool node works on more than two spatial dims (its kernel_shape,
+    or its data input's rank when that is a graph input)."""
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in model.graph.input}
+    for n in model.graph.node:
+        if n.op_type not in SPATIAL_2D_OPS:
+            continue
+        ks = [onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "kernel_shape"]
+        if (ks and len(ks[0]) > 2) or ranks.get(n.input[0], 0) > 4:
+            return True
+    return False
+
+
 def discover_conformance_cases(cases=None):
     """Split the official node cases whose ops are all supported into ``(runnable, excluded)``;
     ``excluded`` maps case name -> reason."""
@@ -356,6 +374,8 @@ def discover_conformance_cases(cases=None):
             excluded[name] = DATA_DEPENDENT_REASON
         elif _unsupported_variant(model):
             excluded[name] = UNSUPPORTED_VARIANT_REASON
+        elif _spatial_3d(model):
+            excluded[name] = SPATIAL_3D_REASON
         elif _random_dropout(case):
             excluded[name] = RANDOM_OUTPUT_REASON
         else:

@@ -54,6 +54,11 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
     "RMSNormalization": ("rms_norm", ("rms_norm", "broadcast_to"), False),
+    "Conv": ("op_conv", ("conv",), False),
+    "GlobalAveragePool": ("op_global_pool", ("sum",), False),
+    "MaxPool": ("op_pool", ("max_pool",), False),
+    "AveragePool": ("op_pool", ("avg_pool",), False),
+    "GlobalMaxPool": ("op_global_pool", ("reduce_max",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
@@ -1375,6 +1380,100 @@ class _Importer:
                 return _eval_const(lambda a, b: lc.rms_norm(a, b, axis=axis, eps=eps), x, scale)
             return lc.rms_norm(self.T(x, node.input[0]), self.T(scale, node.input[1]), axis=axis, eps=eps,
                                name=node.output[0])
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_conv(self, node, at):
+        """Conv (opsets 1-22): X (N, C, L) or (N, C, H, W), W (M, C/group, *kernel), optional B (M,);
+        strides, pads, dilations, group, auto_pad (NOTSET, SAME_UPPER, SAME_LOWER, VALID) and kernel_shape
+        (checked against W).  3-D convolutions are refused, naming the node."""
+        lc = self.lc
+        x, w, b = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        if x is None or w is None:
+            raise self.err(node, "needs the inputs X and W")
+        xs, ws = self.shape(x), self.shape(w)
+        if len(xs) not in (3, 4):
+            raise self.err(node, f"Conv input X has shape {tuple(xs)}; libml implements 1-D and 2-D convolutions "
+                                 f"((N, C, L) or (N, C, H, W))")
+        nd = len(xs) - 2
+        kernel = at.get("kernel_shape")
+        if kernel is not None and tuple(kernel) != tuple(ws[2:]):
+            raise self.err(node, f"kernel_shape {tuple(kernel)} does not match W's shape {tuple(ws)}")
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "dilations": tuple(at.get("dilations", (1,) * nd)),
+              "pads": tuple(at.get("pads", (0,) * (2 * nd))), "group": int(at.get("group", 1)), "auto_pad": auto_pad}
+
+        def fn(*v):
+            return lc.conv(v[0], v[1], v[2] if len(v) > 2 else None, **kw)
+        vals = [v for v in (x, w, b) if v is not None]
+        try:
+            if all(self.is_const(v) for v in vals):
+                return _eval_const(fn, *vals)
+            operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
+            return lc.conv(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
+                           name=node.output[0] or None, **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
+    def op_pool(self, node, at):
+        """MaxPool (outputs Y and the optional Indices) and AveragePool, 1-D and 2-D: kernel_shape, strides
+        (default 1), pads, auto_pad, dilations, ceil_mode; MaxPool's storage_order, AveragePool's
+        count_include_pad."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input X")
+        if len(self.shape(x)) not in (3, 4):
+            raise self.err(node, f"{node.op_type} input X has shape {tuple(self.shape(x))}; libml implements 1-D and "
+                                 f"2-D pooling ((N, C, L) or (N, C, H, W))")
+        if "kernel_shape" not in at:
+            raise self.err(node, "needs the attribute kernel_shape")
+        nd = len(self.shape(x)) - 2
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "pads": tuple(at.get("pads", (0,) * (2 * nd))),
+              "dilations": tuple(at.get("dilations", (1,) * nd)), "ceil_mode": int(at.get("ceil_mode", 0)),
+              "auto_pad": auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)}
+        k = tuple(at["kernel_shape"])
+        if node.op_type == "MaxPool":
+            def fn(v):
+                return lc.max_pool(v, k, storage_order=int(at.get("storage_order", 0)), return_indices=True, **kw)
+            n_out = max(1, len(node.output))
+            names = [o or None for o in node.output][:2]
+        else:
+            def fn(v):
+                return lc.avg_pool(v, k, count_include_pad=bool(at.get("count_include_pad", 0)), **kw)
+            n_out, names = None, node.output[0] or None
+        try:
+            if self.is_const(x):
+                out = _eval_const(fn, x)
+            else:
+                xt = self.T(x, node.input[0])
+                if node.op_type == "MaxPool":
+                    out = lc.max_pool(xt, k, storage_order=int(at.get("storage_order", 0)), return_indices=True,
+                                      name=names, **kw)
+                else:
+                    out = lc.avg_pool(xt, k, count_include_pad=bool(at.get("count_include_pad", 0)), name=names,
+                                      **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+        return list(out)[:n_out] if n_out is not None else out
+
+    def op_global_pool(self, node, at):
+        """GlobalAveragePool / GlobalMaxPool: the mean / max over every spatial dim (2..), kept as 1s --
+        the reduction family's kernels and gradients (a max's ties share the gradient, as PyTorch's amax)."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input X")
+        if len(self.shape(x)) < 3:
+            raise self.err(node, f"{node.op_type} input X has shape {tuple(self.shape(x))}; expected (N, C, *spatial)")
+        axes = tuple(range(2, len(self.shape(x))))
+        fn = lc.mean if node.op_type == "GlobalAveragePool" else lc.max
+        try:
+            if self.is_const(x):
+                return _eval_const(lambda v: fn(v, axis=axes, keepdims=True), x)
+            return fn(self.T(x, node.input[0]), axis=axes, keepdims=True, name=node.output[0] or None)
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 

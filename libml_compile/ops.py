@@ -62,6 +62,10 @@ class OpDef:
     # range (lo, hi) for every element or ((lo, hi), ...) per position along the indices' last axis; the
     # compiler applies it when that input is a graph input (or a cast of one)
     fed_index_range: Optional[Callable] = None
+    # working buffers the op's kernel needs while it runs, ``node -> [nbytes, ...]``: planned in the arena
+    # (live during the instruction only) and handed to ``emit`` as ``em.scratch``, their byte offsets in
+    # this order (ops_conv.py: im2col panels)
+    scratch: Optional[Callable] = None
 
 
 REGISTRY: dict[str, OpDef] = {}

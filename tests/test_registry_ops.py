@@ -76,6 +76,12 @@ NOT_SAMPLED = {
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
     "index_flat": "integer positions of live GatherElements / GatherND indices (no float operand, no gradient); "
                   "covered by test_index_ops against PyTorch, ONNX Runtime and the official node cases",
+    "conv_grad_input": "conv's input-gradient op: reached through conv's gradient below (and test_conv against "
+                       "PyTorch autograd)",
+    "max_pool_grad": "max_pool's gradient op: reached through max_pool's gradient below (and test_pool)",
+    "avg_pool_grad": "avg_pool's gradient op: reached through avg_pool's gradient below (and test_pool)",
+    "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
+                        "PyTorch autograd)",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})
@@ -573,6 +579,17 @@ ATTR_OPS = {
     # normalisation (ops_norm.py): three outputs (y, mean, rstd), all compared by test_forward_attr_op
     "layer_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal((4, 5)), True),
                                    (r.standard_normal((4, 5)), True)], {"axis": 1, "eps": 1e-5}),
+    # convolution (ops_conv.py): grouped, strided, dilated, asymmetric pads, with bias; n widens the image
+    "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
+                             (r.standard_normal(6), True)],
+                            {"strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2), "group": 2, "act": None}),
+    # pooling (ops_pool.py): max_pool's two outputs (y, indices) are both compared; distinct values (no ties)
+    "max_pool": lambda r, n=1: ([(r.permutation(2 * 3 * 7 * 6 * n).reshape(2, 3, 7, 6 * n) * 0.01, True)],
+                                {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2),
+                                 "ceil_mode": True, "storage_order": 0}),
+    "avg_pool": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
+                                {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 1),
+                                 "ceil_mode": True, "count_include_pad": True}),
 }
 
 

@@ -1064,6 +1064,17 @@ cdef int _check_finite(const int64_t *f, char **bases) noexcept nogil:
 
 
 # ------------------------------------------------------------------------------------------------
+# convolution (format 2.3): conv, conv_grad_input, conv_grad_weight
+
+include "_conv.pxi"
+
+# ------------------------------------------------------------------------------------------------
+# pooling (format 2.3): max_pool, max_pool_grad, avg_pool, avg_pool_grad
+
+include "_pool.pxi"
+
+
+# ------------------------------------------------------------------------------------------------
 # the interpreter loop
 
 cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **bases, int nthreads,
@@ -1156,6 +1167,24 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
                 else _dropout(f64, f, bases, consts, nthreads)
         elif op == LM_OP_COUNTER_NEXT:
             _counter_next(f, bases)
+        elif op == LM_OP_CONV:
+            rc = _conv(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 else _conv(f64, f, bases, nthreads)
+        elif op == LM_OP_CONV_GRAD_INPUT:
+            rc = _conv_grad_input(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv_grad_input(f64, f, bases, nthreads)
+        elif op == LM_OP_CONV_GRAD_WEIGHT:
+            rc = _conv_grad_weight(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv_grad_weight(f64, f, bases, nthreads)
+        elif op == LM_OP_MAX_POOL:
+            rc = _max_pool(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 else _max_pool(f64, f, bases, nthreads)
+        elif op == LM_OP_MAX_POOL_GRAD:
+            rc = _max_pool_grad(f32, f, bases, detail, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 \
+                else _max_pool_grad(f64, f, bases, detail, nthreads)
+        elif op == LM_OP_AVG_POOL:
+            rc = _avg_pool(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 else _avg_pool(f64, f, bases, nthreads)
+        elif op == LM_OP_AVG_POOL_GRAD:
+            rc = _avg_pool_grad(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 \
+                else _avg_pool_grad(f64, f, bases, nthreads)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)

@@ -23,7 +23,13 @@ from .threads import pin_blas_single, resolve_threads
 def _calls_blas(code):
     """Whether a plan's code reaches BLAS: any GEMM but a row vector times a non-transposed matrix
     (``_exec._blas`` runs those with its own kernel).  Only decides whether to pin BLAS's threads."""
-    return any(op.startswith("gemm") and not (d["M"] == 1 and d["transB"] == 0) for _, op, _, d in F.instructions(code))
+    return any((op.startswith("gemm") and not (d["M"] == 1 and d["transB"] == 0)) or op in _CONV_OPS
+               for _, op, _, d in F.instructions(code))
+
+
+#: the convolution instructions (format 2.3) call BLAS on their im2col panels (their direct depthwise path
+#: does not, but pinning costs nothing once done)
+_CONV_OPS = ("conv", "conv_grad_input", "conv_grad_weight")
 
 
 def _checked_value(what, v, dt, shape):

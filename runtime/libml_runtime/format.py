@@ -33,6 +33,11 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 # int64s; count is an earlier field or a number) or ``name[count]{fields}`` (count records).  A dotted
 # name is only a name ("A.slot").  Operands are (slot, byte offset) pairs: ``X.slot X.offset``.
 
+#: format 2.3: the geometry fields every convolution instruction starts with (ops_conv.py)
+_CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
+#: format 2.3: the geometry fields every pooling instruction starts with (ops_pool.py)
+_POOL_GEOM = "dtype N C H W kh kw sh sw ph pw eh ew dh dw OH OW"
+
 OPCODES = [
     # (code, name, layout)
     (1, "fused_elementwise",
@@ -133,6 +138,42 @@ OPCODES = [
     # result is a flat row position for gather (15) / scatter_add (16), which do the data movement.
     (40, "index_flat", "k ndim idx.slot idx.offset out.slot out.offset dims[k] mult[k] pos_dims[ndim] "
                        "pos_strides[ndim]"),
+    # ---- format 2.3: convolution (libml_compile/ops_conv.py), NCHW.  x (N, C, H, W), w (M, C/G, kh, kw),
+    # y (N, M, OH, OW); a 1-D conv is H = kh = 1.  Output pixel (oh, ow) reads input (oh*sh - ph + i*dh,
+    # ow*sw - pw + j*dw); coordinates outside [0, H) x [0, W) read zero (the padding).  Per image and group
+    # the conv is a GEMM W_g (M/G, Kc) @ col (Kc, OH*OW), Kc = (C/G)*kh*kw, over column panels of `panel`
+    # output pixels: the kernel builds one panel of the im2col matrix at a time in one of `nslots` scratch
+    # panels of Kc*panel elements (rounded up to 16), one per thread, so no full-size im2col buffer exists.
+    # Every split depends on these fields only, never on the thread count (results bit-identical for
+    # any number of threads).  The three opcodes share this geometry prefix (same field offsets).
+    # act 0 none, 1 relu (after the bias); b.slot -1: no bias.  G > 1 with C/G = 1 (depthwise, or a
+    # channel multiplier M/G) runs a direct loop and uses no scratch.
+    (48, "conv", _CONV_GEOM + " act x.slot x.offset w.slot w.offset b.slot b.offset y.slot y.offset "
+     "scratch.slot scratch.offset"),
+    # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
+    # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
+    (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "
+     "scratch.slot scratch.offset"),
+    # dw from x and dy: the (image, panel) items split into `nchunks` fixed chunks, each summing
+    # dy_panel @ col^T into a private partial dw (in scratch after the panels), then the partials added
+    # in chunk order
+    (50, "conv_grad_weight", _CONV_GEOM + " nchunks x.slot x.offset dy.slot dy.offset dw.slot dw.offset "
+     "scratch.slot scratch.offset"),
+    # ---- format 2.3: pooling (libml_compile/ops_pool.py), NCHW planes of H x W (1-D: H = kh = 1).  Window
+    # (oh, ow) covers input rows oh*sh - ph + i*dh (i < kh) and columns likewise; eh / ew are the end pads
+    # (only AveragePool's count_include_pad reads them: taps before H + eh count).  One task per (n, c)
+    # plane, outputs in order: results do not depend on the thread count.
+    # max_pool: y = the window's maximum (NaN wins, PyTorch's rule; the first of equal maxima), idx (int64)
+    # its flat index into x (ONNX Indices: row-major, or with order 1 column-major within the plane,
+    # storage_order); -1 and y = -inf for a window with no input element
+    (51, "max_pool", _POOL_GEOM + " order x.slot x.offset y.slot y.offset idx.slot idx.offset"),
+    # dx = 0; dx[idx] += dy per output in order (idx as max_pool wrote it: an index outside the output's
+    # own plane is refused with ERR_INDEX, -1 skipped)
+    (52, "max_pool_grad", _POOL_GEOM + " order dy.slot dy.offset idx.slot idx.offset dx.slot dx.offset"),
+    # y = the window's mean: over its taps inside the input (include_pad 0), or inside the padded
+    # input H + eh, W + ew (include_pad 1)
+    (53, "avg_pool", _POOL_GEOM + " include_pad x.slot x.offset y.slot y.offset"),
+    (54, "avg_pool_grad", _POOL_GEOM + " include_pad dy.slot dy.offset dx.slot dx.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -636,6 +677,13 @@ def _self_check():
         raise ValueError("format: gemm_ex_keep must start with gemm_ex's layout")
     if not LAYOUTS["gemm_strided"].text.startswith(LAYOUTS["gemm"].text):
         raise ValueError("format: gemm_strided must start with gemm's layout")
+    # the convolution drivers read the geometry of all three opcodes at conv's field offsets
+    for nm in ("conv_grad_input", "conv_grad_weight"):
+        if not LAYOUTS[nm].text.startswith(_CONV_GEOM):
+            raise ValueError(f"format: {nm} must start with the convolution geometry")
+    for nm in ("max_pool_grad", "avg_pool", "avg_pool_grad"):
+        if not LAYOUTS[nm].text.startswith(_POOL_GEOM):
+            raise ValueError(f"format: {nm} must start with the pooling geometry")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

@@ -656,6 +656,95 @@ class _Decoder:
         self.operand(d, "x", n * isz, align=isz)
         self.operand(d, "y", n * isz, writable=True, align=isz)
 
+    # -- format 2.3: convolution (ops_conv.py).  The kernels read x only at coordinates they have checked
+    # against H and W (padding is never stored), so the extents below bound every access.
+    def _conv_geometry(self, d):
+        """(itemsize, geometry dict, scratch elements per panel) after checking the shared geometry fields."""
+        isz = self.fdtype(d)
+        big = 2 ** 31 - 1  # BLAS takes int dimensions
+        self.fields(d, [("N", 0, big), ("C", 1, big), ("H", 1, big), ("W", 1, big), ("M", 1, big),
+                        ("G", 1, big), ("kh", 1, big), ("kw", 1, big), ("sh", 1, big), ("sw", 1, big),
+                        ("ph", 0, big), ("pw", 0, big), ("dh", 1, big), ("dw", 1, big), ("OH", 1, big),
+                        ("OW", 1, big), ("panel", 1, big), ("nslots", 1, 64)])
+        if d["C"] % d["G"] or d["M"] % d["G"]:
+            self.fail(f"group {d['G']} does not divide C = {d['C']} and M = {d['M']}")
+        self.dims("conv sizes", [d["N"], d["C"], d["H"], d["W"]])
+        self.dims("conv sizes", [d["N"], d["M"], d["OH"], d["OW"]])
+        kc = d["C"] // d["G"] * d["kh"] * d["kw"]
+        if kc >= 2 ** 31 or d["OH"] * d["OW"] >= 2 ** 31:
+            self.fail(f"conv panel dimensions Kc = {kc}, OH*OW = {d['OH'] * d['OW']} exceed BLAS's int range")
+        if d["panel"] > d["OH"] * d["OW"]:
+            self.fail(f"panel = {d['panel']} is larger than OH*OW = {d['OH'] * d['OW']}")
+        slot = (kc * d["panel"] + 15) // 16 * 16
+        return isz, kc, slot
+
+    def _conv_scratch(self, d, isz, kc, slot, extra=0):
+        direct = d["G"] > 1 and d["C"] == d["G"]
+        self.operand(d, "scratch", 0 if direct else (d["nslots"] * slot + extra) * isz, writable=True, align=isz)
+
+    def op_conv(self, d):
+        isz, kc, slot = self._conv_geometry(d)
+        self.fields(d, [("act", 0, 1)])
+        self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
+        self.operand(d, "w", d["M"] * kc * isz, align=isz)
+        self.operand(d, "b", d["M"] * isz, align=isz, optional=True)
+        self.operand(d, "y", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, writable=True, align=isz)
+        self._conv_scratch(d, isz, kc, slot)
+
+    def op_conv_grad_input(self, d):
+        isz, kc, slot = self._conv_geometry(d)
+        self.fields(d, [("cblock", 1, d["C"] // d["G"])])
+        self.operand(d, "w", d["M"] * kc * isz, align=isz)
+        self.operand(d, "dy", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, align=isz)
+        self.operand(d, "dx", d["N"] * d["C"] * d["H"] * d["W"] * isz, writable=True, align=isz)
+        self._conv_scratch(d, isz, kc, slot)
+
+    def op_conv_grad_weight(self, d):
+        isz, kc, slot = self._conv_geometry(d)
+        self.fields(d, [("nchunks", 1, 64)])
+        self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
+        self.operand(d, "dy", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, align=isz)
+        self.operand(d, "dw", d["M"] * kc * isz, writable=True, align=isz)
+        self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
+
+    # -- format 2.3: pooling (ops_pool.py): reads are at coordinates checked against H and W
+    def _pool_geometry(self, d):
+        isz = self.fdtype(d)
+        big = 2 ** 31 - 1
+        self.fields(d, [("N", 0, big), ("C", 0, big), ("H", 1, big), ("W", 1, big), ("kh", 1, big), ("kw", 1, big),
+                        ("sh", 1, big), ("sw", 1, big), ("ph", 0, big), ("pw", 0, big), ("eh", 0, big), ("ew", 0, big),
+                        ("dh", 1, big), ("dw", 1, big), ("OH", 1, big), ("OW", 1, big)])
+        self.dims("pool sizes", [d["N"], d["C"], d["H"], d["W"]])
+        self.dims("pool sizes", [d["N"], d["C"], d["OH"], d["OW"]])
+        return isz, d["N"] * d["C"] * d["H"] * d["W"], d["N"] * d["C"] * d["OH"] * d["OW"]
+
+    def op_max_pool(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("order", 0, 1)])
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+        self.operand(d, "idx", ny * 8, writable=True, align=8)
+
+    def op_max_pool_grad(self, d):
+        """idx is data: the kernel checks each index against its output's plane (ERR_INDEX)."""
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("order", 0, 1)])
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "idx", ny * 8, align=8)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
+    def op_avg_pool(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("include_pad", 0, 1)])
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+
+    def op_avg_pool_grad(self, d):
+        isz, nx, ny = self._pool_geometry(d)
+        self.fields(d, [("include_pad", 0, 1)])
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
     def op_counter_next(self, d):
         """out = counter; counter += 1: both int64 scalars, both written."""
         self.operand(d, "counter", 8, writable=True, align=8)
