@@ -1377,7 +1377,7 @@ class _Importer:
         axis, eps = int(at.get("axis", -1)), float(at.get("epsilon", 1e-5))
         try:
             if self.is_const(x) and self.is_const(scale):
-                return _eval_const(lambda a, b: lc.rms_norm(a, b, axis=axis, eps=eps), x, scale)
+                return _eval_const(lambda v, s: lc.rms_norm(v, s, axis=axis, eps=eps), x, scale)
             return lc.rms_norm(self.T(x, node.input[0]), self.T(scale, node.input[1]), axis=axis, eps=eps,
                                name=node.output[0])
         except (TypeError, ValueError) as e:

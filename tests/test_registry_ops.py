@@ -67,6 +67,7 @@ NOT_SAMPLED = {
     "xent_grad": "softmax_xent's gradient op: reached through softmax_xent's gradient below",
     "gather_grad": "gather's gradient op: reached through gather's gradient below",
     "layer_norm_grad": "layer_norm's gradient op (three outputs): reached through layer_norm's gradient below",
+    "rms_norm_grad": "rms_norm's gradient op (two outputs): reached through rms_norm's gradient below (and test_rms_norm)",
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",
     "reshape": "a view (no kernel); tested in test_grad_ops and test_shapes",
@@ -579,6 +580,8 @@ ATTR_OPS = {
     # normalisation (ops_norm.py): three outputs (y, mean, rstd), all compared by test_forward_attr_op
     "layer_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal((4, 5)), True),
                                    (r.standard_normal((4, 5)), True)], {"axis": 1, "eps": 1e-5}),
+    "rms_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal((4, 5)), True)],
+                                {"axis": 1, "eps": 1e-5}),
     # convolution (ops_conv.py): grouped, strided, dilated, asymmetric pads, with bias; n widens the image
     "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
                              (r.standard_normal(6), True)],
