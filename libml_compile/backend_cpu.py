@@ -197,7 +197,7 @@ def _emit_entry(sched, check_finite):
             written = list(ins.writes)
             if ins.kind == "op" and ins.x.op in ("sgd_update", "adam_update"):
                 written = list(ins.x.inputs[:len(ins.x.inputs) // 2])
-            elif ins.kind == "op" and ins.x.op == "sgd_gemm":
+            elif ins.kind == "op" and ins.x.op in ("sgd_gemm", "sgd_scatter"):
                 written = [ins.x.inputs[2]]
             for w in written:
                 if w.dtype in FLOAT_DTYPES and w.size and em.instr_nodes:
@@ -639,6 +639,15 @@ def _emit_op(em, t, loc, state, outs):
         src = (slot, off + t.attrs["start"] * xs[t.attrs["axis"]] * np.dtype(t.dtype).itemsize)
         _emit_copy_nd(em, nid, t.dtype, t.shape, src, xs, loc(t), contiguous_strides(t.shape))
         return {"op": op, "node": t.name, "flops": 0, "bytes": 2 * nbytes(t)}
+    if op == "sgd_scatter":  # the rows a gather read step by -lr * their gradient rows, in place in the state
+        g, idx, p = t.inputs
+        ax = t.attrs["axis"]
+        sizes = [int(np.prod(p.shape[:ax], dtype=np.int64)), p.shape[ax], int(np.prod(p.shape[ax + 1:], dtype=np.int64)),
+                 idx.size]
+        em.emit("scatter_sgd", nid, {"dtype": F.DTYPE_CODE[p.dtype], **dict(zip(("outer", "n", "inner", "nidx"), sizes)),
+                                     "lr": em.const(t.attrs["lr"]), **_opnd("g", loc(g)), **_opnd("idx", loc(idx)),
+                                     **_opnd("p", loc(p))})
+        return {"op": "scatter+sgd", "node": t.name, "flops": 2 * g.size, "bytes": 3 * nbytes(g)}
     if op in ("gather", "gather_grad"):
         x, idx = t.inputs
         table = x.shape if op == "gather" else t.shape   # the indexed tensor's shape

@@ -30,6 +30,10 @@ register(OpDef("momentum_gemm", "opt", _s_update, None, None,
                doc="v = momentum * v + op(a) @ op(b): the momentum buffer accumulates the weight-gradient GEMM "
                    "(BLAS alpha = 1, beta = momentum), so no gradient buffer exists; made by "
                    "passes.fold_sgd_into_gemm; the sgd_update then reads v for that param (its g is this node)"))
+register(OpDef("sgd_scatter", "opt", _s_update, None, None,
+               doc="p[.., idx[j], ..] -= lr * g[.., j, ..]: plain SGD (no momentum, no weight decay) of a table "
+                   "read by a gather (an embedding), applied to the rows it read only, in index order: no dense "
+                   "gradient of the table exists; made by passes.fold_sgd_into_gemm when the indices are few"))
 register(OpDef("adam_update", "opt", _s_update, None, None,
                doc="AdamW: p *= 1 - lr*wd; m,v moments; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps). "
                    "attrs['counted']: the step counter was already advanced by this step's adam_count "

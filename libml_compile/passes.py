@@ -522,7 +522,8 @@ def _descendant_test(nodes, consumers):
 
 def fold_sgd_into_gemm(nodes, roots):
     """Weight gradients that are a single 2-D GEMM read by nothing but the SGD update are never
-    materialised.  Returns the new roots.
+    materialised, nor are the gradients of embedding tables under plain SGD (``sgd_scatter``: the rows the
+    gather read step in place; see _sparse_rows).  Returns the new roots.
 
     Plain SGD: one GEMM accumulates straight into the param (``sgd_gemm``), in place: ``order_inplace_writers``
     (run after every rewrite) orders it after every other reader of the param.
@@ -538,6 +539,10 @@ def fold_sgd_into_gemm(nodes, roots):
     n = len(upd.inputs) // 2
     keep_p, keep_g, folded = [], [], []
     for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
+        if _sparse_rows(g, p, upd, consumers, roots):
+            folded.append(make("sgd_scatter", (g.inputs[0], g.inputs[1], p), {"axis": g.attrs["axis"],
+                                                                              "lr": upd.attrs["lr"]}))
+            continue
         if not (g.op == "matmul" and g.ndim == 2 and g.shape == p.shape and g not in roots
                 and consumers.get(g) == [upd] and p.op == "param"):
             keep_p.append(p)
@@ -558,6 +563,21 @@ def fold_sgd_into_gemm(nodes, roots):
     if keep_p:
         rest.append(make("sgd_update", tuple(keep_p) + tuple(keep_g), dict(upd.attrs)))
     return rest + folded
+
+
+#: a table's SGD step touches only the rows a gather read (sgd_scatter) when they are at most this share of it
+SPARSE_ROWS_SHARE = 0.25
+
+
+def _sparse_rows(g, p, upd, consumers, roots):
+    """Whether param ``p``'s gradient ``g`` is a gather's scatter-add gradient that plain SGD can apply to the
+    rows read only: no momentum (a dense buffer) and no weight decay (which moves every row), ``g`` read by
+    the update alone, and few indices against the table's rows (else the dense pass is as cheap)."""
+    if g.op != "gather_grad" or p.op != "param" or g.shape != p.shape or g in roots or consumers.get(g) != [upd]:
+        return False
+    if upd.attrs["momentum"] or upd.attrs["weight_decay"]:
+        return False
+    return g.inputs[1].size <= SPARSE_ROWS_SHARE * p.shape[g.attrs["axis"]]
 
 
 ADAM_SPLIT_BYTES = 1 << 16  # params at least this large get an Adam update of their own
@@ -599,7 +619,7 @@ def split_adam(nodes, roots):
 # in-place writers of graph tensors: op -> input slots it overwrites (a function of the node)
 def inplace_targets(t):
     """Input slots of ``t`` whose storage ``t`` overwrites in place (params), or () for other ops."""
-    if t.op == "sgd_gemm":
+    if t.op in ("sgd_gemm", "sgd_scatter"):
         return (2,)
     if t.op in ("sgd_update", "adam_update"):
         return tuple(range(len(t.inputs) // 2))

@@ -67,6 +67,8 @@ NOT_SAMPLED = {
     "xent_grad": "softmax_xent's gradient op: reached through softmax_xent's gradient below",
     "gather_grad": "gather's gradient op: reached through gather's gradient below",
     "layer_norm_grad": "layer_norm's gradient op (three outputs): reached through layer_norm's gradient below",
+    "sgd_scatter": "plain SGD of an embedding table's rows (an optimizer update, made by fold_sgd_into_gemm): "
+                   "covered by test_sparse_embedding_sgd against torch.optim.SGD",
     "rms_norm_grad": "rms_norm's gradient op (two outputs): reached through rms_norm's gradient below (and test_rms_norm)",
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",

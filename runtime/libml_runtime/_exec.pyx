@@ -1009,6 +1009,45 @@ cdef int _scatter_add(floating dummy, const int64_t *f, char **bases, int64_t *d
     return 0
 
 
+cdef int _scatter_sgd(floating dummy, const int64_t *f, char **bases, const double *consts, int64_t *detail,
+                      int nthreads) noexcept nogil:
+    # p[o, idx[j], :] += -lr * g[o, j, :], j in index order per block of columns (as _scatter_add, whose
+    # result the dense SGD would subtract; here only the rows the gather read are touched)
+    cdef int64_t outer = f[LM_F_SCATTER_SGD_outer], n = f[LM_F_SCATTER_SGD_n], inner = f[LM_F_SCATTER_SGD_inner]
+    cdef int64_t nidx = f[LM_F_SCATTER_SGD_nidx], j, t
+    cdef int64_t ncb = (inner + SA_COLS - 1) // SA_COLS
+    cdef floating alpha = <floating>(-consts[f[LM_F_SCATTER_SGD_lr]])
+    cdef const floating *g = <const floating*>_ptr(bases, f + LM_F_SCATTER_SGD_g_slot)
+    cdef const int64_t *idx = <const int64_t*>_ptr(bases, f + LM_F_SCATTER_SGD_idx_slot)
+    cdef floating *p = <floating*>_ptr(bases, f + LM_F_SCATTER_SGD_p_slot)
+    cdef int nt = _threads(outer * nidx * inner, nthreads) if outer * ncb > 1 else 1
+    for j in range(nidx):
+        if _index(idx, j, n) < 0:
+            detail[0] = j
+            return ERR_INDEX
+    if nt > 1:
+        for t in prange(outer * ncb, num_threads=nt, schedule="static"):
+            _scatter_cols_scaled(p, g, idx, n, nidx, inner, t // ncb, (t % ncb) * SA_COLS, alpha)
+    else:
+        for t in range(outer * ncb):
+            _scatter_cols_scaled(p, g, idx, n, nidx, inner, t // ncb, (t % ncb) * SA_COLS, alpha)
+    return 0
+
+
+cdef inline void _scatter_cols_scaled(floating *dst, const floating *g, const int64_t *idx, int64_t n,
+                                      int64_t nidx, int64_t inner, int64_t o, int64_t c0,
+                                      floating alpha) noexcept nogil:
+    cdef int64_t c1 = min(c0 + SA_COLS, inner), j, i, k
+    cdef floating *d
+    cdef const floating *s
+    for j in range(nidx):
+        k = _index(idx, j, n)
+        d = dst + (o * n + k) * inner
+        s = g + (o * nidx + j) * inner
+        for i in range(c0, c1):
+            d[i] += alpha * s[i]
+
+
 cdef inline void _scatter_cols(floating *dst, const floating *g, const int64_t *idx, int64_t n, int64_t nidx,
                                int64_t inner, int64_t o, int64_t c0) noexcept nogil:
     cdef int64_t c1 = min(c0 + SA_COLS, inner), j, i, k
@@ -1142,6 +1181,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_SCATTER_ADD:
             rc = _scatter_add(f32, f, bases, detail, nthreads) if f[LM_F_SCATTER_ADD_dtype] == 0 \
                 else _scatter_add(f64, f, bases, detail, nthreads)
+        elif op == LM_OP_SCATTER_SGD:
+            rc = _scatter_sgd(f32, f, bases, consts, detail, nthreads) if f[LM_F_SCATTER_SGD_dtype] == 0 \
+                else _scatter_sgd(f64, f, bases, consts, detail, nthreads)
         elif op == LM_OP_INDEX_FLAT:
             rc = _index_flat(f, bases, detail)
         elif op == LM_OP_REDUCE:

@@ -131,6 +131,11 @@ OPCODES = [
     # dx (outer, n) and dscale (n) from x, scale, the saved rstd and dy
     (37, "rms_norm_grad", "dtype outer n x.slot x.offset scale.slot scale.offset rstd.slot rstd.offset "
                           "dy.slot dy.offset dx.slot dx.offset dscale.slot dscale.offset"),
+    # ---- format 2.3: plain SGD on the rows of a table that a gather read (an embedding), never a dense
+    # gradient: p[o, idx[j], :] += -consts[lr] * g[o, j, :] for j in index order (libml_compile/passes.py
+    # fold_sgd_into_scatter).  Tasks own blocks of columns, so repeated indices apply in the same order for
+    # any thread count; an index outside [-n, n) stops the run with ERR_INDEX before anything is written.
+    (38, "scatter_sgd", "dtype outer n inner nidx lr g.slot g.offset idx.slot idx.offset p.slot p.offset"),
     # ---- format 2.3: live indices of GatherElements / GatherND (libml_compile/ops_index.py).  out (int64, one
     # per position r of the row-major iteration space pos_dims) = sum_d coord_d(r) * pos_strides[d] +
     # sum_j v_j * mult[j], v_j = idx[r * k + j] (int64) plus dims[j] when negative; a v_j outside [0, dims[j])

@@ -517,6 +517,16 @@ class _Decoder:
     def op_scatter_add(self, d):
         self._indexed(d, self.fdtype(d), "g", gather=False)
 
+    def op_scatter_sgd(self, d):
+        """the rows of p that idx names step by -lr * g: g (outer, nidx, inner) read, p (outer, n, inner) written
+        in place (the state); index values are data, checked by the kernel before it writes"""
+        isz = self.fdtype(d)
+        outer, n, inner, nidx = self.dims("sizes", [d["outer"], d["n"], d["inner"], d["nidx"]])
+        self.const(d, "lr")
+        self.operand(d, "g", outer * nidx * inner * isz, align=isz)
+        self.operand(d, "idx", nidx * 8, align=8)
+        self.operand(d, "p", outer * n * inner * isz, writable=True, align=isz)
+
     def _indexed(self, d, isz, src, gather):
         """gather reads n rows per outer index and writes nidx, scatter_add the reverse.  Extents are
         proven here; index values are checked by the kernels as they read them (they are data)."""
