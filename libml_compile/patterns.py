@@ -142,6 +142,9 @@ def _layer_norm_parts(t):
 def recognize(t, m):
     """``clone_graph`` hook: the fused replacement of node ``t`` (built from the copies ``m``), or None."""
     from . import ops, ops_norm
+    if t.op == "relu" and t.inputs[0].op == "batch_norm":
+        from .ops_batchnorm import fuse_relu  # BN -> ReLU as one batch_norm with its ReLU fused
+        return fuse_relu(t, m)
     if t.op == "mul":
         hit = _gelu_input(t)
         if hit is not None and hit[0].shape == t.shape:
