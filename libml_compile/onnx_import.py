@@ -54,7 +54,8 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "Mean": ("op_mean", ("add", "div"), False),
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
-    "BatchNormalization": ("batch_norm", ("batch_norm", "add", "mul", "sub", "sqrt", "reciprocal", "reshape"),
+    "BatchNormalization": ("batch_norm", ("batch_norm", "add", "mul", "sub", "sqrt", "reciprocal", "reshape",
+                                          "identity"),
                            False),
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
