@@ -14,6 +14,7 @@ from .ops_reduce import EXPORTS as _RED_EXPORTS, PUBLIC as _RED_PUBLIC
 from .ops_logic import EXPORTS as _LOGIC_EXPORTS, PUBLIC as _LOGIC_PUBLIC
 from .ops_norm import EXPORTS as _NORM_EXPORTS, PUBLIC as _NORM_PUBLIC
 from .ops_dropout import EXPORTS as _DROPOUT_EXPORTS, PUBLIC as _DROPOUT_PUBLIC
+from .ops_batchnorm import EXPORTS as _BN_EXPORTS, PUBLIC as _BN_PUBLIC
 from .ops_index import EXPORTS as _INDEX_EXPORTS, PUBLIC as _INDEX_PUBLIC
 from .ops_conv import EXPORTS as _CONV_EXPORTS, PUBLIC as _CONV_PUBLIC
 from .ops_pool import EXPORTS as _POOL_EXPORTS, PUBLIC as _POOL_PUBLIC
@@ -26,7 +27,7 @@ __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sig
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
            "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
            "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _RED_EXPORTS + _LOGIC_EXPORTS \
-    + _NORM_EXPORTS + _DROPOUT_EXPORTS + _INDEX_EXPORTS + _CONV_EXPORTS + _POOL_EXPORTS
+    + _NORM_EXPORTS + _DROPOUT_EXPORTS + _INDEX_EXPORTS + _CONV_EXPORTS + _POOL_EXPORTS + _BN_EXPORTS
 
 # the elementwise family's user functions (lc.tanh, lc.gelu, lc.leaky_relu, ...): declared with their ops
 globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
@@ -38,6 +39,8 @@ globals().update({k: _LOGIC_PUBLIC[k] for k in _LOGIC_EXPORTS})
 globals().update({k: _NORM_PUBLIC[k] for k in _NORM_EXPORTS})
 # dropout in training mode (lc.dropout; run is eval mode): ops_dropout.py
 globals().update({k: _DROPOUT_PUBLIC[k] for k in _DROPOUT_EXPORTS})
+# batch normalisation, training and eval mode, running statistics as buffers (lc.batch_norm): ops_batchnorm.py
+globals().update({k: _BN_PUBLIC[k] for k in _BN_EXPORTS})
 # indexing of real exports (lc.gather_elements, gather_nd, scatter_elements, scatter_nd, depth_to_space,
 # space_to_depth): ops_index.py
 globals().update({k: _INDEX_PUBLIC[k] for k in _INDEX_EXPORTS})

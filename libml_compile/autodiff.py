@@ -57,7 +57,7 @@ def grad_graph(loss: Tensor, wrt: list[Tensor]) -> dict[Tensor, Tensor]:
             for p in parts[1:]:
                 gt = ops.add(gt, p)
             contrib[t] = [gt]
-        if t.op in ("param", "input", "const"):
+        if t.op in ("param", "input", "const", "buffer"):
             continue
         if t.op == "output":
             out_grads.setdefault(t.inputs[0], {})[t.attrs["index"]] = gt

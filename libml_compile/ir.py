@@ -152,6 +152,8 @@ class Graph:
         self.nodes: list[Tensor] = []
         self.inputs: dict[str, Tensor] = {}
         self.params: dict[str, Tensor] = {}
+        # non-trainable persistent state (BatchNorm's running statistics: ops_batchnorm.py), PyTorch's buffers
+        self.buffers: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
         self.meta: dict = {}
         self._by_name: dict[str, Tensor] = {}
@@ -187,6 +189,26 @@ class Graph:
         _check_leaf_size(arr.shape, dt, f"param {name!r}")
         t = Tensor(self, "param", (), {}, arr.shape, dt, name, value=arr)
         self.params[name] = t
+        return self._add(t)
+
+    def buffer(self, name, value, dtype=None):
+        """Declare a buffer: persistent, non-trainable state with initial ``value`` (copied; floating dtypes),
+        PyTorch's ``register_buffer``.  A buffer is never a param: no gradient, never touched by the optimizer
+        or ``set_params``; it lives next to the optimizer state (``state_dict``, plan files and checkpoints
+        carry it; ``prog.buffers`` reads it).  The ops that own it update it (a training-mode batch_norm its
+        running statistics, ops_batchnorm.py); everywhere else it reads as a constant of its current value.
+        Names follow the params' rules (the optimizer-state names are reserved)."""
+        self._check_new_name(name)
+        if name in RESERVED_NAMES or name.endswith(RESERVED_SUFFIXES):
+            raise ValueError(f"buffer {name!r}: names ending in {', '.join(RESERVED_SUFFIXES)} and the names "
+                             f"{', '.join(map(repr, RESERVED_NAMES))} are reserved for optimizer state; rename it")
+        arr = native_array(value, dtype)
+        dt = canonical_dtype(arr.dtype)
+        if dt not in FLOAT_DTYPES:
+            raise TypeError(f"buffer {name!r}: dtype {dt} is not supported; use float32 or float64")
+        _check_leaf_size(arr.shape, dt, f"buffer {name!r}")
+        t = Tensor(self, "buffer", (), {}, arr.shape, dt, name, value=arr)
+        self.buffers[name] = t
         return self._add(t)
 
     def const(self, value, name=None, dtype=None):
@@ -336,5 +358,6 @@ def clone_graph(g: Graph, name=None, rewrite=None):
         m[t] = n
     out.inputs = {k: m[v] for k, v in g.inputs.items()}
     out.params = {k: m[v] for k, v in g.params.items()}
+    out.buffers = {k: m[v] for k, v in g.buffers.items()}
     out.outputs = {k: m[v] for k, v in g.outputs.items()}
     return out, m

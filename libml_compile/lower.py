@@ -50,6 +50,7 @@ class StateLayout:
         self.size = 0
         self.params = []           # (name, offset, dtype, shape, trainable)
         self.opt_state = []        # (name, offset, dtype, shape)
+        self.buffers = []          # names of the opt_state arrays that are buffers (Graph.buffer)
         self.where: dict = {}      # tensor / key -> offset
 
     def alloc(self, key, value, nbytes=None):
@@ -68,6 +69,14 @@ class StateLayout:
     def add_param(self, t: Tensor, trainable):
         off = self.alloc(("param", t.name), t.value)
         self.params.append((t.name, off, t.dtype, t.shape, bool(trainable)))
+        return off
+
+    def add_buffer(self, t: Tensor):
+        """Place buffer ``t`` (Graph.buffer) with its initial value; it is listed with the optimizer state
+        (state_dict, plan files and checkpoints carry it) and in ``buffers`` (its name)."""
+        off = self.alloc(("buffer", t.name), t.value)
+        self.opt_state.append((t.name, off, t.dtype, t.shape))
+        self.buffers.append(t.name)
         return off
 
     def opt_state_offset(self, name, dtype, shape):
@@ -134,6 +143,8 @@ class Storage:
             return "input", self.input_index[t]
         if t.op == "param":
             return "state", self.state.where[("param", t.name)]
+        if t.op == "buffer":
+            return "state", self.state.where[("buffer", t.name)]
         if t.op == "const":
             return "state", self.state.alloc(("const", id(t.value), t.value.dtype.str, t.shape), t.value)
         b = self.buffers.get(t)

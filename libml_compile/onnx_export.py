@@ -2,7 +2,7 @@
 
 Export is "swap the initializers": the original ``ModelProto`` that :func:`import_onnx` kept in
 ``graph.meta["onnx_model"]`` is copied, each initializer whose name is a param of the program gets the
-program's current value (same name, dtype and shape), and everything else — opset, IR version, metadata,
+program's current value (same name, dtype and shape; buffers, such as BatchNorm's running statistics, too), and everything else — opset, IR version, metadata,
 input/output names, the forward graph itself — is kept as it was.  The result passes ``onnx.checker`` and
 is written with ``libml_runtime.fileio.atomic_write`` (unique temporary file in the target directory,
 mode ``0o666 & ~umask``, fsync, ``os.replace``; a symlink's target is replaced; devices, FIFOs and
@@ -39,7 +39,9 @@ def updated_model(prog, params: Optional[Mapping[str, np.ndarray]] = None):
 
     src = _source_model(prog)
     if params is None:
-        params = prog.params
+        # the params and the buffers (BatchNorm's running statistics, updated by training)
+        params = dict(prog.params)
+        params.update(getattr(prog, "buffers", None) or {})
     m = onnx.ModelProto()
     m.CopyFrom(src)
     by_name = {t.name: i for i, t in enumerate(m.graph.initializer)}

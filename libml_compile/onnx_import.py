@@ -60,6 +60,9 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "AveragePool": ("op_pool", ("avg_pool",), False),
     "GlobalMaxPool": ("op_global_pool", ("reduce_max",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
+    "BatchNormalization": ("batch_norm", ("batch_norm", "add", "mul", "sub", "sqrt", "reciprocal", "reshape",
+                                          "identity"),
+                           False),
     "Slice": ("op_slice", ("slice", "gather"), True),
     "Split": ("op_split", ("slice",), True),
     "Expand": ("op_expand", ("broadcast_to",), True),
@@ -431,7 +434,10 @@ _CONFIG_SLOTS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "Re
 
 
 def classify_initializers(m) -> Dict[str, Tuple[str, str]]:
-    """Float initializers of ``m`` -> ``("param" | "constant", why)``: what an exporter's initializer is.
+    """Float initializers of ``m`` -> ``("param" | "constant" | "state", why)``: what an exporter's initializer is.
+
+    BatchNormalization's running mean and variance (inputs 3 and 4) are ``"state"``: buffers
+    (``Graph.buffer``), never trained, updated by training-mode batch normalisation.
 
     Exporters store weights and also constants as initializers (attention scales, GELU's 0.5 and 1/sqrt(2),
     mask fill values, Clip bounds: the dynamo exporter does).  Training a constant silently changes the
@@ -451,8 +457,16 @@ def classify_initializers(m) -> Dict[str, Tuple[str, str]]:
         for k, i in enumerate(node.input):
             if i:
                 readers.setdefault(i, []).append((node, k))
+    # BatchNormalization's running statistics (inputs 3 and 4): non-trainable state (Graph.buffer)
+    running = {node.input[k]: f"BatchNormalization input {k} (node {node.name or node.output[0]!r})"
+               for node in m.graph.node if node.op_type == "BatchNormalization"
+               for k in (3, 4) if len(node.input) > k and node.input[k]}
     out = {}
     for name, t in floats.items():
+        if name in running:
+            out[name] = ("state", f"a running statistic, {running[name]}: non-trainable state (a buffer), "
+                                  f"updated by training-mode batch normalisation")
+            continue
         if math.prod(t.dims) <= 1:
             out[name] = ("constant", "a scalar (scale, epsilon, fill value or bound)")
             continue
@@ -742,7 +756,7 @@ class _Importer:
         for vi in data_inputs:
             dt = _dtype_of_elem(vi.type.tensor_type.elem_type)
             self.env[vi.name] = g.input(vi.name, input_shapes[vi.name], dtype=dt)
-        self.param_names, self.constant_names = [], []
+        self.param_names, self.constant_names, self.buffer_names = [], [], []
         for init in self.m.graph.initializer:
             if init.name in self.env:
                 continue  # a data input shadowing nothing; impossible after filtering
@@ -750,6 +764,9 @@ class _Importer:
             if np.issubdtype(arr.dtype, np.floating) and init.name in used and self.roles[init.name] == "param":
                 self.env[init.name] = g.param(init.name, np.array(arr, copy=True))
                 self.param_names.append(init.name)
+            elif np.issubdtype(arr.dtype, np.floating) and init.name in used and self.roles[init.name] == "state":
+                self.env[init.name] = g.buffer(init.name, np.array(arr, copy=True))
+                self.buffer_names.append(init.name)
             else:
                 if np.issubdtype(arr.dtype, np.floating) and init.name in used:
                     self.constant_names.append(init.name)
@@ -1522,6 +1539,53 @@ class _Importer:
                 outs.append(lc.cast(lc.greater(d, 0.0), mask_dtype, name=node.output[1]))
         return outs
 
+    def batch_norm(self, node, at):
+        """BatchNormalization (opsets 7-15+): ``lc.batch_norm`` over the channel axis 1.
+
+        Training mode: ``training_mode=1`` (opset >= 14), or before opset 14 a node with the optional outputs
+        (mean, var, saved_mean[, saved_var]).  Its outputs running_mean / running_var are the updated
+        statistics; its input running statistics are buffers when they are initializers (state that every
+        ``grad`` / ``step`` call updates), else only feed those outputs.  ONNX's momentum weighs the old
+        statistic: libml's (PyTorch's) momentum is ``1 - momentum``.  The ONNX specification (and ONNX
+        Runtime) update the running variance with the biased batch variance, PyTorch with the unbiased one;
+        a model whose producer is PyTorch (``producer_name == "pytorch"``: its exporter writes training-mode
+        BatchNorm for ``module.train()``) is imported with PyTorch's update, every other model with
+        ONNX's.  Eval mode: normalised with the running statistics (graph ops, no update)."""
+        lc = self.lc
+        if self.opset < 7 or (self.opset < 9 and int(at.get("spatial", 1)) != 1):
+            raise self.err(node, f"BatchNormalization of opset {self.opset} with spatial="
+                                 f"{at.get('spatial', 1)} is not supported (libml normalises per channel: "
+                                 f"opset >= 9, or opset 7/8 with spatial=1)")
+        vals = [self.get(node, i) for i in range(5)]
+        if any(v is None for v in vals):
+            raise self.err(node, "needs the five inputs X, scale, B, input_mean, input_var")
+        outs = [o for o in node.output]
+        if self.opset >= 14:
+            training = bool(int(at.get("training_mode", 0)))
+        else:
+            training = any(outs[1:])
+        if not training and any(outs[1:]):
+            raise self.err(node, "outputs beyond Y need training mode (training_mode=1)")
+        if self.opset < 14 and len(outs) > 4 and outs[4]:
+            raise self.err(node, "the saved_var output of opset < 14 BatchNormalization is not supported")
+        x = vals[0]
+        if self.is_const(x):
+            raise self.err(node, "X is a constant; libml normalises computed tensors only")
+        operands = [self.T(v, node.input[i]) for i, v in enumerate(vals)]
+        mom = 1.0 - float(at.get("momentum", 0.9))
+        eps = float(at.get("epsilon", 1e-5))
+        unbiased = self.m.producer_name == "pytorch"
+        try:
+            if not training:
+                return [lc.batch_norm(*operands, training=False, eps=eps, name=outs[0] or None)]
+            names = [outs[0] or None, None, None] + [o or None for o in outs[1:3]]
+            y, mean, rstd, nm, nv = lc.batch_norm(*operands, training=True, momentum=mom, eps=eps,
+                                                  unbiased=unbiased, return_stats=True, name=names)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+        # opset 14+: Y, running_mean, running_var; before: Y, mean, var, saved_mean (the batch mean)
+        return [y, nm, nv, mean][:max(len(outs), 1)]
+
     def gemm(self, node, at):
         from .ops import REGISTRY
         lc = self.lc
@@ -1866,6 +1930,7 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
     g.meta["onnx_source"] = source
     g.meta["onnx_input_shapes"] = dict(input_shapes)
     g.meta["onnx_params"] = list(imp.param_names)
+    g.meta["onnx_buffers"] = list(imp.buffer_names)  # running statistics: state, not params
     g.meta["onnx_constants"] = list(imp.constant_names)  # float initializers kept constant (not trained)
     tied = tied_initializers(work, classified)
     if tied:

@@ -551,6 +551,7 @@ for _d in [
     OpDef("input", "leaf", None, None, None, doc="fed tensor"),
     OpDef("param", "leaf", None, None, None, doc="trainable/frozen parameter"),
     OpDef("const", "leaf", None, None, None, doc="constant"),
+    OpDef("buffer", "leaf", None, None, None, doc="persistent non-trainable state (Graph.buffer)"),
     OpDef("add", "ew", _s_binary("add"), lambda at, a, b: a + b,
           lambda n, g: (g, g), vm="ADD", int_ok=True, epilogue=True, onnx=("Add", {})),
     OpDef("sub", "ew", _s_binary("sub"), lambda at, a, b: a - b,

@@ -271,7 +271,7 @@ _MASK_OPS = set(MASK_OP.values())
 def _fusible(t):
     """Whether ``t`` computes a float value in the fused VM (a fusion partner for a float where)."""
     d = REGISTRY.get(t.op)
-    return (d is not None and d.kind in ("ew", "reduce") and t.op not in ("input", "param", "const")
+    return (d is not None and d.kind in ("ew", "reduce") and t.op not in ("input", "param", "const", "buffer")
             and (t.dtype in FLOAT_DTYPES or t.op in MASK_OP or t.op == "where"))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from .ir import FLOAT_DTYPES, Tensor, broadcast_shapes
 from .ops import REGISTRY, gemm_outputs, ref_outputs
 
-LEAVES = ("input", "param", "const")
+LEAVES = ("input", "param", "const", "buffer")
 FOLD_MAX_GROWTH = 4096  # do not fold an op whose constant result is this much larger than its inputs
 
 

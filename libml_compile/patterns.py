@@ -185,6 +185,9 @@ def recognize(t, m):
         if hit is not None and hit[0].shape == t.shape:
             x, axis, eps = hit
             return ops_norm.rms_norm(m[x], axis=axis, eps=eps)
+    if t.op == "relu" and t.inputs[0].op == "batch_norm":
+        from .ops_batchnorm import fuse_relu  # BN -> ReLU as one batch_norm with its ReLU fused
+        return fuse_relu(t, m)
     if t.op == "mul":
         hit = _gelu_input(t)
         if hit is not None and hit[0].shape == t.shape:

@@ -62,6 +62,12 @@ class Program:
         """name -> copy of the current value of every param (taken under the lock: never half an update)."""
         return self.executable.params
 
+    @property
+    def buffers(self):
+        """name -> copy of the current value of every buffer (Graph.buffer: BatchNorm's running statistics),
+        taken under the lock."""
+        return self.executable.buffers
+
     def set_params(self, values):
         """Overwrite params by name from ``{name: array of the param's shape}``; every value is checked
         first (known name, shape, real dtype, no overflow), and on any error nothing is written."""
@@ -241,6 +247,8 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     train_set = set(train_names)  # (a list here made 10,000 params cost 0.5 s of list scans)
     for name, p in tg.params.items():
         state.add_param(p, name in train_set)
+    for b in tg.buffers.values():
+        state.add_buffer(b)
     graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
     label_inputs = {t.inputs[1].name: t.inputs[0].shape[1] for t in tg.nodes
                     if t.op == "softmax_xent" and t.inputs[1].op == "input"}
@@ -296,6 +304,7 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
         entries[kind] = e
 
     plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
+                buffers=state.buffers,
                 graph_inputs=graph_inputs, label_inputs=label_inputs, index_inputs=index_inputs, entries=entries,
                 meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None})
     validate(plan)

@@ -57,6 +57,9 @@ NOT_SAMPLED = {
     "input": "graph leaf (fed tensor), not an operation",
     "param": "graph leaf (parameter), not an operation",
     "const": "graph leaf (constant), not an operation",
+    "buffer": "graph leaf (non-trainable state: BatchNorm's running statistics), not an operation; covered by "
+              "test_batchnorm (updates, checkpoints, plan files, export)",
+    "batch_norm_grad": "batch_norm's gradient op (three outputs): reached through batch_norm's gradient below",
     "linear": "made only by passes.fuse_epilogues from matmul + add (+ relu); covered by test_mlp_reference "
               "and test_fusion_fuzz",
     "where_select": "made only by ops_logic.lower_logic (where on bytes: the select instruction); covered by "
@@ -595,6 +598,11 @@ ATTR_OPS = {
     "avg_pool": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
                                 {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 1),
                                  "ceil_mode": True, "count_include_pad": True}),
+    # batch normalisation in training mode (ops_batchnorm.py): five outputs (y, mean, rstd, new running stats)
+    "batch_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal(4), True),
+                                   (r.standard_normal(4), True), (r.standard_normal(4), False),
+                                   (r.uniform(0.5, 2.0, 4), False)],
+                                  {"eps": 1e-5, "momentum": 0.1, "unbiased": True, "relu": False}),
 }
 
 

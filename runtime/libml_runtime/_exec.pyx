@@ -104,6 +104,20 @@ cdef extern from "kernels.h" nogil:
                         const float *x, float *y)
     void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
                         const double *x, double *y)
+    void lm_batch_norm_channel_f32(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, double eps,
+                                   double mom, const float *x, const float *scale, const float *bias, float *rmean,
+                                   float *rvar, float *y, float *mean, float *rstd, float *nmean, float *nvar)
+    void lm_batch_norm_channel_f64(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, double eps,
+                                   double mom, const double *x, const double *scale, const double *bias,
+                                   double *rmean, double *rvar, double *y, double *mean, double *rstd,
+                                   double *nmean, double *nvar)
+    void lm_batch_norm_grad_channel_f32(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, const float *x,
+                                        const float *scale, const float *mean, const float *rstd, const float *dy,
+                                        const float *y, float *dx, float *dscale, float *dbias)
+    void lm_batch_norm_grad_channel_f64(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags,
+                                        const double *x, const double *scale, const double *mean,
+                                        const double *rstd, const double *dy, const double *y, double *dx,
+                                        double *dscale, double *dbias)
     int lm_nonfinite_f32(int64_t n, const float *x)
     int lm_nonfinite_f64(int64_t n, const double *x)
     int lm_int_binary_row(int64_t dt, int64_t op, int64_t n, const char *a, int64_t sa,
@@ -655,6 +669,55 @@ cdef inline void _counter_next(const int64_t *f, char **bases) noexcept nogil:
     cdef int64_t *cnt = <int64_t*>_ptr(bases, f + LM_F_COUNTER_NEXT_counter_slot)
     (<int64_t*>_ptr(bases, f + LM_F_COUNTER_NEXT_out_slot))[0] = cnt[0]
     cnt[0] = <int64_t>(<uint64_t>cnt[0] + 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# batch normalisation (training mode): one task per channel, so a channel's statistics never depend on the
+# thread count (kernels_batchnorm.h)
+
+cdef int _batch_norm(floating dummy, const int64_t *f, char **bases, const double *consts,
+                     int nthreads) noexcept nogil:
+    cdef int64_t N = f[LM_F_BATCH_NORM_N], C = f[LM_F_BATCH_NORM_C], S = f[LM_F_BATCH_NORM_S], c
+    cdef int64_t flags = f[LM_F_BATCH_NORM_flags]
+    cdef double eps = consts[f[LM_F_BATCH_NORM_eps]], mom = consts[f[LM_F_BATCH_NORM_momentum]]
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_scale_slot)
+    cdef floating *bi = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_bias_slot)
+    cdef floating *rm = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_rmean_slot)
+    cdef floating *rv = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_rvar_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_y_slot)
+    cdef floating *mean = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_mean_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_rstd_slot)
+    cdef floating *nm = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_nmean_slot)
+    cdef floating *nv = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_nvar_slot)
+    cdef int nt = <int>min(<int64_t>_threads(N * C * S, nthreads), max(C, 1))
+    for c in prange(C, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_batch_norm_channel_f32(N, C, S, c, flags, eps, mom, x, sc, bi, rm, rv, y, mean, rstd, nm, nv)
+        else:
+            lm_batch_norm_channel_f64(N, C, S, c, flags, eps, mom, x, sc, bi, rm, rv, y, mean, rstd, nm, nv)
+    return 0
+
+
+cdef int _batch_norm_grad(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+    cdef int64_t N = f[LM_F_BATCH_NORM_GRAD_N], C = f[LM_F_BATCH_NORM_GRAD_C], S = f[LM_F_BATCH_NORM_GRAD_S], c
+    cdef int64_t flags = f[LM_F_BATCH_NORM_GRAD_flags]
+    cdef floating *x = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_x_slot)
+    cdef floating *sc = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_scale_slot)
+    cdef floating *mean = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_mean_slot)
+    cdef floating *rstd = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_rstd_slot)
+    cdef floating *dy = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_dy_slot)
+    cdef floating *y = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_y_slot)
+    cdef floating *dx = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_dx_slot)
+    cdef floating *dsc = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_dscale_slot)
+    cdef floating *dbi = <floating*>_ptr(bases, f + LM_F_BATCH_NORM_GRAD_dbias_slot)
+    cdef int nt = <int>min(<int64_t>_threads(N * C * S, nthreads), max(C, 1))
+    for c in prange(C, num_threads=nt, schedule="static"):
+        if floating is float:
+            lm_batch_norm_grad_channel_f32(N, C, S, c, flags, x, sc, mean, rstd, dy, y, dx, dsc, dbi)
+        else:
+            lm_batch_norm_grad_channel_f64(N, C, S, c, flags, x, sc, mean, rstd, dy, y, dx, dsc, dbi)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1227,6 +1290,12 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_AVG_POOL_GRAD:
             rc = _avg_pool_grad(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 \
                 else _avg_pool_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_BATCH_NORM:
+            rc = _batch_norm(f32, f, bases, consts, nthreads) if f[LM_F_BATCH_NORM_dtype] == 0 \
+                else _batch_norm(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_BATCH_NORM_GRAD:
+            rc = _batch_norm_grad(f32, f, bases, nthreads) if f[LM_F_BATCH_NORM_GRAD_dtype] == 0 \
+                else _batch_norm_grad(f64, f, bases, nthreads)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)

@@ -110,6 +110,14 @@ class Executable:
         with self._lock:
             return {name: self._view(1, off, dt, shape).copy() for name, off, dt, shape, _ in self.plan.params}
 
+    @property
+    def buffers(self):
+        """name -> copy of the current value of every buffer (non-trainable model state: BatchNorm's running
+        statistics), taken under the lock.  ``state_dict`` holds them too."""
+        with self._lock:
+            rec = {s[0]: s for s in self.plan.opt_state}
+            return {n: self._view(1, rec[n][1], rec[n][2], rec[n][3]).copy() for n in self.plan.buffers}
+
     def set_params(self, values):
         """Overwrite params by name.  Every value is checked first (known name, the param's shape, a real
         number dtype, no overflow when cast to the param's dtype); on any error nothing is written."""

@@ -179,6 +179,22 @@ OPCODES = [
     # input H + eh, W + ew (include_pad 1)
     (53, "avg_pool", _POOL_GEOM + " include_pad x.slot x.offset y.slot y.offset"),
     (54, "avg_pool_grad", _POOL_GEOM + " include_pad dy.slot dy.offset dx.slot dx.offset"),
+    # ---- format 2.3: batch normalisation in training mode (libml_compile/ops_batchnorm.py).  x is a
+    # contiguous (N, C, S) array (S: the spatial dims' product); per channel c, over its M = N * S elements,
+    # one task computes mean and the biased variance var (fixed-order double sums: any thread count gives
+    # the same bits), rstd = 1 / sqrt(var + consts[eps]), y = (x - mean) * rstd * scale + bias (flags & 4:
+    # then max(y, 0)), mean / rstd per channel; nmean = (1 - mom) * rmean + mom * mean and nvar = (1 - mom) *
+    # rvar + mom * (flags & 2 ? var * M / (M - 1) : var), mom = consts[momentum]; flags & 1: nmean / nvar are
+    # also written over rmean / rvar (the running statistics, updated in place).
+    (64, "batch_norm", "dtype N C S flags eps momentum x.slot x.offset scale.slot scale.offset bias.slot "
+                       "bias.offset rmean.slot rmean.offset rvar.slot rvar.offset y.slot y.offset mean.slot "
+                       "mean.offset rstd.slot rstd.offset nmean.slot nmean.offset nvar.slot nvar.offset"),
+    # dx (N, C, S), dscale and dbias (C) from x, scale, the saved mean / rstd and dy; flags & 4: dy is taken
+    # as 0 where y (the fused BN + ReLU output) is not > 0.  Per channel: dbias = sum dy, dscale = sum dy *
+    # xh (xh = (x - mean) * rstd), dx = scale * rstd * (dy - dbias / M - xh * dscale / M).
+    (65, "batch_norm_grad", "dtype N C S flags x.slot x.offset scale.slot scale.offset mean.slot mean.offset "
+                            "rstd.slot rstd.offset dy.slot dy.offset y.slot y.offset dx.slot dx.offset "
+                            "dscale.slot dscale.offset dbias.slot dbias.offset"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions

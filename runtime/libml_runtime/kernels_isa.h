@@ -25,7 +25,8 @@
     X(lm_ew_block, S) X(lm_ew_row_store, S) X(lm_ew_combine, S) X(lm_softmax_outer, S) X(lm_xent, S)  \
     X(lm_xent_grad_row, S) X(lm_gemv_rows, S) X(lm_epilogue_row, S) X(lm_mask_row, S) X(lm_vm_epilogue_row, S) X(lm_sgd, S)    \
     X(lm_adam, S) X(lm_nonfinite, S) X(lm_reduce_cols, S) X(lm_arg_reduce_cols, S) X(lm_log_softmax_outer, S) \
-    X(lm_layer_norm_row, S) X(lm_layer_norm_grad_row, S) X(lm_layer_norm_grad_cols, S) X(lm_dropout, S)
+    X(lm_layer_norm_row, S) X(lm_layer_norm_grad_row, S) X(lm_layer_norm_grad_cols, S) X(lm_dropout, S)    \
+    X(lm_batch_norm_channel, S) X(lm_batch_norm_grad_channel, S)
 #define LM_DISPATCHED(X) LM_DISPATCHED_T(X, f32) LM_DISPATCHED_T(X, f64)
 
 #ifdef LM_DISPATCH
@@ -137,6 +138,10 @@ static const char *lm_isa_name(void) { return lm_isa.name; }
 #define lm_layer_norm_grad_cols_f64 (lm_isa.lm_layer_norm_grad_cols_f64)
 #define lm_dropout_f32 (lm_isa.lm_dropout_f32)
 #define lm_dropout_f64 (lm_isa.lm_dropout_f64)
+#define lm_batch_norm_channel_f32 (lm_isa.lm_batch_norm_channel_f32)
+#define lm_batch_norm_channel_f64 (lm_isa.lm_batch_norm_channel_f64)
+#define lm_batch_norm_grad_channel_f32 (lm_isa.lm_batch_norm_grad_channel_f32)
+#define lm_batch_norm_grad_channel_f64 (lm_isa.lm_batch_norm_grad_channel_f64)
 
 #else  /* no dispatch: the one copy, compiled for whatever -march the build chose */
 

@@ -865,3 +865,6 @@ static void LM_SFX(lm_dropout)(int64_t i0, int64_t n, uint64_t seed, uint64_t st
         e = e1;
     }
 }
+
+/* batch normalisation (format 2.3): a file of its own, part of this template */
+#include "kernels_batchnorm.h"

@@ -53,6 +53,9 @@ class Plan:
     # input name -> (lo, hi): fed integers (gather indices: token ids) must lie in [lo, hi), checked on feed;
     # or (format 2.3: GatherND's index tuples) ((lo, hi), ...), one range per position along the last axis
     index_inputs: dict = field(default_factory=dict)
+    # (format 2.3) names of the opt_state arrays that are buffers: non-trainable model state such as BatchNorm's
+    # running statistics (Executable.buffers; export_onnx writes them back), updated by the kernels owning them
+    buffers: list = field(default_factory=list)
 
 
 def _nbytes(dt, shape):
@@ -72,6 +75,10 @@ def validate(plan: Plan):
             _check(isinstance(off, (int, np.integer)) and 0 <= off and off + _nbytes(dt, shape) <= state_bytes,
                    f"{kind}[{i}].offset", f"{off} + {_nbytes(dt, shape)} bytes exceeds the state ({state_bytes})")
             _check(off % np.dtype(dt).itemsize == 0, f"{kind}[{i}].offset", "is misaligned")
+    opt_names = [s[0] for s in plan.opt_state]
+    for i, name in enumerate(plan.buffers):
+        _check(name in opt_names, f"buffers[{i}]", f"{name!r} is not an opt_state array"[:300])
+    _check(len(set(plan.buffers)) == len(plan.buffers), "buffers", "names repeat")
     inputs = {}
     for i, (name, dt, shape) in enumerate(plan.graph_inputs):
         _check(isinstance(name, str) and name, f"graph_inputs[{i}].name", "must be a non-empty string")
@@ -754,6 +761,29 @@ class _Decoder:
         self.fields(d, [("include_pad", 0, 1)])
         self.operand(d, "dy", ny * isz, align=isz)
         self.operand(d, "dx", nx * isz, writable=True, align=isz)
+    def op_batch_norm(self, d):
+        """x, y (N, C, S); scale, bias, the running statistics rmean / rvar, mean, rstd, nmean, nvar (C).
+        flags: bit 0 writes nmean / nvar over rmean / rvar (then both must be writable), bit 1 the unbiased
+        running variance, bit 2 the fused ReLU."""
+        isz = self.fdtype(d)
+        self.fields(d, [("flags", 0, 7)])
+        N, C, S = self.dims("dims", [d["N"], d["C"], d["S"]])
+        self.const(d, "eps")
+        self.const(d, "momentum")
+        upd = bool(d["flags"] & 1)
+        for nm, count, w in (("x", N * C * S, False), ("scale", C, False), ("bias", C, False),
+                             ("rmean", C, upd), ("rvar", C, upd), ("y", N * C * S, True), ("mean", C, True),
+                             ("rstd", C, True), ("nmean", C, True), ("nvar", C, True)):
+            self.operand(d, nm, count * isz, writable=w, align=isz)
+
+    def op_batch_norm_grad(self, d):
+        isz = self.fdtype(d)
+        self.fields(d, [("flags", 0, 7)])
+        N, C, S = self.dims("dims", [d["N"], d["C"], d["S"]])
+        for nm, count, w in (("x", N * C * S, False), ("scale", C, False), ("mean", C, False),
+                             ("rstd", C, False), ("dy", N * C * S, False), ("y", N * C * S, False),
+                             ("dx", N * C * S, True), ("dscale", C, True), ("dbias", C, True)):
+            self.operand(d, nm, count * isz, writable=w, align=isz)
 
     def op_counter_next(self, d):
         """out = counter; counter += 1: both int64 scalars, both written."""

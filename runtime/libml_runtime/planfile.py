@@ -108,6 +108,8 @@ def dumps(plan: Plan, state=None) -> bytes:
         "index_inputs": {n: _index_range(r) for n, r in plan.index_inputs.items()},
         "entries": {k: entry(e) for k, e in plan.entries.items()},
     }
+    if plan.buffers:  # (2.3; absent when there are none, so other plans' bytes are as before)
+        header["buffers"] = list(plan.buffers)
     return pack(MAGIC, header, sections)
 
 
@@ -276,7 +278,7 @@ def _from_header(h, area):
     # "minor" is absent in files written before minor versions were counted (format 2.0)
     _keys(h, "header", {"format", "version", "name", "meta", "state", "params", "opt_state", "graph_inputs",
                         "label_inputs", "entries", "sections"} | ({"minor"} if "minor" in h else set())
-          | ({"index_inputs"} if "index_inputs" in h else set()))
+          | ({"index_inputs"} if "index_inputs" in h else set()) | ({"buffers"} if "buffers" in h else set()))
     _need(h["format"] == "libml-plan", "format", f"expected 'libml-plan', got {h['format']!r}"[:200])
     _need(h["version"] == FORMAT_VERSION and type(h["version"]) is int, "version", "does not match the prefix")
     minor = h.get("minor", 0)
@@ -306,6 +308,8 @@ def _from_header(h, area):
         opt_state.append((_str(rec[0], f"{w}.name"), _int(rec[1], f"{w}.offset"), _dtype(rec[2], f"{w}.dtype"),
                           _shape(rec[3], f"{w}.shape")))
     _unique([p[0] for p in params] + [s[0] for s in opt_state], "params/opt_state", "name")
+    # 2.3: the opt_state arrays that are buffers (BatchNorm's running statistics); plan.validate checks them
+    buffers = [_str(b, f"buffers[{i}]") for i, b in enumerate(_list(h.get("buffers", []), "buffers"))]
     graph_inputs = [_signature(rec, f"graph_inputs[{i}]") for i, rec in enumerate(_list(h["graph_inputs"], "graph_inputs"))]
     _unique([g[0] for g in graph_inputs], "graph_inputs", "name")
     labels = h["label_inputs"]
@@ -360,7 +364,7 @@ def _from_header(h, area):
         entries[kind] = entry(e, f"entries[{kind!r}]")
     secs.check_all_used()
     plan = Plan(name=name, state=state, params=params, opt_state=opt_state, graph_inputs=graph_inputs,
-                label_inputs=label_inputs, entries=entries, meta=meta, index_inputs=index_inputs)
+                label_inputs=label_inputs, entries=entries, meta=meta, index_inputs=index_inputs, buffers=buffers)
     validate(plan)
     return plan
 
