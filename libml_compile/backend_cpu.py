@@ -56,18 +56,16 @@ from libml_runtime.plan import Entry
 from . import ops_logic, passes
 from .ir import FLOAT_DTYPES
 from .ops import REGISTRY, gemm_outputs
-from .views import View, dense_strides, matrix_layout as views_matrix
+from .ir import dense_strides
+from .views import View, matrix_layout as views_matrix
 
 _INT_OPS = {"add": F.VM_OPS["ADD"], "sub": F.VM_OPS["SUB"], "mul": F.VM_OPS["MUL"], "div": F.VM_OPS["DIV"],
             "maximum": F.VM_OPS["MAX"], "minimum": F.VM_OPS["MIN"], "pow": F.VM_OPS["POW"]}
 
 
 def contiguous_strides(shape):
-    s, acc = [], 1
-    for d in reversed(shape):
-        s.append(acc)
-        acc *= d
-    return list(reversed(s))
+    """ir.dense_strides as a list (plan fields are lists)."""
+    return list(dense_strides(shape))
 
 
 def broadcast_strides(shape, target):

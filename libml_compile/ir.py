@@ -319,6 +319,15 @@ def _check_leaf_size(shape, dtype, what):
     _check_size(shape, dtype, what)
 
 
+def dense_strides(shape):
+    """Row-major element strides of a dense array of ``shape`` (a tuple)."""
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return tuple(reversed(st))
+
+
 def broadcast_shapes(op, *shapes):
     """NumPy broadcasting of ``shapes``; ValueError naming ``op`` and every shape on mismatch."""
     nd = max(len(s) for s in shapes)

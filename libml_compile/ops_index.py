@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from .ir import FLOAT_DTYPES, INT_DTYPES, Tensor
+from .ir import FLOAT_DTYPES, INT_DTYPES, Tensor, dense_strides
 from .ops import (OpDef, _lift, _norm_axes, add, cast, concat, gather, make, mul, register, reshape, transpose)
 
 #: user functions declared here, by name (``libml_compile`` exports them)
@@ -44,15 +44,6 @@ PUBLIC: dict = {}
 def _public(f):
     PUBLIC[f.__name__] = f
     return f
-
-
-def _strides(shape):
-    """Row-major element strides of ``shape``."""
-    out, acc = [], 1
-    for d in reversed(shape):
-        out.append(acc)
-        acc *= d
-    return tuple(reversed(out))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,7 +175,7 @@ def gather_elements(x, indices, axis=0, name=None):
     if len(ishape) != x.ndim or any(ishape[d] > x.shape[d] for d in range(x.ndim) if d != ax):
         raise ValueError(f"gather_elements: indices of shape {ishape} do not fit {x.name!r} of shape {x.shape} "
                          f"along axis {ax} (same rank, at most its size outside the axis)")
-    cs = _strides(x.shape)
+    cs = dense_strides(x.shape)
     at = {"dims": (x.shape[ax],), "mult": (cs[ax],), "tuples": False,
           "pos_strides": tuple(0 if d == ax else cs[d] for d in range(x.ndim))}
     flat = _flat_index("gather_elements", x, idx, at, name)
@@ -207,8 +198,8 @@ def gather_nd(x, indices, batch_dims=0, name=None):
                          f"batch_dims {b} (indices: the batch dims, then any, then k in 1..{r - b} components)")
     dims, rest = x.shape[b:b + k], x.shape[b + k:]
     per = math.prod(dims)
-    bstr = _strides(x.shape[:b])
-    at = {"dims": tuple(dims), "mult": _strides(dims), "tuples": True,
+    bstr = dense_strides(x.shape[:b])
+    at = {"dims": tuple(dims), "mult": dense_strides(dims), "tuples": True,
           "pos_strides": tuple(per * bstr[d] if d < b else 0 for d in range(len(ishape) - 1))}
     flat = _flat_index("gather_nd", x, idx, at, name)
     rows = reshape(x, (math.prod(x.shape[:b]) * per,) + tuple(rest))
@@ -290,7 +281,7 @@ def scatter_elements(data, indices, updates, axis=0, reduction="none", name=None
             any(idx.shape[d] > data.shape[d] for d in range(data.ndim) if d != ax):
         raise ValueError(f"scatter_elements: indices of shape {idx.shape} and updates {updates.shape} do not fit "
                          f"data {data.name!r} of shape {data.shape} along axis {ax}")
-    cs = _strides(data.shape)
+    cs = dense_strides(data.shape)
     at = {"dims": (data.shape[ax],), "mult": (cs[ax],), "tuples": False,
           "pos_strides": tuple(0 if d == ax else cs[d] for d in range(data.ndim))}
     targets = flat_positions(at, idx, ValueError, f"scatter_elements into {data.name!r} {data.shape}").reshape(-1)
@@ -309,7 +300,7 @@ def scatter_nd(data, indices, updates, reduction="none", name=None):
         raise ValueError(f"scatter_nd: indices of shape {idx.shape} and updates {updates.shape} do not fit data "
                          f"{data.name!r} of shape {data.shape}")
     dims = data.shape[:k]
-    at = {"dims": tuple(dims), "mult": _strides(dims), "tuples": True, "pos_strides": (0,) * (idx.ndim - 1)}
+    at = {"dims": tuple(dims), "mult": dense_strides(dims), "tuples": True, "pos_strides": (0,) * (idx.ndim - 1)}
     rows = flat_positions(at, idx, ValueError, f"scatter_nd into {data.name!r} {data.shape}").reshape(-1)
     rest = math.prod(data.shape[k:])
     targets = (rows[:, None] * rest + np.arange(rest, dtype=np.int64)).reshape(-1)

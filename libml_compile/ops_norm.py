@@ -135,6 +135,23 @@ register(OpDef("layer_norm_grad", "norm", _s_layer_norm_grad, _r_layer_norm_grad
                doc="layer_norm's backward: outputs dx, dscale, dbias, from the saved mean and rstd"))
 
 
+def _norm_operand(op, x, norm, v, fill, what):
+    """A scale / bias operand of a normalisation of ``x`` over the shape ``norm``: a constant filled with
+    ``fill`` when ``v`` is None, else ``v`` (tensor or array) broadcast to ``norm`` (a ValueError naming
+    ``op`` and the shapes when it does not broadcast)."""
+    if v is None:
+        return x.graph.const(np.full(norm, fill, dtype=x.dtype))
+    v = _lift(v, x, op)
+    try:
+        ok = broadcast_shapes(op, v.shape, norm) == tuple(norm)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{op}: {what} {v.name!r} of shape {v.shape} does not broadcast to the "
+                         f"normalised shape {norm} of {x.name!r} {x.shape}")
+    return v if v.shape == tuple(norm) else broadcast_to(v, norm)
+
+
 def layer_norm(x, scale=None, bias=None, axis=-1, eps=1e-5, return_stats=False, name=None):
     """Layer normalisation of ``x`` over its dimensions ``axis..`` (PyTorch's ``F.layer_norm`` with
     ``normalized_shape = x.shape[axis:]``; ONNX LayerNormalization).
@@ -152,21 +169,8 @@ def layer_norm(x, scale=None, bias=None, axis=-1, eps=1e-5, return_stats=False, 
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"layer_norm: eps must be a finite non-negative number, got {eps!r}")
     norm = x.shape[ax:]
-
-    def operand(v, fill, what):
-        if v is None:
-            return x.graph.const(np.full(norm, fill, dtype=x.dtype))
-        v = _lift(v, x, "layer_norm")
-        try:
-            ok = broadcast_shapes("layer_norm", v.shape, norm) == tuple(norm)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"layer_norm: {what} {v.name!r} of shape {v.shape} does not broadcast to the "
-                             f"normalised shape {norm} of {x.name!r} {x.shape}")
-        return v if v.shape == tuple(norm) else broadcast_to(v, norm)
-
-    outs = make("layer_norm", (x, operand(scale, 1, "scale"), operand(bias, 0, "bias")),
+    outs = make("layer_norm", (x, _norm_operand("layer_norm", x, norm, scale, 1, "scale"),
+                               _norm_operand("layer_norm", x, norm, bias, 0, "bias")),
                 {"axis": ax, "eps": eps}, name)
     return outs if return_stats else outs[0]
 
@@ -271,20 +275,8 @@ def rms_norm(x, scale=None, axis=-1, eps=1e-5, return_rstd=False, name=None):
     eps = float(eps)
     if not (eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"rms_norm: eps must be a finite non-negative number, got {eps!r}")
-    norm = x.shape[ax:]
-    if scale is None:
-        s = x.graph.const(np.ones(norm, dtype=x.dtype))
-    else:
-        s = _lift(scale, x, "rms_norm")
-        try:
-            ok = broadcast_shapes("rms_norm", s.shape, norm) == tuple(norm)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"rms_norm: scale {s.name!r} of shape {s.shape} does not broadcast to the "
-                             f"normalised shape {norm} of {x.name!r} {x.shape}")
-        s = s if s.shape == tuple(norm) else broadcast_to(s, norm)
-    outs = make("rms_norm", (x, s), {"axis": ax, "eps": eps}, name)
+    outs = make("rms_norm", (x, _norm_operand("rms_norm", x, x.shape[ax:], scale, 1, "scale")),
+                {"axis": ax, "eps": eps}, name)
     return outs if return_rstd else outs[0]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from .ir import dense_strides
 from .passes import Rewrite, consumer_map
 
 #: GEMM nodes whose instruction is the plain ``gemm`` opcode (act 0, 1 or 2): their A/B may be views
@@ -55,15 +56,6 @@ def logical_specs(t, rule):
     spec = list(spec) if isinstance(spec, list) else [spec]
     spec[0] = (t.shape, t.dtype)
     return spec
-
-
-def dense_strides(shape):
-    """Row-major strides in elements of a dense array of ``shape``."""
-    st, acc = [], 1
-    for n in reversed(shape):
-        st.append(acc)
-        acc *= n
-    return tuple(reversed(st))
 
 
 def _merged(g):
