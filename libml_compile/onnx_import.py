@@ -489,7 +489,24 @@ def classify_initializers(m) -> Dict[str, Tuple[str, str]]:
             out[name] = ("constant", "reaches a graph output only through constant computation")
         else:
             out[name] = ("constant", f"only configures {config_slot}" if config_slot else "reaches no live node")
+    # PyTorch's exporters give a bias-free Conv / Linear (bias=False, as before every BatchNorm in a ResNet)
+    # an all-zero bias initializer with a generated name: not a parameter of the module, so not trained
+    # (training it would add parameters PyTorch does not have)
+    named = any("." in k for k, (r, _) in out.items() if r == "param")
+    if named and (m.producer_name or "").startswith("pytorch"):
+        for name, (role, _) in list(out.items()):
+            uses = readers.get(name, ())
+            if (role == "param" and "." not in name and uses and
+                    all((node.op_type, k) in _BIAS_SLOTS for node, k in uses) and
+                    not np.any(_onnx().numpy_helper.to_array(floats[name]))):
+                out[name] = ("constant", f"an all-zero bias the exporter added to bias-free "
+                                         f"{uses[0][0].op_type} node {uses[0][0].name or uses[0][0].output[0]!r} "
+                                         f"(bias=False in the module): not a parameter")
     return out
+
+
+#: (op type, input index) of optional bias inputs
+_BIAS_SLOTS = {("Conv", 2), ("ConvTranspose", 2), ("Gemm", 2)}
 
 
 def tied_initializers(m, roles=None) -> Dict[str, list]:
@@ -500,7 +517,8 @@ def tied_initializers(m, roles=None) -> Dict[str, list]:
     uses: Dict[str, list] = {}
     for node in m.graph.node:
         for k, i in enumerate(node.input):
-            if roles.get(i, ("",))[0] == "param" and (node.op_type, k) not in _CONFIG_SLOTS:
+            if (roles.get(i, ("",))[0] == "param" and (node.op_type, k) not in _CONFIG_SLOTS and
+                    node.op_type not in ("Shape", "Size")):  # (reading a weight's shape is not a use)
                 uses.setdefault(i, []).append(node.name or node.output[0])
     return {n: v for n, v in uses.items() if len(v) > 1}
 

@@ -18,6 +18,30 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 
+def _torchvision_without_its_c_extension():
+    """Register ``torchvision`` as a bare package, without running its ``__init__``.
+
+    torchvision's wheel for torch 2.13 CPU fails to import its C extension (``import torchvision`` raises
+    "operator torchvision::nms does not exist"), and ``transformers`` imports torchvision whenever it is
+    installed (``image_utils``), so BERT would not build.  The model code the tests use
+    (``torchvision.models.resnet``, ``.mobilenetv3``) and the transforms transformers reads are pure
+    Python and import fine from the bare package."""
+    import importlib.util
+    import types
+    if "torchvision" in sys.modules:
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    pkg = types.ModuleType("torchvision")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__file__, pkg.__spec__ = spec.origin, spec
+    sys.modules["torchvision"] = pkg
+
+
+_torchvision_without_its_c_extension()
+
+
 # ----------------------------------------------------------------------------------------------------
 # finite differences
 # ----------------------------------------------------------------------------------------------------
