@@ -1942,7 +1942,16 @@ def import_onnx(model: Union[str, os.PathLike, Any], shapes: Optional[Mapping[st
         raise ValueError(f"import_onnx: initializers {both[:10]} match both params and constants patterns")
     imp.roles = {k: "param" if _matches(k, force_p) else "constant" if _matches(k, force_c) else r
                  for k, r in roles.items()}
-    g = imp.build(input_shapes, [vi for vi in work.graph.input if vi.name not in init_names], used)
+    try:
+        g = imp.build(input_shapes, [vi for vi in work.graph.input if vi.name not in init_names], used)
+    except ONNXImportError as e:
+        if shapes and "shapes you bound" not in str(e):
+            # a shape error deep in the graph (a sequence longer than a position table fails at the table's
+            # Expand / Add) is caused by the sizes the caller chose: say which
+            bound = ", ".join(f"{k} {tuple(v)}" for k, v in input_shapes.items())
+            raise ONNXImportError(f"{e} (the shapes you bound: {bound}; a dimension larger than a table in the "
+                                  f"model, e.g. a sequence longer than the position embedding, fails here)") from e
+        raise
     g.meta["onnx_model"] = m
     g.meta["onnx_opset"] = opset
     g.meta["onnx_source"] = source

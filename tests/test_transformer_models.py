@@ -265,3 +265,25 @@ def test_bad_token_ids_are_refused_naming_the_input_and_range():
         prog.run({"tokens": bad})
     with pytest.raises(TypeError, match="tokens"):
         prog.run({"tokens": feeds["tokens"].astype(np.float32)})
+
+
+def test_mask_of_the_wrong_shape_and_a_sequence_longer_than_the_position_table_are_refused():
+    """BERT exported with symbolic batch and sequence dims: binding a sequence of 80 to a model whose
+    position table has 64 rows fails at import naming the node and the shapes bound; a mask of the wrong
+    shape is refused at the feed boundary naming the input, and nothing runs."""
+    from libml_compile.onnx_import import ONNXImportError
+    mod = _randomised("bert")
+    feeds = _inputs("bert", np.random.default_rng(1))
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+        torch.onnx.export(mod, tuple(torch.tensor(v) for v in feeds.values()), f, input_names=list(feeds),
+                          output_names=["y"], opset_version=18, dynamo=False, dynamic_axes=dyn)
+    with pytest.raises(ONNXImportError, match=r"\(1, 64\).*\(8, 80\).*shapes you bound: input_ids \(8, 80\)"):
+        lc.import_onnx(f.getvalue(), shapes={"batch": 8, "seq": 80})
+    prog = lc.compile(lc.import_onnx(f.getvalue(), shapes={"batch": 8, "seq": 16}))
+    want = prog.run(feeds)["y"]
+    with pytest.raises(ValueError, match=r"feed 'attention_mask': expected shape \(8, 16\), got \(8, 15\)"):
+        prog.run({**feeds, "attention_mask": feeds["attention_mask"][:, :15]})
+    np.testing.assert_array_equal(prog.run(feeds)["y"], want)
