@@ -137,9 +137,10 @@ def _taps(x_shape, w_shape, at):
 def _pad_width(x_shape, w_shape, at):
     (H, kh, sh, dh, ph, qh, OH), (W, kw, sw, dw, pw, qw, OW) = _spatial(x_shape, w_shape, at)
     # end padding large enough for the last tap's slice (it may reach beyond H + qh when the stride
-    # does not divide evenly: those rows are never read, only sliced)
-    eh = max(qh, dh * (kh - 1) + sh * (OH - 1) + 1 - H - ph)
-    ew = max(qw, dw * (kw - 1) + sw * (OW - 1) + 1 - W - pw)
+    # does not divide evenly: those rows are never read, only sliced); a negative end pad (the convs of
+    # ops_conv_transpose: input rows past the last window) pads nothing
+    eh = max(qh, dh * (kh - 1) + sh * (OH - 1) + 1 - H - ph, 0)
+    ew = max(qw, dw * (kw - 1) + sw * (OW - 1) + 1 - W - pw, 0)
     return ((0, 0), (0, 0), (ph, eh), (pw, ew))
 
 
