@@ -331,7 +331,7 @@ def _unsupported_variant(model) -> bool:
 
 
 #: operators libml implements for 1 and 2 spatial dims only (ops_conv.py, ops_pool.py)
-SPATIAL_2D_OPS = ("Conv", "MaxPool", "AveragePool")
+SPATIAL_2D_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool")
 SPATIAL_3D_REASON = "uses a 3-D convolution or pooling (libml implements 1-D and 2-D; the importer refuses 3-D)"
 
 
