@@ -591,6 +591,11 @@ ATTR_OPS = {
     "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
                              (r.standard_normal(6), True)],
                             {"strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2), "group": 2, "act": None}),
+    # transposed convolution (ops_conv_transpose.py): grouped, strided, dilated, a begin pad and an output
+    # padding (the conv view's end pad -1) along W; n widens the image
+    "conv_transpose": lambda r, n=1: ([(r.standard_normal((2, 4, 5, 3 * n)), True),
+                                       (r.standard_normal((4, 3, 3, 2)), True)],
+                                      {"strides": (2, 1), "pads": (1, 0, 0, -1), "dilations": (1, 2), "group": 2}),
     # pooling (ops_pool.py): max_pool's two outputs (y, indices) are both compared; distinct values (no ties)
     "max_pool": lambda r, n=1: ([(r.permutation(2 * 3 * 7 * 6 * n).reshape(2, 3, 7, 6 * n) * 0.01, True)],
                                 {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2),
