@@ -21,6 +21,9 @@ separable: every axis is a table of (source index, weight) per output coordinate
 once (``axis_table``), and the 2-D result is the product of two such tables.  An axis whose scale is 1
 and length unchanged is the identity.  Only the last two axes may be resized; the leading ones are planes.
 
+align_corners and tf_crop_and_resize divide by ``w - 1`` as ONNX's reference and its node cases do (ONNX
+Runtime by ``n_out - 1``: the two differ when ``s * n_in`` is not an integer).
+
 PyTorch's ``F.interpolate`` is ``mode="nearest"`` with asymmetric + floor (its "nearest"), or
 "linear"/"bilinear" with ``align_corners`` (align_corners=True) or ``pytorch_half_pixel``
 (align_corners=False); "bicubic" is cubic with A = -0.75 in the same two modes.
@@ -77,6 +80,11 @@ def _coords(n_in, n_out, s, coord, roi):
 
 
 def _nearest(c, s, nm):
+    # a coordinate within float32 rounding of an integer or a tie is that value: an ONNX scale is a float32
+    # (0.6 is 0.60000002), so 3 / s lands just below 5 in float64, where ONNX Runtime and PyTorch, computing
+    # in float32, land on 5 -- and the intended 3 / 0.6 is 5
+    half = np.round(c * 2) / 2
+    c = np.where(np.abs(c - half) <= 4 * 2.0 ** -24 * np.maximum(np.abs(c), 1), half, c)
     f = np.floor(c)
     if nm == "simple":
         nm = "floor" if s >= 1 else "ceil"
