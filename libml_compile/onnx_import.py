@@ -430,7 +430,8 @@ def _constant_values(m) -> set:
 _CONFIG_SLOTS = {("Reshape", 1), ("Expand", 1), ("Split", 1), ("Squeeze", 1), ("Unsqueeze", 1), ("Tile", 1),
                  ("Pad", 1), ("Pad", 2), ("Pad", 3), ("ConstantOfShape", 0), ("Gather", 1), ("GatherND", 1),
                  ("GatherElements", 1), ("TopK", 1), ("OneHot", 1), ("Resize", 1), ("Resize", 2), ("Resize", 3),
-                 ("Upsample", 1), ("Clip", 1), ("Clip", 2)} | {("Slice", i) for i in range(1, 5)} | {("Range", i) for i in range(3)}
+                 ("Clip", 1), ("Clip", 2)} | {("Slice", i) for i in range(1, 5)} | {("Range", i) for i in range(3)}
+_CONFIG_SLOTS |= {("Upsample", 1)}  # (its scales, opset 9)
 _CONFIG_SLOTS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                      "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")}
 

@@ -147,7 +147,7 @@ def axis_table(n_in, n_out, s, roi, mode_items):
     idx = np.clip(idx, 0, n_in - 1).astype(np.int64)
     if ext is not None and not ext.any():
         ext = None
-    for a in (idx, w):
+    for a in (idx, w) + ((ext,) if ext is not None else ()):
         a.flags.writeable = False
     return idx, w, ext
 
@@ -183,10 +183,14 @@ def plan(x_shape, at):
 def _r_resize(at, x):
     P, H, W, OH, OW, (ih, wh, eh), (iw, ww, ew) = plan(x.shape, at)
     x3 = x.reshape(P, H, W).astype(np.float64)
+    # along the columns, then the rows, each sum from its first term: the kernel's order
     with np.errstate(all="ignore"):
-        g = x3[:, ih[:, :, None, None], iw[None, None, :, :]]            # (P, OH, kh, OW, kw)
-        t = (g * ww[None, None, None]).sum(axis=-1)                       # (P, OH, kh, OW)
-        y = (t * wh[None, :, :, None]).sum(axis=2)                        # (P, OH, OW)
+        t = ww[:, 0] * x3[:, :, iw[:, 0]]                                  # (P, H, OW)
+        for j in range(1, iw.shape[1]):
+            t = t + ww[:, j] * x3[:, :, iw[:, j]]
+        y = wh[:, 0, None] * t[:, ih[:, 0], :]                              # (P, OH, OW)
+        for i in range(1, ih.shape[1]):
+            y = y + wh[:, i, None] * t[:, ih[:, i], :]
     if eh is not None:
         y[:, eh, :] = at["extrapolation"]
     if ew is not None:
@@ -202,10 +206,13 @@ def _r_resize_grad(at, dy):
         d[:, eh, :] = 0
     if ew is not None:
         d[:, :, ew] = 0
+    u = np.zeros((P, H, OW))   # the rows' transpose, then the columns'
     dx = np.zeros((P, H, W))
     with np.errstate(all="ignore"):
-        c = d[:, :, None, :, None] * wh[None, :, :, None, None] * ww[None, None, None, :, :]
-    np.add.at(dx, (slice(None), ih[:, :, None, None], iw[None, None, :, :]), c)
+        for i in range(ih.shape[1]):
+            np.add.at(u, (slice(None), ih[:, i]), wh[:, i, None] * d)
+        for j in range(iw.shape[1]):
+            np.add.at(dx, (slice(None), slice(None), iw[:, j]), ww[:, j] * u)
     return dx.reshape(x_shape).astype(dy.dtype)
 
 
@@ -272,10 +279,12 @@ register(OpDef("resize_grad", "resize", _s_resize_grad, _r_resize_grad, None, em
 # user function
 
 def _per_axis(what, v, shape, axes, default_axes, cast):
-    """Full-rank tuple from a scalar (the default axes), one value per ``axes``, or per axis."""
+    """{axis: value} from a scalar (for ``axes``, or the default axes), one value per ``axes``, per trailing
+    axis or per axis."""
     r = len(shape)
     if np.ndim(v) == 0:
-        vals, ax = [v] * len(default_axes), default_axes
+        ax = axes if axes is not None else default_axes
+        vals = [v] * len(ax)
     else:
         vals = list(np.asarray(v).reshape(-1).tolist())
         ax = axes if axes is not None else (list(range(r)) if len(vals) == r else list(range(r - len(vals), r)))

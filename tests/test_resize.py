@@ -164,7 +164,8 @@ def test_nearest_matches_onnxruntime_for_every_nearest_mode_and_coordinate_mode(
 
 
 @pytest.mark.parametrize("geom", sorted(GEOMS))
-@pytest.mark.parametrize("mode,coord", list(itertools.product(["linear", "cubic"], COORDS[:4] + ("half_pixel_symmetric",))))
+@pytest.mark.parametrize("mode,coord", list(itertools.product(["linear", "cubic"],
+                                                              COORDS[:4] + ("half_pixel_symmetric",))))
 def test_linear_and_cubic_match_onnxruntime_for_every_coordinate_mode(mode, coord, geom):
     shape, scales, sizes = GEOMS[geom]
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
@@ -328,7 +329,8 @@ def test_onnx_resize_errors_name_the_node():
         [helper.make_node("Resize", ["x", "", "s"], ["y"], name="rs")], "m",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 1, 2, 2)),
          helper.make_tensor_value_info("s", TensorProto.FLOAT, (4,))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)]), opset_imports=[helper.make_opsetid("", 19)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)]),
+        opset_imports=[helper.make_opsetid("", 19)])
     with pytest.raises(lc.onnx_import.ONNXImportError, match=r"node 'rs' \(Resize\).*scales \(input 2\) is "
                                                              r"data-dependent"):
         lc.import_onnx(live)
@@ -347,3 +349,31 @@ def test_a_tampered_table_index_is_refused_by_the_kernel_naming_the_node():
     e.consts[:] = np.where(e.consts == 2.0, 3.0, e.consts)  # a row index 2 of 3 rows becomes 3
     with pytest.raises(IndexError, match=r"op 'resize' \(node 'up'\)"):
         prog.run({"x": x})
+
+
+def test_the_validator_refuses_a_table_outside_the_constant_pool():
+    from libml_runtime import format as F
+    from libml_runtime.plan import PlanError, validate
+    g = lc.Graph("tab")
+    g.output("y", lc.resize(g.input("x", (1, 1, 3, 4)), sizes=(5, 7), mode="linear"))
+    prog = lc.compile(g)
+    e = prog.plan.entries["run"]
+    pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == "resize")
+    _, where = F.locate(e.code, pc)
+    e.code[where["tab"]] = len(e.consts) - 3
+    with pytest.raises(PlanError, match=r"tab = \d+ is outside \[0, \d+\]"):
+        validate(prog.plan)
+
+
+def test_a_saved_plan_with_check_finite_runs_the_same_resize(tmp_path):
+    import libml_runtime
+    x = np.random.default_rng(8).standard_normal((2, 3, 5, 6)).astype(np.float32)
+    g = lc.Graph("saved")
+    xp = g.param("x", x)
+    y = lc.resize(xp, scales=(1.4, 0.7), mode="cubic", name="up")
+    g.output("y", y)
+    prog = lc.compile(g, loss=lc.sum(y * y), check_finite=True)
+    prog.save(tmp_path / "r.plan")
+    exe = libml_runtime.load(tmp_path / "r.plan", check_finite=True)
+    assert exe.run({})["y"].tobytes() == prog.run({})["y"].tobytes()
+    assert exe.grad({})["x"].tobytes() == prog.grad({})["x"].tobytes()
