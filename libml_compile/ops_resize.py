@@ -49,6 +49,7 @@ NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil", "si
 #: a node's attrs: sizes, scales and roi (a (start, end) pair) per axis, then what every axis shares
 _MODE_KEYS = ("mode", "coord", "nearest_mode", "cubic_a", "exclude_outside", "antialias")
 _KEYS = ("sizes", "scales", "roi", "extrapolation") + _MODE_KEYS
+_MAX_TAPS = 4096  # per axis (plan.py's bound on kh / kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,6 +173,9 @@ def plan(x_shape, at):
     one = (np.zeros((1, 1), np.int64), np.ones((1, 1)), None)
     th = axis_table(x_shape[-2], sizes[-2], scales[-2], at["roi"][-2], items) if r >= 2 else one
     tw = axis_table(x_shape[-1], sizes[-1], scales[-1], at["roi"][-1], items)
+    if max(th[0].shape[1], tw[0].shape[1]) > _MAX_TAPS:
+        raise ValueError(f"resize: antialiased shrinking of {tuple(x_shape)} to {tuple(sizes)} needs "
+                         f"{max(th[0].shape[1], tw[0].shape[1])} taps per axis, more than the runtime's {_MAX_TAPS}")
     H, W = (x_shape[-2] if r >= 2 else 1), x_shape[-1]
     P = int(np.prod(x_shape[:-2])) if r > 2 else 1
     return P, H, W, th[0].shape[0], tw[0].shape[0], th, tw

@@ -377,3 +377,10 @@ def test_a_saved_plan_with_check_finite_runs_the_same_resize(tmp_path):
     exe = libml_runtime.load(tmp_path / "r.plan", check_finite=True)
     assert exe.run({})["y"].tobytes() == prog.run({})["y"].tobytes()
     assert exe.grad({})["x"].tobytes() == prog.grad({})["x"].tobytes()
+
+
+def test_antialiased_shrinking_beyond_the_runtimes_tap_limit_is_refused():
+    g = lc.Graph("taps")
+    with pytest.raises(ValueError, match=r"antialiased shrinking of \(1, 1, 4, 20000\) to \(1, 1, 4, 8\) needs 5000 "
+                                         r"taps per axis, more than the runtime's 4096 \('x'\)"):
+        lc.resize(g.input("x", (1, 1, 4, 20000)), sizes=(4, 8), mode="linear", antialias=True)
