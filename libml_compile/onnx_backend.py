@@ -41,6 +41,8 @@ _STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", 
                                         "ReduceLogSumExp")}
 # ... and Dropout's ratio and training_mode (opset >= 12)
 _STATIC_OPERANDS |= {("Dropout", 1), ("Dropout", 2)}
+# ... and Resize's roi, scales and sizes, Upsample's scales (opset 9)
+_STATIC_OPERANDS |= {("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1)}
 
 
 def _static_inputs(model) -> List[str]:

@@ -86,6 +86,8 @@ NOT_SAMPLED = {
                        "PyTorch autograd)",
     "max_pool_grad": "max_pool's gradient op: reached through max_pool's gradient below (and test_pool)",
     "avg_pool_grad": "avg_pool's gradient op: reached through avg_pool's gradient below (and test_pool)",
+    "resize_grad": "resize's gradient op: reached through resize's gradient below (and test_resize against "
+                   "PyTorch autograd)",
     "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
                         "PyTorch autograd)",
 }
@@ -603,6 +605,13 @@ ATTR_OPS = {
     "avg_pool": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
                                 {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 1),
                                  "ceil_mode": True, "count_include_pad": True}),
+    # resize (ops_resize.py): bicubic (4 x 4 taps, edge taps clamped) up one axis, down the other, by
+    # non-integer scales; n widens the image
+    "resize": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
+                              {"sizes": (2, 3, 4, 9 * n), "scales": (1.0, 1.0, 4 / 7, 1.5), "roi": ((0.0, 1.0),) * 4,
+                               "extrapolation": 0.0, "mode": "cubic", "coord": "half_pixel",
+                               "nearest_mode": "round_prefer_floor", "cubic_a": -0.75, "exclude_outside": False,
+                               "antialias": False}),
     # batch normalisation in training mode (ops_batchnorm.py): five outputs (y, mean, rstd, new running stats)
     "batch_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal(4), True),
                                    (r.standard_normal(4), True), (r.standard_normal(4), False),

@@ -1175,6 +1175,11 @@ include "_conv.pxi"
 
 include "_pool.pxi"
 
+# ------------------------------------------------------------------------------------------------
+# resize (format 2.3): resize, resize_grad
+
+include "_resize.pxi"
+
 
 # ------------------------------------------------------------------------------------------------
 # the interpreter loop
@@ -1290,6 +1295,12 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_AVG_POOL_GRAD:
             rc = _avg_pool_grad(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 \
                 else _avg_pool_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_RESIZE:
+            rc = _resize(f32, f, bases, consts, detail, nthreads) if f[LM_F_RESIZE_dtype] == 0 \
+                else _resize(f64, f, bases, consts, detail, nthreads)
+        elif op == LM_OP_RESIZE_GRAD:
+            rc = _resize_grad(f32, f, bases, consts, detail, nthreads) if f[LM_F_RESIZE_dtype] == 0 \
+                else _resize_grad(f64, f, bases, consts, detail, nthreads)
         elif op == LM_OP_BATCH_NORM:
             rc = _batch_norm(f32, f, bases, consts, nthreads) if f[LM_F_BATCH_NORM_dtype] == 0 \
                 else _batch_norm(f64, f, bases, consts, nthreads)

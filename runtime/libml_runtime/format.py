@@ -37,6 +37,8 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 _CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
 #: format 2.3: the geometry fields every pooling instruction starts with (ops_pool.py)
 _POOL_GEOM = "dtype N C H W kh kw sh sw ph pw eh ew dh dw OH OW"
+#: format 2.3: the geometry fields both resize instructions start with (ops_resize.py)
+_RESIZE_GEOM = "dtype P H W OH OW kh kw tab extrap"
 
 OPCODES = [
     # (code, name, layout)
@@ -179,6 +181,20 @@ OPCODES = [
     # input H + eh, W + ew (include_pad 1)
     (53, "avg_pool", _POOL_GEOM + " include_pad x.slot x.offset y.slot y.offset"),
     (54, "avg_pool_grad", _POOL_GEOM + " include_pad dy.slot dy.offset dx.slot dx.offset"),
+    # ---- format 2.3: resize (libml_compile/ops_resize.py: ONNX Resize / Upsample, PyTorch F.interpolate),
+    # separable over the last two axes: x is P planes of H x W, y P planes of OH x OW.  The compiler's
+    # per-axis tables are in the constant pool from consts[tab] on: ih[OH * kh] (row indices, as doubles),
+    # wh[OH * kh] (their weights), then iw[OW * kw], ww[OW * kw] for the columns; y[p, oh, ow] = sum_i wh[oh, i]
+    # * (sum_j ww[ow, j] * x[p, ih[oh, i], iw[ow, j]]) (i, j in order, in double precision).  Nearest modes
+    # are one tap of weight 1 (a copy).  extrap >= 0 (tf_crop_and_resize): an output whose row's first index
+    # ih[oh * kh] or column's first index iw[ow * kw] is -1 is consts[extrap].  Every other index must lie
+    # in [0, H) / [0, W): the kernel checks the table before it writes (ERR_INDEX, detail its position
+    # after tab).  Output rows are independent: any thread count gives the same bits.
+    (56, "resize", _RESIZE_GEOM + " x.slot x.offset y.slot y.offset"),
+    # its transpose: dx = 0, then dx[p, ih[oh, i], iw[ow, j]] += ww[ow, j] * (wh[oh, i] * dy[p, oh, ow]) over
+    # (oh, ow, i, j) in order, extrapolated outputs skipped; one task per plane p (owning its dx plane), so
+    # the scatter-adds have a fixed order for any thread count
+    (57, "resize_grad", _RESIZE_GEOM + " dy.slot dy.offset dx.slot dx.offset"),
     # ---- format 2.3: batch normalisation in training mode (libml_compile/ops_batchnorm.py).  x is a
     # contiguous (N, C, S) array (S: the spatial dims' product); per channel c, over its M = N * S elements,
     # one task computes mean and the biased variance var (fixed-order double sums: any thread count gives
@@ -705,6 +721,8 @@ def _self_check():
     for nm in ("max_pool_grad", "avg_pool", "avg_pool_grad"):
         if not LAYOUTS[nm].text.startswith(_POOL_GEOM):
             raise ValueError(f"format: {nm} must start with the pooling geometry")
+    if not LAYOUTS["resize_grad"].text.startswith(_RESIZE_GEOM):
+        raise ValueError("format: resize_grad must start with the resize geometry")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

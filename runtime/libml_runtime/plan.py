@@ -761,6 +761,29 @@ class _Decoder:
         self.fields(d, [("include_pad", 0, 1)])
         self.operand(d, "dy", ny * isz, align=isz)
         self.operand(d, "dx", nx * isz, writable=True, align=isz)
+    # -- format 2.3: resize (ops_resize.py): the tables' indices are data in the constant pool, which
+    # the kernel checks against H and W before it writes (ERR_INDEX); here their extent and the operands
+    def _resize_geometry(self, d):
+        isz = self.fdtype(d)
+        big = 2 ** 31 - 1
+        self.fields(d, [("P", 0, big), ("H", 1, big), ("W", 1, big), ("OH", 1, big), ("OW", 1, big), ("kh", 1, 4096),
+                        ("kw", 1, 4096), ("extrap", -1, self.nconsts - 1)])
+        self.dims("resize sizes", [d["P"], d["H"], d["W"]])
+        self.dims("resize sizes", [d["P"], d["OH"], d["OW"]])
+        n = 2 * (d["OH"] * d["kh"] + d["OW"] * d["kw"])
+        self.rng("tab", d["tab"], 0, self.nconsts - n)
+        return isz, d["P"] * d["H"] * d["W"], d["P"] * d["OH"] * d["OW"]
+
+    def op_resize(self, d):
+        isz, nx, ny = self._resize_geometry(d)
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+
+    def op_resize_grad(self, d):
+        isz, nx, ny = self._resize_geometry(d)
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
     def op_batch_norm(self, d):
         """x, y (N, C, S); scale, bias, the running statistics rmean / rvar, mean, rstd, nmean, nvar (C).
         flags: bit 0 writes nmean / nvar over rmean / rvar (then both must be writable), bit 1 the unbiased
