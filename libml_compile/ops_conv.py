@@ -457,13 +457,12 @@ def fuse_conv_epilogues(nodes, roots):
     The activation is any op with the ``epilogue`` capability and a VM opcode whose other operands are
     scalar constants (relu, hard_swish, hard_sigmoid, clip = ReLU6, leaky_relu, ...).  When the gradient
     reads the activation's input v (hard_swish, clip: training), the conv keeps v as its second output
-    (``keep``, KEEP_PRE) if v's other readers all come after the activation; a gradient computed from the
-    output (relu, hard_sigmoid) needs nothing kept.  Returns a ``passes.Rewrite``."""
+    (``keep``, KEEP_PRE) for its other readers; a gradient computed from the output (relu, hard_sigmoid)
+    needs nothing kept.  Returns a ``passes.Rewrite``."""
     from .passes import Rewrite, consumer_map
     rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
-    below = None
     for c in nodes:
         if c.op != "conv" or c.attrs.get("act") or c.attrs.get("scaled") or c in keep:
             continue
@@ -503,34 +502,16 @@ def fuse_conv_epilogues(nodes, roots):
             if not others:
                 out, attrs = d, {**attrs, "act": act, "act_params": params}
             elif KEEP_PRE:
-                if below is None:
-                    below = _descendant_test(nodes)
-                if all(below(o, d) for o in others):
-                    attrs = {**attrs, "act": act, "act_params": params, "keep": True}
-                    rw.replace(d, "conv", inputs, attrs)
-                    rw.replace(cur, "output", (d,), {"index": 1})
-                    continue
+                # (no cycle can form: d reads only v and constants, so none of v's other readers is
+                # upstream of the conv)
+                attrs = {**attrs, "act": act, "act_params": params, "keep": True}
+                rw.replace(d, "conv", inputs, attrs)
+                rw.replace(cur, "output", (d,), {"index": 1})
+                continue
         if out is c and not changed:
             continue
         rw.replace(out, "conv", inputs, attrs)
     return rw
-
-
-def _descendant_test(nodes):
-    """``below(o, d)``: whether node ``o`` depends on node ``d``, for ``d`` an activation candidate (an op with
-    the epilogue capability, or relu): one pass over the topological order carrying each node's candidate
-    ancestors as the bits of an int (as passes._descendant_test does for GEMM epilogues)."""
-    bit, anc = {}, {}
-    for t in nodes:
-        spec = REGISTRY.get(t.op)
-        if t.inputs and spec is not None and (spec.epilogue or t.op == "relu"):
-            bit[t] = 1 << len(bit)
-    for t in nodes:
-        a = bit.get(t, 0)
-        for i in t.inputs:
-            a |= anc.get(i, 0)
-        anc[t] = a
-    return lambda o, d: bool(anc.get(o, 0) & bit.get(d, 0))
 
 
 fuse_conv_relu = fuse_conv_epilogues  # (the name lower.py used before the epilogues grew)
