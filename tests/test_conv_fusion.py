@@ -423,9 +423,9 @@ def test_fused_programs_are_bit_identical_for_1_and_2_threads():
     convs = [n for n, p in net.named_parameters() if p.ndim == 4]
     res = []
     for nt in (1, 2):
-        prog, feeds, _, _ = _program(net, (4, 3, 40, 40), trainable=convs, num_threads=nt)
+        prog, feeds, _, _ = _program(net, (8, 3, 64, 64), trainable=convs, num_threads=nt)
         g = lc.Graph("sgd_nt")
-        y = _declare(g, g.input("x", (4, 3, 40, 40)), net)
+        y = _declare(g, g.input("x", (8, 3, 64, 64)), net)
         lt = lc.sum(y * y * g.input("r", y.shape)) * 0.5
         sgd = lc.compile(g, loss=lt, optimizer=lc.SGD(0.01), trainable=convs, num_threads=nt)
         sgd.step(feeds)
