@@ -236,9 +236,9 @@ def _s_conv(inp, at):
         if t.shape != (w.shape[0],):
             raise ValueError(f"conv: {what} {t.name!r} has shape {t.shape}; expected ({w.shape[0]},) for "
                              f"weight {w.name!r} {w.shape}")
-    if len(inp) != 2 + (1 if len(inp) > 2 else 0) + bool(at.get("scaled")) or (at.get("scaled") and len(inp) != 4):
-        raise ValueError(f"conv: inputs {[t.name for t in inp]} do not match scaled={bool(at.get('scaled'))} "
-                         f"(x, w, bias, scale)")
+    if len(inp) != (4 if at.get("scaled") else min(len(inp), 3)):
+        raise ValueError(f"conv: inputs {[t.name for t in inp]}: expected (x, w[, bias]), or (x, w, bias, scale) "
+                         f"with scaled={bool(at.get('scaled'))}")
     y = (out_shape(x.shape, w.shape, at), dt)
     return [y, y] if at.get("keep") else y
 
@@ -512,9 +512,6 @@ def fuse_conv_epilogues(nodes, roots):
             continue
         rw.replace(out, "conv", inputs, attrs)
     return rw
-
-
-fuse_conv_relu = fuse_conv_epilogues  # (the name lower.py used before the epilogues grew)
 
 
 def _pointwise_gemm(t):
