@@ -216,6 +216,11 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         roots, m = rw.apply(roots)
         outputs = [(n, m.get(t, t)) for n, t in outputs]
 
+    if fuse and any(t.op == "conv" for t in nodes):
+        # (ops_conv: 1x1 convs on (N, C, 1, 1), squeeze-excitation, become GEMMs for the GEMM passes below)
+        from .ops_conv import pointwise_convs_as_gemms
+        rewrite(pointwise_convs_as_gemms(nodes, roots))
+        nodes = passes.topo_from_roots(roots)
     present = {t.op for t in nodes}
     if "matmul" in present:
         rewrite(passes.absorb_transposes(nodes))
@@ -233,9 +238,11 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             rewrite(passes.fuse_epilogues(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_relu_backward(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_vm_epilogues(passes.topo_from_roots(roots), roots))
-        if "conv" in present:  # (ops_conv: the ReLU after a conv as the conv's epilogue)
-            from .ops_conv import fuse_conv_relu
-            rewrite(fuse_conv_relu(passes.topo_from_roots(roots), roots))
+        if "conv" in present:  # (ops_conv: BatchNorm's affine and the activation as the conv's epilogue)
+            from .ops_conv import fuse_conv_epilogues
+            rewrite(fuse_conv_epilogues(passes.topo_from_roots(roots), roots))
+        if "conv_grad_weight" in present and any(r.op == "sgd_update" for r in roots):
+            roots = passes.fold_sgd_into_conv(passes.topo_from_roots(roots), roots)
         if any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
         if any(r.op == "adam_update" for r in roots):

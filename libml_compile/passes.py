@@ -565,6 +565,37 @@ def fold_sgd_into_gemm(nodes, roots):
     return rest + folded
 
 
+def fold_sgd_into_conv(nodes, roots):
+    """Plain SGD folded into the conv weight-gradient kernel: a ``conv_grad_weight`` read by nothing but the
+    (momentum-free) SGD update becomes ``conv_sgd`` (x, dy, p), which sums the gradient as
+    conv_grad_weight does and steps p in place with the update's own kernel arithmetic (p -= lr * (dw +
+    weight_decay * p)), so results equal the unfused step's bits and no gradient buffer exists.  Momentum
+    and Adam keep the gradient (their state needs it).  ``order_inplace_writers`` orders it after every
+    other reader of p.  Returns the new roots (a new sgd_update for the other params, as
+    fold_sgd_into_gemm)."""
+    upd = next((t for t in roots if t.op == "sgd_update"), None)
+    if upd is None or upd.attrs["momentum"]:
+        return roots
+    from .ops import make
+    consumers = consumer_map(nodes)
+    n = len(upd.inputs) // 2
+    keep_p, keep_g, folded = [], [], []
+    for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
+        if (g.op == "conv_grad_weight" and g.shape == p.shape and p.op == "param" and g not in roots
+                and consumers.get(g) == [upd] and g.dtype == p.dtype):
+            folded.append(make("conv_sgd", (g.inputs[0], g.inputs[1], p),
+                               dict(g.attrs, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"])))
+        else:
+            keep_p.append(p)
+            keep_g.append(g)
+    if not folded:
+        return roots
+    rest = [r for r in roots if r is not upd]  # (a new update node: the unfused lowering needs the original)
+    if keep_p:
+        rest.append(make("sgd_update", tuple(keep_p) + tuple(keep_g), dict(upd.attrs)))
+    return rest + folded
+
+
 #: a table's SGD step touches only the rows a gather read (sgd_scatter) when they are at most this share of it
 SPARSE_ROWS_SHARE = 0.25
 
@@ -619,7 +650,7 @@ def split_adam(nodes, roots):
 # in-place writers of graph tensors: op -> input slots it overwrites (a function of the node)
 def inplace_targets(t):
     """Input slots of ``t`` whose storage ``t`` overwrites in place (params), or () for other ops."""
-    if t.op in ("sgd_gemm", "sgd_scatter"):
+    if t.op in ("sgd_gemm", "sgd_scatter", "conv_sgd"):
         return (2,)
     if t.op in ("sgd_update", "adam_update"):
         return tuple(range(len(t.inputs) // 2))

@@ -90,6 +90,9 @@ NOT_SAMPLED = {
                    "PyTorch autograd)",
     "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
                         "PyTorch autograd)",
+    "conv_sgd": "plain SGD folded into conv's weight-gradient kernel (an in-place update, no output), made by "
+                "passes.fold_sgd_into_conv; test_conv_fusion checks 3 steps against torch.optim.SGD and the "
+                "unfused step's bits",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})

@@ -1278,13 +1278,14 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_COUNTER_NEXT:
             _counter_next(f, bases)
         elif op == LM_OP_CONV:
-            rc = _conv(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 else _conv(f64, f, bases, nthreads)
+            rc = _conv(f32, f, bases, consts, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv(f64, f, bases, consts, nthreads)
         elif op == LM_OP_CONV_GRAD_INPUT:
             rc = _conv_grad_input(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
                 else _conv_grad_input(f64, f, bases, nthreads)
         elif op == LM_OP_CONV_GRAD_WEIGHT:
-            rc = _conv_grad_weight(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
-                else _conv_grad_weight(f64, f, bases, nthreads)
+            rc = _conv_grad_weight(f32, f, bases, consts, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv_grad_weight(f64, f, bases, consts, nthreads)
         elif op == LM_OP_MAX_POOL:
             rc = _max_pool(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 else _max_pool(f64, f, bases, nthreads)
         elif op == LM_OP_MAX_POOL_GRAD:

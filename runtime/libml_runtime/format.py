@@ -153,19 +153,27 @@ OPCODES = [
     # panels of Kc*panel elements (rounded up to 16), one per thread, so no full-size im2col buffer exists.
     # Every split depends on these fields only, never on the thread count (results bit-identical for
     # any number of threads).  The three opcodes share this geometry prefix (same field offsets).
-    # act 0 none, 1 relu (after the bias); b.slot -1: no bias.  G > 1 with C/G = 1 (depthwise, or a
-    # channel multiplier M/G) runs a direct loop and uses no scratch.
-    (48, "conv", _CONV_GEOM + " act x.slot x.offset w.slot w.offset b.slot b.offset y.slot y.offset "
-     "scratch.slot scratch.offset"),
+    # The epilogue, per output value v of channel m while its panel is in cache: v = v * scale[m] (scale.slot
+    # -1: none; an eval-mode BatchNorm's per-channel factor, passes.fuse_conv_epilogues), v = v + b[m] (b.slot
+    # -1: no bias), then pre[.] = v when pre.slot >= 0 (the activation's input, kept for a gradient that
+    # reads it), then the activation: act 0 none, 1 relu, 3 the VM step epi.vm (format.VM) with operands
+    # epi.b / epi.c (0 unused, k < 0 the immediate consts[-k-1]: HardSigmoid's alpha / beta, Clip's
+    # min / max), as gemm_ex's epilogue.  G > 1 with C/G = 1 (depthwise, or a channel multiplier M/G) runs a
+    # direct loop and uses no scratch.
+    (48, "conv", _CONV_GEOM + " act epi.vm epi.b epi.c x.slot x.offset w.slot w.offset b.slot b.offset "
+     "scale.slot scale.offset y.slot y.offset pre.slot pre.offset scratch.slot scratch.offset"),
     # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
     # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
     (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "
      "scratch.slot scratch.offset"),
     # dw from x and dy: the (image, panel) items split into `nchunks` fixed chunks, each summing
     # dy_panel @ col^T into a private partial dw (in scratch after the panels), then the partials added
-    # in chunk order
-    (50, "conv_grad_weight", _CONV_GEOM + " nchunks x.slot x.offset dy.slot dy.offset dw.slot dw.offset "
-     "scratch.slot scratch.offset"),
+    # in chunk order.  sgd 1 (plain SGD folded into the kernel, passes.fold_sgd_into_conv): dw is the
+    # param p itself and, with the sum s of the partials, p -= consts[lr] * (s + consts[weight_decay] * p)
+    # (the sgd_update kernel's arithmetic), so no gradient buffer exists; sgd 0: dw = s (lr and
+    # weight_decay unread)
+    (50, "conv_grad_weight", _CONV_GEOM + " nchunks sgd lr weight_decay x.slot x.offset dy.slot dy.offset "
+     "dw.slot dw.offset scratch.slot scratch.offset"),
     # ---- format 2.3: pooling (libml_compile/ops_pool.py), NCHW planes of H x W (1-D: H = kh = 1).  Window
     # (oh, ow) covers input rows oh*sh - ph + i*dh (i < kh) and columns likewise; eh / ew are the end pads
     # (only AveragePool's count_include_pad reads them: taps before H + eh count).  One task per (n, c)

@@ -700,12 +700,33 @@ class _Decoder:
         self.operand(d, "scratch", 0 if direct else (d["nslots"] * slot + extra) * isz, writable=True, align=isz)
 
     def op_conv(self, d):
+        """act 0 none, 1 relu, 3 the VM step epi.vm with immediate (or unused) operands only; optional
+        per-channel b and scale; pre (optional) of y's size, and only with an activation."""
         isz, kc, slot = self._conv_geometry(d)
-        self.fields(d, [("act", 0, 1)])
+        act = self.rng("act", d["act"], 0, 3)
+        if act == 2:
+            self.fail("act = 2 is not a conv epilogue (0 none, 1 relu, 3 a VM step)")
+        if act == 3:
+            vm = d["epi.vm"]
+            if vm not in F.VM_ARITY:
+                self.fail(f"epi.vm = {vm} is not a VM opcode")
+            arity = F.VM_ARITY[vm]
+            if vm in F.VM_MASK_OPERAND:
+                self.fail(f"epi.vm = {vm} takes a mask operand: a conv epilogue has only immediates")
+            for k, nm in ((1, "epi.b"), (2, "epi.c")):
+                v = self.rng(nm, d[nm], -self.nconsts, 0)
+                if k >= arity and v != 0:
+                    self.fail(f"{nm} = {v}: VM opcode {vm} takes {arity} operand(s)")
+                if k < arity and v == 0:
+                    self.fail(f"{nm} is unused but VM opcode {vm} reads it")
+        ny = d["N"] * d["M"] * d["OH"] * d["OW"] * isz
         self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
         self.operand(d, "w", d["M"] * kc * isz, align=isz)
         self.operand(d, "b", d["M"] * isz, align=isz, optional=True)
-        self.operand(d, "y", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, writable=True, align=isz)
+        self.operand(d, "scale", d["M"] * isz, align=isz, optional=True)
+        self.operand(d, "y", ny, writable=True, align=isz)
+        if self.operand(d, "pre", ny, writable=True, align=isz, optional=True)[0] >= 0 and act == 0:
+            self.fail("pre (the kept pre-activation) needs an activation (act 1 or 3)")
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_input(self, d):
@@ -717,12 +738,21 @@ class _Decoder:
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_weight(self, d):
+        """sgd 1: dw is the param updated in place (lr, weight_decay constants); the direct path then sums
+        the gradient into M * Kc elements of scratch."""
         isz, kc, slot = self._conv_geometry(d)
-        self.fields(d, [("nchunks", 1, 64)])
+        self.fields(d, [("nchunks", 1, 64), ("sgd", 0, 1)])
+        if d["sgd"]:
+            self.const(d, "lr")
+            self.const(d, "weight_decay")
         self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
         self.operand(d, "dy", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, align=isz)
         self.operand(d, "dw", d["M"] * kc * isz, writable=True, align=isz)
-        self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
+        direct = d["G"] > 1 and d["C"] == d["G"]
+        if direct:
+            self.operand(d, "scratch", d["M"] * kc * isz if d["sgd"] else 0, writable=True, align=isz)
+        else:
+            self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
 
     # -- format 2.3: pooling (ops_pool.py): reads are at coordinates checked against H and W
     def _pool_geometry(self, d):
