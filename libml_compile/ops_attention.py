@@ -234,7 +234,7 @@ def assemble_scatter_sums(nodes, roots):
     consumers = consumer_map(nodes)
     keep = set(roots)
     for r in nodes:
-        if r.op != "add" or r in keep or r.size > ASSEMBLE_MAX_ELEMENTS:
+        if r.op != "add" or r.size > ASSEMBLE_MAX_ELEMENTS:
             continue
         cs = consumers.get(r, ())
         if len(cs) == 1 and cs[0].op == "add" and cs[0].shape == r.shape:
@@ -261,14 +261,12 @@ def assemble_scatter_sums(nodes, roots):
                 continue
             # the view chain that alone reads the sum, up to its last transpose
             chain, cur = [], r
-            while True:
+            while cur not in keep:  # (a root is materialised: the chain ends there)
                 c = consumers.get(cur, ())
-                if len(c) != 1 or c[0].op not in ("reshape", "transpose") or cur in keep and cur is not r:
+                if len(c) != 1 or c[0].op not in ("reshape", "transpose"):
                     break
                 cur = c[0]
                 chain.append(cur)
-                if cur in keep:
-                    break
             while chain and chain[-1].op != "transpose":
                 chain.pop()
             end = chain[-1] if chain else r
