@@ -33,7 +33,11 @@ def _s_softmax_masked(inp, attrs):
         raise ValueError("softmax_masked: needs at least a 1-D tensor, got shape ()")
     if attrs.get("mode") not in MODES:
         raise ValueError(f"softmax_masked: mode must be one of {MODES}, got {attrs.get('mode')!r}")
-    if m.ndim > x.ndim or broadcast_shapes("softmax_masked", x.shape, m.shape) != tuple(x.shape):
+    try:
+        fits = m.ndim <= x.ndim and broadcast_shapes("softmax_masked", x.shape, m.shape) == tuple(x.shape)
+    except ValueError:
+        fits = False
+    if not fits:
         raise ValueError(f"softmax_masked: mask {m.name!r} {m.shape} does not broadcast to the scores "
                          f"{x.name!r} {x.shape}")
     return x.shape, x.dtype
