@@ -300,6 +300,8 @@ def _place_part(x, view, consumers, keep):
     GEMM cannot write that layout (C's rows must be contiguous, or its columns: the GEMM is then flipped,
     (AB)^T = B^T A^T)."""
     from .views import View, matrix_layout
+    if x in keep or len(consumers.get(x, ())) != 1:
+        return None  # (x itself is read elsewhere too: its GEMM must keep its own layout)
     chain, cur = [], x
     while cur.op in ("reshape", "transpose"):
         chain.append(cur)
