@@ -373,3 +373,92 @@ def assemble_in_place(nodes, roots):
             rw.replace(g, "matmul" if g.op == "matmul" else g.op, ins, attrs)
         rw.replace(a, "assemble", [p[0] for p in placed], dict(a.attrs, in_place=True))
     return rw
+
+
+# ---------------------------------------------------------------------------------------------------
+# seq-first exports: row permutations moved off the projections (before autodiff, patterns.recognize)
+
+_READERS: list = [None, 0, {}]  # the graph last counted, its node count then, {node: reads}
+
+
+def _reads(t):
+    """How many node inputs of ``t``'s graph read ``t`` (a graph output counts as one more read); counted
+    once per graph (clone_graph visits every node of one graph in turn)."""
+    g = t.graph
+    if _READERS[0] is not g or _READERS[1] != len(g.nodes):
+        counts = {}
+        for n in g.nodes:
+            for i in n.inputs:
+                counts[i] = counts.get(i, 0) + 1
+        for o in g.outputs.values():
+            counts[o] = counts.get(o, 0) + 1
+        _READERS[:] = [g, len(g.nodes), counts]
+    return _READERS[2].get(t, 0)
+
+
+def _row_perm(t):
+    """Whether ``t`` is a transpose of leading dims only (the last dim stays: rows move, not elements)."""
+    return (t.op == "transpose" and t.ndim >= 3 and t.attrs["perm"][-1] == t.ndim - 1
+            and tuple(t.attrs["perm"]) != tuple(range(t.ndim)))
+
+
+def _projection(z):
+    """(a, w, bias or None) when ``z`` is a @ w [+ bias] with w 2-D, bias a row vector (N,) / (1, N) and
+    the product read by the bias add alone."""
+    bias = None
+    if z.op == "add":
+        for p, b in (z.inputs, z.inputs[::-1]):
+            if (p.op == "matmul" and b.shape in ((z.shape[-1],), (1, z.shape[-1])) and p.shape == z.shape
+                    and _reads(p) == 1):
+                z, bias = p, b
+                break
+        else:
+            return None
+    if z.op != "matmul" or z.inputs[1].ndim != 2 or z.inputs[0].ndim != z.ndim:
+        return None
+    return z.inputs[0], z.inputs[1], bias
+
+
+def _project(a, w, bias):
+    from .ops import add, matmul
+    y = matmul(a, w)
+    return add(y, bias) if bias is not None else y
+
+
+def recognize_row_order(t, m):
+    """``clone_graph`` hook (via ``patterns.recognize``): the seq-first layout of an exported
+    ``nn.MultiheadAttention`` (PyTorch's ``batch_first`` modules transpose to (S, B, E) and back) moved
+    off the row-wise projections, so no row permutation is ever a copy, forward or backward:
+
+    * in-projection: ``transpose(X, p) @ W + b -> transpose(X @ W + b, p)`` (p a permutation of leading
+      dims): the GEMM reads X dense, the head split reads the permuted rows as views, and the weight
+      gradient reads X as it is (it was the transposed copy);
+    * out-projection: ``transpose(reshape(reshape(P, (R, K)) @ W + b, (S, B, N)), p)`` -> the same
+      projection of P's rows taken in p's order: the context GEMM writes them in that order (a view), the
+      projection's output and its gradient are in the residual stream's layout (both were copies).
+
+    Row-wise products commute with row permutations: values are unchanged; the weight gradients sum the
+    same rows in another order.  Returns the replacement of ``t`` (built from the copies ``m``) or None."""
+    from .ops import reshape, transpose
+    if t.dtype not in FLOAT_DTYPES:
+        return None
+    # out-projection: t = transpose(y3, p), y3 = reshape(z, (.., N)), z = a2 @ w + b, a2 = reshape(P, (R, K))
+    if _row_perm(t):
+        y3 = t.inputs[0]
+        if y3.op == "reshape" and _reads(y3) == 1 and y3.inputs[0].ndim == 2:
+            z = y3.inputs[0]
+            proj = _projection(z)
+            if (proj is not None and _reads(z) == 1 and proj[0].op == "reshape" and _reads(proj[0]) == 1
+                    and z.shape[-1] == y3.shape[-1]):
+                a2, w, bias = proj
+                a3 = transpose(reshape(m[a2.inputs[0]], y3.shape[:-1] + (a2.shape[-1],)), t.attrs["perm"])
+                rows = reshape(a3, (a2.shape[0], a2.shape[-1]))
+                return reshape(_project(rows, m[w], None if bias is None else m[bias]), t.shape)
+    # in-projection: t = transpose(x, p) @ w [+ b]
+    proj = _projection(t) if t.op in ("add", "matmul") else None
+    if proj is not None and _row_perm(proj[0]) and _reads(proj[0]) == 1:
+        a, w, bias = proj
+        if t.op == "matmul" and _reads(t) == 1:
+            return None  # (if a bias add reads it, that add moves the permutation past both)
+        return transpose(_project(m[a.inputs[0]], m[w], None if bias is None else m[bias]), a.attrs["perm"])
+    return None
