@@ -1012,6 +1012,12 @@ def _group_inputs_after(g, t, group_of, extra=()):
     return len(ext)
 
 
+def is_placed(t):
+    """Whether ``t`` is an ``assemble`` its parts' instructions write in place (ops_attention): no
+    instruction of its own."""
+    return t.op == "assemble" and bool(t.attrs.get("in_place"))
+
+
 def schedule(nodes, group_of, inplace_after=None):
     """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
 
@@ -1031,8 +1037,8 @@ def schedule(nodes, group_of, inplace_after=None):
                 unit_of[g] = len(units)
                 units.append(("ew", g))
             unit_of[t] = unit_of[g]
-        elif t.op in ("reshape", "output"):
-            continue  # a view, or an output its node's instruction writes
+        elif t.op in ("reshape", "output") or is_placed(t):
+            continue  # a view, an output its node's instruction writes, or parts written in place
         else:
             unit_of[t] = len(units)
             units.append(("op", t))
@@ -1041,7 +1047,10 @@ def schedule(nodes, group_of, inplace_after=None):
         # reshape is a view, output k of a node is written by the node's instruction: depend on that
         while t.op in ("reshape", "output"):
             t = t.inputs[0]
-        if t in unit_of:
+        if is_placed(t):  # written by its parts' instructions
+            for i in t.inputs:
+                producer_units(i, acc)
+        elif t in unit_of:
             acc.add(unit_of[t])
 
     inplace_after = inplace_after or {}

@@ -72,6 +72,9 @@ NOT_SAMPLED = {
     "layer_norm_grad": "layer_norm's gradient op (three outputs): reached through layer_norm's gradient below",
     "sgd_scatter": "plain SGD of an embedding table's rows (an optimizer update, made by fold_sgd_into_gemm): "
                    "covered by test_sparse_embedding_sgd against torch.optim.SGD",
+    "assemble": "made by ops_attention.assemble_scatter_sums from sums of gather gradients after autodiff (no "
+                "gradient of its own is ever needed); tests/test_attention_fusion.py pins its copies and its "
+                "in-place form against PyTorch",
     "rms_norm_grad": "rms_norm's gradient op (two outputs): reached through rms_norm's gradient below (and test_rms_norm)",
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",
@@ -615,6 +618,9 @@ ATTR_OPS = {
                                "extrapolation": 0.0, "mode": "cubic", "coord": "half_pixel",
                                "nearest_mode": "round_prefer_floor", "cubic_a": -0.75, "exclude_outside": False,
                                "antialias": False}),
+    # masked softmax (ops_attention.py): an additive mask broadcast over the middle axis, as BERT's (B, 1, 1, S)
+    "softmax_masked": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 3, True),
+                                       (r.standard_normal((3 * n, 1, 5)) * 2, True)], {"mode": "add", "fill": 0.0}),
     # batch normalisation in training mode (ops_batchnorm.py): five outputs (y, mean, rstd, new running stats)
     "batch_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal(4), True),
                                    (r.standard_normal(4), True), (r.standard_normal(4), False),

@@ -1182,6 +1182,11 @@ include "_resize.pxi"
 
 
 # ------------------------------------------------------------------------------------------------
+# attention (format 2.3): softmax_masked
+include "_attention.pxi"
+
+
+# ------------------------------------------------------------------------------------------------
 # the interpreter loop
 
 cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **bases, int nthreads,
@@ -1308,6 +1313,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_BATCH_NORM_GRAD:
             rc = _batch_norm_grad(f32, f, bases, nthreads) if f[LM_F_BATCH_NORM_GRAD_dtype] == 0 \
                 else _batch_norm_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_SOFTMAX_MASKED:
+            rc = _softmax_masked(f32, f, bases, consts, nthreads) if f[LM_F_SOFTMAX_MASKED_dtype] == 0 \
+                else _softmax_masked(f64, f, bases, consts, nthreads)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)

@@ -145,6 +145,16 @@ OPCODES = [
     # result is a flat row position for gather (15) / scatter_add (16), which do the data movement.
     (40, "index_flat", "k ndim idx.slot idx.offset out.slot out.offset dims[k] mult[k] pos_dims[ndim] "
                        "pos_strides[ndim]"),
+    # ---- format 2.3: softmax over the last axis of a masked score tensor (libml_compile/ops_attention.py:
+    # attention's scores + mask -> Softmax, or Where(mask, scores, fill) -> Softmax, as one pass).  x and y
+    # are contiguous of shape dims (the last dim is the softmax axis, K); m is read with element strides
+    # m.stride (0 along broadcast dims: BERT's (B, 1, 1, S) mask).  Per row: v = x + m (mode 0),
+    # v = m != 0 ? x : consts[fill] (mode 1), v = m != 0 ? consts[fill] : x (mode 2), written to y, then
+    # y = softmax(v) in place, the softmax opcode's arithmetic (so the result equals the unfused add +
+    # softmax bit for bit: an all -inf row gives NaN, a row of finfo.min fills the uniform distribution, as
+    # PyTorch).  One task per row: the same result for any thread count.
+    (44, "softmax_masked", "dtype mode ndim dims[ndim] x.slot x.offset m.slot m.offset m.stride[ndim] fill "
+                           "y.slot y.offset"),
     # ---- format 2.3: convolution (libml_compile/ops_conv.py), NCHW.  x (N, C, H, W), w (M, C/G, kh, kw),
     # y (N, M, OH, OW); a 1-D conv is H = kh = 1.  Output pixel (oh, ow) reads input (oh*sh - ph + i*dh,
     # ow*sw - pw + j*dw); coordinates outside [0, H) x [0, W) read zero (the padding).  Per image and group

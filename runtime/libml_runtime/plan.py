@@ -443,6 +443,20 @@ class _Decoder:
         if off + B * F.ITEMSIZE[ldt] > self.sizes[slot] or off % F.ITEMSIZE[ldt]:
             self.fail("labels are outside their buffer")
 
+    def op_softmax_masked(self, d):
+        """x, y contiguous (dims); the mask strided over dims (zero strides broadcast); fill a constant."""
+        isz = self.fdtype(d)
+        self.rng("mode", d["mode"], 0, 2)
+        self.rng("ndim", d["ndim"], 1, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        if len(d["m.stride"]) != len(dims):
+            self.fail("m.stride needs one stride per dim")
+        n = math.prod(dims)
+        self.operand(d, "x", n * isz, align=isz)
+        self.strided_of(d, "m", isz, dims)
+        self.const(d, "fill")
+        self.operand(d, "y", n * isz, writable=True, align=isz)
+
     def op_softmax_xent(self, d):
         isz = self.fdtype(d)
         self.fields(d, [("B", 1, 2 ** 40), ("C", 1, 2 ** 40)])
