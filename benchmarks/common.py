@@ -12,7 +12,8 @@ DATA_SEED = 1234
 PARAM_SEED = 0
 GEMM_N = 4096
 
-# id -> spec.  kind: "mlp" (training step), "w4" (elementwise training step), "fwd" (W2 forward), "gemm"
+# id -> spec.  kind: "mlp" (training step), "w4" (elementwise training step), "fwd" (W2 forward), "gemm",
+# "w6" (ResNet-8 training step from W6.onnx), "w8" (ResNet-8 inference from W6_eval.onnx), "w7" (transformer)
 WORKLOADS = {
     "W1": dict(kind="mlp", layers=[64, 128, 128, 10], batch=32, loss="xent"),
     "W2": dict(kind="mlp", layers=[784, 512, 512, 10], batch=128, loss="xent"),
@@ -21,14 +22,14 @@ WORKLOADS = {
     "W5-b1": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1),
     "W5-b1024": dict(kind="fwd", layers=[784, 512, 512, 10], batch=1024),
     "GEMM": dict(kind="gemm", n=GEMM_N),
-    # the transformer text classifier of ../shared/bench/workloads.md, trained from its reference export
-    # (W7.onnx, params intact) with AdamW lr 1e-3, weight decay 0.01
-    "W7": dict(kind="w7", batch=16, seq=64),
     # the ResNet-8 of ../shared/bench/workloads.md: W6 trains W6.onnx (BatchNorm in training mode) with
     # SGD lr 0.01 momentum 0.9; W8 is the inference of W6_eval.onnx (BN folded, dynamic batch) at 1 and 256
     "W6": dict(kind="w6", batch=32),
     "W8-b1": dict(kind="w8", batch=1),
     "W8-b256": dict(kind="w8", batch=256),
+    # the transformer text classifier of ../shared/bench/workloads.md, trained from its reference export
+    # (W7.onnx, params intact) with AdamW lr 1e-3, weight decay 0.01
+    "W7": dict(kind="w7", batch=16, seq=64),
 }
 ORDER = list(WORKLOADS)
 ALIASES = {"W5": ["W5-b1", "W5-b1024"], "W8": ["W8-b1", "W8-b256"]}
@@ -170,7 +171,7 @@ def expand_workloads(text):
         else:
             match = [k for k in WORKLOADS if k.upper() == key]
             if not match:
-                raise SystemExit(f"unknown workload {w!r}; known: {', '.join(ORDER)}, W5")
+                raise SystemExit(f"unknown workload {w!r}; known: {', '.join(ORDER)}, W5, W8")
             out.append(match[0])
     return [w for w in ORDER if w in out]
 
