@@ -133,8 +133,9 @@ def conv_table(results, wids, gemm_limit):
             continue
         total = sum(r["median_ms"] for r in rows)
         fl = sum(r["flops"] or 0 for r in rows)
-        out.append(f"\nlibml {wid}: conv instructions (prog.profile medians inside the runtime call; frac = GFLOP/s / "
-                   f"GEMM probe); {len(rows)} convs, {total:.3f} ms, {fl / 1e9:.3f} GFLOP, "
+        out.append(f"\nlibml {wid}: conv instructions (prog.profile medians inside the runtime call; shapes of the "
+                   f"forward conv each instruction computes or differentiates; frac = GFLOP/s / GEMM probe); "
+                   f"{len(rows)} convs, {total:.3f} ms, {fl / 1e9:.3f} GFLOP, "
                    f"{fmt(fl / (total * 1e-3) / 1e9 if total else None, '.1f')} GFLOP/s")
         hdr = (f"{'#':>4} {'instruction':<17} {'x (N,C,H,W)':<18} {'w (M,C/G,kh,kw)':<17} {'s':>2} {'p':>2} "
                f"{'y (N,M,OH,OW)':<18} {'ms':>9} {'MFLOP':>8} {'GFLOP/s':>8} {'frac':>6}")
