@@ -267,7 +267,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=1200, help="per-process timeout, s")
     ap.add_argument("--out", default="results.json", help="JSON output file (default results.json)")
     ap.add_argument("--selfcheck", action="store_true",
-                    help="check the NumPy steps, JAX W7 and the W6 torch module against torch autograd / the references")
+                    help="check the NumPy steps, JAX W7 and the W6 torch module against autograd / the references")
     args = ap.parse_args(argv)
 
     if args.selfcheck:

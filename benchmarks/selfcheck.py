@@ -146,7 +146,8 @@ def check_w6_torch():
             opt.step()
             losses.append(L.item())
             if i == 0 and dtype == torch.float32:
-                checks.append(("W6 train-mode logits0", float((z.detach() - torch.from_numpy(ref["logits0"])).abs().max()), 1e-5))
+                err = float((z.detach() - torch.from_numpy(ref["logits0"])).abs().max())
+                checks.append(("W6 train-mode logits0", err, 1e-5))
                 sd = m.state_dict()
                 checks.append(("W6 running stats after1/*", max(
                     float((sd[k[len("after1/"):]] - torch.from_numpy(ref[k])).abs().max())
@@ -161,7 +162,8 @@ def check_w6_torch():
     with torch.inference_mode():
         for b in (1, 256):
             z = m(torch.from_numpy(eref[f"x_b{b}"]))
-            checks.append((f"W8 eval-mode logits batch {b}", float((z - torch.from_numpy(eref[f"logits_b{b}"])).abs().max()), 1e-5))
+            err = float((z - torch.from_numpy(eref[f"logits_b{b}"])).abs().max())
+            checks.append((f"W8 eval-mode logits batch {b}", err, 1e-5))
     ok = True
     for what, err, tol in checks:
         good = err <= tol

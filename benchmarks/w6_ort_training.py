@@ -8,8 +8,8 @@ What stands between the file and a PyTorch-equal training step, and how it is ha
    (``additional_output_names``) and the running statistics are checkpoint parameters without gradient
    (``frozen_params``), so each step writes the updated ones back, as PyTorch's BatchNorm does.
 2. ORT Training's optimizers are AdamW and plain SGD (``SGDOptimizerV2``: no momentum), and the C++
-   ``Optimizer`` knows these two only ("Not implemented for optimizer algo").  W6 trains with ``torch.optim.SGD(lr=0.01,
-   momentum=0.9)``, so the training model computes loss and gradients (ORT) and the momentum update runs
+   ``Optimizer`` knows these two only ("Not implemented for optimizer algo").  W6 trains with
+   ``torch.optim.SGD(lr=0.01, momentum=0.9)``, so the training model computes loss and gradients (ORT) and the momentum update runs
    in NumPy on the checkpoint's parameters (``buf = 0.9 * buf + g`` with ``buf = g`` at the first step,
    ``p -= lr * buf``: PyTorch's rule); that update and its copies are inside the timed step.
 3. The eval model ``generate_artifacts`` writes is not loadable (ORT 1.19.2: "This number of op outputs
