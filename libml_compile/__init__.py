@@ -30,8 +30,7 @@ __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sig
            "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
            "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _RED_EXPORTS + _LOGIC_EXPORTS \
     + _NORM_EXPORTS + _DROPOUT_EXPORTS + _INDEX_EXPORTS + _CONV_EXPORTS + _POOL_EXPORTS + _BN_EXPORTS \
-    + _CONVT_EXPORTS
-    + _RESIZE_EXPORTS
+    + _CONVT_EXPORTS + _RESIZE_EXPORTS
 
 # the elementwise family's user functions (lc.tanh, lc.gelu, lc.leaky_relu, ...): declared with their ops
 globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
