@@ -63,13 +63,42 @@ def save(out, **arrays):
 def main():
     case, out = sys.argv[1], sys.argv[2]
     arg = sys.argv[3] if len(sys.argv) > 3 else None
+    if case == "load":  # the runtime alone: load the plan, train 3 steps, every rank writes its params
+        import libml_runtime
+        from mpi4py import MPI
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        exe = libml_runtime.load(arg, num_threads=1)
+        assert "libml_compile" not in sys.modules
+        lo = rank * (B // size)
+        losses = []
+        for s in range(1, 4):
+            x, y = data(s)
+            losses.append(exe.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]}))
+        save(f"{out}.rank{rank}.npz", losses=np.array(losses), **exe.params)
+        return
     import libml_compile as lc
     if case == "single":  # the oracle: one process, the global batch (no MPI)
-        opt, trainable = arg.split(":") if ":" in arg else (arg, None)
-        prog, losses = train(lc, opt, 0, 1, None, trainable=trainable.split(",") if trainable else None)
+        opt, trainable, dtype = (arg.split(":") + ["", ""])[:3]
+        prog, losses = train(lc, opt, 0, 1, None, trainable=trainable.split(",") if trainable else None,
+                             dtype=dtype or "float32")
         save(out, losses=np.array(losses), **prog.params)
         return
     rank, size = lc.distributed.rank(), lc.distributed.size()
+    if case == "suite":  # every training configuration in one job: out is a directory
+        from libml_runtime import format as F
+        runs = {"sgd": ("sgd", None, None), "momentum": ("momentum", None, None), "adam": ("adam", None, None),
+                "adam_again": ("adam", None, None), "adam_buckets": ("adam", None, 64),
+                "frozen": ("momentum", ["w2", "b2"], None), "momentum_f64": ("momentum", None, None),
+                "momentum_2threads": ("momentum", None, None)}
+        for key, (opt, trainable, bucket) in runs.items():
+            prog, losses = train(lc, opt, rank, size, "mpi", trainable=trainable, bucket_bytes=bucket,
+                                 dtype="float64" if key.endswith("f64") else "float32",
+                                 threads=2 if key.endswith("2threads") else 1)
+            ins = F.instructions(prog.plan.entries["step"].code)
+            reduced = sum(d["n"] for _, op, _, d in ins if op == "allreduce_start")
+            save(os.path.join(out, f"{key}.rank{rank}.npz"), losses=np.array(losses), reduced=reduced,
+                 ops=np.array([r["op"] for r in prog.instructions("step")]), **prog.params)
+        return
     if case == "train":  # arg: optimizer[:trainable,...][:bucket_bytes]
         parts = arg.split(":")
         trainable = parts[1].split(",") if len(parts) > 1 and parts[1] else None
@@ -87,16 +116,6 @@ def main():
         prog.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]})
         if rank == 0:
             prog.save(out)
-    elif case == "load":  # the runtime alone: load the plan, train, rank 0 writes params
-        import libml_runtime
-        assert "libml_compile" not in sys.modules
-        exe = libml_runtime.load(arg, num_threads=1)
-        lo = rank * (B // size)
-        losses = []
-        for s in range(1, 4):
-            x, y = data(s)
-            losses.append(exe.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]}))
-        save(f"{out}.rank{rank}.npz", losses=np.array(losses), **exe.params)
     elif case == "raise":  # rank 1 raises after one step; the others go on stepping
         prog, _ = train(lc, "sgd", rank, size, "mpi")
         x, y = data(0)
@@ -114,6 +133,18 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
         for _ in range(100000):
             prog.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]})
+    elif case == "start":  # ranks start from different params (rank 0's are broadcast), then a bad batch
+        g, loss = model(lc, B // size, seed=rank)
+        prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1), num_threads=1, distributed="mpi")
+        save(f"{out}.params.rank{rank}.npz", **prog.params)
+        batch = B // size if rank == 0 else B // size - 2
+        g, loss = model(lc, batch)
+        try:
+            lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1), num_threads=1, distributed="mpi")
+        except Exception as e:  # noqa: BLE001 - every rank reports what it raised
+            save(f"{out}.rank{rank}.npz", error=np.array(f"{type(e).__name__}: {e}"))
+            return
+        save(f"{out}.rank{rank}.npz", error=np.array(""))
     elif case == "mismatch":  # rank 1 declares a batch of a different size
         batch = B // size if rank == 0 else B // size - 2
         g, loss = model(lc, batch)
