@@ -116,6 +116,29 @@ def main():
         prog.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]})
         if rank == 0:
             prog.save(out)
+    elif case == "ckpt":  # DataLoader shards + checkpoint at step 3, resumed into a new program (arg: path)
+        from libml_runtime.data import DataLoader
+        rng = np.random.default_rng(7)
+        arrays = {"x": rng.standard_normal((40, D)).astype(np.float32), "y": rng.integers(0, C, 40)}
+
+        def fresh():
+            g, loss = model(lc, B // size)
+            return (lc.compile(g, loss=loss, optimizer=lc.Adam(lr=1e-2), num_threads=1, distributed="mpi"),
+                    DataLoader(arrays, B // size, seed=3, rank=rank, size=size))
+        prog, dl = fresh()
+        for _ in range(3):
+            prog.step(dl.next_batch())
+        prog.save_checkpoint(arg, loader=dl, extra={"step": 3})
+        for _ in range(3):  # crosses the epoch boundary (2 global batches of 16 per epoch of 40 rows)
+            prog.step(dl.next_batch())
+        straight = prog.params
+        prog2, dl2 = fresh()
+        extra = prog2.load_checkpoint(arg, loader=dl2)
+        for _ in range(3):
+            prog2.step(dl2.next_batch())
+        resumed = prog2.params
+        save(f"{out}.rank{rank}.npz", step=extra["step"], **{f"a_{k}": v for k, v in straight.items()},
+             **{f"b_{k}": v for k, v in resumed.items()})
     elif case == "raise":  # rank 1 raises after one step; the others go on stepping
         prog, _ = train(lc, "sgd", rank, size, "mpi")
         x, y = data(0)

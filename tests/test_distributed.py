@@ -190,3 +190,13 @@ def test_a_rank_that_raises_ends_the_job_with_its_error_not_a_hang(tmp_path):
 def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang(tmp_path):
     r = mpirun("kill", str(tmp_path / "k"), timeout=60, check=False)
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_checkpoint_written_by_rank0_resumes_every_rank_bit_identically(tmp_path):
+    ck = tmp_path / "run.ckpt"
+    mpirun("ckpt", str(tmp_path / "c"), str(ck))
+    assert ck.exists() and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    r0, r1 = (np.load(tmp_path / f"c.rank{r}.npz") for r in (0, 1))
+    assert int(r0["step"]) == 3
+    for k in PARAMS:
+        assert np.array_equal(r0[f"a_{k}"], r0[f"b_{k}"]) and np.array_equal(r1[f"b_{k}"], r0[f"b_{k}"])
