@@ -200,3 +200,32 @@ def test_checkpoint_written_by_rank0_resumes_every_rank_bit_identically(tmp_path
     assert int(r0["step"]) == 3
     for k in PARAMS:
         assert np.array_equal(r0[f"a_{k}"], r0[f"b_{k}"]) and np.array_equal(r1[f"b_{k}"], r0[f"b_{k}"])
+
+
+def test_finetune_cli_distributed_trains_as_one_process_with_the_global_batch(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+    d = np.load(os.path.join(os.path.dirname(HERE), "models", "digits.npz"))
+    x, y = d["X"].astype(np.float32) / 16, d["y"].astype(np.int64)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x[:256], y_train=y[:256], x_val=x[256:320], y_val=y[256:320])
+    model = os.path.join(os.path.dirname(HERE), "models", "classifier.onnx")
+    cli = os.path.join(os.path.dirname(sys.executable), "libml-compile")
+    args = ["finetune", model, "--data", str(data), "--epochs", "2", "--batch-size", "32", "--lr", "0.05",
+            "--no-progress", "--threads", "1"]
+    one = subprocess.run([sys.executable, cli] + args + ["--out", str(tmp_path / "one.onnx")], capture_output=True,
+                         text=True, timeout=120, env=_env())
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([MPIEXEC, "-n", "2", sys.executable, cli] + args + ["--distributed", "--out",
+                                                                             str(tmp_path / "two.onnx")],
+                         capture_output=True, text=True, timeout=120, env=_env())
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("exported the fine-tuned model") == 1  # rank 0 only
+    assert two.stdout.count("epoch 2/2") == 1
+    w1, w2 = ({t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f)).graph.initializer}
+              for f in ("one.onnx", "two.onnx"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    init = {t.name: numpy_helper.to_array(t) for t in onnx.load(model).graph.initializer}
+    assert any(not np.array_equal(init[k], w2[k]) for k in init)
