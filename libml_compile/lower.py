@@ -181,13 +181,14 @@ def _node_outputs(x, consumers):
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
-                check_finite=False, simplified=False, backend=None):
+                check_finite=False, simplified=False, backend=None, distributed=False):
     """Compile the sub-graph reaching ``roots`` into an Entry.
 
     outputs: [(user name, tensor)] copied out after each call.  simplified: ``roots`` and ``outputs`` are
     already the result of ``passes.simplify`` over a graph that contains this one (``compile`` simplifies
     the joint graph of all entries once).  backend: what emits the entry and answers the planning hooks
-    (default ``backend_cpu.CPU``).  Returns (Entry, MemoryReport, summary rows).
+    (default ``backend_cpu.CPU``).  distributed: the gradients are reduced across ranks (distributed.py), so
+    the update is never folded into their GEMMs nor Adam split per param (both need the gradient).  Returns (Entry, MemoryReport, summary rows).
     """
     if backend is None:
         from .backend_cpu import CPU as backend
@@ -252,11 +253,12 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         if "conv" in present:  # (ops_conv: BatchNorm's affine and the activation as the conv's epilogue)
             from .ops_conv import fuse_conv_epilogues
             rewrite(fuse_conv_epilogues(passes.topo_from_roots(roots), roots))
-        if "conv_grad_weight" in present and any(r.op == "sgd_update" for r in roots):
+        # (a distributed plan keeps every gradient for its allreduce: no SGD folded into a gradient kernel)
+        if not distributed and "conv_grad_weight" in present and any(r.op == "sgd_update" for r in roots):
             roots = passes.fold_sgd_into_conv(passes.topo_from_roots(roots), roots)
-        if any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
+        if not distributed and any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
-        if any(r.op == "adam_update" for r in roots):
+        if not distributed and any(r.op == "adam_update" for r in roots):
             roots = passes.split_adam(passes.topo_from_roots(roots), roots)
         if "matmul" in present:
             # last: the passes above read matmul inputs as dense tensors (views.py)

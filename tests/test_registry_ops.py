@@ -82,6 +82,10 @@ NOT_SAMPLED = {
     "dropout": "random in training (grad/step) and the identity in run, which the generated forward cases use; "
                "test_dropout checks the masks against a NumPy Philox reference, the gradient, finite differences "
                "and 1 vs 2 threads",
+    "allreduce_start": "a collective (packs gradients, starts MPI_Iallreduce), made by distributed.reduce_gradients; "
+                       "covered by test_distributed under mpiexec -n 2 against a single-process run",
+    "allreduce_wait": "a collective (waits, writes the mean gradients), made by distributed.reduce_gradients; "
+                      "covered by test_distributed under mpiexec -n 2",
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
     "index_flat": "integer positions of live GatherElements / GatherND indices (no float operand, no gradient); "
                   "covered by test_index_ops against PyTorch, ONNX Runtime and the official node cases",

@@ -229,6 +229,23 @@ OPCODES = [
     (65, "batch_norm_grad", "dtype N C S flags x.slot x.offset scale.slot scale.offset mean.slot mean.offset "
                             "rstd.slot rstd.offset dy.slot dy.offset y.slot y.offset dx.slot dx.offset "
                             "dscale.slot dscale.offset dbias.slot dbias.offset"),
+    # ---- data-parallel collectives (libml_compile/distributed.py, runtime/libml_runtime/_mpi.pxi).  MPI is
+    # not a build dependency: the runtime calls MPI_Iallreduce / MPI_Wait / MPI_Test through function
+    # pointers taken at run time from the libmpi that mpi4py loaded, handed to the Executable once (a plan
+    # never holds an address); every call runs with the GIL released.  `req` names one of the executable's
+    # request slots; plan.validate proves every start is followed, in the same entry, by one wait of the same
+    # slot before that slot starts again, and that no request is pending when the entry ends.
+    # allreduce_start: the parts' elements (part[i].n each, contiguous at src) are copied one after the other
+    # into buf (n = the sum of part[].n, below 2^31: MPI's int count), then a non-blocking in-place
+    # MPI_Iallreduce (MPI_SUM over the float type of dtype) of buf's n elements over the executable's
+    # communicator is started into request `req`.  Nothing may touch buf until the matching wait (the
+    # compiler keeps it live: the wait reads it).  Between instructions the runtime calls MPI_Test on the
+    # pending requests, so the reduction progresses while later instructions (the rest of the backward) run.
+    (66, "allreduce_start", "dtype req n buf.slot buf.offset nparts part[nparts]{src.slot src.offset n}"),
+    # allreduce_wait: MPI_Wait(request `req`), then the parts of buf are copied out in order, each element
+    # multiplied by consts[scale] (1 / world size: the sum of the ranks' gradients becomes their mean): part
+    # i's n elements to dst.  A sum of two ranks is the same bits on both (a + b = b + a); scale 1/2 is exact.
+    (67, "allreduce_wait", "dtype req n scale buf.slot buf.offset nparts part[nparts]{dst.slot dst.offset n}"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions

@@ -17,6 +17,10 @@ import numpy as np
 from . import format as F
 
 
+#: request slots a plan's collectives may name (allreduce_start / allreduce_wait ``req``)
+MAX_REQUESTS = 4096
+
+
 class PlanError(ValueError):
     """A plan (or plan file) is malformed; the message names the offending field."""
 
@@ -135,6 +139,7 @@ def validate_entry(e: Entry, state_bytes, inputs, where):
     while v.pc < len(e.code):
         v.instruction()
         count += 1
+    _check(not v.pending, f"{where}.code", f"allreduce request(s) {sorted(v.pending)} started and never waited for")
     _check(len(e.instr_nodes) == count and all(0 <= n < max(len(e.nodes), 1) for n in e.instr_nodes),
            f"{where}.instr_nodes", "does not match the instructions")
 
@@ -166,6 +171,7 @@ class _Decoder:
         self.nslots = len(sizes)
         self.pc = 0
         self.idx = 0
+        self.pending = {}  # request slot -> instruction index of its allreduce_start, until its wait
 
     def fail(self, msg):
         raise PlanError(f"invalid plan field {self.where}.code[instruction {self.idx} @ {self.pc}]: {msg}")
@@ -851,6 +857,37 @@ class _Decoder:
                              ("rstd", C, False), ("dy", N * C * S, False), ("y", N * C * S, False),
                              ("dx", N * C * S, True), ("dscale", C, True), ("dbias", C, True)):
             self.operand(d, nm, count * isz, writable=w, align=isz)
+
+    # -- collectives (format.py 66-67): MPI reads and writes the bucket behind the runtime's back between a
+    # start and its wait, so the bucket's extent is proved here and the pairing of starts and waits too
+    def _collective(self, d, src_or_dst, writable):
+        isz = self.fdtype(d)
+        self.rng("req", d["req"], 0, MAX_REQUESTS - 1)
+        n = self.rng("n", d["n"], 0, 2 ** 31 - 1)
+        self.rng("nparts", d["nparts"], 1, 1 << 20)
+        self.operand(d, "buf", n * isz, writable=True, align=isz)
+        total = 0
+        for i, r in enumerate(d["part"]):
+            k = self.rng(f"part[{i}].n", r["n"], 0, 2 ** 31 - 1)
+            self.operand({f"{src_or_dst}.slot": r[f"{src_or_dst}.slot"], f"{src_or_dst}.offset": r[f"{src_or_dst}.offset"]},
+                         src_or_dst, k * isz, writable=writable, align=isz)
+            total += k
+        if total != n:
+            self.fail(f"the parts hold {total} elements, n = {n}")
+
+    def op_allreduce_start(self, d):
+        self._collective(d, "src", False)
+        if d["req"] in self.pending:
+            self.fail(f"request {d['req']} starts again before the wait of its start at instruction "
+                      f"{self.pending[d['req']]}")
+        self.pending[d["req"]] = self.idx
+
+    def op_allreduce_wait(self, d):
+        self._collective(d, "dst", True)
+        self.const(d, "scale")
+        if d["req"] not in self.pending:
+            self.fail(f"request {d['req']} is waited for without a start before it")
+        del self.pending[d["req"]]
 
     def op_counter_next(self, d):
         """out = counter; counter += 1: both int64 scalars, both written."""
