@@ -95,7 +95,7 @@ def test_one_object_two_threads_serialises(plan_path, monkeypatch):
     lock = threading.Lock()
     real = _exec.run_plan
 
-    def wrapped(code, consts, buffers, nthreads=1):
+    def wrapped(code, consts, buffers, nthreads=1, *rest):
         key = id(buffers[0])                           # the arena: one per object
         with lock:
             active[key] = active.get(key, 0) + 1
@@ -103,7 +103,7 @@ def test_one_object_two_threads_serialises(plan_path, monkeypatch):
                 overlap.append(key)
         try:
             threading.Event().wait(0.0005)             # widen the window
-            return real(code, consts, buffers, nthreads)
+            return real(code, consts, buffers, nthreads, *rest)
         finally:
             with lock:
                 active[key] -= 1
