@@ -53,6 +53,11 @@ class Program:
         return self.executable.num_threads
 
     @property
+    def world(self):
+        """(rank, size) of a distributed program's MPI job (``distributed="mpi"``); (0, 1) otherwise."""
+        return self.executable.world
+
+    @property
     def check_finite(self):
         """Whether calls run the checked entries, which stop at the first op producing NaN/Inf."""
         return self.executable.check_finite
