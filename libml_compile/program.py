@@ -54,7 +54,7 @@ class Program:
 
     @property
     def world(self):
-        """(rank, size) of a distributed program's MPI job; (0, 1) for a single-process one."""
+        """(rank, size) of a distributed program's MPI job (``distributed="mpi"``); (0, 1) otherwise."""
         return self.executable.world
 
     @property

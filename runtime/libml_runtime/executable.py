@@ -321,10 +321,11 @@ class Executable:
             if ctx is not None and ctx.npending:
                 raise RuntimeFailure("an earlier call of this distributed program stopped with allreduce requests "
                                      "in flight: the ranks are out of step and the job cannot continue")
+            kw = {} if ctx is None else {"mpi": ctx}  # (the collectives' context, for distributed plans only)
             if times is None:
-                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, None, ctx)
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, **kw)
             else:  # profiling: per-instruction seconds are added into `times`
-                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, times, ctx)
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, times, **kw)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
