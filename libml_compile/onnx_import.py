@@ -1422,17 +1422,16 @@ class _Importer:
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 
-    def op_conv(self, node, at):
-        """Conv (opsets 1-22): X (N, C, L) or (N, C, H, W), W (M, C/group, *kernel), optional B (M,);
-        strides, pads, dilations, group, auto_pad (NOTSET, SAME_UPPER, SAME_LOWER, VALID) and kernel_shape
-        (checked against W).  3-D convolutions are refused, naming the node."""
-        lc = self.lc
+    def _conv_like(self, node, at, what, extra=None):
+        """(X, W, B, the shared conv attributes) of a Conv / ConvTranspose node: X (N, C, L) or (N, C, H, W),
+        kernel_shape checked against W, strides / dilations / pads / group / auto_pad with their defaults."""
         x, w, b = self.get(node, 0), self.get(node, 1), self.get(node, 2)
         if x is None or w is None:
             raise self.err(node, "needs the inputs X and W")
         xs, ws = self.shape(x), self.shape(w)
         if len(xs) not in (3, 4):
-            raise self.err(node, f"Conv input X has shape {tuple(xs)}; libml implements 1-D and 2-D convolutions "
+            raise self.err(node, f"{what} input X has shape {tuple(xs)}; libml implements 1-D and 2-D "
+                                 f"{'transposed convolutions' if what == 'ConvTranspose' else 'convolutions'} "
                                  f"((N, C, L) or (N, C, H, W))")
         nd = len(xs) - 2
         kernel = at.get("kernel_shape")
@@ -1442,55 +1441,37 @@ class _Importer:
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         kw = {"strides": tuple(at.get("strides", (1,) * nd)), "dilations": tuple(at.get("dilations", (1,) * nd)),
               "pads": tuple(at.get("pads", (0,) * (2 * nd))), "group": int(at.get("group", 1)), "auto_pad": auto_pad}
+        return x, w, b, nd, kw
 
-        def fn(*v):
-            return lc.conv(v[0], v[1], v[2] if len(v) > 2 else None, **kw)
+    def _conv_call(self, node, fn, x, w, b, kw):
+        """fn(x, w, b, **kw): folded when every operand is a constant, else a graph node named for the output."""
         vals = [v for v in (x, w, b) if v is not None]
         try:
             if all(self.is_const(v) for v in vals):
-                return _eval_const(fn, *vals)
+                return _eval_const(lambda *v: fn(v[0], v[1], v[2] if len(v) > 2 else None, **kw), *vals)
             operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
-            return lc.conv(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
-                           name=node.output[0] or None, **kw)
+            return fn(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
+                      name=node.output[0] or None, **kw)
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
+
+    def op_conv(self, node, at):
+        """Conv (opsets 1-22): X (N, C, L) or (N, C, H, W), W (M, C/group, *kernel), optional B (M,);
+        strides, pads, dilations, group, auto_pad (NOTSET, SAME_UPPER, SAME_LOWER, VALID) and kernel_shape
+        (checked against W).  3-D convolutions are refused, naming the node."""
+        x, w, b, nd, kw = self._conv_like(node, at, "Conv")
+        return self._conv_call(node, self.lc.conv, x, w, b, kw)
 
     def op_conv_transpose(self, node, at):
         """ConvTranspose (opsets 1-22): X (N, C_in, L) or (N, C_in, H, W), W (C_in, C_out/group, *kernel),
         optional B (C_out,); strides, pads, dilations, group, output_padding, output_shape (which replaces
         pads), auto_pad and kernel_shape (checked against W), as ops_conv_transpose.resolve reads them.
         3-D transposed convolutions are refused, naming the node."""
-        lc = self.lc
-        x, w, b = self.get(node, 0), self.get(node, 1), self.get(node, 2)
-        if x is None or w is None:
-            raise self.err(node, "needs the inputs X and W")
-        xs, ws = self.shape(x), self.shape(w)
-        if len(xs) not in (3, 4):
-            raise self.err(node, f"ConvTranspose input X has shape {tuple(xs)}; libml implements 1-D and 2-D "
-                                 f"transposed convolutions ((N, C, L) or (N, C, H, W))")
-        nd = len(xs) - 2
-        kernel = at.get("kernel_shape")
-        if kernel is not None and tuple(kernel) != tuple(ws[2:]):
-            raise self.err(node, f"kernel_shape {tuple(kernel)} does not match W's shape {tuple(ws)}")
-        auto_pad = at.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        x, w, b, nd, kw = self._conv_like(node, at, "ConvTranspose")
         oshape = at.get("output_shape")
-        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "dilations": tuple(at.get("dilations", (1,) * nd)),
-              "pads": tuple(at.get("pads", (0,) * (2 * nd))), "group": int(at.get("group", 1)), "auto_pad": auto_pad,
-              "output_padding": tuple(at.get("output_padding", (0,) * nd)),
-              "output_shape": tuple(oshape) if oshape is not None else None}
-
-        def fn(*v):
-            return lc.conv_transpose(v[0], v[1], v[2] if len(v) > 2 else None, **kw)
-        vals = [v for v in (x, w, b) if v is not None]
-        try:
-            if all(self.is_const(v) for v in vals):
-                return _eval_const(fn, *vals)
-            operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
-            return lc.conv_transpose(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
-                                     name=node.output[0] or None, **kw)
-        except (TypeError, ValueError) as e:
-            raise self.err(node, str(e)) from None
+        kw.update(output_padding=tuple(at.get("output_padding", (0,) * nd)),
+                  output_shape=tuple(oshape) if oshape is not None else None)
+        return self._conv_call(node, self.lc.conv_transpose, x, w, b, kw)
 
     def op_pool(self, node, at):
         """MaxPool (outputs Y and the optional Indices) and AveragePool, 1-D and 2-D: kernel_shape, strides
