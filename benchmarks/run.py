@@ -99,14 +99,55 @@ def aggregate(runs):
            "setup_s": statistics.median(r["setup_s"] for r in ok), "processes": len(ok)}
     if "compile_s" in ok[0]:
         agg["compile_s"] = statistics.median(r["compile_s"] for r in ok)
-    for k in ("version", "xla_flags", "kernels"):
+    for k in ("version", "xla_flags", "kernels", "note", "max_abs_err_vs_ref"):
         if k in ok[0]:
             agg[k] = ok[0][k]
+    if "conv_profile" in ok[0]:
+        agg["conv_profile"] = merge_conv_profiles([r["conv_profile"] for r in ok if "conv_profile" in r])
     errs = [r for r in runs if "error" in r]
     if errs:
         agg["failed_processes"] = len(errs)
         agg["error"] = errs[0]["error"]
     return agg
+
+
+def merge_conv_profiles(profiles):
+    """One row per conv instruction over the processes: the first process's row with ``median_ms`` the
+    median of the processes' medians (``process_medians_ms`` all of them) and GFLOP/s from it."""
+    rows = []
+    for i, r in enumerate(profiles[0]):
+        meds = [p[i]["median_ms"] for p in profiles if i < len(p)]
+        row = dict(r, median_ms=statistics.median(meds), process_medians_ms=meds)
+        ms = row["median_ms"]
+        row["gflops"] = row["flops"] / (ms * 1e-3) / 1e9 if row.get("flops") and ms > 0 else None
+        rows.append(row)
+    return rows
+
+
+def conv_table(results, wids, gemm_limit):
+    """libml's per-conv-instruction profile of the conv workloads (W6, W8): shapes, ms, GFLOP/s, frac."""
+    out = []
+    for wid in wids:
+        rows = results[wid].get("libml", {}).get("conv_profile")
+        if not rows:
+            continue
+        total = sum(r["median_ms"] for r in rows)
+        fl = sum(r["flops"] or 0 for r in rows)
+        out.append(f"\nlibml {wid}: conv instructions (prog.profile medians inside the runtime call; shapes of the "
+                   f"forward conv each instruction computes or differentiates; frac = GFLOP/s / GEMM probe); "
+                   f"{len(rows)} convs, {total:.3f} ms, {fl / 1e9:.3f} GFLOP, "
+                   f"{fmt(fl / (total * 1e-3) / 1e9 if total else None, '.1f')} GFLOP/s")
+        hdr = (f"{'#':>4} {'instruction':<17} {'x (N,C,H,W)':<18} {'w (M,C/G,kh,kw)':<17} {'s':>2} {'p':>2} "
+               f"{'y (N,M,OH,OW)':<18} {'ms':>9} {'MFLOP':>8} {'GFLOP/s':>8} {'frac':>6}")
+        out.append(hdr)
+        out.append("-" * len(hdr))
+        for r in rows:
+            gf = r.get("gflops")
+            out.append(f"{r['index']:>4} {r['op'][:17]:<17} {str(tuple(r['x'])):<18} {str(tuple(r['w'])):<17} "
+                       f"{r['stride'][0]:>2} {r['pad'][0]:>2} {str(tuple(r['y'])):<18} {r['median_ms']:>9.4f} "
+                       f"{(r['flops'] or 0) / 1e6:>8.1f} {fmt(gf, '.1f'):>8} "
+                       f"{fmt(gf / gemm_limit if gf and gemm_limit else None, '.3f'):>6}")
+    return "\n".join(out)
 
 
 def fmt(v, spec):
@@ -131,7 +172,7 @@ def report(results, wids, systems, gemm_limit, gemm_sys):
                 continue
             if "median_ms" not in r:
                 note = ("skipped: " + r["skipped"]) if "skipped" in r else ("ERROR: " + r.get("error", "?"))
-                if "not run" in note or "does not run" in note or "runs W5 only" in note:
+                if "not run" in note or "does not run" in note or "runs W5 and W8 only" in note:
                     continue
                 p(f"{wid:<9} {s:<14} {'-':>10} {'-':>9} {'-':>8} {'-':>6} {'-':>7} {'-':>5}  {note[:90]}")
                 continue
@@ -139,7 +180,7 @@ def report(results, wids, systems, gemm_limit, gemm_sys):
             gf = fl / (ms * 1e-3) / 1e9 if fl else None
             frac = gf / gemm_limit if (gf and gemm_limit) else None
             ratio = lib / ms if lib else None
-            note = ""
+            note = r.get("note", "")
             if r.get("error"):
                 note = f"{r['failed_processes']} failed: {r['error'][:60]}"
             p(f"{wid:<9} {s:<14} {ms:>10.4f} {fmt(ratio, '.3f'):>9} {fmt(gf, '.1f'):>8} "
@@ -178,6 +219,13 @@ def report(results, wids, systems, gemm_limit, gemm_sys):
                 if abs(v - ref) > 1e-3 * max(1.0, abs(ref)):
                     bad.append(f"{wid}: {s} {v:.6g} vs numpy {ref:.6g}")
     p("\nfirst-step loss / output cross-check: " + ("all systems agree (rel 1e-3)" if not bad else "MISMATCH " + "; ".join(bad)))
+    ref_checked = [w for w in wids if common.WORKLOADS[w]["kind"] in ("w6", "w7", "w8")]
+    if ref_checked:
+        p(f"{', '.join(ref_checked)}: every measured system matched the reference files before timing "
+          "(W6: loss0, loss1, loss2; W7: loss0, loss1; W8: logits)")
+    table = conv_table(results, wids, gemm_limit)
+    if table:
+        p(table)
     return "\n".join(out)
 
 
@@ -208,7 +256,7 @@ def machine_info(removed):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="W1,W2,W3,W4,W5,GEMM",
-                    help="comma list of W1..W5 (W5 = W5-b1,W5-b1024), W5-b1, W5-b1024, GEMM")
+                    help="comma list of W1..W8 (W5 = W5-b1,W5-b1024; W8 = W8-b1,W8-b256), W5-b1, ..., GEMM")
     ap.add_argument("--systems", default=",".join(common.SYSTEMS),
                     help=f"comma list from {','.join(common.SYSTEMS)}")
     ap.add_argument("--quick", action="store_true", help="1 round, 0.3 s of timed steps per process")
@@ -218,7 +266,8 @@ def main(argv=None):
     ap.add_argument("--min-steps", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=1200, help="per-process timeout, s")
     ap.add_argument("--out", default="results.json", help="JSON output file (default results.json)")
-    ap.add_argument("--selfcheck", action="store_true", help="check the NumPy steps against torch autograd")
+    ap.add_argument("--selfcheck", action="store_true",
+                    help="check the NumPy steps, JAX W7 and the W6 torch module against autograd / the references")
     args = ap.parse_args(argv)
 
     if args.selfcheck:

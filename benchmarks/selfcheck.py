@@ -1,6 +1,8 @@
 """Self-check of the hand-written NumPy steps against torch autograd (``run.py --selfcheck``).
 
 Small problems in float64, a few SGD steps: the losses and the updated parameters must agree to ~1e-10.
+The W6 / W8 PyTorch module (w6_torch.py) is checked against the reference files (W6_ref.npz,
+W6_eval_ref.npz) and common.W6_LOSS2 is recomputed.
 If libml is installed, its ``prog.step`` is compared with the NumPy step too (float32, W1 sizes).
 """
 import os
@@ -112,6 +114,64 @@ def check_w7_jax(steps=3):
     return _compare(f"W7 jax vs torch AdamW, {steps} steps", l_jax, jp, l_torch, tp, 1e-9) and gerr <= 1e-9
 
 
+def check_w6_torch():
+    """The ResNet-8 of w6_torch.py with the W6_ref.npz weights against the reference data of eager PyTorch
+    (written when W6.onnx was exported): train-mode logits and loss0, loss1 after one SGD-momentum step,
+    the running statistics after it (after1/*), and common.W6_LOSS2 (the third loss, the first that sees
+    the momentum; also in float64); W8: eval-mode logits at batch 1 and 256 against W6_eval_ref.npz.
+    Returns True/False, or None when the reference files are missing."""
+    try:
+        import torch
+    except ImportError as e:
+        print(f"  W6 torch module: skipped ({e})")
+        return None
+    if common.missing_files("w6") or common.missing_files("w8"):
+        print(f"  W6 torch module: skipped ({common.missing_files('w6') or common.missing_files('w8')})")
+        return None
+    import w6_torch
+
+    F = torch.nn.functional
+    ref = common.w6_files("w6")[1]
+    x, y = torch.from_numpy(ref["x"]), torch.from_numpy(ref["labels"])
+    checks = []  # (what, error, tolerance)
+    for dtype in (torch.float32, torch.float64):
+        m = w6_torch.load_reference(torch, ref).to(dtype)
+        opt = torch.optim.SGD(m.parameters(), lr=common.LR, momentum=0.9)
+        losses = []
+        for i in range(3):
+            opt.zero_grad(set_to_none=True)
+            z = m(x.to(dtype))
+            L = F.cross_entropy(z, y)
+            L.backward()
+            opt.step()
+            losses.append(L.item())
+            if i == 0 and dtype == torch.float32:
+                err = float((z.detach() - torch.from_numpy(ref["logits0"])).abs().max())
+                checks.append(("W6 train-mode logits0", err, 1e-5))
+                sd = m.state_dict()
+                checks.append(("W6 running stats after1/*", max(
+                    float((sd[k[len("after1/"):]] - torch.from_numpy(ref[k])).abs().max())
+                    for k in ref.files if k.startswith("after1/")), 1e-6))
+        tag = "f32" if dtype == torch.float32 else "f64"
+        tol = 1e-6 if dtype == torch.float32 else 1e-5  # float64 differs from float32 by the rounding only
+        checks.append((f"W6 {tag} loss0, loss1 vs W6_ref.npz", max(abs(losses[0] - float(ref["loss0"])),
+                                                               abs(losses[1] - float(ref["loss1"]))), tol))
+        checks.append((f"W6 {tag} loss2 vs common.W6_LOSS2", abs(losses[2] - common.W6_LOSS2), tol))
+    eref = common.w6_files("w8")[1]
+    m = w6_torch.load_reference(torch, eref).eval()
+    with torch.inference_mode():
+        for b in (1, 256):
+            z = m(torch.from_numpy(eref[f"x_b{b}"]))
+            err = float((z - torch.from_numpy(eref[f"logits_b{b}"])).abs().max())
+            checks.append((f"W8 eval-mode logits batch {b}", err, 1e-5))
+    ok = True
+    for what, err, tol in checks:
+        good = err <= tol
+        ok &= good
+        print(f"  {what:<40} max err {err:.2e}  {'ok' if good else 'FAIL'}")
+    return ok
+
+
 def run(steps=3, lr=0.5):
     # a large lr so the updates move the parameters visibly between steps
     ok = True
@@ -151,6 +211,7 @@ def run(steps=3, lr=0.5):
     print(f"  {'W2 forward (3, 784)':<40} out err {err:.2e}  {'ok' if err < 1e-10 else 'FAIL'}")
     ok &= err < 1e-10
     ok &= check_w7_jax() is not False  # skipped (None) when JAX or the reference files are missing
+    ok &= check_w6_torch() is not False  # skipped (None) when the reference files are missing
 
     # libml, if installed: same W1-sized step in float32
     try:

@@ -110,6 +110,17 @@ def _w7_torch(torch, ref):
     return m
 
 
+def _w6_torch(torch, kind):
+    """W6's ResNet-8 (w6_torch.py) with every parameter and buffer from W6_ref.npz (``kind`` "w6") or
+    W6_eval_ref.npz ("w8") ``init/*``."""
+    import w6_torch
+
+    why = common.missing_files(kind)
+    if why:
+        raise Skip(why)
+    return w6_torch.load_reference(torch, common.w6_files(kind)[1])
+
+
 def setup_torch(wid, spec, feeds, compiled=False):
     torch = _torch()
     F = torch.nn.functional
@@ -127,8 +138,11 @@ def setup_torch(wid, spec, feeds, compiled=False):
         A, B = t["A"], t["B"]
         C = torch.empty_like(A)
         return (lambda: torch.matmul(A, B, out=C)), info
-    if k == "fwd":
-        model = _torch_model(torch, spec["layers"]).eval()
+    if k in ("fwd", "w8"):
+        if k == "fwd":
+            model = _torch_model(torch, spec["layers"]).eval()
+        else:  # W8: the ResNet-8 in eval mode (BatchNorm on the running statistics), W6_eval_ref.npz weights
+            model = _w6_torch(torch, "w8").eval()
         if compiled:
             model = torch.compile(model)
         x = t["x"]
@@ -156,6 +170,14 @@ def setup_torch(wid, spec, feeds, compiled=False):
         def loss_fn(x, y):
             return F.cross_entropy(model(x), y)
         make_opt = lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01)  # noqa: E731
+    elif k == "w6":
+        model = _w6_torch(torch, "w6")  # train mode: batch statistics, running statistics updated
+        params = list(model.parameters())
+        x, y = t["x"], t["labels"]
+
+        def loss_fn(x, y):
+            return F.cross_entropy(model(x), y)
+        make_opt = lambda ps: torch.optim.SGD(ps, lr=common.LR, momentum=0.9)  # noqa: E731
     elif k == "w4":
         a, b, c = (torch.nn.Parameter(torch.from_numpy(v.copy())) for v in common.w4_params())
         params = [a, b, c]
@@ -281,30 +303,57 @@ def setup_ort_training(wid, spec, feeds):
     except ImportError as e:
         raise Skip(f"onnxruntime-training not importable in {sys.executable} ({e}); "
                    "see LIBML_BENCH_ORTT_PYTHON in benchmarks/README.md")
+    why = common.missing_files(spec["kind"])
+    if why:
+        raise Skip(why)
+    art = tempfile.mkdtemp(prefix=f"libml_{spec['kind']}_ortt_")
+    atexit.register(shutil.rmtree, art, True)
+    info = {"version": f"onnxruntime-training {ort.__version__}, onnx {onnx.__version__}",
+            "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+    t0 = time.perf_counter()
+    if spec["kind"] == "w6":  # forward + backward in ORT, the SGD-momentum update in NumPy (w6_ort_training.py)
+        import w6_ort_training
+
+        w6_ort_training.generate(common.w6_files("w6")[0], common.w6_meta(), art)
+        info["artifacts_s"] = time.perf_counter() - t0
+        info["note"] = "SGD momentum in NumPy between ORT calls (ORT Training's SGD has no momentum)"
+        return w6_ort_training.make_step(art, common.w6_meta(), feeds["x"], feeds["labels"], THREADS), info
     import w7_ort_training
 
-    files = common.w7_files()
-    if files is None:
-        raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
-    art = tempfile.mkdtemp(prefix="libml_w7_ortt_")
-    atexit.register(shutil.rmtree, art, True)
-    t0 = time.perf_counter()
-    w7_ort_training.generate(files[0], common.w7_param_names(), art)
-    info = {"version": f"onnxruntime-training {ort.__version__}, onnx {onnx.__version__}",
-            "artifacts_s": time.perf_counter() - t0,
-            "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+    w7_ort_training.generate(common.w7_files()[0], common.w7_param_names(), art)
+    info["artifacts_s"] = time.perf_counter() - t0
     return w7_ort_training.make_step(art, feeds["tokens"], feeds["labels"], THREADS), info
 
 
+def _ort_session(ort, model):
+    """An inference session on ``model`` (path or bytes): 2 intra-op threads, sequential, all graph
+    optimisations, CPU."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
 def setup_ort(wid, spec, feeds):
-    if spec["kind"] != "fwd":
-        raise Skip("ONNX Runtime runs W5 only")
+    if spec["kind"] not in ("fwd", "w8"):
+        raise Skip("ONNX Runtime runs W5 and W8 only")
     try:
         import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError as e:
         raise Skip(f"onnxruntime/onnx not installed ({e})")
+    info = {"version": ort.__version__, "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+    if spec["kind"] == "w8":  # W6_eval.onnx as it is (dynamic batch, BN folded into the convolutions)
+        why = common.missing_files("w8")
+        if why:
+            raise Skip(why)
+        sess = _ort_session(ort, common.w6_files("w8")[0])
+        out = sess.get_outputs()[0].name
+        x = feeds["x"]
+        return (lambda: sess.run([out], {"x": x})[0]), info
     layers, B = spec["layers"], spec["batch"]
     inits = common.mlp_params(layers)
     nodes, initializers = [], []
@@ -325,15 +374,9 @@ def setup_ort(wid, spec, feeds):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     onnx.checker.check_model(model)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _ort_session(ort, model.SerializeToString())
     x = feeds["x"]
-    return (lambda: sess.run(["logits"], {"x": x})[0]), {"version": ort.__version__,
-                                                           "kernels": "ORT MLAS (not visible to threadpoolctl)"}
+    return (lambda: sess.run(["logits"], {"x": x})[0]), info
 
 
 def setup_libml(wid, spec, feeds):
@@ -375,6 +418,32 @@ def setup_libml(wid, spec, feeds):
                           optimizer=lc.Adam(1e-3, weight_decay=0.01), num_threads=THREADS)
         info["compile_s"] = time.perf_counter() - t0  # import + compile
         return (lambda: prog.step(feeds)), info
+    if k in ("w6", "w8"):
+        why = common.missing_files(k)
+        if why:
+            raise Skip(why)
+        path = common.w6_files(k)[0]
+        t0 = time.perf_counter()
+        if k == "w6":
+            # W6.onnx's Conv nodes carry all-zero biases val_N that the PyTorch module does not have
+            # (bias=False): constants here, so exactly W6_meta.json's 29 parameters are trained
+            g = lc.import_onnx(path, constants=["val_*"])
+            want = set(common.w6_meta()["params"])
+            if set(g.params) != want:
+                raise RuntimeError(f"W6 (libml): imported params differ from W6_meta.json: extra "
+                                   f"{sorted(set(g.params) - want)}, missing {sorted(want - set(g.params))}")
+            labels = g.input("labels", (spec["batch"],), "int64")
+            prog = lc.compile(g, loss=lc.softmax_cross_entropy(g.outputs["logits"], labels),
+                              optimizer=lc.SGD(common.LR, momentum=0.9), num_threads=THREADS)
+            entry, fn = "step", (lambda: prog.step(feeds))
+        else:  # W6_eval.onnx's symbolic batch bound to this workload's
+            g = lc.import_onnx(path, shapes={"batch": spec["batch"]})
+            out = next(iter(g.outputs))
+            prog = lc.compile(g, num_threads=THREADS)
+            entry, fn = "run", (lambda: prog.run(feeds)[out])
+        info["compile_s"] = time.perf_counter() - t0  # import + compile
+        info["after_timing"] = lambda: {"conv_profile": conv_profile(prog, entry, feeds)}
+        return fn, info
     if k == "gemm":
         n = spec["n"]
         g = lc.Graph("gemm")
@@ -386,6 +455,28 @@ def setup_libml(wid, spec, feeds):
         info["compile_s"] = time.perf_counter() - t0
         return (lambda: prog.run(feeds)["C"]), info
     raise Skip(k)
+
+
+def conv_profile(prog, entry, feeds, repeat=10):
+    """One row per conv instruction of ``entry`` (forward conv, conv_grad_input, conv_grad_weight) from
+    ``prog.profile``: its geometry as the plan holds it (x (N, C, H, W), w (M, C/G, kh, kw), stride, pad,
+    y (N, M, OH, OW)), median ms inside the runtime call, FLOPs and GFLOP/s.  Params are left as they were."""
+    from libml_runtime import format as F
+
+    prof = prog.profile(entry, feeds, repeat=repeat, warmup=2)
+    code = prog.plan.entries[entry].code
+    geo = {i: d for i, (_, name, _, d) in enumerate(F.instructions(code)) if name.startswith("conv")}
+    rows = []
+    for r in prof.rows:
+        d = geo.get(r["index"])
+        if d is None:
+            continue
+        rows.append({"index": r["index"], "op": r.get("op", ""), "node": r["node"],
+                     "x": [d["N"], d["C"], d["H"], d["W"]], "w": [d["M"], d["C"] // d["G"], d["kh"], d["kw"]],
+                     "y": [d["N"], d["M"], d["OH"], d["OW"]], "stride": [d["sh"], d["sw"]],
+                     "pad": [d["ph"], d["pw"]], "group": d["G"], "median_ms": r["median_ms"],
+                     "min_ms": r["min_ms"], "flops": r.get("flops"), "gflops": r.get("gflops")})
+    return rows
 
 
 def setup_c_fused(wid, spec, feeds):
@@ -463,11 +554,17 @@ def measure(system, wid, min_time, warmup_time, min_steps):
     fn, info = SETUPS[system](wid, spec, feeds)
     setup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    first = first_value(fn())  # first call: includes jit / lazy compilation
+    after_timing = info.pop("after_timing", None)
+    r0 = fn()  # first call: includes jit / lazy compilation
+    first = first_value(r0)
     first_s = time.perf_counter() - t0
     second = first_value(fn())  # the first warm-up step
     if spec["kind"] == "w7":
         common.check_w7_losses(system, first, second)
+    if spec["kind"] == "w6":  # the third loss is the first to see the momentum
+        common.check_w6_losses(system, [first, second, first_value(fn())])
+    if spec["kind"] == "w8":
+        info["max_abs_err_vs_ref"] = common.check_w8_logits(system, wid, r0)
     # warm-up
     t_end = time.perf_counter() + warmup_time
     nw = 1
@@ -486,6 +583,8 @@ def measure(system, wid, min_time, warmup_time, min_steps):
                setup_s=setup_s, first_call_s=first_s, first_value=first,
                rss_after_data_mb=rss_data, peak_rss_mb=rss_mb(), blas=blas_info())
     res.update(info)
+    if after_timing is not None:  # e.g. libml's per-instruction profile, after (never inside) the timing
+        res.update(after_timing())
     return res
 
 

@@ -18,6 +18,8 @@ from .ops_batchnorm import EXPORTS as _BN_EXPORTS, PUBLIC as _BN_PUBLIC
 from .ops_index import EXPORTS as _INDEX_EXPORTS, PUBLIC as _INDEX_PUBLIC
 from .ops_conv import EXPORTS as _CONV_EXPORTS, PUBLIC as _CONV_PUBLIC
 from .ops_pool import EXPORTS as _POOL_EXPORTS, PUBLIC as _POOL_PUBLIC
+from .ops_conv_transpose import EXPORTS as _CONVT_EXPORTS, PUBLIC as _CONVT_PUBLIC
+from .ops_resize import EXPORTS as _RESIZE_EXPORTS, PUBLIC as _RESIZE_PUBLIC
 from .optim import SGD, Adam
 from .program import Program, compile
 
@@ -27,7 +29,8 @@ __all__ = ["Graph", "Tensor", "add", "sub", "mul", "div", "matmul", "relu", "sig
            "mean", "neg", "exp", "log", "identity", "reshape", "transpose", "broadcast_to", "cast",
            "softmax_cross_entropy", "mse", "concat", "gather", "DoubleSoftmaxWarning",
            "SGD", "Adam", "Program", "compile"] + _EW_EXPORTS + _RED_EXPORTS + _LOGIC_EXPORTS \
-    + _NORM_EXPORTS + _DROPOUT_EXPORTS + _INDEX_EXPORTS + _CONV_EXPORTS + _POOL_EXPORTS + _BN_EXPORTS
+    + _NORM_EXPORTS + _DROPOUT_EXPORTS + _INDEX_EXPORTS + _CONV_EXPORTS + _POOL_EXPORTS + _BN_EXPORTS \
+    + _CONVT_EXPORTS + _RESIZE_EXPORTS
 
 # the elementwise family's user functions (lc.tanh, lc.gelu, lc.leaky_relu, ...): declared with their ops
 globals().update({k: _EW_PUBLIC[k] for k in _EW_EXPORTS})
@@ -48,6 +51,10 @@ globals().update({k: _INDEX_PUBLIC[k] for k in _INDEX_EXPORTS})
 globals().update({k: _CONV_PUBLIC[k] for k in _CONV_EXPORTS})
 # pooling (lc.max_pool with its indices, lc.avg_pool): ops_pool.py
 globals().update({k: _POOL_PUBLIC[k] for k in _POOL_EXPORTS})
+# transposed convolution (lc.conv_transpose: conv's input-gradient kernel): ops_conv_transpose.py
+globals().update({k: _CONVT_PUBLIC[k] for k in _CONVT_EXPORTS})
+# resize (lc.resize: ONNX Resize / Upsample, F.interpolate's nearest, linear, bilinear, bicubic): ops_resize.py
+globals().update({k: _RESIZE_PUBLIC[k] for k in _RESIZE_EXPORTS})
 
 
 def __getattr__(name):

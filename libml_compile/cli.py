@@ -3,6 +3,7 @@
     libml-compile info MODEL.onnx
     libml-compile finetune MODEL.onnx --data DATA.npz --epochs N --lr X [--optimizer sgd|adam]
                            [--trainable NAME ...] [--batch-size B] --out OUT.onnx
+    mpiexec -n K libml-compile finetune MODEL.onnx --data DATA.npz ... --distributed   # data-parallel
     libml-compile demo [--out OUT.onnx] [--epochs N]     # trains the bundled classifier from random weights
 
 ``finetune`` data files (``.npz``) hold ``x_train``/``y_train`` and optionally ``x_val``/``y_val`` (or
@@ -298,7 +299,7 @@ def _pick_input(g, name: Optional[str]):
 def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=10, lr=0.01,
                     optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=None, trainable=None,
                     input_name=None, output_name=None, seed=0, num_threads=None, progress=True,
-                    log=print, eval_batch=256, base_dir=None):
+                    log=print, eval_batch=256, base_dir=None, distributed=False):
     """Fine-tune an ONNX model (path or ModelProto) on arrays with ``prog.step``.
 
     Returns ``(prog, history)``; ``history`` is a list of per-epoch dicts (loss, train/val metric).
@@ -309,6 +310,10 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
     a fixed batch (what ``torch.onnx.export`` writes by default) trains and evaluates at that batch (the
     last partial evaluation batch is padded); another ``batch_size`` is refused.
     base_dir: folder of the model's external data (a path model uses its own folder).
+    distributed: data-parallel training inside ``mpiexec -n K`` (``lc.compile(distributed="mpi")``):
+    ``batch_size`` is the global batch, each rank trains on its ``batch_size / K`` rows of every batch of
+    the same shuffled order (a fixed-batch model: that batch per rank, K times it globally), the losses
+    are global means, and only rank 0 logs (the caller exports on rank 0 only).
     Raises ValueError when the data holds NaN/Inf, or when the loss or a param becomes non-finite (a
     diverging learning rate): nothing is returned, so the caller exports nothing.
     """
@@ -340,6 +345,17 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
     elif batch_size is None:
         batch_size = 32
     B = min(int(batch_size), n)
+    K, rank = (lc.distributed.size(), lc.distributed.rank()) if distributed else (1, 0)
+    if K > 1 and fixed is not None:
+        B = fixed * K  # the model's batch is each rank's
+        if n < B:
+            raise ValueError(f"{K} ranks with the model's fixed batch of {fixed} need {B} training samples, "
+                             f"there are {n}")
+    elif B % K:
+        raise ValueError(f"--batch-size {B} is not divisible by the {K} MPI ranks")
+    b = B // K  # each rank's share of a batch
+    if rank != 0:
+        log, progress = None, False
     classify = np.issubdtype(y_train.dtype, np.integer)
     _, oname, _ = loss_tensor_name(m, output_name)  # validates the output name
 
@@ -352,25 +368,25 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
         g = import_onnx(m, shapes={inp: (batch,) + tuple(x_train.shape[1:])})
         return g, _pick_input(g, inp)
 
-    g, inp = build(B)
+    g, inp = build(b)
     in_dtype = g.inputs[inp].dtype
     logits, softmax_end = _loss_tensor(g, oname)
     tname = logits.name
     if softmax_end and log:
         log(f"model output {oname!r} is a Softmax; taking the loss from the pre-softmax tensor {tname!r}")
     if classify:
-        if len(logits.shape) != 2 or logits.shape[0] != B:
+        if len(logits.shape) != 2 or logits.shape[0] != b:
             raise ValueError(f"tensor {tname!r} has shape {logits.shape}; classification needs (batch, classes)")
         ncls = logits.shape[1]
         lo, hi = int(y_train.min()), int(y_train.max())
         if lo < 0 or hi >= ncls:
             raise ValueError(f"labels range over [{lo}, {hi}] but the model has {ncls} classes")
         label_name = "labels" if "labels" not in g.inputs else "__libml_labels"
-        labels = g.input(label_name, (B,), dtype="int64")
+        labels = g.input(label_name, (b,), dtype="int64")
         loss = lc.softmax_cross_entropy(logits, labels)
     else:
         label_name = "targets" if "targets" not in g.inputs else "__libml_targets"
-        tshape = (B,) + tuple(y_train.shape[1:])
+        tshape = (b,) + tuple(y_train.shape[1:])
         if tuple(logits.shape) != tshape:
             raise ValueError(f"targets of shape {tshape} do not match tensor {tname!r} of shape {logits.shape}")
         labels = g.input(label_name, tshape, dtype=logits.dtype)
@@ -387,7 +403,7 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
             raise ValueError(f"--trainable names {unknown} are not params of the model "
                              f"(params: {sorted(g.params)})")
     prog = lc.compile(g, loss=loss, optimizer=opt, trainable=list(trainable) if trainable else None,
-                      num_threads=num_threads)
+                      num_threads=num_threads, distributed="mpi" if distributed else None)
 
     EB = fixed or max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
     ge = import_onnx(m, shapes={inp: (EB,) + tuple(x_train.shape[1:])})
@@ -433,7 +449,7 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
                    disable=not progress, dynamic_ncols=True) if tqdm is not None else None
         t0 = time.perf_counter()
         for s in range(steps):
-            idx = perm[s * B:(s + 1) * B]
+            idx = perm[s * B + rank * b:s * B + (rank + 1) * b]  # (the same order on every rank: same seed)
             lv = prog.step({inp: x_train_c[idx], label_name: y_train_c[idx]})
             if not np.isfinite(lv):
                 if bar is not None:
@@ -499,7 +515,15 @@ def _parser():
     f.add_argument("--threads", type=int, default=None)
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--out", required=True, help="output .onnx path")
+    f.add_argument("--distributed", action="store_true",
+                   help="data-parallel training under mpiexec -n K (needs the dist extra): --batch-size is the "
+                        "global batch, split over the ranks; rank 0 logs and exports")
     return p
+
+
+def _rank():
+    from .distributed import rank
+    return rank()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -511,16 +535,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.cmd == "finetune":
             from .onnx_export import export_onnx
             xtr, ytr, xva, yva = load_npz_data(args.data, args.val_fraction, args.seed)
-            print(f"data: {len(xtr)} training / {0 if xva is None else len(xva)} validation samples from "
-                  f"{args.data}")
+            if not args.distributed or _rank() == 0:
+                print(f"data: {len(xtr)} training / {0 if xva is None else len(xva)} validation samples from "
+                      f"{args.data}")
             prog, hist = finetune_arrays(
                 args.model, xtr, ytr, xva, yva, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                 momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                 trainable=args.trainable, input_name=args.input_name, output_name=args.output_name,
                 seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
-                base_dir=os.path.dirname(os.path.abspath(args.model)))
-            export_onnx(prog, args.out)
-            print(f"exported the fine-tuned model to {args.out}")
+                base_dir=os.path.dirname(os.path.abspath(args.model)), distributed=args.distributed)
+            if prog.executable.world[0] == 0:  # (distributed: every rank holds the same params)
+                export_onnx(prog, args.out)
+                print(f"exported the fine-tuned model to {args.out}")
             return 0
         if args.cmd == "demo":
             from .demo import run_demo

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops_logic, passes, views
+from . import ops_attention, ops_logic, passes, views
 from .ir import Tensor
 from .ops import REGISTRY, out_specs
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
@@ -131,10 +131,11 @@ class Storage:
     constant is placed in the state the first time ``where`` is asked for it.  ``scratch[k]``: the arena
     offsets of instruction k's scratch buffers, in the order it asked for them."""
 
-    def __init__(self, inputs, state, buffers, scratch):
+    def __init__(self, inputs, state, buffers, scratch, inner=None):
         self.input_index = {t: k for k, t in enumerate(inputs)}
         self.state = state
         self.buffers = buffers  # storage key -> memory.Buffer
+        self.inner = inner or {}  # a part placed inside another tensor's buffer -> its byte offset there
         self.scratch = {k: [b.offset for b in bs] for k, bs in scratch.items()}
 
     def where(self, t):
@@ -150,7 +151,7 @@ class Storage:
         b = self.buffers.get(t)
         if b is None:
             raise AssertionError(f"no storage for {t!r} (compiler bug)")
-        return "arena", b.offset
+        return "arena", b.offset + self.inner.get(t, 0)
 
 
 @dataclass
@@ -180,13 +181,14 @@ def _node_outputs(x, consumers):
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
-                check_finite=False, simplified=False, backend=None):
+                check_finite=False, simplified=False, backend=None, distributed=False):
     """Compile the sub-graph reaching ``roots`` into an Entry.
 
     outputs: [(user name, tensor)] copied out after each call.  simplified: ``roots`` and ``outputs`` are
     already the result of ``passes.simplify`` over a graph that contains this one (``compile`` simplifies
     the joint graph of all entries once).  backend: what emits the entry and answers the planning hooks
-    (default ``backend_cpu.CPU``).  Returns (Entry, MemoryReport, summary rows).
+    (default ``backend_cpu.CPU``).  distributed: the gradients are reduced across ranks (distributed.py), so
+    the update is never folded into their GEMMs nor Adam split per param (both need the gradient).  Returns (Entry, MemoryReport, summary rows).
     """
     if backend is None:
         from .backend_cpu import CPU as backend
@@ -216,7 +218,18 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         roots, m = rw.apply(roots)
         outputs = [(n, m.get(t, t)) for n, t in outputs]
 
+    if fuse and any(t.op == "conv" for t in nodes):
+        # (ops_conv: 1x1 convs on (N, C, 1, 1), squeeze-excitation, become GEMMs for the GEMM passes below)
+        from .ops_conv import pointwise_convs_as_gemms
+        rewrite(pointwise_convs_as_gemms(nodes, roots))
+        nodes = passes.topo_from_roots(roots)
     present = {t.op for t in nodes}
+    if fuse and "gather_grad" in present:
+        # attention's packed q/k/v gradient: the head gradients side by side in the in-projection's layout
+        # (ops_attention), before the transpose and view passes let their GEMMs write it
+        rewrite(ops_attention.assemble_scatter_sums(nodes, roots))
+        nodes = passes.topo_from_roots(roots)
+        present = {t.op for t in nodes}
     if "matmul" in present:
         rewrite(passes.absorb_transposes(nodes))
     if fuse and "matmul" in present:
@@ -224,6 +237,10 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         # the transposes the scales hid (transpose(matmul(.) * c)) are absorbed in turn
         rewrite(passes.fold_gemm_scales(passes.topo_from_roots(roots), roots))
         rewrite(passes.absorb_transposes(passes.topo_from_roots(roots)))
+    if fuse and "softmax" in present:
+        # attention: the mask add / where read by a softmax alone runs inside it (ops_attention; after the
+        # scale folds into the QK^T GEMM's alpha, before GEMM epilogues could take the add)
+        rewrite(ops_attention.fuse_masked_softmax(passes.topo_from_roots(roots), roots))
     if fuse:
         # (each pass sorts the graph it reads: skipped where its anchor op is absent, e.g. a graph without
         # GEMMs; 0.4 s of a 20,000-op elementwise chain)
@@ -233,16 +250,21 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             rewrite(passes.fuse_epilogues(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_relu_backward(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_vm_epilogues(passes.topo_from_roots(roots), roots))
-        if "conv" in present:  # (ops_conv: the ReLU after a conv as the conv's epilogue)
-            from .ops_conv import fuse_conv_relu
-            rewrite(fuse_conv_relu(passes.topo_from_roots(roots), roots))
-        if any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
+        if "conv" in present:  # (ops_conv: BatchNorm's affine and the activation as the conv's epilogue)
+            from .ops_conv import fuse_conv_epilogues
+            rewrite(fuse_conv_epilogues(passes.topo_from_roots(roots), roots))
+        # (a distributed plan keeps every gradient for its allreduce: no SGD folded into a gradient kernel)
+        if not distributed and "conv_grad_weight" in present and any(r.op == "sgd_update" for r in roots):
+            roots = passes.fold_sgd_into_conv(passes.topo_from_roots(roots), roots)
+        if not distributed and any(r.op == "sgd_update" for r in roots):  # (a topological sort costs 5 % on a 20k-op chain)
             roots = passes.fold_sgd_into_gemm(passes.topo_from_roots(roots), roots)
-        if any(r.op == "adam_update" for r in roots):
+        if not distributed and any(r.op == "adam_update" for r in roots):
             roots = passes.split_adam(passes.topo_from_roots(roots), roots)
         if "matmul" in present:
             # last: the passes above read matmul inputs as dense tensors (views.py)
             rewrite(views.absorb_views(passes.topo_from_roots(roots), roots))
+            if "assemble" in present:  # then the GEMMs computing an assemble's parts write them in place
+                rewrite(ops_attention.assemble_in_place(passes.topo_from_roots(roots), roots))
     # after every rewrite: each in-place writer waits for all readers of the value it overwrites
     nodes, m, inplace_after = passes.order_inplace_writers(roots)
     if m:
@@ -285,6 +307,14 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
     # storage keys: a reshape is a view of its input's buffer (storage_base); every write is a buffer of its
     # own, but an elementwise output may take over the buffer of an input that dies at its instruction
     # (which inputs: the backend's inplace_inputs)
+    # parts of an assemble written in place (ops_attention.assemble_in_place): their GEMMs' outputs are
+    # placed inside the assemble's buffer, at the part's offset
+    part_of = {}
+    for t in nodes:
+        if passes.is_placed(t):
+            nb = int(t.size * np.dtype(t.dtype).itemsize)
+            for x in t.inputs:
+                part_of[x] = (t, t.name, nb, int(x.attrs["placed_at"]) * np.dtype(t.dtype).itemsize)
     steps = []
     for k, ins in enumerate(instrs):
         reuse, scratch = {}, ()
@@ -304,7 +334,7 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                 scratch += tuple((f"{ins.x.name}:scratch{j}", int(nb)) for j, nb in enumerate(own(ins.x)))
         steps.append(Instruction([storage_base(i) for i in ins.reads],
                                  [(w, w.name, int(w.size * np.dtype(w.dtype).itemsize)) for w in ins.writes],
-                                 reuse, scratch))
+                                 reuse, scratch, {w: part_of[w] for w in ins.writes if w in part_of}))
     mem = plan_arena(steps, live_out=[storage_base(t) for t in root_set])
     buffers, uniq, arena = mem.buffers, mem.unique, mem.arena_bytes
     naive += sum(align(b.nbytes) for bs in mem.scratch.values() for b in bs)  # reduction scratch
@@ -313,7 +343,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
                           sum(align(b.nbytes) for b in uniq))
 
     # ---- emission (the backend) -------------------------------------------------------------------
-    sched = Schedule(kind, instrs, Storage(used_inputs, state, buffers, mem.scratch), used_inputs, outputs, arena)
+    sched = Schedule(kind, instrs, Storage(used_inputs, state, buffers, mem.scratch, mem.inner), used_inputs,
+                     outputs, arena)
     entry, summary = backend.emit_entry(sched, check_finite=check_finite)
     return entry, report, summary
 

@@ -45,22 +45,29 @@ class Instruction:
     inputs whose buffer that output may take over instead of a buffer of its own (the caller has checked
     that it may overwrite them element for element); the planner takes the first that dies here, has the
     output's ``nbytes`` and is not taken by another output of this instruction.  scratch: ``(name,
-    nbytes)`` of working buffers live during this instruction only."""
+    nbytes)`` of working buffers live during this instruction only; parts: outputs placed inside another
+    key's buffer (below)."""
     reads: list
     writes: list
     reuse: dict = field(default_factory=dict)
     scratch: tuple = ()
+    # {write key: (outer key, outer name, outer nbytes, byte offset)}: that output is a part of the outer
+    # key's buffer, at the byte offset inside it (an assemble written in place by its parts' GEMMs); the
+    # outer buffer is created by the first part written and lives to the outer key's last reader
+    parts: dict = field(default_factory=dict)
 
 
 @dataclass
 class ArenaPlan:
     """What ``plan_arena`` decided.  buffers: write key -> its Buffer (outputs written in place share
     their input's Buffer); scratch: instruction index -> its scratch Buffers, in ``Instruction.scratch``
-    order; unique: every distinct Buffer, in the order first written; arena_bytes: the arena size."""
+    order; unique: every distinct Buffer, in the order first written; arena_bytes: the arena size; inner:
+    the byte offset of each part (``Instruction.parts``) inside its buffer (``buffers[key]``)."""
     buffers: dict
     scratch: dict
     unique: list
     arena_bytes: int
+    inner: dict = field(default_factory=dict)  # part write key -> byte offset inside its buffer
 
 
 def plan_arena(instructions, live_out=()):
@@ -82,6 +89,7 @@ def plan_arena(instructions, live_out=()):
     for key in live_out:
         last_read[key] = n
     buffers, scratch = {}, {}
+    outer, inner = {}, {}  # outer key -> its buffer (Instruction.parts); part key -> byte offset in it
     slots = {}  # every buffer under a key of its own (write keys and scratch): `unique` in first-write order
     for k, ins in enumerate(instructions):
         for key in ins.reads:
@@ -90,6 +98,17 @@ def plan_arena(instructions, live_out=()):
                 b.end = max(b.end, k)
         taken = []
         for key, name, nbytes in ins.writes:
+            if key in ins.parts:  # a part of another key's buffer
+                okey, oname, onbytes, off = ins.parts[key]
+                b = outer.get(okey)
+                if b is None:
+                    b = outer[okey] = buffers[okey] = slots[("write", okey)] = Buffer(oname, onbytes, k, k,
+                                                                                   tensors=[oname])
+                b.end = max(b.end, k)
+                b.tensors.append(name)
+                buffers[key] = b
+                inner[key] = off
+                continue
             b = _reusable(ins.reuse.get(key, ()), k, nbytes, buffers, last_read, taken) if ins.reuse else None
             if b is not None:
                 b.tensors.append(name)
@@ -106,7 +125,7 @@ def plan_arena(instructions, live_out=()):
         if b is not None:
             b.end = n
     unique = list({id(b): b for b in slots.values()}.values())
-    return ArenaPlan(buffers, scratch, unique, place(unique))
+    return ArenaPlan(buffers, scratch, unique, place(unique), inner)
 
 
 def _reusable(candidates, k, nbytes, buffers, last_read, taken):

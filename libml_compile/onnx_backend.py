@@ -41,6 +41,8 @@ _STATIC_OPERANDS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", 
                                         "ReduceLogSumExp")}
 # ... and Dropout's ratio and training_mode (opset >= 12)
 _STATIC_OPERANDS |= {("Dropout", 1), ("Dropout", 2)}
+# ... and Resize's roi, scales and sizes, Upsample's scales (opset 9)
+_STATIC_OPERANDS |= {("Resize", 1), ("Resize", 2), ("Resize", 3), ("Upsample", 1)}
 
 
 def _static_inputs(model) -> List[str]:
@@ -331,7 +333,7 @@ def _unsupported_variant(model) -> bool:
 
 
 #: operators libml implements for 1 and 2 spatial dims only (ops_conv.py, ops_pool.py)
-SPATIAL_2D_OPS = ("Conv", "MaxPool", "AveragePool")
+SPATIAL_2D_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool")
 SPATIAL_3D_REASON = "uses a 3-D convolution or pooling (libml implements 1-D and 2-D; the importer refuses 3-D)"
 
 

@@ -55,10 +55,13 @@ HANDLERS: Dict[str, Tuple[str, Tuple[str, ...], bool]] = {
     "LayerNormalization": ("layer_norm", ("layer_norm", "broadcast_to"), False),
     "RMSNormalization": ("rms_norm", ("rms_norm", "broadcast_to"), False),
     "Conv": ("op_conv", ("conv",), False),
+    "ConvTranspose": ("op_conv_transpose", ("conv_transpose", "add", "reshape"), False),
     "GlobalAveragePool": ("op_global_pool", ("sum",), False),
     "MaxPool": ("op_pool", ("max_pool",), False),
     "AveragePool": ("op_pool", ("avg_pool",), False),
     "GlobalMaxPool": ("op_global_pool", ("reduce_max",), False),
+    "Resize": ("op_resize", ("resize",), False),
+    "Upsample": ("op_resize", ("resize",), False),
     "Dropout": ("dropout", ("dropout",), True),  # (True: its Mask output is bool)
     "BatchNormalization": ("batch_norm", ("batch_norm", "add", "mul", "sub", "sqrt", "reciprocal", "reshape",
                                           "identity"),
@@ -429,6 +432,7 @@ _CONFIG_SLOTS = {("Reshape", 1), ("Expand", 1), ("Split", 1), ("Squeeze", 1), ("
                  ("Pad", 1), ("Pad", 2), ("Pad", 3), ("ConstantOfShape", 0), ("Gather", 1), ("GatherND", 1),
                  ("GatherElements", 1), ("TopK", 1), ("OneHot", 1), ("Resize", 1), ("Resize", 2), ("Resize", 3),
                  ("Clip", 1), ("Clip", 2)} | {("Slice", i) for i in range(1, 5)} | {("Range", i) for i in range(3)}
+_CONFIG_SLOTS |= {("Upsample", 1)}  # (its scales, opset 9)
 _CONFIG_SLOTS |= {(op, 1) for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                                      "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")}
 
@@ -1451,6 +1455,43 @@ class _Importer:
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
 
+    def op_conv_transpose(self, node, at):
+        """ConvTranspose (opsets 1-22): X (N, C_in, L) or (N, C_in, H, W), W (C_in, C_out/group, *kernel),
+        optional B (C_out,); strides, pads, dilations, group, output_padding, output_shape (which replaces
+        pads), auto_pad and kernel_shape (checked against W), as ops_conv_transpose.resolve reads them.
+        3-D transposed convolutions are refused, naming the node."""
+        lc = self.lc
+        x, w, b = self.get(node, 0), self.get(node, 1), self.get(node, 2)
+        if x is None or w is None:
+            raise self.err(node, "needs the inputs X and W")
+        xs, ws = self.shape(x), self.shape(w)
+        if len(xs) not in (3, 4):
+            raise self.err(node, f"ConvTranspose input X has shape {tuple(xs)}; libml implements 1-D and 2-D "
+                                 f"transposed convolutions ((N, C, L) or (N, C, H, W))")
+        nd = len(xs) - 2
+        kernel = at.get("kernel_shape")
+        if kernel is not None and tuple(kernel) != tuple(ws[2:]):
+            raise self.err(node, f"kernel_shape {tuple(kernel)} does not match W's shape {tuple(ws)}")
+        auto_pad = at.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        oshape = at.get("output_shape")
+        kw = {"strides": tuple(at.get("strides", (1,) * nd)), "dilations": tuple(at.get("dilations", (1,) * nd)),
+              "pads": tuple(at.get("pads", (0,) * (2 * nd))), "group": int(at.get("group", 1)), "auto_pad": auto_pad,
+              "output_padding": tuple(at.get("output_padding", (0,) * nd)),
+              "output_shape": tuple(oshape) if oshape is not None else None}
+
+        def fn(*v):
+            return lc.conv_transpose(v[0], v[1], v[2] if len(v) > 2 else None, **kw)
+        vals = [v for v in (x, w, b) if v is not None]
+        try:
+            if all(self.is_const(v) for v in vals):
+                return _eval_const(fn, *vals)
+            operands = [self.T(v, h) for v, h in zip(vals, [i for i in node.input if i])]
+            return lc.conv_transpose(operands[0], operands[1], operands[2] if len(operands) > 2 else None,
+                                     name=node.output[0] or None, **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
+
     def op_pool(self, node, at):
         """MaxPool (outputs Y and the optional Indices) and AveragePool, 1-D and 2-D: kernel_shape, strides
         (default 1), pads, auto_pad, dilations, ceil_mode; MaxPool's storage_order, AveragePool's
@@ -1493,6 +1534,55 @@ class _Importer:
         except (TypeError, ValueError) as e:
             raise self.err(node, str(e)) from None
         return list(out)[:n_out] if n_out is not None else out
+
+    def op_resize(self, node, at):
+        """Resize (opsets 10-19) and Upsample (7, 9): the roi, scales and sizes must be constants (folded
+        here).  Resize-10 and Upsample map coordinates asymmetrically and round nearest as ONNX Runtime
+        does ("simple": floor when growing, ceil when shrinking); from opset 11 every attribute is read
+        (axes, keep_aspect_ratio_policy, antialias: opset 18)."""
+        lc = self.lc
+        x = self.get(node, 0)
+        if x is None:
+            raise self.err(node, "needs the input X")
+
+        def const(i, what):
+            v = self.get(node, i)
+            if v is None:
+                return None
+            v = np.asarray(self.static_value(node, v, f"{node.op_type}'s {what} (input {i})")).reshape(-1)
+            return v if v.size else None  # an empty tensor stands for an absent input
+        def text(k, default):
+            v = at.get(k, default)
+            return v.decode() if isinstance(v, bytes) else str(v)
+        mode = text("mode", "nearest")
+        kw = {}
+        if node.op_type == "Upsample" or self.opset < 11:
+            scales = np.asarray(at["scales"], np.float32) if node.op_type == "Upsample" and self.opset < 9 and \
+                "scales" in at else const(1, "scales")
+            if scales is None:
+                raise self.err(node, "needs the scales")
+            mode = {"bilinear": "linear"}.get(mode, mode)
+            kw.update(scales=scales.astype(np.float64), coordinate_transformation_mode="asymmetric",
+                      nearest_mode="simple")
+        else:
+            roi, scales, sizes = const(1, "roi"), const(2, "scales"), const(3, "sizes")
+            coord = text("coordinate_transformation_mode", "half_pixel")
+            kw.update(scales=None if scales is None else scales.astype(np.float64), sizes=sizes,
+                      coordinate_transformation_mode=coord, nearest_mode=text("nearest_mode", "round_prefer_floor"),
+                      cubic_coeff_a=float(at.get("cubic_coeff_a", -0.75)),
+                      exclude_outside=bool(at.get("exclude_outside", 0)), antialias=bool(at.get("antialias", 0)),
+                      axes=at.get("axes"), keep_aspect_ratio_policy=text("keep_aspect_ratio_policy", "stretch"),
+                      extrapolation_value=float(at.get("extrapolation_value", 0.0)), roi=roi)
+            if coord == "tf_crop_and_resize" and roi is None:
+                raise self.err(node, "coordinate_transformation_mode tf_crop_and_resize needs the roi input")
+        if mode not in ("nearest", "linear", "cubic"):
+            raise self.err(node, f"mode {mode!r} is not supported (libml resizes nearest, linear, cubic)")
+        try:
+            if self.is_const(x):
+                return _eval_const(lambda v: lc.resize(v, mode=mode, **kw), x)
+            return lc.resize(self.T(x, node.input[0]), mode=mode, name=node.output[0] or None, **kw)
+        except (TypeError, ValueError) as e:
+            raise self.err(node, str(e)) from None
 
     def op_global_pool(self, node, at):
         """GlobalAveragePool / GlobalMaxPool: the mean / max over every spatial dim (2..), kept as 1s --

@@ -9,8 +9,12 @@ pads (begin, end)::
 
 reading zero outside the input.  Node attrs (normalised at declaration, so every later stage reads the
 same numbers): ``strides`` and ``dilations`` (one per spatial dim), ``pads`` (ONNX order: all begins,
-then all ends; ``auto_pad`` is resolved into them), ``group``, ``act`` (None, or "relu" after the bias:
-set by ``fuse_conv_relu`` only).
+then all ends; ``auto_pad`` is resolved into them), ``group``, and the fused epilogue (set by
+``fuse_conv_epilogues`` only): ``scaled`` (a fourth input ``scale`` (M,) multiplies each channel before the
+bias is added: y = acc * scale[m] + b[m], an eval-mode BatchNorm folded in), ``act`` (None, "relu", or the
+name of any registry op with the ``epilogue`` capability and a VM opcode, applied after the bias with
+``act_params``, its scalar parameters, as immediates: hard_swish, hard_sigmoid, clip (ReLU6), ...) and
+``keep`` (a second output ``pre``: the value before the activation, for a gradient that reads it).
 
 Gradients are two kernels of their own: ``conv_grad_input`` (dy, w) -> dx and ``conv_grad_weight``
 (x, dy) -> dw; the bias gradient is ``sum(dy, over N and the spatial dims)`` (a deterministic fused
@@ -26,7 +30,7 @@ import math
 import numpy as np
 
 from .ir import FLOAT_DTYPES, Tensor, as_int
-from .ops import OpDef, REGISTRY, make, register, sum as _sum
+from .ops import OpDef, REGISTRY, _lift, make, output, register, sum as _sum
 
 #: bytes of one im2col panel (Kc rows of `panel` output pixels): half of a typical 512 KiB - 1 MiB L2, so
 #: the panel and the weight block stay in cache while BLAS multiplies them
@@ -137,13 +141,14 @@ def _taps(x_shape, w_shape, at):
 def _pad_width(x_shape, w_shape, at):
     (H, kh, sh, dh, ph, qh, OH), (W, kw, sw, dw, pw, qw, OW) = _spatial(x_shape, w_shape, at)
     # end padding large enough for the last tap's slice (it may reach beyond H + qh when the stride
-    # does not divide evenly: those rows are never read, only sliced)
-    eh = max(qh, dh * (kh - 1) + sh * (OH - 1) + 1 - H - ph)
-    ew = max(qw, dw * (kw - 1) + sw * (OW - 1) + 1 - W - pw)
+    # does not divide evenly: those rows are never read, only sliced); a negative end pad (the convs of
+    # ops_conv_transpose: input rows past the last window) pads nothing
+    eh = max(qh, dh * (kh - 1) + sh * (OH - 1) + 1 - H - ph, 0)
+    ew = max(qw, dw * (kw - 1) + sw * (OW - 1) + 1 - W - pw, 0)
     return ((0, 0), (0, 0), (ph, eh), (pw, ew))
 
 
-def _r_conv(at, x, w, b=None):
+def _r_conv(at, x, w, b=None, scale=None):
     shape = out_shape(x.shape, w.shape, at)
     xs, ws, a2 = _as2d(x.shape, w.shape, at)
     x2, w2 = x.reshape(xs), w.reshape(ws)
@@ -159,11 +164,23 @@ def _r_conv(at, x, w, b=None):
         v = xp[:, :, si, sj].reshape(N, G, C // G, OH, OW)
         y += np.einsum("ngchw,gmc->ngmhw", v, wg[:, :, :, i, j])
     y = y.reshape(N, M, OH, OW)
+    return _epilogue_ref(at, y.reshape(shape), b, *([] if not at.get("scaled") else [scale]), dtype=x.dtype)
+
+
+def _epilogue_ref(at, acc, b, scale=None, dtype=None):
+    """acc (float64, y's shape) * scale + b, rounded to dtype, then the activation (its own reference);
+    with ``keep`` also the value before it."""
+    bshape = (1, acc.shape[1]) + (1,) * (acc.ndim - 2)
+    if scale is not None:
+        acc = acc * scale.astype(np.float64).reshape(bshape)
     if b is not None:
-        y = y + b.astype(np.float64).reshape(1, M, 1, 1)
-    if at.get("act") == "relu":
-        y = np.maximum(y, 0)
-    return y.reshape(shape).astype(x.dtype)
+        acc = acc + b.astype(np.float64).reshape(bshape)
+    v = acc.astype(dtype)
+    act = at.get("act")
+    if act is None:
+        return v
+    y = REGISTRY[act].ref(at, v, *(np.asarray(p, dtype) for p in at.get("act_params", ())))
+    return (y, v) if at.get("keep") else y
 
 
 def _r_conv_grad_input(at, dy, w):
@@ -216,10 +233,15 @@ def _s_conv(inp, at):
     x, w = inp[:2]
     dt = _float_same("conv", *inp)
     check_geometry("conv", x.shape, w.shape, at, x.name, w.name)
-    if len(inp) == 3 and inp[2].shape != (w.shape[0],):
-        raise ValueError(f"conv: bias {inp[2].name!r} has shape {inp[2].shape}; expected ({w.shape[0]},) for "
-                         f"weight {w.name!r} {w.shape}")
-    return out_shape(x.shape, w.shape, at), dt
+    for t, what in zip(inp[2:], ("bias", "scale")):
+        if t.shape != (w.shape[0],):
+            raise ValueError(f"conv: {what} {t.name!r} has shape {t.shape}; expected ({w.shape[0]},) for "
+                             f"weight {w.name!r} {w.shape}")
+    if len(inp) != (4 if at.get("scaled") else min(len(inp), 3)):
+        raise ValueError(f"conv: inputs {[t.name for t in inp]}: expected (x, w[, bias]), or (x, w, bias, scale) "
+                         f"with scaled={bool(at.get('scaled'))}")
+    y = (out_shape(x.shape, w.shape, at), dt)
+    return [y, y] if at.get("keep") else y
 
 
 def _s_conv_grad_input(inp, at):
@@ -240,17 +262,36 @@ _GEOM_ATTRS = ("strides", "pads", "dilations", "group")
 
 def _g_conv(n, g):
     """dx = conv_grad_input(dy, w), dw = conv_grad_weight(x, dy), db = sum of dy over N and space.  A
-    conv with a fused ReLU (act) masks g by its output first (relu' from the output, as ops.relu)."""
+    conv with a fused epilogue (autodiff never meets one: the passes fuse after it; this keeps the rule
+    complete) takes the activation's own gradient rule at the pre-activation v (the ``pre`` output, or
+    recomputed), then the per-channel scale's: d acc = dv * scale, d scale = sum(dv * acc)."""
+    from .ops import mul, reshape
     x, w = n.inputs[:2]
-    if n.attrs.get("act") == "relu":
-        from .ops import mul, step
-        g = mul(g, step(n))
-    geo = {k: n.attrs[k] for k in _GEOM_ATTRS}
-    dx = make("conv_grad_input", (g, w), {**geo, "x_shape": x.shape})
-    dw = make("conv_grad_weight", (x, g), {**geo, "w_shape": w.shape})
+    at = n.attrs
+    gy, gpre = g if at.get("keep") else (g, None)
+    geo = {k: at[k] for k in _GEOM_ATTRS}
+    plain = {**geo, "act": None}
+    dv = gy
+    if at.get("act") is not None and gy is not None:
+        v = output(n, 1) if at.get("keep") else make("conv", n.inputs, {**plain, "scaled": at.get("scaled", False)})
+        params = tuple(_lift(float(p), v, "conv") for p in at.get("act_params", ()))
+        dv = REGISTRY[at["act"]].grad(make(at["act"], (v,) + params), gy)[0]
+    if gpre is not None:
+        dv = gpre if dv is None else dv + gpre
+    if dv is None:
+        return (None,) * len(n.inputs)
+    axes = (0,) + tuple(range(2, dv.ndim))
+    bshape = (1, w.shape[0]) + (1,) * (dv.ndim - 2)
+    dacc, dscale = dv, None
+    if at.get("scaled"):
+        dacc = mul(dv, reshape(n.inputs[3], bshape))
+        dscale = _sum(mul(dv, make("conv", (x, w), plain)), axis=axes)
+    dx = make("conv_grad_input", (dacc, w), {**geo, "x_shape": x.shape})
+    dw = make("conv_grad_weight", (x, dacc), {**geo, "w_shape": w.shape})
     if len(n.inputs) == 2:
         return dx, dw
-    return dx, dw, _sum(g, axis=(0,) + tuple(range(2, g.ndim)))
+    db = _sum(dv, axis=axes)
+    return (dx, dw, db) + ((dscale,) if at.get("scaled") else ())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +300,7 @@ def _g_conv(n, g):
 def _node_plan(t):
     if t.op == "conv_grad_input":
         xs, ws = t.attrs["x_shape"], t.inputs[1].shape
-    elif t.op == "conv_grad_weight":
+    elif t.op in ("conv_grad_weight", "conv_sgd"):
         xs, ws = t.inputs[0].shape, t.attrs["w_shape"]
     else:
         xs, ws = t.inputs[0].shape, t.inputs[1].shape
@@ -277,10 +318,12 @@ def _tasks(t, geo, pl):
 
 def _scratch(t):
     geo, pl = _node_plan(t)
+    if pl["direct"] and t.op == "conv_sgd":  # the gradient, summed before the step
+        return [geo["M"] * pl["kc"] * pl["isz"]]
     if pl["direct"] or geo["N"] == 0:
         return []
     nb = _slots(_tasks(t, geo, pl)) * pl["slot"]
-    if t.op == "conv_grad_weight":
+    if t.op in ("conv_grad_weight", "conv_sgd"):
         nb += pl["nchunks"] * geo["M"] * pl["kc"]
     return [nb * pl["isz"]]
 
@@ -292,56 +335,235 @@ def _emit(em, nid, t, loc, outs):
     scratch = em.scratch[0] if em.scratch else (F.SLOT_ARENA, 0)
     values = {"dtype": F.DTYPE_CODE[t.dtype], **geo, "panel": pl["panel"],
               "nslots": _slots(_tasks(t, geo, pl)), **_opnd("scratch", scratch)}
+    at = t.attrs
     if t.op == "conv":
         x, w = t.inputs[:2]
-        b = loc(t.inputs[2]) if len(t.inputs) == 3 else (-1, 0)
-        values.update({"act": 1 if t.attrs.get("act") == "relu" else 0, **_opnd("x", loc(x)), **_opnd("w", loc(w)),
-                       **_opnd("b", b), **_opnd("y", outs[0])})
-        ops = [x, w] + list(t.inputs[2:]) + [t]
+        b = loc(t.inputs[2]) if len(t.inputs) >= 3 else (-1, 0)
+        scale = loc(t.inputs[3]) if at.get("scaled") else (-1, 0)
+        act, epi = _act_fields(em, at)
+        values.update({"act": act, **epi, **_opnd("x", loc(x)), **_opnd("w", loc(w)), **_opnd("b", b),
+                       **_opnd("scale", scale), **_opnd("y", outs[0]),
+                       **_opnd("pre", outs[1] if at.get("keep") else (-1, 0))})
+        ops = [x, w] + list(t.inputs[2:]) + [t] * (2 if at.get("keep") else 1)
     elif t.op == "conv_grad_input":
         dy, w = t.inputs
         values.update({"cblock": pl["cblock"], **_opnd("w", loc(w)), **_opnd("dy", loc(dy)), **_opnd("dx", outs[0])})
         ops = [dy, w, t]
     else:
-        x, dy = t.inputs
-        values.update({"nchunks": pl["nchunks"], **_opnd("x", loc(x)), **_opnd("dy", loc(dy)),
-                       **_opnd("dw", outs[0])})
-        ops = [x, dy, t]
-    em.emit(t.op, nid, values)
+        x, dy = t.inputs[:2]
+        sgd = t.op == "conv_sgd"
+        values.update({"nchunks": pl["nchunks"], "sgd": int(sgd), "lr": em.const(at["lr"] if sgd else 0.0),
+                       "weight_decay": em.const(at["weight_decay"] if sgd else 0.0), **_opnd("x", loc(x)),
+                       **_opnd("dy", loc(dy)), **_opnd("dw", loc(t.inputs[2]) if sgd else outs[0])})
+        ops = [x, dy, t.inputs[2], t.inputs[2]] if sgd else [x, dy, t]
+    em.emit("conv_grad_weight" if t.op == "conv_sgd" else t.op, nid, values)
     flops = 2 * geo["N"] * geo["M"] * geo["OH"] * geo["OW"] * pl["kc"]
-    name = t.op + ("+bias" if t.op == "conv" and len(t.inputs) == 3 else "") + \
-        ("+relu" if t.attrs.get("act") == "relu" else "") + ("(depthwise)" if pl["direct"] else "")
+    name = ("conv_grad_weight+sgd" if t.op == "conv_sgd" else t.op) + \
+        ("+bias" if t.op == "conv" and len(t.inputs) >= 3 else "") + ("+scale" if at.get("scaled") else "") + \
+        (f"+{at['act']}" if t.op == "conv" and at.get("act") else "") + ("(keep)" if at.get("keep") else "") + \
+        ("(depthwise)" if pl["direct"] else "")
     return {"op": name, "node": t.name, "flops": flops,
             "bytes": int(sum(o.size * np.dtype(o.dtype).itemsize for o in ops))}
 
 
+def _act_fields(em, at):
+    """(act code, epi fields) of a conv's activation: 1 relu, 3 a VM step with its immediates."""
+    from libml_runtime import format as F
+    act = at.get("act")
+    if act is None:
+        return 0, {"epi.vm": -1, "epi.b": 0, "epi.c": 0}
+    if act == "relu":
+        return 1, {"epi.vm": -1, "epi.b": 0, "epi.c": 0}
+    ops = [-(em.const(float(v)) + 1) for v in at.get("act_params", ())] + [0, 0]
+    return 3, {"epi.vm": F.VM_OPS[REGISTRY[act].vm], "epi.b": ops[0], "epi.c": ops[1]}
+
+
 register(OpDef("conv", "conv", _s_conv, _r_conv, _g_conv, emit=_emit, scratch=_scratch,
                doc="N-C-spatial convolution (ONNX Conv, 1-D and 2-D): strides, pads, dilations, group, optional "
-                   "bias; attr act 'relu' after the bias (fuse_conv_relu)"))
+                   "bias; fused epilogue (fuse_conv_epilogues): per-channel scale, activation act with its "
+                   "act_params, keep: the pre-activation as a second output"))
 register(OpDef("conv_grad_input", "conv", _s_conv_grad_input, _r_conv_grad_input, None, emit=_emit,
                scratch=_scratch, doc="conv's gradient with respect to its input: (dy, w) -> dx (col2im of W^T dy)"))
 register(OpDef("conv_grad_weight", "conv", _s_conv_grad_weight, _r_conv_grad_weight, None, emit=_emit,
                scratch=_scratch, doc="conv's gradient with respect to its weight: (x, dy) -> dw (dy @ im2col(x)^T)"))
+register(OpDef("conv_sgd", "opt", lambda inp, at: ((), inp[0].dtype), None, None, emit=_emit, scratch=_scratch,
+               doc="p -= lr * (dw + weight_decay * p) with dw = conv_grad_weight(x, dy), inputs (x, dy, p): plain "
+                   "SGD folded into the weight-gradient kernel (passes.fold_sgd_into_conv), no gradient buffer; "
+                   "passes.order_inplace_writers schedules every other reader of p before it"))
 
 
 # ---------------------------------------------------------------------------------------------------
-# fusion: conv [+ bias] -> relu in one instruction
+# fusion: conv [+ bias] [* per-channel scale + per-channel shift] [-> activation] in one instruction
 
-def fuse_conv_relu(nodes, roots):
-    """conv -> relu  ==>  one ``conv`` node with act "relu": the kernel applies it to each output panel
-    right after the GEMM and the bias, while the panel is in cache.  Only when the relu is the conv's
-    sole reader and the conv itself is not an output.  Returns a ``passes.Rewrite`` (the graph read is
-    not changed: the relu is replaced by a new conv node)."""
+#: keep the pre-activation as the conv's second output when the activation's gradient reads it (training
+#: with hard_swish, clip, ...): the conv writes both while the panel is in cache instead of an elementwise
+#: pass re-reading the conv's output (see tests/test_conv_fusion.py and the report for the measurement)
+KEEP_PRE = True
+
+
+def _per_channel(t, c):
+    """``t`` reshaped to (M,) when it broadcasts against conv output ``c`` along the channel axis only
+    ((1, M, 1, ..), (M, 1, ..), ...), else None."""
+    if t.dtype != c.dtype or t.ndim > c.ndim:
+        return None
+    shape = (1,) * (c.ndim - t.ndim) + tuple(t.shape)
+    M = c.shape[1]
+    if shape[1] != M or any(d != 1 for k, d in enumerate(shape) if k != 1):
+        return None
+    return t
+
+
+def _vec(op, a, b, M):
+    """op(a, b) on per-channel vectors as (M,): folded now when both are constants (compile-time
+    constants: a frozen BatchNorm's factors), else a graph op (a tiny elementwise kernel each call, so a
+    later set_params / load_state_dict is honoured)."""
+    from .ops import reshape
+    a = a if a.shape == (M,) else reshape(a, (M,))
+    b = b if b.shape == (M,) else reshape(b, (M,))
+    if a.op == "const" and b.op == "const":
+        return a.graph.const(REGISTRY[op].ref({}, a.value, b.value))
+    return make(op, (a, b))
+
+
+def _activation(d, v):
+    """(act name, params) when node ``d`` can run as a conv epilogue on its operand 0 ``v``: the
+    ``epilogue`` capability with a VM opcode (or relu), the other operands scalar constants, the
+    same shape and dtype; else None."""
+    spec = REGISTRY.get(d.op)
+    if spec is None or not d.inputs or d.inputs[0] is not v or d.shape != v.shape or d.dtype != v.dtype:
+        return None
+    if d.op == "relu":
+        return "relu", ()
+    if not spec.epilogue or spec.vm is None or len(d.inputs) > 3:
+        return None
+    from libml_runtime import format as F
+    if F.VM_OPS.get(spec.vm) in F.VM_MASK_OPERAND:
+        return None
+    params = []
+    for x in d.inputs[1:]:
+        if x.op != "const" or x.value.size != 1:
+            return None
+        params.append(float(x.value.reshape(-1)[0]))
+    return d.op, tuple(params)
+
+
+def fuse_conv_epilogues(nodes, roots):
+    """conv [+ bias] -> x * a + s (per-channel a and s: an eval-mode BatchNorm, or any per-channel affine)
+    -> activation  ==>  one ``conv`` node: the kernel applies scale, bias and activation to each output
+    panel right after its GEMM (or each plane of the direct loop) while it is in cache.
+
+    Each absorbed intermediate must be read by the next step alone and not be an output, so a training
+    graph whose BatchNorm scale is trained (its gradient reads the conv's output) keeps the BatchNorm as an
+    elementwise kernel; frozen or constant statistics fold (the backward's d conv = g * a reads only a).
+    The activation is any op with the ``epilogue`` capability and a VM opcode whose other operands are
+    scalar constants (relu, hard_swish, hard_sigmoid, clip = ReLU6, leaky_relu, ...).  When the gradient
+    reads the activation's input v (hard_swish, clip: training), the conv keeps v as its second output
+    (``keep``, KEEP_PRE) for its other readers; a gradient computed from the output (relu, hard_sigmoid)
+    needs nothing kept.  Returns a ``passes.Rewrite``."""
     from .passes import Rewrite, consumer_map
     rw = Rewrite()
     consumers = consumer_map(nodes)
     keep = set(roots)
     for c in nodes:
-        if c.op != "conv" or c.attrs.get("act") or c in keep:
+        if c.op != "conv" or c.attrs.get("act") or c.attrs.get("scaled") or c in keep:
             continue
-        cons = consumers.get(c, ())
-        if len(cons) == 1 and cons[0].op == "relu":
-            rw.replace(cons[0], "conv", c.inputs, {**c.attrs, "act": "relu"})
+        M = c.shape[1]
+        cur, scale, bias, changed = c, None, (c.inputs[2] if len(c.inputs) == 3 else None), False
+        while True:  # the per-channel affine steps
+            cons = consumers.get(cur, ())
+            if len(cons) != 1 or cur in keep:
+                break
+            d = cons[0]
+            if d.op not in ("mul", "add") or d.shape != c.shape or len(d.inputs) != 2:
+                break
+            other = d.inputs[1] if d.inputs[0] is cur else d.inputs[0]
+            if other is cur or _per_channel(other, c) is None:
+                break
+            if d.op == "mul":
+                scale = other if scale is None else _vec("mul", scale, other, M)
+                bias = None if bias is None else _vec("mul", bias, other, M)
+            else:
+                bias = other if bias is None else _vec("add", bias, other, M)
+            cur, changed = d, True
+        from .ops import reshape
+        if scale is not None and scale.shape != (M,):
+            scale = reshape(scale, (M,))
+        if bias is not None and bias.shape != (M,):
+            bias = reshape(bias, (M,))
+        if scale is not None and bias is None:
+            bias = c.graph.const(np.zeros((M,), c.dtype))
+        inputs = tuple(c.inputs[:2]) + ((bias,) if bias is not None else ()) + ((scale,) if scale is not None else ())
+        attrs = {**c.attrs, "act": None, "scaled": scale is not None}
+        out = cur
+        cons = consumers.get(cur, ())
+        acts = [(d, a) for d in cons if (a := _activation(d, cur)) is not None] if cur not in keep else []
+        if acts:
+            d, (act, params) = acts[0]
+            others = [o for o in cons if o is not d]
+            if not others:
+                out, attrs = d, {**attrs, "act": act, "act_params": params}
+            elif KEEP_PRE:
+                # (no cycle can form: d reads only v and constants, so none of v's other readers is
+                # upstream of the conv)
+                attrs = {**attrs, "act": act, "act_params": params, "keep": True}
+                rw.replace(d, "conv", inputs, attrs)
+                rw.replace(cur, "output", (d,), {"index": 1})
+                continue
+        if out is c and not changed:
+            continue
+        rw.replace(out, "conv", inputs, attrs)
+    return rw
+
+
+def _pointwise_gemm(t):
+    """Whether a conv / conv_grad_input / conv_grad_weight node is a 1x1 conv over 1x1 images, group 1 (the
+    squeeze-excitation convs on (N, C, 1, 1)): then it is one GEMM over the batch."""
+    xs, ws = (t.attrs["x_shape"], t.inputs[1].shape) if t.op == "conv_grad_input" else \
+        (t.inputs[0].shape, t.attrs["w_shape"]) if t.op == "conv_grad_weight" else (t.inputs[0].shape, t.inputs[1].shape)
+    return (t.attrs["group"] == 1 and all(d == 1 for d in xs[2:]) and all(d == 1 for d in ws[2:])
+            and not any(t.attrs["pads"]))
+
+
+def pointwise_convs_as_gemms(nodes, roots):
+    """1x1 convs on (N, C, 1, 1) tensors (squeeze-excitation) and their gradient kernels  ==>  GEMMs over
+    the batch: y = reshape(x (N, C) @ w (M, C)^T + b), dx = dy (N, M) @ w (M, C), dw = dy^T @ x.  A
+    following activation (epilogue capability, scalar-constant operands) moves before the reshape, so the
+    GEMM passes fuse bias and activation into the GEMM (fuse_epilogues / fuse_vm_epilogues) and the relu
+    mask into the backward GEMM.  Returns a ``passes.Rewrite``."""
+    from .ops import add, reshape, transpose
+    from .passes import Rewrite, consumer_map
+    rw = Rewrite()
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    for t in nodes:
+        if t.op not in ("conv", "conv_grad_input", "conv_grad_weight") or not _pointwise_gemm(t):
+            continue
+        if t.op == "conv":
+            if t.attrs.get("act") or t.attrs.get("scaled"):
+                continue
+            x, w = t.inputs[:2]
+            N, C, M = x.shape[0], x.shape[1], w.shape[0]
+            z = make("matmul", (reshape(x, (N, C)), transpose(reshape(w, (M, C)), (1, 0))))
+            if len(t.inputs) == 3:
+                z = add(z, t.inputs[2])
+            cons = consumers.get(t, ())
+            a = _activation(cons[0], t) if len(cons) == 1 and t not in keep else None
+            if a is not None:
+                d = cons[0]
+                zz = make(d.op, (z,) + tuple(d.inputs[1:]), dict(d.attrs))
+                rw.replace(d, "reshape", (zz,), {"shape": d.shape})
+            else:
+                rw.replace(t, "reshape", (z,), {"shape": t.shape})
+        elif t.op == "conv_grad_input":
+            dy, w = t.inputs
+            N, M, C = dy.shape[0], w.shape[0], w.shape[1]
+            rw.replace(t, "reshape", (make("matmul", (reshape(dy, (N, M)), reshape(w, (M, C)))),),
+                       {"shape": t.shape})
+        else:
+            x, dy = t.inputs
+            N, C, M = x.shape[0], x.shape[1], dy.shape[1]
+            g = make("matmul", (transpose(reshape(dy, (N, M)), (1, 0)), reshape(x, (N, C))))
+            rw.replace(t, "reshape", (g,), {"shape": t.shape})
     return rw
 
 

@@ -565,6 +565,37 @@ def fold_sgd_into_gemm(nodes, roots):
     return rest + folded
 
 
+def fold_sgd_into_conv(nodes, roots):
+    """Plain SGD folded into the conv weight-gradient kernel: a ``conv_grad_weight`` read by nothing but the
+    (momentum-free) SGD update becomes ``conv_sgd`` (x, dy, p), which sums the gradient as
+    conv_grad_weight does and steps p in place with the update's own kernel arithmetic (p -= lr * (dw +
+    weight_decay * p)), so results equal the unfused step's bits and no gradient buffer exists.  Momentum
+    and Adam keep the gradient (their state needs it).  ``order_inplace_writers`` orders it after every
+    other reader of p.  Returns the new roots (a new sgd_update for the other params, as
+    fold_sgd_into_gemm)."""
+    upd = next((t for t in roots if t.op == "sgd_update"), None)
+    if upd is None or upd.attrs["momentum"]:
+        return roots
+    from .ops import make
+    consumers = consumer_map(nodes)
+    n = len(upd.inputs) // 2
+    keep_p, keep_g, folded = [], [], []
+    for p, g in zip(upd.inputs[:n], upd.inputs[n:]):
+        if (g.op == "conv_grad_weight" and g.shape == p.shape and p.op == "param" and g not in roots
+                and consumers.get(g) == [upd] and g.dtype == p.dtype):
+            folded.append(make("conv_sgd", (g.inputs[0], g.inputs[1], p),
+                               dict(g.attrs, lr=upd.attrs["lr"], weight_decay=upd.attrs["weight_decay"])))
+        else:
+            keep_p.append(p)
+            keep_g.append(g)
+    if not folded:
+        return roots
+    rest = [r for r in roots if r is not upd]  # (a new update node: the unfused lowering needs the original)
+    if keep_p:
+        rest.append(make("sgd_update", tuple(keep_p) + tuple(keep_g), dict(upd.attrs)))
+    return rest + folded
+
+
 #: a table's SGD step touches only the rows a gather read (sgd_scatter) when they are at most this share of it
 SPARSE_ROWS_SHARE = 0.25
 
@@ -619,7 +650,7 @@ def split_adam(nodes, roots):
 # in-place writers of graph tensors: op -> input slots it overwrites (a function of the node)
 def inplace_targets(t):
     """Input slots of ``t`` whose storage ``t`` overwrites in place (params), or () for other ops."""
-    if t.op in ("sgd_gemm", "sgd_scatter"):
+    if t.op in ("sgd_gemm", "sgd_scatter", "conv_sgd"):
         return (2,)
     if t.op in ("sgd_update", "adam_update"):
         return tuple(range(len(t.inputs) // 2))
@@ -981,6 +1012,12 @@ def _group_inputs_after(g, t, group_of, extra=()):
     return len(ext)
 
 
+def is_placed(t):
+    """Whether ``t`` is an ``assemble`` its parts' instructions write in place (ops_attention): no
+    instruction of its own."""
+    return t.op == "assemble" and bool(t.attrs.get("in_place"))
+
+
 def schedule(nodes, group_of, inplace_after=None):
     """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
 
@@ -1000,8 +1037,8 @@ def schedule(nodes, group_of, inplace_after=None):
                 unit_of[g] = len(units)
                 units.append(("ew", g))
             unit_of[t] = unit_of[g]
-        elif t.op in ("reshape", "output"):
-            continue  # a view, or an output its node's instruction writes
+        elif t.op in ("reshape", "output") or is_placed(t):
+            continue  # a view, an output its node's instruction writes, or parts written in place
         else:
             unit_of[t] = len(units)
             units.append(("op", t))
@@ -1010,7 +1047,10 @@ def schedule(nodes, group_of, inplace_after=None):
         # reshape is a view, output k of a node is written by the node's instruction: depend on that
         while t.op in ("reshape", "output"):
             t = t.inputs[0]
-        if t in unit_of:
+        if is_placed(t):  # written by its parts' instructions
+            for i in t.inputs:
+                producer_units(i, acc)
+        elif t in unit_of:
             acc.add(unit_of[t])
 
     inplace_after = inplace_after or {}

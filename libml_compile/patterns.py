@@ -178,7 +178,11 @@ def _rms_norm_parts(t):
 
 def recognize(t, m):
     """``clone_graph`` hook: the fused replacement of node ``t`` (built from the copies ``m``), or None."""
-    from . import ops, ops_norm
+    from . import ops, ops_attention, ops_norm
+    if t.op in ("transpose", "add", "matmul"):  # seq-first attention's row permutations (ops_attention)
+        r = ops_attention.recognize_row_order(t, m)
+        if r is not None:
+            return r
     if t.op in ("mul", "div") and (t.op == "mul" or _layer_norm_parts(t) is None):
         # ((x - mean) / sqrt(mean((x - mean)^2) + eps) is the RMS norm of the centred x: a layer_norm)
         hit = _rms_norm_parts(t)

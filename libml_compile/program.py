@@ -15,7 +15,7 @@ import time
 from libml_runtime.executable import Executable
 from libml_runtime.plan import Plan, validate
 
-from . import autodiff, ops_logic, passes, patterns
+from . import autodiff, distributed as _dist, ops_logic, passes, patterns
 from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, clone_graph
 from .lower import StateLayout, lower_entry
 from .ops import REGISTRY
@@ -172,7 +172,7 @@ def _tightest(old, new, shape):
 
 
 def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None, num_threads=None,
-            check_finite=False, fuse=True) -> Program:
+            check_finite=False, fuse=True, distributed=None) -> Program:
     """Compile ``g`` into a Program.
 
     loss: a floating scalar tensor of ``g`` (None: forward-only program). optimizer: ``SGD``/``Adam``
@@ -181,6 +181,10 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     num_threads: OpenMP and BLAS threads (default: OMP_NUM_THREADS or the machine's cores).
     check_finite: also build checked entries that stop at the first op producing NaN/Inf.
     fuse: False disables fusion (one instruction per op; for testing and debugging).
+    distributed: ``"mpi"`` (or ``lc.distributed.MPI(bucket_bytes=...)``) inside a job started by ``mpiexec -n K``:
+    data-parallel training, the gradients averaged across the K ranks inside each ``grad``/``step`` call
+    and the loss returned by ``step`` the global mean (libml_compile/distributed.py: buckets, overlap,
+    memory cost, rank 0's params broadcast at creation).
 
     Python's cyclic garbage collector is paused while the compiler runs (and restored as it was): the
     passes allocate hundreds of thousands of small objects, and the collector's repeated scans of them
@@ -188,7 +192,7 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse)
+        return _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed)
     finally:
         if was_enabled:
             gc.enable()
@@ -201,7 +205,7 @@ def _new(t, *maps):
     return t
 
 
-def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> Program:
+def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed=None) -> Program:
     """``compile`` with the garbage collector paused."""
     t0 = time.perf_counter()
     if not isinstance(g, Graph):
@@ -214,6 +218,10 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
                              f"dtype {loss.dtype}")
     if optimizer is not None and loss is None:
         raise ValueError("compile: an optimizer needs a loss")
+    dist = _dist.config(distributed)
+    if dist is not None and loss is None:
+        raise ValueError("compile: distributed='mpi' needs a loss (data-parallel training)")
+    world = _dist.size() if dist is not None else 1
     if optimizer is not None and not isinstance(optimizer, (SGD, Adam)):
         raise TypeError(f"compile: optimizer must be lc.SGD or lc.Adam, got {type(optimizer).__name__}")
     if trainable is None:
@@ -281,7 +289,9 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
         grads = autodiff.grad_graph(lt, params)
         gouts = [(p.name, grads[p]) for p in params]
         todo.append(("grad", [lt] + [gt for _, gt in gouts], gouts))
-        if optimizer is not None:
+        if optimizer is not None and dist is not None:  # (the updates are made per bucket, after simplify)
+            todo.append(("step", [lt] + [gt for _, gt in gouts], [("loss", lt)]))
+        elif optimizer is not None:
             upd = [optimizer.update_node(params, [grads[p] for p in params])] if params else []
             todo.append(("step", [lt] + upd, [("loss", lt)]))
     # simplify once over the joint graph of every entry (each entry's nodes are a sub-graph of it): per
@@ -292,21 +302,25 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse) -> 
     lm = ops_logic.lower_logic(joint)
     todo = [(kind, [_new(t, rep, lm) for t in roots], [(n, _new(t, rep, lm)) for n, t in outputs])
             for kind, roots, outputs in todo]
+    if dist is not None:  # the gradients reduced across ranks, in buckets (distributed.py)
+        todo = _dist.rewrite_entries(todo, params, optimizer, world, dist)
     # every entry rewrites the joint graph by path copying (passes.Rewrite): a checked entry (which must
     # name the single op that produced a NaN/Inf, so it is not fused) never sees another entry's fusions
     checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
-                                 check_finite=True, simplified=True)[0]
+                                 check_finite=True, simplified=True, distributed=dist is not None)[0]
                for kind, roots, outputs in todo} if check_finite else {}
     for kind, roots, outputs in todo:
         e, reports[kind], summaries[kind] = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer,
-                                                        fuse=fuse, simplified=True)
+                                                        fuse=fuse, simplified=True, distributed=dist is not None)
         e.checked = checked.get(kind)
         entries[kind] = e
 
     plan = Plan(name=g.name, state=state.buffer(), params=state.params, opt_state=state.opt_state,
                 buffers=state.buffers,
                 graph_inputs=graph_inputs, label_inputs=label_inputs, index_inputs=index_inputs, entries=entries,
-                meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None})
+                meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None,
+                      **({"distributed": {"backend": "mpi", "world_size": world,
+                                          "bucket_bytes": dist.bucket_bytes}} if dist is not None else {})})
     validate(plan)
     return Program(plan, g, reports, summaries, num_threads=num_threads, check_finite=check_finite,
                    compile_seconds=time.perf_counter() - t0)

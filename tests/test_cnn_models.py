@@ -203,14 +203,16 @@ def test_gradients_match_pytorch_for_every_parameter(exported):
 def test_five_sgd_steps_follow_torch_and_export_matches_onnxruntime(exported, tmp_path):
     name, mode, mod, x, model = exported
     rtol = 1e-4
-    if (name, mode) == ("resnet18", "train"):
-        # batch 2 in training mode: layer4's BatchNorm normalises 8 values per channel (2 images of 2 x 2), and
-        # the loss falls from 1.8 to 0.07 in 2 steps; float32 rounding then grows to ~3e-4 of the loss in
-        # PyTorch against itself at another thread count.  Compared in float64 instead (agrees to ~1e-12).
+    if mode == "train":
+        # Training-mode BatchNorm over small batches is ill-conditioned in float32: resnet18 at batch 2
+        # normalises 8 values per channel in layer4 (its loss falls from 1.8 to 0.07 in 2 steps), and float32
+        # rounding grows through 5 steps to ~1e-3 of some weights, in PyTorch against itself at another
+        # thread count as in libml.  So the 5 steps are compared in float64, where libml and PyTorch agree to
+        # ~1e-12 (resnet) and ~1e-9 (MobileNetV3: ONNX stores HardSigmoid's alpha 1/6 as a float32 attribute)
         mod, x = copy.deepcopy(mod).double(), x.astype(np.float64)
         model = _export(mod, torch.from_numpy(x), mode)
         mod.train()
-        rtol = 1e-9
+        rtol = 1e-7
     g = lc.import_onnx(model)
     params, bufs = _names(g, mod)
     labels = np.arange(x.shape[0]) % 10

@@ -72,6 +72,9 @@ NOT_SAMPLED = {
     "layer_norm_grad": "layer_norm's gradient op (three outputs): reached through layer_norm's gradient below",
     "sgd_scatter": "plain SGD of an embedding table's rows (an optimizer update, made by fold_sgd_into_gemm): "
                    "covered by test_sparse_embedding_sgd against torch.optim.SGD",
+    "assemble": "made by ops_attention.assemble_scatter_sums from sums of gather gradients after autodiff (no "
+                "gradient of its own is ever needed); tests/test_attention_fusion.py pins its copies and its "
+                "in-place form against PyTorch",
     "rms_norm_grad": "rms_norm's gradient op (two outputs): reached through rms_norm's gradient below (and test_rms_norm)",
     "broadcast_to": "needs its target shape; reached through every broadcast operand's gradient here, and "
                     "tested in test_grad_ops",
@@ -79,6 +82,10 @@ NOT_SAMPLED = {
     "dropout": "random in training (grad/step) and the identity in run, which the generated forward cases use; "
                "test_dropout checks the masks against a NumPy Philox reference, the gradient, finite differences "
                "and 1 vs 2 threads",
+    "allreduce_start": "a collective (packs gradients, starts MPI_Iallreduce), made by distributed.reduce_gradients; "
+                       "covered by test_distributed under mpiexec -n 2 against a single-process run",
+    "allreduce_wait": "a collective (waits, writes the mean gradients), made by distributed.reduce_gradients; "
+                      "covered by test_distributed under mpiexec -n 2",
     "dropout_step": "dropout's per-call step number (no inputs, an int64 scalar); covered by test_dropout",
     "index_flat": "integer positions of live GatherElements / GatherND indices (no float operand, no gradient); "
                   "covered by test_index_ops against PyTorch, ONNX Runtime and the official node cases",
@@ -86,8 +93,13 @@ NOT_SAMPLED = {
                        "PyTorch autograd)",
     "max_pool_grad": "max_pool's gradient op: reached through max_pool's gradient below (and test_pool)",
     "avg_pool_grad": "avg_pool's gradient op: reached through avg_pool's gradient below (and test_pool)",
+    "resize_grad": "resize's gradient op: reached through resize's gradient below (and test_resize against "
+                   "PyTorch autograd)",
     "conv_grad_weight": "conv's weight-gradient op: reached through conv's gradient below (and test_conv against "
                         "PyTorch autograd)",
+    "conv_sgd": "plain SGD folded into conv's weight-gradient kernel (an in-place update, no output), made by "
+                "passes.fold_sgd_into_conv; test_conv_fusion checks 3 steps against torch.optim.SGD and the "
+                "unfused step's bits",
 }
 _OPT = "optimizer update (optim.py), made by lc.SGD / lc.Adam; tested against NumPy SGD/AdamW in test_training"
 NOT_SAMPLED.update({n: _OPT for n in ("sgd_update", "sgd_gemm", "momentum_gemm", "adam_update", "adam_count")})
@@ -591,6 +603,11 @@ ATTR_OPS = {
     "conv": lambda r, n=1: ([(r.standard_normal((2, 4, 7, 6 * n)), True), (r.standard_normal((6, 2, 3, 2)), True),
                              (r.standard_normal(6), True)],
                             {"strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2), "group": 2, "act": None}),
+    # transposed convolution (ops_conv_transpose.py): grouped, strided, dilated, a begin pad and an output
+    # padding (the conv view's end pad -1) along W; n widens the image
+    "conv_transpose": lambda r, n=1: ([(r.standard_normal((2, 4, 5, 3 * n)), True),
+                                       (r.standard_normal((4, 3, 3, 2)), True)],
+                                      {"strides": (2, 1), "pads": (1, 0, 0, -1), "dilations": (1, 2), "group": 2}),
     # pooling (ops_pool.py): max_pool's two outputs (y, indices) are both compared; distinct values (no ties)
     "max_pool": lambda r, n=1: ([(r.permutation(2 * 3 * 7 * 6 * n).reshape(2, 3, 7, 6 * n) * 0.01, True)],
                                 {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 2),
@@ -598,6 +615,16 @@ ATTR_OPS = {
     "avg_pool": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
                                 {"kernel": (3, 2), "strides": (2, 1), "pads": (1, 0, 1, 1), "dilations": (1, 1),
                                  "ceil_mode": True, "count_include_pad": True}),
+    # resize (ops_resize.py): bicubic (4 x 4 taps, edge taps clamped) up one axis, down the other, by
+    # non-integer scales; n widens the image
+    "resize": lambda r, n=1: ([(r.standard_normal((2, 3, 7, 6 * n)), True)],
+                              {"sizes": (2, 3, 4, 9 * n), "scales": (1.0, 1.0, 4 / 7, 1.5), "roi": ((0.0, 1.0),) * 4,
+                               "extrapolation": 0.0, "mode": "cubic", "coord": "half_pixel",
+                               "nearest_mode": "round_prefer_floor", "cubic_a": -0.75, "exclude_outside": False,
+                               "antialias": False}),
+    # masked softmax (ops_attention.py): an additive mask broadcast over the middle axis, as BERT's (B, 1, 1, S)
+    "softmax_masked": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 3, True),
+                                       (r.standard_normal((3 * n, 1, 5)) * 2, True)], {"mode": "add", "fill": 0.0}),
     # batch normalisation in training mode (ops_batchnorm.py): five outputs (y, mean, rstd, new running stats)
     "batch_norm": lambda r, n=1: ([(r.standard_normal((3 * n, 4, 5)) * 2 + 1, True), (r.standard_normal(4), True),
                                    (r.standard_normal(4), True), (r.standard_normal(4), False),

@@ -11,8 +11,23 @@
 # Direct path (G > 1 and Cg == 1: depthwise convs and channel multipliers): plain loops, one task per
 # output (image, channel) forward, per input (image, channel) for dx, per output channel for dw; each task
 # sums in a fixed order.
+#
+# The forward's epilogue (_conv_epi_row) runs on each output row (one channel of one panel, or a whole
+# plane on the direct path) right after it is computed: per-channel scale, bias, the kept pre-activation,
+# then relu or any VM step (the GEMM's lm_vm_epilogue_row).  With `pre` the GEMM / the loops write into
+# pre and the activation reads it from there into y, so keeping it costs no copy.
 
 DEF CONV_PAR_FLOPS = 4000000   # below this a convolution runs on the calling thread (as GEMM_PAR_FLOPS)
+
+
+cdef struct _cepi:
+    # the forward's epilogue: act 0 none, 1 relu, 3 the VM step `vm`; b / scale per channel or NULL; pre:
+    # the buffer the conv writes before the activation (NULL: y itself)
+    int64_t act
+    lm_epi vm
+    const void *b
+    const void *scale
+    void *pre
 
 
 cdef struct _cgeo:
@@ -145,45 +160,91 @@ cdef inline int _conv_threads(const _cgeo *g, int64_t ntasks, int nthreads) noex
 # ------------------------------------------------------------------------------------------------
 # forward
 
-cdef int _conv(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
     cdef _cgeo g
     _conv_geo(f, &g)
     cdef const floating *x = <const floating*>_ptr(bases, f + LM_F_CONV_x_slot)
     cdef floating *w = <floating*>_ptr(bases, f + LM_F_CONV_w_slot)
-    cdef const floating *b = <const floating*>_ptr(bases, f + LM_F_CONV_b_slot) if f[LM_F_CONV_b_slot] >= 0 else NULL
     cdef floating *y = <floating*>_ptr(bases, f + LM_F_CONV_y_slot)
     cdef floating *scratch = <floating*>_ptr(bases, f + LM_F_CONV_scratch_slot)
-    cdef int64_t act = f[LM_F_CONV_act], t, ntasks
+    cdef int64_t t, ntasks
     cdef floating *col
     cdef int nt
+    cdef _cepi e
+    e.act = f[LM_F_CONV_act]
+    e.b = _ptr(bases, f + LM_F_CONV_b_slot) if f[LM_F_CONV_b_slot] >= 0 else NULL
+    e.scale = _ptr(bases, f + LM_F_CONV_scale_slot) if f[LM_F_CONV_scale_slot] >= 0 else NULL
+    e.pre = _ptr(bases, f + LM_F_CONV_pre_slot) if f[LM_F_CONV_pre_slot] >= 0 else NULL
+    e.vm.vm, e.vm.b, e.vm.c, e.vm.bv, e.vm.cv = -1, 0, 0, 0, 0
+    if e.act == 3:
+        e.vm.vm, e.vm.b, e.vm.c = f[LM_F_CONV_epi_vm], f[LM_F_CONV_epi_b], f[LM_F_CONV_epi_c]
+        if e.vm.b < 0:
+            e.vm.bv = consts[-e.vm.b - 1]
+        if e.vm.c < 0:
+            e.vm.cv = consts[-e.vm.c - 1]
     if g.N == 0 or g.M == 0 or g.P == 0:
         return 0
     if g.direct:
         ntasks = g.N * g.M
         nt = _conv_threads(&g, ntasks, nthreads)
         for t in prange(ntasks, num_threads=nt, schedule="static"):
-            _dw_fwd_task(dummy, &g, t // g.M, t % g.M, x, w, b, act, y)
+            _dw_fwd_task(dummy, &g, t // g.M, t % g.M, x, w, &e, y)
         return 0
     ntasks = g.N * g.G * g.npan
     nt = _conv_threads(&g, ntasks, nthreads)
     with parallel(num_threads=nt):
         col = scratch + threadid() * g.slot
         for t in prange(ntasks, schedule="static"):
-            _conv_fwd_task(dummy, &g, t, x, w, b, act, y, col)
+            _conv_fwd_task(dummy, &g, t, x, w, &e, y, col)
     return 0
 
 
+cdef void _conv_epi_row(floating dummy, const _cepi *e, int64_t m, floating *row, floating *yrow,
+                        int64_t n) noexcept nogil:
+    """The epilogue of n outputs of channel m: row (the conv's value; pre, or y itself when no pre is
+    kept) = row * scale[m] + b[m], then yrow = act(row)."""
+    cdef const floating *b = <const floating*>e.b
+    cdef const floating *sc = <const floating*>e.scale
+    cdef floating bv = b[m] if b != NULL else 0
+    cdef floating sv
+    cdef int64_t q
+    if sc != NULL:
+        sv = sc[m]
+        if b != NULL:
+            for q in range(n):
+                row[q] = row[q] * sv + bv
+        else:
+            for q in range(n):
+                row[q] = row[q] * sv
+    if e.act == 1:
+        if sc == NULL and b != NULL:
+            for q in range(n):
+                row[q] = row[q] + bv
+                yrow[q] = 0 if row[q] < 0 else row[q]   # relu(NaN) = NaN, as the VM's RELU
+        else:
+            for q in range(n):
+                yrow[q] = 0 if row[q] < 0 else row[q]
+    elif e.act == 3:
+        if sc == NULL and b != NULL:
+            for q in range(n):
+                row[q] = row[q] + bv
+        _vm_epi_row(dummy, &e.vm, n, row, <floating*>NULL, <floating*>NULL, <floating*>NULL,
+                    yrow if yrow != row else <floating*>NULL)
+    elif sc == NULL and b != NULL:
+        for q in range(n):
+            row[q] = row[q] + bv
+
+
 cdef void _conv_fwd_task(floating dummy, const _cgeo *g, int64_t t, const floating *x, floating *w,
-                         const floating *b, int64_t act, floating *y, floating *col) noexcept nogil:
+                         const _cepi *e, floating *y, floating *col) noexcept nogil:
     cdef int64_t pi = t % g.npan, ng = t // g.npan
     cdef int64_t n = ng // g.G, gr = ng % g.G
     cdef int64_t p0 = pi * g.panel, pn = min(g.panel, g.P - p0), m, q
     cdef const floating *xi = x + (n * g.C + gr * g.Cg) * g.HW
-    cdef floating *out = y + (n * g.M + gr * g.Mg) * g.P + p0
+    cdef int64_t off = (n * g.M + gr * g.Mg) * g.P + p0
+    cdef floating *out = (<floating*>e.pre if e.pre != NULL else y) + off
     cdef floating *B
     cdef int ldb
-    cdef floating bv
-    cdef floating *row
     if g.pointwise:
         B = <floating*>xi + p0
         ldb = <int>g.P
@@ -193,26 +254,23 @@ cdef void _conv_fwd_task(floating dummy, const _cgeo *g, int64_t t, const floati
         ldb = <int>pn
     _cgemm(dummy, False, False, <int>g.Mg, <int>pn, <int>g.Kc, w + gr * g.Mg * g.Kc, <int>g.Kc, B, ldb, 0,
            out, <int>g.P)
-    if b != NULL or act != 0:
+    if e.b != NULL or e.scale != NULL or e.act != 0:
         for m in range(g.Mg):
-            row = out + m * g.P
-            bv = b[gr * g.Mg + m] if b != NULL else 0
-            if act == 1:
-                for q in range(pn):
-                    row[q] = row[q] + bv
-                    row[q] = 0 if row[q] < 0 else row[q]   # relu(NaN) = NaN, as the VM's RELU
-            else:
-                for q in range(pn):
-                    row[q] = row[q] + bv
+            _conv_epi_row(dummy, e, gr * g.Mg + m, out + m * g.P, y + off + m * g.P, pn)
 
 
 cdef void _dw_fwd_task(floating dummy, const _cgeo *g, int64_t n, int64_t m, const floating *x, const floating *w,
-                       const floating *b, int64_t act, floating *y) noexcept nogil:
-    """y[n, m] of a conv whose output channel m reads input channel m // Mg only: kernel taps in order."""
+                       const _cepi *e, floating *y) noexcept nogil:
+    """y[n, m] of a conv whose output channel m reads input channel m // Mg only: kernel taps in order,
+    starting from the bias (without a per-channel scale: the bias is added after the sum otherwise),
+    then the epilogue on the plane."""
     cdef const floating *xc = x + (n * g.C + m // g.Mg) * g.HW
     cdef const floating *wm = w + m * g.kh * g.kw
-    cdef floating *yo = y + (n * g.M + m) * g.P
-    cdef floating bv = b[m] if b != NULL else 0
+    cdef floating *yo = (<floating*>e.pre if e.pre != NULL else y) + (n * g.M + m) * g.P
+    cdef floating *yy = y + (n * g.M + m) * g.P
+    cdef const floating *b = <const floating*>e.b
+    cdef floating bv = b[m] if b != NULL and e.scale == NULL else 0
+    cdef _cepi rest
     cdef floating wv
     cdef floating *yr
     cdef const floating *xr
@@ -232,9 +290,12 @@ cdef void _dw_fwd_task(floating dummy, const _cgeo *g, int64_t n, int64_t m, con
                 _valid_span(a, g.sw, g.W, g.OW, &lo, &hi)
                 for t in range(lo, hi):
                     yr[t] += wv * xr[a + t * g.sw]
-    if act == 1:
-        for p in range(g.P):
-            yo[p] = 0 if yo[p] < 0 else yo[p]
+    # the bias is in already unless a scale comes first
+    rest = e[0]
+    if e.scale == NULL:
+        rest.b = NULL
+    if rest.act != 0 or rest.scale != NULL or rest.b != NULL:
+        _conv_epi_row(dummy, &rest, m, yo, yy, g.P)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -323,7 +384,8 @@ cdef void _dw_dx_task(floating dummy, const _cgeo *g, int64_t n, int64_t c, cons
 # ------------------------------------------------------------------------------------------------
 # gradient with respect to the weight
 
-cdef int _conv_grad_weight(floating dummy, const int64_t *f, char **bases, int nthreads) noexcept nogil:
+cdef int _conv_grad_weight(floating dummy, const int64_t *f, char **bases, const double *consts,
+                           int nthreads) noexcept nogil:
     cdef _cgeo g
     _conv_geo(f, &g)
     cdef floating *x = <floating*>_ptr(bases, f + LM_F_CONV_GRAD_WEIGHT_x_slot)
@@ -331,15 +393,25 @@ cdef int _conv_grad_weight(floating dummy, const int64_t *f, char **bases, int n
     cdef floating *dw = <floating*>_ptr(bases, f + LM_F_CONV_GRAD_WEIGHT_dw_slot)
     cdef floating *scratch = <floating*>_ptr(bases, f + LM_F_CONV_GRAD_WEIGHT_scratch_slot)
     cdef int64_t nchunks = f[LM_F_CONV_GRAD_WEIGHT_nchunks], t, k, nw = g.M * g.Kc
+    cdef bint sgd = f[LM_F_CONV_GRAD_WEIGHT_sgd] != 0
+    cdef floating lr = 0, wd = 0
     cdef floating *col
     cdef floating *part
+    cdef floating *gsum
     cdef int nt
     if nw == 0:
         return 0
+    if sgd:
+        lr = <floating>consts[f[LM_F_CONV_GRAD_WEIGHT_lr]]
+        wd = <floating>consts[f[LM_F_CONV_GRAD_WEIGHT_weight_decay]]
     if g.direct:
+        # (sgd: the gradient is summed into scratch, which the direct path has: see ops_conv._scratch)
+        gsum = scratch if sgd else dw
         nt = _conv_threads(&g, g.M, nthreads)
         for t in prange(g.M, num_threads=nt, schedule="static"):
-            _dw_dw_task(dummy, &g, t, x, dy, dw)
+            _dw_dw_task(dummy, &g, t, x, dy, gsum)
+        if sgd:
+            _sgd_chunks(dummy, nw, dw, gsum, lr, wd, nthreads)
         return 0
     part = scratch + g.nslots * g.slot
     nt = _conv_threads(&g, nchunks, nthreads)
@@ -348,10 +420,28 @@ cdef int _conv_grad_weight(floating dummy, const int64_t *f, char **bases, int n
         for t in prange(nchunks, schedule="static"):
             _conv_dw_chunk(dummy, &g, t, nchunks, x, dy, part + t * nw, col)
     # the partials added in chunk order: element k's sum is the same for any split of k over threads
+    # (sgd: into chunk 0's partial, element k reading only its own column of partials)
+    gsum = part if sgd else dw
     nt = _threads(nw * nchunks, nthreads)
     for k in prange(nw, num_threads=nt, schedule="static"):
-        dw[k] = _chunk_sum(dummy, part, nw, nchunks, k)
+        gsum[k] = _chunk_sum(dummy, part, nw, nchunks, k)
+    if sgd:
+        _sgd_chunks(dummy, nw, dw, gsum, lr, wd, nthreads)
     return 0
+
+
+cdef void _sgd_chunks(floating dummy, int64_t n, floating *p, floating *gr, floating lr, floating wd,
+                      int nthreads) noexcept nogil:
+    """p -= lr * (gr + wd * p) through the sgd_update kernel, over its chunks of 16384 (the same calls as
+    _sgd makes for this param: the same bits)."""
+    cdef int64_t nch = (n + 16383) // 16384, c, lo, hi
+    for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
+        lo = c * 16384
+        hi = lo + 16384 if lo + 16384 < n else n
+        if floating is float:
+            lm_sgd_f32(hi - lo, p + lo, gr + lo, NULL, lr, 0, wd)
+        else:
+            lm_sgd_f64(hi - lo, p + lo, gr + lo, NULL, lr, 0, wd)
 
 
 cdef inline floating _chunk_sum(floating dummy, const floating *part, int64_t nw, int64_t nchunks,

@@ -1175,15 +1175,32 @@ include "_conv.pxi"
 
 include "_pool.pxi"
 
+# ------------------------------------------------------------------------------------------------
+# resize (format 2.3): resize, resize_grad
+
+include "_resize.pxi"
+
+
+# ------------------------------------------------------------------------------------------------
+# attention (format 2.3): softmax_masked
+include "_attention.pxi"
+
+
+# ------------------------------------------------------------------------------------------------
+# data-parallel collectives: allreduce_start, allreduce_wait (MPI through run-time function pointers)
+
+include "_mpi.pxi"
+
 
 # ------------------------------------------------------------------------------------------------
 # the interpreter loop
 
 cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **bases, int nthreads,
-              int64_t *bad_instr, int64_t *detail, double *times) noexcept nogil:
+              int64_t *bad_instr, int64_t *detail, double *times, lm_mpi *mpi) noexcept nogil:
     """Run the instructions in order. ``times`` (NULL, or one double per instruction): each
     instruction's wall seconds are added to its entry -- the profiler's only hook, one branch per
-    instruction when off."""
+    instruction when off.  ``mpi``: the collectives' context (NULL for a plan without them); while a
+    reduction is in flight each instruction is followed by one MPI_Test of the pending requests."""
     cdef int64_t pc = 0, idx = 0, op, ln
     cdef const int64_t *f
     cdef int rc = 0
@@ -1273,13 +1290,14 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_COUNTER_NEXT:
             _counter_next(f, bases)
         elif op == LM_OP_CONV:
-            rc = _conv(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 else _conv(f64, f, bases, nthreads)
+            rc = _conv(f32, f, bases, consts, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv(f64, f, bases, consts, nthreads)
         elif op == LM_OP_CONV_GRAD_INPUT:
             rc = _conv_grad_input(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
                 else _conv_grad_input(f64, f, bases, nthreads)
         elif op == LM_OP_CONV_GRAD_WEIGHT:
-            rc = _conv_grad_weight(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
-                else _conv_grad_weight(f64, f, bases, nthreads)
+            rc = _conv_grad_weight(f32, f, bases, consts, nthreads) if f[LM_F_CONV_dtype] == 0 \
+                else _conv_grad_weight(f64, f, bases, consts, nthreads)
         elif op == LM_OP_MAX_POOL:
             rc = _max_pool(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 else _max_pool(f64, f, bases, nthreads)
         elif op == LM_OP_MAX_POOL_GRAD:
@@ -1290,15 +1308,30 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_AVG_POOL_GRAD:
             rc = _avg_pool_grad(f32, f, bases, nthreads) if f[LM_F_MAX_POOL_dtype] == 0 \
                 else _avg_pool_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_RESIZE:
+            rc = _resize(f32, f, bases, consts, detail, nthreads) if f[LM_F_RESIZE_dtype] == 0 \
+                else _resize(f64, f, bases, consts, detail, nthreads)
+        elif op == LM_OP_RESIZE_GRAD:
+            rc = _resize_grad(f32, f, bases, consts, detail, nthreads) if f[LM_F_RESIZE_dtype] == 0 \
+                else _resize_grad(f64, f, bases, consts, detail, nthreads)
         elif op == LM_OP_BATCH_NORM:
             rc = _batch_norm(f32, f, bases, consts, nthreads) if f[LM_F_BATCH_NORM_dtype] == 0 \
                 else _batch_norm(f64, f, bases, consts, nthreads)
         elif op == LM_OP_BATCH_NORM_GRAD:
             rc = _batch_norm_grad(f32, f, bases, nthreads) if f[LM_F_BATCH_NORM_GRAD_dtype] == 0 \
                 else _batch_norm_grad(f64, f, bases, nthreads)
+        elif op == LM_OP_SOFTMAX_MASKED:
+            rc = _softmax_masked(f32, f, bases, consts, nthreads) if f[LM_F_SOFTMAX_MASKED_dtype] == 0 \
+                else _softmax_masked(f64, f, bases, consts, nthreads)
         elif op == LM_OP_LOG_SOFTMAX:
             rc = _softmax(f32, f, bases, nthreads, True) if f[LM_F_SOFTMAX_dtype] == 0 \
                 else _softmax(f64, f, bases, nthreads, True)
+        elif op == LM_OP_ALLREDUCE_START:
+            rc = _allreduce_start(f32, f, bases, mpi) if f[LM_F_ALLREDUCE_START_dtype] == 0 \
+                else _allreduce_start(f64, f, bases, mpi)
+        elif op == LM_OP_ALLREDUCE_WAIT:
+            rc = _allreduce_wait(f32, f, bases, consts, mpi) if f[LM_F_ALLREDUCE_WAIT_dtype] == 0 \
+                else _allreduce_wait(f64, f, bases, consts, mpi)
         else:
             rc = ERR_OPCODE
         if rc != 0:
@@ -1308,19 +1341,21 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
             return rc
         if times != NULL:
             times[idx] += omp_get_wtime() - t0
+        if mpi != NULL and mpi.npending > 0:
+            _mpi_progress(mpi)
         pc += ln
         idx += 1
     return 0
 
 
 def run_plan(const int64_t[::1] code not None, const double[::1] consts not None, list buffers not None,
-             int nthreads=1, double[::1] times=None):
+             int nthreads=1, double[::1] times=None, MPIContext mpi=None):
     """Execute a validated plan once. ``buffers``: C-contiguous ndarrays, one per slot.
 
     Returns ``(rc, instruction_index, detail)``; rc 0 is success, negative values are the error codes
     that ``format.raise_for`` turns into exceptions.  The GIL is released for the whole run.
     ``times`` (profiling): float64, at least one entry per instruction; each instruction's wall
-    seconds are added to its entry.
+    seconds are added to its entry.  ``mpi``: the MPIContext a plan with collectives runs with.
     """
     cdef Py_ssize_t nb = len(buffers), i
     cdef char **bases = NULL
@@ -1333,6 +1368,7 @@ def run_plan(const int64_t[::1] code not None, const double[::1] consts not None
     cdef const int64_t *cc = &code[0] if ncode > 0 else NULL
     cdef double *tp = NULL
     cdef int64_t pc = 0, count = 0
+    cdef lm_mpi *mp = &mpi.c if mpi is not None else NULL
     if times is not None:
         while pc < ncode:  # the plan is validated: lengths are positive and tile the code
             pc += code[pc + 1]
@@ -1352,7 +1388,7 @@ def run_plan(const int64_t[::1] code not None, const double[::1] consts not None
         if nthreads < 1:
             nthreads = 1
         with nogil:
-            rc = _run(cc, ncode, cp, bases, nthreads, &bad, &detail, tp) if ncode > 0 else 0
+            rc = _run(cc, ncode, cp, bases, nthreads, &bad, &detail, tp, mp) if ncode > 0 else 0
     finally:
         free(bases)
     return rc, bad, detail

@@ -12,6 +12,12 @@ killed at any point leaves either the previous checkpoint or the new one, never 
 ``.<name>.tmp-PID-*`` file may remain after SIGKILL; the next save to the same path removes it once that
 process is gone.  A symlinked checkpoint path updates the link's target; devices, FIFOs and directories
 are refused.
+
+Distributed programs (``distributed="mpi"``): every rank calls ``save_checkpoint`` / ``load_checkpoint``
+(they are collective).  Only rank 0 writes the file (the ranks' states are identical); the others wait at a
+barrier until the file is in place, so a checkpoint that one rank saw saved is there for all.  On load
+every rank reads the file (a shared filesystem) and then rank 0's restored state is broadcast, so all ranks
+resume bit-identically even if a rank read a stale copy.
 """
 from __future__ import annotations
 
@@ -48,6 +54,12 @@ def save_checkpoint(exe, path, loader=None, extra=None):
     half-saved.  extra: a JSON-serialisable dict stored alongside (e.g. the epoch or a metric).
     """
     plan = exe.plan
+    mpi = getattr(exe, "_mpi", None)
+    if mpi is not None and mpi.rank != 0:
+        if loader is not None:
+            loader.state_dict()  # (the same calls on every rank)
+        mpi.barrier()  # rank 0 has written the file
+        return path
     with exe._lock:
         arrays = [(name, dt, tuple(shape), exe._view(1, off, dt, shape).copy())
                   for name, off, dt, shape in [p[:4] for p in plan.params] + list(plan.opt_state)]
@@ -68,6 +80,8 @@ def save_checkpoint(exe, path, loader=None, extra=None):
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra/loader state must be JSON-serialisable: {e}") from None
     atomic_write(path, lambda f: pack_to(f, MAGIC, header, sections, CHECKPOINT_VERSION), what="checkpoint")
+    if mpi is not None:
+        mpi.barrier()
     return path
 
 
@@ -129,6 +143,10 @@ def load_checkpoint(exe, path, loader=None):
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} has no data loader position")
         loader.check_state(h["loader"])
     exe.load_state_dict(arrays)
+    mpi = getattr(exe, "_mpi", None)
+    if mpi is not None:  # every rank resumes from rank 0's bytes
+        with exe._lock:
+            mpi.broadcast(exe._state)
     if loader is not None:
         loader.load_state_dict(h["loader"])
     return h["extra"]

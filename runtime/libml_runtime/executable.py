@@ -102,6 +102,21 @@ class Executable:
         # per graph input: (dtype, shape, class count if it holds labels, dtype code) for _bind's fast path
         self._fast = {name: (np.dtype(dt), shape, plan.label_inputs.get(name), DTYPE_CODE[np.dtype(dt).name],
                              plan.index_inputs.get(name)) for name, (dt, shape) in self._inputs.items()}
+        # a distributed plan (meta["distributed"], collectives in its code): bound to MPI once, checked to be
+        # the same plan on every rank, and started from rank 0's state (mpi.py); None for other plans
+        self._mpi = None
+        from .mpi import _collective_reqs, plan_world_size
+        if plan_world_size(plan) is not None:
+            from .mpi import MPIBinding
+            self._mpi = MPIBinding(plan)
+            self._mpi.broadcast(self._state)
+        elif _collective_reqs(plan):
+            raise ValueError(f"plan {plan.name!r} has collective instructions but no meta['distributed'] world size")
+
+    @property
+    def world(self):
+        """(rank, size) of a distributed plan's MPI job; (0, 1) for a single-process plan."""
+        return (self._mpi.rank, self._mpi.size) if self._mpi is not None else (0, 1)
 
     # ---- public API ------------------------------------------------------------------------------
     @property
@@ -302,10 +317,14 @@ class Executable:
             if uses_blas:
                 pin_blas_single()  # the runtime splits GEMMs over its own OpenMP threads
             buffers = [self._arena, self._state] + arrays
+            ctx = self._mpi.ctx if self._mpi is not None else None
+            if ctx is not None and ctx.npending:
+                raise RuntimeFailure("an earlier call of this distributed program stopped with allreduce requests "
+                                     "in flight: the ranks are out of step and the job cannot continue")
             if times is None:
-                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads)
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, None, ctx)
             else:  # profiling: per-instruction seconds are added into `times`
-                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, times)
+                rc, bad, detail = _exec.run_plan(entry.code, entry.consts, buffers, self.num_threads, times, ctx)
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot

@@ -37,6 +37,8 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 _CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
 #: format 2.3: the geometry fields every pooling instruction starts with (ops_pool.py)
 _POOL_GEOM = "dtype N C H W kh kw sh sw ph pw eh ew dh dw OH OW"
+#: format 2.3: the geometry fields both resize instructions start with (ops_resize.py)
+_RESIZE_GEOM = "dtype P H W OH OW kh kw tab extrap"
 
 OPCODES = [
     # (code, name, layout)
@@ -143,6 +145,16 @@ OPCODES = [
     # result is a flat row position for gather (15) / scatter_add (16), which do the data movement.
     (40, "index_flat", "k ndim idx.slot idx.offset out.slot out.offset dims[k] mult[k] pos_dims[ndim] "
                        "pos_strides[ndim]"),
+    # ---- format 2.3: softmax over the last axis of a masked score tensor (libml_compile/ops_attention.py:
+    # attention's scores + mask -> Softmax, or Where(mask, scores, fill) -> Softmax, as one pass).  x and y
+    # are contiguous of shape dims (the last dim is the softmax axis, K); m is read with element strides
+    # m.stride (0 along broadcast dims: BERT's (B, 1, 1, S) mask).  Per row: v = x + m (mode 0),
+    # v = m != 0 ? x : consts[fill] (mode 1), v = m != 0 ? consts[fill] : x (mode 2), written to y, then
+    # y = softmax(v) in place, the softmax opcode's arithmetic (so the result equals the unfused add +
+    # softmax bit for bit: an all -inf row gives NaN, a row of finfo.min fills the uniform distribution, as
+    # PyTorch).  One task per row: the same result for any thread count.
+    (44, "softmax_masked", "dtype mode ndim dims[ndim] x.slot x.offset m.slot m.offset m.stride[ndim] fill "
+                           "y.slot y.offset"),
     # ---- format 2.3: convolution (libml_compile/ops_conv.py), NCHW.  x (N, C, H, W), w (M, C/G, kh, kw),
     # y (N, M, OH, OW); a 1-D conv is H = kh = 1.  Output pixel (oh, ow) reads input (oh*sh - ph + i*dh,
     # ow*sw - pw + j*dw); coordinates outside [0, H) x [0, W) read zero (the padding).  Per image and group
@@ -151,19 +163,27 @@ OPCODES = [
     # panels of Kc*panel elements (rounded up to 16), one per thread, so no full-size im2col buffer exists.
     # Every split depends on these fields only, never on the thread count (results bit-identical for
     # any number of threads).  The three opcodes share this geometry prefix (same field offsets).
-    # act 0 none, 1 relu (after the bias); b.slot -1: no bias.  G > 1 with C/G = 1 (depthwise, or a
-    # channel multiplier M/G) runs a direct loop and uses no scratch.
-    (48, "conv", _CONV_GEOM + " act x.slot x.offset w.slot w.offset b.slot b.offset y.slot y.offset "
-     "scratch.slot scratch.offset"),
+    # The epilogue, per output value v of channel m while its panel is in cache: v = v * scale[m] (scale.slot
+    # -1: none; an eval-mode BatchNorm's per-channel factor, passes.fuse_conv_epilogues), v = v + b[m] (b.slot
+    # -1: no bias), then pre[.] = v when pre.slot >= 0 (the activation's input, kept for a gradient that
+    # reads it), then the activation: act 0 none, 1 relu, 3 the VM step epi.vm (format.VM) with operands
+    # epi.b / epi.c (0 unused, k < 0 the immediate consts[-k-1]: HardSigmoid's alpha / beta, Clip's
+    # min / max), as gemm_ex's epilogue.  G > 1 with C/G = 1 (depthwise, or a channel multiplier M/G) runs a
+    # direct loop and uses no scratch.
+    (48, "conv", _CONV_GEOM + " act epi.vm epi.b epi.c x.slot x.offset w.slot w.offset b.slot b.offset "
+     "scale.slot scale.offset y.slot y.offset pre.slot pre.offset scratch.slot scratch.offset"),
     # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
     # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
     (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "
      "scratch.slot scratch.offset"),
     # dw from x and dy: the (image, panel) items split into `nchunks` fixed chunks, each summing
     # dy_panel @ col^T into a private partial dw (in scratch after the panels), then the partials added
-    # in chunk order
-    (50, "conv_grad_weight", _CONV_GEOM + " nchunks x.slot x.offset dy.slot dy.offset dw.slot dw.offset "
-     "scratch.slot scratch.offset"),
+    # in chunk order.  sgd 1 (plain SGD folded into the kernel, passes.fold_sgd_into_conv): dw is the
+    # param p itself and, with the sum s of the partials, p -= consts[lr] * (s + consts[weight_decay] * p)
+    # (the sgd_update kernel's arithmetic), so no gradient buffer exists; sgd 0: dw = s (lr and
+    # weight_decay unread)
+    (50, "conv_grad_weight", _CONV_GEOM + " nchunks sgd lr weight_decay x.slot x.offset dy.slot dy.offset "
+     "dw.slot dw.offset scratch.slot scratch.offset"),
     # ---- format 2.3: pooling (libml_compile/ops_pool.py), NCHW planes of H x W (1-D: H = kh = 1).  Window
     # (oh, ow) covers input rows oh*sh - ph + i*dh (i < kh) and columns likewise; eh / ew are the end pads
     # (only AveragePool's count_include_pad reads them: taps before H + eh count).  One task per (n, c)
@@ -179,6 +199,20 @@ OPCODES = [
     # input H + eh, W + ew (include_pad 1)
     (53, "avg_pool", _POOL_GEOM + " include_pad x.slot x.offset y.slot y.offset"),
     (54, "avg_pool_grad", _POOL_GEOM + " include_pad dy.slot dy.offset dx.slot dx.offset"),
+    # ---- format 2.3: resize (libml_compile/ops_resize.py: ONNX Resize / Upsample, PyTorch F.interpolate),
+    # separable over the last two axes: x is P planes of H x W, y P planes of OH x OW.  The compiler's
+    # per-axis tables are in the constant pool from consts[tab] on: ih[OH * kh] (row indices, as doubles),
+    # wh[OH * kh] (their weights), then iw[OW * kw], ww[OW * kw] for the columns; y[p, oh, ow] = sum_i wh[oh, i]
+    # * (sum_j ww[ow, j] * x[p, ih[oh, i], iw[ow, j]]) (i, j in order, in double precision).  Nearest modes
+    # are one tap of weight 1 (a copy).  extrap >= 0 (tf_crop_and_resize): an output whose row's first index
+    # ih[oh * kh] or column's first index iw[ow * kw] is -1 is consts[extrap].  Every other index must lie
+    # in [0, H) / [0, W): the kernel checks the table before it writes (ERR_INDEX, detail its position
+    # after tab).  Output rows are independent: any thread count gives the same bits.
+    (56, "resize", _RESIZE_GEOM + " x.slot x.offset y.slot y.offset"),
+    # its transpose: dx = 0, then dx[p, ih[oh, i], iw[ow, j]] += ww[ow, j] * (wh[oh, i] * dy[p, oh, ow]) over
+    # (oh, ow, i, j) in order, extrapolated outputs skipped; one task per plane p (owning its dx plane), so
+    # the scatter-adds have a fixed order for any thread count
+    (57, "resize_grad", _RESIZE_GEOM + " dy.slot dy.offset dx.slot dx.offset"),
     # ---- format 2.3: batch normalisation in training mode (libml_compile/ops_batchnorm.py).  x is a
     # contiguous (N, C, S) array (S: the spatial dims' product); per channel c, over its M = N * S elements,
     # one task computes mean and the biased variance var (fixed-order double sums: any thread count gives
@@ -195,6 +229,23 @@ OPCODES = [
     (65, "batch_norm_grad", "dtype N C S flags x.slot x.offset scale.slot scale.offset mean.slot mean.offset "
                             "rstd.slot rstd.offset dy.slot dy.offset y.slot y.offset dx.slot dx.offset "
                             "dscale.slot dscale.offset dbias.slot dbias.offset"),
+    # ---- data-parallel collectives (libml_compile/distributed.py, runtime/libml_runtime/_mpi.pxi).  MPI is
+    # not a build dependency: the runtime calls MPI_Iallreduce / MPI_Wait / MPI_Test through function
+    # pointers taken at run time from the libmpi that mpi4py loaded, handed to the Executable once (a plan
+    # never holds an address); every call runs with the GIL released.  `req` names one of the executable's
+    # request slots; plan.validate proves every start is followed, in the same entry, by one wait of the same
+    # slot before that slot starts again, and that no request is pending when the entry ends.
+    # allreduce_start: the parts' elements (part[i].n each, contiguous at src) are copied one after the other
+    # into buf (n = the sum of part[].n, below 2^31: MPI's int count), then a non-blocking in-place
+    # MPI_Iallreduce (MPI_SUM over the float type of dtype) of buf's n elements over the executable's
+    # communicator is started into request `req`.  Nothing may touch buf until the matching wait (the
+    # compiler keeps it live: the wait reads it).  Between instructions the runtime calls MPI_Test on the
+    # pending requests, so the reduction progresses while later instructions (the rest of the backward) run.
+    (66, "allreduce_start", "dtype req n buf.slot buf.offset nparts part[nparts]{src.slot src.offset n}"),
+    # allreduce_wait: MPI_Wait(request `req`), then the parts of buf are copied out in order, each element
+    # multiplied by consts[scale] (1 / world size: the sum of the ranks' gradients becomes their mean): part
+    # i's n elements to dst.  A sum of two ranks is the same bits on both (a + b = b + a); scale 1/2 is exact.
+    (67, "allreduce_wait", "dtype req n scale buf.slot buf.offset nparts part[nparts]{dst.slot dst.offset n}"),
 ]
 
 #: the ``kind`` field of the reduce / arg_reduce instructions
@@ -705,6 +756,8 @@ def _self_check():
     for nm in ("max_pool_grad", "avg_pool", "avg_pool_grad"):
         if not LAYOUTS[nm].text.startswith(_POOL_GEOM):
             raise ValueError(f"format: {nm} must start with the pooling geometry")
+    if not LAYOUTS["resize_grad"].text.startswith(_RESIZE_GEOM):
+        raise ValueError("format: resize_grad must start with the resize geometry")
     # adam_apply runs adam_update's kernel with adam_update's field offsets
     if LAYOUTS["adam_apply"].text != LAYOUTS["adam_update"].text:
         raise ValueError("format: adam_apply must have adam_update's layout")

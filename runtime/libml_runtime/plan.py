@@ -17,6 +17,10 @@ import numpy as np
 from . import format as F
 
 
+#: request slots a plan's collectives may name (allreduce_start / allreduce_wait ``req``)
+MAX_REQUESTS = 4096
+
+
 class PlanError(ValueError):
     """A plan (or plan file) is malformed; the message names the offending field."""
 
@@ -135,6 +139,7 @@ def validate_entry(e: Entry, state_bytes, inputs, where):
     while v.pc < len(e.code):
         v.instruction()
         count += 1
+    _check(not v.pending, f"{where}.code", f"allreduce request(s) {sorted(v.pending)} started and never waited for")
     _check(len(e.instr_nodes) == count and all(0 <= n < max(len(e.nodes), 1) for n in e.instr_nodes),
            f"{where}.instr_nodes", "does not match the instructions")
 
@@ -166,6 +171,7 @@ class _Decoder:
         self.nslots = len(sizes)
         self.pc = 0
         self.idx = 0
+        self.pending = {}  # request slot -> instruction index of its allreduce_start, until its wait
 
     def fail(self, msg):
         raise PlanError(f"invalid plan field {self.where}.code[instruction {self.idx} @ {self.pc}]: {msg}")
@@ -443,6 +449,20 @@ class _Decoder:
         if off + B * F.ITEMSIZE[ldt] > self.sizes[slot] or off % F.ITEMSIZE[ldt]:
             self.fail("labels are outside their buffer")
 
+    def op_softmax_masked(self, d):
+        """x, y contiguous (dims); the mask strided over dims (zero strides broadcast); fill a constant."""
+        isz = self.fdtype(d)
+        self.rng("mode", d["mode"], 0, 2)
+        self.rng("ndim", d["ndim"], 1, F.LM_MAXD)
+        dims = self.dims("dims", d["dims"])
+        if len(d["m.stride"]) != len(dims):
+            self.fail("m.stride needs one stride per dim")
+        n = math.prod(dims)
+        self.operand(d, "x", n * isz, align=isz)
+        self.strided_of(d, "m", isz, dims)
+        self.const(d, "fill")
+        self.operand(d, "y", n * isz, writable=True, align=isz)
+
     def op_softmax_xent(self, d):
         isz = self.fdtype(d)
         self.fields(d, [("B", 1, 2 ** 40), ("C", 1, 2 ** 40)])
@@ -700,12 +720,33 @@ class _Decoder:
         self.operand(d, "scratch", 0 if direct else (d["nslots"] * slot + extra) * isz, writable=True, align=isz)
 
     def op_conv(self, d):
+        """act 0 none, 1 relu, 3 the VM step epi.vm with immediate (or unused) operands only; optional
+        per-channel b and scale; pre (optional) of y's size, and only with an activation."""
         isz, kc, slot = self._conv_geometry(d)
-        self.fields(d, [("act", 0, 1)])
+        act = self.rng("act", d["act"], 0, 3)
+        if act == 2:
+            self.fail("act = 2 is not a conv epilogue (0 none, 1 relu, 3 a VM step)")
+        if act == 3:
+            vm = d["epi.vm"]
+            if vm not in F.VM_ARITY:
+                self.fail(f"epi.vm = {vm} is not a VM opcode")
+            arity = F.VM_ARITY[vm]
+            if vm in F.VM_MASK_OPERAND:
+                self.fail(f"epi.vm = {vm} takes a mask operand: a conv epilogue has only immediates")
+            for k, nm in ((1, "epi.b"), (2, "epi.c")):
+                v = self.rng(nm, d[nm], -self.nconsts, 0)
+                if k >= arity and v != 0:
+                    self.fail(f"{nm} = {v}: VM opcode {vm} takes {arity} operand(s)")
+                if k < arity and v == 0:
+                    self.fail(f"{nm} is unused but VM opcode {vm} reads it")
+        ny = d["N"] * d["M"] * d["OH"] * d["OW"] * isz
         self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
         self.operand(d, "w", d["M"] * kc * isz, align=isz)
         self.operand(d, "b", d["M"] * isz, align=isz, optional=True)
-        self.operand(d, "y", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, writable=True, align=isz)
+        self.operand(d, "scale", d["M"] * isz, align=isz, optional=True)
+        self.operand(d, "y", ny, writable=True, align=isz)
+        if self.operand(d, "pre", ny, writable=True, align=isz, optional=True)[0] >= 0 and act == 0:
+            self.fail("pre (the kept pre-activation) needs an activation (act 1 or 3)")
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_input(self, d):
@@ -717,12 +758,21 @@ class _Decoder:
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_weight(self, d):
+        """sgd 1: dw is the param updated in place (lr, weight_decay constants); the direct path then sums
+        the gradient into M * Kc elements of scratch."""
         isz, kc, slot = self._conv_geometry(d)
-        self.fields(d, [("nchunks", 1, 64)])
+        self.fields(d, [("nchunks", 1, 64), ("sgd", 0, 1)])
+        if d["sgd"]:
+            self.const(d, "lr")
+            self.const(d, "weight_decay")
         self.operand(d, "x", d["N"] * d["C"] * d["H"] * d["W"] * isz, align=isz)
         self.operand(d, "dy", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, align=isz)
         self.operand(d, "dw", d["M"] * kc * isz, writable=True, align=isz)
-        self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
+        direct = d["G"] > 1 and d["C"] == d["G"]
+        if direct:
+            self.operand(d, "scratch", d["M"] * kc * isz if d["sgd"] else 0, writable=True, align=isz)
+        else:
+            self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
 
     # -- format 2.3: pooling (ops_pool.py): reads are at coordinates checked against H and W
     def _pool_geometry(self, d):
@@ -761,6 +811,29 @@ class _Decoder:
         self.fields(d, [("include_pad", 0, 1)])
         self.operand(d, "dy", ny * isz, align=isz)
         self.operand(d, "dx", nx * isz, writable=True, align=isz)
+    # -- format 2.3: resize (ops_resize.py): the tables' indices are data in the constant pool, which
+    # the kernel checks against H and W before it writes (ERR_INDEX); here their extent and the operands
+    def _resize_geometry(self, d):
+        isz = self.fdtype(d)
+        big = 2 ** 31 - 1
+        self.fields(d, [("P", 0, big), ("H", 1, big), ("W", 1, big), ("OH", 1, big), ("OW", 1, big), ("kh", 1, 4096),
+                        ("kw", 1, 4096), ("extrap", -1, self.nconsts - 1)])
+        self.dims("resize sizes", [d["P"], d["H"], d["W"]])
+        self.dims("resize sizes", [d["P"], d["OH"], d["OW"]])
+        n = 2 * (d["OH"] * d["kh"] + d["OW"] * d["kw"])
+        self.rng("tab", d["tab"], 0, self.nconsts - n)
+        return isz, d["P"] * d["H"] * d["W"], d["P"] * d["OH"] * d["OW"]
+
+    def op_resize(self, d):
+        isz, nx, ny = self._resize_geometry(d)
+        self.operand(d, "x", nx * isz, align=isz)
+        self.operand(d, "y", ny * isz, writable=True, align=isz)
+
+    def op_resize_grad(self, d):
+        isz, nx, ny = self._resize_geometry(d)
+        self.operand(d, "dy", ny * isz, align=isz)
+        self.operand(d, "dx", nx * isz, writable=True, align=isz)
+
     def op_batch_norm(self, d):
         """x, y (N, C, S); scale, bias, the running statistics rmean / rvar, mean, rstd, nmean, nvar (C).
         flags: bit 0 writes nmean / nvar over rmean / rvar (then both must be writable), bit 1 the unbiased
@@ -784,6 +857,37 @@ class _Decoder:
                              ("rstd", C, False), ("dy", N * C * S, False), ("y", N * C * S, False),
                              ("dx", N * C * S, True), ("dscale", C, True), ("dbias", C, True)):
             self.operand(d, nm, count * isz, writable=w, align=isz)
+
+    # -- collectives (format.py 66-67): MPI reads and writes the bucket behind the runtime's back between a
+    # start and its wait, so the bucket's extent is proved here and the pairing of starts and waits too
+    def _collective(self, d, src_or_dst, writable):
+        isz = self.fdtype(d)
+        self.rng("req", d["req"], 0, MAX_REQUESTS - 1)
+        n = self.rng("n", d["n"], 0, 2 ** 31 - 1)
+        self.rng("nparts", d["nparts"], 1, 1 << 20)
+        self.operand(d, "buf", n * isz, writable=True, align=isz)
+        total = 0
+        for i, r in enumerate(d["part"]):
+            k = self.rng(f"part[{i}].n", r["n"], 0, 2 ** 31 - 1)
+            self.operand({f"{src_or_dst}.slot": r[f"{src_or_dst}.slot"], f"{src_or_dst}.offset": r[f"{src_or_dst}.offset"]},
+                         src_or_dst, k * isz, writable=writable, align=isz)
+            total += k
+        if total != n:
+            self.fail(f"the parts hold {total} elements, n = {n}")
+
+    def op_allreduce_start(self, d):
+        self._collective(d, "src", False)
+        if d["req"] in self.pending:
+            self.fail(f"request {d['req']} starts again before the wait of its start at instruction "
+                      f"{self.pending[d['req']]}")
+        self.pending[d["req"]] = self.idx
+
+    def op_allreduce_wait(self, d):
+        self._collective(d, "dst", True)
+        self.const(d, "scale")
+        if d["req"] not in self.pending:
+            self.fail(f"request {d['req']} is waited for without a start before it")
+        del self.pending[d["req"]]
 
     def op_counter_next(self, d):
         """out = counter; counter += 1: both int64 scalars, both written."""
