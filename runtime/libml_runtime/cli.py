@@ -24,7 +24,7 @@ Batch inference over inputs larger than memory, with the runtime alone (no compi
   batch and print the table (``Executable.profile``) on stderr.
 * ``--dask SCHEDULER`` (a scheduler address, or ``local``: a LocalCluster of 2 worker processes with 1
   thread each) runs the batches on a Dask cluster with ``libml_runtime.dask`` (``pip install ".[dask]"``);
-  each worker memory-maps its own chunks of the input, the output is written here as above, in order,
+  each worker reads its own chunks of the input, the output is written here as above, in order,
   byte-identical to a run without ``--dask``.  ``--chunk-rows N`` sets the rows per chunk.
 * Bad input (missing/unreadable file, wrong shape or dtype, missing array, bad plan) exits with status 2
   and a one-line ``libml-run: error: ...`` message; a runtime failure exits with status 1.

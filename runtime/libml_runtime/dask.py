@@ -29,7 +29,7 @@ pred = logits.compute()                                              # or .to_za
   threads never oversubscribes the cores.  ``num_threads=`` overrides; outside a distributed worker
   (dask's threaded scheduler) the default is the runtime's (``OMP_NUM_THREADS`` or the cores).
 * ``from_npy(path, chunks)`` opens a ``.npy`` (or a stored ``.npz`` member) as a dask array read by the
-  workers through their own memory maps: only the path travels in the graph, so inputs larger than any
+  workers straight from the file (one positioned read a chunk): only the path travels in the graph, so inputs larger than any
   worker's memory stream.  (``da.from_array(np.load(path, mmap_mode="r"))`` pickles the whole array into
   the graph when sent to a distributed scheduler.)
 """
@@ -181,26 +181,41 @@ def map_plan(plan_path, x, output="logits", batch_size=None, cast=False, num_thr
 
 
 class _NpyReader:
-    """Array-like over a C-order ``.npy`` stored at byte ``offset`` of ``path``: pickles as the path, and
-    memory-maps the file in whichever process slices it (the dask worker)."""
+    """Array-like over a C-order ``.npy`` stored at byte ``offset`` of ``path``: pickles as the path; the
+    process that slices it (the dask worker) reads just those rows from the file."""
 
     def __init__(self, path, offset, start, shape, dtype):
         self.path, self.offset, self.start = path, offset, start
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
 
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_a"}
-
     def __getitem__(self, idx):
-        a = self.__dict__.get("_a")
-        if a is None:
-            a = self._a = np.memmap(self.path, self.dtype, "r", offset=self.start, shape=self.shape)
-        return np.array(a[idx])  # a copy: the chunk does not pin the mapping
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        rows = idx[0] if idx else slice(None)
+        full = all(isinstance(i, slice) and i.indices(n) == (0, n, 1) for i, n in zip(idx[1:], self.shape[1:]))
+        if isinstance(rows, slice) and rows.indices(self.shape[0])[2] == 1 and full and self.ndim:
+            # a row range (what dask asks for): one pread, so no mapped pages linger in the worker's RSS
+            r0, r1, _ = rows.indices(self.shape[0])
+            r1 = max(r0, r1)
+            row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+            out = np.empty((r1 - r0,) + self.shape[1:], self.dtype)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                view, done = memoryview(out).cast("B"), 0
+                while done < len(view):
+                    k = os.preadv(fd, [view[done:]], self.start + r0 * row + done)
+                    if k == 0:
+                        raise EOFError(f"{self.path!r} is shorter than its .npy header says")
+                    done += k
+            finally:
+                os.close(fd)
+            return out
+        a = np.memmap(self.path, self.dtype, "r", offset=self.start, shape=self.shape)
+        return np.array(a[idx])
 
 
 def from_npy(path, chunks, member=None):
     """A dask array over ``path`` (a ``.npy``, or ``member`` of an uncompressed ``.npz``), read by the
-    workers through memory maps; ``chunks`` is the row chunk size (other axes one chunk)."""
+    workers from the file (each chunk one positioned read); ``chunks`` is the row chunk size (other axes one chunk)."""
     from .cli import npy_layout, npz_member_offset
     path = os.path.abspath(os.fspath(path))
     offset = 0
