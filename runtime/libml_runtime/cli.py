@@ -1,4 +1,4 @@
-"""``libml-run PLAN --input DATA.npy|.npz [--batch-size N] [--output NAME] --out PRED.npy``
+"""``libml-run PLAN --input DATA.npy|.npz [--batch-size N] [--output NAME] --out PRED.npy [--dask SCHEDULER]``
 
 Batch inference over inputs larger than memory, with the runtime alone (no compiler, no ONNX).
 
@@ -22,6 +22,10 @@ Batch inference over inputs larger than memory, with the runtime alone (no compi
 * A progress bar (tqdm, on stderr) shows rows processed; ``--quiet`` hides it.
 * ``--profile REPEAT``: after the run, time every instruction of the plan over REPEAT runs of the first
   batch and print the table (``Executable.profile``) on stderr.
+* ``--dask SCHEDULER`` (a scheduler address, or ``local``: a LocalCluster of 2 worker processes with 1
+  thread each) runs the batches on a Dask cluster with ``libml_runtime.dask`` (``pip install ".[dask]"``);
+  each worker reads its own chunks of the input, the output is written here as above, in order,
+  byte-identical to a run without ``--dask``.  ``--chunk-rows N`` sets the rows per chunk.
 * Bad input (missing/unreadable file, wrong shape or dtype, missing array, bad plan) exits with status 2
   and a one-line ``libml-run: error: ...`` message; a runtime failure exits with status 1.
 """
@@ -59,9 +63,19 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--profile", type=int, default=0, metavar="REPEAT",
                    help="afterwards, time each instruction over REPEAT runs of the first batch (stderr)")
+    p.add_argument("--dask", default=None, metavar="SCHEDULER",
+                   help="run the batches on a Dask cluster: a scheduler address, or 'local' for a LocalCluster "
+                        "of 2 worker processes with 1 thread each (libml_runtime.dask)")
+    p.add_argument("--chunk-rows", type=int, default=None, metavar="N",
+                   help="with --dask: input rows per Dask chunk (default: about 32 MB of input, a multiple of "
+                        "the batch size)")
     args = p.parse_args(argv)
     if args.profile < 0:
         p.error(f"--profile must be >= 0, got {args.profile}")
+    if args.dask is not None and args.profile:
+        p.error("--profile runs in this process: it cannot be combined with --dask")
+    if args.chunk_rows is not None and (args.dask is None or args.chunk_rows < 1):
+        p.error("--chunk-rows needs --dask and a positive count")
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -92,7 +106,8 @@ def run(args):
 
     check_out_path(args.out, [("plan", args.plan), ("--input", args.input)])
     try:
-        exe = planfile.load(args.plan, num_threads=args.num_threads)
+        # --dask: this process only validates (the workers load the plan); no arena is allocated here
+        exe = planfile.load_plan(args.plan) if args.dask else planfile.load(args.plan, num_threads=args.num_threads)
     except FileNotFoundError:
         raise UsageError(f"plan file {args.plan!r} does not exist") from None
     except FileSafetyError as e:
@@ -101,9 +116,31 @@ def run(args):
         raise UsageError(f"cannot read plan file {args.plan!r}: {e.strerror or e}") from None
     except PlanError as e:
         raise UsageError(f"{args.plan}: {e}") from None
-    entry = exe.plan.entries.get("run")
+    plan = exe if args.dask else exe.plan
+    sig, B, (oname, odt, oshape) = plan_io(plan, args.plan, args.batch_size, args.output)
+
+    arrays, closers = open_inputs(args.input, sig)
+    try:
+        N = check_inputs(sig, [a for a, _ in arrays], args.cast)
+        if args.dask:
+            try:
+                from .dask import run_cli
+            except ImportError as e:
+                raise UsageError(f"--dask: {e}") from None
+            return run_cli(args, sig, arrays, N, B, oname, odt, oshape)
+        return stream(exe, sig, arrays, N, B, oname, odt, oshape, args)
+    finally:
+        for c in closers:
+            c()
+
+
+def plan_io(plan, plan_path, batch_size=None, output=None, flag="--output "):
+    """The run entry's input signature [(name, dtype, shape)], its static batch size B and the chosen output
+    (name, dtype, shape): ``output`` by name, or when None the only output with one row per input row.
+    Raises UsageError naming the plan file, the inputs and outputs."""
+    entry = plan.entries.get("run")
     if entry is None:
-        raise UsageError(f"plan {args.plan!r} has no run entry")
+        raise UsageError(f"plan {os.fspath(plan_path)!r} has no run entry")
     sig = [(name, dt, tuple(shape)) for name, dt, shape in entry.inputs]
     if not sig:
         raise UsageError("the plan's run entry reads no inputs: nothing to stream")
@@ -111,100 +148,124 @@ def run(args):
     for name, dt, shape in sig:
         if not shape or shape[0] != B:
             raise UsageError(f"plan input {name!r} has shape {shape}: every input needs the same leading batch dim")
-    if args.batch_size is not None and args.batch_size != B:
-        raise UsageError(f"--batch-size {args.batch_size} does not match the plan's static batch size {B} "
+    if batch_size is not None and batch_size != B:
+        raise UsageError(f"--batch-size {batch_size} does not match the plan's static batch size {B} "
                          f"(recompile the plan for another batch size)")
     outs = [(name, dt, tuple(shape)) for name, _, _, dt, shape in entry.outputs]
-    if args.output is not None:
-        chosen = [o for o in outs if o[0] == args.output]
+    if output is not None:
+        chosen = [o for o in outs if o[0] == output]
         if not chosen:
-            raise UsageError(f"the plan has no output {args.output!r}; outputs are {[o[0] for o in outs]}")
+            raise UsageError(f"plan {os.fspath(plan_path)!r} has no output {output!r}; outputs are "
+                             f"{[o[0] for o in outs]}")
     else:
         chosen = [o for o in outs if o[2] and o[2][0] == B]
         if len(chosen) != 1:
-            raise UsageError(f"pass --output NAME: per-row outputs are {[o[0] for o in chosen]} "
+            raise UsageError(f"pass {flag}NAME: per-row outputs are {[o[0] for o in chosen]} "
                              f"(all outputs: {[o[0] for o in outs]})")
     oname, odt, oshape = chosen[0]
     if not oshape or oshape[0] != B:
         raise UsageError(f"output {oname!r} has shape {oshape}, not one row per input row (batch {B})")
+    return sig, B, chosen[0]
 
-    arrays, closers = open_inputs(args.input, sig)
-    try:
-        N = None
-        for (name, dt, shape), (a, _) in zip(sig, arrays):
-            if a.ndim != len(shape) or a.shape[1:] != shape[1:]:
-                raise UsageError(f"input {name!r} has shape {a.shape}, the plan expects (N,) + {shape[1:]}")
-            if a.dtype != np.dtype(dt) and not (args.cast and np.can_cast(a.dtype, dt, "same_kind")):
-                raise UsageError(f"input {name!r} has dtype {a.dtype}, the plan expects {dt}"
-                                 + ("" if args.cast else " (--cast allows same-kind casts)"))
-            if N is not None and a.shape[0] != N:
-                raise UsageError(f"input {name!r} has {a.shape[0]} rows, the others have {N}")
-            N = a.shape[0]
-        return stream(exe, sig, arrays, N, B, oname, odt, oshape, args)
-    finally:
-        for c in closers:
-            c()
+
+def check_inputs(sig, arrays, cast=False):
+    """Check every array (anything with ``shape``/``dtype``/``ndim``) against the plan's per-row shape and
+    dtype; returns the common row count N.  Raises UsageError naming the input and both shapes."""
+    N = None
+    for (name, dt, shape), a in zip(sig, arrays):
+        if a.ndim != len(shape) or tuple(a.shape[1:]) != shape[1:]:
+            raise UsageError(f"input {name!r} has shape {tuple(a.shape)}, the plan expects (N,) + {shape[1:]}")
+        if a.dtype != np.dtype(dt) and not (cast and np.can_cast(a.dtype, dt, "same_kind")):
+            raise UsageError(f"input {name!r} has dtype {a.dtype}, the plan expects {dt}"
+                             + ("" if cast else " (--cast allows same-kind casts)"))
+        if N is not None and a.shape[0] != N:
+            raise UsageError(f"input {name!r} has {a.shape[0]} rows, the others have {N}")
+        N = a.shape[0]
+    return N
+
+
+def run_batches(exe, sig, arrays, oname, r0, r1, B, pad=None):
+    """Run rows [r0, r1) of ``arrays`` (one per ``sig`` input) through ``exe`` in plan-sized batches of B.
+
+    Yields ``(b0, b1, feeds, rows)``: output ``oname`` for rows [b0, b1) in order.  A final partial batch
+    is padded by repeating its last row (into the reusable buffers ``pad``, one per input, allocated when
+    None) and the padded rows' outputs are dropped, so every input row gives exactly one output row."""
+    if pad is None:
+        pad = [np.empty(shape, dt) for _, dt, shape in sig]
+    for b0 in range(r0, r1, B):
+        b1 = min(b0 + B, r1)
+        feeds = {}
+        for k, ((name, dt, shape), a) in enumerate(zip(sig, arrays)):
+            x = a[b0:b1]
+            if b1 - b0 < B:  # final partial batch: pad by repeating the last row
+                pad[k][: b1 - b0] = x
+                pad[k][b1 - b0:] = x[-1]
+                x = pad[k]
+            elif x.dtype != np.dtype(dt) or not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x, dtype=dt)
+            feeds[name] = x
+        yield b0, b1, feeds, exe.run(feeds)[oname][: b1 - b0]
 
 
 def stream(exe, sig, arrays, N, B, oname, odt, oshape, args):
-    """Run every batch and write the outputs to ``args.out`` with ``fileio.atomic_write``.
-
-    The rows are written with ordinary ``write`` calls (never through a memory map: a full disk is an
-    ENOSPC error, not SIGBUS), in order, after a placeholder header of zeros; the real ``.npy`` header is
-    written last, so a temporary file left by SIGKILL never parses as an array.
-    """
+    """Run every batch (``run_batches``) and write the outputs to ``args.out`` (``write_rows``), releasing
+    the input pages of each window once it is done."""
     from tqdm import tqdm
 
-    from .fileio import atomic_write
-
-    out_dtype = np.dtype(odt)
-    row_shape = oshape[1:]
-    header = _npy_header(out_dtype, (N,) + row_shape)
     row_in = max(sum(int(np.prod(s[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize for (_, _, s), (a, _) in zip(sig, arrays)), 1)
     window = max(1, WINDOW_BYTES // (row_in * B)) * B
     first = {}  # the first batch's feeds, kept for --profile
 
-    def write(f):
-        f.write(b"\0" * len(header))   # not a valid .npy until the end
+    def blocks():
         bar = tqdm(total=N, unit="rows", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
         pad = [np.empty(shape, dt) for _, dt, shape in sig]
         for w0 in range(0, N, window):
             w1 = min(w0 + window, N)
-            for b0 in range(w0, w1, B):
-                b1 = min(b0 + B, N)
-                feeds = {}
-                for k, ((name, dt, shape), (a, _)) in enumerate(zip(sig, arrays)):
-                    x = a[b0:b1]
-                    if b1 - b0 < B:  # final partial batch: pad by repeating the last row
-                        pad[k][: b1 - b0] = x
-                        pad[k][b1 - b0:] = x[-1]
-                        x = pad[k]
-                    elif x.dtype != np.dtype(dt) or not x.flags.c_contiguous:
-                        x = np.ascontiguousarray(x, dtype=dt)
-                    feeds[name] = x
-                res = exe.run(feeds)[oname]
-                f.write(memoryview(np.ascontiguousarray(res[: b1 - b0], dtype=out_dtype)).cast("B"))
+            for _, _, feeds, res in run_batches(exe, sig, [a for a, _ in arrays], oname, w0, w1, B, pad):
+                yield res
                 if args.profile and not first:
                     first.update({k: np.array(v) for k, v in feeds.items()})
             bar.update(w1 - w0)
             for _, release in arrays:  # release the read pages of the inputs
                 release(w0, w1)
         bar.close()
+
+    write_rows(args.out, odt, (N,) + tuple(oshape[1:]), blocks())
+    if first:
+        print(exe.profile("run", first, repeat=args.profile), file=sys.stderr)
+    return N
+
+
+def write_rows(out, dtype, shape, blocks):
+    """Write the row blocks (arrays, in order, ``shape[0]`` rows in all) as one ``.npy`` at ``out`` with
+    ``fileio.atomic_write``.  The rows are written with ordinary ``write`` calls (never through a memory
+    map: a full disk is an ENOSPC error, not SIGBUS), after a placeholder header of zeros; the real
+    ``.npy`` header is written last, so a temporary file left by SIGKILL never parses as an array."""
+    from .fileio import atomic_write
+
+    out_dtype = np.dtype(dtype)
+    header = _npy_header(out_dtype, shape)
+
+    def write(f):
+        f.write(b"\0" * len(header))   # not a valid .npy until the end
+        n = 0
+        for res in blocks:
+            f.write(memoryview(np.ascontiguousarray(res, dtype=out_dtype)).cast("B"))
+            n += len(res)
+        if n != shape[0]:
+            raise RuntimeError(f"produced {n} rows, expected {shape[0]}")
         f.flush()
         f.seek(0)
         f.write(header)
 
     try:
-        atomic_write(args.out, write, what="--out")
+        atomic_write(out, write, what="--out")
     except OSError as e:
         if isinstance(e, FileSafetyError) or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES,
                                                             errno.EROFS, errno.ENOENT, errno.EISDIR):
-            raise UsageError(f"cannot write {os.fspath(args.out)!r}: {e.strerror or e} "
+            raise UsageError(f"cannot write {os.fspath(out)!r}: {e.strerror or e} "
                              f"(the previous file, if any, is unchanged)") from None
         raise
-    if first:
-        print(exe.profile("run", first, repeat=args.profile), file=sys.stderr)
-    return N
 
 
 def _npy_header(dtype, shape) -> bytes:
@@ -309,6 +370,22 @@ def _map_npy(path, offset, closers, what):
     except OSError as e:
         raise UsageError(f"cannot read {what!r}: {e.strerror or e}") from None
     closers.append(f.close)
+    start, shape, dtype, nbytes = npy_layout(f, offset, what)
+    if nbytes == 0:
+        return np.zeros(shape, dtype), lambda a, b: None
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    closers.append(mm.close)
+    a = np.ndarray(shape, dtype=dtype, buffer=mm, offset=start)
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) else nbytes
+
+    def release(r0, r1):
+        _release(mm, start + r0 * row, (r1 - r0) * row)
+    return a, release
+
+
+def npy_layout(f, offset, what):
+    """(data start, shape, dtype, data bytes) of the C-order numeric .npy stored at byte ``offset`` of the
+    open file ``f``; UsageError if it is not one or is truncated."""
     try:
         f.seek(offset)
         version = np.lib.format.read_magic(f)
@@ -327,19 +404,11 @@ def _map_npy(path, offset, closers, what):
     size = os.fstat(f.fileno()).st_size
     if start + nbytes > size:
         raise UsageError(f"{what!r} is truncated: {shape} {dtype} needs {nbytes} bytes, the file has {size - start}")
-    if nbytes == 0:
-        return np.zeros(shape, dtype), lambda a, b: None
-    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    closers.append(mm.close)
-    a = np.ndarray(shape, dtype=dtype, buffer=mm, offset=start)
-    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) else nbytes
-
-    def release(r0, r1):
-        _release(mm, start + r0 * row, (r1 - r0) * row)
-    return a, release
+    return start, shape, dtype, nbytes
 
 
-def _npz_member(path, zf, member, closers):
+def npz_member_offset(path, zf, member):
+    """Byte offset in ``path`` of the .npy of an uncompressed (stored) ``.npz`` member; None if compressed."""
     info = zf.getinfo(member)
     if info.compress_type == zipfile.ZIP_STORED:
         # locate the member's data: local file header (30 bytes + name + extra) at header_offset
@@ -348,13 +417,24 @@ def _npz_member(path, zf, member, closers):
             h = f.read(30)
         if len(h) == 30 and h[:4] == b"PK\x03\x04":
             n, m = int.from_bytes(h[26:28], "little"), int.from_bytes(h[28:30], "little")
-            return _map_npy(path, info.header_offset + 30 + n + m, closers, what=f"{path}:{member}")
-    try:  # compressed: read into memory
+            return info.header_offset + 30 + n + m
+    return None
+
+
+def read_npz_member(path, zf, member):
+    """A (compressed) ``.npz`` member read into memory."""
+    try:
         with zf.open(member) as f:
-            a = np.lib.format.read_array(f, allow_pickle=False)
+            return np.lib.format.read_array(f, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
         raise UsageError(f"cannot read {path}:{member}: {e}") from None
-    return a, lambda r0, r1: None
+
+
+def _npz_member(path, zf, member, closers):
+    offset = npz_member_offset(path, zf, member)
+    if offset is not None:
+        return _map_npy(path, offset, closers, what=f"{path}:{member}")
+    return read_npz_member(path, zf, member), lambda r0, r1: None
 
 
 if __name__ == "__main__":
