@@ -1,8 +1,8 @@
 """Data-parallel scaling figures: W2 and W3 training on 1 rank x 2 threads vs 2 ranks x 1 thread (MPI).
 
-    python benchmarks/distributed.py                       # W2 and W3, prints a table and the cost model
-    python benchmarks/distributed.py --workloads W2 --steps 5 --out dist.json
-    python benchmarks/distributed.py --latency-us 50 --bandwidth-gbs 1.25   # the network to predict for
+    python benchmarks/mpi_scaling.py                       # W2 and W3, prints a table and the cost model
+    python benchmarks/mpi_scaling.py --workloads W2 --steps 5 --out dist.json
+    python benchmarks/mpi_scaling.py --latency-us 50 --bandwidth-gbs 1.25   # the network to predict for
 
 Three measurements per workload (global batch B of common.WORKLOADS, plain SGD lr 0.01, as run.py):
 
