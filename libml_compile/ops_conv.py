@@ -570,6 +570,20 @@ def pointwise_convs_as_gemms(nodes, roots):
 # ---------------------------------------------------------------------------------------------------
 # the user function
 
+def conv_operands(op, x, w, cin, wlayout):
+    """(w as a Tensor, spatial rank) after checking x is a 3-D / 4-D symbolic tensor and w has its rank;
+    ``cin`` / ``wlayout`` name the channel and weight layout in the messages ("C", "M, C/group")."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a symbolic Tensor, got {type(x).__name__}")
+    w = _lift(w, x, op.split()[0])
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{op}: input {x.name!r} has shape {x.shape}; expected (N, {cin}, L) or (N, {cin}, H, W)")
+    if w.ndim != x.ndim:
+        raise ValueError(f"{op}: weight {w.name!r} has shape {w.shape}; expected a {x.ndim}-D "
+                         f"({wlayout}, *kernel) weight for input {x.name!r} {x.shape}")
+    return w, x.ndim - 2
+
+
 def _per_axis(op, what, v, nd, lo):
     vals = (v,) * nd if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else tuple(v)
     vals = tuple(as_int(a, f"{op}: {what}") for a in vals)
@@ -616,16 +630,7 @@ def conv(x, w, b=None, strides=1, pads=0, dilations=1, group=1, auto_pad="NOTSET
     "SAME_LOWER" or "VALID".  ``group`` must divide C and M (group = C = M: depthwise).  ``w`` and ``b``
     may be tensors or arrays (arrays become constants).  Returns y (N, M, *out); errors name the op and
     the shapes."""
-    from .ops import _lift
-    if not isinstance(x, Tensor):
-        raise TypeError(f"conv: x must be a symbolic Tensor, got {type(x).__name__}")
-    w = _lift(w, x, "conv")
-    if x.ndim not in (3, 4):
-        raise ValueError(f"conv: input {x.name!r} has shape {x.shape}; expected (N, C, L) or (N, C, H, W)")
-    nd = x.ndim - 2
-    if w.ndim != x.ndim:
-        raise ValueError(f"conv: weight {w.name!r} has shape {w.shape}; expected a {x.ndim}-D "
-                         f"(M, C/group, *kernel) weight for input {x.name!r} {x.shape}")
+    w, nd = conv_operands("conv", x, w, "C", "M, C/group")
     strides = _per_axis("conv", "strides", strides, nd, 1)
     dilations = _per_axis("conv", "dilations", dilations, nd, 1)
     group = as_int(group, "conv: group")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import Tensor, as_int
+from .ir import as_int
 from .ops import OpDef, make, register
 from . import ops_conv as C
 
@@ -228,15 +228,7 @@ def conv_transpose(x, w, b=None, strides=1, pads=0, dilations=1, group=1, output
     C_out: depthwise).  Returns y (N, C_out, *out); errors name the op, the node and the shapes."""
     from .ops import _lift, add, reshape
     op = "conv_transpose" + (f" {name!r}" if name else "")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{op}: x must be a symbolic Tensor, got {type(x).__name__}")
-    w = _lift(w, x, "conv_transpose")
-    if x.ndim not in (3, 4):
-        raise ValueError(f"{op}: input {x.name!r} has shape {x.shape}; expected (N, C_in, L) or (N, C_in, H, W)")
-    nd = x.ndim - 2
-    if w.ndim != x.ndim:
-        raise ValueError(f"{op}: weight {w.name!r} has shape {w.shape}; expected a {x.ndim}-D "
-                         f"(C_in, C_out/group, *kernel) weight for input {x.name!r} {x.shape}")
+    w, nd = C.conv_operands(op, x, w, "C_in", "C_in, C_out/group")
     strides = C._per_axis(op, "strides", strides, nd, 1)
     dilations = C._per_axis(op, "dilations", dilations, nd, 1)
     output_padding = C._per_axis(op, "output_padding", output_padding, nd, 0)
