@@ -177,18 +177,13 @@ def _g_conv_transpose(n, g):
 def _node_plan(t):
     ys, ws = _view(t.inputs[0].shape, t.inputs[1].shape, t.attrs)
     geo = C.geometry(ys, ws, t.attrs)
-    return geo, C._plan(geo, t.dtype)
-
-
-def _tasks(geo, pl):
-    return geo["N"] * geo["G"] * -(-(geo["C"] // geo["G"]) // pl["cblock"])
+    return geo, C._plan(geo, t.dtype, "conv_grad_input")
 
 
 def _scratch(t):
     geo, pl = _node_plan(t)
-    if pl["direct"] or geo["N"] == 0:
-        return []
-    return [C._slots(_tasks(geo, pl)) * pl["slot"] * pl["isz"]]
+    nb = C.scratch_bytes("conv_grad_input", geo, pl)
+    return [nb] if nb else []
 
 
 def _emit(em, nid, t, loc, outs):
@@ -197,8 +192,8 @@ def _emit(em, nid, t, loc, outs):
     geo, pl = _node_plan(t)
     x, w = t.inputs
     scratch = em.scratch[0] if em.scratch else (F.SLOT_ARENA, 0)
-    em.emit("conv_grad_input", nid, {"dtype": F.DTYPE_CODE[t.dtype], **geo, "panel": pl["panel"],
-                                     "nslots": C._slots(_tasks(geo, pl)), **_opnd("scratch", scratch),
+    em.emit("conv_grad_input", nid, {"dtype": F.DTYPE_CODE[t.dtype], **geo,
+                                     **C.plan_fields("conv_grad_input", geo, pl), **_opnd("scratch", scratch),
                                      "cblock": pl["cblock"], **_opnd("w", loc(w)), **_opnd("dy", loc(x)),
                                      **_opnd("dx", outs[0])})
     flops = 2 * geo["N"] * geo["M"] * geo["OH"] * geo["OW"] * pl["kc"]

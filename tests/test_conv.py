@@ -39,6 +39,12 @@ CASES = {
 }
 #: panels: a conv whose output pixels span several im2col panels (Kc*4 B per pixel over PANEL_BYTES)
 CASES["2d_several_panels"] = ((2, 64, 30, 30), (8, 64, 3, 3), 1, 1, 1, 1)
+#: the tiled path (algo 1): row blocks of a batch-1 image, stride 2 with dilation (the input gradient as
+#: one tap convolution per output phase), stride 3 with a 5x5 kernel and channel counts no microkernel
+#: width divides
+CASES["2d_tiled_row_blocks_batch1"] = ((1, 8, 40, 37), (9, 8, 3, 3), 1, 1, 1, 1)
+CASES["2d_tiled_stride2_dilated"] = ((2, 5, 17, 15), (7, 5, 3, 3), 2, 2, 2, 1)
+CASES["2d_tiled_stride3_5x5"] = ((2, 3, 16, 14), (5, 3, 5, 5), 3, 2, 1, 1)
 
 
 def _torch_conv(x, w, b, stride, padding, dilation, groups):
@@ -189,15 +195,52 @@ def _determinism_case(name, nt):
     return prog.run(feeds)["y"], prog.grad(feeds)
 
 
-@pytest.mark.parametrize("name", ["2d_several_panels", "2d_depthwise_big", "1d_big"])
+@pytest.mark.parametrize("name", ["2d_several_panels", "2d_depthwise_big", "1d_big", "2d_tiled_big_stride2"])
 def test_results_are_bit_identical_for_1_and_2_threads(name):
     CASES.setdefault("2d_depthwise_big", ((8, 32, 40, 40), (32, 1, 3, 3), 1, 1, 1, 32))
     CASES.setdefault("1d_big", ((16, 32, 600), (48, 32, 5), 1, 2, 1, 1))
+    CASES.setdefault("2d_tiled_big_stride2", ((6, 16, 34, 30), (24, 16, 3, 3), 2, 1, 1, 1))
     y1, g1 = _determinism_case(name, 1)
     y2, g2 = _determinism_case(name, 2)
     assert y1.tobytes() == y2.tobytes(), f"{name}: forward differs between 1 and 2 threads"
     for k in g1:
         assert g1[k].tobytes() == g2[k].tobytes(), f"{name}: d{k} differs between 1 and 2 threads"
+
+
+def test_the_plan_picks_the_tiled_kernels_except_for_pointwise_depthwise_and_unused_stride_phases():
+    from libml_runtime import format as F
+
+    def algos(xs, ws, **at):
+        g = lc.Graph("a")
+        x = g.param("x", np.zeros(xs, np.float32))
+        w = g.param("w", np.zeros(ws, np.float32))
+        prog = lc.compile(g, loss=lc.sum(lc.conv(x, w, **at)))
+        return {name: d["algo"] for _, name, _, d in F.instructions(prog.plan.entries["grad"].code)
+                if name.startswith("conv")}
+
+    assert algos((2, 8, 12, 12), (8, 8, 3, 3), pads=1) == dict.fromkeys(
+        ["conv", "conv_grad_input", "conv_grad_weight"], 1)
+    assert algos((2, 8, 12, 12), (8, 8, 3, 3), pads=1, strides=2) == dict.fromkeys(
+        ["conv", "conv_grad_input", "conv_grad_weight"], 1)
+    # a 1x1 conv at stride 2 reads one input phase in four: im2col (its dx is one tap convolution)
+    assert algos((2, 8, 12, 12), (8, 8, 1, 1), strides=2) == {"conv": 0, "conv_grad_input": 1, "conv_grad_weight": 0}
+    assert set(algos((2, 8, 12, 12), (8, 8, 1, 1)).values()) == {0}          # pointwise: BLAS on x itself
+    assert set(algos((2, 8, 12, 12), (8, 1, 3, 3), pads=1, group=8).values()) == {0}   # depthwise loops
+
+
+def test_tiled_scratch_is_one_row_block_tile_per_thread_not_an_im2col_buffer():
+    """The tiled path's scratch per thread is one block of input rows (all taps read it at offsets)
+    plus its output rows: the arena stays far below one full im2col matrix."""
+    xs, ws = (8, 64, 32, 32), (64, 64, 3, 3)
+    g = lc.Graph("big")
+    x = g.param("x", np.zeros(xs, np.float32))
+    w = g.param("w", np.zeros(ws, np.float32))
+    prog = lc.compile(g, loss=lc.sum(lc.conv(x, w, pads=1)))
+    full_im2col = 8 * 64 * 9 * 32 * 32 * 4
+    tensors = 4 * (2 * 8 * 64 * 32 * 32 + 2 * 64 * 64 * 9)
+    slots = ops_conv.CONV_SLOTS * ops_conv.TILE_BYTES
+    assert prog.memory_report("grad").arena_bytes < tensors + slots + 4 * 64 * 64 * 9 * 4 + 64 * 1024
+    assert prog.memory_report("grad").arena_bytes < full_im2col / 2
 
 
 def test_im2col_scratch_is_panels_not_a_full_im2col_buffer():
@@ -366,7 +409,10 @@ def test_the_plan_validator_refuses_bad_conv_fields():
     for opname, field, value, msg in (("conv", "G", 2, "group 2 does not divide"), ("conv", "y.offset", 1 << 45, "y spans"),
                                       ("conv_grad_input", "cblock", 99, "cblock = 99"),
                                       ("conv_grad_weight", "nslots", 1000, "nslots = 1000"),
-                                      ("conv_grad_weight", "panel", 10 ** 6, "panel = 1000000 is larger"),
+                                      ("conv_grad_weight", "panel", 16, "panel = 16: algo 1's scratch slot needs"),
+                                      ("conv_grad_weight", "rb", 10 ** 6, "rb = 1000000 is more than the output rows"),
+                                      ("conv_grad_weight", "algo", 2, "algo = 2"),
+                                      ("conv_grad_input", "algo", 0, "is larger than OH\\*OW"),
                                       ("conv", "scratch.offset", 1 << 45, "scratch spans")):
         pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == opname)
         where = F.locate(e.code, pc)[1]

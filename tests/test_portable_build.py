@@ -109,6 +109,43 @@ print(json.dumps(dict(isa=dispatched_isa(), losses=losses, w1=prog.params["w1"].
 """
 
 
+# the tiled convolution microkernels (kernels_conv.h) of every copy, float32 and float64: a stride-1 and
+# a stride-2 3x3 conv (forward, both gradients; the stride-2 input gradient runs per output phase)
+CONV = """
+import json, numpy as np, libml_compile as lc
+from libml_runtime.isa import dispatched_isa
+rng = np.random.default_rng(0)
+res = {"isa": dispatched_isa()}
+for dt in ("float32", "float64"):
+    g = lc.Graph("c")
+    x = g.param("x", rng.standard_normal((2, 5, 13, 11)).astype(dt))
+    w1 = g.param("w1", rng.standard_normal((6, 5, 3, 3)).astype(dt))
+    w2 = g.param("w2", rng.standard_normal((7, 6, 3, 3)).astype(dt))
+    y = lc.conv(lc.relu(lc.conv(x, w1, pads=1)), w2, pads=1, strides=2)
+    loss = lc.sum(y * y)
+    g.output("y", y)
+    prog = lc.compile(g, loss=loss)
+    gr = prog.grad({})
+    res[dt] = [prog.run({})["y"].ravel().tolist()] + [gr[k].ravel().tolist() for k in ("x", "w1", "w2")]
+print(json.dumps(res))
+"""
+
+
+@needs_dispatch
+def test_each_forced_isa_runs_the_tiled_convolutions_alike():
+    res = {}
+    for isa in _supported_isas():
+        p = _run_child(CONV, isa)
+        assert p.returncode == 0, p.stderr[-2000:]
+        res[isa] = json.loads(p.stdout.strip().splitlines()[-1])
+        assert res[isa]["isa"] == isa
+    ref = res["baseline"]
+    for isa, r in res.items():
+        for dt, tol in (("float32", 1e-4), ("float64", 1e-12)):
+            for a, b, what in zip(r[dt], ref[dt], ("y", "dx", "dw1", "dw2")):
+                np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10, err_msg=f"{isa} {dt} {what}")
+
+
 @needs_dispatch
 def test_each_forced_isa_runs_its_copy_and_trains_alike():
     """LIBML_ISA selects the copy; every copy gives the same losses and weights up to FMA contraction."""

@@ -31,7 +31,7 @@ cdef struct _cepi:
 
 
 cdef struct _cgeo:
-    int64_t N, C, H, W, M, G, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, panel, nslots
+    int64_t N, C, H, W, M, G, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, panel, nslots, algo, rb
     int64_t Cg, Mg, Kc, P, HW, npan, slot
     bint direct, pointwise
 
@@ -42,6 +42,7 @@ cdef inline void _conv_geo(const int64_t *f, _cgeo *g) noexcept nogil:
     g.sh, g.sw, g.ph, g.pw = f[LM_F_CONV_sh], f[LM_F_CONV_sw], f[LM_F_CONV_ph], f[LM_F_CONV_pw]
     g.dh, g.dw, g.OH, g.OW = f[LM_F_CONV_dh], f[LM_F_CONV_dw], f[LM_F_CONV_OH], f[LM_F_CONV_OW]
     g.panel, g.nslots = f[LM_F_CONV_panel], f[LM_F_CONV_nslots]
+    g.algo, g.rb = f[LM_F_CONV_algo], f[LM_F_CONV_rb]
     g.Cg, g.Mg = g.C // g.G, g.M // g.G
     g.Kc = g.Cg * g.kh * g.kw
     g.P, g.HW = g.OH * g.OW, g.H * g.W
@@ -190,6 +191,8 @@ cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *con
         for t in prange(ntasks, num_threads=nt, schedule="static"):
             _dw_fwd_task(dummy, &g, t // g.M, t % g.M, x, w, &e, y)
         return 0
+    if g.algo == 1:
+        return _conv_tiled(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads)
     ntasks = g.N * g.G * g.npan
     nt = _conv_threads(&g, ntasks, nthreads)
     with parallel(num_threads=nt):
@@ -319,6 +322,8 @@ cdef int _conv_grad_input(floating dummy, const int64_t *f, char **bases, int nt
         for t in prange(ntasks, num_threads=nt, schedule="static"):
             _dw_dx_task(dummy, &g, t // g.C, t % g.C, w, dy, dx)
         return 0
+    if g.algo == 1:
+        return _conv_grad_input_tiled(dummy, &g, w, dy, dx, scratch, nthreads)
     ncb = (g.Cg + cblock - 1) // cblock
     ntasks = g.N * g.G * ncb
     nt = _conv_threads(&g, ntasks, nthreads)
@@ -413,6 +418,8 @@ cdef int _conv_grad_weight(floating dummy, const int64_t *f, char **bases, const
         if sgd:
             _sgd_chunks(dummy, nw, dw, gsum, lr, wd, nthreads)
         return 0
+    if g.algo == 1:
+        return _conv_grad_weight_tiled(dummy, &g, x, dy, dw, sgd, lr, wd, nchunks, scratch, nthreads)
     part = scratch + g.nslots * g.slot
     nt = _conv_threads(&g, nchunks, nthreads)
     with parallel(num_threads=nt):
@@ -501,3 +508,343 @@ cdef void _dw_dw_task(floating dummy, const _cgeo *g, int64_t m, const floating 
                     for t in range(lo, hi):
                         acc += <double>dyr[t] * <double>xr[a + t * g.sw]
             dw[m * g.kh * g.kw + i * g.kw + j] = <floating>acc
+
+
+# ------------------------------------------------------------------------------------------------
+# the tiled path (algo 1, format 2.4): kernels_conv.h's microkernels over shifted-row tiles
+#
+# One generic "tap convolution" per group: out[o, u, v] = sum_{ch < Ci, t < kh*kw} wt(o, ch, t) *
+# in[ch, u*sh + r_t, v*sw + c_t], r_t = i*dh - ph, c_t = j*dw - pw (t = i*kw + j; in reads 0 outside
+# [0, Hi) x [0, Wi)).  The forward is that with in = x, wt = W; conv_grad_input at stride 1 is it with in =
+# dy, out = dx, the kernel flipped and transposed (wt(c, m, t') = W[m, c, kh-1-i', kw-1-j']) and the pads
+# (kh-1)*dh - ph, (kw-1)*dw - pw.  With rho_t = floor(r_t / sh), a_t = r_t mod sh (and sigma_t, b_t for
+# columns) input row u*sh + r_t is row u + rho_t of stride phase a_t, so a tile tile[ch][a][b][R][col] =
+# in[ch, (u0 + rho_min + R)*sh + a, (sigma_min + col)*sw + b] makes every tap a constant offset off[k]
+# from virtual pixel q = (u - u0)*Wq + v; the columns v >= V of each virtual row are junk (dropped;
+# zero in the weight gradient's dyT, so they add nothing).
+#
+# scratch (elements of the plan's dtype, in this order): off (Kp int64s, rounded up to 16 elements), the
+# packed weights (forward / input gradient: G blocks of Mp*Kc, MR-wide, rounded up to 16), nslots
+# thread slots of `panel` elements (tile, then the output tile Mp*Qp or the weight gradient's dyT
+# Qp*Mv), then (weight gradient) nchunks partials of G*Kp*Mv and, with sgd, the summed gradient M*Kc.
+# ops_conv.tiled_plan computes the same sizes; _tg_init checks `panel` against them.
+
+DEF TG_MR = 4      # kernels_conv.h LM_CV_MR: output channels per forward microkernel
+DEF TG_KR = 12     # the weight gradient's k tiles (a multiple of every ISA copy's LM_CV_DW_KR)
+DEF TG_MV = 16     # the weight gradient's channel padding (a multiple of every copy's vector block)
+
+
+cdef struct _tg:
+    int64_t Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw, rb, nrb
+    int64_t rmin, cmin, Rq, Wq, nph, Kc, Kp, Mp, Mv, tile_n, Qp, noff, nwp
+    # where output (u, v) goes: row oa + osh*u, column ob + osw*v of planes OHt x OWt (identity but for
+    # the phases of a stride-s input gradient); the input gradient's weight taps i0 - i'*ist, j0 - j'*jst
+    int64_t oa, ob, osh, osw, OHt, OWt, i0, ist, j0, jst
+
+
+cdef inline int64_t _fdiv(int64_t a, int64_t b) noexcept nogil:
+    """floor(a / b) for b > 0 (cdivision truncates)."""
+    cdef int64_t q = a / b
+    if a % b != 0 and a < 0:
+        q -= 1
+    return q
+
+
+cdef inline int64_t _r16(int64_t n) noexcept nogil:
+    return (n + 15) // 16 * 16
+
+
+cdef void _tg_init(_tg *t, int64_t Ci, int64_t Hi, int64_t Wi, int64_t Co, int64_t U, int64_t V, int64_t sh,
+                   int64_t sw, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t ph, int64_t pw,
+                   int64_t rb, int64_t isz) noexcept nogil:
+    t.Ci, t.Hi, t.Wi, t.Co, t.U, t.V = Ci, Hi, Wi, Co, U, V
+    t.sh, t.sw, t.kh, t.kw, t.dh, t.dw, t.ph, t.pw = sh, sw, kh, kw, dh, dw, ph, pw
+    t.rb = rb if rb >= 1 else 1
+    t.nrb = (U + t.rb - 1) // t.rb
+    t.rmin = _fdiv(-ph, sh)
+    t.cmin = _fdiv(-pw, sw)
+    t.Rq = t.rb + _fdiv((kh - 1) * dh - ph, sh) - t.rmin
+    t.Wq = V + _fdiv((kw - 1) * dw - pw, sw) - t.cmin
+    t.nph = sh * sw
+    t.Kc = Ci * kh * kw
+    t.Kp = (t.Kc + TG_KR - 1) // TG_KR * TG_KR
+    t.Mp = (Co + TG_MR - 1) // TG_MR * TG_MR
+    t.Mv = (Co + TG_MV - 1) // TG_MV * TG_MV
+    t.tile_n = _r16(Ci * t.nph * t.Rq * t.Wq + t.Wq + 32)
+    t.Qp = _r16(t.rb * t.Wq)
+    t.noff = _r16((t.Kp * 8 + isz - 1) // isz)
+    t.oa, t.ob, t.osh, t.osw, t.OHt, t.OWt = 0, 0, 1, 1, U, V
+    t.i0, t.ist, t.j0, t.jst = kh - 1, 1, kw - 1, 1
+
+
+cdef void _tg_offsets(const _tg *t, int64_t *off) noexcept nogil:
+    cdef int64_t ch, i, j, r, c, k = 0
+    for ch in range(t.Ci):
+        for i in range(t.kh):
+            r = i * t.dh - t.ph
+            for j in range(t.kw):
+                c = j * t.dw - t.pw
+                off[k] = (((ch * t.sh + (r - _fdiv(r, t.sh) * t.sh)) * t.sw + (c - _fdiv(c, t.sw) * t.sw))
+                          * t.Rq + (_fdiv(r, t.sh) - t.rmin)) * t.Wq + (_fdiv(c, t.sw) - t.cmin)
+                k += 1
+    for k in range(t.Kc, t.Kp):
+        off[k] = 0
+
+
+cdef void _tg_build(floating dummy, const _tg *t, const floating *src, int64_t u0, floating *tile) noexcept nogil:
+    """tile[ch][a][b][R][col] = src[ch, (u0 + rmin + R)*sh + a, (cmin + col)*sw + b] (0 outside), all
+    phases (so a junk read that runs past a plane lands on built values), then zeros to tile_n."""
+    cdef int64_t ch, a, b, R, ih, lo, hi, col, plane = t.Rq * t.Wq, used
+    cdef floating *row
+    cdef const floating *sr
+    for ch in range(t.Ci):
+        for a in range(t.sh):
+            for b in range(t.sw):
+                row = tile + ((ch * t.sh + a) * t.sw + b) * plane
+                _valid_span(t.cmin * t.sw + b, t.sw, t.Wi, t.Wq, &lo, &hi)
+                for R in range(t.Rq):
+                    ih = (u0 + t.rmin + R) * t.sh + a
+                    if ih < 0 or ih >= t.Hi:
+                        memset(row, 0, <size_t>t.Wq * sizeof(floating))
+                    else:
+                        sr = src + (ch * t.Hi + ih) * t.Wi + t.cmin * t.sw + b
+                        for col in range(lo):
+                            row[col] = 0
+                        if t.sw == 1:
+                            memcpy(row + lo, sr + lo, <size_t>(hi - lo) * sizeof(floating))
+                        else:
+                            for col in range(lo, hi):
+                                row[col] = sr[col * t.sw]
+                        for col in range(hi, t.Wq):
+                            row[col] = 0
+                    row += t.Wq
+    used = t.Ci * t.nph * plane
+    memset(tile + used, 0, <size_t>(t.tile_n - used) * sizeof(floating))
+
+
+cdef inline void _tg_mk(floating dummy, int64_t Mp, int64_t Qp, int64_t K, const floating *wp, const int64_t *off,
+                        const floating *tile, floating *out, int64_t ldo) noexcept nogil:
+    if floating is float:
+        lm_conv_tile_f32(Mp, Qp, K, wp, off, tile, out, ldo)
+    else:
+        lm_conv_tile_f64(Mp, Qp, K, wp, off, tile, out, ldo)
+
+
+cdef bint _tiled_scratch_ok(const _tg *t, int64_t G, int64_t slot, bint dw) noexcept nogil:
+    return slot >= t.tile_n + (t.Qp * t.Mv if dw else t.Mp * t.Qp) and slot % 16 == 0
+
+
+cdef void _tg_pack_fwd(floating dummy, const _tg *t, int64_t G, const floating *w, floating *wp) noexcept nogil:
+    """wp[g][mt][k][MR] = W[g*Co + mt*MR + l, k] (k = ch*kh*kw + tap), zero for padded channels."""
+    cdef int64_t g, o, k, l
+    for g in range(G):
+        for o in range(t.Mp):
+            l = o % TG_MR
+            for k in range(t.Kc):
+                wp[g * t.Mp * t.Kc + (o - l) * t.Kc + k * TG_MR + l] = \
+                    w[(g * t.Co + o) * t.Kc + k] if o < t.Co else 0
+
+
+cdef void _tg_pack_dx(floating dummy, const _tg *t, int64_t G, int64_t kh, int64_t kw, const floating *w,
+                      floating *wp) noexcept nogil:
+    """The input gradient's weights: output c (of Co = C/G), input m (of Ci = M/G), taps (i', j') of the
+    conv's kh x kw kernel at i = i0 - i'*ist, j = j0 - j'*jst (stride 1: flipped):
+    wt(c, m, i', j') = W[g*Ci + m, c, i, j]."""
+    cdef int64_t g, o, l, m, i, j, ntap = kh * kw
+    for g in range(G):
+        for o in range(t.Mp):
+            l = o % TG_MR
+            for m in range(t.Ci):
+                for i in range(t.kh):
+                    for j in range(t.kw):
+                        wp[g * t.Mp * t.Kc + (o - l) * t.Kc + ((m * t.kh + i) * t.kw + j) * TG_MR + l] = \
+                            w[((g * t.Ci + m) * t.Co + o) * ntap + (t.i0 - i * t.ist) * kw + (t.j0 - j * t.jst)] \
+                            if o < t.Co else 0
+
+
+cdef int _tiled_apply(floating dummy, const _tg *t, int64_t N, int64_t G, const floating *src,
+                      floating *dst, floating *pre_or_dst, const _cepi *e, floating *scratch, int64_t slot,
+                      int nt) noexcept nogil:
+    """out = the tap convolution of src (N, G*Ci, Hi, Wi) into pre_or_dst (N, G*Co, U, V), one task per
+    (image, group, row block); with an epilogue e (forward) each output row then runs it into dst."""
+    cdef int64_t *off = <int64_t*>scratch
+    cdef floating *wp = scratch + t.noff
+    cdef floating *slots = wp + _r16(G * t.Mp * t.Kc)
+    cdef int64_t ntasks = N * G * t.nrb, k
+    cdef floating *tile
+    with parallel(num_threads=nt):
+        tile = slots + threadid() * slot
+        for k in prange(ntasks, schedule="static"):
+            _tiled_task(dummy, t, k, G, src, dst, pre_or_dst, e, off, wp, tile, tile + t.tile_n)
+    return 0
+
+
+cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const floating *src, floating *dst,
+                      floating *pre_or_dst, const _cepi *e, const int64_t *off, const floating *wp,
+                      floating *tile, floating *out) noexcept nogil:
+    cdef int64_t rbi = k % t.nrb, ng = k // t.nrb
+    cdef int64_t n = ng // G, gr = ng % G
+    cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), r, m, Qp
+    cdef floating *o
+    cdef floating *y
+    _tg_build(dummy, t, src + (n * G + gr) * t.Ci * t.Hi * t.Wi, u0, tile)
+    Qp = _r16(nrows * t.Wq)
+    _tg_mk(dummy, t.Mp, Qp, t.Kc, wp + gr * t.Mp * t.Kc, off, tile, out, t.Qp)
+    cdef int64_t v
+    cdef const floating *src_row
+    for m in range(t.Co):
+        for r in range(nrows):
+            o = pre_or_dst + ((n * G + gr) * t.Co + m) * t.OHt * t.OWt + (t.oa + t.osh * (u0 + r)) * t.OWt + t.ob
+            src_row = out + m * t.Qp + r * t.Wq
+            if t.osw == 1:
+                memcpy(o, src_row, <size_t>t.V * sizeof(floating))
+            else:
+                for v in range(t.V):
+                    o[v * t.osw] = src_row[v]
+            if e != NULL and (e.b != NULL or e.scale != NULL or e.act != 0):
+                y = dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V
+                _conv_epi_row(dummy, e, gr * t.Co + m, o, y, t.V)
+
+
+cdef int _conv_tiled(floating dummy, const _cgeo *g, floating *x, floating *w, floating *y, const _cepi *e,
+                     floating *scratch, int nthreads) noexcept nogil:
+    cdef _tg t
+    _tg_init(&t, g.Cg, g.H, g.W, g.Mg, g.OH, g.OW, g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw, g.rb,
+             sizeof(floating))
+    if not _tiled_scratch_ok(&t, g.G, g.panel, False):
+        return ERR_MALFORMED
+    _tg_offsets(&t, <int64_t*>scratch)
+    _tg_pack_fwd(dummy, &t, g.G, w, scratch + t.noff)
+    return _tiled_apply(dummy, &t, g.N, g.G, x, y, <floating*>e.pre if e.pre != NULL else y, e, scratch,
+                        g.panel, _conv_threads(g, g.N * g.G * t.nrb, nthreads))
+
+
+cdef void _dx_taps(int64_t k, int64_t s, int64_t d, int64_t p, int64_t a, int64_t *cnt, int64_t *i0,
+                   int64_t *ist, int64_t *dd, int64_t *pp) noexcept nogil:
+    """conv_layout._taps: the kernel taps i < k reaching output phase a of a stride-s input gradient."""
+    cdef int64_t i, g = s, r = d, tmp
+    cnt[0], i0[0], ist[0], dd[0], pp[0] = 0, 0, 1, 1, 0
+    for i in range(k):
+        tmp = a + p - i * d
+        if tmp - _fdiv(tmp, s) * s == 0:
+            cnt[0] += 1
+            i0[0] = i
+    if cnt[0] == 0:
+        return
+    while r != 0:   # gcd(s, d)
+        tmp = g % r
+        g = r
+        r = tmp
+    ist[0] = s // g
+    dd[0] = d // g
+    pp[0] = -_fdiv(a + p - i0[0] * d, s)
+
+
+cdef int _conv_grad_input_tiled(floating dummy, const _cgeo *g, floating *w, floating *dy, floating *dx,
+                                floating *scratch, int nthreads) noexcept nogil:
+    """Stride 1: one tap convolution of dy with the flipped kernel.  Stride s: dx is zeroed, then each
+    output phase (a, b) of dx that some tap reaches is a stride-1 tap convolution of dy with those taps
+    (conv_layout.phases), the phases one after the other (each in parallel over its tasks)."""
+    cdef _tg t
+    cdef int64_t a, b, ka, kb, i0, j0, ist, jst, dh, dw, ph, pw, U, V
+    if g.sh == 1 and g.sw == 1:
+        _tg_init(&t, g.Mg, g.OH, g.OW, g.Cg, g.H, g.W, 1, 1, g.kh, g.kw, g.dh, g.dw, (g.kh - 1) * g.dh - g.ph,
+                 (g.kw - 1) * g.dw - g.pw, g.rb, sizeof(floating))
+        if not _tiled_scratch_ok(&t, g.G, g.panel, False):
+            return ERR_MALFORMED
+        _tg_offsets(&t, <int64_t*>scratch)
+        _tg_pack_dx(dummy, &t, g.G, g.kh, g.kw, w, scratch + t.noff)
+        return _tiled_apply(dummy, &t, g.N, g.G, dy, dx, dx, NULL, scratch, g.panel,
+                            _conv_threads(g, g.N * g.G * t.nrb, nthreads))
+    _zero(dummy, dx, g.N * g.C * g.HW, nthreads)
+    for a in range(min(g.sh, g.H)):
+        _dx_taps(g.kh, g.sh, g.dh, g.ph, a, &ka, &i0, &ist, &dh, &ph)
+        for b in range(min(g.sw, g.W)):
+            _dx_taps(g.kw, g.sw, g.dw, g.pw, b, &kb, &j0, &jst, &dw, &pw)
+            if ka == 0 or kb == 0:
+                continue
+            U = (g.H - a + g.sh - 1) // g.sh
+            V = (g.W - b + g.sw - 1) // g.sw
+            _tg_init(&t, g.Mg, g.OH, g.OW, g.Cg, U, V, 1, 1, ka, kb, dh, dw, ph, pw, g.rb, sizeof(floating))
+            t.oa, t.ob, t.osh, t.osw, t.OHt, t.OWt = a, b, g.sh, g.sw, g.H, g.W
+            t.i0, t.ist, t.j0, t.jst = i0, ist, j0, jst
+            if not _tiled_scratch_ok(&t, g.G, g.panel, False):
+                return ERR_MALFORMED
+            _tg_offsets(&t, <int64_t*>scratch)
+            _tg_pack_dx(dummy, &t, g.G, g.kh, g.kw, w, scratch + t.noff)
+            _tiled_apply(dummy, &t, g.N, g.G, dy, dx, dx, NULL, scratch, g.panel,
+                         _conv_threads(g, g.N * g.G * t.nrb, nthreads))
+    return 0
+
+
+cdef void _zero(floating dummy, floating *p, int64_t n, int nthreads) noexcept nogil:
+    cdef int64_t nch = (n + 65535) // 65536, c, lo
+    for c in prange(nch, num_threads=_threads(n, nthreads), schedule="static"):
+        lo = c * 65536
+        memset(p + lo, 0, <size_t>(min(n - lo, 65536)) * sizeof(floating))
+
+
+cdef int _conv_grad_weight_tiled(floating dummy, const _cgeo *g, floating *x, floating *dy, floating *dw,
+                                 bint sgd, floating lr, floating wd, int64_t nchunks, floating *scratch,
+                                 int nthreads) noexcept nogil:
+    """part_c[g][k][m] = sum over chunk c's (image, row block) items, in order, of the tile products;
+    then dw[g*Mg + m, k] = the partials added in chunk order (sgd: into a gradient, then the step)."""
+    cdef _tg t
+    _tg_init(&t, g.Cg, g.H, g.W, g.Mg, g.OH, g.OW, g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw, g.rb,
+             sizeof(floating))
+    if not _tiled_scratch_ok(&t, g.G, g.panel, True):
+        return ERR_MALFORMED
+    cdef int64_t *off = <int64_t*>scratch
+    cdef floating *slots = scratch + t.noff
+    cdef int64_t npart = g.G * t.Kp * t.Mv
+    cdef floating *part = slots + g.nslots * g.panel
+    cdef floating *gsum = part + nchunks * npart
+    cdef int64_t c, k, i, gr, m, nw = g.M * t.Kc
+    cdef floating s
+    cdef floating *tile
+    cdef floating *dest
+    _tg_offsets(&t, off)
+    cdef int nt = _conv_threads(g, nchunks, nthreads)
+    with parallel(num_threads=nt):
+        tile = slots + threadid() * g.panel
+        for c in prange(nchunks, schedule="static"):
+            _tiled_dw_chunk(dummy, &t, g, c, nchunks, x, dy, off, tile, tile + t.tile_n, part + c * npart)
+    dest = gsum if sgd else dw
+    for i in prange(nw, num_threads=_threads(nw * nchunks, nthreads), schedule="static"):
+        m = i // t.Kc   # (global output channel)
+        k = i % t.Kc
+        gr = m // g.Mg
+        s = part[(gr * t.Kp + k) * t.Mv + m % g.Mg]
+        for c in range(1, nchunks):
+            s = s + part[c * npart + (gr * t.Kp + k) * t.Mv + m % g.Mg]
+        dest[i] = s
+    if sgd:
+        _sgd_chunks(dummy, nw, dw, gsum, lr, wd, nthreads)
+    return 0
+
+
+cdef void _tiled_dw_chunk(floating dummy, const _tg *t, const _cgeo *g, int64_t c, int64_t nchunks,
+                          const floating *x, const floating *dy, const int64_t *off, floating *tile,
+                          floating *dyT, floating *part) noexcept nogil:
+    cdef int64_t items = g.N * t.nrb
+    cdef int64_t lo = items * c // nchunks, hi = items * (c + 1) // nchunks, it, n, u0, nrows, gr, r, v, m, q
+    cdef const floating *dyr
+    memset(part, 0, <size_t>(g.G * t.Kp * t.Mv) * sizeof(floating))
+    for it in range(lo, hi):
+        n = it // t.nrb
+        u0 = (it % t.nrb) * t.rb
+        nrows = min(t.rb, t.U - u0)
+        for gr in range(g.G):
+            _tg_build(dummy, t, x + (n * g.G + gr) * t.Ci * t.Hi * t.Wi, u0, tile)
+            # dyT[q][m] = dy[n, gr*Mg + m, u0 + r, v] at q = r*Wq + v (v < V), 0 at junk pixels / channels
+            memset(dyT, 0, <size_t>(nrows * t.Wq * t.Mv) * sizeof(floating))
+            for m in range(t.Co):
+                for r in range(nrows):
+                    dyr = dy + (((n * g.G + gr) * t.Co + m) * t.U + u0 + r) * t.V
+                    q = r * t.Wq
+                    for v in range(t.V):
+                        dyT[(q + v) * t.Mv + m] = dyr[v]
+            if floating is float:
+                lm_conv_dw_tile_f32(t.Mv, t.Kp, nrows * t.Wq, dyT, off, tile, part + gr * t.Kp * t.Mv)
+            else:
+                lm_conv_dw_tile_f64(t.Mv, t.Kp, nrows * t.Wq, dyT, off, tile, part + gr * t.Kp * t.Mv)

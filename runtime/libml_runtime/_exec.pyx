@@ -104,6 +104,14 @@ cdef extern from "kernels.h" nogil:
                         const float *x, float *y)
     void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
                         const double *x, double *y)
+    void lm_conv_tile_f32(int64_t Mp, int64_t Qp, int64_t K, const float *wp, const int64_t *off,
+                          const float *tile, float *out, int64_t ldo)
+    void lm_conv_tile_f64(int64_t Mp, int64_t Qp, int64_t K, const double *wp, const int64_t *off,
+                          const double *tile, double *out, int64_t ldo)
+    void lm_conv_dw_tile_f32(int64_t Mv, int64_t Kp, int64_t Q, const float *dyT, const int64_t *off,
+                             const float *tile, float *acc)
+    void lm_conv_dw_tile_f64(int64_t Mv, int64_t Kp, int64_t Q, const double *dyT, const int64_t *off,
+                             const double *tile, double *acc)
     void lm_batch_norm_channel_f32(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, double eps,
                                    double mom, const float *x, const float *scale, const float *bias, float *rmean,
                                    float *rvar, float *y, float *mean, float *rstd, float *nmean, float *nvar)

@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 3
+MAJOR, MINOR = 2, 4
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -34,7 +34,7 @@ HEADER = 3  # every instruction: opcode, length (header included), node id; then
 # name is only a name ("A.slot").  Operands are (slot, byte offset) pairs: ``X.slot X.offset``.
 
 #: format 2.3: the geometry fields every convolution instruction starts with (ops_conv.py)
-_CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots"
+_CONV_GEOM = "dtype N C H W M G kh kw sh sw ph pw dh dw OH OW panel nslots algo rb"
 #: format 2.3: the geometry fields every pooling instruction starts with (ops_pool.py)
 _POOL_GEOM = "dtype N C H W kh kw sh sw ph pw eh ew dh dw OH OW"
 #: format 2.3: the geometry fields both resize instructions start with (ops_resize.py)
@@ -163,6 +163,12 @@ OPCODES = [
     # panels of Kc*panel elements (rounded up to 16), one per thread, so no full-size im2col buffer exists.
     # Every split depends on these fields only, never on the thread count (results bit-identical for
     # any number of threads).  The three opcodes share this geometry prefix (same field offsets).
+    # Format 2.4: algo 0 is that im2col + BLAS path; algo 1 the tiled path (kernels_conv.h): per task one
+    # block of `rb` output rows (conv_grad_input: rows of dx; stride 1 only) whose input is copied into a
+    # zero-padded, stride-phase-split tile so every tap is a constant offset, then register-blocked
+    # microkernels; `panel` is then the elements of one thread's scratch slot (the runtime checks it
+    # against the geometry and refuses a smaller one), `nslots` the slots.  2.3 plans with convolutions do
+    # not load (their instructions are two fields shorter): recompile them.
     # The epilogue, per output value v of channel m while its panel is in cache: v = v * scale[m] (scale.slot
     # -1: none; an eval-mode BatchNorm's per-channel factor, passes.fuse_conv_epilogues), v = v + b[m] (b.slot
     # -1: no bias), then pre[.] = v when pre.slot >= 0 (the activation's input, kept for a gradient that

@@ -868,3 +868,6 @@ static void LM_SFX(lm_dropout)(int64_t i0, int64_t n, uint64_t seed, uint64_t st
 
 /* batch normalisation (format 2.3): a file of its own, part of this template */
 #include "kernels_batchnorm.h"
+
+/* convolution microkernels over shifted-row tiles (format 2.3 conv algo 1): a file of its own, part of this template */
+#include "kernels_conv.h"

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import conv_layout
 from . import format as F
 
 
@@ -695,14 +696,15 @@ class _Decoder:
 
     # -- format 2.3: convolution (ops_conv.py).  The kernels read x only at coordinates they have checked
     # against H and W (padding is never stored), so the extents below bound every access.
-    def _conv_geometry(self, d):
-        """(itemsize, geometry dict, scratch elements per panel) after checking the shared geometry fields."""
+    def _conv_geometry(self, d, op):
+        """(itemsize, Kc, scratch elements per slot) after checking the shared geometry fields (algo 1:
+        the tiled path's slot, conv_layout.tiles, which `panel` must hold)."""
         isz = self.fdtype(d)
         big = 2 ** 31 - 1  # BLAS takes int dimensions
         self.fields(d, [("N", 0, big), ("C", 1, big), ("H", 1, big), ("W", 1, big), ("M", 1, big),
                         ("G", 1, big), ("kh", 1, big), ("kw", 1, big), ("sh", 1, big), ("sw", 1, big),
                         ("ph", 0, big), ("pw", 0, big), ("dh", 1, big), ("dw", 1, big), ("OH", 1, big),
-                        ("OW", 1, big), ("panel", 1, big), ("nslots", 1, 64)])
+                        ("OW", 1, big), ("panel", 1, big), ("nslots", 1, 64), ("algo", 0, 1), ("rb", 1, big)])
         if d["C"] % d["G"] or d["M"] % d["G"]:
             self.fail(f"group {d['G']} does not divide C = {d['C']} and M = {d['M']}")
         self.dims("conv sizes", [d["N"], d["C"], d["H"], d["W"]])
@@ -710,19 +712,33 @@ class _Decoder:
         kc = d["C"] // d["G"] * d["kh"] * d["kw"]
         if kc >= 2 ** 31 or d["OH"] * d["OW"] >= 2 ** 31:
             self.fail(f"conv panel dimensions Kc = {kc}, OH*OW = {d['OH'] * d['OW']} exceed BLAS's int range")
+        if d["algo"] == 1:
+            if d["rb"] > conv_layout.rows(op, d):
+                self.fail(f"rb = {d['rb']} is more than the output rows")
+            need = conv_layout.tiles(op, d, isz, d["rb"])["slot"]
+            if d["panel"] < need or d["panel"] % 16:
+                self.fail(f"panel = {d['panel']}: algo 1's scratch slot needs {need} elements (a multiple of 16)")
+            return isz, kc, d["panel"]
         if d["panel"] > d["OH"] * d["OW"]:
             self.fail(f"panel = {d['panel']} is larger than OH*OW = {d['OH'] * d['OW']}")
         slot = (kc * d["panel"] + 15) // 16 * 16
         return isz, kc, slot
 
-    def _conv_scratch(self, d, isz, kc, slot, extra=0):
+    def _conv_scratch(self, d, isz, kc, slot, extra=0, op="conv"):
         direct = d["G"] > 1 and d["C"] == d["G"]
-        self.operand(d, "scratch", 0 if direct else (d["nslots"] * slot + extra) * isz, writable=True, align=isz)
+        if direct:
+            n = extra
+        elif d["algo"] == 1:
+            n = conv_layout.scratch_elements(op, d, isz, d["rb"], d["nslots"], slot, d.get("nchunks", 1),
+                                             bool(d.get("sgd", 0)))
+        else:
+            n = d["nslots"] * slot + extra
+        self.operand(d, "scratch", n * isz, writable=True, align=isz)
 
     def op_conv(self, d):
         """act 0 none, 1 relu, 3 the VM step epi.vm with immediate (or unused) operands only; optional
         per-channel b and scale; pre (optional) of y's size, and only with an activation."""
-        isz, kc, slot = self._conv_geometry(d)
+        isz, kc, slot = self._conv_geometry(d, "conv")
         act = self.rng("act", d["act"], 0, 3)
         if act == 2:
             self.fail("act = 2 is not a conv epilogue (0 none, 1 relu, 3 a VM step)")
@@ -750,17 +766,17 @@ class _Decoder:
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_input(self, d):
-        isz, kc, slot = self._conv_geometry(d)
+        isz, kc, slot = self._conv_geometry(d, "conv_grad_input")
         self.fields(d, [("cblock", 1, d["C"] // d["G"])])
         self.operand(d, "w", d["M"] * kc * isz, align=isz)
         self.operand(d, "dy", d["N"] * d["M"] * d["OH"] * d["OW"] * isz, align=isz)
         self.operand(d, "dx", d["N"] * d["C"] * d["H"] * d["W"] * isz, writable=True, align=isz)
-        self._conv_scratch(d, isz, kc, slot)
+        self._conv_scratch(d, isz, kc, slot, op="conv_grad_input")
 
     def op_conv_grad_weight(self, d):
         """sgd 1: dw is the param updated in place (lr, weight_decay constants); the direct path then sums
         the gradient into M * Kc elements of scratch."""
-        isz, kc, slot = self._conv_geometry(d)
+        isz, kc, slot = self._conv_geometry(d, "conv_grad_weight")
         self.fields(d, [("nchunks", 1, 64), ("sgd", 0, 1)])
         if d["sgd"]:
             self.const(d, "lr")
@@ -772,7 +788,7 @@ class _Decoder:
         if direct:
             self.operand(d, "scratch", d["M"] * kc * isz if d["sgd"] else 0, writable=True, align=isz)
         else:
-            self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc)
+            self._conv_scratch(d, isz, kc, slot, d["nchunks"] * d["M"] * kc, "conv_grad_weight")
 
     # -- format 2.3: pooling (ops_pool.py): reads are at coordinates checked against H and W
     def _pool_geometry(self, d):

@@ -1,0 +1,137 @@
+/* Convolution microkernels over "shifted-row" tiles (template part, included by kernels_tmpl.h once per
+ * element type and ISA copy; _conv.pxi builds the tiles and drives them).
+ *
+ * Why: im2col + BLAS moved Kc x P values through memory per image (9x the input for a 3x3 conv) and ran
+ * GEMMs with M = 16..64 output channels, where OpenBLAS's packing dominates (35-75 GFLOP/s on 2 cores for
+ * W6's layers).  Here the input of one block of output rows is copied once into a zero-padded, stride-
+ * phase-split tile (tile[ch][phase][row][col], rows of width Wq), so that every kernel tap (ch, i, j) of
+ * output pixel q (a "virtual" pixel: row-major over the block's rows of width Wq, the columns past the
+ * output width are junk the caller drops) reads tile[off[k] + q]: a contiguous vector load at a constant
+ * offset per tap.  The accumulators of MR output channels x NV vectors of pixels stay in registers for the
+ * whole K = channels x taps reduction (the register-blocked GEMM oneDNN's direct convolutions use).
+ *
+ * Sum order: k = 0..K-1, one FMA per (m, q, k), the same for every thread count and tile position;
+ * vector width and FMA contraction differ between ISA copies (so, as for any kernel here, bits may differ
+ * between LIBML_ISA settings, never between thread counts).
+ *
+ * Register budget: AVX-512 32 zmm (MR 4 x NV 6 accumulators), AVX2 / baseline 16 ymm (4 x 3). */
+
+#if defined(__AVX512F__)
+#define LM_CV_BYTES 64
+#define LM_CV_NVMAX 6
+#define LM_CV_DW_MV 1
+#define LM_CV_DW_KR 12
+#else
+#define LM_CV_BYTES 32
+#define LM_CV_NVMAX 3
+#define LM_CV_DW_MV 2
+#define LM_CV_DW_KR 6
+#endif
+/* output channels per forward microkernel (the plan pads the packed weights to a multiple of it) */
+#define LM_CV_MR 4
+
+typedef LM_T LM_SFX(lm_cv_vec) __attribute__((vector_size(LM_CV_BYTES), aligned(sizeof(LM_T)), may_alias));
+#define LM_CV_V LM_SFX(lm_cv_vec)
+#define LM_CV_VL ((int64_t)(LM_CV_BYTES / sizeof(LM_T)))
+
+/* out[m*ldo + q] = sum_k wp[k*MR + m] * tile[off[k] + q], m < MR, q < NV*VL */
+#define LM_CV_MK(NV)                                                                                     \
+static inline void LM_SFX(lm_cv_mk##NV)(int64_t K, const LM_T *restrict wp, const int64_t *restrict off,  \
+                                        const LM_T *restrict tile, LM_T *restrict out, int64_t ldo)      \
+{                                                                                                        \
+    LM_CV_V acc[LM_CV_MR][NV];                                                                            \
+    for (int m = 0; m < LM_CV_MR; m++)                                                                   \
+        for (int v = 0; v < NV; v++) acc[m][v] = (LM_CV_V){0};                                           \
+    for (int64_t k = 0; k < K; k++) {                                                                    \
+        const LM_T *t = tile + off[k];                                                                   \
+        LM_CV_V xv[NV];                                                                                  \
+        for (int v = 0; v < NV; v++) xv[v] = *(const LM_CV_V *)(t + v * LM_CV_VL);                       \
+        for (int m = 0; m < LM_CV_MR; m++) {                                                             \
+            LM_T w = wp[k * LM_CV_MR + m];                                                               \
+            for (int v = 0; v < NV; v++) acc[m][v] += xv[v] * w;                                         \
+        }                                                                                                \
+    }                                                                                                    \
+    for (int m = 0; m < LM_CV_MR; m++)                                                                   \
+        for (int v = 0; v < NV; v++) *(LM_CV_V *)(out + m * ldo + v * LM_CV_VL) = acc[m][v];            \
+}
+LM_CV_MK(1)
+LM_CV_MK(2)
+LM_CV_MK(3)
+#if LM_CV_NVMAX > 3
+LM_CV_MK(4)
+LM_CV_MK(5)
+LM_CV_MK(6)
+#endif
+#undef LM_CV_MK
+
+/* The forward product of one tile: out[m*ldo + q] for m < Mp (a multiple of LM_CV_MR; wp holds Mp/MR
+ * packed blocks of K*MR weights, block-major) and q < Qp (a multiple of 16 elements, so of every ISA's
+ * vector length).  tile must be readable up to the largest off[k] + Qp. */
+static void LM_SFX(lm_conv_tile)(int64_t Mp, int64_t Qp, int64_t K, const LM_T *wp, const int64_t *off,
+                                 const LM_T *tile, LM_T *out, int64_t ldo)
+{
+    const int64_t NR = LM_CV_NVMAX * LM_CV_VL;
+    for (int64_t m0 = 0; m0 < Mp; m0 += LM_CV_MR) {
+        const LM_T *w = wp + m0 * K;
+        LM_T *o = out + m0 * ldo;
+        int64_t q0 = 0;
+        for (; q0 + NR <= Qp; q0 += NR)
+#if LM_CV_NVMAX > 3
+            LM_SFX(lm_cv_mk6)(K, w, off, tile + q0, o + q0, ldo);
+#else
+            LM_SFX(lm_cv_mk3)(K, w, off, tile + q0, o + q0, ldo);
+#endif
+        switch ((Qp - q0) / LM_CV_VL) {
+        case 0: break;
+        case 1: LM_SFX(lm_cv_mk1)(K, w, off, tile + q0, o + q0, ldo); break;
+        case 2: LM_SFX(lm_cv_mk2)(K, w, off, tile + q0, o + q0, ldo); break;
+#if LM_CV_NVMAX > 3
+        case 3: LM_SFX(lm_cv_mk3)(K, w, off, tile + q0, o + q0, ldo); break;
+        case 4: LM_SFX(lm_cv_mk4)(K, w, off, tile + q0, o + q0, ldo); break;
+        default: LM_SFX(lm_cv_mk5)(K, w, off, tile + q0, o + q0, ldo); break;
+#else
+        default: break;
+#endif
+        }
+    }
+}
+
+/* The weight gradient's product of one tile, accumulated: acc[k*Mv + m] += sum_q dyT[q*Mv + m] *
+ * tile[off[k] + q] for k < Kp (a multiple of 12), m < Mv (a multiple of 16 elements), q = 0..Q-1 in
+ * order.  dyT is the output gradient of the tile's virtual pixels, pixel-major (zero at junk pixels and
+ * padded channels). */
+static void LM_SFX(lm_conv_dw_tile)(int64_t Mv, int64_t Kp, int64_t Q, const LM_T *restrict dyT,
+                                    const int64_t *restrict off, const LM_T *restrict tile,
+                                    LM_T *restrict acc)
+{
+    const int64_t MB = LM_CV_DW_MV * LM_CV_VL;
+    for (int64_t k0 = 0; k0 < Kp; k0 += LM_CV_DW_KR) {
+        const LM_T *tk[LM_CV_DW_KR];
+        for (int r = 0; r < LM_CV_DW_KR; r++) tk[r] = tile + off[k0 + r];
+        for (int64_t m0 = 0; m0 < Mv; m0 += MB) {
+            LM_CV_V a[LM_CV_DW_KR][LM_CV_DW_MV];
+            LM_T *c = acc + k0 * Mv + m0;
+            for (int r = 0; r < LM_CV_DW_KR; r++)
+                for (int v = 0; v < LM_CV_DW_MV; v++) a[r][v] = *(const LM_CV_V *)(c + r * Mv + v * LM_CV_VL);
+            for (int64_t q = 0; q < Q; q++) {
+                LM_CV_V d[LM_CV_DW_MV];
+                const LM_T *dq = dyT + q * Mv + m0;
+                for (int v = 0; v < LM_CV_DW_MV; v++) d[v] = *(const LM_CV_V *)(dq + v * LM_CV_VL);
+                for (int r = 0; r < LM_CV_DW_KR; r++) {
+                    LM_T x = tk[r][q];
+                    for (int v = 0; v < LM_CV_DW_MV; v++) a[r][v] += d[v] * x;
+                }
+            }
+            for (int r = 0; r < LM_CV_DW_KR; r++)
+                for (int v = 0; v < LM_CV_DW_MV; v++) *(LM_CV_V *)(c + r * Mv + v * LM_CV_VL) = a[r][v];
+        }
+    }
+}
+
+#undef LM_CV_V
+#undef LM_CV_VL
+#undef LM_CV_BYTES
+#undef LM_CV_NVMAX
+#undef LM_CV_DW_MV
+#undef LM_CV_DW_KR
+#undef LM_CV_MR
