@@ -147,6 +147,24 @@ def main():
             raise RuntimeError("rank 1 fails on purpose")
         for _ in range(1000):
             prog.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]})
+    elif case == "caught":  # rank 1's step raises (a bad feed), it catches the error and stops stepping
+        prog, _ = train(lc, "sgd", rank, size, "mpi")
+        x, y = data(0)
+        lo = rank * (B // size)
+        feeds = {"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]}
+        prog.step(feeds)
+        if rank == 1:
+            try:
+                prog.step({"x": x[:3], "y": y[:3]})
+            except ValueError as e:
+                save(f"{out}.rank1.npz", error=np.array(str(e)))
+            return  # (rank 1 leaves the job without an error)
+        try:
+            for _ in range(100):
+                prog.step(feeds)
+        except Exception as e:  # noqa: BLE001 - the error rank 0 gets is what the test checks
+            save(f"{out}.rank0.npz", error=np.array(f"{type(e).__name__}: {e}"))
+            raise
     elif case == "kill":  # rank 1 is killed (SIGKILL) mid-training
         import signal
         prog, _ = train(lc, "sgd", rank, size, "mpi")

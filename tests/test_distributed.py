@@ -187,6 +187,15 @@ def test_a_rank_that_raises_ends_the_job_with_its_error_not_a_hang(tmp_path):
     assert "rank 1 fails on purpose" in r.stderr and "aborting the MPI job" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_rank_that_catches_its_error_and_stops_leaves_the_others_a_timeout_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBML_MPI_TIMEOUT", "3")
+    r = mpirun("caught", str(tmp_path / "c"), timeout=90, check=False)
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "feed" in str(np.load(tmp_path / "c.rank1.npz")["error"])
+    err = str(np.load(tmp_path / "c.rank0.npz")["error"])
+    assert err.startswith("RuntimeFailure: allreduce did not complete within 3 s (LIBML_MPI_TIMEOUT) on rank 0 of 2"), err
+
+
 def test_a_killed_rank_ends_the_job_with_an_error_not_a_hang(tmp_path):
     r = mpirun("kill", str(tmp_path / "k"), timeout=60, check=False)
     assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -524,10 +524,10 @@ cdef void _dw_dw_task(floating dummy, const _cgeo *g, int64_t m, const floating 
 # zero in the weight gradient's dyT, so they add nothing).
 #
 # scratch (elements of the plan's dtype, in this order): off (Kp int64s, rounded up to 16 elements), the
-# packed weights (forward / input gradient: G blocks of Mp*Kc, MR-wide, rounded up to 16), nslots
+# weights of the input gradient (G blocks of Co x Kc rows, flipped; the region is G*Mp*Kc rounded up to 16, reserved for the forward too, which reads W itself), nslots
 # thread slots of `panel` elements (tile, then the output tile Mp*Qp or the weight gradient's dyT
 # Qp*Mv), then (weight gradient) nchunks partials of G*Kp*Mv and, with sgd, the summed gradient M*Kc.
-# ops_conv.tiled_plan computes the same sizes; _tg_init checks `panel` against them.
+# conv_layout.py computes the same sizes; _tiled_scratch_ok checks `panel` against them.
 
 DEF TG_MR = 4      # kernels_conv.h LM_CV_MR: output channels per forward microkernel
 DEF TG_KR = 12     # the weight gradient's k tiles (a multiple of every ISA copy's LM_CV_DW_KR)
@@ -591,91 +591,57 @@ cdef void _tg_offsets(const _tg *t, int64_t *off) noexcept nogil:
         off[k] = 0
 
 
-cdef void _tg_build(floating dummy, const _tg *t, const floating *src, int64_t u0, floating *tile) noexcept nogil:
+cdef inline void _tg_build(floating dummy, const _tg *t, const floating *src, int64_t u0, floating *tile) noexcept nogil:
     """tile[ch][a][b][R][col] = src[ch, (u0 + rmin + R)*sh + a, (cmin + col)*sw + b] (0 outside), all
-    phases (so a junk read that runs past a plane lands on built values), then zeros to tile_n."""
-    cdef int64_t ch, a, b, R, ih, lo, hi, col, plane = t.Rq * t.Wq, used
-    cdef floating *row
-    cdef const floating *sr
-    for ch in range(t.Ci):
-        for a in range(t.sh):
-            for b in range(t.sw):
-                row = tile + ((ch * t.sh + a) * t.sw + b) * plane
-                _valid_span(t.cmin * t.sw + b, t.sw, t.Wi, t.Wq, &lo, &hi)
-                for R in range(t.Rq):
-                    ih = (u0 + t.rmin + R) * t.sh + a
-                    if ih < 0 or ih >= t.Hi:
-                        memset(row, 0, <size_t>t.Wq * sizeof(floating))
-                    else:
-                        sr = src + (ch * t.Hi + ih) * t.Wi + t.cmin * t.sw + b
-                        for col in range(lo):
-                            row[col] = 0
-                        if t.sw == 1:
-                            memcpy(row + lo, sr + lo, <size_t>(hi - lo) * sizeof(floating))
-                        else:
-                            for col in range(lo, hi):
-                                row[col] = sr[col * t.sw]
-                        for col in range(hi, t.Wq):
-                            row[col] = 0
-                    row += t.Wq
-    used = t.Ci * t.nph * plane
-    memset(tile + used, 0, <size_t>(t.tile_n - used) * sizeof(floating))
-
-
-cdef inline void _tg_mk(floating dummy, int64_t Mp, int64_t Qp, int64_t K, const floating *wp, const int64_t *off,
-                        const floating *tile, floating *out, int64_t ldo) noexcept nogil:
+    phases (so a junk read that runs past a plane lands on built values), then zeros to tile_n
+    (kernels_conv.h lm_conv_build)."""
     if floating is float:
-        lm_conv_tile_f32(Mp, Qp, K, wp, off, tile, out, ldo)
+        lm_conv_build_f32(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.tile_n, tile)
     else:
-        lm_conv_tile_f64(Mp, Qp, K, wp, off, tile, out, ldo)
+        lm_conv_build_f64(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.tile_n, tile)
+
+
+cdef inline void _tg_mk(floating dummy, int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const floating *w,
+                        const int64_t *off, const floating *tile, floating *out, int64_t ldo) noexcept nogil:
+    if floating is float:
+        lm_conv_tile_f32(Mp, Co, Qp, K, w, K, off, tile, out, ldo)
+    else:
+        lm_conv_tile_f64(Mp, Co, Qp, K, w, K, off, tile, out, ldo)
 
 
 cdef bint _tiled_scratch_ok(const _tg *t, int64_t G, int64_t slot, bint dw) noexcept nogil:
     return slot >= t.tile_n + (t.Qp * t.Mv if dw else t.Mp * t.Qp) and slot % 16 == 0
 
 
-cdef void _tg_pack_fwd(floating dummy, const _tg *t, int64_t G, const floating *w, floating *wp) noexcept nogil:
-    """wp[g][mt][k][MR] = W[g*Co + mt*MR + l, k] (k = ch*kh*kw + tap), zero for padded channels."""
-    cdef int64_t g, o, k, l
-    for g in range(G):
-        for o in range(t.Mp):
-            l = o % TG_MR
-            for k in range(t.Kc):
-                wp[g * t.Mp * t.Kc + (o - l) * t.Kc + k * TG_MR + l] = \
-                    w[(g * t.Co + o) * t.Kc + k] if o < t.Co else 0
-
-
 cdef void _tg_pack_dx(floating dummy, const _tg *t, int64_t G, int64_t kh, int64_t kw, const floating *w,
                       floating *wp) noexcept nogil:
-    """The input gradient's weights: output c (of Co = C/G), input m (of Ci = M/G), taps (i', j') of the
-    conv's kh x kw kernel at i = i0 - i'*ist, j = j0 - j'*jst (stride 1: flipped):
-    wt(c, m, i', j') = W[g*Ci + m, c, i, j]."""
-    cdef int64_t g, o, l, m, i, j, ntap = kh * kw
+    """The input gradient's weights as the rows the forward kernel reads, wt[g][c][k] (G blocks of Co x Kc):
+    output c (of Co = C/G), input m (of Ci = M/G), taps (i', j') of the conv's kh x kw kernel at
+    i = i0 - i'*ist, j = j0 - j'*jst (stride 1: flipped): wt(c, m, i', j') = W[g*Ci + m, c, i, j]."""
+    cdef int64_t g, o, m, i, j, ntap = kh * kw
     for g in range(G):
-        for o in range(t.Mp):
-            l = o % TG_MR
+        for o in range(t.Co):
             for m in range(t.Ci):
                 for i in range(t.kh):
                     for j in range(t.kw):
-                        wp[g * t.Mp * t.Kc + (o - l) * t.Kc + ((m * t.kh + i) * t.kw + j) * TG_MR + l] = \
-                            w[((g * t.Ci + m) * t.Co + o) * ntap + (t.i0 - i * t.ist) * kw + (t.j0 - j * t.jst)] \
-                            if o < t.Co else 0
+                        wp[(g * t.Co + o) * t.Kc + (m * t.kh + i) * t.kw + j] = \
+                            w[((g * t.Ci + m) * t.Co + o) * ntap + (t.i0 - i * t.ist) * kw + (t.j0 - j * t.jst)]
 
 
-cdef int _tiled_apply(floating dummy, const _tg *t, int64_t N, int64_t G, const floating *src,
+cdef int _tiled_apply(floating dummy, const _tg *t, int64_t N, int64_t G, const floating *src, const floating *wt,
                       floating *dst, floating *pre_or_dst, const _cepi *e, floating *scratch, int64_t slot,
                       int nt) noexcept nogil:
-    """out = the tap convolution of src (N, G*Ci, Hi, Wi) into pre_or_dst (N, G*Co, U, V), one task per
-    (image, group, row block); with an epilogue e (forward) each output row then runs it into dst."""
+    """out = the tap convolution of src (N, G*Ci, Hi, Wi) with the weight rows wt (G blocks of Co x Kc) into
+    pre_or_dst (N, G*Co, U, V), one task per (image, group, row block); with an epilogue e (forward) each
+    output row then runs it into dst.  The offsets are at scratch, the slots after the packed-weight region."""
     cdef int64_t *off = <int64_t*>scratch
-    cdef floating *wp = scratch + t.noff
-    cdef floating *slots = wp + _r16(G * t.Mp * t.Kc)
+    cdef floating *slots = scratch + t.noff + _r16(G * t.Mp * t.Kc)
     cdef int64_t ntasks = N * G * t.nrb, k
     cdef floating *tile
     with parallel(num_threads=nt):
         tile = slots + threadid() * slot
         for k in prange(ntasks, schedule="static"):
-            _tiled_task(dummy, t, k, G, src, dst, pre_or_dst, e, off, wp, tile, tile + t.tile_n)
+            _tiled_task(dummy, t, k, G, src, dst, pre_or_dst, e, off, wt, tile, tile + t.tile_n)
     return 0
 
 
@@ -689,7 +655,7 @@ cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const 
     cdef floating *y
     _tg_build(dummy, t, src + (n * G + gr) * t.Ci * t.Hi * t.Wi, u0, tile)
     Qp = _r16(nrows * t.Wq)
-    _tg_mk(dummy, t.Mp, Qp, t.Kc, wp + gr * t.Mp * t.Kc, off, tile, out, t.Qp)
+    _tg_mk(dummy, t.Mp, t.Co, Qp, t.Kc, wp + gr * t.Co * t.Kc, off, tile, out, t.Qp)
     cdef int64_t v
     cdef const floating *src_row
     for m in range(t.Co):
@@ -714,8 +680,7 @@ cdef int _conv_tiled(floating dummy, const _cgeo *g, floating *x, floating *w, f
     if not _tiled_scratch_ok(&t, g.G, g.panel, False):
         return ERR_MALFORMED
     _tg_offsets(&t, <int64_t*>scratch)
-    _tg_pack_fwd(dummy, &t, g.G, w, scratch + t.noff)
-    return _tiled_apply(dummy, &t, g.N, g.G, x, y, <floating*>e.pre if e.pre != NULL else y, e, scratch,
+    return _tiled_apply(dummy, &t, g.N, g.G, x, w, y, <floating*>e.pre if e.pre != NULL else y, e, scratch,
                         g.panel, _conv_threads(g, g.N * g.G * t.nrb, nthreads))
 
 
@@ -754,7 +719,7 @@ cdef int _conv_grad_input_tiled(floating dummy, const _cgeo *g, floating *w, flo
             return ERR_MALFORMED
         _tg_offsets(&t, <int64_t*>scratch)
         _tg_pack_dx(dummy, &t, g.G, g.kh, g.kw, w, scratch + t.noff)
-        return _tiled_apply(dummy, &t, g.N, g.G, dy, dx, dx, NULL, scratch, g.panel,
+        return _tiled_apply(dummy, &t, g.N, g.G, dy, scratch + t.noff, dx, dx, NULL, scratch, g.panel,
                             _conv_threads(g, g.N * g.G * t.nrb, nthreads))
     _zero(dummy, dx, g.N * g.C * g.HW, nthreads)
     for a in range(min(g.sh, g.H)):
@@ -772,7 +737,7 @@ cdef int _conv_grad_input_tiled(floating dummy, const _cgeo *g, floating *w, flo
                 return ERR_MALFORMED
             _tg_offsets(&t, <int64_t*>scratch)
             _tg_pack_dx(dummy, &t, g.G, g.kh, g.kw, w, scratch + t.noff)
-            _tiled_apply(dummy, &t, g.N, g.G, dy, dx, dx, NULL, scratch, g.panel,
+            _tiled_apply(dummy, &t, g.N, g.G, dy, scratch + t.noff, dx, dx, NULL, scratch, g.panel,
                          _conv_threads(g, g.N * g.G * t.nrb, nthreads))
     return 0
 

@@ -104,10 +104,14 @@ cdef extern from "kernels.h" nogil:
                         const float *x, float *y)
     void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
                         const double *x, double *y)
-    void lm_conv_tile_f32(int64_t Mp, int64_t Qp, int64_t K, const float *wp, const int64_t *off,
-                          const float *tile, float *out, int64_t ldo)
-    void lm_conv_tile_f64(int64_t Mp, int64_t Qp, int64_t K, const double *wp, const int64_t *off,
-                          const double *tile, double *out, int64_t ldo)
+    void lm_conv_tile_f32(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const float *w, int64_t ldw,
+                          const int64_t *off, const float *tile, float *out, int64_t ldo)
+    void lm_conv_tile_f64(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const double *w, int64_t ldw,
+                          const int64_t *off, const double *tile, double *out, int64_t ldo)
+    void lm_conv_build_f32(const float *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t sh, int64_t sw,
+                           int64_t R0, int64_t Rq, int64_t cmin, int64_t Wq, int64_t tile_n, float *tile)
+    void lm_conv_build_f64(const double *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t sh, int64_t sw,
+                           int64_t R0, int64_t Rq, int64_t cmin, int64_t Wq, int64_t tile_n, double *tile)
     void lm_conv_dw_tile_f32(int64_t Mv, int64_t Kp, int64_t Q, const float *dyT, const int64_t *off,
                              const float *tile, float *acc)
     void lm_conv_dw_tile_f64(int64_t Mv, int64_t Kp, int64_t Q, const double *dyT, const int64_t *off,

@@ -28,7 +28,8 @@ cdef struct lm_mpi:
     unsigned char *pending  # per slot: 1 between its start and its wait
     int64_t npending
     char *status
-    int last_error          # the MPI error code of the last failed call (0: none)
+    int last_error          # the MPI error code of the last failed call (0: none; -1: a wait timed out)
+    double timeout          # seconds an allreduce_wait waits for its request (<= 0: no limit)
 
 
 cdef class MPIContext:
@@ -71,8 +72,17 @@ cdef class MPIContext:
 
     @property
     def last_error(self):
-        """The MPI error code of the last MPI call that failed (0: none)."""
+        """The MPI error code of the last MPI call that failed (0: none; -1: an allreduce_wait timed out)."""
         return self.c.last_error
+
+    @property
+    def timeout(self):
+        """Seconds an allreduce waits for the other ranks before the call fails (<= 0: no limit)."""
+        return self.c.timeout
+
+    @timeout.setter
+    def timeout(self, double seconds):
+        self.c.timeout = seconds
 
 
 cdef inline void _mpi_progress(lm_mpi *m) noexcept nogil:
@@ -119,7 +129,20 @@ cdef int _allreduce_wait(floating dummy, const int64_t *f, char **bases, const d
     cdef int rc
     if m == NULL or req >= m.nreq or not m.pending[req]:
         return ERR_MALFORMED
-    rc = m.wait(m.reqs + req * REQ_BYTES, m.status)
+    # MPI_Test until done (what MPI_Wait does inside Open MPI), but with a deadline: a rank that raised an
+    # exception it caught, or stopped stepping, never joins this allreduce, and MPI_Wait would block its
+    # peers for ever.  On a timeout the request stays pending (the executable then refuses further calls).
+    cdef int flag = 0
+    cdef double t0 = omp_get_wtime()
+    cdef int64_t spins = 0
+    while True:
+        rc = m.test(m.reqs + req * REQ_BYTES, &flag, m.status)
+        if rc != 0 or flag:
+            break
+        spins += 1
+        if m.timeout > 0 and (spins & 1023) == 0 and omp_get_wtime() - t0 > m.timeout:
+            m.last_error = -1
+            return ERR_MALFORMED
     m.pending[req] = 0
     m.npending -= 1
     if rc != 0:

@@ -329,6 +329,12 @@ class Executable:
             if rc != 0:
                 if self.check_finite:
                     self._state[...] = snapshot
+                if ctx is not None and ctx.last_error == -1 and ctx.npending:
+                    raise RuntimeFailure(
+                        f"allreduce did not complete within {ctx.timeout:g} s (LIBML_MPI_TIMEOUT) on rank "
+                        f"{self._mpi.rank} of {self._mpi.size}: another rank is not taking part in this step (it "
+                        f"raised an exception it caught, or stopped stepping); the ranks are out of step and the "
+                        f"job cannot continue")
                 raise self._error(entry, rc, bad, detail, feeds)
             out = {name: v.copy() for name, v in views}
             for name, slot, off, dt, shape in fed_outputs:  # an output that is a fed input: copy the feed

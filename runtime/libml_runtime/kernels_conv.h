@@ -34,22 +34,23 @@ typedef LM_T LM_SFX(lm_cv_vec) __attribute__((vector_size(LM_CV_BYTES), aligned(
 #define LM_CV_V LM_SFX(lm_cv_vec)
 #define LM_CV_VL ((int64_t)(LM_CV_BYTES / sizeof(LM_T)))
 
-/* out[m*ldo + q] = sum_k wp[k*MR + m] * tile[off[k] + q], m < MR, q < NV*VL */
+/* out[m*ldo + q] = sum_k w_m[k] * tile[off[k] + q], m < MR (w_m: MR weight rows), q < NV*VL */
 #define LM_CV_MK(NV)                                                                                     \
-static inline void LM_SFX(lm_cv_mk##NV)(int64_t K, const LM_T *restrict wp, const int64_t *restrict off,  \
+static inline void LM_SFX(lm_cv_mk##NV)(int64_t K, const LM_T *restrict const *w, const int64_t *restrict off, \
                                         const LM_T *restrict tile, LM_T *restrict out, int64_t ldo)      \
 {                                                                                                        \
     LM_CV_V acc[LM_CV_MR][NV];                                                                            \
+    const LM_T *restrict w0 = w[0], *restrict w1 = w[1], *restrict w2 = w[2], *restrict w3 = w[3];       \
     for (int m = 0; m < LM_CV_MR; m++)                                                                   \
         for (int v = 0; v < NV; v++) acc[m][v] = (LM_CV_V){0};                                           \
     for (int64_t k = 0; k < K; k++) {                                                                    \
         const LM_T *t = tile + off[k];                                                                   \
         LM_CV_V xv[NV];                                                                                  \
         for (int v = 0; v < NV; v++) xv[v] = *(const LM_CV_V *)(t + v * LM_CV_VL);                       \
-        for (int m = 0; m < LM_CV_MR; m++) {                                                             \
-            LM_T w = wp[k * LM_CV_MR + m];                                                               \
-            for (int v = 0; v < NV; v++) acc[m][v] += xv[v] * w;                                         \
-        }                                                                                                \
+        for (int v = 0; v < NV; v++) acc[0][v] += xv[v] * w0[k];                                         \
+        for (int v = 0; v < NV; v++) acc[1][v] += xv[v] * w1[k];                                         \
+        for (int v = 0; v < NV; v++) acc[2][v] += xv[v] * w2[k];                                         \
+        for (int v = 0; v < NV; v++) acc[3][v] += xv[v] * w3[k];                                         \
     }                                                                                                    \
     for (int m = 0; m < LM_CV_MR; m++)                                                                   \
         for (int v = 0; v < NV; v++) *(LM_CV_V *)(out + m * ldo + v * LM_CV_VL) = acc[m][v];            \
@@ -64,36 +65,75 @@ LM_CV_MK(6)
 #endif
 #undef LM_CV_MK
 
-/* The forward product of one tile: out[m*ldo + q] for m < Mp (a multiple of LM_CV_MR; wp holds Mp/MR
- * packed blocks of K*MR weights, block-major) and q < Qp (a multiple of 16 elements, so of every ISA's
- * vector length).  tile must be readable up to the largest off[k] + Qp. */
-static void LM_SFX(lm_conv_tile)(int64_t Mp, int64_t Qp, int64_t K, const LM_T *wp, const int64_t *off,
-                                 const LM_T *tile, LM_T *out, int64_t ldo)
+/* The forward product of one tile: out[m*ldo + q] for m < Mp (a multiple of LM_CV_MR) and q < Qp (a
+ * multiple of 16 elements, so of every ISA's vector length), from the weight rows w + m*ldw (K each;
+ * rows m >= Co read row Co - 1 and their outputs are junk).  No packing: the four rows stream side by
+ * side.  tile must be readable up to the largest off[k] + Qp. */
+static void LM_SFX(lm_conv_tile)(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const LM_T *w, int64_t ldw,
+                                 const int64_t *off, const LM_T *tile, LM_T *out, int64_t ldo)
 {
     const int64_t NR = LM_CV_NVMAX * LM_CV_VL;
     for (int64_t m0 = 0; m0 < Mp; m0 += LM_CV_MR) {
-        const LM_T *w = wp + m0 * K;
+        const LM_T *wr[LM_CV_MR];
+        for (int l = 0; l < LM_CV_MR; l++) wr[l] = w + (m0 + l < Co ? m0 + l : Co - 1) * ldw;
         LM_T *o = out + m0 * ldo;
         int64_t q0 = 0;
         for (; q0 + NR <= Qp; q0 += NR)
 #if LM_CV_NVMAX > 3
-            LM_SFX(lm_cv_mk6)(K, w, off, tile + q0, o + q0, ldo);
+            LM_SFX(lm_cv_mk6)(K, wr, off, tile + q0, o + q0, ldo);
 #else
-            LM_SFX(lm_cv_mk3)(K, w, off, tile + q0, o + q0, ldo);
+            LM_SFX(lm_cv_mk3)(K, wr, off, tile + q0, o + q0, ldo);
 #endif
         switch ((Qp - q0) / LM_CV_VL) {
         case 0: break;
-        case 1: LM_SFX(lm_cv_mk1)(K, w, off, tile + q0, o + q0, ldo); break;
-        case 2: LM_SFX(lm_cv_mk2)(K, w, off, tile + q0, o + q0, ldo); break;
+        case 1: LM_SFX(lm_cv_mk1)(K, wr, off, tile + q0, o + q0, ldo); break;
+        case 2: LM_SFX(lm_cv_mk2)(K, wr, off, tile + q0, o + q0, ldo); break;
 #if LM_CV_NVMAX > 3
-        case 3: LM_SFX(lm_cv_mk3)(K, w, off, tile + q0, o + q0, ldo); break;
-        case 4: LM_SFX(lm_cv_mk4)(K, w, off, tile + q0, o + q0, ldo); break;
-        default: LM_SFX(lm_cv_mk5)(K, w, off, tile + q0, o + q0, ldo); break;
+        case 3: LM_SFX(lm_cv_mk3)(K, wr, off, tile + q0, o + q0, ldo); break;
+        case 4: LM_SFX(lm_cv_mk4)(K, wr, off, tile + q0, o + q0, ldo); break;
+        default: LM_SFX(lm_cv_mk5)(K, wr, off, tile + q0, o + q0, ldo); break;
 #else
         default: break;
 #endif
         }
     }
+}
+
+/* The tile of one block of rows: tile[ch][a][b][R][col] = src[ch, (R0 + R)*sh + a, (cmin + col)*sw + b]
+ * (0 outside [0, Hi) x [0, Wi)), every phase, then zeros up to tile_n.  Here rather than in Cython so the
+ * row copies (stride sw reads) vectorise with restrict pointers. */
+static void LM_SFX(lm_conv_build)(const LM_T *restrict src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t sh,
+                                  int64_t sw, int64_t R0, int64_t Rq, int64_t cmin, int64_t Wq, int64_t tile_n,
+                                  LM_T *restrict tile)
+{
+    LM_T *restrict row = tile;
+    for (int64_t ch = 0; ch < Ci; ch++)
+        for (int64_t a = 0; a < sh; a++)
+            for (int64_t b = 0; b < sw; b++) {
+                /* the columns col with 0 <= (cmin + col)*sw + b < Wi: [lo, hi) */
+                int64_t first = cmin * sw + b, lo = 0, hi;
+                if (first < 0) lo = (-first + sw - 1) / sw;
+                hi = first > Wi - 1 ? 0 : (Wi - 1 - first) / sw + 1;
+                if (hi > Wq) hi = Wq;
+                if (lo > hi) lo = hi;
+                for (int64_t R = 0; R < Rq; R++, row += Wq) {
+                    int64_t ih = (R0 + R) * sh + a;
+                    if (ih < 0 || ih >= Hi) {
+                        memset(row, 0, (size_t)Wq * sizeof(LM_T));
+                        continue;
+                    }
+                    const LM_T *restrict sr = src + (ch * Hi + ih) * Wi + first;
+                    for (int64_t c = 0; c < lo; c++) row[c] = 0;
+                    if (sw == 1)
+                        memcpy(row + lo, sr + lo, (size_t)(hi - lo) * sizeof(LM_T));
+                    else if (sw == 2)
+                        for (int64_t c = lo; c < hi; c++) row[c] = sr[2 * c];
+                    else
+                        for (int64_t c = lo; c < hi; c++) row[c] = sr[c * sw];
+                    for (int64_t c = hi; c < Wq; c++) row[c] = 0;
+                }
+            }
+    memset(row, 0, (size_t)(tile_n - (row - tile)) * sizeof(LM_T));
 }
 
 /* The weight gradient's product of one tile, accumulated: acc[k*Mv + m] += sum_q dyT[q*Mv + m] *

@@ -16,18 +16,33 @@ never holds an address.  Then, collectively:
 Faults: the duplicated communicator's error handler is ``MPI_ERRORS_ARE_FATAL`` (an MPI failure, a peer that
 died, aborts the job with MPI's message instead of hanging), and ``sys.excepthook`` is wrapped so that an
 uncaught Python exception on any rank prints its traceback and calls ``MPI_Abort``: mpiexec then ends every
-rank, in bounded time.
+rank, in bounded time.  A rank that catches its exception (or simply stops stepping) would leave its peers
+inside an allreduce: every wait has a deadline, ``$LIBML_MPI_TIMEOUT`` seconds (default 300; 0 = none),
+after which the call raises ``RuntimeFailure`` naming the step's collective on the ranks still in it.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import hashlib
+import os
 import sys
 
 import numpy as np
 
 from . import format as F
+
+
+def wait_timeout():
+    """Seconds an allreduce waits for the other ranks: ``$LIBML_MPI_TIMEOUT`` (default 300; 0 = no limit)."""
+    text = os.environ.get("LIBML_MPI_TIMEOUT", "300").strip()
+    try:
+        v = float(text)
+    except ValueError:
+        raise DistributedError(f"LIBML_MPI_TIMEOUT must be a number of seconds, got {text!r}") from None
+    if not v >= 0:
+        raise DistributedError(f"LIBML_MPI_TIMEOUT must be >= 0 seconds, got {text!r}")
+    return v
 
 
 class DistributedError(RuntimeError):
@@ -159,6 +174,7 @@ class MPIBinding:
             _addr(lib, "MPI_Iallreduce"), _addr(lib, "MPI_Wait"), _addr(lib, "MPI_Test"), self.comm.handle,
             MPI.SUM.handle, MPI.FLOAT.handle, MPI.DOUBLE.handle, MPI.buffer(MPI.IN_PLACE).address,
             MPI.REQUEST_NULL.handle, max(reqs) + 1 if reqs else 0, MPI._sizeof(MPI.Status))
+        self.ctx.timeout = wait_timeout()
         if MPI._sizeof(MPI.Request) > 16:
             raise DistributedError(f"MPI_Request is {MPI._sizeof(MPI.Request)} bytes: the runtime's request slots "
                                    f"hold 16")
