@@ -52,6 +52,8 @@ def main(argv=None):
     limit = parse_size(args.memory_limit)
     D, B = 784, 128
     rows = int(args.gb * (1 << 30)) // (D * 4)
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)  # (the input file and the plan go into a temporary folder in it)
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         plan = os.path.join(d, "w2.plan")
         lc.compile(builders().mlp_forward([784, 512, 512, 10], B), num_threads=1).save(plan)
