@@ -14,7 +14,9 @@ Three measurements per workload (global batch B of common.WORKLOADS, plain SGD l
 
 **Ring-allreduce cost model.**  A bucket of M bytes over K ranks in a ring costs 2(K-1) messages of M/K
 bytes: ``t(M) = 2(K-1) * alpha + 2 (K-1)/K * M / beta`` (alpha: per-message latency, beta: bandwidth;
-the reduction arithmetic is left out: it is memory-bound and small next to the packing copies).  A step
+the reduction arithmetic is left out: it is memory-bound and small next to the packing copies), plus the
+packing copies themselves, ``4 M / copy_bw`` (allreduce_start copies a bucket's gradients in, allreduce_wait
+the scaled sum out; copy_bw is one rank's memcpy bandwidth, measured in the job).  A step
 moves ``sum over buckets`` of that, bucket sizes taken from the compiled plan (the loss scalar is a bucket
 of its own).  alpha and beta of *this* machine's transport (shared memory) are fitted from MPI_Allreduce
 of 8 bytes and of 16 MB inside the 2-rank job.  Predicted step time on K machines: ``t_comp(B/K) +
@@ -98,7 +100,16 @@ def _worker(args):
         k = size
         alpha = small / (2 * (k - 1))
         beta = 2 * (k - 1) / k * (16 << 20) / max(big - 2 * (k - 1) * alpha, 1e-9)
-        res.update(alpha_s=alpha, beta_Bps=beta)
+        # the packing copies: allreduce_start copies a bucket's gradients into its buffer, allreduce_wait
+        # copies the sum back scaled by 1/K: 2 reads + 2 writes of M bytes, one rank's memcpy bandwidth
+        a = np.ones(16 << 18, np.float32)
+        b = np.empty_like(a)
+        ts = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            np.copyto(b, a)
+            ts.append(time.perf_counter() - t0)
+        res.update(alpha_s=alpha, beta_Bps=beta, copy_Bps=2 * a.nbytes / float(np.median(ts)))
     if rank == 0:
         print("RESULT " + json.dumps(res), flush=True)
 
@@ -106,11 +117,13 @@ def _worker(args):
 # ---------------------------------------------------------------------------------------------------
 # the driver
 
-def ring_seconds(bucket_bytes, K, alpha, beta):
-    """Ring allreduce of every bucket over K ranks: 2(K-1) latencies and 2(K-1)/K of the bytes each."""
+def ring_seconds(bucket_bytes, K, alpha, beta, copy_Bps=None):
+    """Ring allreduce of every bucket over K ranks: 2(K-1) latencies and 2(K-1)/K of the bytes each, plus
+    (copy_Bps given) the packing copies, 4 M bytes of memory traffic per bucket of M bytes."""
     if K <= 1:
         return 0.0
-    return sum(2 * (K - 1) * alpha + 2 * (K - 1) / K * m / beta for m in bucket_bytes)
+    pack = sum(4 * m / copy_Bps for m in bucket_bytes) if copy_Bps else 0.0
+    return pack + sum(2 * (K - 1) * alpha + 2 * (K - 1) / K * m / beta for m in bucket_bytes)
 
 
 def _run(cmd, timeout):
@@ -147,11 +160,12 @@ def main(argv=None):
         single = _run(me + ["--wid", wid, "--threads", "2"], args.timeout)
         half = _run(me + ["--wid", wid, "--threads", "1", "--div", "2"], args.timeout)
         mpi = _run([mpiexec, "-n", "2"] + me + ["--wid", wid, "--threads", "1", "--div", "2", "--mpi"], args.timeout)
-        comm2 = ring_seconds(mpi["bucket_bytes"], 2, mpi["alpha_s"], mpi["beta_Bps"])
+        comm2 = ring_seconds(mpi["bucket_bytes"], 2, mpi["alpha_s"], mpi["beta_Bps"], mpi["copy_Bps"])
         predicted2 = half["step_ms"] / 1e3 + comm2
         net_a, net_b = args.latency_us * 1e-6, args.bandwidth_gbs * 1e9
         B = single["batch_per_rank"]
-        pred = {K: {"step_ms": (half["step_ms"] / 1e3 * 2 / K + ring_seconds(mpi["bucket_bytes"], K, net_a, net_b))
+        pred = {K: {"step_ms": (half["step_ms"] / 1e3 * 2 / K
+                                + ring_seconds(mpi["bucket_bytes"], K, net_a, net_b, mpi["copy_Bps"]))
                     * 1e3} for K in (2, 4, 8, 16)}
         for K, d in pred.items():
             d["samples_per_s"] = B / (d["step_ms"] / 1e3)
@@ -166,7 +180,8 @@ def main(argv=None):
               f"2 ranks x 1 thread {mpi['samples_per_s']:.0f} samples/s ({mpi['step_ms']:.2f} ms/step, "
               f"allreduce wait {mpi['wait_ms']:.2f} ms, start+pack {mpi['start_ms']:.2f} ms, "
               f"{len(mpi['bucket_bytes'])} buckets, {mb:.2f} MB/step)")
-        print(f"    model on this machine (alpha {mpi['alpha_s'] * 1e6:.1f} us, beta {mpi['beta_Bps'] / 1e9:.2f} GB/s): "
+        print(f"    model on this machine (alpha {mpi['alpha_s'] * 1e6:.1f} us, beta {mpi['beta_Bps'] / 1e9:.2f} GB/s, "
+              f"copies {mpi['copy_Bps'] / 1e9:.1f} GB/s): "
               f"{predicted2 * 1e3:.2f} ms/step predicted vs {mpi['step_ms']:.2f} measured "
               f"(compute {half['step_ms']:.2f} ms + comm {comm2 * 1e3:.2f} ms, no overlap credited)")
         print("    predicted on the network: " + ", ".join(
