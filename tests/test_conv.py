@@ -411,7 +411,7 @@ def test_the_plan_validator_refuses_bad_conv_fields():
                                       ("conv_grad_weight", "nslots", 1000, "nslots = 1000"),
                                       ("conv_grad_weight", "panel", 16, "panel = 16: algo 1's scratch slot needs"),
                                       ("conv_grad_weight", "rb", 10 ** 6, "rb = 1000000 is more than the output rows"),
-                                      ("conv_grad_weight", "algo", 2, "algo = 2"),
+                                      ("conv_grad_weight", "algo", 2, "algo 2 .* is for conv only"),
                                       ("conv_grad_input", "algo", 0, "is larger than OH\\*OW"),
                                       ("conv", "scratch.offset", 1 << 45, "scratch spans")):
         pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == opname)

@@ -193,6 +193,8 @@ cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *con
         return 0
     if g.algo == 1:
         return _conv_tiled(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads)
+    if g.algo == 2:
+        return _conv_ocv(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads)
     ntasks = g.N * g.G * g.npan
     nt = _conv_threads(&g, ntasks, nthreads)
     with parallel(num_threads=nt):
@@ -813,3 +815,87 @@ cdef void _tiled_dw_chunk(floating dummy, const _tg *t, const _cgeo *g, int64_t 
                 lm_conv_dw_tile_f32(t.Mv, t.Kp, nrows * t.Wq, dyT, off, tile, part + gr * t.Kp * t.Mv)
             else:
                 lm_conv_dw_tile_f64(t.Mv, t.Kp, nrows * t.Wq, dyT, off, tile, part + gr * t.Kp * t.Mv)
+
+
+# ------------------------------------------------------------------------------------------------
+# algo 2 (format 2.5): the channel-vector forward (kernels_conv.h lm_conv_ocv).  Scratch: the tap offsets
+# (noff elements), the packed weights wt[g][m // 16][k][m % 16] (zero for padded channels), then `nslots` slots of
+# `panel` elements: the block's zero-padded input tile (tile_n) and its output, pixel-major (r24(rb*V) x Mv).
+# conv_layout.ocv is the compiler's and the validator's copy of these sizes.
+
+cdef struct _og:
+    int64_t Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw, rb, nrb, Rt, Wt, Kc, Mv, tile_n, Pq, noff
+
+
+cdef void _og_init(_og *t, const _cgeo *g, int64_t isz) noexcept nogil:
+    t.Ci, t.Hi, t.Wi, t.Co, t.U, t.V = g.Cg, g.H, g.W, g.Mg, g.OH, g.OW
+    t.sh, t.sw, t.kh, t.kw, t.dh, t.dw, t.ph, t.pw = g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw
+    t.rb = g.rb if g.rb >= 1 else 1
+    t.nrb = (t.U + t.rb - 1) // t.rb
+    t.Rt = (t.rb - 1) * t.sh + (t.kh - 1) * t.dh + 1
+    t.Wt = (t.V - 1) * t.sw + (t.kw - 1) * t.dw + 1
+    t.Kc = t.Ci * t.kh * t.kw
+    t.Mv = (t.Co + TG_MV - 1) // TG_MV * TG_MV
+    t.tile_n = _r16(t.Ci * t.Rt * t.Wt)
+    t.Pq = (t.rb * t.V + 23) // 24 * 24
+    t.noff = _r16((t.Kc * 8 + isz - 1) // isz)
+
+
+cdef int _conv_ocv(floating dummy, const _cgeo *g, floating *x, floating *w, floating *y, const _cepi *e,
+                   floating *scratch, int nthreads) noexcept nogil:
+    """y = conv(x, w) + epilogue, one task per (image, group, block of rb output rows): build the block's
+    padded input tile, run lm_conv_ocv over it, then write each output row (channel-major) and its
+    epilogue.  Every split depends on the fields only (bit-identical for any thread count)."""
+    cdef _og t
+    _og_init(&t, g, sizeof(floating))
+    if g.panel < t.tile_n + t.Pq * t.Mv or g.panel % 16 != 0:
+        return ERR_MALFORMED
+    cdef int64_t *off = <int64_t*>scratch
+    cdef floating *wt = scratch + t.noff
+    cdef floating *slots = wt + g.G * t.Kc * t.Mv
+    cdef int64_t ch, i, j, k = 0, gr, m, ntasks = g.N * g.G * t.nrb
+    for ch in range(t.Ci):
+        for i in range(t.kh):
+            for j in range(t.kw):
+                off[k] = (ch * t.Rt + i * t.dh) * t.Wt + j * t.dw
+                k += 1
+    for gr in range(g.G):
+        for k in range(t.Kc):
+            for m in range(t.Mv):
+                wt[gr * t.Kc * t.Mv + (m // 16) * t.Kc * 16 + k * 16 + m % 16] = \
+                    w[(gr * t.Co + m) * t.Kc + k] if m < t.Co else 0
+    cdef floating *tile
+    cdef floating *pre_or_dst = <floating*>e.pre if e.pre != NULL else y
+    cdef int nt = _conv_threads(g, ntasks, nthreads)
+    with parallel(num_threads=nt):
+        tile = slots + threadid() * g.panel
+        for k in prange(ntasks, schedule="static"):
+            _ocv_task(dummy, &t, k, g.G, x, wt, y, pre_or_dst, e, off, tile, tile + t.tile_n)
+    return 0
+
+
+cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const floating *x, const floating *wt,
+                    floating *dst, floating *pre_or_dst, const _cepi *e, const int64_t *off, floating *tile,
+                    floating *outT) noexcept nogil:
+    cdef int64_t rbi = k % t.nrb, ng = k // t.nrb
+    cdef int64_t n = ng // G, gr = ng % G
+    cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), r, m, v, P = nrows * t.V
+    cdef const floating *src = x + (n * G + gr) * t.Ci * t.Hi * t.Wi
+    cdef const floating *ot
+    cdef floating *o
+    cdef floating *yr
+    if floating is float:
+        lm_conv_build_pad_f32(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+        lm_conv_ocv_f32(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tile, outT)
+    else:
+        lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+        lm_conv_ocv_f64(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tile, outT)
+    for m in range(t.Co):
+        for r in range(nrows):
+            o = pre_or_dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V
+            ot = outT + r * t.V * t.Mv + m
+            for v in range(t.V):
+                o[v] = ot[v * t.Mv]
+            if e.b != NULL or e.scale != NULL or e.act != 0:
+                yr = dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V
+                _conv_epi_row(dummy, e, gr * t.Co + m, o, yr, t.V)

@@ -116,6 +116,14 @@ cdef extern from "kernels.h" nogil:
                              const float *tile, float *acc)
     void lm_conv_dw_tile_f64(int64_t Mv, int64_t Kp, int64_t Q, const double *dyT, const int64_t *off,
                              const double *tile, double *acc)
+    void lm_conv_ocv_f32(int64_t Mv, int64_t P, int64_t V, int64_t sh, int64_t sw, int64_t Wt, int64_t K,
+                         const float *wt, const int64_t *off, const float *tile, float *outT)
+    void lm_conv_ocv_f64(int64_t Mv, int64_t P, int64_t V, int64_t sh, int64_t sw, int64_t Wt, int64_t K,
+                         const double *wt, const int64_t *off, const double *tile, double *outT)
+    void lm_conv_build_pad_f32(const float *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t r0, int64_t Rt,
+                               int64_t pw, int64_t Wt, int64_t tile_n, float *tile)
+    void lm_conv_build_pad_f64(const double *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t r0, int64_t Rt,
+                               int64_t pw, int64_t Wt, int64_t tile_n, double *tile)
     void lm_batch_norm_channel_f32(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, double eps,
                                    double mom, const float *x, const float *scale, const float *bias, float *rmean,
                                    float *rvar, float *y, float *mean, float *rstd, float *nmean, float *nvar)

@@ -1,4 +1,5 @@
-"""The tiled convolution's scratch layout (format 2.4, conv instructions with ``algo`` 1).
+"""The tiled convolutions' scratch layouts (format 2.4, conv instructions with ``algo`` 1; format 2.5, the
+forward's ``algo`` 2, ``ocv``).
 
 Computed here once for the compiler (``libml_compile.ops_conv`` sizes the scratch it asks the arena for)
 and for the plan validator (``plan.py`` checks the scratch operand against it); ``_conv.pxi``'s
@@ -97,3 +98,24 @@ def scratch_elements(op, d, isz, rb, nslots, panel, nchunks=1, sgd=False):
     if op in ("conv_grad_weight", "conv_sgd"):
         return t["noff"] + nslots * panel + nchunks * d["G"] * t["Kp"] * t["Mv"] + (d["M"] * t["Kc"] if sgd else 0)
     return t["noff"] + _r16(d["G"] * t["wp"]) + nslots * panel
+
+
+def ocv(d, isz, rb):
+    """algo 2 (the channel-vector forward, conv only; _conv.pxi ``_og_init``): Rt x Wt the padded input
+    tile of one block of rb output rows, Mv the channels padded to 16, slot (``panel`` must be at least
+    that): the tile plus the block's output, pixel-major, rows padded to 24; wt the packed weights."""
+    rb = max(1, rb)
+    Cg, Mg = d["C"] // d["G"], d["M"] // d["G"]
+    Rt = (rb - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] + 1
+    Wt = (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] + 1
+    Kc = Cg * d["kh"] * d["kw"]
+    Mv = -(-Mg // MV) * MV
+    tile = _r16(Cg * Rt * Wt)
+    return {"Rt": Rt, "Wt": Wt, "Kc": Kc, "Mv": Mv, "tile": tile, "slot": tile + -(-(rb * d["OW"]) // 24) * 24 * Mv,
+            "noff": _r16(-(-(Kc * 8) // isz)), "wt": d["G"] * Kc * Mv, "nrb": -(-d["OH"] // rb)}
+
+
+def ocv_scratch_elements(d, isz, rb, nslots, panel):
+    """Elements of scratch algo 2 uses: offsets, packed weights, nslots slots of panel."""
+    t = ocv(d, isz, rb)
+    return t["noff"] + t["wt"] + nslots * panel

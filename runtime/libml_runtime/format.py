@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 4
+MAJOR, MINOR = 2, 5
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -169,6 +169,10 @@ OPCODES = [
     # microkernels; `panel` is then the elements of one thread's scratch slot (the runtime checks it
     # against the geometry and refuses a smaller one), `nslots` the slots.  2.3 plans with convolutions do
     # not load (their instructions are two fields shorter): recompile them.
+    # Format 2.5: algo 2 (conv only), the channel-vector forward (kernels_conv.h lm_conv_ocv): per task one
+    # block of `rb` output rows whose input is copied into a zero-padded tile (no phase split); vectors run
+    # over 16 output channels and each pixel's inputs are broadcast, so no junk columns are computed;
+    # `panel` is one thread's slot (tile + the block's pixel-major output), checked by the runtime.
     # The epilogue, per output value v of channel m while its panel is in cache: v = v * scale[m] (scale.slot
     # -1: none; an eval-mode BatchNorm's per-channel factor, passes.fuse_conv_epilogues), v = v + b[m] (b.slot
     # -1: no bias), then pre[.] = v when pre.slot >= 0 (the activation's input, kept for a gradient that

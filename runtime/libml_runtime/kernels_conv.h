@@ -65,6 +65,20 @@ LM_CV_MK(6)
 #endif
 #undef LM_CV_MK
 
+/* The one-vector tail with 8 weight rows: 8 accumulators hide the FMA latency that leaves lm_cv_mk1 (4
+ * accumulators) at half speed; the same sum order per output. */
+static inline void LM_SFX(lm_cv_mk1x8)(int64_t K, const LM_T *restrict const *w, const int64_t *restrict off,
+                                       const LM_T *restrict tile, LM_T *restrict out, int64_t ldo)
+{
+    LM_CV_V acc[8];
+    for (int m = 0; m < 8; m++) acc[m] = (LM_CV_V){0};
+    for (int64_t k = 0; k < K; k++) {
+        LM_CV_V xv = *(const LM_CV_V *)(tile + off[k]);
+        for (int m = 0; m < 8; m++) acc[m] += xv * w[m][k];
+    }
+    for (int m = 0; m < 8; m++) *(LM_CV_V *)(out + m * ldo) = acc[m];
+}
+
 /* The forward product of one tile: out[m*ldo + q] for m < Mp (a multiple of LM_CV_MR) and q < Qp (a
  * multiple of 16 elements, so of every ISA's vector length), from the weight rows w + m*ldw (K each;
  * rows m >= Co read row Co - 1 and their outputs are junk).  No packing: the four rows stream side by
@@ -86,7 +100,20 @@ static void LM_SFX(lm_conv_tile)(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, 
 #endif
         switch ((Qp - q0) / LM_CV_VL) {
         case 0: break;
-        case 1: LM_SFX(lm_cv_mk1)(K, wr, off, tile + q0, o + q0, ldo); break;
+        case 1:   /* pairs of row blocks run lm_cv_mk1x8 below */
+            if (m0 + 2 * LM_CV_MR > Mp || (m0 / LM_CV_MR) % 2 == 1) {
+                if ((m0 / LM_CV_MR) % 2 == 0)
+                    LM_SFX(lm_cv_mk1)(K, wr, off, tile + q0, o + q0, ldo);
+                else {
+                    const LM_T *w8[8];
+                    for (int l = 0; l < 8; l++) {
+                        int64_t mm = m0 - LM_CV_MR + l;
+                        w8[l] = w + (mm < Co ? mm : Co - 1) * ldw;
+                    }
+                    LM_SFX(lm_cv_mk1x8)(K, w8, off, tile + q0, out + (m0 - LM_CV_MR) * ldo + q0, ldo);
+                }
+            }
+            break;
         case 2: LM_SFX(lm_cv_mk2)(K, wr, off, tile + q0, o + q0, ldo); break;
 #if LM_CV_NVMAX > 3
         case 3: LM_SFX(lm_cv_mk3)(K, wr, off, tile + q0, o + q0, ldo); break;
@@ -166,6 +193,80 @@ static void LM_SFX(lm_conv_dw_tile)(int64_t Mv, int64_t Kp, int64_t Q, const LM_
                 for (int v = 0; v < LM_CV_DW_MV; v++) *(LM_CV_V *)(c + r * Mv + v * LM_CV_VL) = a[r][v];
         }
     }
+}
+
+/* algo 2, the channel-vector forward (for small images and strided convs, where algo 1's padded-width
+ * junk columns, stride phases and short rows cost most): vectors run over 16 output channels, each output
+ * pixel's input values are broadcast, so any pixel can be computed without its neighbours -- no junk
+ * columns, no phase split.  outT[q*Mv + m] = sum_k tile[base(q) + off[k]] * wt[k*Mv + m] for q < P, m < Mv
+ * (a multiple of 16), base(q) = (q / V)*sh*Wt + (q % V)*sw: the tile is the block's zero-padded input
+ * (tile[ch][row][col], rows of width Wt) and off[k] = (ch*Rt + i*dh)*Wt + j*dw.  Pixels go in groups of
+ * LM_PB_MR; the last group's missing pixels repeat pixel P-1 (outT has rows up to a multiple of 24, the
+ * common multiple of every copy's group size).  Sum order k = 0..K-1, one FMA per (q, m, k). */
+#define LM_PB_NV ((int)(16 / LM_CV_VL))
+#if defined(__AVX512F__)
+#define LM_PB_MR (24 / LM_PB_NV)
+#else
+#define LM_PB_MR (12 / LM_PB_NV)
+#endif
+static void LM_SFX(lm_conv_ocv)(int64_t Mv, int64_t P, int64_t V, int64_t sh, int64_t sw, int64_t Wt,
+                                int64_t K, const LM_T *restrict wt, const int64_t *restrict off,
+                                const LM_T *restrict tile, LM_T *restrict outT)
+{
+    /* wt is packed per block of 16 channels: wt[(m0/16)*K*16 + k*16 + (m - m0)], one contiguous stream */
+    for (int64_t m0 = 0; m0 < Mv; m0 += 16) {
+        const LM_T *restrict wm = wt + m0 * K;
+        int64_t r = 0, c = 0;   /* (row, column) of pixel q0, stepped instead of divided */
+        for (int64_t q0 = 0; q0 < P; q0 += LM_PB_MR) {
+            const LM_T *px[LM_PB_MR];
+            for (int p = 0; p < LM_PB_MR; p++) {
+                if (q0 + p >= P) {   /* past the last pixel: repeat it (its rows of outT are never read) */
+                    px[p] = px[p - 1];
+                    continue;
+                }
+                px[p] = tile + r * sh * Wt + c * sw;
+                if (++c == V) { c = 0; r++; }
+            }
+            LM_CV_V acc[LM_PB_MR][LM_PB_NV];
+            for (int p = 0; p < LM_PB_MR; p++)
+                for (int v = 0; v < LM_PB_NV; v++) acc[p][v] = (LM_CV_V){0};
+            const LM_T *restrict wk = wm;
+            for (int64_t k = 0; k < K; k++, wk += 16) {
+                LM_CV_V wv[LM_PB_NV];
+                const int64_t o = off[k];
+                for (int v = 0; v < LM_PB_NV; v++) wv[v] = *(const LM_CV_V *)(wk + v * LM_CV_VL);
+                for (int p = 0; p < LM_PB_MR; p++) {
+                    LM_T x = px[p][o];
+                    for (int v = 0; v < LM_PB_NV; v++) acc[p][v] += wv[v] * x;
+                }
+            }
+            for (int p = 0; p < LM_PB_MR; p++)
+                for (int v = 0; v < LM_PB_NV; v++) *(LM_CV_V *)(outT + (q0 + p) * Mv + m0 + v * LM_CV_VL) = acc[p][v];
+        }
+    }
+}
+#undef LM_PB_NV
+#undef LM_PB_MR
+
+/* algo 2's tile: tile[ch][R][C] = src[ch, r0 + R, C - pw] (0 outside [0, Hi) x [0, Wi)) for R < Rt,
+ * C < Wt, then zeros up to tile_n. */
+static void LM_SFX(lm_conv_build_pad)(const LM_T *restrict src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t r0,
+                                      int64_t Rt, int64_t pw, int64_t Wt, int64_t tile_n, LM_T *restrict tile)
+{
+    int64_t lo = pw < Wt ? pw : Wt, hi = pw + Wi < Wt ? pw + Wi : Wt;
+    LM_T *restrict row = tile;
+    for (int64_t ch = 0; ch < Ci; ch++)
+        for (int64_t R = 0; R < Rt; R++, row += Wt) {
+            int64_t ih = r0 + R;
+            if (ih < 0 || ih >= Hi || hi <= lo) {
+                memset(row, 0, (size_t)Wt * sizeof(LM_T));
+                continue;
+            }
+            for (int64_t c = 0; c < lo; c++) row[c] = 0;
+            memcpy(row + lo, src + (ch * Hi + ih) * Wi + (lo - pw), (size_t)(hi - lo) * sizeof(LM_T));
+            for (int64_t c = hi; c < Wt; c++) row[c] = 0;
+        }
+    memset(row, 0, (size_t)(tile_n - (row - tile)) * sizeof(LM_T));
 }
 
 #undef LM_CV_V

@@ -704,7 +704,7 @@ class _Decoder:
         self.fields(d, [("N", 0, big), ("C", 1, big), ("H", 1, big), ("W", 1, big), ("M", 1, big),
                         ("G", 1, big), ("kh", 1, big), ("kw", 1, big), ("sh", 1, big), ("sw", 1, big),
                         ("ph", 0, big), ("pw", 0, big), ("dh", 1, big), ("dw", 1, big), ("OH", 1, big),
-                        ("OW", 1, big), ("panel", 1, big), ("nslots", 1, 64), ("algo", 0, 1), ("rb", 1, big)])
+                        ("OW", 1, big), ("panel", 1, big), ("nslots", 1, 64), ("algo", 0, 2), ("rb", 1, big)])
         if d["C"] % d["G"] or d["M"] % d["G"]:
             self.fail(f"group {d['G']} does not divide C = {d['C']} and M = {d['M']}")
         self.dims("conv sizes", [d["N"], d["C"], d["H"], d["W"]])
@@ -712,6 +712,15 @@ class _Decoder:
         kc = d["C"] // d["G"] * d["kh"] * d["kw"]
         if kc >= 2 ** 31 or d["OH"] * d["OW"] >= 2 ** 31:
             self.fail(f"conv panel dimensions Kc = {kc}, OH*OW = {d['OH'] * d['OW']} exceed BLAS's int range")
+        if d["algo"] == 2:
+            if op != "conv":
+                self.fail(f"algo 2 (the channel-vector forward) is for conv only, not {op}")
+            if d["rb"] > d["OH"]:
+                self.fail(f"rb = {d['rb']} is more than the output rows")
+            need = conv_layout.ocv(d, isz, d["rb"])["slot"]
+            if d["panel"] < need or d["panel"] % 16:
+                self.fail(f"panel = {d['panel']}: algo 2's scratch slot needs {need} elements (a multiple of 16)")
+            return isz, kc, d["panel"]
         if d["algo"] == 1:
             if d["rb"] > conv_layout.rows(op, d):
                 self.fail(f"rb = {d['rb']} is more than the output rows")
@@ -728,6 +737,8 @@ class _Decoder:
         direct = d["G"] > 1 and d["C"] == d["G"]
         if direct:
             n = extra
+        elif d["algo"] == 2:
+            n = conv_layout.ocv_scratch_elements(d, isz, d["rb"], d["nslots"], slot)
         elif d["algo"] == 1:
             n = conv_layout.scratch_elements(op, d, isz, d["rb"], d["nslots"], slot, d.get("nchunks", 1),
                                              bool(d.get("sgd", 0)))
