@@ -13,7 +13,9 @@ then all ends; ``auto_pad`` is resolved into them), ``group``, and the fused epi
 ``fuse_conv_epilogues`` only): ``scaled`` (a fourth input ``scale`` (M,) multiplies each channel before the
 bias is added: y = acc * scale[m] + b[m], an eval-mode BatchNorm folded in), ``act`` (None, "relu", or the
 name of any registry op with the ``epilogue`` capability and a VM opcode, applied after the bias with
-``act_params``, its scalar parameters, as immediates: hard_swish, hard_sigmoid, clip (ReLU6), ...) and
+``act_params``, its scalar parameters, as immediates: hard_swish, hard_sigmoid, clip (ReLU6), ...),
+``residual`` (a last input r of y's shape added after the bias, before the activation: a ResNet block's
+conv -> Add(shortcut) -> ReLU; the bias input is then present, zeros if the conv had none) and
 ``keep`` (a second output ``pre``: the value before the activation, for a gradient that reads it).
 
 Gradients are two kernels of their own: ``conv_grad_input`` (dy, w) -> dx and ``conv_grad_weight``
@@ -213,7 +215,16 @@ def _pad_width(x_shape, w_shape, at):
     return ((0, 0), (0, 0), (ph, eh), (pw, ew))
 
 
-def _r_conv(at, x, w, b=None, scale=None):
+def _epilogue_inputs(at, rest):
+    """(b, scale, res) of a conv node's inputs after (x, w): (b), (b, scale), (b, [scale,] res)."""
+    b = rest[0] if rest else None
+    scale = rest[1] if at.get("scaled") else None
+    res = rest[-1] if at.get("residual") else None
+    return b, scale, res
+
+
+def _r_conv(at, x, w, *rest):
+    b, scale, res = _epilogue_inputs(at, rest)
     shape = out_shape(x.shape, w.shape, at)
     xs, ws, a2 = _as2d(x.shape, w.shape, at)
     x2, w2 = x.reshape(xs), w.reshape(ws)
@@ -229,18 +240,20 @@ def _r_conv(at, x, w, b=None, scale=None):
         v = xp[:, :, si, sj].reshape(N, G, C // G, OH, OW)
         y += np.einsum("ngchw,gmc->ngmhw", v, wg[:, :, :, i, j])
     y = y.reshape(N, M, OH, OW)
-    return _epilogue_ref(at, y.reshape(shape), b, *([] if not at.get("scaled") else [scale]), dtype=x.dtype)
+    return _epilogue_ref(at, y.reshape(shape), b, scale, res, dtype=x.dtype)
 
 
-def _epilogue_ref(at, acc, b, scale=None, dtype=None):
-    """acc (float64, y's shape) * scale + b, rounded to dtype, then the activation (its own reference);
-    with ``keep`` also the value before it."""
+def _epilogue_ref(at, acc, b, scale=None, res=None, dtype=None):
+    """acc (float64, y's shape) * scale + b, rounded to dtype, + res (in dtype, as the unfused Add), then
+    the activation (its own reference); with ``keep`` also the value before it."""
     bshape = (1, acc.shape[1]) + (1,) * (acc.ndim - 2)
     if scale is not None:
         acc = acc * scale.astype(np.float64).reshape(bshape)
     if b is not None:
         acc = acc + b.astype(np.float64).reshape(bshape)
     v = acc.astype(dtype)
+    if res is not None:
+        v = (v + res.astype(dtype)).astype(dtype)
     act = at.get("act")
     if act is None:
         return v
@@ -298,14 +311,19 @@ def _s_conv(inp, at):
     x, w = inp[:2]
     dt = _float_same("conv", *inp)
     check_geometry("conv", x.shape, w.shape, at, x.name, w.name)
-    for t, what in zip(inp[2:], ("bias", "scale")):
+    res = bool(at.get("residual"))
+    for t, what in zip(inp[2:len(inp) - res], ("bias", "scale")):
         if t.shape != (w.shape[0],):
             raise ValueError(f"conv: {what} {t.name!r} has shape {t.shape}; expected ({w.shape[0]},) for "
                              f"weight {w.name!r} {w.shape}")
-    if len(inp) != (4 if at.get("scaled") else min(len(inp), 3)):
+    if len(inp) - res != (4 if at.get("scaled") else 3 if res else min(len(inp), 3)):
         raise ValueError(f"conv: inputs {[t.name for t in inp]}: expected (x, w[, bias]), or (x, w, bias, scale) "
-                         f"with scaled={bool(at.get('scaled'))}")
-    y = (out_shape(x.shape, w.shape, at), dt)
+                         f"with scaled={bool(at.get('scaled'))}, then the residual with residual=True")
+    oshape = out_shape(x.shape, w.shape, at)
+    if res and inp[-1].shape != oshape:
+        raise ValueError(f"conv: residual {inp[-1].name!r} has shape {inp[-1].shape}; expected the output's "
+                         f"{oshape}")
+    y = (oshape, dt)
     return [y, y] if at.get("keep") else y
 
 
@@ -338,7 +356,8 @@ def _g_conv(n, g):
     plain = {**geo, "act": None}
     dv = gy
     if at.get("act") is not None and gy is not None:
-        v = output(n, 1) if at.get("keep") else make("conv", n.inputs, {**plain, "scaled": at.get("scaled", False)})
+        v = output(n, 1) if at.get("keep") else make("conv", n.inputs, {**plain, "scaled": at.get("scaled", False),
+                                                                        "residual": at.get("residual", False)})
         params = tuple(_lift(float(p), v, "conv") for p in at.get("act_params", ()))
         dv = REGISTRY[at["act"]].grad(make(at["act"], (v,) + params), gy)[0]
     if gpre is not None:
@@ -356,7 +375,7 @@ def _g_conv(n, g):
     if len(n.inputs) == 2:
         return dx, dw
     db = _sum(dv, axis=axes)
-    return (dx, dw, db) + ((dscale,) if at.get("scaled") else ())
+    return (dx, dw, db) + ((dscale,) if at.get("scaled") else ()) + ((dv,) if at.get("residual") else ())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,12 +442,17 @@ def _emit(em, nid, t, loc, outs):
     at = t.attrs
     if t.op == "conv":
         x, w = t.inputs[:2]
-        b = loc(t.inputs[2]) if len(t.inputs) >= 3 else (-1, 0)
+        bt = t.inputs[2] if len(t.inputs) >= 3 else None
+        # (the zero bias the fusion adds to hold the input position: not read, so v + r is the unfused
+        # graph's exact sum, -0 included)
+        zero = bt is not None and bt.op == "const" and not np.any(bt.value)
+        b = loc(bt) if bt is not None and not zero else (-1, 0)
         scale = loc(t.inputs[3]) if at.get("scaled") else (-1, 0)
+        res = loc(t.inputs[-1]) if at.get("residual") else (-1, 0)
         act, epi = _act_fields(em, at)
         values.update({"act": act, **epi, **_opnd("x", loc(x)), **_opnd("w", loc(w)), **_opnd("b", b),
                        **_opnd("scale", scale), **_opnd("y", outs[0]),
-                       **_opnd("pre", outs[1] if at.get("keep") else (-1, 0))})
+                       **_opnd("pre", outs[1] if at.get("keep") else (-1, 0)), **_opnd("res", res)})
         ops = [x, w] + list(t.inputs[2:]) + [t] * (2 if at.get("keep") else 1)
     elif t.op == "conv_grad_input":
         dy, w = t.inputs
@@ -445,7 +469,7 @@ def _emit(em, nid, t, loc, outs):
     flops = 2 * geo["N"] * geo["M"] * geo["OH"] * geo["OW"] * pl["kc"]
     name = ("conv_grad_weight+sgd" if t.op == "conv_sgd" else t.op) + \
         ("+bias" if t.op == "conv" and len(t.inputs) >= 3 else "") + ("+scale" if at.get("scaled") else "") + \
-        (f"+{at['act']}" if t.op == "conv" and at.get("act") else "") + ("(keep)" if at.get("keep") else "") + \
+        ("+res" if at.get("residual") else "") + (f"+{at['act']}" if t.op == "conv" and at.get("act") else "") + ("(keep)" if at.get("keep") else "") + \
         ("(depthwise)" if pl["direct"] else "")
     return {"op": name, "node": t.name, "flops": flops,
             "bytes": int(sum(o.size * np.dtype(o.dtype).itemsize for o in ops))}
@@ -484,6 +508,10 @@ register(OpDef("conv_sgd", "opt", lambda inp, at: ((), inp[0].dtype), None, None
 #: with hard_swish, clip, ...): the conv writes both while the panel is in cache instead of an elementwise
 #: pass re-reading the conv's output (see tests/test_conv_fusion.py and the report for the measurement)
 KEEP_PRE = True
+
+#: conv [+ affine] -> add(r) [-> activation] as one instruction: the residual row is added while the output
+#: row is in cache (W8 at batch 256: the separate add + relu passes over the block outputs cost ~1.5 ms)
+FUSE_RESIDUAL = True
 
 
 def _per_channel(t, c):
@@ -550,10 +578,10 @@ def fuse_conv_epilogues(nodes, roots):
     consumers = consumer_map(nodes)
     keep = set(roots)
     for c in nodes:
-        if c.op != "conv" or c.attrs.get("act") or c.attrs.get("scaled") or c in keep:
+        if c.op != "conv" or c.attrs.get("act") or c.attrs.get("scaled") or c.attrs.get("residual") or c in keep:
             continue
         M = c.shape[1]
-        cur, scale, bias, changed = c, None, (c.inputs[2] if len(c.inputs) == 3 else None), False
+        cur, scale, bias = c, None, (c.inputs[2] if len(c.inputs) == 3 else None)
         while True:  # the per-channel affine steps
             cons = consumers.get(cur, ())
             if len(cons) != 1 or cur in keep:
@@ -569,7 +597,7 @@ def fuse_conv_epilogues(nodes, roots):
                 bias = None if bias is None else _vec("mul", bias, other, M)
             else:
                 bias = other if bias is None else _vec("add", bias, other, M)
-            cur, changed = d, True
+            cur = d
         from .ops import reshape
         if scale is not None and scale.shape != (M,):
             scale = reshape(scale, (M,))
@@ -579,24 +607,63 @@ def fuse_conv_epilogues(nodes, roots):
             bias = c.graph.const(np.zeros((M,), c.dtype))
         inputs = tuple(c.inputs[:2]) + ((bias,) if bias is not None else ()) + ((scale,) if scale is not None else ())
         attrs = {**c.attrs, "act": None, "scaled": scale is not None}
-        out = cur
-        cons = consumers.get(cur, ())
-        acts = [(d, a) for d in cons if (a := _activation(d, cur)) is not None] if cur not in keep else []
-        if acts:
-            d, (act, params) = acts[0]
-            others = [o for o in cons if o is not d]
-            if not others:
-                out, attrs = d, {**attrs, "act": act, "act_params": params}
-            elif KEEP_PRE:
-                # (no cycle can form: d reads only v and constants, so none of v's other readers is
-                # upstream of the conv)
-                attrs = {**attrs, "act": act, "act_params": params, "keep": True}
-                rw.replace(d, "conv", inputs, attrs)
-                rw.replace(cur, "output", (d,), {"index": 1})
-                continue
-        if out is c and not changed:
+        _fuse_activation(rw, c, cur, consumers, keep, inputs, attrs)
+    return rw
+
+
+def _fuse_activation(rw, c, cur, consumers, keep, inputs, attrs):
+    """Replace ``cur`` (the last absorbed step of conv ``c``, or ``c``) and its activation, if it has one,
+    by one conv node of ``inputs`` / ``attrs``; ``cur is c`` and no activation: nothing to do (False)."""
+    cons = consumers.get(cur, ())
+    acts = [(d, a) for d in cons if (a := _activation(d, cur)) is not None] if cur not in keep else []
+    out = cur
+    if acts:
+        d, (act, params) = acts[0]
+        others = [o for o in cons if o is not d]
+        if not others:
+            out, attrs = d, {**attrs, "act": act, "act_params": params}
+        elif KEEP_PRE:
+            # (no cycle can form: d reads only v and constants, so none of v's other readers is
+            # upstream of the conv)
+            rw.replace(d, "conv", inputs, {**attrs, "act": act, "act_params": params, "keep": True})
+            rw.replace(cur, "output", (d,), {"index": 1})
+            return True
+    if out is c:
+        return False
+    rw.replace(out, "conv", inputs, attrs)
+    return True
+
+
+def fuse_conv_residuals(nodes, roots):
+    """conv (its epilogue so far, no activation) -> + r -> [activation]  ==>  one ``conv`` node with the
+    residual r (a tensor of the conv's shape: a ResNet block's shortcut) as its last input, added to each
+    output row after the bias and before the activation while the row is in cache.  Runs after
+    ``fuse_conv_epilogues``, so a residual that is itself a conv's output is that conv's final, fused
+    value; when both operands of the add are convs the first in order takes it.  Returns a
+    ``passes.Rewrite``."""
+    from .passes import Rewrite, consumer_map
+    rw = Rewrite()
+    if not FUSE_RESIDUAL:
+        return rw
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    taken = set()
+    for c in nodes:
+        if c.op != "conv" or c.attrs.get("act") or c.attrs.get("residual") or c.attrs.get("keep") or c in keep:
             continue
-        rw.replace(out, "conv", inputs, attrs)
+        cons = consumers.get(c, ())
+        if len(cons) != 1 or cons[0] in taken:
+            continue
+        d = cons[0]
+        other = (d.inputs[1] if d.inputs[0] is c else d.inputs[0]) if len(d.inputs) == 2 else None
+        if (d.op != "add" or other is None or other is c or d.shape != c.shape or other.shape != c.shape
+                or other.dtype != c.dtype):
+            continue
+        M = c.shape[1]
+        bias = c.inputs[2] if len(c.inputs) >= 3 else c.graph.const(np.zeros((M,), c.dtype))
+        inputs = tuple(c.inputs[:2]) + (bias,) + tuple(c.inputs[3:]) + (other,)
+        taken.add(d)
+        _fuse_activation(rw, c, d, consumers, keep, inputs, {**c.attrs, "residual": True})
     return rw
 
 
@@ -624,7 +691,7 @@ def pointwise_convs_as_gemms(nodes, roots):
         if t.op not in ("conv", "conv_grad_input", "conv_grad_weight") or not _pointwise_gemm(t):
             continue
         if t.op == "conv":
-            if t.attrs.get("act") or t.attrs.get("scaled"):
+            if t.attrs.get("act") or t.attrs.get("scaled") or t.attrs.get("residual"):
                 continue
             x, w = t.inputs[:2]
             N, C, M = x.shape[0], x.shape[1], w.shape[0]

@@ -74,6 +74,21 @@ class Block(torch.nn.Module):
         return h + self.project(self.se(self.dw(self.expand(h))))
 
 
+class BasicBlock(torch.nn.Module):
+    """torchvision ResNet's BasicBlock: conv3x3 -> BN -> ReLU -> conv3x3 -> BN, + the shortcut (identity, or
+    conv1x1 at the stride -> BN), ReLU; ``bn=False``: the convs with biases, no BatchNorm."""
+    def __init__(self, cin, c, stride=1, bn=True):
+        super().__init__()
+        cba = ConvBnAct if bn else (lambda i, o, k, s=1, act=None: torch.nn.Sequential(
+            torch.nn.Conv2d(i, o, k, s, k // 2), *([act()] if act else [])))
+        self.a = cba(cin, c, 3, stride, act=torch.nn.ReLU)
+        self.b = cba(c, c, 3, act=None)
+        self.down = cba(cin, c, 1, stride, act=None) if stride != 1 or cin != c else None
+
+    def forward(self, x):
+        return torch.relu(self.b(self.a(x)) + (x if self.down is None else self.down(x)))
+
+
 def _randomise_bn(net, seed):
     """Non-trivial running statistics and affine params (PyTorch's init is the identity)."""
     g = torch.Generator().manual_seed(seed)
@@ -120,6 +135,9 @@ def _declare(g, x, net, prefix=""):
             s = lc.mean(h, axis=(2, 3), keepdims=True)
             s = lc.relu(run(m.fc1, s, pre + "fc1"))
             return h * lc.hard_sigmoid(run(m.fc2, s, pre + "fc2"), 1 / 6, 0.5)
+        if isinstance(m, BasicBlock):
+            s = h if m.down is None else run(m.down, h, "down")
+            return lc.relu(run(m.b, run(m.a, h, "a"), "b") + s)
         if isinstance(m, Block):
             h = run(m.stem, h, "stem")
             return h + run(m.project, run(m.se, run(m.dw, run(m.expand, h, "expand"), "dw"), "se"), "project")
@@ -410,11 +428,77 @@ def test_mobilenet_block_fuses_every_conv_and_matches_pytorch():
                                                                           "se.fc2.weight", "se.fc2.bias"])
     _close(prog.run(feeds)["y"], want, 1e-5, "forward")
     assert _convs(prog, "run") == ["conv+bias+scale+hard_swish", "conv+bias+scale+hard_swish",
-                                   "conv+bias+scale+hard_swish(depthwise)", "conv+bias+scale"], prog.summary("run")
+                                   "conv+bias+scale+hard_swish(depthwise)", "conv+bias+scale+res"], prog.summary("run")
     assert [o for o in _ops(prog, "run") if o.startswith("gemm")] == ["gemm+bias+relu", "gemm+bias+hard_sigmoid"]
     grads = prog.grad(feeds)
     for k in grads:
         _close(grads[k], tg[k], 1e-3, f"d {k}")
+
+
+@pytest.mark.parametrize("stride,cin,bn", [(1, 8, True), (2, 8, True), (1, 8, False), (2, 4, False)],
+                         ids=["identity_bn", "downsample_bn", "identity_bias", "downsample_bias"])
+def test_resnet_block_adds_its_shortcut_in_the_conv_epilogue_and_matches_pytorch(stride, cin, bn):
+    torch.manual_seed(20)
+    net = BasicBlock(cin, 8, stride, bn)
+    net = _randomise_bn(net, 21) if bn else net.eval()
+    convs = [n for n, p in net.named_parameters() if p.ndim == 4 or not bn]
+    prog, feeds, want, tg = _program(net, (2, cin, 12, 12), trainable=convs)
+    for entry in ("run", "grad"):
+        names = _convs(prog, entry)
+        assert sum("+res+relu" in o for o in names) == 1, (entry, names)
+        assert not any(m.startswith("add") for r in prog.instructions(entry) if r["op"] == "fused_elementwise"
+                       for m in r.get("members", ()) if "relu" in str(r.get("members"))), prog.summary(entry)
+    _close(prog.run(feeds)["y"], want, 1e-5, "forward")
+    grads = prog.grad(feeds)
+    assert set(grads) == set(convs)
+    for k in convs:
+        _close(grads[k], tg[k], 1e-3, f"d {k}")
+
+
+def test_residual_epilogue_changes_no_bit_of_the_forward_or_the_gradients(monkeypatch):
+    torch.manual_seed(22)
+    net = _randomise_bn(BasicBlock(8, 16, 2), 23)
+    convs = [n for n, p in net.named_parameters() if p.ndim == 4]
+    out = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(ops_conv, "FUSE_RESIDUAL", fuse)
+        prog, feeds, _, _ = _program(net, (3, 8, 13, 11), trainable=convs)
+        assert any("+res" in o for o in _convs(prog, "run")) == fuse
+        out[fuse] = (prog.run(feeds)["y"], prog.grad(feeds))
+    assert out[True][0].tobytes() == out[False][0].tobytes()
+    for k in out[False][1]:
+        assert out[True][1][k].tobytes() == out[False][1][k].tobytes(), k
+
+
+def test_a_conv_output_read_elsewhere_or_a_broadcast_add_is_not_a_residual():
+    g = lc.Graph("r")
+    x = g.input("x", (2, 4, 8, 8))
+    w = g.param("w", np.ones((4, 4, 3, 3), np.float32))
+    c = lc.conv(x, w, pads=1)
+    g.output("y", lc.relu(c + x))
+    g.output("c", c)                                           # the conv's output is an output itself
+    g.output("z", lc.relu(lc.conv(x, w, pads=1) + g.param("row", np.ones((1, 1, 1, 8), np.float32))))
+    prog = lc.compile(g)
+    assert not any("+res" in o for o in _convs(prog, "run")), prog.summary("run")
+
+
+def test_the_plan_validator_refuses_a_residual_overlapping_the_output():
+    from libml_runtime import PlanError
+    from libml_runtime import format as F
+    from libml_runtime.plan import validate
+    torch.manual_seed(24)
+    prog, _, _, _ = _program(BasicBlock(8, 8, 1, bn=False).eval(), (2, 8, 6, 6), loss=False)
+    e = prog.plan.entries["run"]
+    pc = next(pc for pc, op, _, d in F.instructions(e.code) if op == "conv" and d["res.slot"] >= 0)
+    where = F.locate(e.code, pc)[1]
+    saved = [int(e.code[where[f]]) for f in ("res.slot", "res.offset")]
+    e.code[where["res.slot"]], e.code[where["res.offset"]] = e.code[where["y.slot"]], e.code[where["y.offset"]]
+    try:
+        with pytest.raises(PlanError, match="res overlaps y"):
+            validate(prog.plan)
+    finally:
+        e.code[where["res.slot"]], e.code[where["res.offset"]] = saved
+    validate(prog.plan)
 
 
 def test_fused_programs_are_bit_identical_for_1_and_2_threads():

@@ -28,6 +28,10 @@ cdef struct _cepi:
     const void *b
     const void *scale
     void *pre
+    # res: a tensor of y's shape added before the activation (NULL: none); y: y's base, so a row's
+    # residual is res + (yrow - y)
+    const void *res
+    const void *y
 
 
 cdef struct _cgeo:
@@ -176,6 +180,8 @@ cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *con
     e.b = _ptr(bases, f + LM_F_CONV_b_slot) if f[LM_F_CONV_b_slot] >= 0 else NULL
     e.scale = _ptr(bases, f + LM_F_CONV_scale_slot) if f[LM_F_CONV_scale_slot] >= 0 else NULL
     e.pre = _ptr(bases, f + LM_F_CONV_pre_slot) if f[LM_F_CONV_pre_slot] >= 0 else NULL
+    e.res = _ptr(bases, f + LM_F_CONV_res_slot) if f[LM_F_CONV_res_slot] >= 0 else NULL
+    e.y = y
     e.vm.vm, e.vm.b, e.vm.c, e.vm.bv, e.vm.cv = -1, 0, 0, 0, 0
     if e.act == 3:
         e.vm.vm, e.vm.b, e.vm.c = f[LM_F_CONV_epi_vm], f[LM_F_CONV_epi_b], f[LM_F_CONV_epi_c]
@@ -207,12 +213,17 @@ cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *con
 cdef void _conv_epi_row(floating dummy, const _cepi *e, int64_t m, floating *row, floating *yrow,
                         int64_t n) noexcept nogil:
     """The epilogue of n outputs of channel m: row (the conv's value; pre, or y itself when no pre is
-    kept) = row * scale[m] + b[m], then yrow = act(row)."""
+    kept) = row * scale[m] + b[m] + res (the residual row at yrow's place), then yrow = act(row).  The
+    additions run in that order, the unfused graph's (conv + b, then + res), so the bits are its bits."""
     cdef const floating *b = <const floating*>e.b
     cdef const floating *sc = <const floating*>e.scale
+    cdef const floating *r = NULL
     cdef floating bv = b[m] if b != NULL else 0
     cdef floating sv
     cdef int64_t q
+    cdef bint pending = sc == NULL and b != NULL   # the bias still to add (merged into the next loop)
+    if e.res != NULL:
+        r = <const floating*>e.res + (yrow - <const floating*>e.y)
     if sc != NULL:
         sv = sc[m]
         if b != NULL:
@@ -221,8 +232,16 @@ cdef void _conv_epi_row(floating dummy, const _cepi *e, int64_t m, floating *row
         else:
             for q in range(n):
                 row[q] = row[q] * sv
+    if r != NULL:
+        if pending:
+            for q in range(n):
+                row[q] = row[q] + bv + r[q]
+        else:
+            for q in range(n):
+                row[q] = row[q] + r[q]
+        pending = False
     if e.act == 1:
-        if sc == NULL and b != NULL:
+        if pending:
             for q in range(n):
                 row[q] = row[q] + bv
                 yrow[q] = 0 if row[q] < 0 else row[q]   # relu(NaN) = NaN, as the VM's RELU
@@ -230,12 +249,12 @@ cdef void _conv_epi_row(floating dummy, const _cepi *e, int64_t m, floating *row
             for q in range(n):
                 yrow[q] = 0 if row[q] < 0 else row[q]
     elif e.act == 3:
-        if sc == NULL and b != NULL:
+        if pending:
             for q in range(n):
                 row[q] = row[q] + bv
         _vm_epi_row(dummy, &e.vm, n, row, <floating*>NULL, <floating*>NULL, <floating*>NULL,
                     yrow if yrow != row else <floating*>NULL)
-    elif sc == NULL and b != NULL:
+    elif pending:
         for q in range(n):
             row[q] = row[q] + bv
 
@@ -259,7 +278,7 @@ cdef void _conv_fwd_task(floating dummy, const _cgeo *g, int64_t t, const floati
         ldb = <int>pn
     _cgemm(dummy, False, False, <int>g.Mg, <int>pn, <int>g.Kc, w + gr * g.Mg * g.Kc, <int>g.Kc, B, ldb, 0,
            out, <int>g.P)
-    if e.b != NULL or e.scale != NULL or e.act != 0:
+    if e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL:
         for m in range(g.Mg):
             _conv_epi_row(dummy, e, gr * g.Mg + m, out + m * g.P, y + off + m * g.P, pn)
 
@@ -299,7 +318,7 @@ cdef void _dw_fwd_task(floating dummy, const _cgeo *g, int64_t n, int64_t m, con
     rest = e[0]
     if e.scale == NULL:
         rest.b = NULL
-    if rest.act != 0 or rest.scale != NULL or rest.b != NULL:
+    if rest.act != 0 or rest.scale != NULL or rest.b != NULL or rest.res != NULL:
         _conv_epi_row(dummy, &rest, m, yo, yy, g.P)
 
 
@@ -669,7 +688,7 @@ cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const 
             else:
                 for v in range(t.V):
                     o[v * t.osw] = src_row[v]
-            if e != NULL and (e.b != NULL or e.scale != NULL or e.act != 0):
+            if e != NULL and (e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL):
                 y = dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V
                 _conv_epi_row(dummy, e, gr * t.Co + m, o, y, t.V)
 
@@ -896,6 +915,6 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
             ot = outT + r * t.V * t.Mv + m
             for v in range(t.V):
                 o[v] = ot[v * t.Mv]
-            if e.b != NULL or e.scale != NULL or e.act != 0:
+            if e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL:
                 yr = dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V
                 _conv_epi_row(dummy, e, gr * t.Co + m, o, yr, t.V)

@@ -172,16 +172,20 @@ OPCODES = [
     # Format 2.5: algo 2 (conv only), the channel-vector forward (kernels_conv.h lm_conv_ocv): per task one
     # block of `rb` output rows whose input is copied into a zero-padded tile (no phase split); vectors run
     # over 16 output channels and each pixel's inputs are broadcast, so no junk columns are computed;
-    # `panel` is one thread's slot (tile + the block's pixel-major output), checked by the runtime.
+    # `panel` is one thread's slot (tile + the block's pixel-major output), checked by the runtime.  2.5
+    # also adds the residual operand `res` to conv (two fields: a 2.4 plan with a conv is refused by its
+    # instruction length, recompile it).
     # The epilogue, per output value v of channel m while its panel is in cache: v = v * scale[m] (scale.slot
     # -1: none; an eval-mode BatchNorm's per-channel factor, passes.fuse_conv_epilogues), v = v + b[m] (b.slot
     # -1: no bias), then pre[.] = v when pre.slot >= 0 (the activation's input, kept for a gradient that
-    # reads it), then the activation: act 0 none, 1 relu, 3 the VM step epi.vm (format.VM) with operands
+    # reads it; 2.5: after v = v + res[.] when res.slot >= 0, a residual of y's shape added before it, as a
+    # ResNet block's conv -> Add(shortcut) -> ReLU), then the activation: act 0 none, 1 relu, 3 the VM step
+    # epi.vm (format.VM) with operands
     # epi.b / epi.c (0 unused, k < 0 the immediate consts[-k-1]: HardSigmoid's alpha / beta, Clip's
     # min / max), as gemm_ex's epilogue.  G > 1 with C/G = 1 (depthwise, or a channel multiplier M/G) runs a
     # direct loop and uses no scratch.
     (48, "conv", _CONV_GEOM + " act epi.vm epi.b epi.c x.slot x.offset w.slot w.offset b.slot b.offset "
-     "scale.slot scale.offset y.slot y.offset pre.slot pre.offset scratch.slot scratch.offset"),
+     "scale.slot scale.offset y.slot y.offset pre.slot pre.offset res.slot res.offset scratch.slot scratch.offset"),
     # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
     # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
     (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "

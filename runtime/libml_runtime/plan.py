@@ -771,9 +771,15 @@ class _Decoder:
         self.operand(d, "w", d["M"] * kc * isz, align=isz)
         self.operand(d, "b", d["M"] * isz, align=isz, optional=True)
         self.operand(d, "scale", d["M"] * isz, align=isz, optional=True)
-        self.operand(d, "y", ny, writable=True, align=isz)
-        if self.operand(d, "pre", ny, writable=True, align=isz, optional=True)[0] >= 0 and act == 0:
+        ys = self.operand(d, "y", ny, writable=True, align=isz)
+        pre = self.operand(d, "pre", ny, writable=True, align=isz, optional=True)
+        if pre[0] >= 0 and act == 0:
             self.fail("pre (the kept pre-activation) needs an activation (act 1 or 3)")
+        res = self.operand(d, "res", ny, align=isz, optional=True)
+        # (the kernel writes y / pre before it reads the residual: a shared byte would read a new value)
+        for what, (s, o) in (("y", ys), ("pre", pre)):
+            if res[0] >= 0 and s == res[0] and o < res[1] + ny and res[1] < o + ny:
+                self.fail(f"res overlaps {what}: the residual must be a buffer of its own")
         self._conv_scratch(d, isz, kc, slot)
 
     def op_conv_grad_input(self, d):
