@@ -37,10 +37,19 @@ optimizer raises on every rank, naming the ranks and their input shapes), then r
 state and buffers are broadcast: all ranks start identical even if their initial values differ.
 
 **Determinism.**  An allreduce of two ranks adds two values, the same bits on both ranks and from run to
-run; the scale 1/2 is exact.  Against one process with the global batch the gradients agree to float
-summation order only (the GEMMs sum B/2 rows twice instead of B rows once), so K = 2 matches a
-single-process run to a few ulps, not bit for bit.  BatchNorm's batch statistics (and running statistics)
-are per rank, as DDP without SyncBatchNorm.
+run; the scale 1/2 is exact.  The single-process program that gives the same bits is gradient accumulation
+(``lc.compile(..., accumulate=K)``, accumulate.py): the graph declared at the shard size B/K, fed the global
+batch of B rows, each micro-batch running a rank's instructions and the gradients summed in rank order then
+scaled by 1/K as ``allreduce_wait`` does.  For K = 2 the params and losses equal those of the two ranks bit
+for bit, step after step: tests/test_distributed.py checks them with np.array_equal after 10 steps for SGD,
+SGD with momentum and Adam in float32 and momentum in float64 on an MLP, with one and with two threads per
+process, and for SGD and Adam on an MLP with BatchNorm (both runs on one machine: the ISA-dispatched kernel
+copies may differ in the last bit).  For K > 2 MPI chooses the order of the sum, so only summation-order
+agreement is claimed.  Against one process with the global batch in one pass (a graph declared at B rows)
+the gradients agree to float summation order only (its GEMMs sum B rows at once, not B/2 rows twice): a
+few ulps, not bit for bit.  BatchNorm's batch statistics are per rank, as DDP without SyncBatchNorm, and
+each rank's running statistics follow its own shard (rank 0's are what ``accumulate=K`` keeps: micro-batch
+0's).
 """
 from __future__ import annotations
 

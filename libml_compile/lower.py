@@ -181,14 +181,17 @@ def _node_outputs(x, consumers):
 
 
 def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimizer=None, fuse=True,
-                check_finite=False, simplified=False, backend=None, distributed=False):
+                check_finite=False, simplified=False, backend=None, distributed=False, micro_batch_of=None):
     """Compile the sub-graph reaching ``roots`` into an Entry.
 
     outputs: [(user name, tensor)] copied out after each call.  simplified: ``roots`` and ``outputs`` are
     already the result of ``passes.simplify`` over a graph that contains this one (``compile`` simplifies
     the joint graph of all entries once).  backend: what emits the entry and answers the planning hooks
     (default ``backend_cpu.CPU``).  distributed: the gradients are reduced across ranks (distributed.py), so
-    the update is never folded into their GEMMs nor Adam split per param (both need the gradient).  Returns (Entry, MemoryReport, summary rows).
+    the update is never folded into their GEMMs nor Adam split per param (both need the gradient); also set
+    for gradient accumulation (accumulate.py), which sums them.  micro_batch_of: {node name: micro-batch
+    index} of an accumulating program: the schedule runs micro-batch k's instructions before k + 1's
+    (nodes not named there run as soon as they are ready).  Returns (Entry, MemoryReport, summary rows).
     """
     if backend is None:
         from .backend_cpu import CPU as backend
@@ -277,7 +280,8 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
         group_of = backend.legal_groups(passes.fuse(nodes), consumers, root_set)
     else:
         group_of = {t: _single_group(t) for t in nodes if passes.is_fusible(t)}
-    units = passes.schedule(nodes, group_of, inplace_after)
+    prio = None if not micro_batch_of else (lambda t: micro_batch_of.get(t.name, -1))
+    units = passes.schedule(nodes, group_of, inplace_after, priority=prio)
 
     # ---- instructions: what each scheduled unit reads and writes ---------------------------------
     used_inputs = [t for t in nodes if t.op == "input"]

@@ -1018,11 +1018,13 @@ def is_placed(t):
     return t.op == "assemble" and bool(t.attrs.get("in_place"))
 
 
-def schedule(nodes, group_of, inplace_after=None):
+def schedule(nodes, group_of, inplace_after=None, priority=None):
     """Instruction list: ("ew", Group) for fused groups, ("op", node) for other computing nodes.
 
     inplace_after: {writer: nodes it must run after} (``order_inplace_writers``), besides every node's
-    inputs and ``attrs['after']``.
+    inputs and ``attrs['after']``.  priority: node -> int, the first tie-breaker among ready units (lower
+    first; a unit takes its members' lowest): gradient accumulation runs micro-batch k's forward and
+    backward before micro-batch k + 1's (accumulate.py), so their activations share memory.
 
     Views (reshape) and leaves make no instruction.  Kahn's algorithm over the instruction DAG, ties
     broken by source order, so the schedule follows the program as written where it can."""
@@ -1066,7 +1068,10 @@ def schedule(nodes, group_of, inplace_after=None):
         for p in ps:
             succs[p].append(k)
     import heapq
-    key = [min(pos[m] for m in (x.members if kind == "ew" else [x])) for kind, x in units]
+    if priority is None:
+        key = [min(pos[m] for m in (x.members if kind == "ew" else [x])) for kind, x in units]
+    else:
+        key = [min((priority(m), pos[m]) for m in (x.members if kind == "ew" else [x])) for kind, x in units]
     indeg = [len(p) for p in preds]
     ready = [(key[k], k) for k in range(len(units)) if indeg[k] == 0]
     heapq.heapify(ready)

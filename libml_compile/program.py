@@ -15,7 +15,7 @@ import time
 from libml_runtime.executable import Executable
 from libml_runtime.plan import Plan, validate
 
-from . import autodiff, distributed as _dist, ops_logic, passes, patterns
+from . import accumulate as _acc, autodiff, distributed as _dist, ops_logic, passes, patterns
 from .ir import FLOAT_DTYPES, INT_DTYPES, Graph, Tensor, clone_graph
 from .lower import StateLayout, lower_entry
 from .ops import REGISTRY
@@ -177,7 +177,7 @@ def _tightest(old, new, shape):
 
 
 def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None, num_threads=None,
-            check_finite=False, fuse=True, distributed=None) -> Program:
+            check_finite=False, fuse=True, distributed=None, accumulate=None) -> Program:
     """Compile ``g`` into a Program.
 
     loss: a floating scalar tensor of ``g`` (None: forward-only program). optimizer: ``SGD``/``Adam``
@@ -190,6 +190,11 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     data-parallel training, the gradients averaged across the K ranks inside each ``grad``/``step`` call
     and the loss returned by ``step`` the global mean (libml_compile/distributed.py: buckets, overlap,
     memory cost, rank 0's params broadcast at creation).
+    accumulate: M (a positive int) for gradient accumulation: ``g`` is declared at the micro-batch size b, the
+    program's inputs have M * b rows, and each ``grad``/``step`` call runs forward + backward on the M
+    micro-batches in order inside the plan, averages their gradients exactly as an allreduce of M ranks does
+    and (``step``) updates once; ``step`` returns the mean micro-batch loss (libml_compile/accumulate.py).
+    Not combinable with ``distributed``.
 
     Python's cyclic garbage collector is paused while the compiler runs (and restored as it was): the
     passes allocate hundreds of thousands of small objects, and the collector's repeated scans of them
@@ -197,7 +202,7 @@ def compile(g: Graph, loss: Tensor | None = None, optimizer=None, trainable=None
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed)
+        return _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed, accumulate)
     finally:
         if was_enabled:
             gc.enable()
@@ -210,7 +215,8 @@ def _new(t, *maps):
     return t
 
 
-def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed=None) -> Program:
+def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, distributed=None,
+             accumulate=None) -> Program:
     """``compile`` with the garbage collector paused."""
     t0 = time.perf_counter()
     if not isinstance(g, Graph):
@@ -227,6 +233,7 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, dis
     if dist is not None and loss is None:
         raise ValueError("compile: distributed='mpi' needs a loss (data-parallel training)")
     world = _dist.size() if dist is not None else 1
+    n_micro = _acc.config(accumulate, distributed, loss)
     if optimizer is not None and not isinstance(optimizer, (SGD, Adam)):
         raise TypeError(f"compile: optimizer must be lc.SGD or lc.Adam, got {type(optimizer).__name__}")
     if trainable is None:
@@ -283,12 +290,21 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, dis
                 index_inputs[src.name] = _tightest(index_inputs.get(src.name), rng, src.shape)
 
     entries, reports, summaries = {}, {}, {}
+    replica = None
+    if n_micro > 1:  # the micro-batch graph replayed per micro-batch, inputs of M * b rows (accumulate.py)
+        replica = _acc.Replica(tg, n_micro)
+        graph_inputs = [(name, t.dtype, t.shape) for name, t in tg.inputs.items()]
+        for name, rng in list(index_inputs.items()):  # per-position ranges along a split axis repeat
+            if not isinstance(rng[0], int) and tg.inputs[name].ndim == 1:
+                index_inputs[name] = tuple(rng) * n_micro
 
     # the whole joint graph is built before any entry is lowered: gradient rules see the graph as the
     # user declared it, never a fused node
     run_outputs = list(tg.outputs.items()) or [("loss", m[loss])]
     todo = [("run", [t for _, t in run_outputs], run_outputs)]
-    if loss is not None:
+    if replica is not None:
+        todo = replica.entries(run_outputs, m[loss], [tg.params[n] for n in train_names], optimizer)
+    elif loss is not None:
         lt = m[loss]
         params = [tg.params[n] for n in train_names]
         grads = autodiff.grad_graph(lt, params)
@@ -309,14 +325,18 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, dis
             for kind, roots, outputs in todo]
     if dist is not None:  # the gradients reduced across ranks, in buckets (distributed.py)
         todo = _dist.rewrite_entries(todo, params, optimizer, world, dist)
+    # (distributed and accumulating plans keep every gradient: no SGD folded into a GEMM, no Adam split)
+    keep_grads = dist is not None or replica is not None
+    micro = replica.micro_batch_of() if replica is not None else None
     # every entry rewrites the joint graph by path copying (passes.Rewrite): a checked entry (which must
     # name the single op that produced a NaN/Inf, so it is not fused) never sees another entry's fusions
     checked = {kind: lower_entry(kind, roots, outputs, state, graph_inputs, optimizer, fuse=False,
-                                 check_finite=True, simplified=True, distributed=dist is not None)[0]
+                                 check_finite=True, simplified=True, distributed=keep_grads, micro_batch_of=micro)[0]
                for kind, roots, outputs in todo} if check_finite else {}
     for kind, roots, outputs in todo:
         e, reports[kind], summaries[kind] = lower_entry(kind, roots, outputs, state, graph_inputs, optimizer,
-                                                        fuse=fuse, simplified=True, distributed=dist is not None)
+                                                        fuse=fuse, simplified=True, distributed=keep_grads,
+                                                        micro_batch_of=micro)
         e.checked = checked.get(kind)
         entries[kind] = e
 
@@ -325,7 +345,9 @@ def _compile(g, loss, optimizer, trainable, num_threads, check_finite, fuse, dis
                 graph_inputs=graph_inputs, label_inputs=label_inputs, index_inputs=index_inputs, entries=entries,
                 meta={"optimizer": repr(optimizer), "loss": loss.name if loss is not None else None,
                       **({"distributed": {"backend": "mpi", "world_size": world,
-                                          "bucket_bytes": dist.bucket_bytes}} if dist is not None else {})})
+                                          "bucket_bytes": dist.bucket_bytes}} if dist is not None else {}),
+                      **({"accumulate": {"micro_batches": n_micro, "micro_batch_rows": replica.b}}
+                         if replica is not None else {})})
     validate(plan)
     return Program(plan, g, reports, summaries, num_threads=num_threads, check_finite=check_finite,
                    compile_seconds=time.perf_counter() - t0)

@@ -29,6 +29,22 @@ def model(lc, batch, dtype="float32", seed=0):
     return g, loss
 
 
+def bn_model(lc, batch, seed=0):
+    """The MLP with a training-mode BatchNorm (running statistics as buffers) after the hidden layer."""
+    rng = np.random.default_rng(seed)
+    g = lc.Graph("mlp_bn")
+    x = g.input("x", (batch, D))
+    y = g.input("y", (batch,), dtype="int64")
+    w1 = g.param("w1", (rng.standard_normal((D, H)) * 0.3).astype(np.float32))
+    s = g.param("s", np.ones(H, np.float32))
+    t = g.param("t", np.zeros(H, np.float32))
+    w2 = g.param("w2", (rng.standard_normal((H, C)) * 0.3).astype(np.float32))
+    b2 = g.param("b2", np.zeros(C, np.float32))
+    h = lc.batch_norm(x @ w1, scale=s, bias=t, relu=True, name="bn")
+    loss = lc.softmax_cross_entropy(h @ w2 + b2, y)
+    return g, loss
+
+
 def data(step, dtype="float32"):
     rng = np.random.default_rng(100 + step)
     return rng.standard_normal((B, D)).astype(dtype), rng.integers(0, C, B).astype(np.int64)
@@ -195,6 +211,15 @@ def main():
             save(f"{out}.rank{rank}.npz", error=np.array(f"{type(e).__name__}: {e}"))
             return
         save(f"{out}.rank{rank}.npz", error=np.array(""))
+    elif case == "bn":  # the BatchNorm MLP, arg: optimizer; every rank writes its params and buffers
+        g, loss = bn_model(lc, B // size)
+        prog = lc.compile(g, loss=loss, optimizer=optimizer(lc, arg), num_threads=1, distributed="mpi")
+        lo, losses = rank * (B // size), []
+        for s in range(STEPS):
+            x, y = data(s)
+            losses.append(prog.step({"x": x[lo:lo + B // size], "y": y[lo:lo + B // size]}))
+        save(f"{out}.rank{rank}.npz", losses=np.array(losses), **prog.params,
+             **{f"buffer:{k}": v for k, v in prog.buffers.items()})
     elif case == "diverge":  # ranks start from different params: rank 0's are broadcast
         g, loss = model(lc, B // size, seed=rank)
         prog = lc.compile(g, loss=loss, optimizer=lc.SGD(lr=0.1), num_threads=1, distributed="mpi")

@@ -3,7 +3,8 @@
 Each test launches ``mpiexec -n 2 python tests/mpi_worker.py CASE ...`` in a subprocess with a timeout; the
 oracle is one process (this one, without MPI) training the same model on the global batch.  Two ranks agree
 bit for bit with each other; against the single process they agree to float32 summation order (each rank's
-GEMMs sum 8 rows and the allreduce adds the two halves, where one process sums 16 rows: a few ulps).
+GEMMs sum 8 rows and the allreduce adds the two halves, where one process sums 16 rows: a few ulps), and
+against one process with ``accumulate=2`` over the global batch (two micro-batches of 8 rows) bit for bit.
 """
 from __future__ import annotations
 
@@ -75,6 +76,51 @@ def test_two_ranks_with_half_batches_match_one_process_with_the_global_batch(sui
     # the returned loss is the global mean: the single process's loss of the same step
     np.testing.assert_allclose(r0["losses"], ref_losses, rtol=1e-5, atol=1e-6)
     assert np.array_equal(r0["losses"], r1["losses"])
+
+
+def _accumulated(opt, dtype="float32", threads=1):
+    """One process, no MPI, the global batch of B rows as accumulate=2 micro-batches of B/2 (accumulate.py)."""
+    g, loss = W.model(lc, W.B // 2, dtype)
+    prog = lc.compile(g, loss=loss, optimizer=W.optimizer(lc, opt), num_threads=threads, accumulate=2)
+    losses = []
+    for s in range(W.STEPS):
+        x, y = W.data(s, dtype)
+        losses.append(prog.step({"x": x, "y": y}))
+    return prog.params, np.array(losses)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam", "momentum_f64", "momentum_2threads"])
+def test_two_ranks_equal_one_process_accumulating_two_micro_batches_bit_for_bit(suite, opt):
+    # K = 2 ranks with B/2 rows each == one process with accumulate=2 over the B rows, after 10 steps, to the
+    # bit: each micro-batch runs a rank's instructions, and the sum then 1/2 is allreduce_wait's
+    r0 = suite(opt, 0)
+    acc, losses = _accumulated(opt.split("_")[0], dtype="float64" if opt.endswith("f64") else "float32",
+                               threads=2 if opt.endswith("2threads") else 1)
+    for k in PARAMS:
+        assert acc[k].dtype == r0[k].dtype
+        assert np.array_equal(r0[k], acc[k]), f"{opt}: {k} differs by {np.abs(r0[k] - acc[k]).max()}"
+    assert np.array_equal(r0["losses"], losses), (r0["losses"], losses)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_batchnorm_two_ranks_equal_accumulate_two_including_rank0_running_statistics(tmp_path, opt):
+    # per-rank batch statistics (DDP without SyncBatchNorm) = per-micro-batch ones; rank 0's running
+    # statistics follow its shard, which is micro-batch 0's: accumulate=2 keeps those
+    out = str(tmp_path / "bn")
+    mpirun("bn", out, opt)
+    r0, r1 = np.load(out + ".rank0.npz"), np.load(out + ".rank1.npz")
+    g, loss = W.bn_model(lc, W.B // 2)
+    prog = lc.compile(g, loss=loss, optimizer=W.optimizer(lc, opt), num_threads=1, accumulate=2)
+    losses = []
+    for s in range(W.STEPS):
+        x, y = W.data(s)
+        losses.append(prog.step({"x": x, "y": y}))
+    for k, v in prog.params.items():
+        assert np.array_equal(r0[k], r1[k]) and np.array_equal(r0[k], v), f"{opt}: {k}"
+    assert np.array_equal(r0["losses"], np.array(losses))
+    for k, v in prog.buffers.items():
+        assert np.array_equal(r0[f"buffer:{k}"], v), f"{opt}: {k}"
+        assert not np.array_equal(r1[f"buffer:{k}"], v), f"{opt}: rank 1's {k} should follow its own shard"
 
 
 def test_float64_two_ranks_match_one_process_to_float64_rounding(suite):

@@ -285,7 +285,10 @@ class Executable:
         if a.dtype != np.dtype(dt):
             raise TypeError(f"feed {name!r}: expected dtype {dt}, got {a.dtype}")
         if a.shape != shape:
-            raise ValueError(f"feed {name!r}: expected shape {shape}, got {a.shape}")
+            acc = self.plan.meta.get("accumulate") if isinstance(self.plan.meta, dict) else None
+            how = (f" (accumulate={acc.get('micro_batches')}: {acc.get('micro_batches')} micro-batches of "
+                   f"{acc.get('micro_batch_rows')} rows along axis 0)" if isinstance(acc, dict) else "")
+            raise ValueError(f"feed {name!r}: expected shape {shape}, got {a.shape}{how}")
         a = a if a.flags.c_contiguous else np.array(a, order="C")
         ncls = self.plan.label_inputs.get(name)
         if ncls is not None:
