@@ -399,21 +399,15 @@ def test_conv_then_global_average_pool_exported_by_pytorch_matches_autograd():
         _close(grads[name], p.grad.numpy(), 1e-3, f"d {name}")
 
 
-def test_the_plan_validator_refuses_bad_conv_fields():
+def assert_validator_refuses(plan, entry, cases):
+    """Each (op name, field, value, message) of ``cases`` written into the first such instruction of
+    ``entry`` makes the validator raise PlanError matching the message; the plan is restored after each
+    and validates again at the end."""
     from libml_runtime import PlanError
     from libml_runtime import format as F
     from libml_runtime.plan import validate
-    prog, _, _ = _case("2d_stride2_pad1", np.float32)
-    plan = prog.plan
-    e = plan.entries["grad"]
-    for opname, field, value, msg in (("conv", "G", 2, "group 2 does not divide"), ("conv", "y.offset", 1 << 45, "y spans"),
-                                      ("conv_grad_input", "cblock", 99, "cblock = 99"),
-                                      ("conv_grad_weight", "nslots", 1000, "nslots = 1000"),
-                                      ("conv_grad_weight", "panel", 16, "panel = 16: algo 1's scratch slot needs"),
-                                      ("conv_grad_weight", "rb", 10 ** 6, "rb = 1000000 is more than the output rows"),
-                                      ("conv_grad_weight", "algo", 2, "algo 2 .* is for conv only"),
-                                      ("conv_grad_input", "algo", 0, "is larger than OH\\*OW"),
-                                      ("conv", "scratch.offset", 1 << 45, "scratch spans")):
+    e = plan.entries[entry]
+    for opname, field, value, msg in cases:
         pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == opname)
         where = F.locate(e.code, pc)[1]
         saved = int(e.code[where[field]])
@@ -424,3 +418,15 @@ def test_the_plan_validator_refuses_bad_conv_fields():
         finally:
             e.code[where[field]] = saved
     validate(plan)
+
+
+def test_the_plan_validator_refuses_bad_conv_fields():
+    prog, _, _ = _case("2d_stride2_pad1", np.float32)
+    assert_validator_refuses(prog.plan, "grad", (("conv", "G", 2, "group 2 does not divide"), ("conv", "y.offset", 1 << 45, "y spans"),
+                                      ("conv_grad_input", "cblock", 99, "cblock = 99"),
+                                      ("conv_grad_weight", "nslots", 1000, "nslots = 1000"),
+                                      ("conv_grad_weight", "panel", 16, "panel = 16: algo 1's scratch slot needs"),
+                                      ("conv_grad_weight", "rb", 10 ** 6, "rb = 1000000 is more than the output rows"),
+                                      ("conv_grad_weight", "algo", 2, "algo 2 .* is for conv only"),
+                                      ("conv_grad_input", "algo", 0, "is larger than OH\\*OW"),
+                                      ("conv", "scratch.offset", 1 << 45, "scratch spans")))

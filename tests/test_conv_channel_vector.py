@@ -16,9 +16,7 @@ import pytest
 
 import libml_compile as lc
 from libml_compile import ops_conv
-from libml_runtime import PlanError
 from libml_runtime import format as F
-from libml_runtime.plan import validate
 
 import test_conv as TC
 # collected again in this module, under the autouse fixture that forces algo 2
@@ -114,18 +112,8 @@ def test_the_rule_picks_algo_2_for_strided_and_small_3x3_convs_and_keeps_the_ste
 
 def test_the_plan_validator_refuses_algo_2_outside_the_forward_and_a_short_slot():
     prog, _, _ = TC._case("ocv_20_channels_odd_width", np.float32)
-    e = prog.plan.entries["grad"]
-    for opname, field, value, msg in (("conv_grad_weight", "algo", 2, "algo 2 .* is for conv only"),
-                                      ("conv_grad_input", "algo", 2, "algo 2 .* is for conv only"),
-                                      ("conv", "panel", 64, "panel = 64: algo 2's scratch slot needs"),
-                                      ("conv", "rb", 10 ** 6, "rb = 1000000 is more than the output rows")):
-        pc = next(pc for pc, op, _, _ in F.instructions(e.code) if op == opname)
-        where = F.locate(e.code, pc)[1]
-        saved = int(e.code[where[field]])
-        e.code[where[field]] = value
-        try:
-            with pytest.raises(PlanError, match=msg):
-                validate(prog.plan)
-        finally:
-            e.code[where[field]] = saved
-    validate(prog.plan)
+    TC.assert_validator_refuses(prog.plan, "grad", (
+        ("conv_grad_weight", "algo", 2, "algo 2 .* is for conv only"),
+        ("conv_grad_input", "algo", 2, "algo 2 .* is for conv only"),
+        ("conv", "panel", 64, "panel = 64: algo 2's scratch slot needs"),
+        ("conv", "rb", 10 ** 6, "rb = 1000000 is more than the output rows")))
