@@ -110,17 +110,21 @@ print(json.dumps(dict(isa=dispatched_isa(), losses=losses, w1=prog.params["w1"].
 
 
 # the tiled convolution microkernels (kernels_conv.h) of every copy, float32 and float64: a stride-1 and
-# a stride-2 3x3 conv (forward, both gradients; the stride-2 input gradient runs per output phase)
+# a stride-2 3x3 conv (forward, both gradients; the stride-2 input gradient runs per output phase), then
+# the same with the channel-vector forward (algo 2) forced: each copy has its own vector width and pixel
+# group, and the 7 output channels leave half a vector of padded channels
 CONV = """
 import json, numpy as np, libml_compile as lc
+from libml_compile import ops_conv
 from libml_runtime.isa import dispatched_isa
 rng = np.random.default_rng(0)
 res = {"isa": dispatched_isa()}
-for dt in ("float32", "float64"):
+for dt in ("float32", "float64", "float32_ocv", "float64_ocv"):
+    ops_conv.OCV_FORCE = True if dt.endswith("_ocv") else None
     g = lc.Graph("c")
-    x = g.param("x", rng.standard_normal((2, 5, 13, 11)).astype(dt))
-    w1 = g.param("w1", rng.standard_normal((6, 5, 3, 3)).astype(dt))
-    w2 = g.param("w2", rng.standard_normal((7, 6, 3, 3)).astype(dt))
+    x = g.param("x", rng.standard_normal((2, 5, 13, 11)).astype(dt[:7]))
+    w1 = g.param("w1", rng.standard_normal((6, 5, 3, 3)).astype(dt[:7]))
+    w2 = g.param("w2", rng.standard_normal((7, 6, 3, 3)).astype(dt[:7]))
     y = lc.conv(lc.relu(lc.conv(x, w1, pads=1)), w2, pads=1, strides=2)
     loss = lc.sum(y * y)
     g.output("y", y)
@@ -141,7 +145,7 @@ def test_each_forced_isa_runs_the_tiled_convolutions_alike():
         assert res[isa]["isa"] == isa
     ref = res["baseline"]
     for isa, r in res.items():
-        for dt, tol in (("float32", 1e-4), ("float64", 1e-12)):
+        for dt, tol in (("float32", 1e-4), ("float64", 1e-12), ("float32_ocv", 1e-4), ("float64_ocv", 1e-12)):
             for a, b, what in zip(r[dt], ref[dt], ("y", "dx", "dw1", "dw2")):
                 np.testing.assert_allclose(a, b, rtol=tol, atol=tol * 10, err_msg=f"{isa} {dt} {what}")
 
