@@ -168,13 +168,18 @@ def _use_ocv(geo):
     batch 32: stride 2 16->32 at 32x32 108 vs 131, 32->64 at 16x16 92 vs 135; stride 1 16x16 149 vs 156,
     8x8 125 vs 151; 32x32 149 vs 143; the stem 3->16 96 vs 73.  batch 1: stride 2 50 vs 57 and 42 vs 44,
     8x8 102 vs 68.  Algo 2 vectorises over 16 output channels, so it needs full vectors of them, and the
-    per-pixel broadcasts pay off once a tap has enough input channels (not the RGB stem).  1x1 convs stay
-    with BLAS (algo 0): algo 2 measured 15-19 vs 27-41 GFLOP/s on the 1x1 stride-2 shortcuts."""
+    per-pixel broadcasts pay off once a tap has enough input channels (not the RGB stem).  A strided 1x1
+    conv (the ResNet shortcut) runs algo 2 when it reads no padding (conv_layout.ocv_inplace: the kernel
+    then reads x itself, no tile): 16->32 at 32x32 and 32->64 at 16x16, stride 2, algo 0 (im2col + BLAS)
+    vs algo 2, batch 1 13 vs 10 and 9 vs 8 us, batch 32 211 vs 162 and 142 vs 98 us, batch 256 2.24 vs
+    1.90 and 1.23 vs 1.07 ms; with a tile to copy it was slower than BLAS (15-19 vs 27-41 GFLOP/s)."""
     if OCV_FORCE is not None:
         return OCV_FORCE
     Cg, Mg = geo["C"] // geo["G"], geo["M"] // geo["G"]
-    if geo["kh"] * geo["kw"] == 1 or Cg < 8 or Mg < 16:
+    if Cg < 8 or Mg < 16:
         return False
+    if geo["kh"] * geo["kw"] == 1:
+        return (geo["sh"] > 1 or geo["sw"] > 1) and conv_layout.ocv_inplace(geo)
     if geo["sh"] > 1 or geo["sw"] > 1:
         return True
     return geo["N"] >= 8 and geo["OH"] * geo["OW"] <= 256

@@ -43,6 +43,10 @@ OCV_CASES = {
     "1d_stride2": ((2, 8, 30), (16, 8, 5), 2, 2, 1, 1),
     "5x5_stride3": ((2, 8, 16, 14), (16, 8, 5, 5), 3, 2, 1, 1),
     "rect_mixed_grouped": ((2, 8, 9, 10), (16, 4, 3, 2), (2, 1), (1, 2), (2, 1), 2),
+    # no padding read: the kernel reads x in place (conv_layout.ocv_inplace), including the odd input
+    # rows / columns a stride-2 1x1 never reads and a valid 3x3 whose last window ends before the edge
+    "inplace_1x1_stride2": ((2, 16, 11, 9), (32, 16, 1, 1), 2, 0, 1, 1),
+    "inplace_3x3_valid_stride2_dilated": ((2, 8, 14, 13), (16, 8, 3, 3), 2, 0, 2, 1),
 }
 TC.CASES.update({"ocv_" + k: v for k, v in OCV_CASES.items()})
 
@@ -106,7 +110,8 @@ def test_the_rule_picks_algo_2_for_strided_and_small_3x3_convs_and_keeps_the_ste
     assert algo(32, 32, 16, 32, 3, 1) == 2      # 16x16 and 8x8 at batch >= 8
     assert algo(256, 64, 8, 64, 3, 1) == 2
     assert algo(1, 64, 8, 64, 3, 1) == 1        # batch 1 at stride 1
-    assert algo(32, 16, 32, 32, 1, 2) == 0      # 1x1 shortcut: BLAS
+    assert algo(32, 16, 32, 32, 1, 2) == 2      # 1x1 shortcut at stride 2: x read in place
+    assert algo(32, 16, 32, 32, 1, 1) == 0      # pointwise: BLAS on x itself
     assert algo(32, 16, 16, 8, 3, 2) == 1       # fewer than 16 output channels
 
 

@@ -848,6 +848,7 @@ cdef void _tiled_dw_chunk(floating dummy, const _tg *t, const _cgeo *g, int64_t 
 
 cdef struct _og:
     int64_t Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw, rb, nrb, Rt, Wt, Kc, Mv, tile_n, Pq, noff
+    bint inplace   # every tap inside the input (no padding read): the kernel reads x itself, no tile
 
 
 cdef void _og_init(_og *t, const _cgeo *g, int64_t isz) noexcept nogil:
@@ -855,11 +856,16 @@ cdef void _og_init(_og *t, const _cgeo *g, int64_t isz) noexcept nogil:
     t.sh, t.sw, t.kh, t.kw, t.dh, t.dw, t.ph, t.pw = g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw
     t.rb = g.rb if g.rb >= 1 else 1
     t.nrb = (t.U + t.rb - 1) // t.rb
-    t.Rt = (t.rb - 1) * t.sh + (t.kh - 1) * t.dh + 1
-    t.Wt = (t.V - 1) * t.sw + (t.kw - 1) * t.dw + 1
+    t.inplace = (t.ph == 0 and t.pw == 0 and (t.U - 1) * t.sh + (t.kh - 1) * t.dh < t.Hi
+                 and (t.V - 1) * t.sw + (t.kw - 1) * t.dw < t.Wi)
+    if t.inplace:   # the "tile" is the image itself: rows of Wi, Hi rows per channel
+        t.Rt, t.Wt = t.Hi, t.Wi
+    else:
+        t.Rt = (t.rb - 1) * t.sh + (t.kh - 1) * t.dh + 1
+        t.Wt = (t.V - 1) * t.sw + (t.kw - 1) * t.dw + 1
     t.Kc = t.Ci * t.kh * t.kw
     t.Mv = (t.Co + TG_MV - 1) // TG_MV * TG_MV
-    t.tile_n = _r16(t.Ci * t.Rt * t.Wt)
+    t.tile_n = 0 if t.inplace else _r16(t.Ci * t.Rt * t.Wt)
     t.Pq = (t.rb * t.V + 23) // 24 * 24
     t.noff = _r16((t.Kc * 8 + isz - 1) // isz)
 
@@ -923,12 +929,17 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
     cdef const floating *ot
     cdef floating *o
     cdef floating *yr
+    cdef const floating *tl = src + u0 * t.sh * t.Wi
     if floating is float:
-        lm_conv_build_pad_f32(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
-        lm_conv_ocv_f32(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tile, outT)
+        if not t.inplace:
+            lm_conv_build_pad_f32(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+            tl = tile
+        lm_conv_ocv_f32(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tl, outT)
     else:
-        lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
-        lm_conv_ocv_f64(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tile, outT)
+        if not t.inplace:
+            lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+            tl = tile
+        lm_conv_ocv_f64(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tl, outT)
     for m in range(t.Co):
         # the block's rows of channel m are contiguous in y: transposed in, then one epilogue over all
         # (per row, an 8x8 image's 8-element rows made the epilogue's fixed cost 3 ms of W8 at batch 256)

@@ -106,13 +106,23 @@ def ocv(d, isz, rb):
     that): the tile plus the block's output, pixel-major, rows padded to 24; wt the packed weights."""
     rb = max(1, rb)
     Cg, Mg = d["C"] // d["G"], d["M"] // d["G"]
-    Rt = (rb - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] + 1
-    Wt = (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] + 1
     Kc = Cg * d["kh"] * d["kw"]
     Mv = -(-Mg // MV) * MV
-    tile = _r16(Cg * Rt * Wt)
+    if ocv_inplace(d):   # no tap reads padding: the kernel reads x itself (tile = the image, no copy)
+        Rt, Wt, tile = d["H"], d["W"], 0
+    else:
+        Rt = (rb - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] + 1
+        Wt = (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] + 1
+        tile = _r16(Cg * Rt * Wt)
     return {"Rt": Rt, "Wt": Wt, "Kc": Kc, "Mv": Mv, "tile": tile, "slot": tile + -(-(rb * d["OW"]) // 24) * 24 * Mv,
             "noff": _r16(-(-(Kc * 8) // isz)), "wt": d["G"] * Kc * Mv, "nrb": -(-d["OH"] // rb)}
+
+
+def ocv_inplace(d):
+    """Whether algo 2 reads the input in place: no padding before, and the last tap of the last output
+    pixel inside the input (so no padding after either)."""
+    return (d["ph"] == 0 and d["pw"] == 0 and (d["OH"] - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] < d["H"]
+            and (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] < d["W"])
 
 
 def ocv_scratch_elements(d, isz, rb, nslots, panel):
