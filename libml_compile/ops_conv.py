@@ -170,16 +170,19 @@ def _use_ocv(geo):
     8x8 102 vs 68.  Algo 2 vectorises over 16 output channels, so it needs full vectors of them, and the
     per-pixel broadcasts pay off once a tap has enough input channels (not the RGB stem).  A strided 1x1
     conv (the ResNet shortcut) runs algo 2 when it reads no padding (conv_layout.ocv_inplace: the kernel
-    then reads x itself, no tile): 16->32 at 32x32 and 32->64 at 16x16, stride 2, algo 0 (im2col + BLAS)
-    vs algo 2, batch 1 13 vs 10 and 9 vs 8 us, batch 32 211 vs 162 and 142 vs 98 us, batch 256 2.24 vs
-    1.90 and 1.23 vs 1.07 ms; with a tile to copy it was slower than BLAS (15-19 vs 27-41 GFLOP/s)."""
+    then reads x itself, no tile) and the batch is large: alone, 16->32 at 32x32 and 32->64 at 16x16,
+    stride 2, algo 0 (im2col + BLAS) vs algo 2, batch 1 13 vs 10 and 9 vs 8 us, batch 32 211 vs 162 and
+    142 vs 98 us, batch 256 2.24 vs 1.90 and 1.23 vs 1.07 ms; but inside W8 (alternating processes, whole
+    run() calls) batch 256 gained 1.2-1.5 % while batch 1 lost 2-4 % and batch 32 1.6 % (the shortcut
+    reads its input after the block's 3x3 conv has; with a tile to copy algo 2 was slower than BLAS
+    everywhere, 15-19 vs 27-41 GFLOP/s)."""
     if OCV_FORCE is not None:
         return OCV_FORCE
     Cg, Mg = geo["C"] // geo["G"], geo["M"] // geo["G"]
     if Cg < 8 or Mg < 16:
         return False
     if geo["kh"] * geo["kw"] == 1:
-        return (geo["sh"] > 1 or geo["sw"] > 1) and conv_layout.ocv_inplace(geo)
+        return (geo["sh"] > 1 or geo["sw"] > 1) and conv_layout.ocv_inplace(geo) and geo["N"] >= 128
     if geo["sh"] > 1 or geo["sw"] > 1:
         return True
     return geo["N"] >= 8 and geo["OH"] * geo["OW"] <= 256

@@ -110,7 +110,8 @@ def test_the_rule_picks_algo_2_for_strided_and_small_3x3_convs_and_keeps_the_ste
     assert algo(32, 32, 16, 32, 3, 1) == 2      # 16x16 and 8x8 at batch >= 8
     assert algo(256, 64, 8, 64, 3, 1) == 2
     assert algo(1, 64, 8, 64, 3, 1) == 1        # batch 1 at stride 1
-    assert algo(32, 16, 32, 32, 1, 2) == 2      # 1x1 shortcut at stride 2: x read in place
+    assert algo(256, 16, 32, 32, 1, 2) == 2     # 1x1 shortcut at stride 2, large batch: x read in place
+    assert algo(32, 16, 32, 32, 1, 2) == 0      # smaller batches: BLAS over im2col panels
     assert algo(32, 16, 32, 32, 1, 1) == 0      # pointwise: BLAS on x itself
     assert algo(32, 16, 16, 8, 3, 2) == 1       # fewer than 16 output channels
 
