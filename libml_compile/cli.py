@@ -299,7 +299,7 @@ def _pick_input(g, name: Optional[str]):
 def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=10, lr=0.01,
                     optimizer="sgd", momentum=0.9, weight_decay=0.0, batch_size=None, trainable=None,
                     input_name=None, output_name=None, seed=0, num_threads=None, progress=True,
-                    log=print, eval_batch=256, base_dir=None, distributed=False):
+                    log=print, eval_batch=256, base_dir=None, distributed=False, accumulate=1):
     """Fine-tune an ONNX model (path or ModelProto) on arrays with ``prog.step``.
 
     Returns ``(prog, history)``; ``history`` is a list of per-epoch dicts (loss, train/val metric).
@@ -314,6 +314,10 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
     ``batch_size`` is the global batch, each rank trains on its ``batch_size / K`` rows of every batch of
     the same shuffled order (a fixed-batch model: that batch per rank, K times it globally), the losses
     are global means, and only rank 0 logs (the caller exports on rank 0 only).
+    accumulate: M > 1 accumulates the gradients of M micro-batches per step (``lc.compile(accumulate=M)``,
+    the exact single-process counterpart of M ranks): ``batch_size`` is still the batch of one step, run
+    as M micro-batches of ``batch_size / M`` rows (a fixed-batch model: its batch is the micro-batch, M
+    times it per step).  Not combined with ``distributed``.
     Raises ValueError when the data holds NaN/Inf, or when the loss or a param becomes non-finite (a
     diverging learning rate): nothing is returned, so the caller exports nothing.
     """
@@ -345,15 +349,23 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
     elif batch_size is None:
         batch_size = 32
     B = min(int(batch_size), n)
+    M = int(accumulate)
+    if M < 1 or M != accumulate:
+        raise ValueError(f"--accumulate {accumulate!r}: micro-batches per step must be a positive integer")
+    if M > 1 and distributed:
+        raise ValueError(f"--accumulate {M} cannot be combined with --distributed (use the ranks or "
+                         f"accumulation, not both)")
     K, rank = (lc.distributed.size(), lc.distributed.rank()) if distributed else (1, 0)
-    if K > 1 and fixed is not None:
-        B = fixed * K  # the model's batch is each rank's
+    if K * M > 1 and fixed is not None:
+        B = fixed * K * M  # the model's batch is each rank's, or each micro-batch's
         if n < B:
-            raise ValueError(f"{K} ranks with the model's fixed batch of {fixed} need {B} training samples, "
-                             f"there are {n}")
+            raise ValueError(f"{K * M} {'ranks' if K > 1 else 'micro-batches'} with the model's fixed batch of "
+                             f"{fixed} need {B} training samples, there are {n}")
     elif B % K:
         raise ValueError(f"--batch-size {B} is not divisible by the {K} MPI ranks")
-    b = B // K  # each rank's share of a batch
+    elif B % M:
+        raise ValueError(f"--batch-size {B} is not divisible by --accumulate {M}")
+    b = B // (K * M)  # each rank's share of a batch (each micro-batch's, accumulating)
     if rank != 0:
         log, progress = None, False
     classify = np.issubdtype(y_train.dtype, np.integer)
@@ -403,7 +415,8 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
             raise ValueError(f"--trainable names {unknown} are not params of the model "
                              f"(params: {sorted(g.params)})")
     prog = lc.compile(g, loss=loss, optimizer=opt, trainable=list(trainable) if trainable else None,
-                      num_threads=num_threads, distributed="mpi" if distributed else None)
+                      num_threads=num_threads, distributed="mpi" if distributed else None,
+                      accumulate=M if M > 1 else None)
 
     EB = fixed or max(1, min(int(eval_batch), max(n, len(x_val) if x_val is not None else 0)))
     ge = import_onnx(m, shapes={inp: (EB,) + tuple(x_train.shape[1:])})
@@ -449,7 +462,8 @@ def finetune_arrays(model, x_train, y_train, x_val=None, y_val=None, *, epochs=1
                    disable=not progress, dynamic_ncols=True) if tqdm is not None else None
         t0 = time.perf_counter()
         for s in range(steps):
-            idx = perm[s * B + rank * b:s * B + (rank + 1) * b]  # (the same order on every rank: same seed)
+            # (the same order on every rank: same seed; accumulating, the step takes M micro-batches)
+            idx = perm[s * B + rank * b * M:s * B + (rank + 1) * b * M]
             lv = prog.step({inp: x_train_c[idx], label_name: y_train_c[idx]})
             if not np.isfinite(lv):
                 if bar is not None:
@@ -518,6 +532,9 @@ def _parser():
     f.add_argument("--distributed", action="store_true",
                    help="data-parallel training under mpiexec -n K (needs the dist extra): --batch-size is the "
                         "global batch, split over the ranks; rank 0 logs and exports")
+    f.add_argument("--accumulate", type=int, default=1, metavar="M",
+                   help="gradient accumulation: each step of --batch-size rows runs as M micro-batches and one "
+                        "update (the graph is compiled at batch / M: M times less activation memory)")
     return p
 
 
@@ -543,7 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
                 trainable=args.trainable, input_name=args.input_name, output_name=args.output_name,
                 seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
-                base_dir=os.path.dirname(os.path.abspath(args.model)), distributed=args.distributed)
+                base_dir=os.path.dirname(os.path.abspath(args.model)), distributed=args.distributed,
+                accumulate=args.accumulate)
             if prog.executable.world[0] == 0:  # (distributed: every rank holds the same params)
                 export_onnx(prog, args.out)
                 print(f"exported the fine-tuned model to {args.out}")

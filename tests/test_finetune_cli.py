@@ -90,3 +90,41 @@ def test_finetune_reads_external_data_from_the_models_folder_not_the_cwd(tmp_pat
     rc = main(["finetune", str(folder / "ext.onnx"), "--data", _data(tmp_path / "d.npz"), "--epochs", "1",
                "--no-progress", "--out", str(tmp_path / "o.onnx")])
     assert rc == 0, capsys.readouterr().err
+
+
+def _dynamic_mlp_onnx(path):
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, K))
+    torch.onnx.export(net, (torch.randn(4, D),), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return str(path)
+
+
+def test_finetune_accumulate_trains_as_the_whole_batch_step(tmp_path):
+    """--accumulate 2: each 32-row step as two micro-batches of 16 and one update -- the same training as
+    the whole batch, to float summation order."""
+    from libml_compile.cli import finetune_arrays
+    model = _dynamic_mlp_onnx(tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    y = rng.integers(0, K, N).astype(np.int64)
+    runs = [finetune_arrays(model, x, y, epochs=2, lr=0.05, batch_size=32, accumulate=m, progress=False, log=None)
+            for m in (1, 2)]
+    (p1, h1), (p2, h2) = runs
+    assert p2.executable.plan.meta["accumulate"]["micro_batches"] == 2
+    for k in p1.params:
+        np.testing.assert_allclose(p2.params[k], p1.params[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose([r["loss"] for r in h2], [r["loss"] for r in h1], rtol=1e-5)
+
+
+def test_finetune_accumulate_refuses_a_batch_it_does_not_divide_and_distributed(tmp_path, capsys):
+    model = _dynamic_mlp_onnx(tmp_path / "mlp.onnx")
+    data = _data(tmp_path / "d.npz")
+    rc = main(["finetune", model, "--data", data, "--batch-size", "30", "--accumulate", "4", "--no-progress",
+               "--out", str(tmp_path / "o.onnx")])
+    assert rc == 2 and "not divisible by --accumulate 4" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+    from libml_compile.cli import finetune_arrays
+    with pytest.raises(ValueError, match="cannot be combined with --distributed"):
+        finetune_arrays(model, np.zeros((8, D), np.float32), np.zeros(8, np.int64), accumulate=2, distributed=True,
+                        progress=False, log=None)
