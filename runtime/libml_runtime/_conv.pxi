@@ -17,7 +17,7 @@
 # then relu or any VM step (the GEMM's lm_vm_epilogue_row).  With `pre` the GEMM / the loops write into
 # pre and the activation reads it from there into y, so keeping it costs no copy.
 
-DEF CONV_PAR_FLOPS = 4000000   # below this a convolution runs on the calling thread (as GEMM_PAR_FLOPS)
+DEF CONV_PAR_FLOPS = 500000    # below this a convolution runs on the calling thread (see _conv_threads)
 
 
 cdef struct _cepi:
@@ -152,7 +152,10 @@ cdef void _col2im(floating dummy, const _cgeo *g, floating *dx, int64_t nc, int6
 
 
 cdef inline int _conv_threads(const _cgeo *g, int64_t ntasks, int nthreads) noexcept nogil:
-    """Threads for a conv: 1 below CONV_PAR_FLOPS, never more than the tasks or the scratch panels."""
+    """Threads for a conv: 1 below CONV_PAR_FLOPS, never more than the tasks or the scratch panels.
+    (CONV_PAR_FLOPS was 4 MFLOP, which ran W8's batch-1 stride-2 convs (2.4 MFLOP) and its stem (0.9) on
+    one thread; at 0.5 MFLOP W8 batch 1 took 0.243 instead of 0.310 ms, alternating processes on AMD EPYC
+    AVX2, 2 threads; 1 MFLOP gave 0.258, 0.2 MFLOP 0.261, where the 0.26-MFLOP 1x1 convs gain nothing.)"""
     cdef double flops = 2.0 * g.N * g.M * g.P * g.Kc
     cdef int64_t nt = nthreads if flops >= CONV_PAR_FLOPS else 1
     if nt > ntasks:
