@@ -132,27 +132,26 @@ def _plan(geo, dtype, op="conv"):
     tiled = not direct and not pointwise and N > 0 and (every_phase or op == "conv_grad_input")
     pl = {"panel": panel, "npan": npan, "cblock": cblock, "nchunks": nchunks, "slot": slot, "kc": kc,
           "isz": isz, "direct": direct, "algo": 0, "rb": 1}
-    if tiled:
-        rb = conv_layout.rows(op, geo)   # all output rows, then halved while too big or too few
-        while rb > 1:
-            t = conv_layout.tiles(op, geo, isz, rb)
-            items = (N * G if op == "conv" or op == "conv_grad_input" else N) * t["nrb"]
-            if t["slot"] * isz <= TILE_BYTES and items >= TILE_MIN_TASKS:
-                break
-            rb = -(-rb // 2)
-        t = conv_layout.tiles(op, geo, isz, rb)
+    if op == "conv" and not direct and not pointwise and N > 0 and _use_ocv(geo):
+        rb, t = _row_block(geo["OH"], lambda r: conv_layout.ocv(geo, isz, r), N * G, isz)
+        pl.update(algo=2, rb=rb, panel=t["slot"], slot=t["slot"], nrb=t["nrb"])
+    elif tiled:
+        items = N * G if op == "conv" or op == "conv_grad_input" else N
+        rb, t = _row_block(conv_layout.rows(op, geo), lambda r: conv_layout.tiles(op, geo, isz, r), items, isz)
         pl.update(algo=1, rb=rb, panel=t["slot"], slot=t["slot"], nrb=t["nrb"],
                   nchunks=max(1, min(MIN_TASKS, N * t["nrb"])))
-    if op == "conv" and not direct and not pointwise and N > 0 and _use_ocv(geo):
-        rb = geo["OH"]
-        while rb > 1:
-            t = conv_layout.ocv(geo, isz, rb)
-            if t["slot"] * isz <= TILE_BYTES and N * G * t["nrb"] >= TILE_MIN_TASKS:
-                break
-            rb = -(-rb // 2)
-        t = conv_layout.ocv(geo, isz, rb)
-        pl.update(algo=2, rb=rb, panel=t["slot"], slot=t["slot"], nrb=t["nrb"])
     return pl
+
+
+def _row_block(rb, layout, items, isz):
+    """(rb, layout(rb)) for the tiled algorithms: from all output rows ``rb``, halved while one thread's
+    slot exceeds TILE_BYTES or ``items`` x the row blocks give fewer than TILE_MIN_TASKS tasks."""
+    while rb > 1:
+        t = layout(rb)
+        if t["slot"] * isz <= TILE_BYTES and items * t["nrb"] >= TILE_MIN_TASKS:
+            return rb, t
+        rb = -(-rb // 2)
+    return rb, layout(rb)
 
 
 #: measurement override (benchmarks and tests): None follows the rule below, True / False forces algo 2 on

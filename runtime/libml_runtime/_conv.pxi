@@ -40,6 +40,11 @@ cdef struct _cgeo:
     bint direct, pointwise
 
 
+cdef inline bint _has_epi(const _cepi *e) noexcept nogil:
+    """Whether the forward's epilogue does anything (bias, scale, residual or activation)."""
+    return e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL
+
+
 cdef inline void _conv_geo(const int64_t *f, _cgeo *g) noexcept nogil:
     g.N, g.C, g.H, g.W = f[LM_F_CONV_N], f[LM_F_CONV_C], f[LM_F_CONV_H], f[LM_F_CONV_W]
     g.M, g.G, g.kh, g.kw = f[LM_F_CONV_M], f[LM_F_CONV_G], f[LM_F_CONV_kh], f[LM_F_CONV_kw]
@@ -281,7 +286,7 @@ cdef void _conv_fwd_task(floating dummy, const _cgeo *g, int64_t t, const floati
         ldb = <int>pn
     _cgemm(dummy, False, False, <int>g.Mg, <int>pn, <int>g.Kc, w + gr * g.Mg * g.Kc, <int>g.Kc, B, ldb, 0,
            out, <int>g.P)
-    if e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL:
+    if _has_epi(e):
         for m in range(g.Mg):
             _conv_epi_row(dummy, e, gr * g.Mg + m, out + m * g.P, y + off + m * g.P, pn)
 
@@ -321,7 +326,7 @@ cdef void _dw_fwd_task(floating dummy, const _cgeo *g, int64_t n, int64_t m, con
     rest = e[0]
     if e.scale == NULL:
         rest.b = NULL
-    if rest.act != 0 or rest.scale != NULL or rest.b != NULL or rest.res != NULL:
+    if _has_epi(&rest):
         _conv_epi_row(dummy, &rest, m, yo, yy, g.P)
 
 
@@ -682,7 +687,7 @@ cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const 
     _tg_mk(dummy, t.Mp, t.Co, Qp, t.Kc, wp + gr * t.Co * t.Kc, off, tile, out, t.Qp)
     cdef int64_t v
     cdef const floating *src_row
-    cdef bint epi = e != NULL and (e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL)
+    cdef bint epi = e != NULL and _has_epi(e)
     for m in range(t.Co):
         for r in range(nrows):
             o = pre_or_dst + ((n * G + gr) * t.Co + m) * t.OHt * t.OWt + (t.oa + t.osh * (u0 + r)) * t.OWt + t.ob
@@ -927,7 +932,7 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
                     floating *outT) noexcept nogil:
     cdef int64_t rbi = k % t.nrb, ng = k // t.nrb
     cdef int64_t n = ng // G, gr = ng % G
-    cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), r, m, v, P = nrows * t.V
+    cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), m, v, P = nrows * t.V
     cdef const floating *src = x + (n * G + gr) * t.Ci * t.Hi * t.Wi
     cdef const floating *ot
     cdef floating *o
@@ -950,6 +955,6 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
         ot = outT + m
         for v in range(P):
             o[v] = ot[v * t.Mv]
-        if e.b != NULL or e.scale != NULL or e.act != 0 or e.res != NULL:
+        if _has_epi(e):
             yr = dst + (((n * G + gr) * t.Co + m) * t.U + u0) * t.V
             _conv_epi_row(dummy, e, gr * t.Co + m, o, yr, P)
