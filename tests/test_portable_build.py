@@ -52,7 +52,7 @@ def test_default_build_has_no_avx_outside_the_dispatched_kernel_copies():
     # and the copies exist: the dispatch is not empty
     syms = subprocess.run(["nm", _exec.__file__], capture_output=True, text=True).stdout
     for isa in ("avx2", "avx512"):
-        assert f"lm_ew_block_f32_{isa}" in syms
+        assert f"lm_ew_span_f32_{isa}" in syms
 
 
 def _run_child(code, isa):
@@ -212,7 +212,9 @@ def test_each_isa_copy_calls_its_libmvec_vector_exp():
             fn = m.group(1)
         elif fn and "call" in line and "_ZGV" in line:
             calls.setdefault(fn, set()).add(re.search(r"<(_ZGV\w+)", line).group(1))
-    assert "_ZGVbN4v_expf" in calls["lm_ew_block_f32"]
-    for isa in ("avx2", "avx512"):
-        assert "_ZGVdN8v_expf" in calls[f"lm_ew_block_f32_{isa}"], isa
-        assert "_ZGVdN4v_exp" in calls[f"lm_ew_block_f64_{isa}"], isa
+    # the VM's step loops: whole blocks (with the fused column-sum copies) and a row's last partial block
+    for kernel in ("lm_ew_exec_full", "lm_ew_exec_n"):
+        assert "_ZGVbN4v_expf" in calls[f"{kernel}_f32"], kernel
+        for isa in ("avx2", "avx512"):
+            assert "_ZGVdN8v_expf" in calls[f"{kernel}_f32_{isa}"], (kernel, isa)
+            assert "_ZGVdN4v_exp" in calls[f"{kernel}_f64_{isa}"], (kernel, isa)

@@ -31,12 +31,14 @@ cdef extern from "kernels.h" nogil:
         const int64_t *out
         int64_t red_numel[32]
     int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
-    void lm_ew_block_f32(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
-                         float *regs, float *partial, float *acc)
-    void lm_ew_block_f64(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
-                         double *regs, double *partial, double *acc)
-    void lm_ew_row_store_f32(const lm_ew *e, char **bases, const double *consts, int64_t row, const float *acc)
-    void lm_ew_row_store_f64(const lm_ew *e, char **bases, const double *consts, int64_t row, const double *acc)
+    enum: LM_MW
+    int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
+    void lm_ew_span_f32(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
+                        const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
+                        int64_t it1, float *regs, float *partial)
+    void lm_ew_span_f64(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
+                        const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
+                        int64_t it1, double *regs, double *partial)
     void lm_ew_combine_f32(const lm_ew *e, char **bases, const double *consts, const float *partial)
     void lm_ew_combine_f64(const lm_ew *e, char **bases, const double *consts, const double *partial)
     void lm_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
@@ -187,17 +189,23 @@ cdef inline int64_t _unravel(int64_t ndim, const int64_t *dims, int64_t row, con
 # ------------------------------------------------------------------------------------------------
 # fused elementwise / reduction
 
+# 0: no column sum is fused into its step (tests compare the bits both ways; set_ew_fold)
+cdef int _ew_fold = 1
+
+
 cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
              int nthreads) noexcept nogil:
     cdef lm_ew e
-    cdef int64_t it, row, b, c, lo, hi, nt
+    cdef int64_t it, c, lo, hi, nt, nmf, npp, unit
+    cdef int t
     cdef const int64_t *o
+    cdef int64_t *mp
+    cdef int64_t *mpp
     cdef floating zero
     cdef floating *dst
     cdef floating *regs
     cdef floating *ws
-    cdef floating *partial
-    cdef floating *acc
+    cdef floating *partial = NULL
     cdef int k
     if lm_ew_decode(f, nf, &e) != 0:
         return ERR_MALFORMED
@@ -215,62 +223,51 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                         dst[it] = zero
         return 0
     nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
-    if e.mode == 0:
-        if nt == 1:
-            regs = <floating*>malloc(e.n_regs * LM_BLK * sizeof(floating))
-            if regs == NULL:
-                return ERR_NOMEM
-            for it in range(e.items):
-                row = it // e.nblk
-                _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
-            free(regs)
-        else:
-            # one checked allocation for every thread's registers, before the region (a malloc failing
-            # inside it could not stop the step)
-            ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
-            if ws == NULL:
-                return ERR_NOMEM
-            with parallel(num_threads=nt):
-                regs = ws + threadid() * e.n_regs * LM_BLK
-                for it in prange(e.items, schedule="static"):
-                    row = it // e.nblk
-                    _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, <floating*>NULL, <floating*>NULL)
-            free(ws)
-    elif e.mode == 1:
-        # reductions along the innermost dim only: a row is one task, its blocks summed in order.
-        # Registers and the row accumulators are per thread (a shared C array would race).
-        ws = <floating*>malloc(nt * (e.n_regs * LM_BLK + LM_MAXIO) * sizeof(floating))
-        if ws == NULL:
-            return ERR_NOMEM
-        with parallel(num_threads=nt):
-            regs = ws + threadid() * (e.n_regs * LM_BLK + LM_MAXIO)
-            acc = regs + e.n_regs * LM_BLK
-            for row in prange(e.rows, schedule="static"):
-                for k in range(e.n_out):
-                    acc[k] = 0
-                for b in range(e.nblk):
-                    _ew_block(&e, bases, consts, row, b, regs, <floating*>NULL, acc)
-                _ew_row_store(&e, bases, consts, row, acc)
-        free(ws)
-    else:
+    # the micro-programs (kernels.h, lm_ew_microprog): for whole blocks with the column sums fused into
+    # their steps, for partial blocks without; built once, shared read-only by the threads
+    mp = <int64_t*>malloc(2 * (e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
+    if mp == NULL:
+        return ERR_NOMEM
+    mpp = mp + (e.n_prog + e.n_out) * LM_MW
+    nmf = lm_ew_microprog(&e, mp, _ew_fold)
+    npp = lm_ew_microprog(&e, mpp, 0)
+    if nmf < 0 or npp < 0:
+        free(mp)
+        return ERR_MALFORMED
+    if e.mode == 2:
         # general reductions: a fixed number of chunks (independent of the thread count) accumulate
         # private partial sums, combined afterwards in chunk order -> bit-identical for any nthreads
         partial = <floating*>(bases[e.scratch_slot] + e.scratch_off)
         nt = nt if e.nchunks > 1 else 1
-        ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
-        if ws == NULL:
-            return ERR_NOMEM
+    # one checked allocation for every thread's registers, before the region (a malloc failing inside it
+    # could not stop the step)
+    ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
+    if ws == NULL:
+        free(mp)
+        return ERR_NOMEM
+    if nt == 1 and e.mode != 2:
+        _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL)
+    elif e.mode != 2:
+        # mode 0: contiguous runs of blocks; mode 1 (reductions along the innermost dim only): of whole
+        # rows, each row's blocks summed in order
+        unit = e.nblk if e.mode == 1 else 1
+        with parallel(num_threads=nt):
+            t = threadid()
+            lo = ((e.items // unit) * t) // nt
+            hi = ((e.items // unit) * (t + 1)) // nt
+            _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo * unit, hi * unit,
+                     ws + t * e.n_regs * LM_BLK, <floating*>NULL)
+    else:
         with parallel(num_threads=nt):
             regs = ws + threadid() * e.n_regs * LM_BLK
             for c in prange(e.nchunks, schedule="static"):
                 memset(partial + c * e.red_total, 0, e.red_total * sizeof(floating))
                 lo = (e.items * c) // e.nchunks
                 hi = (e.items * (c + 1)) // e.nchunks
-                for it in range(lo, hi):
-                    row = it // e.nblk
-                    _ew_block(&e, bases, consts, row, it - row * e.nblk, regs, partial + c * e.red_total,
-                              <floating*>NULL)
-        free(ws)
+                _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total)
+    free(ws)
+    free(mp)
+    if e.mode == 2:
         if floating is float:
             lm_ew_combine_f32(&e, bases, consts, partial)
         else:
@@ -278,20 +275,13 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     return 0
 
 
-cdef inline void _ew_block(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
-                           floating *regs, floating *partial, floating *acc) noexcept nogil:
+cdef inline void _ew_span(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf, int64_t nf,
+                          const int64_t *mpp, int64_t npp, int64_t it0, int64_t it1, floating *regs,
+                          floating *partial) noexcept nogil:
     if floating is float:
-        lm_ew_block_f32(e, bases, consts, row, b, regs, partial, acc)
+        lm_ew_span_f32(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial)
     else:
-        lm_ew_block_f64(e, bases, consts, row, b, regs, partial, acc)
-
-
-cdef inline void _ew_row_store(const lm_ew *e, char **bases, const double *consts, int64_t row,
-                               floating *acc) noexcept nogil:
-    if floating is float:
-        lm_ew_row_store_f32(e, bases, consts, row, acc)
-    else:
-        lm_ew_row_store_f64(e, bases, consts, row, acc)
+        lm_ew_span_f64(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1445,3 +1435,49 @@ _check_build(format_table())
 
 from .isa import _apply_env as _isa_apply_env
 _isa_apply_env(_isa_init)  # LIBML_ISA, or the CPU's best, before any plan can run
+
+
+def set_ew_fold(int on):
+    """Testing: fuse column sums into their steps (1, the default) or run them as passes of their own (0).
+    Returns the previous setting.  Both compute the same bits."""
+    global _ew_fold
+    cdef int old = _ew_fold
+    _ew_fold = 1 if on else 0
+    return old
+
+
+def ew_microprog(const int64_t[::1] code not None, int64_t pc, int fold):
+    """The micro-program the fused_elementwise instruction at code[pc] runs per whole block (fold=1) or
+    partial block (fold=0): a list of (kind, vm opcode, dst, a, b, c, output), kind one of "step",
+    "step+colsum", "colsum-only step", "store", "sum", "rowsum", "colsum" (kernels.h, lm_ew_microprog).
+    For tests and for reading a plan; the plan must be valid (plan.validate)."""
+    cdef lm_ew e
+    cdef int64_t n, k
+    cdef int64_t *mp
+    if pc < 0 or pc + LM_HEADER > code.shape[0] or code[pc] != LM_OP_FUSED_ELEMENTWISE \
+            or code[pc + 1] < LM_HEADER or pc + code[pc + 1] > code.shape[0]:
+        raise ValueError(f"ew_microprog: no fused_elementwise instruction at {pc}")
+    if lm_ew_decode(&code[pc + LM_HEADER], code[pc + 1] - LM_HEADER, &e) != 0:
+        raise ValueError(f"ew_microprog: malformed fused_elementwise instruction at {pc}")
+    mp = <int64_t*>malloc((e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
+    if mp == NULL:
+        raise MemoryError()
+    try:
+        n = lm_ew_microprog(&e, mp, fold)
+        if n < 0:
+            raise ValueError(f"ew_microprog: an opcode outside the VM table at {pc}")
+        out = []
+        for k in range(n):
+            op = mp[k * LM_MW]
+            rec = tuple(mp[k * LM_MW + i] for i in range(1, LM_MW))
+            if op < 256:
+                out.append(("step", op) + rec)
+            elif op < 512:
+                out.append(("step+colsum", op - 256) + rec)
+            elif op < 768:
+                out.append(("colsum-only step", op - 512) + rec)
+            else:
+                out.append(({768: "store", 769: "sum", 770: "rowsum", 771: "colsum"}[op], -1) + rec)
+        return out
+    finally:
+        free(mp)

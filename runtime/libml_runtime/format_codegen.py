@@ -125,7 +125,7 @@ def generate(F):
             pxi.append(f"    int64_t {name}(const int64_t *f)")
 
     h.append("")
-    h.append("/* The VM's switch cases (kernels_tmpl.h, inside lm_ew_run): one per VM opcode, from its C")
+    h.append("/* The VM's switch cases (kernels_tmpl.h: lm_vm_epilogue_row, a GEMM epilogue): one per VM opcode, from its C")
     h.append(" * expression.  LM_UNARY/LM_BINARY/LM_TERNARY/LM_MASKED are defined there. */")
     cases = []
     for code, name, arity, expr, mask in F.VM:
@@ -137,6 +137,24 @@ def generate(F):
         cases.append(f"    case VM_{name}: {body}; break;")
     h.append("#define LM_VM_CASES \\")
     h.append(" \\\n".join(cases))
+    h.append("")
+    # The same bodies as threaded code (kernels_tmpl.h, lm_ew_exec): one label per VM opcode, each ending
+    # in its own indirect jump to the next step's label, and the label table.  PFX names a copy of the
+    # labels (a fused variant of every step, see LM_ST there), BASE its range in the table.
+    if max(code for code, *_ in F.VM) >= 256:
+        raise ValueError("format.py: VM opcodes must be < 256 (kernels_tmpl.h's label table has 256 per variant)")
+    labels, table = [], []
+    for code, name, arity, expr, mask in F.VM:
+        body = cases[len(labels)].split(": ", 1)[1].rsplit("; break;", 1)[0]
+        labels.append(f"    PFX##{name}: {{ LM_VM_OPERANDS {body}; }} LM_VM_NEXT;")
+        table.append(f"    [BASE + VM_{name}] = &&PFX##{name}")
+    h.append("/* threaded VM: labels PFX<NAME> and their table entries [BASE + opcode] (kernels_tmpl.h) */")
+    h.append("#define LM_VM_THREADED(PFX) \\")
+    h.append(" \\\n".join(labels))
+    h.append("#define LM_VM_TABLE(PFX, BASE) \\")
+    h.append(", \\\n".join(table))
+    h.append("/* initialiser of a 256-entry table: 1 for every VM opcode */")
+    h.append("#define LM_VM_OPLIST " + ", ".join(f"[VM_{name}] = 1" for _, name, *_ in F.VM))
     h.append("")
 
     h.append("/* vector math: libmvec variants of the functions the VM calls, without -ffast-math */")

@@ -97,6 +97,62 @@ static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
     return 0;
 }
 
+/* The micro-program a fused elementwise instruction runs per block (kernels_tmpl.h, lm_ew_exec_*): the
+ * plan's steps, then one op per output -- records of LM_MW fields `op dst a b c out` (the plan's five,
+ * then the output index for the ops that write one).  op < 256: a VM step; LM_MOP_STORE_ACC + op /
+ * LM_MOP_ACC + op: the step also / only adds its result into output `out`'s column partial sums (built
+ * when fold != 0: a mode-2 column-sum output whose register's last writer is a step -- "only" when no
+ * later step or other output reads that register -- absorbed into that step); LM_MOP_OUT_*: an output's
+ * store (dst = its register), its sum into its partial sum (mode 2), into the row's sum (mode 1), or into
+ * its column partial sums.  mp holds n_prog + n_out records.  Returns the number of records, or -1 for
+ * a step whose opcode is not in format.py's VM table (never run: its label would be lm_vm_bad). */
+#define LM_MW 6
+#define LM_MOP_STORE_ACC 256
+#define LM_MOP_ACC 512
+#define LM_MOP_OUT_STORE 768
+#define LM_MOP_OUT_SUM 769
+#define LM_MOP_OUT_ROWSUM 770
+#define LM_MOP_OUT_COLSUM 771
+#define LM_MOP_N 772
+static int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
+{
+    static const char is_vm[256] = {LM_VM_OPLIST};
+    const int64_t nd = e->ndim;
+    int64_t i, i2, k, m = e->n_prog;
+    for (k = 0; k < e->n_prog; k++) {
+        const int64_t *p = e->prog + LM_VMW * k;
+        if (p[0] < 0 || p[0] >= 256 || !is_vm[p[0]]) return -1;
+        memcpy(mp + LM_MW * k, p, LM_VMW * sizeof(int64_t));
+        mp[LM_MW * k + 5] = 0;
+    }
+    for (i = 0; i < e->n_out; i++) {
+        const int64_t *d = e->out + i * e->out_w;
+        const int64_t r = d[e->out_reg];
+        const int64_t kind = !d[e->out_red] ? LM_MOP_OUT_STORE
+                           : d[2 + nd - 1] != 0 ? LM_MOP_OUT_COLSUM
+                           : e->mode == 1 ? LM_MOP_OUT_ROWSUM : LM_MOP_OUT_SUM;
+        int64_t *q;
+        if (fold && kind == LM_MOP_OUT_COLSUM && e->mode == 2) {
+            int64_t last = -1, read_later = 0;
+            for (k = 0; k < e->n_prog; k++) if (mp[LM_MW * k + 1] == r) last = k;
+            if (last >= 0 && mp[LM_MW * last] < 256) {  /* a step writes it, and is not fused yet */
+                for (k = last + 1; k < e->n_prog; k++) {
+                    const int64_t *pk = mp + LM_MW * k;
+                    if (pk[2] == r || pk[3] == r || pk[4] == r) read_later = 1;
+                }
+                for (i2 = 0; i2 < e->n_out; i2++)
+                    if (i2 != i && e->out[i2 * e->out_w + e->out_reg] == r) read_later = 1;
+                mp[LM_MW * last] += read_later ? LM_MOP_STORE_ACC : LM_MOP_ACC;
+                mp[LM_MW * last + 5] = i;
+                continue;
+            }
+        }
+        q = mp + LM_MW * m++;
+        q[0] = kind; q[1] = r; q[2] = q[3] = q[4] = 0; q[5] = i;
+    }
+    return m;
+}
+
 /* element offset of the first element of `row` (row-major over dims[0..ndim-2]) for strides s */
 static inline int64_t lm_row_offset(const lm_ew *e, int64_t row, const int64_t *s)
 {
@@ -206,7 +262,7 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
  * Portable builds (the default, see setup.py) compile this translation unit for baseline x86-64 and
  * compile the hot kernels of kernels_tmpl.h three times inside `#pragma GCC target` regions:
  * baseline (SSE2), "avx2" (arch=x86-64-v3: AVX2+FMA) and "avx512" (arch=x86-64-v4).  The baseline copy
- * keeps the plain names (lm_ew_block_f32, ...); the others get a suffix (lm_ew_block_f32_avx2).  The names
+ * keeps the plain names (lm_ew_span_f32, ...); the others get a suffix (lm_ew_span_f32_avx2).  The names
  * in LM_DISPATCHED are then #defined to entries of the table `lm_isa`, which lm_isa_init() fills once at
  * import from the CPU's features (or LIBML_ISA), so every call from _exec.pyx goes through one indirect
  * call per block/row -- the template functions are never inlined into Cython code anyway.  A kernel

@@ -22,7 +22,7 @@
 
 /* X(name, float-type-suffix): every template kernel _exec.pyx calls */
 #define LM_DISPATCHED_T(X, S)                                                                         \
-    X(lm_ew_block, S) X(lm_ew_row_store, S) X(lm_ew_combine, S) X(lm_softmax_outer, S) X(lm_xent, S)  \
+    X(lm_ew_span, S) X(lm_ew_row_store, S) X(lm_ew_combine, S) X(lm_softmax_outer, S) X(lm_xent, S)  \
     X(lm_xent_grad_row, S) X(lm_gemv_rows, S) X(lm_epilogue_row, S) X(lm_mask_row, S) X(lm_vm_epilogue_row, S) X(lm_sgd, S)    \
     X(lm_adam, S) X(lm_nonfinite, S) X(lm_reduce_cols, S) X(lm_arg_reduce_cols, S) X(lm_log_softmax_outer, S) \
     X(lm_layer_norm_row, S) X(lm_layer_norm_grad_row, S) X(lm_layer_norm_grad_cols, S) X(lm_dropout, S)    \
@@ -100,8 +100,8 @@ static int lm_isa_init(const char *name)
 static const char *lm_isa_name(void) { return lm_isa.name; }
 
 /* from here on the plain names used by _exec.pyx are the table's entries */
-#define lm_ew_block_f32 (lm_isa.lm_ew_block_f32)
-#define lm_ew_block_f64 (lm_isa.lm_ew_block_f64)
+#define lm_ew_span_f32 (lm_isa.lm_ew_span_f32)
+#define lm_ew_span_f64 (lm_isa.lm_ew_span_f64)
 #define lm_ew_row_store_f32 (lm_isa.lm_ew_row_store_f32)
 #define lm_ew_row_store_f64 (lm_isa.lm_ew_row_store_f64)
 #define lm_ew_combine_f32 (lm_isa.lm_ew_combine_f32)

@@ -1,117 +1,134 @@
 /* Type-generic kernels, included twice by kernels.h: LM_T = float (suffix _f32) and double (_f64).
  * Every loop over a block is `omp simd` with restrict pointers; none allocates; none takes the GIL. */
 
-/* The op program and the stores of one block, for `n` elements.  Always inlined into lm_ew_block, once
- * with n == LM_BLK (a compile-time trip count: loops are unrolled with no remainder or peeling code) and
- * once for the partial last block of a row.  Measured on W4's step, one thread, alternating processes:
- * 7.4 ms with the specialisation, 8.4 ms without. */
-static inline __attribute__((always_inline)) void LM_SFX(lm_ew_run)(
-    const lm_ew *e, char **bases, const double *consts, const int64_t *idx, int64_t j0, const int64_t n,
-    LM_T **R, LM_T *partial, LM_T *acc)
-{
-    const int64_t nd = e->ndim;
-    int64_t i, j;
-    for (i = 0; i < e->n_prog; i++) {
-        const int64_t *p = e->prog + LM_VMW * i;
-        LM_T *restrict D = R[p[1]];
-        const LM_T *restrict A = R[p[2]];
-        const int64_t bi = p[3], ci = p[4];
-        /* an immediate operand is a constant broadcast over the block: the loops below read it as a
-           scalar, so constants never occupy a register */
-        const LM_T bc = bi < 0 ? (LM_T)consts[-bi - 1] : 0, cc = ci < 0 ? (LM_T)consts[-ci - 1] : 0;
-        const LM_T *restrict B = bi >= 0 ? R[bi] : A;
-        const LM_T *restrict C = ci >= 0 ? R[ci] : A;
-#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; D[j] = (EXPR); }
+/* ---- the fused elementwise VM (format.py: fused_elementwise) ----
+ * A step's loop over one block of `n` elements.  LM_ST(v) stores element j of the result: into D, or, in
+ * the fused variants of the threaded VM below, also (or only) into the column partial sums P. */
+#ifndef LM_ST
+#define LM_ST(v) D[j] = (v)
+#endif
+#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; LM_ST(EXPR); }
 #define LM_BINARY(EXPR)                                                                          \
         if (bi < 0) {                                                                            \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc; D[j] = (EXPR); } \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc; LM_ST(EXPR); } \
         } else {                                                                                 \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; D[j] = (EXPR); } \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; LM_ST(EXPR); } \
         }
 #define LM_TERNARY(EXPR)                                                                                 \
         if (bi < 0 && ci < 0) {                                                                          \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = cc; D[j] = (EXPR); }     \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = cc; LM_ST(EXPR); }     \
         } else if (bi < 0) {                                                                             \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = C[j]; D[j] = (EXPR); }   \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = C[j]; LM_ST(EXPR); }   \
         } else if (ci < 0) {                                                                             \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = cc; D[j] = (EXPR); }   \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = cc; LM_ST(EXPR); }   \
         } else {                                                                                         \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; D[j] = (EXPR); } \
+            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR); } \
         }
 /* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
 #define LM_MASKED(EXPR, M)                                                                                 \
         if (bi < 0) {                                                                                      \
             _Pragma("omp simd") for (j = 0; j < n; j++) {                                                  \
-                LM_T x = A[j], y = bc, st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (EXPR) * st; }          \
+                LM_T x = A[j], y = bc, st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; LM_ST((EXPR) * st); }          \
         } else {                                                                                           \
             _Pragma("omp simd") for (j = 0; j < n; j++) {                                                  \
-                LM_T x = A[j], y = B[j], st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; D[j] = (EXPR) * st; }        \
+                LM_T x = A[j], y = B[j], st = (M)[j] > 0 ? (LM_T)1 : (LM_T)0; LM_ST((EXPR) * st); }        \
         }
-        switch (p[0]) {
-        LM_VM_CASES  /* format_gen.h: one case per VM opcode, from format.py's VM table */
-        }
-    }
 
-    for (i = 0; i < e->n_out; i++) {
-        const int64_t *d = e->out + i * e->out_w;
-        const int64_t *s = d + 2;
-        const LM_T *restrict r = R[d[e->out_reg]];
-        const int64_t is_red = d[e->out_red];
-        if (!is_red) {
-            LM_T *dst = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0;
-            if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));
-        } else if (s[nd - 1] == 0) {
-            LM_T sum = 0;
-            #pragma omp simd reduction(+:sum)
-            for (j = 0; j < n; j++) sum += r[j];
-            if (acc) acc[i] += sum;
-            else partial[e->red_off[i] + lm_dot(nd - 1, idx, s)] += sum;
-        } else {
-            LM_T *restrict P = partial + e->red_off[i] + lm_dot(nd - 1, idx, s) + j0;
-            #pragma omp simd
-            for (j = 0; j < n; j++) P[j] += r[j];
-        }
-    }
+/* One block through the micro-program (kernels.h, lm_ew_microprog), as threaded code: every step's
+ * label ends in its own indirect jump to the next step's label.  Why: with one `switch` the only
+ * indirect branch site sees every step in turn and mispredicts at most of them; W4's step, one thread,
+ * through the instruction decoded from the plan (a C harness over this template, alternating binaries):
+ * 8.6 ms with the switch, 7.2 ms threaded.  Per step the operands are re-read from the program (p), so
+ * the restrict pointers are block-scoped, as the loops need.  out_row[i]: output i's row (a store
+ * output) or its partial-sum row (a reduction; mode 2), j0 the block's first column; acc: mode 1's row
+ * sums.  The table covers every index a micro-program can hold; lm_ew_microprog admits only VM opcodes
+ * of format.py's table, so lm_vm_bad is unreachable from a decoded program. */
+#define LM_VM_OPERANDS                                                                                     \
+        LM_T *restrict D = R[p[1]];                                                                        \
+        const LM_T *restrict A = R[p[2]];                                                                  \
+        const int64_t bi = p[3], ci = p[4];                                                                \
+        const LM_T bc = bi < 0 ? (LM_T)consts[-bi - 1] : 0, cc = ci < 0 ? (LM_T)consts[-ci - 1] : 0;      \
+        const LM_T *restrict B = bi >= 0 ? R[bi] : A;                                                      \
+        const LM_T *restrict C = ci >= 0 ? R[ci] : A;                                                      \
+        LM_T *restrict P = LM_FOLD_P;                                                                      \
+        (void)D; (void)B; (void)C; (void)bc; (void)cc; (void)P;
+#define LM_VM_NEXT p += LM_MW; if (p == pend) return; goto *tbl[p[0]]
+#define LM_VM_OUTPUTS                                                                                      \
+    lm_o_store: {                                                                                          \
+        const LM_T *restrict r = R[p[1]];                                                                  \
+        LM_T *dst = out_row[p[5]] + j0;                                                                    \
+        if (dst != r) memmove(dst, r, (size_t)n * sizeof(LM_T));                                           \
+    } LM_VM_NEXT;                                                                                          \
+    lm_o_sum: {                                                                                            \
+        const LM_T *restrict r = R[p[1]];                                                                  \
+        LM_T sum = 0;                                                                                      \
+        _Pragma("omp simd reduction(+:sum)") for (j = 0; j < n; j++) sum += r[j];                          \
+        out_row[p[5]][0] += sum;                                                                           \
+    } LM_VM_NEXT;                                                                                          \
+    lm_o_rowsum: {                                                                                         \
+        const LM_T *restrict r = R[p[1]];                                                                  \
+        LM_T sum = 0;                                                                                      \
+        _Pragma("omp simd reduction(+:sum)") for (j = 0; j < n; j++) sum += r[j];                          \
+        acc[p[5]] += sum;                                                                                  \
+    } LM_VM_NEXT;                                                                                          \
+    lm_o_colsum: {                                                                                         \
+        const LM_T *restrict r = R[p[1]];                                                                  \
+        LM_T *restrict Q = out_row[p[5]] + j0;                                                             \
+        _Pragma("omp simd") for (j = 0; j < n; j++) Q[j] += r[j];                                          \
+    } LM_VM_NEXT;
+#define LM_VM_OUTPUT_TABLE                                                                                 \
+    [LM_MOP_OUT_STORE] = &&lm_o_store, [LM_MOP_OUT_SUM] = &&lm_o_sum, [LM_MOP_OUT_ROWSUM] = &&lm_o_rowsum, \
+    [LM_MOP_OUT_COLSUM] = &&lm_o_colsum
+
+/* a block of n < LM_BLK elements (the last of a row): plain steps only (its micro-program is built
+ * without fused steps, lm_ew_microprog(..., 0)) */
+static void LM_SFX(lm_ew_exec_n)(const int64_t *p, const int64_t *pend, const double *consts, const int64_t n,
+                                 LM_T **R, LM_T **out_row, int64_t j0, LM_T *acc)
+{
+    static const void *const tbl[LM_MOP_N] = {[0 ... LM_MOP_N - 1] = &&lm_vm_bad, LM_VM_TABLE(lm_v_, 0),
+                                              LM_VM_OUTPUT_TABLE};
+    int64_t j;
+    if (p == pend) return;
+    goto *tbl[p[0]];
+#define LM_FOLD_P NULL
+    LM_VM_THREADED(lm_v_)
+#undef LM_FOLD_P
+    LM_VM_OUTPUTS
+lm_vm_bad:
+    return;
 }
 
-/* Run one block of a fused elementwise instruction: row `row`, block `b` of the inner dimension.
- * regs: this thread's register file (n_regs * LM_BLK elements).
- * partial: mode 2, this chunk's partial sums (red_total elements), else NULL.
- * acc: mode 1, per-output running sums of the current row, else NULL. */
-static void LM_SFX(lm_ew_block)(const lm_ew *e, char **bases, const double *consts, int64_t row, int64_t b,
-                                LM_T *regs, LM_T *partial, LM_T *acc)
+/* a whole block (n == LM_BLK, a compile-time trip count: the loops are unrolled without remainder code;
+ * 7.4 vs 8.4 ms on W4 when this was measured for the switch VM).  Two more copies of every step: with
+ * LM_MOP_STORE_ACC + op it also adds its result into output p[5]'s column partial sums, with
+ * LM_MOP_ACC + op it only adds them (its register is read by no later step or output) -- the column sum
+ * then costs no pass of its own and no reload of the register; same additions, same order, same bits. */
+static void LM_SFX(lm_ew_exec_full)(const int64_t *p, const int64_t *pend, const double *consts, LM_T **R,
+                                    LM_T **out_row, int64_t j0, LM_T *acc)
 {
-    LM_T *R[LM_MAXREG];
-    const int64_t nd = e->ndim;
-    const int64_t j0 = b * LM_BLK;
-    const int64_t n = (e->inner - j0 < LM_BLK) ? e->inner - j0 : LM_BLK;
-    int64_t i, j, idx[LM_MAXD];
-    /* the row's multi-index, once per block: operand offsets are then dot products (integer division
-       per operand per block was a measurable share of small-row kernels) */
-    lm_unravel_row(e, row, idx);
-
-    for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
-    for (i = 0; i < e->n_in; i++) {
-        const int64_t *d = e->in + i * e->in_w;
-        const int64_t *s = d + 2;
-        const int64_t si = s[nd - 1];
-        const LM_T *src = (const LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, s) + j0 * si;
-        if (si == 1) {
-            R[i] = (LM_T *)src;  /* read in place: input registers are never written */
-        } else if (si == 0) {
-            LM_T v = src[0], *restrict r = R[i];
-            #pragma omp simd
-            for (j = 0; j < n; j++) r[j] = v;
-        } else {
-            LM_T *restrict r = R[i];
-            for (j = 0; j < n; j++) r[j] = src[j * si];
-        }
-    }
-
-    if (n == LM_BLK)
-        LM_SFX(lm_ew_run)(e, bases, consts, idx, j0, LM_BLK, R, partial, acc);
-    else
-        LM_SFX(lm_ew_run)(e, bases, consts, idx, j0, n, R, partial, acc);
+    static const void *const tbl[LM_MOP_N] = {[0 ... LM_MOP_N - 1] = &&lm_vm_bad, LM_VM_TABLE(lm_v_, 0),
+                                              LM_VM_TABLE(lm_s_, LM_MOP_STORE_ACC), LM_VM_TABLE(lm_a_, LM_MOP_ACC),
+                                              LM_VM_OUTPUT_TABLE};
+    const int64_t n = LM_BLK;
+    int64_t j;
+    if (p == pend) return;
+    goto *tbl[p[0]];
+#define LM_FOLD_P NULL
+    LM_VM_THREADED(lm_v_)
+#undef LM_FOLD_P
+#define LM_FOLD_P (out_row[p[5]] + j0)
+#undef LM_ST
+#define LM_ST(v) do { const LM_T v_ = (v); D[j] = v_; P[j] += v_; } while (0)
+    LM_VM_THREADED(lm_s_)
+#undef LM_ST
+#define LM_ST(v) P[j] += (v)
+    LM_VM_THREADED(lm_a_)
+#undef LM_ST
+#define LM_ST(v) D[j] = (v)
+#undef LM_FOLD_P
+    LM_VM_OUTPUTS
+lm_vm_bad:
+    return;
 }
 
 /* mode 1: store a finished row's sums */
@@ -124,6 +141,69 @@ static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *
         LM_T scale = d[e->out_scale] >= 0 ? (LM_T)consts[d[e->out_scale]] : (LM_T)1;
         ((LM_T *)(bases[d[0]] + d[1]))[lm_row_offset(e, row, d + 2)] = acc[i] * scale;
     }
+}
+
+/* Run items [it0, it1) of a fused elementwise instruction (item = block b of row r, it = r * nblk + b),
+ * in order.  mpf / mpp: the micro-programs for whole and partial blocks (lm_ew_microprog), ending at
+ * mpf_end / mpp_end.  regs: this call's register file (n_regs * LM_BLK elements).  partial: mode 2, this
+ * chunk's partial sums (red_total elements, zeroed by the caller).  Mode 1: [it0, it1) holds whole rows;
+ * each row's sums are stored when it ends.  Operand addresses are computed once per row. */
+static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *consts,
+                               const int64_t *mpf, const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end,
+                               int64_t it0, int64_t it1, LM_T *regs, LM_T *partial)
+{
+    LM_T *R[LM_MAXREG];
+    const LM_T *in_row[LM_MAXIO];
+    LM_T *out_row[LM_MAXIO];
+    LM_T acc[LM_MAXIO];
+    const int64_t nd = e->ndim;
+    int64_t it, i, j, row = -1, idx[LM_MAXD];
+    for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
+    for (i = 0; i < e->n_out; i++) { out_row[i] = NULL; acc[i] = 0; }
+    for (it = it0; it < it1; it++) {
+        const int64_t r = it / e->nblk, b = it - r * e->nblk;
+        if (r != row) {
+            if (row >= 0 && e->mode == 1) LM_SFX(lm_ew_row_store)(e, bases, consts, row, acc);
+            row = r;
+            /* the row's multi-index once: operand offsets are then dot products (an integer division
+               per operand per block was a measurable share of small-row kernels) */
+            lm_unravel_row(e, row, idx);
+            for (i = 0; i < e->n_in; i++) {
+                const int64_t *d = e->in + i * e->in_w;
+                in_row[i] = (const LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, d + 2);
+            }
+            for (i = 0; i < e->n_out; i++) {
+                const int64_t *d = e->out + i * e->out_w;
+                if (!d[e->out_red])
+                    out_row[i] = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, d + 2);
+                else if (e->mode == 2)
+                    out_row[i] = partial + e->red_off[i] + lm_dot(nd - 1, idx, d + 2);
+                acc[i] = 0;
+            }
+        }
+        const int64_t j0 = b * LM_BLK;
+        const int64_t n = (e->inner - j0 < LM_BLK) ? e->inner - j0 : LM_BLK;
+        for (i = 0; i < e->n_in; i++) {
+            const int64_t si = e->in[i * e->in_w + 2 + nd - 1];
+            const LM_T *src = in_row[i] + j0 * si;
+            if (si == 1) {
+                R[i] = (LM_T *)src;  /* read in place: input registers are never written */
+            } else {
+                LM_T *restrict rr = regs + i * LM_BLK;
+                R[i] = rr;
+                if (si == 0) {
+                    const LM_T v = src[0];
+                    #pragma omp simd
+                    for (j = 0; j < n; j++) rr[j] = v;
+                } else {
+                    for (j = 0; j < n; j++) rr[j] = src[j * si];
+                }
+            }
+        }
+        if (n == LM_BLK) LM_SFX(lm_ew_exec_full)(mpf, mpf_end, consts, R, out_row, j0, acc);
+        else LM_SFX(lm_ew_exec_n)(mpp, mpp_end, consts, n, R, out_row, j0, acc);
+    }
+    if (row >= 0 && e->mode == 1) LM_SFX(lm_ew_row_store)(e, bases, consts, row, acc);
 }
 
 /* mode 2: combine the chunks' partial sums in fixed chunk order (deterministic for any thread count) */
