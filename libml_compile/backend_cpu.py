@@ -380,8 +380,9 @@ def _vm_steps(g, ins, keep):
     Each member (but sums, which are stores) is one step, except that a producer used exactly once, and
     neither stored nor reduced, is folded into its consumer as a superinstruction (format.VM_OPS):
     mul+add/sub -> FMA/FMS/FNMA, mul(g, sub(v, w)) -> MULSUB, relu(a +- b) -> ADDRELU/SUBRELU,
-    mul(g, step(r)) -> MASK, and with g = a*b or a/b -> MULMASK/DIVMASK.  Every VM step costs one pass
-    over the block in L1 (about as much as the arithmetic of a multiply): W4 drops from 17 to 9 passes.
+    mul(g, step(r)) -> MASK, and with g = a*b or a/b -> MULMASK/DIVMASK, sigmoid(u*v + z) -> FMA_SIGMOID.
+    Every VM step costs one pass over the block in L1 (about as much as the arithmetic of a multiply):
+    W4 drops from 17 to 8 passes.
     Operand 0 must be a register; immediates (ins.imm) may sit in operands 1 and 2 only.
     """
     members = set(g.members)
@@ -455,6 +456,15 @@ def _vm_steps(g, ins, keep):
             continue
         absorbed.add(p)
         fused[m] = (F.VM_OPS[vm], (u, v) + tuple(w) + ((z,) if z is not None else ()))
+
+    # sigmoid(u * v + z) with the multiply-add's value read nowhere else: FMA_SIGMOID (the add was
+    # already folded into an FMA above, members being in topological order)
+    for m in g.members:
+        p = m.inputs[0] if m.op == "sigmoid" else None
+        if (p is not None and p in fused and fused[p][0] == F.VM_OPS["FMA"] and uses.get(p) == 1
+                and p not in keep and p not in absorbed):
+            absorbed.add(p)
+            fused[m] = (F.VM_OPS["FMA_SIGMOID"], fused.pop(p)[1])
 
     steps = []
     for m in g.members:

@@ -201,6 +201,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     cdef const int64_t *o
     cdef int64_t *mp
     cdef int64_t *mpp
+    cdef int64_t mp_stack[2 * 48 * LM_MW]
     cdef floating zero
     cdef floating *dst
     cdef floating *regs
@@ -225,14 +226,20 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
     # the micro-programs (kernels.h, lm_ew_microprog): for whole blocks with the column sums fused into
     # their steps, for partial blocks without; built once, shared read-only by the threads
-    mp = <int64_t*>malloc(2 * (e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
-    if mp == NULL:
-        return ERR_NOMEM
+    # (on the stack for programs of up to 48 steps and outputs: no allocation on the hot path of small
+    # plans; the heap beyond)
+    if e.n_prog + e.n_out <= 48:
+        mp = mp_stack
+    else:
+        mp = <int64_t*>malloc(2 * (e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
+        if mp == NULL:
+            return ERR_NOMEM
     mpp = mp + (e.n_prog + e.n_out) * LM_MW
     nmf = lm_ew_microprog(&e, mp, _ew_fold)
     npp = lm_ew_microprog(&e, mpp, 0)
     if nmf < 0 or npp < 0:
-        free(mp)
+        if mp != mp_stack:
+            free(mp)
         return ERR_MALFORMED
     if e.mode == 2:
         # general reductions: a fixed number of chunks (independent of the thread count) accumulate
@@ -243,7 +250,8 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     # could not stop the step)
     ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
     if ws == NULL:
-        free(mp)
+        if mp != mp_stack:
+            free(mp)
         return ERR_NOMEM
     if nt == 1 and e.mode != 2:
         _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL)
@@ -266,7 +274,8 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                 hi = (e.items * (c + 1)) // e.nchunks
                 _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total)
     free(ws)
-    free(mp)
+    if mp != mp_stack:
+        free(mp)
     if e.mode == 2:
         if floating is float:
             lm_ew_combine_f32(&e, bases, consts, partial)

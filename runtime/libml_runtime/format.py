@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 5
+MAJOR, MINOR = 2, 6
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -298,6 +298,9 @@ VM = [
     # exp overflows to +inf for very negative x, giving exactly 0, never NaN
     (9, "SIGMOID", 1, "1 / (1 + exp(-x))", None),
     (10, "EXP", 1, "exp(x)", None),
+    # format 2.6: sigmoid of a multiply-add with a single use (a logistic gate, W4's sigmoid(x*a + b)):
+    # the affine result never makes a trip through the register file; same operations, same bits
+    (75, "FMA_SIGMOID", 3, "1 / (1 + exp(-(x * y + z)))", None),
     (11, "LOG", 1, "log(x)", None),
     (12, "STEP", 1, "x > 0 ? 1 : 0", None),
     (13, "FMA", 3, "x * y + z", None),

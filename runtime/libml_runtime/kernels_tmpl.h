@@ -80,22 +80,29 @@
     [LM_MOP_OUT_STORE] = &&lm_o_store, [LM_MOP_OUT_SUM] = &&lm_o_sum, [LM_MOP_OUT_ROWSUM] = &&lm_o_rowsum, \
     [LM_MOP_OUT_COLSUM] = &&lm_o_colsum
 
+/* The shared frame of the two executors: the jump table (the plain steps, the fused copies given as
+ * the arguments -- table entries with a trailing comma -- and the outputs), the first jump, the plain
+ * steps' labels (LM_FOLD_P is NULL there); LM_VM_END: the outputs' labels and the unreachable bad one. */
+#define LM_FOLD_P NULL
+#define LM_VM_BEGIN(...)                                                                                   \
+    static const void *const tbl[LM_MOP_N] = {[0 ... LM_MOP_N - 1] = &&lm_vm_bad, LM_VM_TABLE(lm_v_, 0),    \
+                                              __VA_ARGS__ LM_VM_OUTPUT_TABLE};                             \
+    int64_t j;                                                                                             \
+    if (p == pend) return;                                                                                 \
+    goto *tbl[p[0]];                                                                                       \
+    LM_VM_THREADED(lm_v_)
+#define LM_VM_END                                                                                          \
+    LM_VM_OUTPUTS                                                                                          \
+lm_vm_bad:                                                                                                 \
+    return;
+
 /* a block of n < LM_BLK elements (the last of a row): plain steps only (its micro-program is built
  * without fused steps, lm_ew_microprog(..., 0)) */
 static void LM_SFX(lm_ew_exec_n)(const int64_t *p, const int64_t *pend, const double *consts, const int64_t n,
                                  LM_T **R, LM_T **out_row, int64_t j0, LM_T *acc)
 {
-    static const void *const tbl[LM_MOP_N] = {[0 ... LM_MOP_N - 1] = &&lm_vm_bad, LM_VM_TABLE(lm_v_, 0),
-                                              LM_VM_OUTPUT_TABLE};
-    int64_t j;
-    if (p == pend) return;
-    goto *tbl[p[0]];
-#define LM_FOLD_P NULL
-    LM_VM_THREADED(lm_v_)
-#undef LM_FOLD_P
-    LM_VM_OUTPUTS
-lm_vm_bad:
-    return;
+    LM_VM_BEGIN()
+    LM_VM_END
 }
 
 /* a whole block (n == LM_BLK, a compile-time trip count: the loops are unrolled without remainder code;
@@ -106,15 +113,8 @@ lm_vm_bad:
 static void LM_SFX(lm_ew_exec_full)(const int64_t *p, const int64_t *pend, const double *consts, LM_T **R,
                                     LM_T **out_row, int64_t j0, LM_T *acc)
 {
-    static const void *const tbl[LM_MOP_N] = {[0 ... LM_MOP_N - 1] = &&lm_vm_bad, LM_VM_TABLE(lm_v_, 0),
-                                              LM_VM_TABLE(lm_s_, LM_MOP_STORE_ACC), LM_VM_TABLE(lm_a_, LM_MOP_ACC),
-                                              LM_VM_OUTPUT_TABLE};
     const int64_t n = LM_BLK;
-    int64_t j;
-    if (p == pend) return;
-    goto *tbl[p[0]];
-#define LM_FOLD_P NULL
-    LM_VM_THREADED(lm_v_)
+    LM_VM_BEGIN(LM_VM_TABLE(lm_s_, LM_MOP_STORE_ACC), LM_VM_TABLE(lm_a_, LM_MOP_ACC),)
 #undef LM_FOLD_P
 #define LM_FOLD_P (out_row[p[5]] + j0)
 #undef LM_ST
@@ -126,9 +126,8 @@ static void LM_SFX(lm_ew_exec_full)(const int64_t *p, const int64_t *pend, const
 #undef LM_ST
 #define LM_ST(v) D[j] = (v)
 #undef LM_FOLD_P
-    LM_VM_OUTPUTS
-lm_vm_bad:
-    return;
+#define LM_FOLD_P NULL
+    LM_VM_END
 }
 
 /* mode 1: store a finished row's sums */
