@@ -1,9 +1,11 @@
 """The fused elementwise VM runs each instruction as a micro-program (kernels.h, lm_ew_microprog): the
 plan's steps as threaded code, then one op per output.  For whole blocks a column-sum output (the bias
 gradients of a broadcast param) is fused into the step that produces its register -- "step+colsum" when
-a later step or output still reads the register, "colsum-only step" (no store) when nothing does.  These
-tests pin which programs get fused, that fusing changes no bit, and the values against the unfused
-compile (one instruction per op, separate reduction kernels)."""
+a later step or output still reads the register, "colsum-only step" (no store) when nothing does; a
+whole-tensor sum (a mean loss) likewise, into a row of per-column sums added up at the end of each chunk
+("step+sum").  These tests pin which programs get fused, that fusing changes no bit of a column sum (a
+whole sum's additions are reordered, still the same for any thread count), and the values against the
+unfused compile (one instruction per op, separate reduction kernels)."""
 import numpy as np
 import pytest
 
@@ -51,9 +53,11 @@ def test_w4_step_fuses_its_three_column_sums_into_their_steps():
     kinds = _kinds(full)
     # d a and d c are read by nothing after their steps; d b (gz) is also the factor of d a = gz * x
     assert kinds.count("colsum-only step") == 2 and kinds.count("step+colsum") == 1
-    assert "colsum" not in kinds and kinds.count("sum") == 1  # the loss: a whole-tensor sum
+    # the loss, a whole-tensor sum of y, in y's step (a lane row of sums); y is still read by d c's step
+    assert "colsum" not in kinds and "sum" not in kinds and kinds.count("step+sum") == 1
     (part,) = _microprograms(prog, "step", 0)
-    assert _kinds(part).count("colsum") == 3 and not any("step+" in k or "only" in k for k in _kinds(part))
+    assert _kinds(part).count("colsum") == 3 and _kinds(part).count("sum") == 1
+    assert not any("step+" in k or "only" in k for k in _kinds(part))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -67,7 +71,8 @@ def test_fused_column_sums_change_no_bit(dtype, nt):
         plain = _steps(prog2, feeds)
     finally:
         _exec.set_ew_fold(old)
-    assert fused[0] == plain[0]
+    # the loss (a whole sum) is added in another order when fused, the column sums in the same one
+    np.testing.assert_allclose(fused[0], plain[0], rtol=1e-6 if dtype == "float32" else 1e-14)
     for k in fused[1]:
         assert np.array_equal(fused[1][k], plain[1][k]), k
 
@@ -123,7 +128,39 @@ def test_a_register_that_is_also_stored_is_column_summed_without_losing_its_stor
     finally:
         _exec.set_ew_fold(old)
     for k in out:
-        assert np.array_equal(out[k], plain[k]), k
+        if k == "total":  # a whole sum: reordered when fused
+            np.testing.assert_allclose(out[k], plain[k], rtol=1e-14)
+        else:
+            assert np.array_equal(out[k], plain[k]), k
+
+
+@pytest.mark.parametrize("cols", [3 * 128 + 7, 8192 + 128])
+def test_whole_sums_fuse_into_lane_rows_up_to_lm_lane_max_columns(cols):
+    """Two whole sums and a column sum in one mode-2 kernel: fused (lane rows) for rows of up to 8192
+    columns (kernels.h LM_LANE_MAX), a pass of their own beyond; the same values either way, for 1 and
+    2 threads bit for bit."""
+    rng = np.random.default_rng(5)
+    rows = 24
+    xv = rng.standard_normal((rows, cols))
+    got = []
+    for nt in (1, 2):
+        g = lc.Graph("lanes")
+        x = g.input("x", (rows, cols), dtype="float64")
+        a = g.param("a", np.linspace(-1, 1, cols))
+        xa = x * a
+        g.output("s1", lc.sum(lc.sigmoid(xa)))
+        g.output("s2", lc.sum(xa * xa))
+        g.output("col", lc.sum(xa, axis=0))
+        prog = lc.compile(g, num_threads=nt)
+        kinds = [k for mp in _microprograms(prog, "run", 1) for k in _kinds(mp)]
+        fused = sum(k in ("step+sum", "sum-only step") for k in kinds)
+        assert fused == (2 if cols <= 8192 else 0), kinds
+        got.append(prog.run({"x": xv}))
+    av = np.linspace(-1, 1, cols)
+    want = {"s1": (1 / (1 + np.exp(-xv * av))).sum(), "s2": ((xv * av) ** 2).sum(), "col": (xv * av).sum(0)}
+    for k, w in want.items():
+        np.testing.assert_allclose(got[0][k], w, rtol=1e-12, atol=1e-12, err_msg=k)
+        assert np.array_equal(got[0][k], got[1][k]), k
 
 
 def test_ew_microprog_refuses_what_is_not_a_fused_elementwise_instruction():

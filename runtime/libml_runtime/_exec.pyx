@@ -33,12 +33,13 @@ cdef extern from "kernels.h" nogil:
     int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
     enum: LM_MW
     int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
+    int lm_ew_lane_ok(const lm_ew *e, int64_t i)
     void lm_ew_span_f32(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
                         const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
-                        int64_t it1, float *regs, float *partial)
+                        int64_t it1, float *regs, float *partial, float *lanes)
     void lm_ew_span_f64(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
                         const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
-                        int64_t it1, double *regs, double *partial)
+                        int64_t it1, double *regs, double *partial, double *lanes)
     void lm_ew_combine_f32(const lm_ew *e, char **bases, const double *consts, const float *partial)
     void lm_ew_combine_f64(const lm_ew *e, char **bases, const double *consts, const double *partial)
     void lm_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
@@ -196,7 +197,7 @@ cdef int _ew_fold = 1
 cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
              int nthreads) noexcept nogil:
     cdef lm_ew e
-    cdef int64_t it, c, lo, hi, nt, nmf, npp, unit
+    cdef int64_t it, c, lo, hi, nt, nmf, npp, unit, nlane, per
     cdef int t
     cdef const int64_t *o
     cdef int64_t *mp
@@ -246,15 +247,21 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
         # private partial sums, combined afterwards in chunk order -> bit-identical for any nthreads
         partial = <floating*>(bases[e.scratch_slot] + e.scratch_off)
         nt = nt if e.nchunks > 1 else 1
-    # one checked allocation for every thread's registers, before the region (a malloc failing inside it
-    # could not stop the step)
-    ws = <floating*>malloc(nt * e.n_regs * LM_BLK * sizeof(floating))
+    # one checked allocation for every thread's registers and lane rows (kernels.h, lm_ew_lane_ok: the
+    # whole sums fused into their steps), before the region (a malloc failing inside it could not stop
+    # the step)
+    nlane = 0
+    if e.mode == 2 and _ew_fold:
+        for k in range(e.n_out):
+            nlane += lm_ew_lane_ok(&e, k)
+    per = e.n_regs * LM_BLK + nlane * e.nblk * LM_BLK
+    ws = <floating*>malloc(nt * per * sizeof(floating))
     if ws == NULL:
         if mp != mp_stack:
             free(mp)
         return ERR_NOMEM
     if nt == 1 and e.mode != 2:
-        _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL)
+        _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL, <floating*>NULL)
     elif e.mode != 2:
         # mode 0: contiguous runs of blocks; mode 1 (reductions along the innermost dim only): of whole
         # rows, each row's blocks summed in order
@@ -264,15 +271,16 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
             lo = ((e.items // unit) * t) // nt
             hi = ((e.items // unit) * (t + 1)) // nt
             _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo * unit, hi * unit,
-                     ws + t * e.n_regs * LM_BLK, <floating*>NULL)
+                     ws + t * per, <floating*>NULL, <floating*>NULL)
     else:
         with parallel(num_threads=nt):
-            regs = ws + threadid() * e.n_regs * LM_BLK
+            regs = ws + threadid() * per
             for c in prange(e.nchunks, schedule="static"):
                 memset(partial + c * e.red_total, 0, e.red_total * sizeof(floating))
                 lo = (e.items * c) // e.nchunks
                 hi = (e.items * (c + 1)) // e.nchunks
-                _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total)
+                _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total,
+                         regs + e.n_regs * LM_BLK if nlane > 0 else <floating*>NULL)
     free(ws)
     if mp != mp_stack:
         free(mp)
@@ -286,11 +294,13 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
 
 cdef inline void _ew_span(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf, int64_t nf,
                           const int64_t *mpp, int64_t npp, int64_t it0, int64_t it1, floating *regs,
-                          floating *partial) noexcept nogil:
+                          floating *partial, floating *lanes) noexcept nogil:
     if floating is float:
-        lm_ew_span_f32(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial)
+        lm_ew_span_f32(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial,
+                       lanes)
     else:
-        lm_ew_span_f64(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial)
+        lm_ew_span_f64(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial,
+                       lanes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1447,8 +1457,9 @@ _isa_apply_env(_isa_init)  # LIBML_ISA, or the CPU's best, before any plan can r
 
 
 def set_ew_fold(int on):
-    """Testing: fuse column sums into their steps (1, the default) or run them as passes of their own (0).
-    Returns the previous setting.  Both compute the same bits."""
+    """Testing: fuse column sums and whole sums into their steps (1, the default) or run them as passes of
+    their own (0).  Returns the previous setting.  Column sums get the same bits either way; whole sums
+    (kernels.h, lm_ew_lane_ok) are added in another order when fused."""
     global _ew_fold
     cdef int old = _ew_fold
     _ew_fold = 1 if on else 0
@@ -1458,7 +1469,8 @@ def set_ew_fold(int on):
 def ew_microprog(const int64_t[::1] code not None, int64_t pc, int fold):
     """The micro-program the fused_elementwise instruction at code[pc] runs per whole block (fold=1) or
     partial block (fold=0): a list of (kind, vm opcode, dst, a, b, c, output), kind one of "step",
-    "step+colsum", "colsum-only step", "store", "sum", "rowsum", "colsum" (kernels.h, lm_ew_microprog).
+    "step+colsum", "colsum-only step", "step+sum", "sum-only step" (a whole sum in a lane row), "store",
+    "sum", "rowsum", "colsum" (kernels.h, lm_ew_microprog, lm_ew_lane_ok).
     For tests and for reading a plan; the plan must be valid (plan.validate)."""
     cdef lm_ew e
     cdef int64_t n, k
@@ -1479,12 +1491,13 @@ def ew_microprog(const int64_t[::1] code not None, int64_t pc, int fold):
         for k in range(n):
             op = mp[k * LM_MW]
             rec = tuple(mp[k * LM_MW + i] for i in range(1, LM_MW))
+            red = "sum" if op >= 256 and op < 768 and lm_ew_lane_ok(&e, rec[4]) else "colsum"
             if op < 256:
                 out.append(("step", op) + rec)
             elif op < 512:
-                out.append(("step+colsum", op - 256) + rec)
+                out.append((f"step+{red}", op - 256) + rec)
             elif op < 768:
-                out.append(("colsum-only step", op - 512) + rec)
+                out.append((f"{red}-only step", op - 512) + rec)
             else:
                 out.append(({768: "store", 769: "sum", 770: "rowsum", 771: "colsum"}[op], -1) + rec)
         return out

@@ -101,7 +101,8 @@ static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
  * plan's steps, then one op per output -- records of LM_MW fields `op dst a b c out` (the plan's five,
  * then the output index for the ops that write one).  op < 256: a VM step; LM_MOP_STORE_ACC + op /
  * LM_MOP_ACC + op: the step also / only adds its result into output `out`'s column partial sums (built
- * when fold != 0: a mode-2 column-sum output whose register's last writer is a step -- "only" when no
+ * when fold != 0: a mode-2 column-sum output, or a whole sum in a lane row (lm_ew_lane_ok), whose
+ * register's last writer is a step -- "only" when no
  * later step or other output reads that register -- absorbed into that step); LM_MOP_OUT_*: an output's
  * store (dst = its register), its sum into its partial sum (mode 2), into the row's sum (mode 1), or into
  * its column partial sums.  mp holds n_prog + n_out records.  Returns the number of records, or -1 for
@@ -114,6 +115,21 @@ static int lm_ew_decode(const int64_t *c, int64_t n, lm_ew *e)
 #define LM_MOP_OUT_ROWSUM 770
 #define LM_MOP_OUT_COLSUM 771
 #define LM_MOP_N 772
+/* A mode-2 whole-tensor sum (every stride of the output 0: a mean loss) over rows of at most LM_LANE_MAX
+ * elements is fused like a column sum when fold != 0: into a "lane" row of partial sums, one per column,
+ * that lm_ew_span keeps per call and adds up in column order when it ends.  (The order of the additions
+ * differs from the unfused block sums, so the bits of such a sum depend on `fold`; for any thread count
+ * they are the same, the spans being the fixed chunks.)  The VM step then costs no pass of its own. */
+#define LM_LANE_MAX 8192
+static inline int lm_ew_lane_ok(const lm_ew *e, int64_t i)
+{
+    const int64_t *d = e->out + i * e->out_w;
+    int64_t k;
+    if (e->mode != 2 || !d[e->out_red] || e->inner > LM_LANE_MAX) return 0;
+    for (k = 0; k < e->ndim; k++)
+        if (d[2 + k] != 0) return 0;
+    return 1;
+}
 static int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
 {
     static const char is_vm[256] = {LM_VM_OPLIST};
@@ -132,7 +148,7 @@ static int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
                            : d[2 + nd - 1] != 0 ? LM_MOP_OUT_COLSUM
                            : e->mode == 1 ? LM_MOP_OUT_ROWSUM : LM_MOP_OUT_SUM;
         int64_t *q;
-        if (fold && kind == LM_MOP_OUT_COLSUM && e->mode == 2) {
+        if (fold && e->mode == 2 && (kind == LM_MOP_OUT_COLSUM || (kind == LM_MOP_OUT_SUM && lm_ew_lane_ok(e, i)))) {
             int64_t last = -1, read_later = 0;
             for (k = 0; k < e->n_prog; k++) if (mp[LM_MW * k + 1] == r) last = k;
             if (last >= 0 && mp[LM_MW * last] < 256) {  /* a step writes it, and is not fused yet */

@@ -145,20 +145,27 @@ static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *
 /* Run items [it0, it1) of a fused elementwise instruction (item = block b of row r, it = r * nblk + b),
  * in order.  mpf / mpp: the micro-programs for whole and partial blocks (lm_ew_microprog), ending at
  * mpf_end / mpp_end.  regs: this call's register file (n_regs * LM_BLK elements).  partial: mode 2, this
- * chunk's partial sums (red_total elements, zeroed by the caller).  Mode 1: [it0, it1) holds whole rows;
+ * chunk's partial sums (red_total elements, zeroed by the caller); lanes: NULL, or (mode 2, micro-programs
+ * built with fold) nblk * LM_BLK elements per whole-sum output (lm_ew_lane_ok), its lane row, added into
+ * its partial sum when the call ends.  Mode 1: [it0, it1) holds whole rows;
  * each row's sums are stored when it ends.  Operand addresses are computed once per row. */
 static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *consts,
                                const int64_t *mpf, const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end,
-                               int64_t it0, int64_t it1, LM_T *regs, LM_T *partial)
+                               int64_t it0, int64_t it1, LM_T *regs, LM_T *partial, LM_T *lanes)
 {
     LM_T *R[LM_MAXREG];
     const LM_T *in_row[LM_MAXIO];
     LM_T *out_row[LM_MAXIO];
+    LM_T *lane[LM_MAXIO];
     LM_T acc[LM_MAXIO];
-    const int64_t nd = e->ndim;
-    int64_t it, i, j, row = -1, idx[LM_MAXD];
+    const int64_t nd = e->ndim, lw = e->nblk * LM_BLK;
+    int64_t it, i, j, row = -1, idx[LM_MAXD], nl = 0;
     for (i = 0; i < e->n_regs; i++) R[i] = regs + i * LM_BLK;
-    for (i = 0; i < e->n_out; i++) { out_row[i] = NULL; acc[i] = 0; }
+    for (i = 0; i < e->n_out; i++) {
+        out_row[i] = NULL; acc[i] = 0;
+        lane[i] = lanes != NULL && lm_ew_lane_ok(e, i) ? lanes + lw * nl++ : NULL;
+        if (lane[i] != NULL) memset(lane[i], 0, (size_t)lw * sizeof(LM_T));
+    }
     for (it = it0; it < it1; it++) {
         const int64_t r = it / e->nblk, b = it - r * e->nblk;
         if (r != row) {
@@ -176,7 +183,7 @@ static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *const
                 if (!d[e->out_red])
                     out_row[i] = (LM_T *)(bases[d[0]] + d[1]) + lm_dot(nd - 1, idx, d + 2);
                 else if (e->mode == 2)
-                    out_row[i] = partial + e->red_off[i] + lm_dot(nd - 1, idx, d + 2);
+                    out_row[i] = lane[i] != NULL ? lane[i] : partial + e->red_off[i] + lm_dot(nd - 1, idx, d + 2);
                 acc[i] = 0;
             }
         }
@@ -203,6 +210,12 @@ static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *const
         else LM_SFX(lm_ew_exec_n)(mpp, mpp_end, consts, n, R, out_row, j0, acc);
     }
     if (row >= 0 && e->mode == 1) LM_SFX(lm_ew_row_store)(e, bases, consts, row, acc);
+    for (i = 0; i < e->n_out; i++) {
+        if (lane[i] == NULL) continue;
+        LM_T sum = 0;
+        for (j = 0; j < e->inner; j++) sum += lane[i][j];  /* in column order */
+        partial[e->red_off[i]] += sum;
+    }
 }
 
 /* mode 2: combine the chunks' partial sums in fixed chunk order (deterministic for any thread count) */
