@@ -171,3 +171,32 @@ def test_ew_microprog_refuses_what_is_not_a_fused_elementwise_instruction():
         _exec.ew_microprog(code, sgd, 1)
     with pytest.raises(ValueError, match="no fused_elementwise instruction at"):
         _exec.ew_microprog(code, len(code) + 5, 1)
+
+
+def test_a_program_longer_than_the_stack_buffer_runs_from_the_heap():
+    """_exec._ew keeps micro-programs of up to 48 records (steps + outputs) on its stack and mallocs
+    longer ones: a fused chain of 28 steps, each also an output, with a column sum and a whole sum,
+    against NumPy, on 1 and 2 threads."""
+    rng = np.random.default_rng(7)
+    xv = rng.standard_normal((16, 300))
+    outs = []
+    for nt in (1, 2):
+        g = lc.Graph("long")
+        x = g.input("x", (16, 300), dtype="float64")
+        h, want = x, {}
+        w = xv
+        for k in range(28):
+            h = h * 1.01 if k % 2 else h - 0.25
+            w = w * 1.01 if k % 2 else w - 0.25
+            g.output(f"h{k}", h)
+            want[f"h{k}"] = w
+        g.output("col", lc.sum(h, axis=0))
+        g.output("tot", lc.sum(h))
+        want["col"], want["tot"] = w.sum(0), w.sum()
+        prog = lc.compile(g, num_threads=nt)
+        sizes = [len(mp) for mp in _microprograms(prog, "run", 1)]
+        assert max(sizes) > 48, sizes
+        outs.append(prog.run({"x": xv}))
+    for k, v in want.items():
+        np.testing.assert_allclose(outs[0][k], v, rtol=1e-12, atol=1e-12, err_msg=k)
+        assert np.array_equal(outs[0][k], outs[1][k]), k

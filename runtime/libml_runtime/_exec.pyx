@@ -192,6 +192,9 @@ cdef inline int64_t _unravel(int64_t ndim, const int64_t *dims, int64_t row, con
 
 # 0: no column sum is fused into its step (tests compare the bits both ways; set_ew_fold)
 cdef int _ew_fold = 1
+# micro-program records (steps + outputs) of one instruction held on _ew's stack; larger ones are malloc'd
+cdef enum:
+    EW_STACK_RECORDS = 48
 
 
 cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
@@ -202,7 +205,8 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     cdef const int64_t *o
     cdef int64_t *mp
     cdef int64_t *mpp
-    cdef int64_t mp_stack[2 * 48 * LM_MW]
+    cdef int64_t *mp_heap = NULL
+    cdef int64_t mp_stack[2 * EW_STACK_RECORDS * LM_MW]
     cdef floating zero
     cdef floating *dst
     cdef floating *regs
@@ -227,20 +231,18 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     nt = _threads(e.items * LM_BLK if e.nblk > 1 else e.rows * e.inner, nthreads)
     # the micro-programs (kernels.h, lm_ew_microprog): for whole blocks with the column sums fused into
     # their steps, for partial blocks without; built once, shared read-only by the threads
-    # (on the stack for programs of up to 48 steps and outputs: no allocation on the hot path of small
-    # plans; the heap beyond)
-    if e.n_prog + e.n_out <= 48:
-        mp = mp_stack
-    else:
-        mp = <int64_t*>malloc(2 * (e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
+    # (on the stack for programs of up to EW_STACK_RECORDS steps and outputs: no allocation on the hot
+    # path of small plans; the heap beyond)
+    mp = mp_stack
+    if e.n_prog + e.n_out > EW_STACK_RECORDS:
+        mp = mp_heap = <int64_t*>malloc(2 * (e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
         if mp == NULL:
             return ERR_NOMEM
     mpp = mp + (e.n_prog + e.n_out) * LM_MW
     nmf = lm_ew_microprog(&e, mp, _ew_fold)
     npp = lm_ew_microprog(&e, mpp, 0)
     if nmf < 0 or npp < 0:
-        if mp != mp_stack:
-            free(mp)
+        free(mp_heap)
         return ERR_MALFORMED
     if e.mode == 2:
         # general reductions: a fixed number of chunks (independent of the thread count) accumulate
@@ -257,8 +259,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     per = e.n_regs * LM_BLK + nlane * e.nblk * LM_BLK
     ws = <floating*>malloc(nt * per * sizeof(floating))
     if ws == NULL:
-        if mp != mp_stack:
-            free(mp)
+        free(mp_heap)
         return ERR_NOMEM
     if nt == 1 and e.mode != 2:
         _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL, <floating*>NULL)
@@ -282,8 +283,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                 _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total,
                          regs + e.n_regs * LM_BLK if nlane > 0 else <floating*>NULL)
     free(ws)
-    if mp != mp_stack:
-        free(mp)
+    free(mp_heap)
     if e.mode == 2:
         if floating is float:
             lm_ew_combine_f32(&e, bases, consts, partial)
