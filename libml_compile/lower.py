@@ -254,8 +254,9 @@ def lower_entry(kind, roots, outputs, state: StateLayout, graph_inputs, optimize
             rewrite(passes.fuse_relu_backward(passes.topo_from_roots(roots), roots))
             rewrite(passes.fuse_vm_epilogues(passes.topo_from_roots(roots), roots))
         if "conv" in present:  # (ops_conv: BatchNorm's affine and the activation as the conv's epilogue)
-            from .ops_conv import fuse_conv_epilogues, fuse_conv_residuals
+            from .ops_conv import fuse_conv_epilogues, fuse_conv_residuals, fuse_conv_shortcuts
             rewrite(fuse_conv_epilogues(passes.topo_from_roots(roots), roots))
+            rewrite(fuse_conv_shortcuts(passes.topo_from_roots(roots), roots))
             rewrite(fuse_conv_residuals(passes.topo_from_roots(roots), roots))
         # (a distributed plan keeps every gradient for its allreduce: no SGD folded into a gradient kernel)
         if not distributed and "conv_grad_weight" in present and any(r.op == "sgd_update" for r in roots):

@@ -16,7 +16,11 @@ name of any registry op with the ``epilogue`` capability and a VM opcode, applie
 ``act_params``, its scalar parameters, as immediates: hard_swish, hard_sigmoid, clip (ReLU6), ...),
 ``residual`` (a last input r of y's shape added after the bias, before the activation: a ResNet block's
 conv -> Add(shortcut) -> ReLU; the bias input is then present, zeros if the conv had none) and
-``keep`` (a second output ``pre``: the value before the activation, for a gradient that reads it).
+``keep`` (a second output ``pre``: the value before the activation, for a gradient that reads it), and
+``shortcut`` (set by ``fuse_conv_shortcuts`` only: strides (s2h, s2w); two last inputs x2 (N, C2, H2, W2)
+and w2 (M, C2, 1, 1), a 1x1 convolution of x2 at those strides whose sum joins the accumulator before the
+epilogue -- a ResNet block's projection shortcut computed inside the block's second conv, format 2.7's
+``conv_shortcut``; 2-D, group 1, no ``scaled``, no ``residual``; the bias input is present).
 
 Gradients are two kernels of their own: ``conv_grad_input`` (dy, w) -> dx and ``conv_grad_weight``
 (x, dy) -> dw; the bias gradient is ``sum(dy, over N and the spatial dims)`` (a deterministic fused
@@ -223,7 +227,10 @@ def _pad_width(x_shape, w_shape, at):
 
 
 def _epilogue_inputs(at, rest):
-    """(b, scale, res) of a conv node's inputs after (x, w): (b), (b, scale), (b, [scale,] res)."""
+    """(b, scale, res) of a conv node's inputs after (x, w): (b), (b, scale), (b, [scale,] res); a
+    shortcut's (x2, w2) come last and are not among them."""
+    if at.get("shortcut"):
+        rest = rest[:-2]
     b = rest[0] if rest else None
     scale = rest[1] if at.get("scaled") else None
     res = rest[-1] if at.get("residual") else None
@@ -247,6 +254,11 @@ def _r_conv(at, x, w, *rest):
         v = xp[:, :, si, sj].reshape(N, G, C // G, OH, OW)
         y += np.einsum("ngchw,gmc->ngmhw", v, wg[:, :, :, i, j])
     y = y.reshape(N, M, OH, OW)
+    if at.get("shortcut"):   # + the 1x1 conv of x2 at strides (s2h, s2w), summed before the epilogue
+        xs2, ws2 = rest[-2], rest[-1]
+        s2h, s2w = at["shortcut"]
+        v = xs2.astype(np.float64)[:, :, :OH * s2h:s2h, :OW * s2w:s2w]
+        y = y + np.einsum("nchw,mc->nmhw", v, ws2.astype(np.float64).reshape(ws2.shape[:2]))
     return _epilogue_ref(at, y.reshape(shape), b, scale, res, dtype=x.dtype)
 
 
@@ -319,11 +331,14 @@ def _s_conv(inp, at):
     dt = _float_same("conv", *inp)
     check_geometry("conv", x.shape, w.shape, at, x.name, w.name)
     res = bool(at.get("residual"))
-    for t, what in zip(inp[2:len(inp) - res], ("bias", "scale")):
+    nsc = 2 if at.get("shortcut") else 0
+    if nsc:
+        _check_shortcut(x, w, inp, at)
+    for t, what in zip(inp[2:len(inp) - res - nsc], ("bias", "scale")):
         if t.shape != (w.shape[0],):
             raise ValueError(f"conv: {what} {t.name!r} has shape {t.shape}; expected ({w.shape[0]},) for "
                              f"weight {w.name!r} {w.shape}")
-    if len(inp) - res != (4 if at.get("scaled") else 3 if res else min(len(inp), 3)):
+    if len(inp) - res - nsc != (4 if at.get("scaled") else 3 if res or nsc else min(len(inp) - nsc, 3)):
         raise ValueError(f"conv: inputs {[t.name for t in inp]}: expected (x, w[, bias]), or (x, w, bias, scale) "
                          f"with scaled={bool(at.get('scaled'))}, then the residual with residual=True")
     oshape = out_shape(x.shape, w.shape, at)
@@ -332,6 +347,21 @@ def _s_conv(inp, at):
                          f"{oshape}")
     y = (oshape, dt)
     return [y, y] if at.get("keep") else y
+
+
+def _check_shortcut(x, w, inp, at):
+    """A fused shortcut's operands: x2 (N, C2, H2, W2) covering the output at strides (s2h, s2w), w2 (M,
+    C2, 1, 1); the conv 2-D, group 1, with a bias input and no scale or residual."""
+    x2, w2 = inp[-2:]
+    s2h, s2w = at["shortcut"]
+    oshape = out_shape(x.shape, w.shape, at)
+    if x.ndim != 4 or at["group"] != 1 or at.get("scaled") or at.get("residual") or len(inp) != 5:
+        raise ValueError(f"conv: a shortcut needs a 2-D conv of group 1 with inputs (x, w, bias, x2, w2), no "
+                         f"scale or residual; got inputs {[t.name for t in inp]}, group {at['group']}")
+    if (x2.ndim != 4 or x2.shape[0] != x.shape[0] or w2.shape != (w.shape[0], x2.shape[1], 1, 1)
+            or s2h < 1 or s2w < 1 or (oshape[2] - 1) * s2h >= x2.shape[2] or (oshape[3] - 1) * s2w >= x2.shape[3]):
+        raise ValueError(f"conv: shortcut input {x2.name!r} {x2.shape} with weight {w2.name!r} {w2.shape} at "
+                         f"strides {(s2h, s2w)} does not give the output {oshape}")
 
 
 def _s_conv_grad_input(inp, at):
@@ -364,7 +394,8 @@ def _g_conv(n, g):
     dv = gy
     if at.get("act") is not None and gy is not None:
         v = output(n, 1) if at.get("keep") else make("conv", n.inputs, {**plain, "scaled": at.get("scaled", False),
-                                                                        "residual": at.get("residual", False)})
+                                                                        "residual": at.get("residual", False),
+                                                                        "shortcut": at.get("shortcut")})
         params = tuple(_lift(float(p), v, "conv") for p in at.get("act_params", ()))
         dv = REGISTRY[at["act"]].grad(make(at["act"], (v,) + params), gy)[0]
     if gpre is not None:
@@ -382,7 +413,13 @@ def _g_conv(n, g):
     if len(n.inputs) == 2:
         return dx, dw
     db = _sum(dv, axis=axes)
-    return (dx, dw, db) + ((dscale,) if at.get("scaled") else ()) + ((dv,) if at.get("residual") else ())
+    sc = ()
+    if at.get("shortcut"):   # the 1x1 strided conv's own rule at dv
+        x2, w2 = n.inputs[-2:]
+        geo2 = {"strides": tuple(at["shortcut"]), "pads": (0, 0, 0, 0), "dilations": (1, 1), "group": 1}
+        sc = (make("conv_grad_input", (dv, w2), {**geo2, "x_shape": x2.shape}),
+              make("conv_grad_weight", (x2, dv), {**geo2, "w_shape": w2.shape}))
+    return (dx, dw, db) + ((dscale,) if at.get("scaled") else ()) + ((dv,) if at.get("residual") else ()) + sc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -396,7 +433,14 @@ def _node_plan(t):
     else:
         xs, ws = t.inputs[0].shape, t.inputs[1].shape
     geo = geometry(xs, ws, t.attrs)
+    if t.op == "conv" and t.attrs.get("shortcut"):
+        geo.update(_shortcut_geo(t.inputs[-2].shape, t.attrs["shortcut"]))
     return geo, _plan(geo, t.dtype, t.op)
+
+
+def _shortcut_geo(x2_shape, strides):
+    """conv_shortcut's fields (format 2.7) beyond conv's: the shortcut input's C2, H2, W2 and strides."""
+    return {"C2": x2_shape[1], "H2": x2_shape[2], "W2": x2_shape[3], "s2h": strides[0], "s2w": strides[1]}
 
 
 def _tasks(op, geo, pl):
@@ -460,6 +504,8 @@ def _emit(em, nid, t, loc, outs):
         values.update({"act": act, **epi, **_opnd("x", loc(x)), **_opnd("w", loc(w)), **_opnd("b", b),
                        **_opnd("scale", scale), **_opnd("y", outs[0]),
                        **_opnd("pre", outs[1] if at.get("keep") else (-1, 0)), **_opnd("res", res)})
+        if at.get("shortcut"):
+            values.update({**_opnd("x2", loc(t.inputs[-2])), **_opnd("w2", loc(t.inputs[-1]))})
         ops = [x, w] + list(t.inputs[2:]) + [t] * (2 if at.get("keep") else 1)
     elif t.op == "conv_grad_input":
         dy, w = t.inputs
@@ -472,11 +518,12 @@ def _emit(em, nid, t, loc, outs):
                        "weight_decay": em.const(at["weight_decay"] if sgd else 0.0), **_opnd("x", loc(x)),
                        **_opnd("dy", loc(dy)), **_opnd("dw", loc(t.inputs[2]) if sgd else outs[0])})
         ops = [x, dy, t.inputs[2], t.inputs[2]] if sgd else [x, dy, t]
-    em.emit("conv_grad_weight" if t.op == "conv_sgd" else t.op, nid, values)
-    flops = 2 * geo["N"] * geo["M"] * geo["OH"] * geo["OW"] * pl["kc"]
+    opname = "conv_grad_weight" if t.op == "conv_sgd" else "conv_shortcut" if at.get("shortcut") else t.op
+    em.emit(opname, nid, values)
+    flops = 2 * geo["N"] * geo["M"] * geo["OH"] * geo["OW"] * (pl["kc"] + geo.get("C2", 0))
     name = ("conv_grad_weight+sgd" if t.op == "conv_sgd" else t.op) + \
         ("+bias" if t.op == "conv" and len(t.inputs) >= 3 else "") + ("+scale" if at.get("scaled") else "") + \
-        ("+res" if at.get("residual") else "") + (f"+{at['act']}" if t.op == "conv" and at.get("act") else "") + ("(keep)" if at.get("keep") else "") + \
+        ("+res" if at.get("residual") else "") + ("+shortcut" if at.get("shortcut") else "") + (f"+{at['act']}" if t.op == "conv" and at.get("act") else "") + ("(keep)" if at.get("keep") else "") + \
         ("(depthwise)" if pl["direct"] else "")
     return {"op": name, "node": t.name, "flops": flops,
             "bytes": int(sum(o.size * np.dtype(o.dtype).itemsize for o in ops))}
@@ -671,6 +718,63 @@ def fuse_conv_residuals(nodes, roots):
         inputs = tuple(c.inputs[:2]) + (bias,) + tuple(c.inputs[3:]) + (other,)
         taken.add(d)
         _fuse_activation(rw, c, d, consumers, keep, inputs, {**c.attrs, "residual": True})
+    return rw
+
+
+#: conv -> Add(a 1x1 strided conv of another tensor) [-> activation] as one conv_shortcut instruction
+#: (format 2.7): the projection shortcut's channels join the block conv's reduction, so its output is never
+#: written and read back (W8 at batch 256: two shortcut convs of 1.3-1.7 ms, memory-bound at 40-50 GFLOP/s)
+FUSE_SHORTCUT = True
+
+
+def _shortcut_conv(s, c, consumers, keep):
+    """Whether conv node ``s`` (an operand of the add reading conv ``c``) can run inside c's reduction: a
+    1x1 conv, group 1, no padding, no fused epilogue but a bias, read by that add alone, of c's shape."""
+    at = s.attrs
+    return (s.op == "conv" and s is not c and s not in keep and len(consumers.get(s, ())) == 1
+            and s.inputs[0].ndim == 4 and tuple(s.inputs[1].shape[2:]) == (1, 1) and at["group"] == 1
+            and not any(at["pads"]) and s.shape == c.shape and s.dtype == c.dtype
+            and not any(at.get(k) for k in ("act", "scaled", "residual", "keep", "shortcut")))
+
+
+def fuse_conv_shortcuts(nodes, roots):
+    """conv c (its epilogue so far: a bias) -> + s -> [activation], s = conv1x1(x2, w2, strides) [+ b2]
+    read by the add alone  ==>  one ``conv`` node with ``shortcut`` = s's strides and inputs (x, w, b + b2,
+    x2, w2): the kernel sums w2 . x2 into each output's accumulator after c's own taps (a longer
+    reduction over the same tile), so the shortcut's output is never stored.  Only where the instruction
+    runs the tiled kernels (``_plan``: algo 1 or 2) and c is 2-D, group 1, unscaled; runs before
+    ``fuse_conv_residuals``, which takes the adds left.  Returns a ``passes.Rewrite``."""
+    from .passes import Rewrite, consumer_map
+    rw = Rewrite()
+    if not FUSE_SHORTCUT:
+        return rw
+    consumers = consumer_map(nodes)
+    keep = set(roots)
+    taken = set()
+    for c in nodes:
+        if (c.op != "conv" or c in keep or c.inputs[0].ndim != 4 or c.attrs["group"] != 1
+                or any(c.attrs.get(k) for k in ("act", "scaled", "residual", "keep", "shortcut"))):
+            continue
+        cons = consumers.get(c, ())
+        if len(cons) != 1 or cons[0] in taken:
+            continue
+        d = cons[0]
+        if d.op != "add" or len(d.inputs) != 2 or d.shape != c.shape:
+            continue
+        s = d.inputs[1] if d.inputs[0] is c else d.inputs[0]
+        if not _shortcut_conv(s, c, consumers, keep):
+            continue
+        strides = tuple(s.attrs["strides"])
+        geo = {**geometry(c.inputs[0].shape, c.inputs[1].shape, c.attrs), **_shortcut_geo(s.inputs[0].shape, strides)}
+        if _plan(geo, c.dtype)["algo"] not in (1, 2):
+            continue
+        M = c.shape[1]
+        biases = [t.inputs[2] for t in (c, s) if len(t.inputs) == 3]
+        bias = (c.graph.const(np.zeros((M,), c.dtype)) if not biases else biases[0] if len(biases) == 1
+                else _vec("add", biases[0], biases[1], M))
+        taken.add(d)
+        _fuse_activation(rw, c, d, consumers, keep, (c.inputs[0], c.inputs[1], bias, s.inputs[0], s.inputs[1]),
+                         {**c.attrs, "shortcut": strides})
     return rw
 
 

@@ -34,6 +34,14 @@ cdef struct _cepi:
     const void *y
 
 
+cdef struct _csc:
+    # conv_shortcut (format 2.7): x2 (N, C2, H2, W2) and w2 (M, C2), read at (oh * s2h, ow * s2w) and summed
+    # into the accumulator after the conv's own taps; C2 = 0: a plain conv
+    const void *x2
+    const void *w2
+    int64_t C2, H2, W2, s2h, s2w
+
+
 cdef struct _cgeo:
     int64_t N, C, H, W, M, G, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, panel, nslots, algo, rb
     int64_t Cg, Mg, Kc, P, HW, npan, slot
@@ -173,9 +181,22 @@ cdef inline int _conv_threads(const _cgeo *g, int64_t ntasks, int nthreads) noex
 # ------------------------------------------------------------------------------------------------
 # forward
 
-cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads) noexcept nogil:
+cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *consts, int nthreads,
+               bint shortcut=False) noexcept nogil:
+    """conv, and conv_shortcut (shortcut: its fields after conv's; G = 1, algo 1 or 2, no res)."""
     cdef _cgeo g
     _conv_geo(f, &g)
+    cdef _csc sc
+    sc.C2, sc.x2, sc.w2 = 0, NULL, NULL
+    if shortcut:
+        sc.C2, sc.H2, sc.W2 = f[LM_F_CONV_SHORTCUT_C2], f[LM_F_CONV_SHORTCUT_H2], f[LM_F_CONV_SHORTCUT_W2]
+        sc.s2h, sc.s2w = f[LM_F_CONV_SHORTCUT_s2h], f[LM_F_CONV_SHORTCUT_s2w]
+        sc.x2 = _ptr(bases, f + LM_F_CONV_SHORTCUT_x2_slot)
+        sc.w2 = _ptr(bases, f + LM_F_CONV_SHORTCUT_w2_slot)
+        # (the validator refuses these; the kernels below read x2 only at checked coordinates)
+        if (g.G != 1 or (g.algo != 1 and g.algo != 2) or f[LM_F_CONV_res_slot] >= 0 or sc.C2 < 1
+                or sc.s2h < 1 or sc.s2w < 1 or (g.OH - 1) * sc.s2h >= sc.H2 or (g.OW - 1) * sc.s2w >= sc.W2):
+            return ERR_MALFORMED
     cdef const floating *x = <const floating*>_ptr(bases, f + LM_F_CONV_x_slot)
     cdef floating *w = <floating*>_ptr(bases, f + LM_F_CONV_w_slot)
     cdef floating *y = <floating*>_ptr(bases, f + LM_F_CONV_y_slot)
@@ -206,9 +227,9 @@ cdef int _conv(floating dummy, const int64_t *f, char **bases, const double *con
             _dw_fwd_task(dummy, &g, t // g.M, t % g.M, x, w, &e, y)
         return 0
     if g.algo == 1:
-        return _conv_tiled(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads)
+        return _conv_tiled(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads, &sc)
     if g.algo == 2:
-        return _conv_ocv(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads)
+        return _conv_ocv(dummy, &g, <floating*>x, w, y, &e, scratch, nthreads, &sc)
     ntasks = g.N * g.G * g.npan
     nt = _conv_threads(&g, ntasks, nthreads)
     with parallel(num_threads=nt):
@@ -566,6 +587,9 @@ DEF TG_MV = 16     # the weight gradient's channel padding (a multiple of every 
 cdef struct _tg:
     int64_t Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw, rb, nrb
     int64_t rmin, cmin, Rq, Wq, nph, Kc, Kp, Mp, Mv, tile_n, Qp, noff, nwp
+    # Km = Ci*kh*kw the conv's own taps, Kc = Km + C2 (conv_shortcut's channels, tile[t0 + c*Qp + q] for
+    # virtual pixel q); t0 the end of the built tile
+    int64_t Km, C2, t0
     # where output (u, v) goes: row oa + osh*u, column ob + osw*v of planes OHt x OWt (identity but for
     # the phases of a stride-s input gradient); the input gradient's weight taps i0 - i'*ist, j0 - j'*jst
     int64_t oa, ob, osh, osw, OHt, OWt, i0, ist, j0, jst
@@ -595,15 +619,27 @@ cdef void _tg_init(_tg *t, int64_t Ci, int64_t Hi, int64_t Wi, int64_t Co, int64
     t.Rq = t.rb + _fdiv((kh - 1) * dh - ph, sh) - t.rmin
     t.Wq = V + _fdiv((kw - 1) * dw - pw, sw) - t.cmin
     t.nph = sh * sw
-    t.Kc = Ci * kh * kw
+    t.Km = Ci * kh * kw
+    t.C2 = 0
+    t.Kc = t.Km
     t.Kp = (t.Kc + TG_KR - 1) // TG_KR * TG_KR
     t.Mp = (Co + TG_MR - 1) // TG_MR * TG_MR
     t.Mv = (Co + TG_MV - 1) // TG_MV * TG_MV
     t.tile_n = _r16(Ci * t.nph * t.Rq * t.Wq + t.Wq + 32)
+    t.t0 = t.tile_n
     t.Qp = _r16(t.rb * t.Wq)
     t.noff = _r16((t.Kp * 8 + isz - 1) // isz)
     t.oa, t.ob, t.osh, t.osw, t.OHt, t.OWt = 0, 0, 1, 1, U, V
     t.i0, t.ist, t.j0, t.jst = kh - 1, 1, kw - 1, 1
+
+
+cdef void _tg_add_shortcut(_tg *t, int64_t C2, int64_t isz) noexcept nogil:
+    """conv_shortcut's C2 channels as C2 more taps after the tile (conv_layout._tiles1's C2)."""
+    t.C2 = C2
+    t.Kc = t.Km + C2
+    t.Kp = (t.Kc + TG_KR - 1) // TG_KR * TG_KR
+    t.tile_n = t.t0 + C2 * t.Qp
+    t.noff = _r16((t.Kp * 8 + isz - 1) // isz)
 
 
 cdef void _tg_offsets(const _tg *t, int64_t *off) noexcept nogil:
@@ -616,26 +652,51 @@ cdef void _tg_offsets(const _tg *t, int64_t *off) noexcept nogil:
                 off[k] = (((ch * t.sh + (r - _fdiv(r, t.sh) * t.sh)) * t.sw + (c - _fdiv(c, t.sw) * t.sw))
                           * t.Rq + (_fdiv(r, t.sh) - t.rmin)) * t.Wq + (_fdiv(c, t.sw) - t.cmin)
                 k += 1
+    for k in range(t.Km, t.Kc):
+        off[k] = t.t0 + (k - t.Km) * t.Qp
     for k in range(t.Kc, t.Kp):
         off[k] = 0
 
 
 cdef inline void _tg_build(floating dummy, const _tg *t, const floating *src, int64_t u0, floating *tile) noexcept nogil:
     """tile[ch][a][b][R][col] = src[ch, (u0 + rmin + R)*sh + a, (cmin + col)*sw + b] (0 outside), all
-    phases (so a junk read that runs past a plane lands on built values), then zeros to tile_n
+    phases (so a junk read that runs past a plane lands on built values), then zeros to t0
     (kernels_conv.h lm_conv_build)."""
     if floating is float:
-        lm_conv_build_f32(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.tile_n, tile)
+        lm_conv_build_f32(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.t0, tile)
     else:
-        lm_conv_build_f64(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.tile_n, tile)
+        lm_conv_build_f64(src, t.Ci, t.Hi, t.Wi, t.sh, t.sw, u0 + t.rmin, t.Rq, t.cmin, t.Wq, t.t0, tile)
+
+
+cdef void _tg_build_shortcut(floating dummy, const _tg *t, const _csc *sc, int64_t n, int64_t u0, int64_t nrows,
+                             floating *tile) noexcept nogil:
+    """tile[t0 + c*Qp + r*Wq + v] = x2[n, c, (u0 + r)*s2h, v*s2w] for r < nrows, v < V; zero at the junk
+    columns and rows up to Qp (read by junk pixels only, kept finite)."""
+    cdef const floating *x2 = <const floating*>sc.x2
+    cdef floating *o
+    cdef const floating *xr
+    cdef int64_t c, r, v
+    for c in range(t.C2):
+        o = tile + t.t0 + c * t.Qp
+        for r in range(nrows):
+            xr = x2 + ((n * t.C2 + c) * sc.H2 + (u0 + r) * sc.s2h) * sc.W2
+            for v in range(t.V):
+                o[r * t.Wq + v] = xr[v * sc.s2w]
+            for v in range(t.V, t.Wq):
+                o[r * t.Wq + v] = 0
+        for v in range(nrows * t.Wq, t.Qp):
+            o[v] = 0
 
 
 cdef inline void _tg_mk(floating dummy, int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const floating *w,
-                        const int64_t *off, const floating *tile, floating *out, int64_t ldo) noexcept nogil:
+                        int64_t K2, const floating *w2, const int64_t *off, const floating *tile, floating *out,
+                        int64_t ldo) noexcept nogil:
+    """The tile's product: rows of w (K each), then of w2 (K2 each, conv_shortcut; K2 = 0: none) over the
+    taps off[K ..]."""
     if floating is float:
-        lm_conv_tile_f32(Mp, Co, Qp, K, w, K, off, tile, out, ldo)
+        lm_conv_tile_f32(Mp, Co, Qp, K, w, K, K2, w2, K2, off, tile, out, ldo)
     else:
-        lm_conv_tile_f64(Mp, Co, Qp, K, w, K, off, tile, out, ldo)
+        lm_conv_tile_f64(Mp, Co, Qp, K, w, K, K2, w2, K2, off, tile, out, ldo)
 
 
 cdef bint _tiled_scratch_ok(const _tg *t, int64_t G, int64_t slot, bint dw) noexcept nogil:
@@ -659,10 +720,12 @@ cdef void _tg_pack_dx(floating dummy, const _tg *t, int64_t G, int64_t kh, int64
 
 cdef int _tiled_apply(floating dummy, const _tg *t, int64_t N, int64_t G, const floating *src, const floating *wt,
                       floating *dst, floating *pre_or_dst, const _cepi *e, floating *scratch, int64_t slot,
-                      int nt) noexcept nogil:
+                      int nt, const _csc *sc=NULL) noexcept nogil:
     """out = the tap convolution of src (N, G*Ci, Hi, Wi) with the weight rows wt (G blocks of Co x Kc) into
     pre_or_dst (N, G*Co, U, V), one task per (image, group, row block); with an epilogue e (forward) each
-    output row then runs it into dst.  The offsets are at scratch, the slots after the packed-weight region."""
+    output row then runs it into dst.  The offsets are at scratch, the slots after the packed-weight region.
+    With a shortcut sc (conv_shortcut, G = 1) each tile also gets the shortcut's channels and the product
+    runs on over sc.w2's rows (Co x C2) after wt's."""
     cdef int64_t *off = <int64_t*>scratch
     cdef floating *slots = scratch + t.noff + _r16(G * t.Mp * t.Kc)
     cdef int64_t ntasks = N * G * t.nrb, k
@@ -670,21 +733,24 @@ cdef int _tiled_apply(floating dummy, const _tg *t, int64_t N, int64_t G, const 
     with parallel(num_threads=nt):
         tile = slots + threadid() * slot
         for k in prange(ntasks, schedule="static"):
-            _tiled_task(dummy, t, k, G, src, dst, pre_or_dst, e, off, wt, tile, tile + t.tile_n)
+            _tiled_task(dummy, t, k, G, src, dst, pre_or_dst, e, off, wt, tile, tile + t.tile_n, sc)
     return 0
 
 
 cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const floating *src, floating *dst,
                       floating *pre_or_dst, const _cepi *e, const int64_t *off, const floating *wp,
-                      floating *tile, floating *out) noexcept nogil:
+                      floating *tile, floating *out, const _csc *sc) noexcept nogil:
     cdef int64_t rbi = k % t.nrb, ng = k // t.nrb
     cdef int64_t n = ng // G, gr = ng % G
     cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), r, m, Qp
     cdef floating *o
     cdef floating *y
     _tg_build(dummy, t, src + (n * G + gr) * t.Ci * t.Hi * t.Wi, u0, tile)
+    if sc != NULL:
+        _tg_build_shortcut(dummy, t, sc, n, u0, nrows, tile)
     Qp = _r16(nrows * t.Wq)
-    _tg_mk(dummy, t.Mp, t.Co, Qp, t.Kc, wp + gr * t.Co * t.Kc, off, tile, out, t.Qp)
+    _tg_mk(dummy, t.Mp, t.Co, Qp, t.Km, wp + gr * t.Co * t.Km, t.C2,
+           <const floating*>sc.w2 if sc != NULL else wp, off, tile, out, t.Qp)
     cdef int64_t v
     cdef const floating *src_row
     cdef bint epi = e != NULL and _has_epi(e)
@@ -706,15 +772,17 @@ cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const 
 
 
 cdef int _conv_tiled(floating dummy, const _cgeo *g, floating *x, floating *w, floating *y, const _cepi *e,
-                     floating *scratch, int nthreads) noexcept nogil:
+                     floating *scratch, int nthreads, const _csc *sc) noexcept nogil:
     cdef _tg t
     _tg_init(&t, g.Cg, g.H, g.W, g.Mg, g.OH, g.OW, g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw, g.rb,
              sizeof(floating))
+    if sc.C2 > 0:
+        _tg_add_shortcut(&t, sc.C2, sizeof(floating))
     if not _tiled_scratch_ok(&t, g.G, g.panel, False):
         return ERR_MALFORMED
     _tg_offsets(&t, <int64_t*>scratch)
     return _tiled_apply(dummy, &t, g.N, g.G, x, w, y, <floating*>e.pre if e.pre != NULL else y, e, scratch,
-                        g.panel, _conv_threads(g, g.N * g.G * t.nrb, nthreads))
+                        g.panel, _conv_threads(g, g.N * g.G * t.nrb, nthreads), sc if sc.C2 > 0 else NULL)
 
 
 cdef void _dx_taps(int64_t k, int64_t s, int64_t d, int64_t p, int64_t a, int64_t *cnt, int64_t *i0,
@@ -857,34 +925,41 @@ cdef void _tiled_dw_chunk(floating dummy, const _tg *t, const _cgeo *g, int64_t 
 cdef struct _og:
     int64_t Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw, rb, nrb, Rt, Wt, Kc, Mv, tile_n, Pq, noff
     bint inplace   # every tap inside the input (no padding read): the kernel reads x itself, no tile
+    # conv_shortcut: Km = Ci*kh*kw the conv's taps, Kc = Km + C2; the shortcut's channel c at tile[t0 +
+    # c*Rs*Wt + r*sh*Wt + v*sw] for the block's output pixel (r, v) (where the taps address it)
+    int64_t Km, C2, Rs, t0
 
 
-cdef void _og_init(_og *t, const _cgeo *g, int64_t isz) noexcept nogil:
+cdef void _og_init(_og *t, const _cgeo *g, int64_t isz, int64_t C2) noexcept nogil:
     t.Ci, t.Hi, t.Wi, t.Co, t.U, t.V = g.Cg, g.H, g.W, g.Mg, g.OH, g.OW
     t.sh, t.sw, t.kh, t.kw, t.dh, t.dw, t.ph, t.pw = g.sh, g.sw, g.kh, g.kw, g.dh, g.dw, g.ph, g.pw
     t.rb = g.rb if g.rb >= 1 else 1
     t.nrb = (t.U + t.rb - 1) // t.rb
-    t.inplace = (t.ph == 0 and t.pw == 0 and (t.U - 1) * t.sh + (t.kh - 1) * t.dh < t.Hi
+    t.inplace = (C2 == 0 and t.ph == 0 and t.pw == 0 and (t.U - 1) * t.sh + (t.kh - 1) * t.dh < t.Hi
                  and (t.V - 1) * t.sw + (t.kw - 1) * t.dw < t.Wi)
     if t.inplace:   # the "tile" is the image itself: rows of Wi, Hi rows per channel
         t.Rt, t.Wt = t.Hi, t.Wi
     else:
         t.Rt = (t.rb - 1) * t.sh + (t.kh - 1) * t.dh + 1
         t.Wt = (t.V - 1) * t.sw + (t.kw - 1) * t.dw + 1
-    t.Kc = t.Ci * t.kh * t.kw
+    t.Km = t.Ci * t.kh * t.kw
+    t.C2 = C2
+    t.Kc = t.Km + C2
+    t.Rs = (t.rb - 1) * t.sh + 1
     t.Mv = (t.Co + TG_MV - 1) // TG_MV * TG_MV
-    t.tile_n = 0 if t.inplace else _r16(t.Ci * t.Rt * t.Wt)
+    t.t0 = 0 if t.inplace else _r16(t.Ci * t.Rt * t.Wt)
+    t.tile_n = t.t0 + (_r16(C2 * t.Rs * t.Wt) if C2 > 0 else 0)
     t.Pq = (t.rb * t.V + 23) // 24 * 24
     t.noff = _r16((t.Kc * 8 + isz - 1) // isz)
 
 
 cdef int _conv_ocv(floating dummy, const _cgeo *g, floating *x, floating *w, floating *y, const _cepi *e,
-                   floating *scratch, int nthreads) noexcept nogil:
+                   floating *scratch, int nthreads, const _csc *sc) noexcept nogil:
     """y = conv(x, w) + epilogue, one task per (image, group, block of rb output rows): build the block's
     padded input tile, run lm_conv_ocv over it, then write each output row (channel-major) and its
     epilogue.  Every split depends on the fields only (bit-identical for any thread count)."""
     cdef _og t
-    _og_init(&t, g, sizeof(floating))
+    _og_init(&t, g, sizeof(floating), sc.C2)
     if g.panel < t.tile_n + t.Pq * t.Mv or g.panel % 16 != 0:
         return ERR_MALFORMED
     cdef int64_t *off = <int64_t*>scratch
@@ -896,6 +971,8 @@ cdef int _conv_ocv(floating dummy, const _cgeo *g, floating *x, floating *w, flo
             for j in range(t.kw):
                 off[k] = (ch * t.Rt + i * t.dh) * t.Wt + j * t.dw
                 k += 1
+    for ch in range(t.C2):
+        off[t.Km + ch] = t.t0 + ch * t.Rs * t.Wt
     cdef floating *tile
     cdef floating *pre_or_dst = <floating*>e.pre if e.pre != NULL else y
     cdef int nt = _conv_threads(g, ntasks, nthreads)
@@ -904,24 +981,28 @@ cdef int _conv_ocv(floating dummy, const _cgeo *g, floating *x, floating *w, flo
         # the weights packed by the threads (at batch 1 a serial pack of 64x288 weights was a third of the
         # conv's time); the prange's barrier orders it before the tasks
         for bk in prange(nblk, schedule="static"):
-            _ocv_pack(dummy, &t, bk, w, wt)
+            _ocv_pack(dummy, &t, bk, w, <const floating*>sc.w2, wt)
         tile = slots + threadid() * g.panel
         for k in prange(ntasks, schedule="static"):
-            _ocv_task(dummy, &t, k, g.G, x, wt, y, pre_or_dst, e, off, tile, tile + t.tile_n)
+            _ocv_task(dummy, &t, k, g.G, x, wt, y, pre_or_dst, e, off, tile, tile + t.tile_n, sc)
     return 0
 
 
-cdef void _ocv_pack(floating dummy, const _og *t, int64_t bk, const floating *w, floating *wt) noexcept nogil:
-    """Weight block bk = (group, 16 output channels) into wt[g][m // 16][k][m % 16] (zero past Co)."""
+cdef void _ocv_pack(floating dummy, const _og *t, int64_t bk, const floating *w, const floating *w2,
+                    floating *wt) noexcept nogil:
+    """Weight block bk = (group, 16 output channels) into wt[g][m // 16][k][m % 16] (zero past Co): k < Km
+    from w, then (conv_shortcut) k - Km < C2 from w2 (Co x C2)."""
     cdef int64_t gr = bk // (t.Mv // 16), m0 = (bk % (t.Mv // 16)) * 16, k, l, m
     cdef floating *o = wt + gr * t.Kc * t.Mv + m0 * t.Kc
     cdef const floating *src
     for l in range(16):
         m = m0 + l
         if m < t.Co:
-            src = w + (gr * t.Co + m) * t.Kc
-            for k in range(t.Kc):
+            src = w + (gr * t.Co + m) * t.Km
+            for k in range(t.Km):
                 o[k * 16 + l] = src[k]
+            for k in range(t.C2):
+                o[(t.Km + k) * 16 + l] = w2[m * t.C2 + k]
         else:
             for k in range(t.Kc):
                 o[k * 16 + l] = 0
@@ -929,7 +1010,7 @@ cdef void _ocv_pack(floating dummy, const _og *t, int64_t bk, const floating *w,
 
 cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const floating *x, const floating *wt,
                     floating *dst, floating *pre_or_dst, const _cepi *e, const int64_t *off, floating *tile,
-                    floating *outT) noexcept nogil:
+                    floating *outT, const _csc *sc) noexcept nogil:
     cdef int64_t rbi = k % t.nrb, ng = k // t.nrb
     cdef int64_t n = ng // G, gr = ng % G
     cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), m, v, P = nrows * t.V
@@ -938,14 +1019,25 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
     cdef floating *o
     cdef floating *yr
     cdef const floating *tl = src + u0 * t.sh * t.Wi
+    cdef const floating *xr
+    cdef int64_t c, r
+    cdef floating *so
+    # conv_shortcut: the block's shortcut inputs where the kernel's taps address them (the rest of the
+    # region is never read: pixels past P repeat pixel P - 1)
+    for c in range(t.C2):
+        so = tile + t.t0 + c * t.Rs * t.Wt
+        for r in range(nrows):
+            xr = <const floating*>sc.x2 + ((n * t.C2 + c) * sc.H2 + (u0 + r) * sc.s2h) * sc.W2
+            for v in range(t.V):
+                so[r * t.sh * t.Wt + v * t.sw] = xr[v * sc.s2w]
     if floating is float:
         if not t.inplace:
-            lm_conv_build_pad_f32(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+            lm_conv_build_pad_f32(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.t0, tile)
             tl = tile
         lm_conv_ocv_f32(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tl, outT)
     else:
         if not t.inplace:
-            lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.tile_n, tile)
+            lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.t0, tile)
             tl = tile
         lm_conv_ocv_f64(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tl, outT)
     for m in range(t.Co):

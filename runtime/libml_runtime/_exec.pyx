@@ -108,9 +108,11 @@ cdef extern from "kernels.h" nogil:
     void lm_dropout_f64(int64_t i0, int64_t n, uint64_t seed, uint64_t step, uint32_t thresh, double scale,
                         const double *x, double *y)
     void lm_conv_tile_f32(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const float *w, int64_t ldw,
-                          const int64_t *off, const float *tile, float *out, int64_t ldo)
+                          int64_t K2, const float *w2, int64_t ldw2, const int64_t *off, const float *tile,
+                          float *out, int64_t ldo)
     void lm_conv_tile_f64(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const double *w, int64_t ldw,
-                          const int64_t *off, const double *tile, double *out, int64_t ldo)
+                          int64_t K2, const double *w2, int64_t ldw2, const int64_t *off, const double *tile,
+                          double *out, int64_t ldo)
     void lm_conv_build_f32(const float *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t sh, int64_t sw,
                            int64_t R0, int64_t Rq, int64_t cmin, int64_t Wq, int64_t tile_n, float *tile)
     void lm_conv_build_f64(const double *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t sh, int64_t sw,
@@ -1321,6 +1323,9 @@ cdef int _run(const int64_t *code, int64_t ncode, const double *consts, char **b
         elif op == LM_OP_CONV:
             rc = _conv(f32, f, bases, consts, nthreads) if f[LM_F_CONV_dtype] == 0 \
                 else _conv(f64, f, bases, consts, nthreads)
+        elif op == LM_OP_CONV_SHORTCUT:
+            rc = _conv(f32, f, bases, consts, nthreads, True) if f[LM_F_CONV_dtype] == 0 \
+                else _conv(f64, f, bases, consts, nthreads, True)
         elif op == LM_OP_CONV_GRAD_INPUT:
             rc = _conv_grad_input(f32, f, bases, nthreads) if f[LM_F_CONV_dtype] == 0 \
                 else _conv_grad_input(f64, f, bases, nthreads)

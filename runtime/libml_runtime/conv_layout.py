@@ -1,5 +1,6 @@
 """The tiled convolutions' scratch layouts (format 2.4, conv instructions with ``algo`` 1; format 2.5, the
-forward's ``algo`` 2, ``ocv``).
+forward's ``algo`` 2, ``ocv``; format 2.7, ``conv_shortcut``'s channels beside the tile: the geometry
+dict's ``C2``).
 
 Computed here once for the compiler (``libml_compile.ops_conv`` sizes the scratch it asks the arena for)
 and for the plan validator (``plan.py`` checks the scratch operand against it); ``_conv.pxi``'s
@@ -66,19 +67,22 @@ def rows(op, d):
     return max((p[2][4] for p in phases(op, d)), default=1)
 
 
-def _tiles1(geo, isz, rb, dwgrad):
+def _tiles1(geo, isz, rb, dwgrad, C2=0):
     Ci, Hi, Wi, Co, U, V, sh, sw, kh, kw, dh, dw, ph, pw = geo[:14]
     rmin, cmin = (-ph) // sh, (-pw) // sw
     Rq = rb + ((kh - 1) * dh - ph) // sh - rmin
     Wq = V + ((kw - 1) * dw - pw) // sw - cmin
-    Kc = Ci * kh * kw
+    Kc = Ci * kh * kw + C2
     Kp = -(-Kc // KR) * KR
     Mp = -(-Co // MR) * MR
     Mv = -(-Co // MV) * MV
-    tile = _r16(Ci * sh * sw * Rq * Wq + Wq + 32)
     Qp = _r16(rb * Wq)
-    return {"tile": tile, "Qp": Qp, "Mp": Mp, "Mv": Mv, "Kc": Kc, "Kp": Kp, "noff": _r16(-(-(Kp * 8) // isz)),
-            "slot": tile + (Qp * Mv if dwgrad else Mp * Qp), "nrb": -(-U // rb), "wp": Mp * Kc}
+    # (conv_shortcut: the shortcut's C2 channels after the tile, Qp virtual pixels each)
+    t0 = _r16(Ci * sh * sw * Rq * Wq + Wq + 32)
+    tile = t0 + C2 * Qp
+    return {"tile": tile, "t0": t0, "Qp": Qp, "Mp": Mp, "Mv": Mv, "Kc": Kc, "Kp": Kp,
+            "noff": _r16(-(-(Kp * 8) // isz)), "slot": tile + (Qp * Mv if dwgrad else Mp * Qp), "nrb": -(-U // rb),
+            "wp": Mp * Kc}
 
 
 def tiles(op, d, isz, rb):
@@ -87,7 +91,8 @@ def tiles(op, d, isz, rb):
     at least that) and nrb (row blocks)."""
     rb = max(1, rb)
     dwgrad = op in ("conv_grad_weight", "conv_sgd")
-    ts = [_tiles1(p[2], isz, rb, dwgrad) for p in phases(op, d)] or [_tiles1((1,) * 14, isz, 1, dwgrad)]
+    C2 = d.get("C2", 0) if op == "conv" else 0
+    ts = [_tiles1(p[2], isz, rb, dwgrad, C2) for p in phases(op, d)] or [_tiles1((1,) * 14, isz, 1, dwgrad)]
     return {k: max(t[k] for t in ts) for k in ts[0]}
 
 
@@ -103,25 +108,32 @@ def scratch_elements(op, d, isz, rb, nslots, panel, nchunks=1, sgd=False):
 def ocv(d, isz, rb):
     """algo 2 (the channel-vector forward, conv only; _conv.pxi ``_og_init``): Rt x Wt the padded input
     tile of one block of rb output rows, Mv the channels padded to 16, slot (``panel`` must be at least
-    that): the tile plus the block's output, pixel-major, rows padded to 24; wt the packed weights."""
+    that): the tile plus the block's output, pixel-major, rows padded to 24; wt the packed weights.
+    conv_shortcut (``C2`` > 0): the shortcut's C2 channels follow the tile at t0, Rs x Wt each (the
+    output pixel (r, c) of the block at row r*sh, column c*sw, as the tile's taps address it), and the
+    reduction is Kc = Cg*kh*kw + C2 long; the tile is then always a copy."""
     rb = max(1, rb)
     Cg, Mg = d["C"] // d["G"], d["M"] // d["G"]
-    Kc = Cg * d["kh"] * d["kw"]
+    C2 = d.get("C2", 0)
+    Kc = Cg * d["kh"] * d["kw"] + C2
     Mv = -(-Mg // MV) * MV
+    Rs = (rb - 1) * d["sh"] + 1
     if ocv_inplace(d):   # no tap reads padding: the kernel reads x itself (tile = the image, no copy)
-        Rt, Wt, tile = d["H"], d["W"], 0
+        Rt, Wt, t0 = d["H"], d["W"], 0
     else:
         Rt = (rb - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] + 1
         Wt = (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] + 1
-        tile = _r16(Cg * Rt * Wt)
-    return {"Rt": Rt, "Wt": Wt, "Kc": Kc, "Mv": Mv, "tile": tile, "slot": tile + -(-(rb * d["OW"]) // 24) * 24 * Mv,
-            "noff": _r16(-(-(Kc * 8) // isz)), "wt": d["G"] * Kc * Mv, "nrb": -(-d["OH"] // rb)}
+        t0 = _r16(Cg * Rt * Wt)
+    tile = t0 + (_r16(C2 * Rs * Wt) if C2 else 0)
+    return {"Rt": Rt, "Wt": Wt, "Rs": Rs, "Kc": Kc, "Mv": Mv, "t0": t0, "tile": tile,
+            "slot": tile + -(-(rb * d["OW"]) // 24) * 24 * Mv, "noff": _r16(-(-(Kc * 8) // isz)),
+            "wt": d["G"] * Kc * Mv, "nrb": -(-d["OH"] // rb)}
 
 
 def ocv_inplace(d):
     """Whether algo 2 reads the input in place: no padding before, and the last tap of the last output
-    pixel inside the input (so no padding after either)."""
-    return (d["ph"] == 0 and d["pw"] == 0 and (d["OH"] - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] < d["H"]
+    pixel inside the input (so no padding after either), and no shortcut channels to place beside it."""
+    return (not d.get("C2", 0) and d["ph"] == 0 and d["pw"] == 0 and (d["OH"] - 1) * d["sh"] + (d["kh"] - 1) * d["dh"] < d["H"]
             and (d["OW"] - 1) * d["sw"] + (d["kw"] - 1) * d["dw"] < d["W"])
 
 

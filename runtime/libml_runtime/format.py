@@ -24,7 +24,7 @@ import numpy as np
 
 #: plan format version: MAJOR changes the container (planfile.py's prefix); MINOR counts additions
 #: (opcodes, VM opcodes) a newer plan may use and an older runtime does not know
-MAJOR, MINOR = 2, 6
+MAJOR, MINOR = 2, 7
 
 HEADER = 3  # every instruction: opcode, length (header included), node id; then its fields
 
@@ -186,6 +186,16 @@ OPCODES = [
     # direct loop and uses no scratch.
     (48, "conv", _CONV_GEOM + " act epi.vm epi.b epi.c x.slot x.offset w.slot w.offset b.slot b.offset "
      "scale.slot scale.offset y.slot y.offset pre.slot pre.offset res.slot res.offset scratch.slot scratch.offset"),
+    # ---- format 2.7: conv with a pointwise shortcut in its reduction (ops_conv.fuse_conv_shortcuts: a ResNet
+    # block's conv -> Add(1x1 strided conv of the block's input) -> ReLU).  conv's fields, then x2 (N, C2,
+    # H2, W2) and w2 (M, C2): before the epilogue the accumulator of output (n, m, oh, ow) also sums
+    # w2[m, c] * x2[n, c, oh * s2h, ow * s2w] over c < C2, after conv's own taps (the kernel's reduction
+    # runs over K = C/G*kh*kw + C2 values, the shortcut's last), so the shortcut's output is never
+    # stored.  G = 1, algo 1 or 2 (the tiled kernels; the validator refuses the rest); the scratch slot
+    # holds the shortcut's C2 channels beside the tile (conv_layout), and res.slot must be -1.
+    (58, "conv_shortcut", _CONV_GEOM + " act epi.vm epi.b epi.c x.slot x.offset w.slot w.offset b.slot b.offset "
+     "scale.slot scale.offset y.slot y.offset pre.slot pre.offset res.slot res.offset scratch.slot scratch.offset "
+     "C2 H2 W2 s2h s2w x2.slot x2.offset w2.slot w2.offset"),
     # dx from w and dy: per (image, group, block of `cblock` input channels) one task owning its dx
     # channels, which accumulates the col2im of W_g[:, block]^T @ dy over the panels in order
     (49, "conv_grad_input", _CONV_GEOM + " cblock w.slot w.offset dy.slot dy.offset dx.slot dx.offset "
@@ -767,6 +777,8 @@ def _self_check():
     if not LAYOUTS["gemm_strided"].text.startswith(LAYOUTS["gemm"].text):
         raise ValueError("format: gemm_strided must start with gemm's layout")
     # the convolution drivers read the geometry of all three opcodes at conv's field offsets
+    if not LAYOUTS["conv_shortcut"].text.startswith(LAYOUTS["conv"].text):
+        raise ValueError("format: conv_shortcut must start with conv's layout")
     for nm in ("conv_grad_input", "conv_grad_weight"):
         if not LAYOUTS[nm].text.startswith(_CONV_GEOM):
             raise ValueError(f"format: {nm} must start with the convolution geometry")

@@ -34,24 +34,33 @@ typedef LM_T LM_SFX(lm_cv_vec) __attribute__((vector_size(LM_CV_BYTES), aligned(
 #define LM_CV_V LM_SFX(lm_cv_vec)
 #define LM_CV_VL ((int64_t)(LM_CV_BYTES / sizeof(LM_T)))
 
-/* out[m*ldo + q] = sum_k w_m[k] * tile[off[k] + q], m < MR (w_m: MR weight rows), q < NV*VL */
+/* The k loop of a microkernel over K taps: acc[m][v] += w_m[k] * tile[off[k] + v*VL ..] */
+#define LM_CV_MK_SEG(NV, K, w, off)                                                                      \
+    {                                                                                                    \
+        const LM_T *restrict w0 = w[0], *restrict w1 = w[1], *restrict w2 = w[2], *restrict w3 = w[3];   \
+        for (int64_t k = 0; k < K; k++) {                                                                \
+            const LM_T *t = tile + off[k];                                                               \
+            LM_CV_V xv[NV];                                                                              \
+            for (int v = 0; v < NV; v++) xv[v] = *(const LM_CV_V *)(t + v * LM_CV_VL);                   \
+            for (int v = 0; v < NV; v++) acc[0][v] += xv[v] * w0[k];                                     \
+            for (int v = 0; v < NV; v++) acc[1][v] += xv[v] * w1[k];                                     \
+            for (int v = 0; v < NV; v++) acc[2][v] += xv[v] * w2[k];                                     \
+            for (int v = 0; v < NV; v++) acc[3][v] += xv[v] * w3[k];                                     \
+        }                                                                                                \
+    }
+
+/* out[m*ldo + q] = sum_k w_m[k] * tile[off[k] + q] + sum_k s_m[k] * tile[off[K + k] + q], m < MR (w_m:
+ * MR weight rows of K, s_m: MR rows of K2 -- conv_shortcut's channels, K2 = 0 otherwise), q < NV*VL */
 #define LM_CV_MK(NV)                                                                                     \
-static inline void LM_SFX(lm_cv_mk##NV)(int64_t K, const LM_T *restrict const *w, const int64_t *restrict off, \
+static inline void LM_SFX(lm_cv_mk##NV)(int64_t K, const LM_T *restrict const *w, int64_t K2,            \
+                                        const LM_T *restrict const *s, const int64_t *restrict off,      \
                                         const LM_T *restrict tile, LM_T *restrict out, int64_t ldo)      \
 {                                                                                                        \
     LM_CV_V acc[LM_CV_MR][NV];                                                                            \
-    const LM_T *restrict w0 = w[0], *restrict w1 = w[1], *restrict w2 = w[2], *restrict w3 = w[3];       \
     for (int m = 0; m < LM_CV_MR; m++)                                                                   \
         for (int v = 0; v < NV; v++) acc[m][v] = (LM_CV_V){0};                                           \
-    for (int64_t k = 0; k < K; k++) {                                                                    \
-        const LM_T *t = tile + off[k];                                                                   \
-        LM_CV_V xv[NV];                                                                                  \
-        for (int v = 0; v < NV; v++) xv[v] = *(const LM_CV_V *)(t + v * LM_CV_VL);                       \
-        for (int v = 0; v < NV; v++) acc[0][v] += xv[v] * w0[k];                                         \
-        for (int v = 0; v < NV; v++) acc[1][v] += xv[v] * w1[k];                                         \
-        for (int v = 0; v < NV; v++) acc[2][v] += xv[v] * w2[k];                                         \
-        for (int v = 0; v < NV; v++) acc[3][v] += xv[v] * w3[k];                                         \
-    }                                                                                                    \
+    LM_CV_MK_SEG(NV, K, w, off)                                                                          \
+    LM_CV_MK_SEG(NV, K2, s, (off + K))                                                                   \
     for (int m = 0; m < LM_CV_MR; m++)                                                                   \
         for (int v = 0; v < NV; v++) *(LM_CV_V *)(out + m * ldo + v * LM_CV_VL) = acc[m][v];            \
 }
@@ -64,10 +73,12 @@ LM_CV_MK(5)
 LM_CV_MK(6)
 #endif
 #undef LM_CV_MK
+#undef LM_CV_MK_SEG
 
 /* The one-vector tail with 8 weight rows: 8 accumulators hide the FMA latency that leaves lm_cv_mk1 (4
  * accumulators) at half speed; the same sum order per output. */
-static inline void LM_SFX(lm_cv_mk1x8)(int64_t K, const LM_T *restrict const *w, const int64_t *restrict off,
+static inline void LM_SFX(lm_cv_mk1x8)(int64_t K, const LM_T *restrict const *w, int64_t K2,
+                                       const LM_T *restrict const *s, const int64_t *restrict off,
                                        const LM_T *restrict tile, LM_T *restrict out, int64_t ldo)
 {
     LM_CV_V acc[8];
@@ -76,49 +87,61 @@ static inline void LM_SFX(lm_cv_mk1x8)(int64_t K, const LM_T *restrict const *w,
         LM_CV_V xv = *(const LM_CV_V *)(tile + off[k]);
         for (int m = 0; m < 8; m++) acc[m] += xv * w[m][k];
     }
+    for (int64_t k = 0; k < K2; k++) {
+        LM_CV_V xv = *(const LM_CV_V *)(tile + off[K + k]);
+        for (int m = 0; m < 8; m++) acc[m] += xv * s[m][k];
+    }
     for (int m = 0; m < 8; m++) *(LM_CV_V *)(out + m * ldo) = acc[m];
 }
 
 /* The forward product of one tile: out[m*ldo + q] for m < Mp (a multiple of LM_CV_MR) and q < Qp (a
  * multiple of 16 elements, so of every ISA's vector length), from the weight rows w + m*ldw (K each;
- * rows m >= Co read row Co - 1 and their outputs are junk).  No packing: the four rows stream side by
- * side.  tile must be readable up to the largest off[k] + Qp. */
+ * rows m >= Co read row Co - 1 and their outputs are junk), then (conv_shortcut) the rows w2 + m*ldw2
+ * (K2 each) over the taps off[K ..].  No packing: the four rows stream side by side.  tile must be
+ * readable up to the largest off[k] + Qp. */
 static void LM_SFX(lm_conv_tile)(int64_t Mp, int64_t Co, int64_t Qp, int64_t K, const LM_T *w, int64_t ldw,
-                                 const int64_t *off, const LM_T *tile, LM_T *out, int64_t ldo)
+                                 int64_t K2, const LM_T *w2, int64_t ldw2, const int64_t *off, const LM_T *tile,
+                                 LM_T *out, int64_t ldo)
 {
     const int64_t NR = LM_CV_NVMAX * LM_CV_VL;
     for (int64_t m0 = 0; m0 < Mp; m0 += LM_CV_MR) {
-        const LM_T *wr[LM_CV_MR];
-        for (int l = 0; l < LM_CV_MR; l++) wr[l] = w + (m0 + l < Co ? m0 + l : Co - 1) * ldw;
+        const LM_T *wr[LM_CV_MR], *sr[LM_CV_MR];
+        for (int l = 0; l < LM_CV_MR; l++) {
+            int64_t mm = m0 + l < Co ? m0 + l : Co - 1;
+            wr[l] = w + mm * ldw;
+            sr[l] = K2 > 0 ? w2 + mm * ldw2 : w;
+        }
         LM_T *o = out + m0 * ldo;
         int64_t q0 = 0;
         for (; q0 + NR <= Qp; q0 += NR)
 #if LM_CV_NVMAX > 3
-            LM_SFX(lm_cv_mk6)(K, wr, off, tile + q0, o + q0, ldo);
+            LM_SFX(lm_cv_mk6)(K, wr, K2, sr, off, tile + q0, o + q0, ldo);
 #else
-            LM_SFX(lm_cv_mk3)(K, wr, off, tile + q0, o + q0, ldo);
+            LM_SFX(lm_cv_mk3)(K, wr, K2, sr, off, tile + q0, o + q0, ldo);
 #endif
         switch ((Qp - q0) / LM_CV_VL) {
         case 0: break;
         case 1:   /* pairs of row blocks run lm_cv_mk1x8 below */
             if (m0 + 2 * LM_CV_MR > Mp || (m0 / LM_CV_MR) % 2 == 1) {
                 if ((m0 / LM_CV_MR) % 2 == 0)
-                    LM_SFX(lm_cv_mk1)(K, wr, off, tile + q0, o + q0, ldo);
+                    LM_SFX(lm_cv_mk1)(K, wr, K2, sr, off, tile + q0, o + q0, ldo);
                 else {
-                    const LM_T *w8[8];
+                    const LM_T *w8[8], *s8[8];
                     for (int l = 0; l < 8; l++) {
                         int64_t mm = m0 - LM_CV_MR + l;
-                        w8[l] = w + (mm < Co ? mm : Co - 1) * ldw;
+                        mm = mm < Co ? mm : Co - 1;
+                        w8[l] = w + mm * ldw;
+                        s8[l] = K2 > 0 ? w2 + mm * ldw2 : w;
                     }
-                    LM_SFX(lm_cv_mk1x8)(K, w8, off, tile + q0, out + (m0 - LM_CV_MR) * ldo + q0, ldo);
+                    LM_SFX(lm_cv_mk1x8)(K, w8, K2, s8, off, tile + q0, out + (m0 - LM_CV_MR) * ldo + q0, ldo);
                 }
             }
             break;
-        case 2: LM_SFX(lm_cv_mk2)(K, wr, off, tile + q0, o + q0, ldo); break;
+        case 2: LM_SFX(lm_cv_mk2)(K, wr, K2, sr, off, tile + q0, o + q0, ldo); break;
 #if LM_CV_NVMAX > 3
-        case 3: LM_SFX(lm_cv_mk3)(K, wr, off, tile + q0, o + q0, ldo); break;
-        case 4: LM_SFX(lm_cv_mk4)(K, wr, off, tile + q0, o + q0, ldo); break;
-        default: LM_SFX(lm_cv_mk5)(K, wr, off, tile + q0, o + q0, ldo); break;
+        case 3: LM_SFX(lm_cv_mk3)(K, wr, K2, sr, off, tile + q0, o + q0, ldo); break;
+        case 4: LM_SFX(lm_cv_mk4)(K, wr, K2, sr, off, tile + q0, o + q0, ldo); break;
+        default: LM_SFX(lm_cv_mk5)(K, wr, K2, sr, off, tile + q0, o + q0, ldo); break;
 #else
         default: break;
 #endif

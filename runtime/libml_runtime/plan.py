@@ -782,6 +782,27 @@ class _Decoder:
                 self.fail(f"res overlaps {what}: the residual must be a buffer of its own")
         self._conv_scratch(d, isz, kc, slot)
 
+    def op_conv_shortcut(self, d):
+        """conv's fields and checks (the scratch slot with the shortcut's channels, conv_layout), then
+        x2 (N, C2, H2, W2) read at (oh * s2h, ow * s2w) inside it, w2 (M, C2); G = 1, algo 1 or 2, no
+        res (the shortcut takes its place)."""
+        big = 2 ** 31 - 1
+        self.fields(d, [("C2", 1, big), ("H2", 1, big), ("W2", 1, big), ("s2h", 1, big), ("s2w", 1, big)])
+        if d["G"] != 1:
+            self.fail(f"conv_shortcut needs group 1, got G = {d['G']}")
+        if d["algo"] not in (1, 2):
+            self.fail(f"conv_shortcut runs the tiled kernels (algo 1 or 2), not algo {d['algo']}")
+        if d["res.slot"] >= 0:
+            self.fail("conv_shortcut has no residual operand: res.slot must be -1")
+        if (d["OH"] - 1) * d["s2h"] >= d["H2"] or (d["OW"] - 1) * d["s2w"] >= d["W2"]:
+            self.fail(f"shortcut input {d['H2']}x{d['W2']} at strides ({d['s2h']}, {d['s2w']}) does not cover "
+                      f"the {d['OH']}x{d['OW']} output")
+        self.dims("conv_shortcut sizes", [d["N"], d["C2"], d["H2"], d["W2"]])
+        isz = self.fdtype(d)
+        self.op_conv(d)
+        self.operand(d, "x2", d["N"] * d["C2"] * d["H2"] * d["W2"] * isz, align=isz)
+        self.operand(d, "w2", d["M"] * d["C2"] * isz, align=isz)
+
     def op_conv_grad_input(self, d):
         isz, kc, slot = self._conv_geometry(d, "conv_grad_input")
         self.fields(d, [("cblock", 1, d["C"] // d["G"])])
