@@ -754,7 +754,16 @@ cdef void _tiled_task(floating dummy, const _tg *t, int64_t k, int64_t G, const 
     cdef int64_t v
     cdef const floating *src_row
     cdef bint epi = e != NULL and _has_epi(e)
+    # the forward with an activation and no kept pre-activation: the epilogue reads the output tile and
+    # writes y once (instead of a copy into y and a pass over it); rows of >= 32 (shorter rows: the fixed
+    # cost per call wins, as algo 2 found for 8x8 images)
+    cdef bint direct_epi = epi and e.act != 0 and e.pre == NULL and dst == pre_or_dst and t.V >= 32
     for m in range(t.Co):
+        if direct_epi:
+            for r in range(nrows):
+                _conv_epi_row(dummy, e, gr * t.Co + m, out + m * t.Qp + r * t.Wq,
+                              dst + (((n * G + gr) * t.Co + m) * t.U + u0 + r) * t.V, t.V)
+            continue
         for r in range(nrows):
             o = pre_or_dst + ((n * G + gr) * t.Co + m) * t.OHt * t.OWt + (t.oa + t.osh * (u0 + r)) * t.OWt + t.ob
             src_row = out + m * t.Qp + r * t.Wq
@@ -1015,7 +1024,6 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
     cdef int64_t n = ng // G, gr = ng % G
     cdef int64_t u0 = rbi * t.rb, nrows = min(t.rb, t.U - u0), m, v, P = nrows * t.V
     cdef const floating *src = x + (n * G + gr) * t.Ci * t.Hi * t.Wi
-    cdef const floating *ot
     cdef floating *o
     cdef floating *yr
     cdef const floating *tl = src + u0 * t.sh * t.Wi
@@ -1040,13 +1048,17 @@ cdef void _ocv_task(floating dummy, const _og *t, int64_t k, int64_t G, const fl
             lm_conv_build_pad_f64(src, t.Ci, t.Hi, t.Wi, u0 * t.sh - t.ph, t.Rt, t.pw, t.Wt, t.t0, tile)
             tl = tile
         lm_conv_ocv_f64(t.Mv, P, t.V, t.sh, t.sw, t.Wt, t.Kc, wt + gr * t.Kc * t.Mv, off, tl, outT)
+    # the block's rows of each channel are contiguous in y: transposed in, then one epilogue per channel
+    # over them (per row, an 8x8 image's 8-element rows made the epilogue's fixed cost 3 ms of W8 at batch
+    # 256)
+    o = pre_or_dst + ((n * G + gr) * t.Co * t.U + u0) * t.V
+    if floating is float:
+        lm_conv_ocv_unpack_f32(t.Mv, t.Co, P, outT, o, t.U * t.V)
+    else:
+        lm_conv_ocv_unpack_f64(t.Mv, t.Co, P, outT, o, t.U * t.V)
+    if not _has_epi(e):
+        return
     for m in range(t.Co):
-        # the block's rows of channel m are contiguous in y: transposed in, then one epilogue over all
-        # (per row, an 8x8 image's 8-element rows made the epilogue's fixed cost 3 ms of W8 at batch 256)
         o = pre_or_dst + (((n * G + gr) * t.Co + m) * t.U + u0) * t.V
-        ot = outT + m
-        for v in range(P):
-            o[v] = ot[v * t.Mv]
-        if _has_epi(e):
-            yr = dst + (((n * G + gr) * t.Co + m) * t.U + u0) * t.V
-            _conv_epi_row(dummy, e, gr * t.Co + m, o, yr, P)
+        yr = dst + (((n * G + gr) * t.Co + m) * t.U + u0) * t.V
+        _conv_epi_row(dummy, e, gr * t.Co + m, o, yr, P)

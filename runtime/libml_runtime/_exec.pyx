@@ -129,6 +129,8 @@ cdef extern from "kernels.h" nogil:
                                int64_t pw, int64_t Wt, int64_t tile_n, float *tile)
     void lm_conv_build_pad_f64(const double *src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t r0, int64_t Rt,
                                int64_t pw, int64_t Wt, int64_t tile_n, double *tile)
+    void lm_conv_ocv_unpack_f32(int64_t Mv, int64_t Co, int64_t P, const float *src, float *dst, int64_t ldd)
+    void lm_conv_ocv_unpack_f64(int64_t Mv, int64_t Co, int64_t P, const double *src, double *dst, int64_t ldd)
     void lm_batch_norm_channel_f32(int64_t N, int64_t C, int64_t S, int64_t c, int64_t flags, double eps,
                                    double mom, const float *x, const float *scale, const float *bias, float *rmean,
                                    float *rvar, float *y, float *mean, float *rstd, float *nmean, float *nvar)

@@ -271,6 +271,35 @@ static void LM_SFX(lm_conv_ocv)(int64_t Mv, int64_t P, int64_t V, int64_t sh, in
 #undef LM_PB_NV
 #undef LM_PB_MR
 
+/* algo 2's output block back to channel-major: dst[m*ldd + q] = src[q*Mv + m] for m < Co, q < P (src:
+ * lm_conv_ocv's pixel-major outT).  4 x 4 blocks transposed in registers (8 shuffles for 16 values instead
+ * of 16 scalar loads and stores); a copy, so no bit changes. */
+static void LM_SFX(lm_conv_ocv_unpack)(int64_t Mv, int64_t Co, int64_t P, const LM_T *restrict src,
+                                       LM_T *restrict dst, int64_t ldd)
+{
+    typedef LM_T v4 __attribute__((vector_size(4 * sizeof(LM_T)), aligned(sizeof(LM_T)), may_alias));
+    int64_t q0 = 0;
+    for (; q0 + 4 <= P; q0 += 4) {
+        int64_t m0 = 0;
+        for (; m0 + 4 <= Co; m0 += 4) {
+            const LM_T *sp = src + q0 * Mv + m0;
+            v4 r0 = *(const v4 *)sp, r1 = *(const v4 *)(sp + Mv), r2 = *(const v4 *)(sp + 2 * Mv),
+               r3 = *(const v4 *)(sp + 3 * Mv);
+            v4 t0 = __builtin_shufflevector(r0, r1, 0, 4, 1, 5), t1 = __builtin_shufflevector(r0, r1, 2, 6, 3, 7);
+            v4 t2 = __builtin_shufflevector(r2, r3, 0, 4, 1, 5), t3 = __builtin_shufflevector(r2, r3, 2, 6, 3, 7);
+            LM_T *dp = dst + m0 * ldd + q0;
+            *(v4 *)dp = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+            *(v4 *)(dp + ldd) = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+            *(v4 *)(dp + 2 * ldd) = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+            *(v4 *)(dp + 3 * ldd) = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+        }
+        for (; m0 < Co; m0++)
+            for (int64_t i = 0; i < 4; i++) dst[m0 * ldd + q0 + i] = src[(q0 + i) * Mv + m0];
+    }
+    for (; q0 < P; q0++)
+        for (int64_t m = 0; m < Co; m++) dst[m * ldd + q0] = src[q0 * Mv + m];
+}
+
 /* algo 2's tile: tile[ch][R][C] = src[ch, r0 + R, C - pw] (0 outside [0, Hi) x [0, Wi)) for R < Rt,
  * C < Wt, then zeros up to tile_n. */
 static void LM_SFX(lm_conv_build_pad)(const LM_T *restrict src, int64_t Ci, int64_t Hi, int64_t Wi, int64_t r0,
