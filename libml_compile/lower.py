@@ -38,6 +38,8 @@ import numpy as np
 from . import ops_attention, ops_logic, passes, views
 from .ir import Tensor
 from .ops import REGISTRY, out_specs
+from libml_runtime.executable import aligned_zeros
+
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
 
@@ -92,7 +94,7 @@ class StateLayout:
     def buffer(self):
         """The initial state bytes: every chunk copied in; zeros elsewhere (optimizer state, alignment
         gaps), from calloc'ed pages that are only touched when first used."""
-        buf = np.zeros(max(align(self.size), 64), np.uint8)
+        buf = aligned_zeros(max(align(self.size), 64))  # (the Executable adopts it without a copy)
         for off, v in self.chunks:
             buf[off:off + v.nbytes] = v.reshape(-1).view(np.uint8)
         return buf

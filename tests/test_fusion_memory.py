@@ -406,10 +406,11 @@ def test_row_vector_gemms_take_the_gemv_path_correctly(nthreads):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("K,N", [(1, 1), (5, 7), (300, 8), (37, 9), (200, 63), (64, 64), (513, 65), (700, 130),
-                                 (384, 1000)])
+                                 (384, 1000), (13200, 10), (8000, 17), (2049, 129), (63, 2081)])
 def test_row_vector_kernel_tiles_and_tails_with_bias_relu(K, N, dtype):
-    # the M = 1 kernel: 8-vector tiles, single-vector tiles and scalar tails, in one panel or in four
-    # (N * K >= 131072), with the bias+relu epilogue, against float64 NumPy
+    # the M = 1 kernel: 8-vector tiles, single-vector tiles, the partial last vector (read over the row's
+    # end, scalar in the last rows), whole or split into two blocks of K rows (N * K >= 131072, K >= 64;
+    # else column panels), with the bias+relu epilogue, against float64 NumPy
     rng = np.random.default_rng(K * 1000 + N)
     g = lc.Graph("gv")
     x = g.input("x", (1, K), dtype=dtype)
@@ -422,6 +423,30 @@ def test_row_vector_kernel_tiles_and_tails_with_bias_relu(K, N, dtype):
     want = np.maximum(X.astype(np.float64) @ prog.params["w"].astype(np.float64) + prog.params["b"], 0)
     tol = 2e-5 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(prog.run({"x": X})["y"], want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("K,N", [(4099, 40), (517, 300)])
+def test_row_vector_kernel_split_over_k_rows_is_the_same_for_1_and_2_threads(K, N):
+    # the K-row split (_gemv_ksplit) is fixed by the sizes; alpha/beta (the folded SGD update: alpha = -lr,
+    # beta = 1 - lr * wd) are applied after the blocks are added, so 1 and 2 threads give the same bits
+    rng = np.random.default_rng(K)
+    X, T = rng.standard_normal((K, 1)), rng.standard_normal((K, N))
+    out = []
+    for nt in (1, 2):
+        g = lc.Graph("ksplit")
+        x = g.input("x", (K, 1), dtype="float32")
+        t = g.input("t", (K, N), dtype="float32")
+        w = g.param("w", rng.standard_normal((1, N)).astype(np.float32) if nt == 1 else out[0][0])
+        prog = lc.compile(g, loss=lc.mse(x @ w, t), optimizer=lc.SGD(lr=0.1, weight_decay=0.01),
+                          num_threads=nt)
+        assert any(r["op"] == "gemm+sgd" for r in prog.instructions("step")), prog.summary()
+        w0 = prog.params["w"].copy()
+        prog.step({"x": X.astype(np.float32), "t": T.astype(np.float32)})
+        out.append((w0, prog.params["w"]))
+    G = X.T @ (2 * (X @ out[0][0].astype(np.float64) - T) / (K * N))
+    want = out[0][0] - 0.1 * (G + 0.01 * out[0][0])
+    np.testing.assert_allclose(out[0][1], want, rtol=2e-4, atol=1e-6)
+    assert np.array_equal(out[0][1], out[1][1])
 
 
 def test_row_vector_kernel_in_the_folded_sgd_update():

@@ -319,6 +319,8 @@ cdef inline void _ew_span(const lm_ew *e, char **bases, const double *consts, co
 
 DEF GEMM_PAR_FLOPS = 4000000   # below this a GEMM runs on the calling thread, in one piece
 DEF GEMV_PAR_ELEMS = 131072   # a GEMV is memory-bound: split it once the matrix is this large
+DEF GEMV_KPARTS = 2           # ... into this many contiguous blocks of K rows (see _gemv_ksplit)
+DEF GEMV_KSPLIT_MIN_K = 64    # ... when K has at least this many rows (else into column panels)
 DEF GEMM_PANELS = 4            # panels of a very large GEMM (a multiple of the usual 1-2-4 thread counts)
 DEF GEMM_PANELS_MID = 2        # ... of a GEMM under GEMM_BIG_FLOPS: each panel re-packs the shared operand,
 DEF GEMM_BIG_FLOPS = 1.5e9     # so fewer panels win there (W2, W5 at batch 1024: ~7%) and lose on W3 (~5%)
@@ -395,22 +397,30 @@ cdef inline void _panel(floating dummy, int part, int nparts, bint split_m, int 
         # columns lo..hi of op(B): row-major (K,N) -> +lo ; transposed storage (N,K) -> +lo*ldb
         _blas(dummy, cta, ctb, M, hi - lo, K, alpha, A, lda, B + (<int64_t>lo * ldb if tb else lo), ldb,
               beta, C + lo, ldc)
-        if act == 3:
-            if colsum != NULL:
-                memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
-            for i in range(M):
-                _vm_epi_row(dummy, epi, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL,
-                            mask + <int64_t>i * ldc + lo if mask != NULL else NULL,
-                            colsum + lo if colsum != NULL else NULL, Y + <int64_t>i * ldc + lo if Y != NULL else NULL)
-        elif act == 2:
-            if colsum != NULL:
-                memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
-            for i in range(M):
-                _mask_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, mask + <int64_t>i * ldc + lo,
-                          colsum + lo if colsum != NULL else NULL)
-        elif bias != NULL or act != 0:
-            for i in range(M):
-                _epi_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL, act)
+        _columns_epilogue(dummy, lo, hi, M, ldc, C, bias, act, mask, colsum, epi, Y)
+
+
+cdef inline void _columns_epilogue(floating dummy, int lo, int hi, int M, int ldc, floating *C, floating *bias,
+                                   int64_t act, floating *mask, floating *colsum, const lm_epi *epi,
+                                   floating *Y) noexcept nogil:
+    """The epilogue of columns lo..hi of C (M rows, row stride ldc), which this caller owns whole."""
+    cdef int i
+    if act == 3:
+        if colsum != NULL:
+            memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
+        for i in range(M):
+            _vm_epi_row(dummy, epi, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL,
+                        mask + <int64_t>i * ldc + lo if mask != NULL else NULL,
+                        colsum + lo if colsum != NULL else NULL, Y + <int64_t>i * ldc + lo if Y != NULL else NULL)
+    elif act == 2:
+        if colsum != NULL:
+            memset(colsum + lo, 0, (hi - lo) * sizeof(floating))
+        for i in range(M):
+            _mask_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, mask + <int64_t>i * ldc + lo,
+                      colsum + lo if colsum != NULL else NULL)
+    elif bias != NULL or act != 0:
+        for i in range(M):
+            _epi_row(dummy, hi - lo, C + <int64_t>i * ldc + lo, bias + lo if bias != NULL else NULL, act)
 
 
 cdef inline void _vm_epi_row(floating dummy, const lm_epi *e, int64_t n, floating *c, floating *bias, floating *aux,
@@ -518,6 +528,11 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
                    B + _boff(bi, bdim, bd, sB), ldb, beta, C + _boff(bi, bdim, bd, sC), ldc, bias, act, mask, colsum, &epi,
                    Y + _boff(bi, bdim, bd, sC) if Y != NULL else NULL)
         return 0
+    if M == 1 and not tb and (not ta or lda == 1) and nbatch == 1 and big and K >= GEMV_KSPLIT_MIN_K:
+        if _gemv_ksplit(dummy, N, K, alpha, A, B, ldb, beta, C, nt) != 0:
+            return ERR_NOMEM
+        _columns_epilogue(dummy, 0, N, 1, ldc, C, bias, act, mask, colsum, &epi, Y)
+        return 0
     split_m = M >= N and colsum == NULL
     for bi in range(nbatch):
         offA = _boff(bi, bdim, bd, sA)
@@ -530,6 +545,36 @@ cdef int _gemm(floating dummy, const int64_t *f, int64_t nf, char **bases, const
             for part in prange(nparts, num_threads=nt, schedule="static"):
                 _panel(dummy, part, nparts, split_m, M, N, K, ta, tb, alpha, A + offA, lda, B + offB, ldb, beta,
                        C + offC, ldc, bias, act, mask, colsum, &epi, Y + offC if Y != NULL else NULL)
+    return 0
+
+
+cdef int _gemv_ksplit(floating dummy, int N, int K, floating alpha, floating *A, floating *B, int ldb,
+                      floating beta, floating *C, int nt) noexcept nogil:
+    """C(1, N) = alpha * A(1, K) . B(K, N; row stride ldb) + beta * C as GEMV_KPARTS partial products over
+    contiguous blocks of K rows, added in block order.  Why rows, not column panels: a column panel of a
+    row-major B is a strided slice (half of every row) and maps onto half the cache's sets -- on a Xeon
+    with 2 MB of L2 per core W5's two weight halves (1.3 MB per core) did not stay in L2 that way and
+    streamed from L3 at ~33 GB/s per core (C harness: the whole MLP forward 40 us split by columns, 18 us
+    by rows).  The blocks depend on K only, so 1 or 2 threads compute the same bits."""
+    cdef floating *part = <floating*>malloc(<size_t>GEMV_KPARTS * N * sizeof(floating))
+    cdef int p, j
+    cdef int64_t k0, k1
+    cdef floating acc
+    if part == NULL:
+        return ERR_NOMEM
+    for p in prange(GEMV_KPARTS, num_threads=nt, schedule="static"):
+        k0 = <int64_t>K * p // GEMV_KPARTS
+        k1 = <int64_t>K * (p + 1) // GEMV_KPARTS
+        if floating is float:
+            lm_gemv_rows_f32(k1 - k0, N, A + k0, B + k0 * ldb, ldb, part + <int64_t>p * N, 1, 0)
+        else:
+            lm_gemv_rows_f64(k1 - k0, N, A + k0, B + k0 * ldb, ldb, part + <int64_t>p * N, 1, 0)
+    for j in range(N):
+        acc = part[j]
+        for p in range(1, GEMV_KPARTS):
+            acc = acc + part[<int64_t>p * N + j]
+        C[j] = alpha * acc if beta == 0 else alpha * acc + beta * C[j]
+    free(part)
     return 0
 
 

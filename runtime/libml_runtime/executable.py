@@ -83,6 +83,31 @@ def index_out_of_range(a, rng):
     comp = pos % len(rng)
     return pos, int(lo[comp]), int(hi[comp]), comp
 
+#: the byte alignment of the arena and state buffers: the plan's offsets are multiples of 64 (format.py's
+#: ``align``), so a 64-aligned base puts every operand on a cache-line boundary.  NumPy's allocations are
+#: only 16-aligned (seen: base = 32 mod 64), which split every 64-byte AVX-512 load over two cache lines
+#: (W5 at batch 1 on a Xeon: the row-vector GEMMs 12.3 -> see the issue 15 note).
+BUFFER_ALIGN = 64
+
+
+def aligned_zeros(nbytes):
+    """A zeroed uint8 array of ``nbytes`` whose data starts on a BUFFER_ALIGN-byte boundary (calloc'ed
+    pages: untouched bytes cost nothing)."""
+    raw = np.zeros(int(nbytes) + BUFFER_ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % BUFFER_ALIGN
+    return raw[start:start + int(nbytes)]
+
+
+def aligned_copy(buf, adopt=False):
+    """A BUFFER_ALIGN-aligned copy of ``buf`` (a uint8 array); with ``adopt``, ``buf`` itself where it is
+    already aligned and C-contiguous."""
+    if adopt and buf.flags.c_contiguous and buf.ctypes.data % BUFFER_ALIGN == 0:
+        return buf
+    out = aligned_zeros(buf.nbytes)
+    out[...] = buf.reshape(-1)
+    return out
+
+
 class Executable:
     def __init__(self, plan: Plan, num_threads=None, check_finite=False, _adopt_state=False):
         self.plan = plan
@@ -90,11 +115,11 @@ class Executable:
         self.check_finite = bool(check_finite)
         # the compiler hands over a freshly built state buffer (_adopt_state): copying 100 MB of W3
         # params twice was most of its compile time.  plan.state then tracks the live state.
-        self._state = plan.state if _adopt_state else plan.state.copy()
+        self._state = aligned_copy(plan.state, adopt=_adopt_state)
         # the checked entries (unfused, check_finite=True) usually need a larger arena than the fused ones
         arena = max((x.arena_bytes for e in plan.entries.values() for x in (e, e.checked) if x is not None),
                     default=0)
-        self._arena = np.zeros(max(arena, 8), np.uint8)
+        self._arena = aligned_zeros(max(arena, 8))
         self._lock = threading.RLock()  # re-entrant: profile() holds it across the calls it makes
         self._inputs = {name: (dt, tuple(shape)) for name, dt, shape in plan.graph_inputs}
         self._param_index = {p[0]: p for p in plan.params}
