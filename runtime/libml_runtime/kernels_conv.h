@@ -228,48 +228,67 @@ static void LM_SFX(lm_conv_dw_tile)(int64_t Mv, int64_t Kp, int64_t Q, const LM_
  * common multiple of every copy's group size).  Sum order k = 0..K-1, one FMA per (q, m, k). */
 #define LM_PB_NV ((int)(16 / LM_CV_VL))
 #if defined(__AVX512F__)
-#define LM_PB_MR (24 / LM_PB_NV)
+/* AVX-512: 12 pixels x 32 channels (two 16-channel blocks, float) or x 16 (double, or a float remainder
+ * block).  24 pixels x 16 channels -- the first AVX-512 choice -- needed 24 live pixel pointers: GCC
+ * spilled them, one more load per broadcast, and W8's algo-2 layers ran at 76-93 GFLOP/s on a Xeon whose
+ * GEMM probe is 319. */
+#define LM_PB_MR 12
+#define LM_PB_CB2 (LM_PB_NV == 1)
 #else
 #define LM_PB_MR (12 / LM_PB_NV)
+#define LM_PB_CB2 0
 #endif
+/* CB blocks of 16 channels from m0 (a compile-time 1 or 2 where inlined) */
+static inline __attribute__((always_inline)) void LM_SFX(lm_conv_ocv_blk)(
+    const int CB, int64_t m0, int64_t Mv, int64_t P, int64_t V, int64_t sh, int64_t sw, int64_t Wt, int64_t K,
+    const LM_T *restrict wt, const int64_t *restrict off, const LM_T *restrict tile, LM_T *restrict outT)
+{
+    const LM_T *restrict wm = wt + m0 * K;
+    int64_t r = 0, c = 0;   /* (row, column) of pixel q0, stepped instead of divided */
+    for (int64_t q0 = 0; q0 < P; q0 += LM_PB_MR) {
+        const LM_T *px[LM_PB_MR];
+        for (int p = 0; p < LM_PB_MR; p++) {
+            if (q0 + p >= P) {   /* past the last pixel: repeat it (its rows of outT are never read) */
+                px[p] = px[p - 1];
+                continue;
+            }
+            px[p] = tile + r * sh * Wt + c * sw;
+            if (++c == V) { c = 0; r++; }
+        }
+        LM_CV_V acc[LM_PB_MR][2 * LM_PB_NV];
+        for (int p = 0; p < LM_PB_MR; p++)
+            for (int v = 0; v < CB * LM_PB_NV; v++) acc[p][v] = (LM_CV_V){0};
+        const LM_T *restrict wk = wm;
+        for (int64_t k = 0; k < K; k++, wk += 16) {
+            LM_CV_V wv[2 * LM_PB_NV];
+            const int64_t o = off[k];
+            for (int b = 0; b < CB; b++)
+                for (int v = 0; v < LM_PB_NV; v++) wv[b * LM_PB_NV + v] = *(const LM_CV_V *)(wk + b * 16 * K + v * LM_CV_VL);
+            for (int p = 0; p < LM_PB_MR; p++) {
+                LM_T x = px[p][o];
+                for (int v = 0; v < CB * LM_PB_NV; v++) acc[p][v] += wv[v] * x;
+            }
+        }
+        for (int p = 0; p < LM_PB_MR; p++)
+            for (int v = 0; v < CB * LM_PB_NV; v++)
+                *(LM_CV_V *)(outT + (q0 + p) * Mv + m0 + v * LM_CV_VL) = acc[p][v];
+    }
+}
+
 static void LM_SFX(lm_conv_ocv)(int64_t Mv, int64_t P, int64_t V, int64_t sh, int64_t sw, int64_t Wt,
                                 int64_t K, const LM_T *restrict wt, const int64_t *restrict off,
                                 const LM_T *restrict tile, LM_T *restrict outT)
 {
-    /* wt is packed per block of 16 channels: wt[(m0/16)*K*16 + k*16 + (m - m0)], one contiguous stream */
-    for (int64_t m0 = 0; m0 < Mv; m0 += 16) {
-        const LM_T *restrict wm = wt + m0 * K;
-        int64_t r = 0, c = 0;   /* (row, column) of pixel q0, stepped instead of divided */
-        for (int64_t q0 = 0; q0 < P; q0 += LM_PB_MR) {
-            const LM_T *px[LM_PB_MR];
-            for (int p = 0; p < LM_PB_MR; p++) {
-                if (q0 + p >= P) {   /* past the last pixel: repeat it (its rows of outT are never read) */
-                    px[p] = px[p - 1];
-                    continue;
-                }
-                px[p] = tile + r * sh * Wt + c * sw;
-                if (++c == V) { c = 0; r++; }
-            }
-            LM_CV_V acc[LM_PB_MR][LM_PB_NV];
-            for (int p = 0; p < LM_PB_MR; p++)
-                for (int v = 0; v < LM_PB_NV; v++) acc[p][v] = (LM_CV_V){0};
-            const LM_T *restrict wk = wm;
-            for (int64_t k = 0; k < K; k++, wk += 16) {
-                LM_CV_V wv[LM_PB_NV];
-                const int64_t o = off[k];
-                for (int v = 0; v < LM_PB_NV; v++) wv[v] = *(const LM_CV_V *)(wk + v * LM_CV_VL);
-                for (int p = 0; p < LM_PB_MR; p++) {
-                    LM_T x = px[p][o];
-                    for (int v = 0; v < LM_PB_NV; v++) acc[p][v] += wv[v] * x;
-                }
-            }
-            for (int p = 0; p < LM_PB_MR; p++)
-                for (int v = 0; v < LM_PB_NV; v++) *(LM_CV_V *)(outT + (q0 + p) * Mv + m0 + v * LM_CV_VL) = acc[p][v];
-        }
-    }
+    /* wt is packed per block of 16 channels: wt[(m0/16)*K*16 + k*16 + (m - m0)], one contiguous stream
+     * per block (two side by side where CB = 2) */
+    int64_t m0 = 0;
+    if (LM_PB_CB2)
+        for (; m0 + 32 <= Mv; m0 += 32) LM_SFX(lm_conv_ocv_blk)(2, m0, Mv, P, V, sh, sw, Wt, K, wt, off, tile, outT);
+    for (; m0 < Mv; m0 += 16) LM_SFX(lm_conv_ocv_blk)(1, m0, Mv, P, V, sh, sw, Wt, K, wt, off, tile, outT);
 }
 #undef LM_PB_NV
 #undef LM_PB_MR
+#undef LM_PB_CB2
 
 /* algo 2's output block back to channel-major: dst[m*ldd + q] = src[q*Mv + m] for m < Co, q < P (src:
  * lm_conv_ocv's pixel-major outT).  4 x 4 blocks transposed in registers (8 shuffles for 16 values instead
