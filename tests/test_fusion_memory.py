@@ -695,3 +695,21 @@ def test_negated_gradient_contributions_become_subtractions():
     P, W = prog.params["p"], rng.standard_normal((4, 9))
     s = 1 / (1 + np.exp(-P))
     np.testing.assert_allclose(prog.grad({"w": W})["p"], W * s * (1 - s) - W, rtol=1e-12, atol=1e-14)
+
+
+def test_arena_and_state_start_on_a_cache_line_for_compiled_and_loaded_plans(tmp_path):
+    # the plan's offsets are multiples of 64; a 64-aligned base keeps every operand on a cache-line
+    # boundary (NumPy's own allocations are only 16-aligned: 64-byte vector loads then split over lines)
+    import libml_runtime
+    g = lc.Graph("aligned")
+    x = g.input("x", (3, 5))
+    w = g.param("w", RNG.standard_normal((5, 7)).astype(np.float32))
+    g.output("y", lc.relu(x @ w))
+    prog = lc.compile(g)
+    exes = [prog.executable, libml_runtime.load(prog.save(tmp_path / "p.lmplan"))]
+    for exe in exes:
+        assert exe._arena.ctypes.data % 64 == 0 and exe._state.ctypes.data % 64 == 0
+    X = RNG.standard_normal((3, 5)).astype(np.float32)
+    np.testing.assert_array_equal(exes[0].run({"x": X})["y"], exes[1].run({"x": X})["y"])
+    # the compiled program adopts the compiler's state buffer without a copy
+    assert prog.executable._state is prog.plan.state
