@@ -126,14 +126,17 @@ def generate(F):
 
     h.append("")
     h.append("/* The VM's switch cases (kernels_tmpl.h: lm_vm_epilogue_row, a GEMM epilogue): one per VM opcode, from its C")
-    h.append(" * expression.  LM_UNARY/LM_BINARY/LM_TERNARY/LM_MASKED are defined there. */")
+    h.append(" * expression.  LM_UNARY/LM_BINARY/LM_TERNARY/LM_MASKED (and their _MV forms) are defined there. */")
     cases = []
     for code, name, arity, expr, mask in F.VM:
         e = _c_expr(F, expr)
+        # a step calling a libmvec function loops with LM_SIMD_MV (kernels_inst.h: the AVX-512 copy takes
+        # the 512-bit variant there), every other step with plain `omp simd`
+        mv = "_MV" if re.search(r"\b(" + "|".join(F.MVEC_FUNCS + F.MVEC_FUNCS_235) + r")\s*\(", expr) else ""
         if mask:
-            body = f"LM_MASKED({e}, {'B' if mask == 'b' else 'C'})"
+            body = f"LM_MASKED{mv}({e}, {'B' if mask == 'b' else 'C'})"
         else:
-            body = {1: "LM_UNARY", 2: "LM_BINARY", 3: "LM_TERNARY"}[arity] + f"({e})"
+            body = {1: "LM_UNARY", 2: "LM_BINARY", 3: "LM_TERNARY"}[arity] + f"{mv}({e})"
         cases.append(f"    case VM_{name}: {body}; break;")
     h.append("#define LM_VM_CASES \\")
     h.append(" \\\n".join(cases))

@@ -47,7 +47,9 @@
 #pragma GCC target("avx,avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,xsave,avx512f,avx512bw,avx512cd,avx512dq,avx512vl,prefer-vector-width=256")
 #define LM_SFX_F32(name) name##_f32_avx512
 #define LM_SFX_F64(name) name##_f64_avx512
+#define LM_MV_WIDE 1
 #include "kernels_inst.h"
+#undef LM_MV_WIDE
 #undef LM_SFX_F32
 #undef LM_SFX_F64
 #pragma GCC pop_options

@@ -24,6 +24,22 @@
         } else {                                                                                         \
             _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR); } \
         }
+/* The same loops for steps that call a libmvec function (exp, log, ...), with LM_SIMD_MV's pragma
+ * (kernels_inst.h): in the AVX-512 copy `omp simd simdlen(16 floats / 8 doubles)`, so GCC calls the
+ * 512-bit variant (_ZGVeN16v_expf) while every other loop keeps 256-bit vectors.  Why: a sigmoid over 128
+ * floats, one core of a Xeon, 3.83 ns per 8 elements through _ZGVdN8v_expf, 2.55 through _ZGVeN16v_expf
+ * (C loop, /tmp); divisions and loads are no faster at 512 bits, exp is. */
+#define LM_SIMD_STEP_MV(...) LM_SIMD_MV for (j = 0; j < n; j++) { __VA_ARGS__ }
+#define LM_UNARY_MV(EXPR) LM_SIMD_STEP_MV(LM_T x = A[j]; LM_ST(EXPR);)
+#define LM_BINARY_MV(EXPR)                                                                              \
+        if (bi < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc; LM_ST(EXPR);) }                            \
+        else { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j]; LM_ST(EXPR);) }
+#define LM_TERNARY_MV(EXPR)                                                                             \
+        if (bi < 0 && ci < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc, z = cc; LM_ST(EXPR);) }          \
+        else if (bi < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc, z = C[j]; LM_ST(EXPR);) }             \
+        else if (ci < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j], z = cc; LM_ST(EXPR);) }             \
+        else { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR);) }
+#define LM_MASKED_MV(EXPR, M) LM_MASKED(EXPR, M)
 /* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
 #define LM_MASKED(EXPR, M)                                                                                 \
         if (bi < 0) {                                                                                      \
