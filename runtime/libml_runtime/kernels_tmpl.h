@@ -7,38 +7,30 @@
 #ifndef LM_ST
 #define LM_ST(v) D[j] = (v)
 #endif
-#define LM_UNARY(EXPR) _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j]; LM_ST(EXPR); }
-#define LM_BINARY(EXPR)                                                                          \
-        if (bi < 0) {                                                                            \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc; LM_ST(EXPR); } \
-        } else {                                                                                 \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j]; LM_ST(EXPR); } \
-        }
-#define LM_TERNARY(EXPR)                                                                                 \
-        if (bi < 0 && ci < 0) {                                                                          \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = cc; LM_ST(EXPR); }     \
-        } else if (bi < 0) {                                                                             \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = bc, z = C[j]; LM_ST(EXPR); }   \
-        } else if (ci < 0) {                                                                             \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = cc; LM_ST(EXPR); }   \
-        } else {                                                                                         \
-            _Pragma("omp simd") for (j = 0; j < n; j++) { LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR); } \
-        }
+/* a step's loop with pragma SIMD; the _WITH forms take it as a parameter, so the plain steps and the
+ * libmvec-calling ones (below) are one definition */
+#define LM_STEP_LOOP(SIMD, ...) SIMD for (j = 0; j < n; j++) { __VA_ARGS__ }
+#define LM_UNARY_WITH(SIMD, EXPR) LM_STEP_LOOP(SIMD, LM_T x = A[j]; LM_ST(EXPR);)
+#define LM_BINARY_WITH(SIMD, EXPR)                                                                       \
+        if (bi < 0) { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = bc; LM_ST(EXPR);) }                          \
+        else { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = B[j]; LM_ST(EXPR);) }
+#define LM_TERNARY_WITH(SIMD, EXPR)                                                                      \
+        if (bi < 0 && ci < 0) { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = bc, z = cc; LM_ST(EXPR);) }        \
+        else if (bi < 0) { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = bc, z = C[j]; LM_ST(EXPR);) }           \
+        else if (ci < 0) { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = B[j], z = cc; LM_ST(EXPR);) }           \
+        else { LM_STEP_LOOP(SIMD, LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR);) }
+#define LM_SIMD _Pragma("omp simd")
+#define LM_UNARY(EXPR) LM_UNARY_WITH(LM_SIMD, EXPR)
+#define LM_BINARY(EXPR) LM_BINARY_WITH(LM_SIMD, EXPR)
+#define LM_TERNARY(EXPR) LM_TERNARY_WITH(LM_SIMD, EXPR)
 /* The same loops for steps that call a libmvec function (exp, log, ...), with LM_SIMD_MV's pragma
  * (kernels_inst.h): in the AVX-512 copy `omp simd simdlen(16 floats / 8 doubles)`, so GCC calls the
  * 512-bit variant (_ZGVeN16v_expf) while every other loop keeps 256-bit vectors.  Why: a sigmoid over 128
  * floats, one core of a Xeon, 3.83 ns per 8 elements through _ZGVdN8v_expf, 2.55 through _ZGVeN16v_expf
  * (C loop, /tmp); divisions and loads are no faster at 512 bits, exp is. */
-#define LM_SIMD_STEP_MV(...) LM_SIMD_MV for (j = 0; j < n; j++) { __VA_ARGS__ }
-#define LM_UNARY_MV(EXPR) LM_SIMD_STEP_MV(LM_T x = A[j]; LM_ST(EXPR);)
-#define LM_BINARY_MV(EXPR)                                                                              \
-        if (bi < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc; LM_ST(EXPR);) }                            \
-        else { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j]; LM_ST(EXPR);) }
-#define LM_TERNARY_MV(EXPR)                                                                             \
-        if (bi < 0 && ci < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc, z = cc; LM_ST(EXPR);) }          \
-        else if (bi < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = bc, z = C[j]; LM_ST(EXPR);) }             \
-        else if (ci < 0) { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j], z = cc; LM_ST(EXPR);) }             \
-        else { LM_SIMD_STEP_MV(LM_T x = A[j], y = B[j], z = C[j]; LM_ST(EXPR);) }
+#define LM_UNARY_MV(EXPR) LM_UNARY_WITH(LM_SIMD_MV, EXPR)
+#define LM_BINARY_MV(EXPR) LM_BINARY_WITH(LM_SIMD_MV, EXPR)
+#define LM_TERNARY_MV(EXPR) LM_TERNARY_WITH(LM_SIMD_MV, EXPR)
 #define LM_MASKED_MV(EXPR, M) LM_MASKED(EXPR, M)
 /* the step as a separate select of constants: GCC vectorises that, not x*(y>0?1:0) */
 #define LM_MASKED(EXPR, M)                                                                                 \
@@ -803,6 +795,15 @@ static void LM_SFX(lm_log_softmax_outer)(int64_t K, int64_t inner, const LM_T *x
 #undef LM_UNARY
 #undef LM_MASKED
 #undef LM_TERNARY
+#undef LM_UNARY_MV
+#undef LM_BINARY_MV
+#undef LM_TERNARY_MV
+#undef LM_MASKED_MV
+#undef LM_UNARY_WITH
+#undef LM_BINARY_WITH
+#undef LM_TERNARY_WITH
+#undef LM_STEP_LOOP
+#undef LM_SIMD
 
 /* ---- layer normalisation (format 2.2: layer_norm, layer_norm_grad) ----------------------------------
  * Row sums run in LM_LN_LANES fixed lanes of double, combined in lane order, then the tail: the result
