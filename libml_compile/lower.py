@@ -34,12 +34,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from libml_runtime.executable import aligned_zeros
 
 from . import ops_attention, ops_logic, passes, views
 from .ir import Tensor
 from .ops import REGISTRY, out_specs
-from libml_runtime.executable import aligned_zeros
-
 from .memory import Instruction, MemoryReport, align, lower_bound, plan_arena
 
 

@@ -83,11 +83,11 @@ def index_out_of_range(a, rng):
     comp = pos % len(rng)
     return pos, int(lo[comp]), int(hi[comp]), comp
 
-#: the byte alignment of the arena and state buffers: the plan's offsets are multiples of 64 (format.py's
-#: ``align``), so a 64-aligned base puts every operand on a cache-line boundary.  NumPy's allocations are
-#: only 16-aligned (seen: base = 32 mod 64), which split every 64-byte AVX-512 load over two cache lines
+#: the byte alignment of the arena and state buffers: the plan's offsets are multiples of format.ALIGN
+#: (64), so a base aligned the same way puts every operand on a cache-line boundary.  NumPy's allocations
+#: are only 16-aligned (seen: base = 32 mod 64), which split every 64-byte AVX-512 load over two cache lines
 #: (W5 at batch 1 on a Xeon with AVX-512, the whole run_plan call: 21.6 us misaligned, 14.4 us aligned).
-BUFFER_ALIGN = 64
+BUFFER_ALIGN = F.ALIGN
 
 
 def aligned_zeros(nbytes):
