@@ -379,7 +379,10 @@ def setup_ort(wid, spec, feeds):
     return (lambda: sess.run(["logits"], {"x": x})[0]), info
 
 
-def setup_libml(wid, spec, feeds):
+def libml_program(wid, spec):
+    """(prog, entry, output name or None, info) of libml's program for workload ``wid``: the compiled
+    plan whose ``entry`` the benchmark times (``step``, or ``run`` returning ``output``).  Also used by
+    vm_aot_collect.py to read the fused programs the workloads compile to."""
     try:
         import libml_compile as lc
     except ImportError as e:
@@ -388,25 +391,23 @@ def setup_libml(wid, spec, feeds):
     k = spec["kind"]
     info = {"kernels": "GEMM through scipy.linalg.cython_blas (the scipy.libs OpenBLAS above), "
                        "own C kernels with OpenMP"}
+    t0 = time.perf_counter()
     if k == "mlp":
         g, L = b.mlp(spec["layers"], spec["batch"], loss=spec["loss"], seed=common.PARAM_SEED)
         t0 = time.perf_counter()
         prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=THREADS)
-        info["compile_s"] = time.perf_counter() - t0
-        return (lambda: prog.step(feeds)), info
-    if k == "w4":
+        entry, out = "step", None
+    elif k == "w4":
         g, L = b.w4(seed=common.PARAM_SEED)
         t0 = time.perf_counter()
         prog = lc.compile(g, loss=L, optimizer=lc.SGD(lr=common.LR), num_threads=THREADS)
-        info["compile_s"] = time.perf_counter() - t0
-        return (lambda: prog.step(feeds)), info
-    if k == "fwd":
+        entry, out = "step", None
+    elif k == "fwd":
         g = b.mlp_forward(spec["layers"], spec["batch"], seed=common.PARAM_SEED)
         t0 = time.perf_counter()
         prog = lc.compile(g, num_threads=THREADS)
-        info["compile_s"] = time.perf_counter() - t0
-        return (lambda: prog.run(feeds)["logits"]), info
-    if k == "w7":
+        entry, out = "run", "logits"
+    elif k == "w7":
         files = common.w7_files()
         if files is None:
             raise Skip(f"W7.onnx / W7_ref.npz not found in {common.BENCH_MODELS} (set LIBML_BENCH_MODELS)")
@@ -417,9 +418,8 @@ def setup_libml(wid, spec, feeds):
         labels = g.input("labels", (spec["batch"],), "int64")
         prog = lc.compile(g, loss=lc.softmax_cross_entropy(logits, labels),
                           optimizer=lc.Adam(1e-3, weight_decay=0.01), num_threads=THREADS)
-        info["compile_s"] = time.perf_counter() - t0  # import + compile
-        return (lambda: prog.step(feeds)), info
-    if k in ("w6", "w8"):
+        entry, out = "step", None  # compile time: import + compile
+    elif k in ("w6", "w8"):
         why = common.missing_files(k)
         if why:
             raise Skip(why)
@@ -437,16 +437,12 @@ def setup_libml(wid, spec, feeds):
             labels = g.input("labels", (spec["batch"],), "int64")
             prog = lc.compile(g, loss=lc.softmax_cross_entropy(g.outputs["logits"], labels),
                               optimizer=lc.SGD(common.LR, momentum=0.9), num_threads=THREADS)
-            entry, fn = "step", (lambda: prog.step(feeds))
+            entry, out = "step", None
         else:  # W6_eval.onnx's symbolic batch bound to this workload's
             g = lc.import_onnx(path, shapes={"batch": spec["batch"]})
-            out = next(iter(g.outputs))
             prog = lc.compile(g, num_threads=THREADS)
-            entry, fn = "run", (lambda: prog.run(feeds)[out])
-        info["compile_s"] = time.perf_counter() - t0  # import + compile
-        info["after_timing"] = lambda: {"conv_profile": conv_profile(prog, entry, feeds)}
-        return fn, info
-    if k == "gemm":
+            entry, out = "run", next(iter(g.outputs))
+    elif k == "gemm":
         n = spec["n"]
         g = lc.Graph("gemm")
         A = g.input("A", (n, n))
@@ -454,9 +450,20 @@ def setup_libml(wid, spec, feeds):
         g.output("C", lc.matmul(A, B, name="C"))
         t0 = time.perf_counter()
         prog = lc.compile(g, num_threads=THREADS)
-        info["compile_s"] = time.perf_counter() - t0
-        return (lambda: prog.run(feeds)["C"]), info
-    raise Skip(k)
+        entry, out = "run", "C"
+    else:
+        raise Skip(k)
+    info["compile_s"] = time.perf_counter() - t0  # ONNX workloads: import + compile
+    return prog, entry, out, info
+
+
+def setup_libml(wid, spec, feeds):
+    prog, entry, out, info = libml_program(wid, spec)
+    if spec["kind"] in ("w6", "w8"):
+        info["after_timing"] = lambda: {"conv_profile": conv_profile(prog, entry, feeds)}
+    if entry == "step":
+        return (lambda: prog.step(feeds)), info
+    return (lambda: prog.run(feeds)[out]), info
 
 
 def conv_profile(prog, entry, feeds, repeat=10):

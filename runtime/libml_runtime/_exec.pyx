@@ -36,10 +36,12 @@ cdef extern from "kernels.h" nogil:
     int lm_ew_lane_ok(const lm_ew *e, int64_t i)
     void lm_ew_span_f32(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
                         const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
-                        int64_t it1, float *regs, float *partial, float *lanes)
+                        int64_t it1, float *regs, float *partial, float *lanes, int64_t aot)
     void lm_ew_span_f64(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf,
                         const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end, int64_t it0,
-                        int64_t it1, double *regs, double *partial, double *lanes)
+                        int64_t it1, double *regs, double *partial, double *lanes, int64_t aot)
+    int64_t lm_aot_find(const lm_ew *e, const int64_t *mp, int64_t m)
+    const char *lm_aot_name(int64_t k)
     void lm_ew_combine_f32(const lm_ew *e, char **bases, const double *consts, const float *partial)
     void lm_ew_combine_f64(const lm_ew *e, char **bases, const double *consts, const double *partial)
     void lm_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
@@ -196,6 +198,8 @@ cdef inline int64_t _unravel(int64_t ndim, const int64_t *dims, int64_t row, con
 
 # 0: no column sum is fused into its step (tests compare the bits both ways; set_ew_fold)
 cdef int _ew_fold = 1
+# 0: no ahead-of-time kernel (vm_aot.py) replaces the VM (tests compare both ways; set_ew_aot)
+cdef int _ew_aot = 1
 # micro-program records (steps + outputs) of one instruction held on _ew's stack; larger ones are malloc'd
 cdef enum:
     EW_STACK_RECORDS = 48
@@ -204,7 +208,7 @@ cdef enum:
 cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const double *consts,
              int nthreads) noexcept nogil:
     cdef lm_ew e
-    cdef int64_t it, c, lo, hi, nt, nmf, npp, unit, nlane, per
+    cdef int64_t it, c, lo, hi, nt, nmf, npp, unit, nlane, per, aot
     cdef int t
     cdef const int64_t *o
     cdef int64_t *mp
@@ -248,6 +252,8 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
     if nmf < 0 or npp < 0:
         free(mp_heap)
         return ERR_MALFORMED
+    # a program compiled ahead of time (vm_aot.txt) runs its whole blocks as one loop
+    aot = lm_aot_find(&e, mp, nmf) if _ew_aot else -1
     if e.mode == 2:
         # general reductions: a fixed number of chunks (independent of the thread count) accumulate
         # private partial sums, combined afterwards in chunk order -> bit-identical for any nthreads
@@ -266,7 +272,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
         free(mp_heap)
         return ERR_NOMEM
     if nt == 1 and e.mode != 2:
-        _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL, <floating*>NULL)
+        _ew_span(&e, bases, consts, mp, nmf, mpp, npp, 0, e.items, ws, <floating*>NULL, <floating*>NULL, aot)
     elif e.mode != 2:
         # mode 0: contiguous runs of blocks; mode 1 (reductions along the innermost dim only): of whole
         # rows, each row's blocks summed in order
@@ -276,7 +282,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
             lo = ((e.items // unit) * t) // nt
             hi = ((e.items // unit) * (t + 1)) // nt
             _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo * unit, hi * unit,
-                     ws + t * per, <floating*>NULL, <floating*>NULL)
+                     ws + t * per, <floating*>NULL, <floating*>NULL, aot)
     else:
         with parallel(num_threads=nt):
             regs = ws + threadid() * per
@@ -285,7 +291,7 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
                 lo = (e.items * c) // e.nchunks
                 hi = (e.items * (c + 1)) // e.nchunks
                 _ew_span(&e, bases, consts, mp, nmf, mpp, npp, lo, hi, regs, partial + c * e.red_total,
-                         regs + e.n_regs * LM_BLK if nlane > 0 else <floating*>NULL)
+                         regs + e.n_regs * LM_BLK if nlane > 0 else <floating*>NULL, aot)
     free(ws)
     free(mp_heap)
     if e.mode == 2:
@@ -298,13 +304,13 @@ cdef int _ew(floating dummy, const int64_t *f, int64_t nf, char **bases, const d
 
 cdef inline void _ew_span(const lm_ew *e, char **bases, const double *consts, const int64_t *mpf, int64_t nf,
                           const int64_t *mpp, int64_t npp, int64_t it0, int64_t it1, floating *regs,
-                          floating *partial, floating *lanes) noexcept nogil:
+                          floating *partial, floating *lanes, int64_t aot) noexcept nogil:
     if floating is float:
         lm_ew_span_f32(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial,
-                       lanes)
+                       lanes, aot)
     else:
         lm_ew_span_f64(e, bases, consts, mpf, mpf + nf * LM_MW, mpp, mpp + npp * LM_MW, it0, it1, regs, partial,
-                       lanes)
+                       lanes, aot)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1516,6 +1522,39 @@ def set_ew_fold(int on):
     cdef int old = _ew_fold
     _ew_fold = 1 if on else 0
     return old
+
+
+def set_ew_aot(int on):
+    """Whether fused elementwise instructions whose program is compiled ahead of time (vm_aot.txt) run
+    that kernel (1, the default) or the VM (0); returns the previous setting.  For tests and A/B runs."""
+    global _ew_aot
+    cdef int old = _ew_aot
+    _ew_aot = 1 if on else 0
+    return old
+
+
+def ew_aot(const int64_t[::1] code not None, int64_t pc):
+    """The name of the ahead-of-time kernel (vm_aot.txt) that runs the whole blocks of the
+    fused_elementwise instruction at code[pc], or None when the VM runs them (whatever set_ew_aot says)."""
+    cdef lm_ew e
+    cdef int64_t n, k
+    cdef int64_t *mp
+    if pc < 0 or pc + LM_HEADER > code.shape[0] or code[pc] != LM_OP_FUSED_ELEMENTWISE \
+            or code[pc + 1] < LM_HEADER or pc + code[pc + 1] > code.shape[0]:
+        raise ValueError(f"ew_aot: no fused_elementwise instruction at {pc}")
+    if lm_ew_decode(&code[pc + LM_HEADER], code[pc + 1] - LM_HEADER, &e) != 0:
+        raise ValueError(f"ew_aot: malformed fused_elementwise instruction at {pc}")
+    mp = <int64_t*>malloc((e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
+    if mp == NULL:
+        raise MemoryError()
+    try:
+        n = lm_ew_microprog(&e, mp, 1)
+        if n < 0:
+            raise ValueError(f"ew_aot: an opcode outside the VM table at {pc}")
+        k = lm_aot_find(&e, mp, n)
+        return None if k < 0 else lm_aot_name(k).decode()
+    finally:
+        free(mp)
 
 
 def ew_microprog(const int64_t[::1] code not None, int64_t pc, int fold):

@@ -209,10 +209,14 @@ class Executable:
                     calls[r] = time.perf_counter() - t0
             finally:
                 self._state[...] = snapshot
-        ops = [op for _, op, _, _ in F.instructions(entry.code)]
+        code = np.ascontiguousarray(entry.code, dtype=np.int64)
+        ins = F.instructions(code)
+        ops = [op for _, op, _, _ in ins]
+        # which fused instructions run an ahead-of-time kernel (vm_aot.txt) instead of the VM
+        kernels = [_exec.ew_aot(code, pc) if op == "fused_elementwise" else None for pc, op, _, _ in ins]
         nodes = [entry.nodes[i][1] if entry.nodes else "" for i in entry.instr_nodes]
         return Profile.from_times(kind, times[int(warmup):, :n], calls[int(warmup):], ops, nodes,
-                                  self.num_threads)
+                                  self.num_threads, kernels)
 
     def state_dict(self):
         """Copies of every persistent array: params and optimizer state (checkpoint content), all taken

@@ -190,11 +190,23 @@ def load_format(path=os.path.join(HERE, "format.py")):
     return mod
 
 
+def load_vm_aot(path=os.path.join(HERE, "vm_aot.py")):
+    """vm_aot.py (the ahead-of-time VM kernels' generator) as a module, loaded by path like format.py."""
+    spec = importlib.util.spec_from_file_location("_libml_vm_aot_for_codegen", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def write(outdir=HERE):
-    """Write format_gen.h and format_gen.pxi into ``outdir`` (only if their text changed, so an unchanged
-    format does not force a rebuild)."""
-    header, pxi = generate(load_format())
-    for name, text in (("format_gen.h", header), ("format_gen.pxi", pxi)):
+    """Write format_gen.h, format_gen.pxi and vm_aot_gen.h (vm_aot.py: the kernels of the programs in
+    vm_aot.txt) into ``outdir`` (only if their text changed, so an unchanged format does not force a
+    rebuild)."""
+    F = load_format()
+    header, pxi = generate(F)
+    aot = load_vm_aot()
+    aot_h = aot.generate(F, aot.read_programs(), _c_expr)
+    for name, text in (("format_gen.h", header), ("format_gen.pxi", pxi), ("vm_aot_gen.h", aot_h)):
         path = os.path.join(outdir, name)
         try:
             with open(path) as f:

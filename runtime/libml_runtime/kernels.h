@@ -169,6 +169,45 @@ static int64_t lm_ew_microprog(const lm_ew *e, int64_t *mp, int fold)
     return m;
 }
 
+/* The ahead-of-time kernels (vm_aot.py: one C loop per program listed in vm_aot.txt): lm_aot_find gives
+ * the index of the listed program that micro-program mp (m records, lm_ew_microprog) is, or -1.  A
+ * record's signature: constants as -1, the operands its op does not take as 0, a plain step's output
+ * field 0 (vm_aot.normalise is the same rule in Python).  The index selects LM_SFX(lm_aot_tbl)[k] in
+ * every ISA copy and element type alike; lm_ew_span runs it for whole blocks. */
+#define LM_AOT_SIGNATURES
+#include "vm_aot_gen.h"
+#undef LM_AOT_SIGNATURES
+static int64_t lm_aot_find(const lm_ew *e, const int64_t *mp, int64_t m)
+{
+    const int64_t *s = lm_aot_sigs;
+    int64_t k, i;
+    for (k = 0; s[0] >= 0; k++) {
+        const int64_t n = s[1];
+        const int64_t *r = s + 2;
+        int ok = s[0] == e->n_in && n == m;
+        for (i = 0; ok && i < n; i++) {
+            const int64_t *q = mp + LM_MW * i, *w = r + 6 * i;
+            const int64_t op = q[0];
+            int64_t b = q[3], c = q[4], o = q[5];
+            if (op >= LM_MOP_OUT_STORE) {
+                b = c = 0;
+                ok = op == w[0] && q[1] == w[1] && w[2] == 0 && b == w[3] && c == w[4] && o == w[5];
+                continue;
+            }
+            const int ar = lm_vm_arity[op & 255];
+            b = ar < 2 ? 0 : (b < 0 ? -1 : b);
+            c = ar < 3 ? 0 : (c < 0 ? -1 : c);
+            o = op >= 256 ? o : 0;
+            ok = op == w[0] && q[1] == w[1] && q[2] == w[2] && b == w[3] && c == w[4] && o == w[5];
+        }
+        if (ok) return k;
+        s = r + 6 * n;
+    }
+    return -1;
+}
+
+static const char *lm_aot_name(int64_t k) { return k >= 0 && k < LM_AOT_N ? lm_aot_names[k] : 0; }
+
 /* element offset of the first element of `row` (row-major over dims[0..ndim-2]) for strides s */
 static inline int64_t lm_row_offset(const lm_ew *e, int64_t row, const int64_t *s)
 {

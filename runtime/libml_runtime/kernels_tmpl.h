@@ -138,6 +138,10 @@ static void LM_SFX(lm_ew_exec_full)(const int64_t *p, const int64_t *pend, const
     LM_VM_END
 }
 
+/* the ahead-of-time kernels of the programs in vm_aot.txt (vm_aot.py) and their table LM_SFX(lm_aot_tbl):
+ * each runs one whole block, as lm_ew_exec_full would, in one loop */
+#include "vm_aot_gen.h"
+
 /* mode 1: store a finished row's sums */
 static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *consts, int64_t row, const LM_T *acc)
 {
@@ -155,11 +159,12 @@ static void LM_SFX(lm_ew_row_store)(const lm_ew *e, char **bases, const double *
  * mpf_end / mpp_end.  regs: this call's register file (n_regs * LM_BLK elements).  partial: mode 2, this
  * chunk's partial sums (red_total elements, zeroed by the caller); lanes: NULL, or (mode 2, micro-programs
  * built with fold) nblk * LM_BLK elements per whole-sum output (lm_ew_lane_ok), its lane row, added into
- * its partial sum when the call ends.  Mode 1: [it0, it1) holds whole rows;
+ * its partial sum when the call ends.  aot: -1, or the index of the ahead-of-time kernel (lm_aot_find)
+ * that runs mpf's whole blocks.  Mode 1: [it0, it1) holds whole rows;
  * each row's sums are stored when it ends.  Operand addresses are computed once per row. */
 static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *consts,
                                const int64_t *mpf, const int64_t *mpf_end, const int64_t *mpp, const int64_t *mpp_end,
-                               int64_t it0, int64_t it1, LM_T *regs, LM_T *partial, LM_T *lanes)
+                               int64_t it0, int64_t it1, LM_T *regs, LM_T *partial, LM_T *lanes, int64_t aot)
 {
     LM_T *R[LM_MAXREG];
     const LM_T *in_row[LM_MAXIO];
@@ -214,7 +219,8 @@ static void LM_SFX(lm_ew_span)(const lm_ew *e, char **bases, const double *const
                 }
             }
         }
-        if (n == LM_BLK) LM_SFX(lm_ew_exec_full)(mpf, mpf_end, consts, R, out_row, j0, acc);
+        if (n == LM_BLK && aot >= 0) LM_SFX(lm_aot_tbl)[aot](mpf, consts, R, out_row, j0);
+        else if (n == LM_BLK) LM_SFX(lm_ew_exec_full)(mpf, mpf_end, consts, R, out_row, j0, acc);
         else LM_SFX(lm_ew_exec_n)(mpp, mpp_end, consts, n, R, out_row, j0, acc);
     }
     if (row >= 0 && e->mode == 1) LM_SFX(lm_ew_row_store)(e, bases, consts, row, acc);
