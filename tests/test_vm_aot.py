@@ -184,3 +184,19 @@ def test_normalise_ignores_operands_an_op_does_not_take():
     assert vm_aot.normalise(F, (exp, 3, 0, 7, -4, 9)) == (exp, 3, 0, 0, 0, 0)
     assert vm_aot.normalise(F, (add, 3, 0, -4, 8, 0)) == (add, 3, 0, vm_aot.CONST, 0, 0)
     assert vm_aot.normalise(F, (256 + add, 3, 0, 2, 8, 5)) == (256 + add, 3, 0, 2, 0, 5)
+
+
+def test_a_plan_file_loaded_by_the_runtime_alone_runs_the_kernel(tmp_path):
+    """The kernels are chosen from the decoded program at run time, so a plan file (data, no compiler)
+    gets them too, with the bits of the compiled program."""
+    import libml_runtime
+    prog = _w4((32, 1024))
+    feeds = _feeds((32, 1024), "float32", specials=False)
+    prog.save(tmp_path / "w4.plan")
+    exe = libml_runtime.load(tmp_path / "w4.plan", num_threads=2)
+    code = np.ascontiguousarray(exe.plan.entries["step"].code, dtype=np.int64)
+    assert [_exec.ew_aot(code, pc) for pc, op, _, _ in F.instructions(code) if op == "fused_elementwise"] \
+        == ["w4_grad"]
+    assert exe.step(feeds) == prog.step(feeds)
+    for k, v in prog.params.items():
+        np.testing.assert_array_equal(exe.params[k], v, err_msg=k)

@@ -1533,24 +1533,35 @@ def set_ew_aot(int on):
     return old
 
 
-def ew_aot(const int64_t[::1] code not None, int64_t pc):
-    """The name of the ahead-of-time kernel (vm_aot.txt) that runs the whole blocks of the
-    fused_elementwise instruction at code[pc], or None when the VM runs them (whatever set_ew_aot says)."""
-    cdef lm_ew e
-    cdef int64_t n, k
+cdef int64_t *_decoded_microprog(const int64_t[::1] code, int64_t pc, int fold, str who, lm_ew *e,
+                                 int64_t *n) except NULL:
+    """The fused_elementwise instruction at code[pc] decoded into e, and its micro-program (kernels.h,
+    lm_ew_microprog; malloc'd, the caller frees it) of n[0] records.  ValueError naming ``who`` for
+    anything else at pc."""
     cdef int64_t *mp
     if pc < 0 or pc + LM_HEADER > code.shape[0] or code[pc] != LM_OP_FUSED_ELEMENTWISE \
             or code[pc + 1] < LM_HEADER or pc + code[pc + 1] > code.shape[0]:
-        raise ValueError(f"ew_aot: no fused_elementwise instruction at {pc}")
-    if lm_ew_decode(&code[pc + LM_HEADER], code[pc + 1] - LM_HEADER, &e) != 0:
-        raise ValueError(f"ew_aot: malformed fused_elementwise instruction at {pc}")
+        raise ValueError(f"{who}: no fused_elementwise instruction at {pc}")
+    if lm_ew_decode(&code[pc + LM_HEADER], code[pc + 1] - LM_HEADER, e) != 0:
+        raise ValueError(f"{who}: malformed fused_elementwise instruction at {pc}")
     mp = <int64_t*>malloc((e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
     if mp == NULL:
         raise MemoryError()
+    n[0] = lm_ew_microprog(e, mp, fold)
+    if n[0] < 0:
+        free(mp)
+        raise ValueError(f"{who}: an opcode outside the VM table at {pc}")
+    return mp
+
+
+def ew_aot(const int64_t[::1] code not None, int64_t pc):
+    """The name of the ahead-of-time kernel (vm_aot.txt) that runs the whole blocks of the
+    fused_elementwise instruction at code[pc] with the column sums fused (set_ew_fold's default), or None
+    when the VM runs them (whatever set_ew_aot says)."""
+    cdef lm_ew e
+    cdef int64_t n, k
+    cdef int64_t *mp = _decoded_microprog(code, pc, 1, "ew_aot", &e, &n)
     try:
-        n = lm_ew_microprog(&e, mp, 1)
-        if n < 0:
-            raise ValueError(f"ew_aot: an opcode outside the VM table at {pc}")
         k = lm_aot_find(&e, mp, n)
         return None if k < 0 else lm_aot_name(k).decode()
     finally:
@@ -1565,19 +1576,8 @@ def ew_microprog(const int64_t[::1] code not None, int64_t pc, int fold):
     For tests and for reading a plan; the plan must be valid (plan.validate)."""
     cdef lm_ew e
     cdef int64_t n, k
-    cdef int64_t *mp
-    if pc < 0 or pc + LM_HEADER > code.shape[0] or code[pc] != LM_OP_FUSED_ELEMENTWISE \
-            or code[pc + 1] < LM_HEADER or pc + code[pc + 1] > code.shape[0]:
-        raise ValueError(f"ew_microprog: no fused_elementwise instruction at {pc}")
-    if lm_ew_decode(&code[pc + LM_HEADER], code[pc + 1] - LM_HEADER, &e) != 0:
-        raise ValueError(f"ew_microprog: malformed fused_elementwise instruction at {pc}")
-    mp = <int64_t*>malloc((e.n_prog + e.n_out) * LM_MW * sizeof(int64_t))
-    if mp == NULL:
-        raise MemoryError()
+    cdef int64_t *mp = _decoded_microprog(code, pc, fold, "ew_microprog", &e, &n)
     try:
-        n = lm_ew_microprog(&e, mp, fold)
-        if n < 0:
-            raise ValueError(f"ew_microprog: an opcode outside the VM table at {pc}")
         out = []
         for k in range(n):
             op = mp[k * LM_MW]

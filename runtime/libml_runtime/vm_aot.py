@@ -161,6 +161,9 @@ def _kernel(F, name, n_in, recs, c_expr, mvec_re):
         if op < MOP_ACC:  # an =acc step writes no register (the VM's lm_a_ labels do not either)
             cur[dst] = f"t{s}"
     pragma = "LM_SIMD_MV" if mv else "LM_SIMD"
+    # the inputs' blocks two ahead (the next calls' rows, in place for contiguous inputs; a prefetch past
+    # an array's end never faults)
+    pre += [f"    LM_AOT_PREFETCH(in{r});" for r in used_in]
     return "\n".join([
         f"/* {name}: {'; '.join(format_record(F, r) for r in recs)} */",
         f"static void LM_SFX(lm_aot_{name})(const int64_t *mp, const double *consts, LM_T **R, LM_T **out_row,",
@@ -221,6 +224,10 @@ def generate(F, text, c_expr):
     h.append("static const signed char lm_vm_arity[256] = {"
              + ", ".join(f"[VM_{n}] = {ar}" for _, n, ar, _, _ in F.VM) + "};")
     h.append("#else")
+    h.append("#ifndef LM_AOT_PREFETCH")
+    h.append("#define LM_AOT_PREFETCH(p) do { for (int l_ = 0; l_ < LM_BLK * (int)sizeof(LM_T); l_ += 64) "
+             "__builtin_prefetch((const char *)((p) + 2 * LM_BLK) + l_, 0, 3); } while (0)")
+    h.append("#endif")
     for name, n_in, recs in progs:
         h.append(_kernel(F, name, n_in, recs, c_expr, mvec_re))
     h.append("typedef void (*LM_SFX(lm_aot_fn))(const int64_t *, const double *, LM_T **, LM_T **, int64_t);")
