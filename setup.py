@@ -74,7 +74,7 @@ ext = Extension(
     "libml_runtime._exec",
     sources=["runtime/libml_runtime/_exec.pyx"],
     include_dirs=[np.get_include(), "runtime/libml_runtime"],
-    depends=["runtime/libml_runtime/" + h for h in ("kernels.h", "kernels_tmpl.h", "kernels_batchnorm.h", "kernels_conv.h", "kernels_isa.h", "kernels_inst.h",
+    depends=["runtime/libml_runtime/" + h for h in ("kernels.h", "kernels_tmpl.h", "kernels_batchnorm.h", "kernels_conv.h", "kernels_gemm.h", "kernels_isa.h", "kernels_inst.h",
                                                     "format_gen.h", "format_gen.pxi", "format.py", "vm_aot_gen.h", "vm_aot.txt", "vm_aot.py", "_conv.pxi", "_pool.pxi", "_resize.pxi", "_attention.pxi", "_mpi.pxi")],
     extra_compile_args=compile_args,
     extra_link_args=link_args,

@@ -42,6 +42,8 @@ cdef extern from "kernels.h" nogil:
                         int64_t it1, double *regs, double *partial, double *lanes, int64_t aot)
     int64_t lm_aot_find(const lm_ew *e, const int64_t *mp, int64_t m)
     const char *lm_aot_name(int64_t k)
+    int lm_gemm_own_f32(int ta, int tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A,
+                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc)
     void lm_ew_combine_f32(const lm_ew *e, char **bases, const double *consts, const float *partial)
     void lm_ew_combine_f64(const lm_ew *e, char **bases, const double *consts, const double *partial)
     void lm_softmax_outer_f32(int64_t K, int64_t inner, const float *x, float *y, float *tmp)
@@ -357,6 +359,10 @@ cdef inline void _blas(floating dummy, char ta, char tb, int m, int n, int k, fl
             dgemv(&gt, &gm, &gn, &alpha, B, &ldb, A, &one, &beta, C, &one)
         return
     if floating is float:
+        # the AVX-512 copy's own SGEMM where it beats single-threaded OpenBLAS (kernels_gemm.h: small-M
+        # panels); -1 from every other copy and size, which run BLAS
+        if lm_gemm_own_f32(ta == b'T', tb == b'T', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) == 0:
+            return
         sgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
     else:
         dgemm(&tb, &ta, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc)
@@ -1522,6 +1528,28 @@ def set_ew_fold(int on):
     cdef int old = _ew_fold
     _ew_fold = 1 if on else 0
     return old
+
+
+def own_sgemm(bint ta, bint tb, float alpha, float[:, :] A not None, float[:, :] B not None, float beta,
+              float[:, :] C not None):
+    """Row-major C = alpha * op(A) op(B) + beta * C through the AVX-512 copy's own SGEMM (kernels_gemm.h),
+    for tests: True if it ran, False if it declined (another ISA copy, or sizes it leaves to BLAS; C is
+    then untouched).  Rows may be padded (a leading dimension above the row length); elements contiguous."""
+    cdef int64_t m = C.shape[0], n = C.shape[1]
+    cdef int r
+    cdef int64_t k = A.shape[0] if ta else A.shape[1]
+    if (A.shape[1] if ta else A.shape[0]) != m or (B.shape[0] if tb else B.shape[1]) != n \
+            or (B.shape[1] if tb else B.shape[0]) != k:
+        raise ValueError(f"own_sgemm: shapes A ({A.shape[0]}, {A.shape[1]}), B ({B.shape[0]}, {B.shape[1]}), "
+                         f"C ({m}, {n}) do not match (ta={ta}, tb={tb})")
+    if A.strides[1] != 4 or B.strides[1] != 4 or C.strides[1] != 4 or A.strides[0] % 4 or B.strides[0] % 4 \
+            or C.strides[0] % 4 or A.strides[0] < A.shape[1] * 4 or B.strides[0] < B.shape[1] * 4 \
+            or C.strides[0] < n * 4:
+        raise ValueError("own_sgemm: A, B and C need contiguous elements and non-overlapping rows")
+    with nogil:
+        r = lm_gemm_own_f32(ta, tb, m, n, k, alpha, &A[0, 0], A.strides[0] // 4, &B[0, 0], B.strides[0] // 4,
+                            beta, &C[0, 0], C.strides[0] // 4)
+    return r == 0
 
 
 def set_ew_aot(int on):

@@ -312,6 +312,19 @@ static inline int64_t lm_dot(int64_t n, const int64_t *idx, const int64_t *s)
 #include <immintrin.h>
 #endif
 
+/* The own SGEMM's (kernels_gemm.h) per-thread workspace: allocated on a thread's first call, kept for the
+ * thread's life (the runtime's OpenMP pool lives as long as the process; a malloc of ~1.2 MB per call
+ * would map and fault it in every time).  NULL if the allocation fails (the caller then runs BLAS). */
+static __thread void *lm_gemm_ws_ptr = NULL;
+static void *lm_gemm_ws(size_t bytes)
+{
+    if (lm_gemm_ws_ptr == NULL) lm_gemm_ws_ptr = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    return lm_gemm_ws_ptr;
+}
+/* panels of more multiply-adds than this run BLAS (measured: at 1024x4096x4096 per panel OpenBLAS is as
+ * fast, at 2048x4096x4096 faster; see kernels_gemm.h) */
+#define LM_GEMM_OWN_MAX 1073741824.0
+
 /* ---- the type-generic kernels, once per float type and (dispatching builds) once per ISA ----
  *
  * Portable builds (the default, see setup.py) compile this translation unit for baseline x86-64 and

@@ -28,7 +28,7 @@
     X(lm_layer_norm_row, S) X(lm_layer_norm_grad_row, S) X(lm_layer_norm_grad_cols, S) X(lm_dropout, S)    \
     X(lm_batch_norm_channel, S) X(lm_batch_norm_grad_channel, S)  \
     X(lm_conv_tile, S) X(lm_conv_dw_tile, S) X(lm_conv_build, S) \
-    X(lm_conv_ocv, S) X(lm_conv_build_pad, S) X(lm_conv_ocv_unpack, S)
+    X(lm_conv_ocv, S) X(lm_conv_build_pad, S) X(lm_conv_ocv_unpack, S) X(lm_gemm_own, S)
 #define LM_DISPATCHED(X) LM_DISPATCHED_T(X, f32) LM_DISPATCHED_T(X, f64)
 
 #ifdef LM_DISPATCH
@@ -158,6 +158,8 @@ static const char *lm_isa_name(void) { return lm_isa.name; }
 #define lm_conv_build_pad_f64 (lm_isa.lm_conv_build_pad_f64)
 #define lm_conv_ocv_unpack_f32 (lm_isa.lm_conv_ocv_unpack_f32)
 #define lm_conv_ocv_unpack_f64 (lm_isa.lm_conv_ocv_unpack_f64)
+#define lm_gemm_own_f32 (lm_isa.lm_gemm_own_f32)
+#define lm_gemm_own_f64 (lm_isa.lm_gemm_own_f64)
 
 #else  /* no dispatch: the one copy, compiled for whatever -march the build chose */
 

@@ -1031,3 +1031,6 @@ static void LM_SFX(lm_dropout)(int64_t i0, int64_t n, uint64_t seed, uint64_t st
 
 /* convolution microkernels over shifted-row tiles (format 2.3 conv algo 1): a file of its own, part of this template */
 #include "kernels_conv.h"
+
+/* the own SGEMM of the AVX-512 copy (small-M panels, where single-threaded OpenBLAS is slow) */
+#include "kernels_gemm.h"
