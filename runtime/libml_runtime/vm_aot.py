@@ -48,14 +48,20 @@ class ProgramError(ValueError):
     """A line of vm_aot.txt that does not describe a supported micro-program."""
 
 
-def _vm(F):
+def _by_name(F):
+    """format.py's VM table by op name: name -> (code, arity, C expression, mask operand)."""
     return {name: (code, arity, expr, mask) for code, name, arity, expr, mask in F.VM}
+
+
+def _by_code(F):
+    """format.py's VM table by opcode: code -> (name, arity, C expression, mask operand)."""
+    return {code: (name, arity, expr, mask) for code, name, arity, expr, mask in F.VM}
 
 
 def parse(F, text, where="vm_aot.txt"):
     """[(name, n_in, records)] from the text of vm_aot.txt; records are normalised signature tuples
     (mop, dst, a, b, c, out) as ``normalise`` gives them."""
-    vm = _vm(F)
+    vm = _by_name(F)
     out, names = [], set()
     for lineno, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -102,7 +108,7 @@ def normalise(F, rec):
     op, dst, a, b, c, o = (int(v) for v in rec)
     if op >= MOP_OUT_STORE:
         return (op, dst, 0, 0, 0, o)
-    arity = {code: ar for code, _, ar, _, _ in F.VM}[op % 256]
+    arity = _by_code(F)[op % 256][1]
     b = 0 if arity < 2 else (CONST if b < 0 else b)
     c = 0 if arity < 3 else (CONST if c < 0 else c)
     return (op, dst, a, b, c, o if op >= 256 else 0)
@@ -115,8 +121,7 @@ def format_record(F, rec):
         if op not in (MOP_OUT_STORE, MOP_OUT_COLSUM):
             raise ProgramError(f"record kind {op} (a whole-block sum) has no ahead-of-time kernel")
         return f"{'store' if op == MOP_OUT_STORE else 'colsum'} {dst} >{o}"
-    name = {code: n for code, n, *_ in F.VM}[op % 256]
-    arity = {code: ar for code, _, ar, _, _ in F.VM}[op % 256]
+    name, arity, _, _ = _by_code(F)[op % 256]
     fold = {0: "", 1: "+acc", 2: "=acc"}[op // 256]
     args = [str(dst), str(a)] + ["k" if v == CONST else str(v) for v in (b, c)[:arity - 1]]
     return " ".join([name + fold, *args] + ([f">{o}"] if fold else []))
@@ -124,7 +129,7 @@ def format_record(F, rec):
 
 def _kernel(F, name, n_in, recs, c_expr, mvec_re):
     """C text of one program's kernel, for kernels_tmpl.h (LM_T, LM_SFX of the copy)."""
-    vm = {code: (n, ar, expr, mask) for code, n, ar, expr, mask in F.VM}
+    vm = _by_code(F)
     cur = {}        # register -> the C name of its current value inside the loop
     pre, body = [], []
     used_in = sorted({r for rec in recs for r in _reads(vm, rec) if r < n_in})
@@ -189,7 +194,7 @@ def _reads(vm, rec):
 
 def _check(F, name, n_in, recs):
     """Raise ProgramError unless every register is written (or an input) before it is read."""
-    vm = {code: (n, ar, expr, mask) for code, n, ar, expr, mask in F.VM}
+    vm = _by_code(F)
     live = set(range(n_in))
     for rec in recs:
         if rec[0] >= MOP_OUT_STORE and rec[0] not in (MOP_OUT_STORE, MOP_OUT_COLSUM):
