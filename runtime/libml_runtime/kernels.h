@@ -188,17 +188,16 @@ static int64_t lm_aot_find(const lm_ew *e, const int64_t *mp, int64_t m)
         for (i = 0; ok && i < n; i++) {
             const int64_t *q = mp + LM_MW * i, *w = r + 6 * i;
             const int64_t op = q[0];
-            int64_t b = q[3], c = q[4], o = q[5];
-            if (op >= LM_MOP_OUT_STORE) {
-                b = c = 0;
-                ok = op == w[0] && q[1] == w[1] && w[2] == 0 && b == w[3] && c == w[4] && o == w[5];
-                continue;
+            int64_t a = q[2], b = q[3], c = q[4], o = q[5];
+            if (op >= LM_MOP_OUT_STORE) {  /* an output record: its register and output index only */
+                a = b = c = 0;
+            } else {
+                const int ar = lm_vm_arity[op & 255];
+                b = ar < 2 ? 0 : (b < 0 ? -1 : b);
+                c = ar < 3 ? 0 : (c < 0 ? -1 : c);
+                o = op >= 256 ? o : 0;
             }
-            const int ar = lm_vm_arity[op & 255];
-            b = ar < 2 ? 0 : (b < 0 ? -1 : b);
-            c = ar < 3 ? 0 : (c < 0 ? -1 : c);
-            o = op >= 256 ? o : 0;
-            ok = op == w[0] && q[1] == w[1] && q[2] == w[2] && b == w[3] && c == w[4] && o == w[5];
+            ok = op == w[0] && q[1] == w[1] && a == w[2] && b == w[3] && c == w[4] && o == w[5];
         }
         if (ok) return k;
         s = r + 6 * n;
