@@ -11,7 +11,7 @@ import pytest
 
 import libml_compile as lc
 from libml_runtime import _exec, format as F, vm_aot
-from libml_runtime.format_codegen import _c_expr
+from libml_runtime.format_codegen import _c_expr, _calls_libmvec
 
 
 def _aot_names(prog, entry):
@@ -141,7 +141,7 @@ def test_profile_names_the_kernel(vm_only):
 # ---- vm_aot.txt: what the generator accepts ----------------------------------------------------------
 
 def _gen(text):
-    return vm_aot.generate(F, text, _c_expr)
+    return vm_aot.generate(F, text, _c_expr, _calls_libmvec)
 
 
 def test_generator_round_trips_the_listed_programs():

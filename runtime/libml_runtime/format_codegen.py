@@ -41,6 +41,12 @@ def _c_expr(F, expr):
     return re.sub(r"\b(" + "|".join(F.MATH_FUNCS) + r")\s*\(", r"LM_FN(\1)(", expr)
 
 
+def _calls_libmvec(F, expr):
+    """Whether a VM expression calls a function with a libmvec vector variant (its loop then runs with
+    LM_SIMD_MV, kernels_inst.h: the AVX-512 copy calls the 512-bit variant)."""
+    return re.search(r"\b(" + "|".join(F.MVEC_FUNCS + F.MVEC_FUNCS_235) + r")\s*\(", expr) is not None
+
+
 def _layout_offsets(L):
     """[(C name, expr, is_constant)] of every top-level field of layout L, plus the record
     macros: [(C name, expr)] for record widths and in-record offsets.  ``expr`` is a C expression of
@@ -132,7 +138,7 @@ def generate(F):
         e = _c_expr(F, expr)
         # a step calling a libmvec function loops with LM_SIMD_MV (kernels_inst.h: the AVX-512 copy takes
         # the 512-bit variant there), every other step with plain `omp simd`
-        mv = "_MV" if re.search(r"\b(" + "|".join(F.MVEC_FUNCS + F.MVEC_FUNCS_235) + r")\s*\(", expr) else ""
+        mv = "_MV" if _calls_libmvec(F, expr) else ""
         if mask:
             body = f"LM_MASKED{mv}({e}, {'B' if mask == 'b' else 'C'})"
         else:
@@ -205,7 +211,7 @@ def write(outdir=HERE):
     F = load_format()
     header, pxi = generate(F)
     aot = load_vm_aot()
-    aot_h = aot.generate(F, aot.read_programs(), _c_expr)
+    aot_h = aot.generate(F, aot.read_programs(), _c_expr, _calls_libmvec)
     for name, text in (("format_gen.h", header), ("format_gen.pxi", pxi), ("vm_aot_gen.h", aot_h)):
         path = os.path.join(outdir, name)
         try:
