@@ -2,7 +2,7 @@
 on AVX-512 machines instead of single-threaded OpenBLAS.
 
 Checked against float64 NumPy on every transpose combination, on sizes around its blockings (MR 12,
-NR 32, KC 256 balanced, MC 144, NC 1024) and the edges where it declines; BLAS semantics for beta == 0
+NR 32, KC 256 balanced, MC 144, NC 1024, the packing and walk switches) and the edges where it declines; BLAS semantics for beta == 0
 (C never read: a NaN-filled C gives finite results) and padded leading dimensions; and, through compiled
 plans, the same bits for 1 and 2 threads.
 """
@@ -48,7 +48,11 @@ def _ref(A, B, ta, tb):
 @pytest.mark.parametrize("ta", [False, True])
 @pytest.mark.parametrize("tb", [False, True])
 @pytest.mark.parametrize("m, n, k", [(12, 32, 16), (13, 33, 17), (64, 512, 784), (145, 70, 257),
-                                     (144, 1025, 300), (300, 40, 513)])
+                                     (144, 1025, 300), (300, 40, 513),
+                                     # leading dimensions >= 1024 (k-row packing of B, and of A stored
+                                     # transposed), B blocks above LM_GO_ROWS_WALK (the C-row walk) and
+                                     # a last column block of 52 (a partial sliver in the k-row packing)
+                                     (1030, 64, 40), (40, 2100, 260)])
 def test_own_sgemm_matches_float64(ta, tb, m, n, k):
     rng = np.random.default_rng(m * 7 + n * 3 + k)
     A, B = _operands(rng, m, n, k, ta, tb, pad=3)

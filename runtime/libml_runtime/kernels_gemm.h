@@ -11,9 +11,8 @@
  *
  * Row-major C(m x n) = alpha * op(A) op(B) + beta * C (BLAS semantics: beta == 0 never reads C).  The
  * BLIS loop nest: blocks of NC columns, KC values of k (balanced: k = 784 runs 4 blocks of 196), MC rows;
- * op(B)'s KC x NC block packed in NR-column slivers (stays in L2, a sliver in L1), op(A)'s MC x KC block
- * in MR-row slivers, and a 12 x 32 microkernel (24 zmm accumulators, two B vectors and 12 broadcasts per
- * k).  Sum order of C[i][j]: k blocks in order, each a chain k = k0 .. k0+kc-1 in one accumulator, then
+ * op(B)'s KC x NC block packed in NR-column slivers (stays in L2), op(A)'s MC x KC block in MR-row
+ * slivers, and a 12 x 32 microkernel (24 zmm accumulators, two B vectors and 12 broadcasts per k).  Sum order of C[i][j]: k blocks in order, each a chain k = k0 .. k0+kc-1 in one accumulator, then
  * alpha * that added to C (beta * C first) -- fixed by (m, n, k) and the ISA, so the same for any thread
  * count (the callers' panels are sizes-only).  The workspace (packed blocks, ~1.2 MB) is per thread,
  * allocated on a thread's first call and kept (lm_gemm_ws, kernels.h). */
@@ -28,6 +27,8 @@
 #define LM_GO_KC 256
 #define LM_GO_MC 144
 #define LM_GO_NC 1024
+#define LM_GO_FAR 1024   /* a leading dimension (floats) whose rows lie a 4 KB page or more apart */
+#define LM_GO_ROWS_WALK 131072   /* kc x nc values of a B block (512 KB) above which the C-row walk runs */
 
 #if defined(__AVX512F__)
 typedef float LM_SFX(lm_go_v16) __attribute__((vector_size(64), aligned(64)));
@@ -84,28 +85,42 @@ __attribute__((unused)) static inline void LM_SFX(lm_go_kernel)(int64_t kc, cons
         }
 }
 
-/* ap[s][k][i] = op(A)[i0 + s*MR + i][p0 + k], rows past mc zero */
+/* ap[s][k][i] = op(A)[i0 + s*MR + i][p0 + k], rows past mc zero.  A stored transposed (K x M) with rows a
+ * page or more apart is read a k row at a time (mc contiguous values), as pack_b does B */
 __attribute__((unused)) static void LM_SFX(lm_go_pack_a)(int ta, const float *A, int64_t lda, int64_t i0, int64_t mc, int64_t p0,
                                  int64_t kc, float *restrict ap)
 {
+    if (ta && lda >= LM_GO_FAR) {
+        for (int64_t k = 0; k < kc; k++) {
+            const float *src = A + (p0 + k) * lda + i0;
+            for (int64_t s = 0; s < mc; s += LM_GO_MR) {
+                const int64_t mr = mc - s < LM_GO_MR ? mc - s : LM_GO_MR;
+                float *restrict o = ap + s * kc + k * LM_GO_MR;
+                int64_t i = 0;
+                for (; i < mr; i++) o[i] = src[s + i];
+                for (; i < LM_GO_MR; i++) o[i] = 0;
+            }
+        }
+        return;
+    }
     for (int64_t s = 0; s < mc; s += LM_GO_MR) {
         const int64_t mr = mc - s < LM_GO_MR ? mc - s : LM_GO_MR;
         float *restrict o = ap + s * kc;
-        if (ta) {
+        if (ta) {   /* rows within a page or two of each other: sliver by sliver writes ap in order */
             for (int64_t k = 0; k < kc; k++) {
                 const float *src = A + (p0 + k) * lda + i0 + s;
                 int64_t i = 0;
                 for (; i < mr; i++) o[k * LM_GO_MR + i] = src[i];
                 for (; i < LM_GO_MR; i++) o[k * LM_GO_MR + i] = 0;
             }
-        } else {
-            const float *rows[LM_GO_MR];
-            for (int64_t i = 0; i < LM_GO_MR; i++) rows[i] = A + (i0 + s + (i < mr ? i : 0)) * lda + p0;
-            for (int64_t k = 0; k < kc; k++) {
-                int64_t i = 0;
-                for (; i < mr; i++) o[k * LM_GO_MR + i] = rows[i][k];
-                for (; i < LM_GO_MR; i++) o[k * LM_GO_MR + i] = 0;
-            }
+            continue;
+        }
+        const float *rows[LM_GO_MR];
+        for (int64_t i = 0; i < LM_GO_MR; i++) rows[i] = A + (i0 + s + (i < mr ? i : 0)) * lda + p0;
+        for (int64_t k = 0; k < kc; k++) {
+            int64_t i = 0;
+            for (; i < mr; i++) o[k * LM_GO_MR + i] = rows[i][k];
+            for (; i < LM_GO_MR; i++) o[k * LM_GO_MR + i] = 0;
         }
     }
 }
@@ -116,10 +131,31 @@ __attribute__((unused)) static void LM_SFX(lm_go_pack_a)(int ta, const float *A,
 __attribute__((unused)) static void LM_SFX(lm_go_pack_b)(int tb, const float *B, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
                                  int64_t nc, float *restrict bp)
 {
+    if (!tb && ldb >= LM_GO_FAR) {
+        /* a k row at a time: each row of B read once, contiguously.  Sliver by sliver reads 32 values per
+         * row, rows ldb apart -- here a page or more, where the prefetchers do not follow (W3's 4096-wide
+         * weights); for narrower B that walk is as fast and writes bp in order (W2 was 2 % slower) */
+        for (int64_t k = 0; k < kc; k++) {
+            const float *src = B + (p0 + k) * ldb + j0;
+            int64_t s = 0;
+            for (; s + LM_GO_NR <= nc; s += LM_GO_NR) {
+                float *restrict o = bp + s * kc + k * LM_GO_NR;
+                *(LM_GO_V *)o = *(const LM_GO_VU *)(src + s);
+                *(LM_GO_V *)(o + 16) = *(const LM_GO_VU *)(src + s + 16);
+            }
+            if (s < nc) {
+                float *restrict o = bp + s * kc + k * LM_GO_NR;
+                int64_t j = 0;
+                for (; j < nc - s; j++) o[j] = src[s + j];
+                for (; j < LM_GO_NR; j++) o[j] = 0;
+            }
+        }
+        return;
+    }
     for (int64_t s = 0; s < nc; s += LM_GO_NR) {
         const int64_t nr = nc - s < LM_GO_NR ? nc - s : LM_GO_NR;
         float *restrict o = bp + s * kc;
-        if (!tb) {
+        if (!tb) {   /* rows within a page or two of each other: sliver by sliver writes bp in order */
             for (int64_t k = 0; k < kc; k++) {
                 const float *src = B + (p0 + k) * ldb + j0 + s;
                 int64_t j = 0;
@@ -198,12 +234,24 @@ static int LM_SFX(lm_gemm_own)(int ta, int tb, int64_t m, int64_t n, int64_t k, 
             for (int64_t ic = 0; ic < m; ic += LM_GO_MC) {
                 const int64_t mc = m - ic < LM_GO_MC ? m - ic : LM_GO_MC;
                 LM_SFX(lm_go_pack_a)(ta, a, lda, ic, mc, pc, kc, ap);
-                for (int64_t jr = 0; jr < nc; jr += LM_GO_NR)
-                    for (int64_t ir = 0; ir < mc; ir += LM_GO_MR)
+                /* Two walks, the same sums.  A small B block (W2's panels: <= 256 KB) keeps B's sliver (kc x
+                 * NR) in L1 while A's slivers stream by.  A large one (W3's: 1 MB) walks a row of C tiles
+                 * per A sliver instead: that sliver (12 KB) stays in L1, B's slivers stream from L2, and
+                 * the C tiles follow C's rows, a stream the prefetchers track (the weight updates' beta = 1
+                 * reads C from memory).  C harness, 2 threads, rows walk / B-sliver walk: W3's panels
+                 * 4096 x 4096 x 256 (A^T) 290 / 255 GFLOP/s, the whole step's GEMMs 132 / 140 ms; W2's
+                 * 128 x 512 x 512 panels 268 / 277 */
+                const int rows = nc * kc > LM_GO_ROWS_WALK;   /* one call site: two inlined kernels ran 2-3 % slower */
+                const int64_t no = rows ? mc : nc, so = rows ? LM_GO_MR : LM_GO_NR;
+                const int64_t ni = rows ? nc : mc, si = rows ? LM_GO_NR : LM_GO_MR;
+                for (int64_t x = 0; x < no; x += so)
+                    for (int64_t y = 0; y < ni; y += si) {
+                        const int64_t ir = rows ? x : y, jr = rows ? y : x;
                         LM_SFX(lm_go_kernel)(kc, ap + ir * kc, bp + jr * kc, c + (ic + ir) * ldc + jc + jr, ldc,
                                              (float)alpha, (float)beta, pc == 0,
                                              mc - ir < LM_GO_MR ? mc - ir : LM_GO_MR,
                                              nc - jr < LM_GO_NR ? nc - jr : LM_GO_NR);
+                    }
             }
         }
     }
@@ -219,3 +267,5 @@ static int LM_SFX(lm_gemm_own)(int ta, int tb, int64_t m, int64_t n, int64_t k, 
 #undef LM_GO_KC
 #undef LM_GO_MC
 #undef LM_GO_NC
+#undef LM_GO_ROWS_WALK
+#undef LM_GO_FAR
