@@ -12,7 +12,8 @@
  * Row-major C(m x n) = alpha * op(A) op(B) + beta * C (BLAS semantics: beta == 0 never reads C).  The
  * BLIS loop nest: blocks of NC columns, KC values of k (balanced: k = 784 runs 4 blocks of 196), MC rows;
  * op(B)'s KC x NC block packed in NR-column slivers (stays in L2), op(A)'s MC x KC block in MR-row
- * slivers, and a 12 x 32 microkernel (24 zmm accumulators, two B vectors and 12 broadcasts per k).  Sum order of C[i][j]: k blocks in order, each a chain k = k0 .. k0+kc-1 in one accumulator, then
+ * slivers, and a 12 x 32 microkernel (24 zmm accumulators, two B vectors and 12 broadcasts per k).  Sum
+ * order of C[i][j]: k blocks in order, each a chain k = k0 .. k0+kc-1 in one accumulator, then
  * alpha * that added to C (beta * C first) -- fixed by (m, n, k) and the ISA, so the same for any thread
  * count (the callers' panels are sizes-only).  The workspace (packed blocks, ~1.2 MB) is per thread,
  * allocated on a thread's first call and kept (lm_gemm_ws, kernels.h). */
@@ -134,7 +135,7 @@ __attribute__((unused)) static void LM_SFX(lm_go_pack_b)(int tb, const float *B,
     if (!tb && ldb >= LM_GO_FAR) {
         /* a k row at a time: each row of B read once, contiguously.  Sliver by sliver reads 32 values per
          * row, rows ldb apart -- here a page or more, where the prefetchers do not follow (W3's 4096-wide
-         * weights); for narrower B that walk is as fast and writes bp in order (W2 was 2 % slower) */
+         * weights); for narrower B that walk writes bp in order (W2, with both switches at every size: 2 % slower) */
         for (int64_t k = 0; k < kc; k++) {
             const float *src = B + (p0 + k) * ldb + j0;
             int64_t s = 0;
